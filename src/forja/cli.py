@@ -1,0 +1,215 @@
+"""The `forja` command: each verb is a small function whose docstring is its --help.
+
+`forja --help` lists the verbs. Errors a user can fix print one line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from forja.config import ConfigError, Settings, load_settings
+from forja.data import DataError
+from forja.engine import GenerationError
+from forja.models import ModelError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ModelError, GenerationError, DataError)
+
+
+class _Group(TyperGroup):
+    """Turns the errors a user can fix into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            typer.echo(f"forja: error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _typer(help_text: str, **kwargs) -> typer.Typer:
+    return typer.Typer(
+        cls=_Group, help=help_text, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, **kwargs
+    )
+
+
+app = _typer("Forja: fine-tune a small language model on your own data, serve it, learn from feedback.")
+models_app = _typer("List, inspect and merge models.", invoke_without_command=True)
+models_app.info.no_args_is_help = False
+app.add_typer(models_app, name="models")
+data_app = _typer("Inspect your files and prepare them as training data.")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML settings file (default: ./forja.yaml if present).")
+]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, version, directory, .gguf or hub id.")]
+
+
+def settings_from(config: Path | None, **flags) -> Settings:
+    if config is not None:
+        os.environ["FORJA_CONFIG"] = str(config)
+    return load_settings(**flags)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; read from stdin when omitted or '-'.")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate.", min=1)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; higher = more varied.", min=0.0, max=2.0)] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer a prompt with a local model, streaming tokens to the terminal."""
+    from forja import models
+    from forja.engine import SamplingParams
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+
+    settings = settings_from(config, model=model)
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise ConfigError("no prompt: pass it as an argument or pipe it on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    defaults = settings.generate
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens or defaults.max_new_tokens,
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        seed=defaults.seed if seed is None else seed,
+    )
+    loaded = models.load(settings.model, settings)
+    prompt_ids = chat_prompt_ids(loaded, chat_messages(prompt.strip(), system or defaults.system))
+    generation = Generation(loaded, prompt_ids, params)
+    started = time.perf_counter()
+    if as_json:
+        for _ in generation:
+            pass
+    else:
+        for delta in generation:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    seconds = time.perf_counter() - started
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "text": generation.text,
+                    "model": loaded.ref.name,
+                    "finish_reason": generation.finish_reason,
+                    "usage": generation.usage.as_dict(),
+                    "timing": {"load_seconds": loaded.info["load_seconds"], "generate_seconds": round(seconds, 3)},
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        rate = generation.usage.completion_tokens / seconds if seconds > 0 else 0.0
+        typer.echo(
+            f"[{loaded.ref.name}, {loaded.info['dtype']}: loaded in {loaded.info['load_seconds']:.1f}s, "
+            f"{generation.usage.completion_tokens} tokens at {rate:.1f} tokens/s]",
+            err=True,
+        )
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                config: ConfigOpt = None) -> None:
+    """List the models forja can use: bundled, trained versions and converted files."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from forja.models import list_models
+
+    rows = list_models(settings_from(config))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "detail", "location")
+    for row in rows:
+        table.add_row(row["name"], row["kind"], row["detail"], row["location"])
+    Console().print(table)
+
+
+PathsArg = Annotated[list[Path], typer.Argument(help="Files or folders (a folder is read whole).")]
+TokenizerOpt = Annotated[
+    Optional[str], typer.Option("--tokenizer", help="Count tokens with this model's tokenizer (default: the configured model).")
+]
+EstimateOpt = Annotated[bool, typer.Option("--estimate", help="Estimate tokens from words instead of loading a tokenizer.")]
+
+
+def data_tokenizer(settings: Settings, name: str | None, estimate: bool):
+    if estimate:
+        return None
+    from forja.models import load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    return load_tokenizer(name or settings.model, settings)
+
+
+@data_app.command("inspect")
+def data_inspect(paths: PathsArg, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
+                 chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
+                 config: ConfigOpt = None) -> None:
+    """Say what is in your files: format, rows, turns, tokens, length histogram, duplicates, bad rows."""
+    from forja.data import inspect
+
+    settings = settings_from(config)
+    report = inspect(paths, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
+    typer.echo(report.render())
+
+
+@data_app.command("prepare")
+def data_prepare(
+    paths: PathsArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Training JSONL to write (.val.jsonl and .meta.json beside it).")],
+    val_fraction: Annotated[float, typer.Option(help="Share of rows kept for validation.", min=0.0, max=0.9)] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip bad rows instead of stopping.")] = False,
+    chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
+    tokenizer: TokenizerOpt = None,
+    estimate: EstimateOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
+    from forja.data import prepare
+
+    settings = settings_from(config)
+    summary = prepare(
+        paths, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
+        tokenizer=data_tokenizer(settings, tokenizer, estimate),
+    )
+    typer.echo(summary.render())
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None) -> None:
+    """Print the resolved settings (file < environment < flags) as YAML."""
+    import yaml
+
+    settings = settings_from(config)
+    typer.echo(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False, allow_unicode=True))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,922 @@
+"""Turn your files into Forja's training data: conversations as {"messages": [...]}, documents as {"text": ...}.
+
+`forja data inspect PATH...` shows what Forja finds in your files; `forja data prepare PATH... --out FILE.jsonl`
+writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.meta.json (counts, sources, hash).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DIALOGUE = "dialogue"
+KNOWLEDGE = "knowledge"
+
+DEFAULT_CHUNK_TOKENS = 512
+# Each knowledge chunk repeats up to this share of the end of the chunk before it, so a fact that
+# straddles a boundary still appears whole in one chunk.
+CHUNK_OVERLAP = 1 / 8
+# Without a tokenizer we count whitespace words and scale up: subword tokenizers give about 1.3 tokens
+# per English word and more per Spanish one, and erring high keeps chunks under the limit.
+TOKENS_PER_WORD = 4 / 3
+# Upper bounds of the length histogram's bars, doubling like the usual maximum sequence lengths.
+LENGTH_BINS = (32, 64, 128, 256, 512, 1024, 2048)
+
+CONTAINERS = {
+    ".csv": "CSV", ".tsv": "TSV", ".json": "JSON", ".jsonl": "JSONL", ".xlsx": "Excel", ".parquet": "Parquet",
+    ".txt": "text", ".md": "Markdown", ".pdf": "PDF", ".docx": "Word",
+}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A shape of rows recognised by its columns (tables) or fields (JSON)."""
+
+    name: str
+    kind: str
+    keys: tuple[str, ...]  # all present (case-insensitive) means the row has this format
+
+
+COLUMN_FORMATS = (
+    Format("messages", DIALOGUE, ("messages",)),  # OpenAI: [{"role", "content"}]
+    Format("sharegpt", DIALOGUE, ("conversations",)),  # ShareGPT: [{"from", "value"}]
+    Format("alpaca", DIALOGUE, ("instruction", "output")),  # plus an optional "input"
+    Format("prompt/response", DIALOGUE, ("prompt", "response")),
+    Format("prompt/completion", DIALOGUE, ("prompt", "completion")),
+    Format("question/answer", DIALOGUE, ("question", "answer")),
+    Format("pregunta/respuesta", DIALOGUE, ("pregunta", "respuesta")),
+    Format("text", KNOWLEDGE, ("text",)),
+    Format("texto", KNOWLEDGE, ("texto",)),
+)
+TRANSCRIPT = "transcript"  # a .txt/.md of User:/Assistant: turns
+DOCUMENT = "document"  # any other .txt/.md, or a .pdf/.docx
+
+ACCEPTED = (
+    "accepted: " + " ".join(CONTAINERS) + "; tables and JSON with columns or fields "
+    + " | ".join("+".join(f.keys) for f in COLUMN_FORMATS)
+    + ' (alpaca may add input); text files of "User:"/"Assistant:" ("Usuario:"/"Asistente:") turns are dialogue, '
+    "other text, .pdf and .docx are knowledge"
+)
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SPEAKERS = {
+    "system": "system", "sistema": "system", "user": "user", "usuario": "user",
+    "assistant": "assistant", "asistente": "assistant",
+}
+# A transcript turn starts with its speaker at the very start of a line; lines up to the next speaker
+# belong to the same turn. A line of three or more dashes ends a conversation and starts the next.
+SPEAKER_LINE = re.compile(r"(" + "|".join(SPEAKERS) + r")[ \t]*:[ \t]?(.*)", re.IGNORECASE)
+SEPARATOR_LINE = re.compile(r"-{3,}[ \t]*")
+# PDF and Word exports carry these; they are invisible and only waste tokens.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+
+
+class DataError(Exception):
+    """A problem with the user's files, in one line naming the file, the row and the field."""
+
+
+class _Bad(Exception):
+    """A row that cannot be used, without its location (the reader adds it)."""
+
+    def __init__(self, what: str, empty: bool = False):
+        super().__init__(what)
+        self.empty = empty
+
+
+@dataclass
+class BadRow:
+    """A row that stops `prepare`, or that it leaves out with skip_bad."""
+
+    message: str  # 'data/faq.csv row 17: column "answer" is empty'
+    empty: bool = False  # an empty field, rather than a malformed one
+    unit: str = "rows"  # what --skip-bad skips: "rows", or "files" for a document without text
+
+    def error(self) -> DataError:
+        return DataError(f"{self.message} (use --skip-bad to skip such {self.unit})")
+
+
+@dataclass
+class _Row:
+    label: str  # "row 17", or 'sheet "FAQ" row 17' in a workbook of several sheets
+    ref: str  # "17" or "FAQ!17", for the "source" written with the row
+    values: dict[str, Any]  # keys lower-cased
+
+
+@dataclass
+class _Table:
+    columns: list[str] | None  # the header, for CSV/TSV/Excel/Parquet; None where each JSON row has its own keys
+    rows: list[_Row | BadRow]  # in file order, so the first problem reported is the first in the file
+
+
+@dataclass
+class _Record:
+    source: str  # "data/faq.csv:17", written with the training row
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+@dataclass
+class _File:
+    path: Path
+    container: str  # "CSV", "Excel", "PDF", ...
+    format: str  # a Format name, TRANSCRIPT or DOCUMENT
+    kind: str
+    records: list[_Record]
+    bad: list[BadRow]
+
+
+# --- Reports ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class FileReport:
+    """What one file holds."""
+
+    path: str
+    container: str = ""
+    format: str = ""
+    kind: str = ""
+    rows: int = 0  # conversations or documents read
+    turns: int = 0  # messages in those conversations
+    chunks: int = 0  # knowledge pieces of at most chunk_tokens
+    tokens: int = 0  # in the training rows this file gives, duplicates not counted
+    lengths: list[int] = field(default_factory=list)  # tokens of each of those training rows
+    duplicates: int = 0  # training rows repeating an earlier one, in this file or one read before
+    bad_rows: list[str] = field(default_factory=list)  # rows `prepare` refuses (or skips with skip_bad)
+    empty_fields: int = 0  # how many of bad_rows are refused for an empty field
+    error: str | None = None  # why the file cannot be read at all
+
+    def render(self) -> str:
+        if self.error:
+            return f"ERROR {self.error}"  # the message starts with the path
+        if self.kind == DIALOGUE:
+            found = f"{self.format} → dialogue: {self.rows} conversations, {self.turns} turns"
+        elif self.kind == KNOWLEDGE:
+            found = f"{self.format} → knowledge: {self.rows} {'document' if self.format == DOCUMENT else 'rows'}"
+            found += f", {self.chunks} chunks"
+        else:
+            found = "no rows"
+        line = f"{self.path}: {self.container}, {found}, {self.tokens:,} tokens"
+        notes = [f"{self.duplicates} duplicates"] if self.duplicates else []
+        if self.bad_rows:
+            notes.append(f"{len(self.bad_rows)} bad rows ({self.empty_fields} with an empty field)")
+        lines = [line + (f" [{', '.join(notes)}]" if notes else "")]
+        lines += [f"    {message}" for message in self.bad_rows[:5]]
+        if len(self.bad_rows) > 5:
+            lines.append(f"    … and {len(self.bad_rows) - 5} more")
+        return "\n".join(lines)
+
+
+def _histogram(lengths: list[int], width: int = 40) -> list[str]:
+    """Text bars of how many rows fall under each of LENGTH_BINS, up to the longest row."""
+    counts = [0] * (len(LENGTH_BINS) + 1)  # the last bar counts rows longer than every bound
+    for n in lengths:
+        counts[sum(n > bound for bound in LENGTH_BINS)] += 1
+    shown = max((i for i, c in enumerate(counts) if c), default=0) + 1
+    labels = [f"≤{bound}" for bound in LENGTH_BINS] + [f">{LENGTH_BINS[-1]}"]
+    top = max(counts) or 1
+    return [f"  {labels[i]:>6} {'█' * math.ceil(width * counts[i] / top):<{width}} {counts[i]}" for i in range(shown)]
+
+
+@dataclass
+class Report:
+    """What `inspect` found, per file and in total."""
+
+    files: list[FileReport]
+    token_unit: str  # how tokens were counted: with a tokenizer, or estimated from words
+    chunk_tokens: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [n for f in self.files for n in f.lengths]
+
+    @property
+    def bad_rows(self) -> list[str]:
+        return [m for f in self.files for m in f.bad_rows]
+
+    def total(self, name: str) -> int:
+        """Sum of one FileReport counter over all files, e.g. total("tokens")."""
+        return sum(getattr(f, name) for f in self.files)
+
+    def render(self) -> str:
+        readable = [f for f in self.files if not f.error]
+        conversations = sum(f.rows for f in readable if f.kind == DIALOGUE)
+        chunks = sum(f.chunks for f in readable if f.kind == KNOWLEDGE)
+        lines = [f.render() for f in self.files]
+        lines += [
+            "",
+            f"Total: {len(self.files)} files, {conversations} conversations ({self.total('turns')} turns), "
+            f"{chunks} knowledge chunks of at most {self.chunk_tokens} tokens, {self.total('tokens'):,} tokens",
+            f"Tokens: {self.token_unit}",
+            f"Duplicates: {self.total('duplicates')}, bad rows: {len(self.bad_rows)} "
+            f"({self.total('empty_fields')} with an empty field), unreadable files: {len(self.files) - len(readable)}",
+            "Tokens per training row:",
+            *_histogram(self.lengths),
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class Summary:
+    """What `prepare` wrote."""
+
+    train_path: Path
+    val_path: Path
+    meta_path: Path
+    train_rows: int
+    val_rows: int
+    kinds: dict[str, int]  # rows per kind, training and validation together
+    duplicates_removed: int
+    skipped: list[str]  # bad rows left out with skip_bad, one message each
+    files: list[FileReport]
+    token_unit: str
+    hash: str  # sha256 of the rows without their "source", training then validation
+
+    def render(self) -> str:
+        lines = [
+            f"Wrote {self.train_rows} training rows to {self.train_path} "
+            f"and {self.val_rows} validation rows to {self.val_path}",
+            f"  {self.kinds.get(DIALOGUE, 0)} conversations, {self.kinds.get(KNOWLEDGE, 0)} knowledge chunks "
+            f"from {len(self.files)} files; {self.duplicates_removed} duplicates removed, "
+            f"{len(self.skipped)} bad rows skipped",
+            f"  hash {self.hash} (details in {self.meta_path})",
+        ]
+        lines += [f"  skipped {message}" for message in self.skipped]
+        return "\n".join(lines)
+
+
+# --- Public functions ------------------------------------------------------------------------------
+
+
+def inspect(
+    paths: Iterable[str | Path] | str | Path, tokenizer: Any = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> Report:
+    """Read files and folders and tell what they hold, without writing anything.
+
+    The CLI prints `report.render()`: one line per file (format, kind, rows, turns, tokens, duplicates,
+    bad rows with their messages, or why the file can't be read), totals and a length histogram.
+    A file that cannot be read is reported, not raised; only a path that does not exist raises DataError.
+    `tokenizer` is anything with `encode(text, add_special_tokens=False)`, e.g. a transformers tokenizer;
+    without one tokens are estimated from whitespace words and the report says so.
+    """
+    count, unit = _token_counter(tokenizer)
+    reports: list[FileReport] = []
+    seen: set[str] = set()
+    for path in _expand(paths):
+        try:
+            data = _read_file(path)
+        except DataError as error:
+            reports.append(FileReport(str(path), error=str(error)))
+            continue
+        reports.append(_survey(data, chunk_tokens, count, seen)[0])
+    return Report(reports, unit, chunk_tokens)
+
+
+def prepare(
+    paths: Iterable[str | Path] | str | Path,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_bad: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    tokenizer: Any = None,
+) -> Summary:
+    """Clean files and folders into one training JSONL, a validation JSONL beside it and a meta file.
+
+    Writes OUT (training rows), OUT with suffix .val.jsonl (validation rows) and .meta.json (counts,
+    sources, seed, hash). Each row is {"messages": [...], "source": "file:row"} or {"text": ..., "source": ...};
+    dialogue and knowledge rows may share the file. Whitespace is normalised, exact duplicates and empty
+    system turns dropped. The validation rows are, per kind, the val_fraction of rows whose hash with
+    `seed` sorts first: the same content and seed always give the same split, whatever the file order.
+    Raises DataError (one line, print it as is) on the first bad row unless skip_bad, which leaves such
+    rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`.
+    """
+    out = Path(out)
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"the validation fraction must be at least 0 and below 1, not {val_fraction}")
+    if chunk_tokens < 16:
+        raise DataError(f"chunks must allow at least 16 tokens, not {chunk_tokens}")
+    count, unit = _token_counter(tokenizer)
+    # Preparing into a data folder must not read back its own earlier output.
+    written = {p.resolve() for p in (out, validation_path(out), meta_path(out))}
+    reports: list[FileReport] = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for path in _expand(paths):
+        if path.resolve() in written:
+            continue
+        data = _read_file(path)
+        if data.bad and not skip_bad:
+            raise data.bad[0].error()
+        skipped += [bad.message for bad in data.bad]
+        report, kept = _survey(data, chunk_tokens, count, seen)
+        reports.append(report)
+        rows += kept
+    if not rows:
+        raise DataError("no rows to write: " + ("every row was bad" if skipped else "the files are empty"))
+
+    validation = _validation_rows(rows, val_fraction, seed)
+    train = [row for i, row in enumerate(rows) if i not in validation]
+    val = [row for i, row in enumerate(rows) if i in validation]
+    digest = _content_hash(train, val)
+    _write_jsonl(out, train)
+    _write_jsonl(validation_path(out), val)
+    kinds = {DIALOGUE: sum("messages" in r for r in rows), KNOWLEDGE: sum("text" in r for r in rows)}
+    summary = Summary(
+        train_path=out, val_path=validation_path(out), meta_path=meta_path(out),
+        train_rows=len(train), val_rows=len(val), kinds=kinds,
+        duplicates_removed=sum(r.duplicates for r in reports), skipped=skipped,
+        files=reports, token_unit=unit, hash=digest,
+    )
+    meta = {
+        "hash": digest,
+        "train": {"path": out.name, "rows": len(train)},
+        "validation": {"path": validation_path(out).name, "rows": len(val)},
+        "kinds": kinds,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "chunk_tokens": chunk_tokens,
+        "tokens": unit,
+        "duplicates_removed": summary.duplicates_removed,
+        "skipped": skipped,
+        "sources": [
+            {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths)}
+            for r in reports
+        ],
+    }
+    meta_path(out).write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def validation_path(out: str | Path) -> Path:
+    """Where `prepare` writes the validation rows for OUT: data.jsonl → data.val.jsonl."""
+    return Path(out).with_suffix(".val.jsonl")
+
+
+def meta_path(out: str | Path) -> Path:
+    """Where `prepare` writes counts, sources and hash for OUT: data.jsonl → data.meta.json."""
+    return Path(out).with_suffix(".meta.json")
+
+
+# --- Finding and reading files ----------------------------------------------------------------------
+
+
+def _expand(paths: Iterable[str | Path] | str | Path) -> list[Path]:
+    """Files named, and every file under folders named, sorted by path so runs are reproducible."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            # Hidden files and Office lock files (~$book.xlsx) are not the user's data.
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith((".", "~$")) for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise DataError(f"{path}: the folder holds no files; {ACCEPTED}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+def _read_file(path: Path) -> _File:
+    """Read one file, detect its format and turn its rows into records; bad rows are collected, not raised."""
+    suffix = path.suffix.lower()
+    container = CONTAINERS.get(suffix)
+    if container is None:
+        raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
+    if suffix in (".txt", ".md", ".pdf", ".docx"):
+        text = {".pdf": _read_pdf, ".docx": _read_docx}.get(suffix, _read_text)(path)
+        if suffix in (".txt", ".md") and _is_transcript(text):
+            return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text))
+        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text))
+
+    readers: dict[str, Callable[[Path], _Table]] = {
+        ".csv": lambda p: _read_csv(p, ","), ".tsv": lambda p: _read_csv(p, "\t"),
+        ".json": _read_json, ".jsonl": _read_jsonl, ".xlsx": _read_xlsx, ".parquet": _read_parquet,
+    }
+    table = readers[suffix](path)
+    if table.columns is None and not any(isinstance(row, _Row) for row in table.rows):
+        # Nothing to tell the format from: an empty JSON file, or one whose every line is bad.
+        return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)])
+    word = "field" if suffix in (".json", ".jsonl") else "column"
+    fmt = _detect(path, table, word)
+    records: list[_Record] = []
+    bad: list[BadRow] = []
+    for row in table.rows:
+        if isinstance(row, BadRow):
+            bad.append(row)
+            continue
+        try:
+            records.append(_record(path, row, fmt, word))
+        except _Bad as problem:
+            bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
+    return _File(path, container, fmt.name, fmt.kind, records, bad)
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_csv(path: Path, delimiter: str) -> _Table:
+    text = _read_text(path)
+    first_line = text.split("\n", 1)[0]
+    if delimiter == "," and first_line.count(";") > first_line.count(","):
+        delimiter = ";"  # spreadsheets set to Spanish and other European locales save CSV with semicolons
+    csv.field_size_limit(2**31 - 1)  # a whole document in a "text" cell outgrows the 128 KiB default
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: the first line must be the header (the column names)")
+        columns = [name.strip().lower() for name in header]
+        rows: list[_Row | BadRow] = []
+        start = reader.line_num + 1
+        for cells in reader:
+            # A quoted cell may span lines: the row is numbered by the line it starts on.
+            number, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) > len(columns):
+                rows.append(BadRow(
+                    f"{path} row {number}: {len(cells)} cells but the header has {len(columns)} columns "
+                    f"(put cells containing {delimiter!r} in double quotes)"
+                ))
+                continue
+            cells += [""] * (len(columns) - len(cells))
+            rows.append(_Row(f"row {number}", str(number), dict(zip(columns, cells))))
+    except csv.Error as error:
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise DataError(f"{path} row {start}: cannot read as {kind} ({error})") from None
+    return _Table(columns, rows)
+
+
+def _read_jsonl(path: Path) -> _Table:
+    rows: list[_Row | BadRow] = []
+    # Split on "\n" only: JSON strings may hold other characters that str.splitlines() breaks on.
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            rows.append(BadRow(f"{path} row {number}: invalid JSON ({error.msg} at column {error.colno})"))
+            continue
+        rows.append(_json_row(path, number, value))
+    return _Table(None, rows)
+
+
+def _read_json(path: Path) -> _Table:
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(value, dict):
+        value = [value]  # a file holding one conversation
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a list of objects, found {type(value).__name__}")
+    return _Table(None, [_json_row(path, number, item) for number, item in enumerate(value, 1)])
+
+
+def _json_row(path: Path, number: int, value: Any) -> _Row | BadRow:
+    if not isinstance(value, dict):
+        return BadRow(f"{path} row {number}: expected an object with fields, found {type(value).__name__}")
+    return _Row(f"row {number}", str(number), {str(k).strip().lower(): v for k, v in value.items()})
+
+
+def _read_xlsx(path: Path) -> _Table:
+    import openpyxl  # here rather than at the top so that `forja` starts fast and only Excel files pay for it
+
+    try:
+        book = openpyxl.load_workbook(path, data_only=True)
+    except Exception as error:  # a damaged file surfaces as zip, XML or key errors alike
+        raise DataError(f"{path}: cannot read as an Excel .xlsx workbook ({_reason(error)})") from None
+    sheets = []
+    for sheet in book.worksheets:
+        values = list(sheet.iter_rows(values_only=True))  # from row 1, so index + 1 is the sheet's row number
+        top = next((i for i, cells in enumerate(values) if any(_filled(v) for v in cells)), None)
+        if top is not None:
+            sheets.append((sheet.title, top, values))
+    if not sheets:
+        raise DataError(f"{path}: the workbook is empty")
+    rows: list[_Row | BadRow] = []
+    for title, top, values in sheets:
+        columns = ["" if v is None else str(v).strip().lower() for v in values[top]]
+        for index in range(top + 1, len(values)):
+            if not any(_filled(v) for v in values[index]):
+                continue
+            number = index + 1
+            label, ref = (f"row {number}", str(number)) if len(sheets) == 1 else (
+                f'sheet "{title}" row {number}', f"{title}!{number}"
+            )
+            rows.append(_Row(label, ref, dict(zip(columns, values[index]))))
+    # Each sheet has its own header: with several, the format is detected from the rows, as in JSON.
+    return _Table(columns if len(sheets) == 1 else None, rows)
+
+
+def _read_parquet(path: Path) -> _Table:
+    import pyarrow.parquet  # here so that only Parquet files pay for loading Arrow
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # Arrow raises its own error types for damaged files
+        raise DataError(f"{path}: cannot read as Parquet ({_reason(error)})") from None
+    columns = [name.strip().lower() for name in table.column_names]
+    rows: list[_Row | BadRow] = [
+        _Row(f"row {number}", str(number), dict(zip(columns, record.values())))
+        for number, record in enumerate(table.to_pylist(), 1)
+    ]
+    return _Table(columns, rows)
+
+
+def _read_pdf(path: Path) -> str:
+    import pypdf
+
+    try:
+        return "\n\n".join(page.extract_text() or "" for page in pypdf.PdfReader(path).pages)
+    except Exception as error:  # pypdf raises many error types for damaged or encrypted files
+        raise DataError(f"{path}: cannot read as PDF ({_reason(error)})") from None
+
+
+def _read_docx(path: Path) -> str:
+    import docx
+
+    try:
+        document = docx.Document(str(path))
+    except Exception as error:  # not a zip, or a zip without Word's parts
+        raise DataError(f"{path}: cannot read as a Word .docx document ({_reason(error)})") from None
+    blocks = []
+    for block in document.iter_inner_content():  # paragraphs and tables in reading order
+        if isinstance(block, docx.table.Table):
+            blocks += [" | ".join(cell.text for cell in row.cells) for row in block.rows]
+        else:
+            blocks.append(block.text)
+    return "\n\n".join(blocks)
+
+
+def _reason(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and str(value).strip() != ""
+
+
+# --- Formats and rows --------------------------------------------------------------------------------
+
+
+def _matching(keys: Iterable[str]) -> list[Format]:
+    keys = set(keys)
+    return [f for f in COLUMN_FORMATS if keys.issuperset(f.keys)]
+
+
+def _detect(path: Path, table: _Table, word: str) -> Format:
+    """The one format of a table (by its header) or of a JSON file (by its rows' fields)."""
+    if table.columns is not None:
+        candidates = [("header", table.columns)]
+    else:
+        candidates = [(row.label, list(row.values)) for row in table.rows if isinstance(row, _Row)]
+    found: dict[str, tuple[Format, str]] = {}
+    for label, keys in candidates:
+        matches = _matching(keys)
+        if len(matches) > 1:
+            names = ", ".join(f.name for f in matches)
+            raise DataError(f"{path} {label}: the {word}s fit several formats ({names}); keep the {word}s of one")
+        if matches:
+            found.setdefault(matches[0].name, (matches[0], label))
+    if len(found) > 1:
+        (first, where), (second, where_second) = list(found.values())[:2]
+        raise DataError(
+            f"{path}: mixed formats ({where} is {first.name}, {where_second} is {second.name}); "
+            "put each format in its own file"
+        )
+    if not found:
+        keys = ", ".join(k for k in candidates[0][1] if k) or "none"
+        raise DataError(f"{path}: {word}s {keys} match no known format; {ACCEPTED}")
+    return next(iter(found.values()))[0]
+
+
+def _record(path: Path, row: _Row, fmt: Format, word: str) -> _Record:
+    values = row.values
+    source = f"{path}:{row.ref}"
+    if fmt.kind == KNOWLEDGE:
+        return _Record(source, text=_required(values, fmt.keys[0], word))
+    if fmt.name == "messages":
+        messages = _turns(values["messages"], "messages", "role", "content", ROLES)
+    elif fmt.name == "sharegpt":
+        messages = _turns(values["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    elif fmt.name == "alpaca":
+        prompt = _required(values, "instruction", word)
+        extra = _clean(_as_text(values.get("input"), f'{word} "input"'))
+        messages = [
+            {"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt},
+            {"role": "assistant", "content": _required(values, "output", word)},
+        ]
+    else:
+        ask, answer = fmt.keys
+        messages = [
+            {"role": "user", "content": _required(values, ask, word)},
+            {"role": "assistant", "content": _required(values, answer, word)},
+        ]
+    return _Record(source, messages=messages)
+
+
+def _required(values: dict[str, Any], key: str, word: str) -> str:
+    if key not in values:
+        raise _Bad(f'{word} "{key}" is missing')
+    text = _clean(_as_text(values[key], f'{word} "{key}"'))
+    if not text:
+        raise _Bad(f'{word} "{key}" is empty', empty=True)
+    return text
+
+
+def _as_text(value: Any, name: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # NaN: an empty Parquet cell
+        return ""
+    if isinstance(value, (dict, list)):
+        raise _Bad(f"{name} is {type(value).__name__}, not text")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # spreadsheets store 12 as 12.0
+    return str(value)
+
+
+def _turns(value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    if isinstance(value, str):  # a CSV or Excel cell holding the list as JSON
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _Bad(f'"{name}" is not a JSON list of turns') from None
+    if not isinstance(value, list):
+        raise _Bad(f'"{name}" must be a list of turns, found {type(value).__name__}')
+    messages, labels = [], []
+    for number, turn in enumerate(value, 1):
+        label = f'"{name}" turn {number}'
+        if not isinstance(turn, dict):
+            raise _Bad(f'{label} must be an object with "{role_key}" and "{content_key}"')
+        role = roles.get(str(turn.get(role_key, "")).strip().lower())
+        if role is None:
+            found = json.dumps(turn[role_key], ensure_ascii=False) if role_key in turn else "missing"
+            raise _Bad(f'{label}: "{role_key}" is {found}, expected one of {", ".join(roles)}')
+        content = turn.get(content_key)
+        if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
+            if any(not isinstance(p, dict) or p.get("type", "text") != "text" for p in content):
+                raise _Bad(f'{label}: "{content_key}" has a part that is not text; only text is supported')
+            content = "".join(str(p.get("text", "")) for p in content)
+        text = _clean(_as_text(content, f'{label} "{content_key}"'))
+        if not text:
+            if role == "system":
+                continue  # an empty system prompt says nothing; drop it rather than refuse the row
+            raise _Bad(f'{label}: "{content_key}" is empty', empty=True)
+        messages.append({"role": role, "content": text})
+        labels.append(label)
+    _check_turns(messages, labels, f'"{name}"')
+    return messages
+
+
+def _check_turns(messages: list[dict[str, str]], labels: list[str], name: str) -> None:
+    """Chat templates need an optional system turn, then user and assistant in turn, ending with the assistant."""
+    roles = [m["role"] for m in messages]
+    first = 1 if roles[:1] == ["system"] else 0
+    if not roles[first:]:
+        raise _Bad(f"{name} has no user or assistant turn")
+    expected = "user"
+    for role, label in zip(roles[first:], labels[first:]):
+        if role != expected:
+            raise _Bad(
+                f"{label}: {role} turn where the {expected}'s belongs "
+                "(turns alternate user, assistant; a system turn may only come first)"
+            )
+        expected = "assistant" if expected == "user" else "user"
+    if roles[-1] != "assistant":
+        raise _Bad(f"{labels[-1]}: the last turn is the user's; it must be the assistant's, which the model learns")
+
+
+def _is_transcript(text: str) -> bool:
+    """A transcript's first line, past blank and "#" lines, is a speaker's turn."""
+    for line in text.split("\n"):
+        if line.strip() and not line.startswith("#"):
+            return SPEAKER_LINE.fullmatch(line.rstrip()) is not None
+    return False
+
+
+def _transcript(path: Path, text: str) -> tuple[list[_Record], list[BadRow]]:
+    conversations: list[list[tuple[str, int, list[str]]]] = []
+    current: list[tuple[str, int, list[str]]] | None = None
+    bad: list[BadRow] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        speaker = SPEAKER_LINE.fullmatch(line.rstrip())
+        if SEPARATOR_LINE.fullmatch(line):
+            current = None
+        elif speaker:
+            if current is None:
+                current = []
+                conversations.append(current)
+            current.append((SPEAKERS[speaker[1].lower()], number, [speaker[2]]))
+        elif current:
+            current[-1][2].append(line)  # a turn runs on until the next speaker
+        elif line.strip() and not line.startswith("#"):
+            bad.append(BadRow(
+                f'{path} line {number}: text outside a turn; start each turn with "User:" or "Assistant:" '
+                '("Usuario:" or "Asistente:")'
+            ))
+    records = []
+    for turns in conversations:
+        start = turns[0][1]
+        try:
+            messages, labels = [], []
+            for role, number, lines in turns:
+                content = _clean("\n".join(lines))
+                if not content:
+                    if role == "system":
+                        continue
+                    raise _Bad(f"line {number}: the {role} turn is empty", empty=True)
+                messages.append({"role": role, "content": content})
+                labels.append(f"line {number}")
+            _check_turns(messages, labels, f"line {start}: the conversation")
+        except _Bad as problem:
+            bad.append(BadRow(f"{path} {problem}", problem.empty))
+            continue
+        records.append(_Record(f"{path}:{start}", messages=messages))
+    return records, bad
+
+
+def _document(path: Path, text: str) -> tuple[list[_Record], list[BadRow]]:
+    text = _clean(text)
+    if not text:
+        hint = " (a scanned PDF needs OCR first)" if path.suffix.lower() == ".pdf" else ""
+        return [], [BadRow(f"{path}: no text found{hint}", empty=True, unit="files")]
+    return [_Record(str(path), text=text)], []
+
+
+def _clean(text: str) -> str:
+    """Normalise Unicode and whitespace: one space inside lines, no trailing spaces, at most one blank line."""
+    text = unicodedata.normalize("NFC", text).translate(INVISIBLE).replace("\r\n", "\n").replace("\r", "\n")
+    # Runs of spaces inside a line become one; indentation stays, as it means something in lists and code.
+    text = re.sub(r"(?<=\S)[^\S\n]+(?=\S)", " ", text)
+    text = re.sub(r"[^\S\n]+\n", "\n", text)
+    text = re.sub(r"\n(?:[^\S\n]*\n)+", "\n\n", text)
+    return text.strip()
+
+
+# --- Training rows, tokens and chunks ----------------------------------------------------------------
+
+
+def _token_counter(tokenizer: Any) -> tuple[Callable[[str], int], str]:
+    if tokenizer is None:
+        return (
+            lambda text: math.ceil(len(text.split()) * TOKENS_PER_WORD),
+            f"estimated as {TOKENS_PER_WORD:.2f} per whitespace word (no tokenizer given; real counts differ)",
+        )
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False)), f"counted with the {name} tokenizer"
+
+
+def _survey(
+    data: _File, chunk_tokens: int, count: Callable[[str], int], seen: set[str]
+) -> tuple[FileReport, list[dict[str, Any]]]:
+    """A file's report and its training rows, less those already in `seen` (which it extends)."""
+    report = FileReport(
+        str(data.path), data.container, data.format, data.kind,
+        rows=len(data.records),
+        turns=sum(len(r.messages or ()) for r in data.records),
+        bad_rows=[b.message for b in data.bad],
+        empty_fields=sum(b.empty for b in data.bad),
+    )
+    kept = []
+    for row in _training_rows(data.records, chunk_tokens, count):
+        key = _content_key(row)
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
+        kept.append(row)
+        report.lengths.append(
+            count(row["text"]) if "text" in row else sum(count(m["content"]) for m in row["messages"])
+        )
+    report.chunks = sum("text" in row for row in kept)
+    report.tokens = sum(report.lengths)
+    return report, kept
+
+
+def _training_rows(records: list[_Record], chunk_tokens: int, count: Callable[[str], int]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        if record.messages is not None:
+            rows.append({"messages": record.messages, "source": record.source})
+            continue
+        chunks = _chunk(record.text or "", chunk_tokens, count)
+        for number, chunk in enumerate(chunks, 1):
+            # "manual.md#2": the second chunk of a document cut in several
+            rows.append({"text": chunk, "source": f"{record.source}#{number}" if len(chunks) > 1 else record.source})
+    return rows
+
+
+def _chunk(text: str, limit: int, count: Callable[[str], int]) -> list[str]:
+    """Cut text into pieces of at most `limit` tokens, between paragraphs where that keeps pieces at least
+    half full, else between sentences or lines, and between words only in a sentence longer than `limit`
+    (a single word longer than that stays whole)."""
+    if count(text) <= limit:
+        return [text]
+    # Units are (separator before, text, tokens); a "\n\n" separator starts a paragraph.
+    pieces = re.split(r"(\n\n|\n|(?<=[.!?…]) )", text)
+    units: list[tuple[str, str, int]] = []
+    for separator, piece in zip([""] + pieces[1::2], pieces[0::2]):
+        if count(piece) <= limit:
+            units.append((separator, piece, count(piece)))
+        else:  # a sentence longer than a chunk: cut it between words
+            words = piece.split(" ")
+            units += [(separator if i == 0 else " ", w, count(w)) for i, w in enumerate(words)]
+
+    def size(part: list[tuple[str, str, int]]) -> int:
+        return sum(u[2] for u in part) + len(part) - 1  # a token per separator errs on the safe side
+
+    chunks: list[str] = []
+    current: list[tuple[str, str, int]] = []
+    for unit in units:
+        if current and size(current + [unit]) > limit:
+            paragraph_starts = [k for k in range(1, len(current)) if current[k][0] == "\n\n"]
+            cut = next(
+                (k for k in reversed(paragraph_starts)
+                 if size(current[:k]) >= limit // 2 and size(current[k:] + [unit]) <= limit),
+                None,
+            )
+            if cut is not None:  # end at the author's paragraph break
+                chunks.append(_join(current[:cut]))
+                current = current[cut:]
+            else:  # end between sentences and repeat the last few in the next chunk
+                chunks.append(_join(current))
+                carry: list[tuple[str, str, int]] = []
+                for previous in reversed(current):
+                    if size([previous] + carry) > limit * CHUNK_OVERLAP:
+                        break
+                    carry.insert(0, previous)
+                while carry and size(carry + [unit]) > limit:
+                    carry.pop(0)
+                current = carry
+        current.append(unit)
+    chunks.append(_join(current))
+    return chunks
+
+
+def _join(units: list[tuple[str, str, int]]) -> str:
+    return units[0][1] + "".join(separator + piece for separator, piece, _ in units[1:])
+
+
+# --- Split, hash and output --------------------------------------------------------------------------
+
+
+def _content_key(row: dict[str, Any]) -> str:
+    """The row as canonical JSON without its "source": what duplicates, the split and the hash look at."""
+    return json.dumps({k: v for k, v in row.items() if k != "source"}, ensure_ascii=False, sort_keys=True)
+
+
+def _validation_rows(rows: list[dict[str, Any]], val_fraction: float, seed: int) -> set[int]:
+    """Indices of validation rows: per kind, the share whose hash with the seed sorts first.
+
+    Hashing content rather than shuffling positions keeps a row on the same side when files are
+    reordered or rows added, so validation losses stay comparable between runs."""
+    chosen: set[int] = set()
+    for key in ("messages", "text"):
+        indices = [i for i, row in enumerate(rows) if key in row]
+        ranked = sorted(indices, key=lambda i: hashlib.sha256(f"{seed}\n{_content_key(rows[i])}".encode()).digest())
+        chosen.update(ranked[: round(len(indices) * val_fraction)])
+    return chosen
+
+
+def _content_hash(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for split, rows in (("train", train), ("validation", val)):
+        for row in rows:
+            digest.update(f"{split}\t{_content_key(row)}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")

