@@ -106,3 +106,76 @@ def bundled_home(tmp_path_factory) -> Path:
         else:
             os.environ["FORJA_HOME"] = previous
     return home
+
+
+class LiveServer:
+    """A real uvicorn server on a free port, in a background thread of the test process."""
+
+    def __init__(self, app, ready_path: str | None = "/health", timeout: float = 60.0):
+        import socket
+        import threading
+        import time
+
+        import httpx
+        import uvicorn
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.app = app
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        while ready_path:
+            if httpx.get(self.url + ready_path).status_code != 503:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test server's model did not load")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(app) → a LiveServer (stopped at the end of the session); `app` from forja.serve.app.create_app."""
+    servers: list[LiveServer] = []
+
+    def start(app, **kwargs) -> LiveServer:
+        servers.append(LiveServer(app, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with larger random weights: its greedy answers vary from prompt to prompt
+    (the plain tiny model answers almost every prompt with the same token), so batching tests can
+    tell one request's output from another's."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("varied-model")
+    shutil.copytree(tiny_model_dir, directory, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    model.save_pretrained(directory)
+    return directory

@@ -6,12 +6,13 @@ nested fields are set from the environment with a double underscore (FORJA_GENER
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_HOME = Path("~/.forja").expanduser()
@@ -34,6 +35,71 @@ class GenerateSettings(BaseModel):
     seed: int | None = Field(None, description="Seed for sampling; None draws a fresh one.")
 
 
+class ApiKey(BaseModel):
+    """A key a client may send as `Authorization: Bearer KEY`. Give `key` (e.g. from the environment)
+    or, to keep the secret out of files, `sha256`: the hex SHA-256 of the key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, description="Who holds the key; shown in logs, never the key itself.")
+    key: SecretStr | None = Field(None, min_length=16, description="The key itself (at least 16 characters); printed masked.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="Hex SHA-256 of the key instead of the key.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ApiKey":
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError(f"api key {self.name!r}: give exactly one of 'key' or 'sha256'")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.sha256.lower() if self.sha256 else hashlib.sha256(self.key.get_secret_value().encode()).hexdigest()  # type: ignore[union-attr]
+
+
+class Persona(BaseModel):
+    """A named assistant: a system prompt and default sampling on a model; selectable as `model`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[\w.-]+$", description="What clients put in `model` (letters, digits, _ . -).")
+    description: str = Field("", description="One line shown in the web page and /v1/models.")
+    system: str | None = Field(None, description="System prompt put before the conversation.")
+    model: str | None = Field(None, description="A trained version or other model; None = the served base model.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature (a request may override).")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p.")
+    max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
+
+
+class ServeSettings(BaseModel):
+    """`forja serve`: where it listens, its limits, who may call it and the personas it offers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 = every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting for a batch slot; beyond this the server answers 429.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; beyond this 413.")
+    max_n: int = Field(8, ge=1, le=64, description="Largest `n` (answers per request).")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="When not empty every route but /health and the page needs one of these keys."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Other origins (https://app.example.com) allowed to call the API from a browser; empty = same origin only."
+    )
+    personas: list[Persona] = Field(default_factory=list, description="Named assistants offered as models.")
+    log_requests: bool = Field(True, description="Log one line per request (method, path, status, time).")
+    log_prompts: bool = Field(False, description="Also log prompts and answers (off: they may be private).")
+
+    @model_validator(mode="after")
+    def _unique_personas(self) -> "ServeSettings":
+        names = [p.name for p in self.personas]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"persona names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -48,6 +114,7 @@ class Settings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; None lets torch decide.")
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     # The YAML file sits below the environment and the CLI flags (init kwargs).
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from forja.engine import GenerationError, SamplingParams, Usage
+from forja.engine import ContextLengthExceeded, SamplingParams, Usage
 from forja.models import LoadedModel
 
 
@@ -87,10 +87,7 @@ class Generation:
     def __init__(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams):
         limit = loaded.context_length
         if len(prompt_ids) + params.max_new_tokens > limit:
-            raise GenerationError(
-                f"prompt has {len(prompt_ids)} tokens and max_new_tokens is {params.max_new_tokens}: "
-                f"together more than the model's context of {limit} tokens"
-            )
+            raise ContextLengthExceeded(len(prompt_ids), params.max_new_tokens, limit)
         self.loaded = loaded
         self.prompt_ids = prompt_ids
         self.params = params

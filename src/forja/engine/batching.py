@@ -1,0 +1,284 @@
+"""The serving engine: one thread owns a transformers model and decodes every active request in one
+batch, step by step (continuous batching: a request joins or leaves the batch between two steps).
+
+`forja serve` creates one BatchingEngine per loaded model; `forja bench serve` measures it.
+How the batch is kept: one KV cache whose rows are the active requests, left-padded so that every
+row's newest token sits in the last column; an attention mask hides the padding and explicit
+position ids keep each row's positions its own. A request is prefilled alone, then its cache row
+is padded and concatenated to the batch; a finished row is dropped with index_select.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forja.engine import (
+    ContextLengthExceeded,
+    Delta,
+    Engine,
+    Prompt,
+    QueueFull,
+    SamplingParams,
+    Stream,
+    Usage,
+)
+from forja.engine.pytorch import TextStream, chat_prompt_ids, sample_next
+from forja.models import LoadedModel
+
+log = logging.getLogger("forja.engine")
+
+
+class EngineStream(Stream):
+    """The asyncio side of a request: the engine thread pushes deltas into an asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted_at = time.perf_counter()
+
+    def put(self, delta: Delta) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:  # type: ignore[override]
+        try:
+            while True:
+                delta = await self._queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            # the consumer stopped early (client gone, error): stop decoding for it
+            self.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Sequence:
+    """A request inside the engine thread."""
+
+    stream: EngineStream
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: TextStream
+    generator: torch.Generator | None
+    usage: Usage
+    length: int = 0  # real tokens of this row in the batch cache
+    next_token: int = 0  # sampled, not yet fed to the model
+    done: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BatchingEngine(Engine):
+    """Continuous batching over a LoadedModel. `submit` is called from the event loop; the model is
+    only ever touched by the engine's own thread."""
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None):
+        self.loaded = loaded
+        self.name = name or loaded.ref.name
+        self.context_length = loaded.context_length
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._pending: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
+        self._wake = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode steps run, for tests and the benchmark
+        self.max_rows_seen = 0
+        self._thread = threading.Thread(target=self._run, name=f"forja-engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- event-loop side
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.loaded.tokenizer(prompt)["input_ids"]
+        return chat_prompt_ids(self.loaded, prompt)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.prompt_ids(prompt))
+
+    def submit(self, prompt: Prompt, params: SamplingParams) -> EngineStream:
+        ids = self.prompt_ids(prompt)
+        if not ids:
+            ids = [self.loaded.tokenizer.bos_token_id or self.loaded.tokenizer.eos_token_id]
+        if len(ids) + params.max_new_tokens > self.context_length:
+            raise ContextLengthExceeded(len(ids), params.max_new_tokens, self.context_length)
+        stream = EngineStream(asyncio.get_running_loop())
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.loaded.model.device).manual_seed(params.seed)
+        seq = _Sequence(stream, ids, params, TextStream(self.loaded.tokenizer, params.stop), generator,
+                        Usage(prompt_tokens=len(ids)))
+        with self._wake:
+            if self._closed:
+                raise QueueFull(f"the engine for {self.name} is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self._pending)} requests are already waiting for {self.name} (serve.max_queue); retry shortly"
+                )
+            self._pending.append(seq)
+            self._wake.notify()
+        return stream
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"active": len(self._active), "waiting": len(self._pending)}
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self._pending and not self._active:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    admitted = []
+                    while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
+                        admitted.append(self._pending.popleft())
+                try:
+                    for seq in admitted:
+                        self._admit(seq)
+                    self._drop_finished()
+                    if self._active:
+                        self._step()
+                        self._drop_finished()
+                except Exception as exc:  # a broken batch must not hang its clients
+                    log.exception("engine step failed")
+                    for seq in self._active + admitted:
+                        if not seq.done:
+                            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._active, self._cache = [], None
+        for seq in list(self._pending) + self._active:
+            self._finish(seq, "cancelled")
+
+    def _admit(self, seq: _Sequence) -> None:
+        """Prefill one request alone, sample its first token, and join it to the batch."""
+        from transformers import DynamicCache
+
+        if seq.stream.cancelled.is_set():
+            self._finish(seq, "cancelled")
+            return
+        model = self.loaded.model
+        cache = DynamicCache()
+        inputs = torch.tensor([seq.prompt_ids], device=model.device)
+        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+        seq.length = len(seq.prompt_ids)
+        self._accept(seq, int(sample_next(logits, seq.params, seq.generator)[0]))
+        if seq.done:
+            return
+        if self._cache is None:
+            self._cache = cache
+        else:
+            self._cache = _concat_rows(self._cache, cache)
+        self._active.append(seq)
+        self.max_rows_seen = max(self.max_rows_seen, len(self._active))
+
+    def _step(self) -> None:
+        """One forward over every active row, then one new token for each."""
+        model = self.loaded.model
+        device = model.device
+        width = self._cache.get_seq_length()
+        lengths = torch.tensor([seq.length for seq in self._active], device=device)
+        columns = torch.arange(width + 1, device=device)
+        attention_mask = (columns[None, :] >= (width - lengths)[:, None]).long()
+        inputs = torch.tensor([[seq.next_token] for seq in self._active], device=device)
+        logits = model(
+            input_ids=inputs, attention_mask=attention_mask, position_ids=lengths[:, None],
+            past_key_values=self._cache, use_cache=True,
+        ).logits[:, -1, :]
+        self.steps += 1
+        greedy = [i for i, seq in enumerate(self._active) if seq.params.temperature == 0]
+        tokens: dict[int, int] = {}
+        if greedy:
+            picked = logits[greedy].argmax(dim=-1).tolist()
+            tokens.update(zip(greedy, picked))
+        for i, seq in enumerate(self._active):
+            if i not in tokens:
+                tokens[i] = int(sample_next(logits[i : i + 1], seq.params, seq.generator)[0])
+        for i, seq in enumerate(self._active):
+            seq.length += 1
+            self._accept(seq, tokens[i])
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Handle a sampled token: end on EOS, stop string or length; otherwise stream its text."""
+        if seq.stream.cancelled.is_set():
+            self._finish(seq, "cancelled")
+            return
+        if token in self.loaded.eos_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.usage.completion_tokens += 1
+        delta = seq.text.push(token)
+        if seq.text.stopped:
+            self._finish(seq, "stop", text=delta)
+            return
+        if seq.usage.completion_tokens >= seq.params.max_new_tokens:
+            self._finish(seq, "length", text=delta + seq.text.finish())
+            return
+        if delta:
+            seq.stream.put(Delta(delta))
+        seq.next_token = token
+
+    def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+        seq.done = True
+        if reason == "stop" and not text:
+            text = seq.text.finish()
+        seq.stream.put(Delta(text, finish_reason=reason, usage=seq.usage, error=error))
+
+    def _drop_finished(self) -> None:
+        for seq in self._active:
+            if not seq.done and seq.stream.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        keep = [i for i, seq in enumerate(self._active) if not seq.done]
+        if len(keep) == len(self._active):
+            return
+        self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._cache = None
+            return
+        # drop the rows, then the leading columns that are padding in every remaining row
+        trim = self._cache.get_seq_length() - max(seq.length for seq in self._active)
+        index = torch.tensor(keep, device=self.loaded.model.device)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:, :]
+
+
+def _concat_rows(batch: Any, new: Any) -> Any:
+    """Append the rows of cache `new` to cache `batch`, left-padding the shorter one with zeros."""
+    width, new_width = batch.get_seq_length(), new.get_seq_length()
+    for layer, new_layer in zip(batch.layers, new.layers):
+        for attr in ("keys", "values"):
+            a, b = getattr(layer, attr), getattr(new_layer, attr)
+            if new_width < width:
+                b = torch.nn.functional.pad(b, (0, 0, width - new_width, 0))
+            elif width < new_width:
+                a = torch.nn.functional.pad(a, (0, 0, new_width - width, 0))
+            setattr(layer, attr, torch.cat([a, b], dim=0))
+    return batch
+

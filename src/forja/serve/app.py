@@ -1,0 +1,177 @@
+"""Builds the FastAPI application: routers, the web page, errors in OpenAI's JSON shape, body-size
+limit, API keys and CORS. `forja serve` runs it under uvicorn; the model loads in the background
+(/health answers 503 until it is ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from forja.config import Settings
+from forja.engine import Engine
+from forja.serve.deps import ApiError, ServerState, make_engine
+from forja.serve.routes import classic, openai
+
+WEB_DIR = Path(__file__).parent / "web"
+log = logging.getLogger("forja.serve")
+
+
+def create_app(settings: Settings, model: str | None = None, engine: Engine | None = None) -> FastAPI:
+    """The server for `model` (default: settings.model); pass `engine` to serve one already built."""
+    state = ServerState(settings=settings, base=model or settings.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = None
+        if engine is not None:
+            state.engines[state.base] = engine
+        else:
+            loader = asyncio.create_task(load_base(state))
+        try:
+            yield
+        finally:
+            if loader is not None:
+                loader.cancel()
+            state.close()
+
+    app = FastAPI(title="Forja", summary="OpenAI-compatible API over your own model", lifespan=lifespan)
+    app.state.forja = state
+    app.include_router(openai.router)
+    app.include_router(classic.router)
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_error(exc).body(), status_code=422 if not is_bad_json(exc) else 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    serve = settings.serve
+    if serve.cors_origins:
+        # bearer keys travel in a header, never in cookies: credentials stay off, so "*" is never combined with them
+        app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
+    if serve.log_requests:
+        app.add_middleware(RequestLog)
+    return app
+
+
+async def load_base(state: ServerState) -> None:
+    try:
+        state.engines[state.base] = await asyncio.to_thread(make_engine, state.base, state.settings)
+        log.info("model %s ready", state.base)
+    except Exception as exc:  # reported by /health and every request
+        state.load_error = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(state.base) else str(exc)
+        log.error("cannot load %s: %s", state.base, exc)
+
+
+def is_bad_json(exc: RequestValidationError) -> bool:
+    return any(err.get("type") == "json_invalid" for err in exc.errors())
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """422 naming the first offending field (`messages.0.role`), as OpenAI's `param`."""
+    err = exc.errors()[0]
+    loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({err.get('msg')})", code="invalid_json")
+    message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+    return ApiError(422, message, param=param, code="invalid_value")
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`, by its Content-Length or, when chunked, while it arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = ApiError(413, f"the request body is larger than {self.max_bytes} bytes (serve.max_body_bytes)",
+                           code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
+        if length is not None:
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read the body here, at most max_bytes, then hand it on
+        chunks, seen, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            more = message.get("more_body", False)
+            if seen > self.max_bytes:
+                return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RequestLog:
+    """One line per request: method, path, status, seconds (never the body: it may be private)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [0]
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            log.info("%s %s %s %.3fs", scope["method"], scope["path"], status[0], time.perf_counter() - started)
+
+
+def serve(settings: Settings, model: str | None = None, host: str | None = None, port: int | None = None,
+          **uvicorn_kwargs: Any) -> None:
+    """Run the server until Ctrl-C (used by `forja serve`)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(settings, model)
+    uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port, log_level="warning",
+                **uvicorn_kwargs)

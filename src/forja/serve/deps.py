@@ -1,0 +1,173 @@
+"""What the routes share: the server state (engines, personas), API-key checking and OpenAI-style errors.
+
+Routes take these as Annotated dependencies (`StateDep`, `ApiKeyDep`); limits are checked here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from forja.config import Persona, Settings
+from forja.engine import Engine, SamplingParams
+
+log = logging.getLogger("forja.serve")
+
+
+class ApiError(Exception):
+    """Answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Target:
+    """What a request's `model` names: the engine to run on, and a persona's system prompt and defaults."""
+
+    name: str
+    engine: Engine
+    persona: Persona | None = None
+
+    def messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """A persona's system prompt goes first, unless the client sent its own."""
+        if self.persona and self.persona.system and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.persona.system}] + messages
+        return messages
+
+
+@dataclass
+class ServerState:
+    """Engines by model name (the served base first, trained versions loaded when first named)."""
+
+    settings: Settings
+    base: str  # the served model's name as given to `forja serve`
+    engines: dict[str, Engine] = field(default_factory=dict)
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def ready(self) -> bool:
+        return self.base in self.engines
+
+    @property
+    def personas(self) -> dict[str, Persona]:
+        return {p.name: p for p in self.settings.serve.personas}
+
+    def versions(self) -> list[str]:
+        from forja.models import version_names
+
+        return version_names(self.settings)
+
+    async def target(self, name: str | None) -> Target:
+        """Resolve `model` from a request, or answer 404 naming what can be used."""
+        if not self.ready:
+            if self.load_error:
+                raise ApiError(503, f"the model {self.base} failed to load: {self.load_error}", type="server_error",
+                               code="model_load_failed")
+            raise ApiError(503, f"the model {self.base} is still loading; retry in a few seconds", type="server_error",
+                           code="model_loading", headers={"Retry-After": "5"})
+        name = name or self.base
+        persona = self.personas.get(name)
+        model = (persona.model if persona else None) or (self.base if persona else name)
+        if model != self.base and model not in self.engines and model not in self.versions():
+            known = ", ".join([self.base, *self.personas, *self.versions()])
+            raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
+                           param="model", code="model_not_found")
+        return Target(name, await self.engine(model), persona)
+
+    async def engine(self, model: str) -> Engine:
+        if model in self.engines:
+            return self.engines[model]
+        async with self._lock:  # two first requests for a version load it once
+            if model not in self.engines:
+                log.info("loading %s", model)
+                self.engines[model] = await asyncio.to_thread(make_engine, model, self.settings)
+        return self.engines[model]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def make_engine(model: str, settings: Settings) -> Engine:
+    from forja import models
+    from forja.engine.batching import BatchingEngine
+
+    loaded = models.load(model, settings)
+    return BatchingEngine(
+        loaded, max_batch_size=settings.serve.max_batch_size, max_queue=settings.serve.max_queue, name=model
+    )
+
+
+def sampling(target: Target, settings: Settings, *, prompt_tokens: int, max_tokens: int | None,
+             temperature: float | None, top_p: float | None, seed: int | None, stop: list[str] | None,
+             param: str) -> SamplingParams:
+    """Request values, else the persona's, else the config's; checks the answer fits in the context."""
+    defaults, persona = settings.generate, target.persona
+    context = target.engine.context_length
+    room = context - prompt_tokens
+    if max_tokens is None:
+        max_tokens = min((persona and persona.max_tokens) or defaults.max_new_tokens, room)
+        if max_tokens < 1:
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, which leaves no room to answer in the "
+                           f"model's context of {context} tokens; shorten it", param=param,
+                           code="context_length_exceeded")
+    elif prompt_tokens + max_tokens > context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+                       f"tokens and max_tokens asks for {max_tokens} more ({prompt_tokens + max_tokens} in all); "
+                       "shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
+
+    def pick(value: Any, persona_value: Any, default: Any) -> Any:
+        return value if value is not None else persona_value if persona_value is not None else default
+
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=pick(temperature, persona and persona.temperature, defaults.temperature),
+        top_p=pick(top_p, persona and persona.top_p, defaults.top_p),
+        seed=pick(seed, None, defaults.seed),
+        stop=stop or [],
+    )
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.forja
+
+
+def check_api_key(request: Request) -> str | None:
+    """When keys are configured, demand `Authorization: Bearer KEY`; returns the key's name."""
+    keys = get_state(request).settings.serve.api_keys
+    if not keys:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                       type="authentication_error", code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+    digest = hashlib.sha256(token.strip().encode()).hexdigest()
+    holder = None
+    for key in keys:  # look at every key so the time taken says nothing about which one matched
+        if hmac.compare_digest(digest, key.digest):
+            holder = key.name
+    if holder is None:
+        raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    request.state.api_key_name = holder
+    return holder
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+ApiKeyDep = Annotated[str | None, Depends(check_api_key)]

@@ -1,0 +1,191 @@
+"""The continuous-batching engine: batched answers equal the same requests decoded alone,
+requests join and leave between steps, cancel, queue limit, UTF-8-safe deltas."""
+
+import asyncio
+
+import pytest
+import torch
+
+from forja.config import load_settings
+from forja.engine import ContextLengthExceeded, QueueFull, SamplingParams
+from forja.engine.batching import BatchingEngine
+from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+from forja.models import load
+
+PROMPTS = [f"Question {i}: " + "hola " * (3 * i) + "¿Cuál es la capital de Francia?" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def varied(varied_model_dir):
+    return load(str(varied_model_dir), load_settings(), dtype="float32")
+
+
+@pytest.fixture
+def engine(varied):
+    engine = BatchingEngine(varied, max_batch_size=8, max_queue=16)
+    yield engine
+    engine.close()
+
+
+async def answer(engine, prompt, params, delay=0.0):
+    await asyncio.sleep(delay)
+    text, last = "", None
+    async for delta in engine.submit(chat_messages(prompt), params):
+        text += delta.text
+        last = delta
+    return text, last
+
+
+def idle(engine, timeout=2.0):
+    """The engine drops a finished row right after its last step; give it that moment."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine.load != {"active": 0, "waiting": 0} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.load == {"active": 0, "waiting": 0}
+
+
+def alone(loaded, prompt, params):
+    generation = Generation(loaded, chat_prompt_ids(loaded, chat_messages(prompt)), params)
+    return "".join(generation), generation
+
+
+def test_eight_concurrent_greedy_answers_equal_each_alone(varied, engine):
+    params = SamplingParams(max_new_tokens=40)
+
+    async def main():  # staggered arrivals: requests join a batch that is already decoding
+        return await asyncio.gather(*[answer(engine, p, params, delay=0.005 * i) for i, p in enumerate(PROMPTS)])
+
+    results = asyncio.run(main())
+    expected = [alone(varied, p, params) for p in PROMPTS]
+    for (text, last), (reference, generation) in zip(results, expected):
+        assert text == reference
+        assert last.usage.completion_tokens == generation.usage.completion_tokens == 40
+        assert last.usage.prompt_tokens == generation.usage.prompt_tokens
+        assert last.finish_reason == "length"
+    assert len({text for text, _ in results}) == len(PROMPTS)  # independent answers
+    assert engine.max_rows_seen >= 4  # they really were decoded together
+    assert engine.steps < 8 * 40 / 2
+
+
+def test_seeded_sampling_in_a_batch_equals_alone(varied, engine):
+    params = [SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=i) for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*[answer(engine, PROMPTS[1], p) for p in params])
+
+    results = asyncio.run(main())
+    assert [text for text, _ in results] == [alone(varied, PROMPTS[1], p)[0] for p in params]
+    assert len({text for text, _ in results}) > 1
+
+
+def test_mixed_lengths_leave_the_batch_and_stop_strings_end_early(varied, engine):
+    reference, _ = alone(varied, PROMPTS[2], SamplingParams(max_new_tokens=30))
+    stop = reference[10:13]
+    cases = [SamplingParams(max_new_tokens=n) for n in (1, 5, 30)] + [SamplingParams(max_new_tokens=30, stop=[stop])]
+
+    async def main():
+        return await asyncio.gather(*[answer(engine, PROMPTS[2], p) for p in cases])
+
+    results = asyncio.run(main())
+    for (text, last), params in zip(results[:3], cases):
+        assert reference.startswith(text)
+        assert last.usage.completion_tokens == params.max_new_tokens and last.finish_reason == "length"
+    text, last = results[3]
+    assert text == reference[: reference.find(stop)] and last.finish_reason == "stop"
+    assert idle(engine)
+
+
+def test_cancel_stops_decoding(engine):
+    async def main():
+        stream = engine.submit(chat_messages(PROMPTS[0]), SamplingParams(max_new_tokens=150))
+        seen = []
+        async for delta in stream:
+            seen.append(delta)
+            if len(seen) == 2:
+                stream.cancel()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[-1].finish_reason == "cancelled"
+    assert seen[-1].usage.completion_tokens < 50
+    assert idle(engine)
+
+
+def test_queue_is_bounded(varied):
+    engine = BatchingEngine(varied, max_batch_size=1, max_queue=1)
+
+    async def main():
+        first = engine.submit(chat_messages("a"), SamplingParams(max_new_tokens=200))
+        iterator = aiter(first)
+        await anext(iterator)  # the first request holds the only batch slot
+        second = engine.submit(chat_messages("b"), SamplingParams(max_new_tokens=5))
+        with pytest.raises(QueueFull, match="1 requests are already waiting"):
+            engine.submit(chat_messages("c"), SamplingParams(max_new_tokens=5))
+        first.cancel()
+        return [delta async for delta in second][-1]
+
+    try:
+        assert asyncio.run(main()).finish_reason in ("length", "stop")
+    finally:
+        engine.close()
+
+
+def test_context_length_is_checked_before_queueing(engine):
+    async def main():
+        engine.submit("hola " * 300, SamplingParams(max_new_tokens=10))
+
+    with pytest.raises(ContextLengthExceeded, match=r"prompt has \d+ tokens and max_new_tokens is 10.*context of 256"):
+        asyncio.run(main())
+
+
+class Scripted(torch.nn.Module):
+    """The real model (so the cache and masks are exercised) whose logits are forced to a script."""
+
+    def __init__(self, model, script, prompt_length):
+        super().__init__()
+        self.inner, self.script, self.prompt_length = model, script, prompt_length
+        self.config, self.generation_config, self.device = model.config, model.generation_config, model.device
+
+    def forward(self, input_ids, position_ids=None, **kwargs):
+        out = self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        done = (position_ids[:, -1] + 1 if position_ids is not None else torch.tensor([input_ids.shape[1]])) - self.prompt_length
+        forced = torch.full_like(out.logits[:, -1, :], -1e9)
+        for row, step in enumerate(done.tolist()):
+            forced[row, self.script[min(step, len(self.script) - 1)]] = 0.0
+        out.logits = forced[:, None, :]
+        return out
+
+
+def test_streamed_text_never_splits_a_utf8_character(varied):
+    from dataclasses import replace
+
+    tokenizer = varied.tokenizer
+    text = "🚀 ñ テスト"
+    # one token per byte: every multi-byte character arrives in pieces
+    byte_tokens = [tokenizer.convert_tokens_to_ids(byte_level_char(b)) for b in text.encode()]
+    assert tokenizer.decode(byte_tokens) == text
+    prompt_ids = chat_prompt_ids(varied, chat_messages("x"))
+    script = byte_tokens + [tokenizer.eos_token_id]
+    engine = BatchingEngine(replace(varied, model=Scripted(varied.model, script, len(prompt_ids))))
+
+    async def main():
+        return [delta async for delta in engine.submit(chat_messages("x"), SamplingParams(max_new_tokens=40))]
+
+    try:
+        deltas = asyncio.run(main())
+    finally:
+        engine.close()
+    assert "".join(d.text for d in deltas) == text
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert len([d for d in deltas if d.text]) > 3  # it did stream piece by piece
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].usage.completion_tokens == len(byte_tokens)
+
+
+def byte_level_char(byte: int) -> str:
+    """The character GPT-2's byte-level BPE uses for a byte (printable bytes stand for themselves)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + [b for b in range(256) if b not in printable].index(byte))
