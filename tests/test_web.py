@@ -1,0 +1,131 @@
+"""The chat page in a real browser: Debian's Chromium driven by Playwright against a live server.
+Screenshots land in test-artifacts/ (git-ignored)."""
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from forja.config import load_settings
+from forja.engine.batching import BatchingEngine
+from forja.models import load
+from forja.serve.app import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+PERSONAS = [{"name": "panadero", "description": "Atiende la panadería", "system": "Eres el panadero."}]
+
+
+@pytest.fixture(scope="module")
+def server(varied_model_dir, tmp_path_factory, start_server):
+    settings = load_settings(home=tmp_path_factory.mktemp("web-home"), model=str(varied_model_dir),
+                             generate={"max_new_tokens": 60}, serve={"personas": PERSONAS})
+    engine = BatchingEngine(load(str(varied_model_dir), settings), name=str(varied_model_dir))
+    step = engine._step
+    engine._step = lambda: (time.sleep(0.02), step())  # a human-visible pace, so streaming and Stop can be seen
+    # the random tiny model may end an answer after a token or two; here answers run to max_new_tokens
+    accept, eos = engine._accept, engine.loaded.eos_token_ids
+    engine._accept = lambda seq, token: accept(seq, 300 if token in eos else token)
+    return start_server(create_app(settings, engine=engine))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: run `make install-test` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_chat_page_streams_switches_persona_and_stops(server, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    assert "talking to an AI" in page.locator("#ai-notice").inner_text()
+    page.wait_for_function("document.querySelectorAll('#persona option').length === 2")
+    assert page.locator("#persona option").all_inner_texts()[1].startswith("panadero")
+
+    # count how often the answer bubble changes while it streams
+    page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+        .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
+    page.fill("#prompt", "<img src=x onerror=alert(1)> ¿Abrís el sábado?")
+    page.keyboard.press("Enter")
+    answer = page.locator(".message.assistant").first
+    page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 0")
+    assert page.locator("#stop").is_enabled()  # still streaming: the first tokens are already shown
+    page.wait_for_selector("#send:not([disabled])", timeout=30_000)
+    assert len(answer.inner_text()) > 20
+    assert page.evaluate("window.updates") > 10  # it arrived piece by piece
+    user = page.locator(".message.user").first
+    assert user.inner_text() == "<img src=x onerror=alert(1)> ¿Abrís el sábado?"
+    assert page.locator("#messages img").count() == 0  # shown as text, never as HTML
+
+    # second turn: the history goes along, so the server sees a longer prompt
+    page.fill("#prompt", "Gracias")
+    page.click("#send")
+    page.wait_for_selector(".message.assistant >> nth=1")
+    page.wait_for_selector("#send:not([disabled])", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
+
+    page.select_option("#persona", "panadero")
+    assert page.locator(".message.user").count() == 0  # a new conversation with the persona
+    assert "panadero" in page.locator(".message.note").inner_text()
+    page.fill("#prompt", "Hola")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('.message.assistant') && "
+                           "document.querySelector('.message.assistant').textContent.length > 3")
+    page.click("#stop")
+    page.wait_for_selector("#send:not([disabled])")
+    assert "(stopped)" in page.locator(".message.assistant").inner_text()
+    engine = server.app.state.forja.engines[server.app.state.forja.base]
+    deadline = time.monotonic() + 5
+    while engine.load["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.load["active"] == 0  # Stop ended the generation on the server too
+    page.screenshot(path=str(ARTIFACTS / "web-chat-stopped.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+def test_chat_page_fits_a_phone(server, browser):
+    page = browser.new_page(viewport={"width": 375, "height": 700}, is_mobile=True)
+    page.goto(server.url + "/")
+    page.fill("#prompt", "Hola")
+    page.click("#send")
+    page.wait_for_selector("#send:not([disabled])", timeout=30_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375  # nothing overflows sideways
+    page.screenshot(path=str(ARTIFACTS / "web-chat-phone.png"), full_page=True)
+    page.close()
+
+
+def test_page_asks_for_the_api_key_when_needed(tiny_model_dir, tmp_path_factory, start_server, browser):
+    key = "browser-key-0123456789"
+    settings = load_settings(home=tmp_path_factory.mktemp("web-locked"), model=str(tiny_model_dir),
+                             serve={"api_keys": [{"name": "web", "key": key}]})
+    server = start_server(create_app(settings))
+    try:
+        assert httpx.get(server.url + "/").status_code == 200
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#key-box[open]")
+        assert "missing API key" in page.locator("#status").inner_text()
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.querySelectorAll('#persona option').length === 1")
+        page.fill("#prompt", "Hola")
+        page.click("#send")
+        page.wait_for_selector("#send:not([disabled])", timeout=30_000)
+        assert page.locator("#status").inner_text() == ""
+        page.close()
+    finally:
+        server.stop()
