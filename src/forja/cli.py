@@ -198,6 +198,115 @@ def data_prepare(
     typer.echo(summary.render())
 
 
+UrlOpt = Annotated[str, typer.Option("--url", help="The forja server.", envvar="FORJA_URL")]
+ApiKeyOpt = Annotated[
+    Optional[str], typer.Option("--api-key", help="API key, when the server wants one (or FORJA_API_KEY).", envvar="FORJA_API_KEY",
+                                show_envvar=False)
+]
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default from serve.host: 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port (default from serve.port: 8000).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve a model: OpenAI-compatible API at /v1, /predict, /health and a chat page at /."""
+    from forja import models
+    from forja.serve.app import serve as run_server
+
+    settings = settings_from(config, model=model)
+    models.resolve(settings.model, settings)  # a wrong name fails here, before the server starts
+    host, port = host or settings.serve.host, port or settings.serve.port
+    keys = len(settings.serve.api_keys)
+    typer.echo(f"forja serve: {settings.model} on http://{host}:{port}  (chat page /, OpenAI API /v1, "
+               f"{keys} API key{'s' if keys != 1 else ''}{'' if keys else ': open to anyone who can reach it'}); Ctrl-C stops",
+               err=True)
+    run_server(settings, settings.model, host=host, port=port)
+
+
+@app.command()
+def ask(
+    question: Annotated[Optional[str], typer.Argument(help="The question; read from stdin when omitted or '-'.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model or persona on the server.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens in the answer.", min=1)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.", min=0.0, max=2.0)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, id, usage) instead of streaming.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Ask a running forja server one question and print the answer as it streams."""
+    from forja.client import Client, ClientError
+    from forja.client import ask as ask_server
+
+    if question is None or question == "-":
+        if sys.stdin.isatty():
+            _client_error("no question: pass it as an argument or pipe it on stdin")
+        question = sys.stdin.read()
+    if not question.strip():
+        _client_error("the question is empty")
+    try:
+        answer = ask_server(Client(url, api_key), question.strip(), model=model, system=system, stream=not as_json,
+                            out=sys.stdout, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    except ClientError as exc:
+        _client_error(str(exc))
+    if as_json:
+        typer.echo(json.dumps(answer.as_dict(), ensure_ascii=False))
+
+
+@app.command()
+def chat(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model or persona to start with.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per answer.", min=1)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.", min=0.0, max=2.0)] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Chat with a running forja server: /persona NAME, /reset, /exit."""
+    from forja.client import Client, ClientError
+    from forja.client import chat as chat_loop
+
+    try:
+        chat_loop(Client(url, api_key), model=model, inp=sys.stdin, out=sys.stdout, max_tokens=max_tokens,
+                  temperature=temperature)
+    except ClientError as exc:
+        _client_error(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("")
+
+
+def _client_error(message: str) -> None:
+    typer.echo(f"forja: error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+bench_app = _typer("Measure speed: bench serve (and bench train).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = None,
+    clients: Annotated[int, typer.Option(help="Concurrent streaming clients.", min=1)] = 8,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.", min=2)] = 64,
+    compare: Annotated[bool, typer.Option(help="Also serve each prompt alone and compare with the batched answer.")] = True,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start the server on a model; measure one stream, then concurrent streams (tokens/s, TTFT, latency)."""
+    from forja.bench import render_serve, serve_benchmark
+
+    settings = settings_from(config, model=model)
+    results = serve_benchmark(settings, settings.model, clients=clients, max_tokens=max_tokens, compare_alone=compare,
+                              log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_serve(results))
+    if as_json:
+        as_json.write_text(json.dumps(results, indent=2))
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved settings (file < environment < flags) as YAML."""

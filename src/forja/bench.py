@@ -1,0 +1,342 @@
+"""Benchmarks: `forja bench serve` measures the server (single stream, then concurrent streams).
+
+Each benchmark is one self-contained function returning a dict of figures; the CLI prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SERVE_TOPICS = ["a bakery in Madrid", "the history of bread", "a trip to Paris", "how rain forms",
+                "a cat who learns to code", "the first day at a new school", "a lighthouse keeper", "making coffee"]
+
+
+def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8, max_tokens: int = 64,
+                    compare_alone: bool = True, log: Any = print) -> dict[str, Any]:
+    """Start `forja serve` on `model` in a subprocess and measure it; also time plain `Generation`.
+
+    Greedy decoding throughout, so the concurrent answers can be compared with each served alone."""
+    import httpx
+
+    from forja import models
+    from forja.engine import SamplingParams
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+
+    model = model or settings.model
+    prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+    results: dict[str, Any] = {"model": model, "clients": clients, "max_tokens": max_tokens}
+
+    log(f"loading {model} for the plain Generation baseline ...")
+    loaded = models.load(model, settings)
+    results["dtype"] = loaded.info["dtype"]
+    ids = chat_prompt_ids(loaded, chat_messages(prompts[0]))
+    "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=8)))  # warm-up
+    started = time.perf_counter()
+    first = None
+    generation = Generation(loaded, ids, SamplingParams(max_new_tokens=max_tokens))
+    for _ in generation:
+        first = first or time.perf_counter()
+    done = time.perf_counter()
+    results["generate"] = {"tokens": generation.usage.completion_tokens, "seconds": round(done - started, 3),
+                           "tokens_per_s": round(_decode_rate(generation.usage.completion_tokens, first, done), 2)}
+    del loaded, generation
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log(f"starting forja serve on {url} ...")
+    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    try:
+        _wait_ready(url, server)
+        asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
+        log("single stream ...")
+        single = asyncio.run(_stream(url, model, prompts[0], max_tokens))
+        results["single"] = {"tokens": single["tokens"], "ttft_s": round(single["ttft"], 3),
+                             "total_s": round(single["total"], 3), "tokens_per_s": round(single["rate"], 2)}
+        log(f"{clients} concurrent streams ...")
+
+        async def together() -> tuple[list[dict[str, Any]], float]:
+            begin = time.perf_counter()
+            answers = await asyncio.gather(*[_stream(url, model, p, max_tokens) for p in prompts],
+                                           return_exceptions=True)
+            return answers, time.perf_counter() - begin
+
+        answers, wall = asyncio.run(together())
+        ok = [a for a in answers if isinstance(a, dict) and not a.get("error")]
+        tokens = sum(a["tokens"] for a in ok)
+        ttfts = sorted(a["ttft"] for a in ok)
+        totals = sorted(a["total"] for a in ok)
+        results["concurrent"] = {
+            "errors": len(answers) - len(ok), "tokens": tokens, "wall_s": round(wall, 3),
+            "aggregate_tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p95_s": round(_pct(ttfts, 95), 3),
+            "latency_p50_s": round(_pct(totals, 50), 3), "latency_p95_s": round(_pct(totals, 95), 3),
+        }
+        results["ratio_aggregate_to_single"] = round(results["concurrent"]["aggregate_tokens_per_s"]
+                                                     / max(results["single"]["tokens_per_s"], 1e-9), 2)
+        if compare_alone and ok:
+            log("each prompt alone, to compare the batched answers ...")
+            agree = []
+            for prompt, answer in zip(prompts, answers):
+                if isinstance(answer, dict) and not answer.get("error"):
+                    alone = asyncio.run(_stream(url, model, prompt, max_tokens))
+                    agree.append(_common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
+            results["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
+                                               "min_agreeing_share": round(min(agree), 3)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return results
+
+
+def render_serve(results: dict[str, Any]) -> str:
+    g, s, c = results["generate"], results["single"], results["concurrent"]
+    rows = [
+        ("plain Generation (no server)", f"{g['tokens_per_s']:.1f} tokens/s", f"{g['tokens']} tokens in {g['seconds']:.2f}s"),
+        ("server, 1 stream: decode", f"{s['tokens_per_s']:.1f} tokens/s", f"TTFT {s['ttft_s']:.3f}s, total {s['total_s']:.2f}s"),
+        (f"server, {results['clients']} streams: aggregate", f"{c['aggregate_tokens_per_s']:.1f} tokens/s",
+         f"{c['tokens']} tokens in {c['wall_s']:.2f}s, {c['errors']} errors"),
+        ("  time to first token p50 / p95", f"{c['ttft_p50_s']:.3f}s / {c['ttft_p95_s']:.3f}s", ""),
+        ("  total latency p50 / p95", f"{c['latency_p50_s']:.2f}s / {c['latency_p95_s']:.2f}s", ""),
+        ("  aggregate / single stream", f"{results['ratio_aggregate_to_single']:.2f}x", "target >= 4x"),
+    ]
+    if "batched_equals_alone" in results:
+        b = results["batched_equals_alone"]
+        rows.append(("  batched answer == alone", f"{b['identical']}/{b['of']}",
+                     f"least agreeing shares {b['min_agreeing_share']:.0%} of its text"))
+    width = max(len(r[0]) for r in rows)
+    head = f"forja bench serve: {results['model']} ({results['dtype']}), {results['max_tokens']} new tokens per answer"
+    return "\n".join([head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows])
+
+
+async def _stream(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    began = time.perf_counter()
+    first = last = None
+    text, tokens = "", 0
+    async with httpx.AsyncClient(timeout=600) as http:
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return {"error": response.status_code}
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        last = time.perf_counter()
+                        text += choice["delta"]["content"]
+    end = time.perf_counter()
+    first = first or end
+    return {"text": text, "tokens": tokens, "ttft": first - began, "total": end - began,
+            "rate": _decode_rate(tokens, first, last or end)}
+
+
+def _decode_rate(tokens: int, first: float | None, last: float) -> float:
+    """Tokens per second after the first one (the first token's time is prefill, reported as TTFT)."""
+    if not first or tokens < 2 or last <= first:
+        return 0.0
+    return (tokens - 1) / (last - first)
+
+
+def _pct(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"forja serve exited: {server.stderr.read().decode()[-500:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("forja serve did not become ready in time")
+
+
+# ---------------------------------------------------------------------------------------------
+# forja bench train: forja's trainer against the naive tutorial baseline, same data, same command.
+# Each side runs in its own process so that its peak memory is its own.
+
+SAMPLE_DIALOGUE = Path(__file__).resolve().parents[2] / "data" / "sample" / "dialogue"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_benchmark(model: str, data: Path | None, steps: int, max_length: int, out: Path | None = None) -> dict[str, Any]:
+    """Train `steps` steps of 4 examples with forja and with the naive baseline; return both and the ratios."""
+    from forja.config import ConfigError
+    from forja.data import prepare
+
+    data = data or SAMPLE_DIALOGUE
+    if not data.exists():
+        raise ConfigError(f"benchmark data {data} does not exist; pass --data with dialogue files")
+    with tempfile.TemporaryDirectory(prefix="forja-bench-") as tmp:
+        prepared = prepare([data], Path(tmp) / "bench.jsonl", val_fraction=0.15, seed=0)
+        results = {}
+        for side in ("baseline", "forja"):
+            result_file = Path(tmp) / f"{side}.json"
+            command = [sys.executable, "-m", "forja.bench", side, str(prepared.train_path), model,
+                       str(steps), str(max_length), str(result_file)]
+            # each side gets an empty home but reuses the converted models of the user's home
+            env = {**os.environ, "FORJA_HOME": str(Path(tmp) / f"home-{side}"), "PYTHONUNBUFFERED": "1",
+                   "FORJA_BENCH_MODELS": str(Path(os.environ.get("FORJA_HOME", "~/.forja")).expanduser() / "models")}
+            proc = subprocess.run(command, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not result_file.exists():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"the {side} side of the benchmark failed: {tail[0]}")
+            results[side] = json.loads(result_file.read_text())
+    report = {
+        "model": model, "steps": steps, "examples_per_step": 4, "max_length": max_length,
+        "baseline": results["baseline"], "forja": results["forja"],
+        "speedup": results["forja"]["tokens_per_second"] / results["baseline"]["tokens_per_second"],
+    }
+    if out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def render_train(report: dict[str, Any]) -> str:
+    rows = [f"{'':10} {'tokens/s':>9} {'real tokens':>11} {'seconds':>8} {'peak RSS MB':>11} {'val loss':>9}"]
+    for side in ("baseline", "forja"):
+        r = report[side]
+        rows.append(f"{side:10} {r['tokens_per_second']:9.1f} {r['tokens']:11d} {r['seconds']:8.1f} "
+                    f"{r['peak_rss_mb']:11.0f} {r['val_loss']:9.4f}")
+    rows.append(f"speed-up: {report['speedup']:.2f}x  ({report['model']}, {report['steps']} steps of "
+                f"{report['examples_per_step']} examples, max length {report['max_length']})")
+    return "\n".join(rows)
+
+
+def _bench_settings() -> Any:
+    from forja.config import load_settings
+
+    settings = load_settings()
+    shared = Path(os.environ.get("FORJA_BENCH_MODELS", "")) / "converted"
+    target = settings.models_dir / "converted"
+    if shared.is_dir() and not target.exists():  # skip a second ~30 s conversion of the bundled GGUF
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(shared)
+    return settings
+
+
+def _val_examples(train_path: Path, tokenizer: Any, max_length: int) -> list:
+    from forja.data import validation_path
+    from forja.train import build_examples, read_rows
+
+    return build_examples(tokenizer, read_rows(validation_path(train_path)), max_length)[0]
+
+
+def _baseline_worker(train_path: Path, model_name: str, steps: int, max_length: int) -> dict[str, Any]:
+    """What the typical tutorial does: HF Trainer, fp32, batch 1 × accumulation 4, every example padded to
+    max_length, LoRA r=16 on all linear layers, labels = input ids with padding masked by the collator."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from forja.config import TrainSettings
+    from forja.models import load
+    from forja.train import evaluate, read_rows
+
+    loaded = load(model_name, _bench_settings(), dtype="float32")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    features = []
+    for row in read_rows(train_path):
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        encoded = tokenizer(text, truncation=True, max_length=max_length, padding="max_length")
+        features.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    model.train()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="forja-baseline-"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=4, max_steps=steps, learning_rate=2e-4, lr_scheduler_type="linear",
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    seen: list[int] = []  # real (non-padding) tokens of every batch the trainer reads
+
+    def counting_collator(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        seen.append(sum(sum(f["attention_mask"]) for f in batch))
+        return collator(batch)
+
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=counting_collator)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    val = _val_examples(train_path, tokenizer, max_length)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    val_loss = evaluate(model, val, TrainSettings(batch_size=4), tokenizer.pad_token_id, "cpu", no_autocast)
+    return {"tokens": sum(seen), "padded_tokens": len(seen) * max_length, "seconds": seconds,
+            "tokens_per_second": sum(seen) / seconds, "val_loss": val_loss, "peak_rss_mb": peak_rss_mb()}
+
+
+def _forja_worker(train_path: Path, model_name: str, steps: int, max_length: int) -> dict[str, Any]:
+    """`forja train` itself with its defaults, on the same data and the same number of examples per step
+    (the schedule matches the baseline's, so the validation losses compare)."""
+    from forja.config import TrainSettings
+    from forja.train import new_run, train
+
+    settings = _bench_settings()
+    config = TrainSettings(max_steps=steps, batch_size=4, max_seq_length=max_length, eval_every=None,
+                           checkpoint_every=None, lr_scheduler="linear", warmup_ratio=0.0, learning_rate=2e-4)
+    version = train(settings, new_run(settings, [train_path], "bench", model_name, config), progress=False)
+    metrics = json.loads((version / "version.json").read_text())["metrics"]
+    # the run's final validation loss comes from the same evaluate() on the same validation rows
+    return {"tokens": metrics["tokens"], "seconds": metrics["tokens"] / metrics["tokens_per_second"],
+            "tokens_per_second": metrics["tokens_per_second"], "val_loss": metrics["val_loss"],
+            "peak_rss_mb": peak_rss_mb()}
+
+
+if __name__ == "__main__":
+    side, train_file, model_arg, steps_arg, length_arg, result_path = sys.argv[1:7]
+    worker = {"baseline": _baseline_worker, "forja": _forja_worker}[side]
+    Path(result_path).write_text(json.dumps(worker(Path(train_file), model_arg, int(steps_arg), int(length_arg))))

@@ -1,0 +1,182 @@
+"""Talk to a running `forja serve` over HTTP: `forja ask "question"` and the `forja chat` REPL.
+
+Plain httpx against the OpenAI-compatible routes; nothing here imports the model or the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=5.0)
+
+
+class ClientError(Exception):
+    """The server is unreachable or answered with an error; the message is one line for the user."""
+
+
+@dataclass
+class Answer:
+    text: str = ""
+    id: str = ""
+    model: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "id": self.id, "model": self.model, "finish_reason": self.finish_reason,
+                "usage": self.usage}
+
+
+class Client:
+    """A forja (or any OpenAI-compatible) server at `url`."""
+
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None):
+        self.url = url.rstrip("/")
+        key = api_key or os.environ.get("FORJA_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/models").json()["data"]
+
+    def chat(self, messages: list[dict[str, str]], *, model: str | None = None, **sampling: Any) -> Answer:
+        body = {"messages": messages, **({"model": model} if model else {}), **_present(sampling)}
+        reply = self._call("POST", "/v1/chat/completions", json=body).json()
+        choice = reply["choices"][0]
+        return Answer(choice["message"]["content"], reply["id"], reply["model"], choice["finish_reason"], reply["usage"])
+
+    def stream_chat(self, messages: list[dict[str, str]], answer: Answer, *, model: str | None = None,
+                    **sampling: Any) -> Iterator[str]:
+        """Yield text deltas; `answer` is filled in as they come (usage at the end)."""
+        body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True},
+                **({"model": model} if model else {}), **_present(sampling)}
+        try:
+            with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_error_line(response))
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise ClientError(f"the server failed while answering: {chunk['error'].get('message')}")
+                    answer.id, answer.model = chunk["id"], chunk["model"]
+                    if chunk.get("usage"):
+                        answer.usage = chunk["usage"]
+                    for choice in chunk["choices"]:
+                        text = choice["delta"].get("content") or ""
+                        if text:
+                            answer.text += text
+                            yield text
+                        answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+        except httpx.TransportError as exc:
+            raise ClientError(self._unreachable(exc)) from None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(self._unreachable(exc)) from None
+        if response.status_code >= 400:
+            raise ClientError(_error_line(response))
+        return response
+
+    def _unreachable(self, exc: Exception) -> str:
+        return f"cannot reach the forja server at {self.url} ({type(exc).__name__}); start it with `forja serve` or pass --url"
+
+
+def _present(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _error_line(response: httpx.Response) -> str:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip()[:200] or response.reason_phrase
+    return f"the server answered {response.status_code}: {message}"
+
+
+def ask(client: Client, question: str, *, model: str | None, system: str | None, stream: bool, out: TextIO,
+        **sampling: Any) -> Answer:
+    """`forja ask`: one question; streams the answer to `out` unless stream is False."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    if not stream:
+        return client.chat(messages, model=model, **sampling)
+    answer = Answer()
+    for delta in client.stream_chat(messages, answer, model=model, **sampling):
+        out.write(delta)
+        out.flush()
+    out.write("\n")
+    return answer
+
+
+CHAT_HELP = "Commands: /persona NAME (switch; /persona alone lists them), /reset (forget the conversation), /exit"
+
+
+def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampling: Any) -> None:
+    """`forja chat`: a conversation that remembers its turns; reads lines from `inp` until /exit or EOF."""
+    history: list[dict[str, str]] = []
+    names = [m["id"] for m in client.models()]  # also checks the server is there before the first question
+    if model and model not in names:
+        raise ClientError(f"the server has no model or persona {model!r}; it offers: {', '.join(names)}")
+    current = model or names[0]
+    interactive = inp.isatty()
+    out.write(f"Talking to {current} at {client.url} (an AI model: answers can be wrong). {CHAT_HELP}\n")
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            out.write("(conversation forgotten)\n")
+            continue
+        if text == "/help":
+            out.write(CHAT_HELP + "\n")
+            continue
+        if text.startswith("/persona"):
+            name = text.removeprefix("/persona").strip()
+            names = [m["id"] for m in client.models()]
+            if not name:
+                out.write("available: " + ", ".join(names) + "\n")
+            elif name not in names:
+                out.write(f"no persona {name!r}; available: {', '.join(names)}\n")
+            else:
+                current = name
+                history.clear()
+                out.write(f"(now talking to {current}; new conversation)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text.split()[0]}. {CHAT_HELP}\n")
+            continue
+        history.append({"role": "user", "content": text})
+        out.write(f"{current}> ")
+        answer = Answer()
+        try:
+            for delta in client.stream_chat(history, answer, model=current, **sampling):
+                out.write(delta)
+                out.flush()
+        except ClientError as exc:  # say it and keep the conversation going
+            history.pop()
+            out.write(f"\nerror: {exc}\n")
+            continue
+        out.write("\n")
+        history.append({"role": "assistant", "content": answer.text})
+    out.write("bye\n")
+

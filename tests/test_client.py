@@ -1,0 +1,121 @@
+"""`forja ask` and `forja chat` against a live server, through Typer's runner; `forja serve` itself."""
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from forja.cli import app
+from forja.config import load_settings
+from forja.serve.app import create_app
+
+runner = CliRunner()
+KEY = "client-key-0123456789abcdef"
+
+
+def forja(*args, input=None, env=None):
+    return runner.invoke(app, list(args), input=input, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(varied_model_dir, tmp_path_factory, start_server):
+    settings = load_settings(home=tmp_path_factory.mktemp("client-home"), model=str(varied_model_dir),
+                             serve={"personas": [{"name": "pirate", "system": "You are a pirate.", "max_tokens": 6}],
+                                    "log_prompts": True})
+    return start_server(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def locked(tiny_model_dir, tmp_path_factory, start_server):
+    settings = load_settings(home=tmp_path_factory.mktemp("client-locked"), model=str(tiny_model_dir),
+                             serve={"api_keys": [{"name": "cli", "key": KEY}]})
+    return start_server(create_app(settings))
+
+
+def test_ask_streams_and_json(server):
+    streamed = forja("ask", "Hola", "--url", server.url, "--max-tokens", "12")
+    assert streamed.exit_code == 0, streamed.output
+    as_json = forja("ask", "Hola", "--url", server.url, "--max-tokens", "12", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.stdout)
+    assert payload["id"].startswith("chatcmpl-") and payload["usage"]["completion_tokens"] == 12
+    assert streamed.stdout == payload["text"] + "\n"
+    persona = forja("ask", "Hola", "--url", server.url, "--model", "pirate", "--json")
+    assert json.loads(persona.stdout)["model"] == "pirate"
+    piped = forja("ask", "--url", server.url, "--max-tokens", "3", input="¿Qué tal?\n")
+    assert piped.exit_code == 0
+
+
+def test_ask_fails_with_one_line(server):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    down = forja("ask", "Hola", "--url", f"http://127.0.0.1:{free}")
+    assert down.exit_code == 1
+    assert down.stderr.strip().count("\n") == 0 and "cannot reach the forja server" in down.stderr
+    unknown = forja("ask", "Hola", "--url", server.url, "--model", "nope")
+    assert unknown.exit_code == 1 and "the server answered 404" in unknown.stderr and "nope" in unknown.stderr
+    too_long = forja("ask", "hola " * 400, "--url", server.url, "--json")
+    assert too_long.exit_code == 1 and "context of 256 tokens" in too_long.stderr
+
+
+def test_ask_with_api_key(locked):
+    refused = forja("ask", "Hola", "--url", locked.url)
+    assert refused.exit_code == 1 and "401" in refused.stderr and "API key" in refused.stderr
+    assert forja("ask", "Hola", "--url", locked.url, "--api-key", KEY, "--max-tokens", "3").exit_code == 0
+    assert forja("ask", "Hola", "--url", locked.url, "--max-tokens", "3", env={"FORJA_API_KEY": KEY}).exit_code == 0
+
+
+def test_chat_repl_keeps_history_and_switches_persona(server, caplog):
+    caplog.set_level(logging.INFO, logger="forja.serve")
+    script = "Hola\nY mañana?\n/persona\n/persona pirate\nAhoy\n/persona nope\n/reset\n/bogus\n/exit\nnever sent\n"
+    result = forja("chat", "--url", server.url, "--max-tokens", "5", input=script)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "an AI model" in out and "available: " in out and "pirate" in out
+    assert "(now talking to pirate; new conversation)" in out
+    assert "no persona 'nope'" in out and "(conversation forgotten)" in out and "unknown command /bogus" in out
+    assert out.rstrip().endswith("bye")
+    prompts = [json.loads(r.getMessage().split(" prompt ", 1)[1]) for r in caplog.records if " prompt " in r.getMessage()]
+    assert [m["content"] for m in prompts[1]][0] == "Hola" and prompts[1][-1]["content"] == "Y mañana?"
+    assert len(prompts[1]) == 3  # question, answer, question: the history went along
+    assert prompts[2][0] == {"role": "system", "content": "You are a pirate."} and prompts[2][-1]["content"] == "Ahoy"
+    assert len(prompts) == 3  # nothing after /exit
+
+
+def test_chat_fails_when_server_is_down():
+    result = forja("chat", "--url", "http://127.0.0.1:9", input="Hola\n")
+    assert result.exit_code == 1 and "cannot reach the forja server" in result.stderr
+
+
+def test_serve_command_runs_the_server(tiny_model_dir, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", str(tiny_model_dir),
+                                "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        answer = forja("ask", "Hola", "--url", f"http://127.0.0.1:{port}", "--max-tokens", "4", "--json")
+        assert answer.exit_code == 0 and json.loads(answer.stdout)["usage"]["completion_tokens"] <= 4
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "chat page /" in process.stderr.read()
+
+
+def test_serve_refuses_an_unknown_model():
+    result = forja("serve", "--model", "no-such-model")
+    assert result.exit_code == 1 and "unknown model 'no-such-model'" in result.stderr
