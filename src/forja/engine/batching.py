@@ -4,8 +4,9 @@ batch, step by step (continuous batching: a request joins or leaves the batch be
 `forja serve` creates one BatchingEngine per loaded model; `forja bench serve` measures it.
 How the batch is kept: one KV cache whose rows are the active requests, left-padded so that every
 row's newest token sits in the last column; an attention mask hides the padding and explicit
-position ids keep each row's positions its own. A request is prefilled alone, then its cache row
-is padded and concatenated to the batch; a finished row is dropped with index_select.
+position ids keep each row's positions its own.
+A request is prefilled alone or with the others admitted at the same time (left-padded), then its
+cache rows are padded and concatenated to the batch; a finished row is dropped with index_select.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from forja.engine.pytorch import TextStream, chat_prompt_ids, sample_next
 from forja.models import LoadedModel
 
 log = logging.getLogger("forja.engine")
+PREFILL_TOKENS = 4096  # most (padded) prompt tokens prefilled in one forward
 
 
 class EngineStream(Stream):
@@ -161,8 +163,8 @@ class BatchingEngine(Engine):
                     while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
                         admitted.append(self._pending.popleft())
                 try:
-                    for seq in admitted:
-                        self._admit(seq)
+                    for group in self._prefill_groups(admitted):
+                        self._admit(group)
                     self._drop_finished()
                     if self._active:
                         self._step()
@@ -176,26 +178,55 @@ class BatchingEngine(Engine):
         for seq in list(self._pending) + self._active:
             self._finish(seq, "cancelled")
 
-    def _admit(self, seq: _Sequence) -> None:
-        """Prefill one request alone, sample its first token, and join it to the batch."""
+    def _prefill_groups(self, admitted: list[_Sequence]) -> list[list[_Sequence]]:
+        """Requests prefilled together, each group at most PREFILL_TOKENS once padded."""
+        groups: list[list[_Sequence]] = []
+        for seq in sorted(admitted, key=lambda s: len(s.prompt_ids)):
+            if groups and len(seq.prompt_ids) * (len(groups[-1]) + 1) <= PREFILL_TOKENS:
+                groups[-1].append(seq)
+            else:
+                groups.append([seq])
+        return groups
+
+    def _admit(self, group: list[_Sequence]) -> None:
+        """Prefill new requests in one left-padded forward, sample their first tokens, join the batch."""
         from transformers import DynamicCache
 
-        if seq.stream.cancelled.is_set():
-            self._finish(seq, "cancelled")
+        for seq in group:
+            if seq.stream.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        group = [seq for seq in group if not seq.done]
+        if not group:
             return
         model = self.loaded.model
+        device = model.device
+        width = max(len(seq.prompt_ids) for seq in group)
+        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        inputs = torch.tensor([[pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group], device=device)
+        lengths = torch.tensor([len(s.prompt_ids) for s in group], device=device)
+        pads = width - lengths
+        columns = torch.arange(width, device=device)
+        position_ids = (columns[None, :] - pads[:, None]).clamp(min=0)
+        # causal, padding hidden; a padding query sees only itself, so no softmax row is empty (NaN)
+        allowed = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] >= pads[:, None, None])
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
+        mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
         cache = DynamicCache()
-        inputs = torch.tensor([seq.prompt_ids], device=model.device)
-        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
-        seq.length = len(seq.prompt_ids)
-        self._accept(seq, int(sample_next(logits, seq.params, seq.generator)[0]))
-        if seq.done:
+        logits = model(input_ids=inputs, attention_mask=mask[:, None], position_ids=position_ids,
+                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+        for row, seq in enumerate(group):
+            seq.length = len(seq.prompt_ids)
+            self._accept(seq, int(sample_next(logits[row : row + 1], seq.params, seq.generator)[0]))
+        keep = [row for row, seq in enumerate(group) if not seq.done]
+        if not keep:
             return
-        if self._cache is None:
-            self._cache = cache
-        else:
-            self._cache = _concat_rows(self._cache, cache)
-        self._active.append(seq)
+        if len(keep) < len(group):
+            index = torch.tensor(keep, device=device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        self._cache = cache if self._cache is None else _concat_rows(self._cache, cache)
+        self._active.extend(group[row] for row in keep)
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
     def _step(self) -> None:

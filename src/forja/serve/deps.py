@@ -84,7 +84,7 @@ class ServerState:
         name = name or self.base
         persona = self.personas.get(name)
         model = (persona.model if persona else None) or (self.base if persona else name)
-        if model != self.base and model not in self.engines and model not in self.versions():
+        if not persona and model != self.base and model not in self.engines and model not in self.versions():
             known = ", ".join([self.base, *self.personas, *self.versions()])
             raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
                            param="model", code="model_not_found")
@@ -96,7 +96,11 @@ class ServerState:
         async with self._lock:  # two first requests for a version load it once
             if model not in self.engines:
                 log.info("loading %s", model)
-                self.engines[model] = await asyncio.to_thread(make_engine, model, self.settings)
+                try:
+                    self.engines[model] = await asyncio.to_thread(make_engine, model, self.settings)
+                except Exception as exc:  # ModelError and friends: say which model, keep serving the others
+                    raise ApiError(500, f"cannot load the model {model}: {exc}", type="server_error",
+                                   code="model_load_failed") from None
         return self.engines[model]
 
     def close(self) -> None:
