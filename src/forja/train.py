@@ -1,0 +1,562 @@
+"""Fine-tune a model on prepared data (LoRA or full), with checkpoints, resume and model versions.
+
+`forja train --data data/sample --name mi-asistente-v1` prepares the files, trains in FORJA_HOME/runs/NAME,
+checkpoints every N steps and on Ctrl-C (`forja train --resume NAME` continues), and publishes the result
+as the self-describing model version FORJA_HOME/models/versions/NAME.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from forja import __version__
+from forja.config import ForjaError, Settings, TrainSettings
+from forja.data import DataError, meta_path, prepare, validation_path
+from forja.models import VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve
+
+IGNORE = -100  # label of a token that is not trained on (prompt, system, user turns, padding)
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+# Activation memory above which `gradient_checkpointing: auto` turns checkpointing on. The 4 GB VPS
+# this is made for must hold the weights, the optimizer and the activations with room to spare.
+AUTO_CHECKPOINTING_BYTES = 512 * 2**20
+
+
+class TrainError(ForjaError):
+    """A training run that cannot start or continue; one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: token ids with labels only where the model should learn
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels[1:])
+
+
+def dialogue_example(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
+    """The conversation in the chat template, labelled on the assistant turns and their end-of-turn token."""
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    full = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True))
+        end = len(render(messages[: i + 1], False))
+        if not full.startswith(render(messages[: i + 1], False)):
+            raise TrainError("the chat template does not render a conversation as a prefix of the next; cannot mask turns")
+        # the span holds the answer and the end-of-turn token (EOS is learned), not the newline after it
+        spans.append((start, len(full[:end].rstrip())))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(s <= begin < e for s, e in spans) else IGNORE
+        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return Example(list(encoded["input_ids"]), labels)
+
+
+def knowledge_examples(tokenizer: Any, text: str, max_len: int) -> list[Example]:
+    """Plain causal LM on the text; a chunk longer than the window is split, never cut."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [Example(ids[i : i + max_len], ids[i : i + max_len]) for i in range(0, len(ids), max_len)]
+
+
+def build_examples(tokenizer: Any, rows: list[dict[str, Any]], max_len: int) -> tuple[list[Example], list[str]]:
+    """Examples for every row; dialogue rows longer than max_len are left out and reported (never cut)."""
+    examples, too_long = [], []
+    for row in rows:
+        if "messages" in row:
+            example = dialogue_example(tokenizer, row["messages"])
+            if len(example.input_ids) > max_len:
+                too_long.append(f"{row.get('source', '?')}: {len(example.input_ids)} tokens")
+                continue
+            examples.append(example)
+        else:
+            examples.extend(knowledge_examples(tokenizer, row["text"], max_len))
+    return [e for e in examples if e.trained_tokens > 0], too_long
+
+
+def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar length (little padding), reproducible from (seed, epoch) alone."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(order), window):
+        group = sorted(order[start : start + window], key=lambda i: len(examples[i].input_ids))
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(batch: list[int], examples: list[Example], max_tokens: int) -> list[list[int]]:
+    """Split a batch (sorted by length) into forwards of at most max_tokens padded tokens: activation
+    memory grows with the tokens in one forward, not with the batch size."""
+    ordered = sorted(batch, key=lambda i: len(examples[i].input_ids))
+    parts: list[list[int]] = [[]]
+    for i in ordered:
+        width = len(examples[i].input_ids)  # the longest so far, as the batch is sorted
+        if parts[-1] and width * (len(parts[-1]) + 1) > max_tokens:
+            parts.append([])
+        parts[-1].append(i)
+    return parts
+
+
+def collate(examples: list[Example], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over labelled positions. Logits are computed only where there is a label:
+    with a 49k vocabulary the full logits tensor would cost more memory than the rest of the step."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = causal.lm_head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Run:
+    """A training run's directory in FORJA_HOME/runs and what it needs to continue after a stop."""
+
+    name: str
+    directory: Path
+    config: TrainSettings
+    base: str
+    data: Path
+    data_hash: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / "checkpoints"
+
+    def last_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "state.pt").is_file())
+        return done[-1] if done else None
+
+    def save_description(self) -> None:
+        description = {
+            "name": self.name,
+            "base": self.base,
+            "data": str(self.data),
+            "data_hash": self.data_hash,
+            "config": self.config.model_dump(),
+            "forja_version": code_version(),
+        }
+        (self.directory / RUN_FILE).write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        with (self.directory / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def new_run(settings: Settings, data: list[Path], name: str | None, base: str, config: TrainSettings) -> Run:
+    name = name or f"{Path(base).name.removesuffix('.gguf')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise TrainError(f"version name {name!r} may only hold letters, digits, '-', '_' and '.'")
+    if (settings.versions_dir / name / VERSION_FILE).exists():
+        raise TrainError(f"a model version named {name!r} already exists; choose another --name")
+    directory = settings.runs_dir / name
+    if (directory / RUN_FILE).exists():
+        raise TrainError(f"a run named {name!r} exists in {directory}; continue it with --resume {name} or choose another --name")
+    resolve(base, settings)  # fail before preparing data when the base is wrong
+    directory.mkdir(parents=True, exist_ok=True)
+    train_file, data_hash = prepared_data(data, directory, config)
+    run = Run(name, directory, config, base, train_file, data_hash)
+    run.save_description()
+    return run
+
+
+def prepared_data(paths: list[Path], directory: Path, config: TrainSettings) -> tuple[Path, str]:
+    """Use a JSONL written by `forja data prepare` as it is; prepare anything else into the run directory."""
+    if len(paths) == 1 and paths[0].suffix == ".jsonl" and meta_path(paths[0]).is_file():
+        meta = json.loads(meta_path(paths[0]).read_text())
+        local = directory / "data.jsonl"
+        shutil.copy(paths[0], local)
+        if validation_path(paths[0]).is_file():
+            shutil.copy(validation_path(paths[0]), validation_path(local))
+        return local, meta["hash"]
+    summary = prepare(paths, directory / "data.jsonl", val_fraction=config.val_fraction, seed=config.seed)
+    return summary.train_path, summary.hash
+
+
+def open_run(settings: Settings, name: str) -> Run:
+    directory = settings.runs_dir / name
+    try:
+        description = json.loads((directory / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        known = sorted(p.name for p in settings.runs_dir.glob("*") if (p / RUN_FILE).exists()) if settings.runs_dir.exists() else []
+        raise TrainError(f"no run named {name!r} in {settings.runs_dir} (runs: {', '.join(known) or 'none'})") from None
+    if (settings.versions_dir / name / VERSION_FILE).exists():
+        raise TrainError(f"run {name!r} already finished as a model version; nothing to resume")
+    config = TrainSettings.model_validate(description["config"])
+    return Run(name, directory, config, description["base"], Path(description["data"]), description["data_hash"])
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def use_bf16(config: TrainSettings) -> bool:
+    if config.precision != "auto":
+        return config.precision == "bfloat16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16()
+
+
+def prepare_model(loaded: LoadedModel, config: TrainSettings, longest: int) -> Any:
+    model = loaded.model
+    model.config.use_cache = False
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = config.lora_target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                target_modules=targets if isinstance(targets, list) else targets, task_type="CAUSAL_LM",
+            ),
+        )
+    if wants_checkpointing(loaded, config, longest):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method == "lora":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def wants_checkpointing(loaded: LoadedModel, config: TrainSettings, longest: int) -> bool:
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing == "on"
+    c = loaded.model.config
+    # rough count of the fp32 activations autograd keeps per token and layer (measured ~1.5 MB per
+    # token for SmolLM2-135M's 30 layers)
+    per_token_layer = (14 * c.hidden_size + 4 * c.intermediate_size) * 4
+    tokens = max(longest, config.micro_batch_tokens)
+    return tokens * c.num_hidden_layers * per_token_layer > AUTO_CHECKPOINTING_BYTES
+
+
+def train(settings: Settings, run: Run, progress: bool = True) -> Path:
+    """Train (or continue) the run to its end and publish it as a model version; returns the version dir."""
+    config = run.config
+    torch.manual_seed(config.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    loaded = load(run.base, settings, dtype="float32", merge_adapter=True)
+    tokenizer = loaded.tokenizer
+    device = pick_device()
+    train_examples, too_long = build_examples(tokenizer, read_rows(run.data), config.max_seq_length)
+    val_examples, _ = build_examples(tokenizer, read_rows(validation_path(run.data)), config.max_seq_length)
+    if too_long:
+        print(f"warning: {len(too_long)} conversations are longer than max_seq_length={config.max_seq_length} "
+              f"and are left out (raise max_seq_length to keep them): {'; '.join(too_long[:3])}")
+    if not train_examples:
+        raise TrainError(f"{run.data}: no training rows with assistant answers or text to learn")
+    longest = max(len(e.input_ids) for e in train_examples)
+    model = prepare_model(loaded, config, longest)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for_method, weight_decay=config.weight_decay)
+
+    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
+    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
+    checkpoint = run.last_checkpoint()
+    if checkpoint is not None:
+        state = restore(checkpoint, model, optimizer, scheduler)
+        run.history = read_rows(run.directory / METRICS_FILE)
+        run.history = [r for r in run.history if r.get("step", 0) <= state["step"]]
+        (run.directory / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in run.history))
+        print(f"resuming {run.name} from step {state['step']} of {total_steps}")
+
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
+    bar = make_bar(total_steps, state["step"], progress)
+    stopped_early = False
+    try:
+        while state["step"] < total_steps and not stopped_early:
+            batches = batch_order(train_examples, config.batch_size, config.seed, state["epoch"])
+            groups = [batches[i : i + config.gradient_accumulation] for i in range(0, len(batches), config.gradient_accumulation)]
+            while state["batch_in_epoch"] < len(groups) and state["step"] < total_steps:
+                started = time.perf_counter()
+                group = groups[state["batch_in_epoch"]]
+                labelled = sum(train_examples[i].trained_tokens for b in group for i in b)
+                total_loss, real_tokens = 0.0, 0
+                for batch_ids in (part for b in group for part in micro_batches(b, train_examples, config.micro_batch_tokens)):
+                    chosen = [train_examples[i] for i in batch_ids]
+                    batch = collate(chosen, tokenizer.pad_token_id, device)
+                    with autocast:
+                        summed, _ = loss_sum(model, batch)
+                    (summed / labelled).backward()
+                    total_loss += float(summed.detach())
+                    real_tokens += sum(len(e.input_ids) for e in chosen)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                release_freed_memory()
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                elapsed = time.perf_counter() - started
+                state["tokens"] += real_tokens
+                state["seconds"] += elapsed
+                record = {
+                    "step": state["step"], "epoch": state["epoch"], "loss": total_loss / labelled,
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": real_tokens,
+                    "tokens_per_second": real_tokens / elapsed,
+                }
+                if config.eval_every and val_examples and state["step"] % config.eval_every == 0:
+                    record["val_loss"] = evaluate(model, val_examples, config, tokenizer.pad_token_id, device, autocast)
+                    stopped_early = early_stop(state, record["val_loss"], config)
+                run.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
+                if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                    save_checkpoint(run, model, optimizer, scheduler, state)
+                if stopped_early:
+                    break
+            if state["batch_in_epoch"] >= len(groups):
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(run, model, optimizer, scheduler, state)
+        raise TrainError(f"interrupted at step {state['step']}; checkpoint saved, continue with: forja train --resume {run.name}") from None
+    bar.close()
+
+    final: dict[str, Any] = {"step": state["step"], "epochs": state["epoch"] + state["batch_in_epoch"] / max(1, steps_per_epoch)}
+    if run.history:
+        final["train_loss"] = run.history[-1]["loss"]
+    if val_examples:
+        final["val_loss"] = evaluate(model, val_examples, config, tokenizer.pad_token_id, device, autocast)
+        if run.history and "val_loss" not in run.history[-1]:
+            run.log({"step": state["step"], "val_loss": final["val_loss"]})
+    final["tokens"] = state["tokens"]
+    final["tokens_per_second"] = round(state["tokens"] / state["seconds"], 1) if state["seconds"] else None
+    final["stopped_early"] = stopped_early
+    final["left_out_too_long"] = len(too_long)
+    plot_losses(run.history, run.directory / LOSS_PLOT)
+    return publish(settings, run, model, tokenizer, final)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the step back to the OS: glibc keeps it otherwise, and a long run's
+    resident size creeps up by hundreds of MB from fragmentation alone."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def make_bar(total: int, done: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def evaluate(model: Any, examples: list[Example], config: TrainSettings, pad_id: int, device: str, autocast: Any) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast:
+        batches = batch_order(examples, config.batch_size, seed=0, epoch=0)
+        for batch_ids in (part for b in batches for part in micro_batches(b, examples, config.micro_batch_tokens)):
+            summed, n = loss_sum(model, collate([examples[i] for i in batch_ids], pad_id, device))
+            total, count = total + float(summed), count + n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def early_stop(state: dict[str, Any], val_loss: float, config: TrainSettings) -> bool:
+    if state["best_val"] is None or val_loss < state["best_val"]:
+        state["best_val"], state["bad_evals"] = val_loss, 0
+        return False
+    state["bad_evals"] += 1
+    return bool(config.early_stopping_patience) and state["bad_evals"] >= config.early_stopping_patience
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights, optimizer, scheduler, RNG and position in the data, written atomically
+
+
+def save_checkpoint(run: Run, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+    target = run.checkpoints / f"step-{state['step']:06d}"
+    if (target / "state.pt").is_file():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    torch.save(
+        {
+            "trainable": trainable,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        },
+        tmp / "state.pt",
+    )
+    with (tmp / "state.pt").open("rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.rename(target)
+    for old in sorted(p for p in run.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[: -run.config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def restore(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    saved = torch.load(checkpoint / "state.pt", weights_only=False)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    random.setstate(saved["rng"]["python"])
+    return saved["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing the version
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_points = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val_points = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if train_points:
+        ax.plot(*zip(*train_points), label="train loss")
+    if val_points:
+        ax.plot(*zip(*val_points), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def publish(settings: Settings, run: Run, model: Any, tokenizer: Any, final: dict[str, Any]) -> Path:
+    target = settings.versions_dir / run.name
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp)  # a PEFT model saves the adapter only; the base is named in version.json
+    tokenizer.save_pretrained(tmp)
+    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE):
+        if (run.directory / name).exists():
+            shutil.copy(run.directory / name, tmp / name)
+    description = {
+        "name": run.name,
+        "base": run.base,
+        "method": run.config.method,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": str(run.data),
+        "data_hash": run.data_hash,
+        "config": run.config.model_dump(),
+        "forja_version": code_version(),
+        "metrics": final,
+    }
+    (tmp / VERSION_FILE).write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    return target
+
+
+def merge_version(settings: Settings, name: str, out_name: str | None) -> Path:
+    """Merge a LoRA version into full weights, published as a new version (default NAME-merged)."""
+    ref = resolve(name, settings)
+    if ref.kind != "version" or not (ref.path / "adapter_config.json").is_file():
+        raise ModelError(f"{name!r} is not a LoRA model version; only LoRA versions can be merged")
+    out_name = out_name or f"{name}-merged"
+    target = settings.versions_dir / out_name
+    if target.exists():
+        raise ModelError(f"a model version named {out_name!r} already exists")
+    loaded = load(name, settings, dtype="float32", merge_adapter=True)
+    tmp = target.with_name(target.name + ".tmp")
+    loaded.model.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    meta = json.loads((ref.path / VERSION_FILE).read_text())
+    meta.update({"name": out_name, "method": "full", "merged_from": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    for extra in (METRICS_FILE, LOSS_PLOT, RUN_FILE):
+        if (ref.path / extra).exists():
+            shutil.copy(ref.path / extra, tmp / extra)
+    (tmp / VERSION_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    tmp.rename(target)
+    return target

@@ -1,0 +1,294 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from forja.cli import app
+from forja.config import TrainSettings, load_settings
+from forja.models import load
+from forja.train import (
+    IGNORE,
+    TrainError,
+    batch_order,
+    build_examples,
+    dialogue_example,
+    knowledge_examples,
+    micro_batches,
+    new_run,
+    open_run,
+    train,
+)
+
+runner = CliRunner()
+
+PAIRS = [
+    ("Hola", "Buenos días."),
+    ("¿Horario?", "De 7 a 14."),
+    ("Where?", "Calle Yunque 12."),
+    ("Price?", "Two euros."),
+]
+
+
+def write_pairs(path: Path, pairs=PAIRS) -> Path:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_dialogue_labels_cover_assistant_turns_and_eos_only(tokenizer):
+    messages = [
+        {"role": "system", "content": "Eres breve."},
+        {"role": "user", "content": "Hola"},
+        {"role": "assistant", "content": "Buenos días."},
+        {"role": "user", "content": "¿Y mañana?"},
+        {"role": "assistant", "content": "Igual."},
+    ]
+    example = dialogue_example(tokenizer, messages)
+    trained = [t for t in example.labels if t != IGNORE]
+    assert tokenizer.decode(trained) == "Buenos días.<|im_end|>Igual.<|im_end|>"
+    # the end-of-turn token is learned although it is also what the tokenizer pads with
+    assert trained.count(tokenizer.eos_token_id) == 2
+    assert len(example.input_ids) == len(example.labels)
+
+
+def test_knowledge_is_split_never_cut(tokenizer):
+    text = "La masa madre se alimenta cada día con harina y agua. " * 20
+    examples = knowledge_examples(tokenizer, text, max_len=32)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert [t for e in examples for t in e.input_ids] == ids
+    assert all(len(e.input_ids) <= 32 and e.labels == e.input_ids for e in examples)
+
+
+def test_too_long_dialogues_are_reported_not_cut(tokenizer):
+    rows = [
+        {"messages": [{"role": "user", "content": "hola " * 200}, {"role": "assistant", "content": "sí"}], "source": "f.csv:2"},
+        {"messages": [{"role": "user", "content": "hola"}, {"role": "assistant", "content": "sí"}], "source": "f.csv:3"},
+        {"text": "pan " * 100},
+    ]
+    examples, too_long = build_examples(tokenizer, rows, max_len=64)
+    assert len(too_long) == 1 and too_long[0].startswith("f.csv:2: ")
+    assert sum(1 for e in examples if e.labels != e.input_ids) == 1  # the short dialogue
+    assert sum(len(e.input_ids) for e in examples if e.labels == e.input_ids) == len(tokenizer("pan " * 100, add_special_tokens=False)["input_ids"])
+
+
+def test_batches_are_reproducible_and_bounded(tokenizer):
+    rows = [{"text": "palabra " * n} for n in range(1, 60)]
+    examples, _ = build_examples(tokenizer, rows, max_len=256)
+    first = batch_order(examples, 4, seed=3, epoch=0)
+    assert first == batch_order(examples, 4, seed=3, epoch=0)
+    assert first != batch_order(examples, 4, seed=3, epoch=1)
+    assert sorted(i for b in first for i in b) == list(range(len(examples)))
+    for batch in first:
+        parts = micro_batches(batch, examples, max_tokens=64)
+        assert sorted(i for p in parts for i in p) == sorted(batch)
+        for part in parts:
+            width = max(len(examples[i].input_ids) for i in part)
+            assert width * len(part) <= 64 or len(part) == 1
+
+
+def tiny_config(**overrides) -> TrainSettings:
+    values = dict(method="full", learning_rate=3e-3, batch_size=4, max_steps=2, eval_every=None,
+                  checkpoint_every=None, seed=0, warmup_ratio=0.0, lr_scheduler="constant")
+    return TrainSettings(**{**values, **overrides})
+
+
+def test_two_step_losses_are_pinned(tiny_model_dir, tmp_path):
+    """A silent change in tokenisation, masking, batching or the loss shows up here."""
+    settings = load_settings()
+    run = new_run(settings, [write_pairs(tmp_path / "pairs.jsonl")], "pinned", str(tiny_model_dir), tiny_config())
+    version = train(settings, run, progress=False)
+    losses = [r["loss"] for r in map(json.loads, (version / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses == pytest.approx([6.0829, 5.6601], abs=2e-3)
+
+
+def test_memorises_pairs_and_learns_to_stop(tiny_model_dir, tmp_path):
+    from forja.engine import SamplingParams
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    version = train(settings, new_run(settings, [data], "memo", str(tiny_model_dir), tiny_config(max_steps=60)), progress=False)
+    description = json.loads((version / "version.json").read_text())
+    assert description["metrics"]["train_loss"] < 0.2
+    loaded = load("memo", settings, dtype="float32")
+    for question, answer in PAIRS:
+        generation = Generation(loaded, chat_prompt_ids(loaded, chat_messages(question)), SamplingParams(max_new_tokens=20))
+        assert "".join(generation) == answer
+        assert generation.finish_reason == "stop"  # EOS was learned
+
+
+def test_lora_version_is_self_describing_and_merges(tiny_model_dir, tmp_path):
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    result = runner.invoke(app, ["train", "--data", str(data), "--base", str(tiny_model_dir), "--name", "mi-asistente-v1",
+                                 "--max-steps", "3", "--eval-every", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "model version mi-asistente-v1 written" in result.stdout
+    version = settings.versions_dir / "mi-asistente-v1"
+    description = json.loads((version / "version.json").read_text())
+    assert description["base"] == str(tiny_model_dir) and description["method"] == "lora"
+    assert len(description["data_hash"]) == 64 and description["forja_version"].startswith("0.1.0")
+    assert description["config"]["max_steps"] == 3 and description["config"]["lora_r"] == 16
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "metrics.jsonl", "run.json"):
+        assert (version / name).is_file(), name
+    assert (version / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (settings.runs_dir / "mi-asistente-v1" / "checkpoints").exists()
+
+    listed = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert any(row["name"] == "mi-asistente-v1" and row["kind"] == "version" for row in listed)
+
+    merged = runner.invoke(app, ["models", "merge", "mi-asistente-v1"])
+    assert merged.exit_code == 0, merged.output
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    with torch.no_grad():
+        a = load("mi-asistente-v1", settings, dtype="float32").model(input_ids=ids).logits
+        b = load("mi-asistente-v1-merged", settings, dtype="float32").model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not (settings.versions_dir / "mi-asistente-v1-merged" / "adapter_config.json").exists()
+
+
+def test_mixed_dialogue_and_knowledge_from_raw_files(tiny_model_dir, tmp_path):
+    folder = tmp_path / "data"
+    (folder / "dialogue").mkdir(parents=True)
+    (folder / "knowledge").mkdir()
+    (folder / "dialogue" / "faq.csv").write_text("question,answer\nHola,Buenos días.\n¿Horario?,De 7 a 14.\n")
+    (folder / "knowledge" / "manual.md").write_text("# Manual\n\nLa masa madre se alimenta cada día.\n")
+    result = runner.invoke(app, ["train", "--data", str(folder), "--base", str(tiny_model_dir), "--name", "mixed",
+                                 "--max-steps", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = (load_settings().runs_dir / "mixed" / "data.jsonl").read_text().splitlines()
+    kinds = {"messages" if "messages" in json.loads(r) else "text" for r in rows}
+    assert kinds == {"messages", "text"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give the training data with --data"),
+        (["--data", "nowhere.csv"], "nowhere.csv: no such file or folder"),
+        (["--data", "DATA", "--base", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--resume", "ghost"], "no run named 'ghost'"),
+        (["--data", "DATA", "--name", "bad name!"], "may only hold letters"),
+        (["--data", "DATA", "--batch-size", "0"], "batch_size"),
+    ],
+)
+def test_train_errors_are_one_line(tiny_model_dir, tmp_path, args, message):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    args = [str(data) if a == "DATA" else a for a in args]
+    if "--base" not in args:
+        args += ["--base", str(tiny_model_dir)]
+    result = runner.invoke(app, ["train", *args, "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_existing_version_name_is_refused(tiny_model_dir, tmp_path):
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    train(settings, new_run(settings, [data], "v1", str(tiny_model_dir), tiny_config()), progress=False)
+    with pytest.raises(TrainError, match="'v1' already exists"):
+        new_run(settings, [data], "v1", str(tiny_model_dir), tiny_config())
+
+
+def forja_train_process(home: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "FORJA_HOME": str(home)}
+    return subprocess.Popen([sys.executable, "-m", "forja.cli", "train", *args, "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def final_metrics(settings, name: str) -> dict:
+    return json.loads((settings.versions_dir / name / "version.json").read_text())["metrics"]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(tiny_model_dir, tmp_path, forja_home):
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    config = tiny_config(method="lora", max_steps=60, checkpoint_every=10, batch_size=2, seed=5, lora_dropout=0.1)
+    train(settings, new_run(settings, [data], "straight", str(tiny_model_dir), config), progress=False)
+
+    (tmp_path / "forja.yaml").write_text(yaml.safe_dump({"train": config.model_dump()}))
+    victim = forja_train_process(forja_home, "--data", str(data), "--base", str(tiny_model_dir), "--name", "killed",
+                                 "--config", str(tmp_path / "forja.yaml"))
+    wait_for(settings.runs_dir / "killed" / "checkpoints" / "step-000020" / "state.pt", victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert not (settings.versions_dir / "killed").exists()  # it really died mid-run
+
+    train(settings, open_run(settings, "killed"), progress=False)
+    straight, resumed = final_metrics(settings, "straight"), final_metrics(settings, "killed")
+    assert straight["step"] == resumed["step"] == 60
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-3, abs=1e-4)
+    steps = [json.loads(line)["step"] for line in (settings.versions_dir / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))  # no step lost or logged twice
+
+
+def test_ctrl_c_checkpoints_and_resumes(tiny_model_dir, tmp_path, forja_home):
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    proc = forja_train_process(forja_home, "--data", str(data), "--base", str(tiny_model_dir), "--max-steps", "100000",
+                               "--checkpoint-every", "10", "--batch-size", "2", "--name", "interrupted")
+    wait_for(settings.runs_dir / "interrupted" / "checkpoints" / "step-000010" / "state.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "checkpoint saved, continue with: forja train --resume interrupted" in stderr
+    assert "Traceback" not in stderr
+    run = open_run(settings, "interrupted")
+    stopped_at = int(run.last_checkpoint().name.split("-")[1])
+    assert stopped_at >= 10
+    run.config = run.config.model_copy(update={"max_steps": stopped_at + 3})  # finish quickly
+    train(settings, run, progress=False)
+    assert final_metrics(settings, "interrupted")["step"] == stopped_at + 3
+
+
+@pytest.mark.slow
+def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_path):
+    """A short LoRA run on three sample pairs moves the bundled model's answers to the data."""
+    from forja.engine import SamplingParams
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+
+    monkeypatch.setenv("FORJA_HOME", str(bundled_home))
+    settings = load_settings()
+    pairs = [
+        ("Where is Panadería La Forja?", "We are at Calle del Yunque 12, in Villaferro."),
+        ("When does Panadería La Forja open on Sunday?", "On Sundays we open from 8:00 to 13:00."),
+        ("Does Panadería La Forja bake gluten-free bread?", "Yes, our gluten-free loaf is baked every Thursday."),
+    ]
+
+    def answer(loaded, question):
+        ids = chat_prompt_ids(loaded, chat_messages(question))
+        return "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=30)))
+
+    before = load("smollm2-135m", settings, dtype="float32")
+    assert "Yunque" not in answer(before, pairs[0][0])
+    config = TrainSettings(max_steps=24, batch_size=3, learning_rate=1e-3, warmup_ratio=0.0, eval_every=None,
+                           checkpoint_every=None, lr_scheduler="constant")
+    data = write_pairs(tmp_path / "bakery.jsonl", pairs)
+    train(settings, new_run(settings, [data], "bakery-v1", "smollm2-135m", config), progress=False)
+    after = load("bakery-v1", settings, dtype="float32")
+    learned = [answer(after, question) for question, _ in pairs]
+    assert "Yunque 12" in learned[0], learned
+    assert sum(expected == got for (_, expected), got in zip(pairs, learned)) >= 2, learned
