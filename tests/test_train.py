@@ -292,3 +292,20 @@ def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_pat
     learned = [answer(after, question) for question, _ in pairs]
     assert "Yunque 12" in learned[0], learned
     assert sum(expected == got for (_, expected), got in zip(pairs, learned)) >= 2, learned
+
+
+def test_bench_train_runs_both_sides_on_the_same_data(tiny_model_dir, tmp_path):
+    data = tmp_path / "dialogue"
+    data.mkdir()
+    write_pairs(data / "pairs.jsonl", [(f"Pregunta {i}?", f"Respuesta número {i}.") for i in range(20)])
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "train", "--model", str(tiny_model_dir), "--data", str(data),
+                                 "--steps", "2", "--max-length", "160", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    baseline, forja = report["baseline"], report["forja"]
+    assert baseline["padded_tokens"] >= 8 * 160  # the tutorial pads every example to max_length
+    assert forja["tokens"] > 0 and baseline["tokens"] > 0
+    assert report["speedup"] == pytest.approx(forja["tokens_per_second"] / baseline["tokens_per_second"])
+    assert all(side["peak_rss_mb"] > 50 and side["val_loss"] > 0 for side in (baseline, forja))
+    assert "speed-up:" in result.stdout

@@ -213,7 +213,7 @@ def peak_rss_mb() -> float:
 
 def train_benchmark(model: str, data: Path | None, steps: int, max_length: int, out: Path | None = None) -> dict[str, Any]:
     """Train `steps` steps of 4 examples with forja and with the naive baseline; return both and the ratios."""
-    from forja.config import ConfigError
+    from forja.config import ConfigError, ForjaError
     from forja.data import prepare
 
     data = data or SAMPLE_DIALOGUE
@@ -232,7 +232,7 @@ def train_benchmark(model: str, data: Path | None, steps: int, max_length: int, 
             proc = subprocess.run(command, env=env, capture_output=True, text=True)
             if proc.returncode != 0 or not result_file.exists():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"the {side} side of the benchmark failed: {tail[0]}")
+                raise ForjaError(f"the {side} side of the benchmark failed: {tail[0]}")
             results[side] = json.loads(result_file.read_text())
     report = {
         "model": model, "steps": steps, "examples_per_step": 4, "max_length": max_length,

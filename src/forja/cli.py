@@ -362,6 +362,24 @@ def bench_serve(
         as_json.write_text(json.dumps(results, indent=2))
 
 
+@bench_app.command("train")
+def bench_train(
+    model: ModelOpt = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dialogue files (default: the repository's data/sample/dialogue).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps of 4 examples for each side.", min=1)] = 10,
+    max_length: Annotated[int, typer.Option(help="Baseline padding length and forja's max_seq_length.", min=16)] = 256,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train with forja and with the naive HF Trainer baseline on the same data; print tokens/s, memory, loss."""
+    from forja.bench import render_train, train_benchmark
+
+    settings = settings_from(config, model=model)
+    typer.echo(f"training {steps} steps with the baseline, then with forja, on {settings.model}...", err=True)
+    report = train_benchmark(settings.model, data, steps, max_length, out=as_json)
+    typer.echo(render_train(report))
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None) -> None:
     """Print the resolved settings (file < environment < flags) as YAML."""
