@@ -375,7 +375,7 @@ def test_bundled_model_batched_greedy_answers_match_alone(bundled_server):
     prompts = [f"Tell me about {t}." for t in topics]
 
     async def ask(http, prompt):
-        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 40,
+        body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 36,
                 "temperature": 0}
         return (await http.post(bundled_server.url + "/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
 
