@@ -309,3 +309,14 @@ def test_bench_train_runs_both_sides_on_the_same_data(tiny_model_dir, tmp_path):
     assert report["speedup"] == pytest.approx(forja["tokens_per_second"] / baseline["tokens_per_second"])
     assert all(side["peak_rss_mb"] > 50 and side["val_loss"] > 0 for side in (baseline, forja))
     assert "speed-up:" in result.stdout
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    from forja.train import Run
+
+    run = Run("r", tmp_path, tiny_config(), "base", tmp_path / "d.jsonl", "hash")
+    for name in ("step-000010", "step-000020.tmp"):
+        (run.checkpoints / name).mkdir(parents=True)
+        (run.checkpoints / name / "state.pt").write_bytes(b"partial")
+    (run.checkpoints / "step-000030").mkdir()  # killed before state.pt was written
+    assert run.last_checkpoint() == run.checkpoints / "step-000010"

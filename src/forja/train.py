@@ -168,7 +168,8 @@ class Run:
         return self.directory / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "state.pt").is_file())
+        # a "step-N.tmp" directory is a checkpoint that was being written when the process died
+        done = sorted(p for p in self.checkpoints.glob("step-*") if p.suffix != ".tmp" and (p / "state.pt").is_file())
         return done[-1] if done else None
 
     def save_description(self) -> None:
