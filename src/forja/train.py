@@ -352,7 +352,6 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                release_freed_memory()
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 elapsed = time.perf_counter() - started
@@ -395,25 +394,6 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     final["left_out_too_long"] = len(too_long)
     plot_losses(run.history, run.directory / LOSS_PLOT)
     return publish(settings, run, model, tokenizer, final)
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the step back to the OS: glibc keeps it otherwise, and a long run's
-    resident size creeps up by hundreds of MB from fragmentation alone."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def make_bar(total: int, done: int, enabled: bool) -> Any:
