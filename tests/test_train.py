@@ -184,7 +184,7 @@ def test_mixed_dialogue_and_knowledge_from_raw_files(tiny_model_dir, tmp_path):
         (["--data", "DATA", "--base", "no-such-model"], "unknown model 'no-such-model'"),
         (["--resume", "ghost"], "no run named 'ghost'"),
         (["--data", "DATA", "--name", "bad name!"], "may only hold letters"),
-        (["--data", "DATA", "--batch-size", "0"], "batch_size"),
+        (["--data", "DATA", "--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
     ],
 )
 def test_train_errors_are_one_line(tiny_model_dir, tmp_path, args, message):

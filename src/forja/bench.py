@@ -1,6 +1,8 @@
-"""Benchmarks: `forja bench serve` measures the server (single stream, then concurrent streams).
+"""Benchmarks: `forja bench serve` measures the server (single stream, then concurrent streams);
+`forja bench train` runs forja's trainer against the naive tutorial baseline on the same data.
 
 Each benchmark is one self-contained function returning a dict of figures; the CLI prints them.
+Speed is a ratio measured within one command, never an absolute target in a test.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import click
 import typer
+from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from forja.config import ConfigError, ForjaError, Settings, load_settings
@@ -230,8 +231,9 @@ def train(
         }
         try:
             hyper = settings.train.model_validate({**settings.train.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
-        except ValueError as exc:
-            raise ConfigError(f"training setting: {str(exc).splitlines()[1:3]}") from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         run = training.new_run(settings, data, name, base or settings.model, hyper)
     version = training.train(settings, run, progress=not quiet)
     metrics = json.loads((version / "version.json").read_text())["metrics"]

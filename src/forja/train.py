@@ -264,12 +264,11 @@ def prepare_model(loaded: LoadedModel, config: TrainSettings, longest: int) -> A
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = config.lora_target_modules
         model = get_peft_model(
             model,
             LoraConfig(
                 r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=targets if isinstance(targets, list) else targets, task_type="CAUSAL_LM",
+                target_modules=config.lora_target_modules, task_type="CAUSAL_LM",
             ),
         )
     if wants_checkpointing(loaded, config, longest):
