@@ -119,3 +119,18 @@ def test_serve_command_runs_the_server(tiny_model_dir, tmp_path):
 def test_serve_refuses_an_unknown_model():
     result = forja("serve", "--model", "no-such-model")
     assert result.exit_code == 1 and "unknown model 'no-such-model'" in result.stderr
+
+
+def test_bench_serve_measures_server_and_bare_steps(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(app, ["bench", "serve", "--model", str(tiny_model_dir), "--max-tokens", "8",
+                                      "--clients", "3", "--no-compare", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["concurrent"]["errors"] == 0 and figures["concurrent"]["tokens"] > 0
+    assert figures["bare_step"]["step_ms_1"] > 0 and figures["bare_step"]["step_ms_3"] > 0
+    assert "the ceiling of batching here" in result.stdout

@@ -51,6 +51,7 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
     done = time.perf_counter()
     results["generate"] = {"tokens": generation.usage.completion_tokens, "seconds": round(done - started, 3),
                            "tokens_per_s": round(_decode_rate(generation.usage.completion_tokens, first, done), 2)}
+    results["bare_step"] = _bare_decode_steps(loaded, ids, clients)
     del loaded, generation
 
     port = _free_port()
@@ -101,6 +102,29 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
     return results
 
 
+def _bare_decode_steps(loaded: Any, prompt_ids: list[int], rows: int, steps: int = 20) -> dict[str, Any]:
+    """Median time of one KV-cache decode step of the bare model for 1 row and for `rows` rows: the
+    ceiling any batching engine can reach on this hardware (no server, no scheduler)."""
+    import torch
+    from transformers import DynamicCache
+
+    model = loaded.model
+    figures: dict[str, Any] = {}
+    with torch.inference_mode():
+        for batch in (1, rows):
+            cache = DynamicCache()
+            model(input_ids=torch.tensor([prompt_ids] * batch, device=model.device), past_key_values=cache, use_cache=True)
+            token = torch.full((batch, 1), prompt_ids[-1], device=model.device)
+            times = []
+            for _ in range(steps):
+                started = time.perf_counter()
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - started)
+            figures[f"step_ms_{batch}"] = round(statistics.median(times) * 1000, 1)
+    figures["ratio"] = round(rows * figures["step_ms_1"] / figures[f"step_ms_{rows}"], 2)
+    return figures
+
+
 def render_serve(results: dict[str, Any]) -> str:
     g, s, c = results["generate"], results["single"], results["concurrent"]
     rows = [
@@ -112,6 +136,10 @@ def render_serve(results: dict[str, Any]) -> str:
         ("  total latency p50 / p95", f"{c['latency_p50_s']:.2f}s / {c['latency_p95_s']:.2f}s", ""),
         ("  aggregate / single stream", f"{results['ratio_aggregate_to_single']:.2f}x", "target >= 4x"),
     ]
+    bare = results["bare_step"]
+    n = results["clients"]
+    rows.append((f"bare model step, 1 vs {n} rows", f"{bare['ratio']:.2f}x",
+                 f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: the ceiling of batching here"))
     if "batched_equals_alone" in results:
         b = results["batched_equals_alone"]
         rows.append(("  batched answer == alone", f"{b['identical']}/{b['of']}",
