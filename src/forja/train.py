@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import DataError, meta_path, prepare, validation_path
 from forja.models import VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve
+
+# peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 IGNORE = -100  # label of a token that is not trained on (prompt, system, user turns, padding)
 RUN_FILE = "run.json"
