@@ -50,6 +50,17 @@ ConfigOpt = Annotated[
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, version, directory, .gguf or hub id.")]
 
 
+def read_prompt(text: str | None, what: str) -> str:
+    """The argument, or stdin when it is omitted or '-'; an empty one is refused."""
+    if text is None or text == "-":
+        if sys.stdin.isatty():
+            raise ConfigError(f"no {what}: pass it as an argument or pipe it on stdin")
+        text = sys.stdin.read()
+    if not text.strip():
+        raise ConfigError(f"the {what} is empty")
+    return text.strip()
+
+
 def settings_from(config: Path | None, **flags) -> Settings:
     if config is not None:
         os.environ["FORJA_CONFIG"] = str(config)
@@ -74,12 +85,7 @@ def generate(
     from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
 
     settings = settings_from(config, model=model)
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            raise ConfigError("no prompt: pass it as an argument or pipe it on stdin")
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise ConfigError("the prompt is empty")
+    prompt = read_prompt(prompt, "prompt")
     defaults = settings.generate
     params = SamplingParams(
         max_new_tokens=max_new_tokens or defaults.max_new_tokens,
@@ -88,7 +94,7 @@ def generate(
         seed=defaults.seed if seed is None else seed,
     )
     loaded = models.load(settings.model, settings)
-    prompt_ids = chat_prompt_ids(loaded, chat_messages(prompt.strip(), system or defaults.system))
+    prompt_ids = chat_prompt_ids(loaded, chat_messages(prompt, system or defaults.system))
     generation = Generation(loaded, prompt_ids, params)
     started = time.perf_counter()
     if as_json:
@@ -296,20 +302,11 @@ def ask(
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Ask a running forja server one question and print the answer as it streams."""
-    from forja.client import Client, ClientError
+    from forja.client import Client
     from forja.client import ask as ask_server
 
-    if question is None or question == "-":
-        if sys.stdin.isatty():
-            _client_error("no question: pass it as an argument or pipe it on stdin")
-        question = sys.stdin.read()
-    if not question.strip():
-        _client_error("the question is empty")
-    try:
-        answer = ask_server(Client(url, api_key), question.strip(), model=model, system=system, stream=not as_json,
-                            out=sys.stdout, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    except ClientError as exc:
-        _client_error(str(exc))
+    answer = ask_server(Client(url, api_key), read_prompt(question, "question"), model=model, system=system,
+                        stream=not as_json, out=sys.stdout, max_tokens=max_tokens, temperature=temperature, seed=seed)
     if as_json:
         typer.echo(json.dumps(answer.as_dict(), ensure_ascii=False))
 
@@ -323,21 +320,14 @@ def chat(
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Chat with a running forja server: /persona NAME, /reset, /exit."""
-    from forja.client import Client, ClientError
+    from forja.client import Client
     from forja.client import chat as chat_loop
 
     try:
         chat_loop(Client(url, api_key), model=model, inp=sys.stdin, out=sys.stdout, max_tokens=max_tokens,
                   temperature=temperature)
-    except ClientError as exc:
-        _client_error(str(exc))
     except KeyboardInterrupt:
         typer.echo("")
-
-
-def _client_error(message: str) -> None:
-    typer.echo(f"forja: error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 bench_app = _typer("Measure speed: bench serve (and bench train).")

@@ -13,11 +13,13 @@ from typing import Any, TextIO
 
 import httpx
 
+from forja.config import ForjaError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=5.0)
 
 
-class ClientError(Exception):
+class ClientError(ForjaError):
     """The server is unreachable or answered with an error; the message is one line for the user."""
 
 

@@ -495,6 +495,13 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def copy_records(source: Path, target: Path) -> None:
+    """The run's description, metrics log and loss plot travel with every version made from it."""
+    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE):
+        if (source / name).exists():
+            shutil.copy(source / name, target / name)
+
+
 def publish(settings: Settings, run: Run, model: Any, tokenizer: Any, final: dict[str, Any]) -> Path:
     target = settings.versions_dir / run.name
     tmp = target.with_name(target.name + ".tmp")
@@ -502,9 +509,7 @@ def publish(settings: Settings, run: Run, model: Any, tokenizer: Any, final: dic
     model.config.use_cache = True
     model.save_pretrained(tmp)  # a PEFT model saves the adapter only; the base is named in version.json
     tokenizer.save_pretrained(tmp)
-    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE):
-        if (run.directory / name).exists():
-            shutil.copy(run.directory / name, tmp / name)
+    copy_records(run.directory, tmp)
     description = {
         "name": run.name,
         "base": run.base,
@@ -538,9 +543,7 @@ def merge_version(settings: Settings, name: str, out_name: str | None) -> Path:
     loaded.tokenizer.save_pretrained(tmp)
     meta = json.loads((ref.path / VERSION_FILE).read_text())
     meta.update({"name": out_name, "method": "full", "merged_from": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    for extra in (METRICS_FILE, LOSS_PLOT, RUN_FILE):
-        if (ref.path / extra).exists():
-            shutil.copy(ref.path / extra, tmp / extra)
+    copy_records(ref.path, tmp)
     (tmp / VERSION_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     tmp.rename(target)
     return target

@@ -206,40 +206,35 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def chat_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
+def chat_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
+                include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+        delta = {} if text is None else {"content": text}
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    opening = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "finish_reason": None, "logprobs": None}]} for i in range(len(streams))]
+    return stream_events(head, streams, n, include_usage, choice, opening)
+
+
+def completion_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
                       include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
 
-    for index in range(len(streams)):
-        yield chunk(index, {"role": "assistant", "content": ""})
-    async for event in stream_events(streams, n, chunk, lambda text: {"content": text}):
-        if event.get("object") == "usage":
-            if include_usage:
-                yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": event["usage"]}
-        else:
-            yield event
+    def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+    return stream_events(head, streams, n, include_usage, choice, [])
 
 
-async def completion_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
-                            include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": delta.get("text", ""), "finish_reason": finish, "logprobs": None}]}
-
-    async for event in stream_events(streams, n, chunk, lambda text: {"text": text}):
-        if event.get("object") == "usage":
-            if include_usage:
-                yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": event["usage"]}
-        else:
-            yield event
-
-
-async def stream_events(streams: list[Stream], n: int, chunk: Any, content: Any) -> AsyncIterator[dict[str, Any]]:
-    """Chunks for every delta; a failed generation becomes an `error` event (the OpenAI client raises it)."""
+async def stream_events(head: dict[str, Any], streams: list[Stream], n: int, include_usage: bool, choice: Any,
+                        opening: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Chunks for every delta, a finish chunk per choice and, when asked, a last chunk with the usage.
+    A failed generation becomes an `error` event (the OpenAI client raises it)."""
+    for event in opening:
+        yield event
     usage = UsageSum(n)
     async for index, delta in merged(streams):
         if delta.finish_reason == "error":
@@ -247,11 +242,12 @@ async def stream_events(streams: list[Stream], n: int, chunk: Any, content: Any)
                              "param": None, "code": "generation_failed"}}
             return
         if delta.text:
-            yield chunk(index, content(delta.text))
+            yield {**head, "choices": [choice(index, delta.text, None)]}
         if delta.finish_reason is not None:
             usage.add(index, delta)
-            yield chunk(index, {}, delta.finish_reason)
-    yield {"object": "usage", "usage": usage.total().model_dump()}
+            yield {**head, "choices": [choice(index, None, delta.finish_reason)]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage.total().model_dump()}
 
 
 def log_prompt(state: ServerState, rid: str, prompt: Any) -> None:
