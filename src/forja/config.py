@@ -91,6 +91,7 @@ class ApiKey(BaseModel):
     name: str = Field(..., min_length=1, description="Who holds the key; shown in logs, never the key itself.")
     key: SecretStr | None = Field(None, min_length=16, description="The key itself (at least 16 characters); printed masked.")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="Hex SHA-256 of the key instead of the key.")
+    admin: bool = Field(False, description="May also call the /admin routes (switch the active model).")
 
     @model_validator(mode="after")
     def _one_of(self) -> "ApiKey":
@@ -137,6 +138,9 @@ class ServeSettings(BaseModel):
     personas: list[Persona] = Field(default_factory=list, description="Named assistants offered as models.")
     log_requests: bool = Field(True, description="Log one line per request (method, path, status, time).")
     log_prompts: bool = Field(False, description="Also log prompts and answers (off: they may be private).")
+    log_exchanges: bool = Field(
+        True, description="Store every exchange (messages, answer, model, timing) in the database so users can rate and correct it."
+    )
 
     @model_validator(mode="after")
     def _unique_personas(self) -> "ServeSettings":
@@ -145,6 +149,26 @@ class ServeSettings(BaseModel):
         if dupes:
             raise ValueError(f"persona names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+
+class FeedbackSettings(BaseModel):
+    """`forja train --from-feedback`: how feedback becomes a new version, and when it is promoted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replay_ratio: float = Field(
+        4.0, ge=0, description="Rows of the starting version's own training data replayed per feedback pair (keeps old knowledge)."
+    )
+    holdout_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of the feedback pairs held back from training to check the new version."
+    )
+    min_pairs_for_holdout: int = Field(10, ge=2, description="Hold feedback pairs back only when there are at least this many.")
+    gate_metrics: list[str] = Field(
+        default_factory=lambda: ["token_f1", "rouge_l"], description="Evaluation metrics the new version must not regress on."
+    )
+    gate_tolerance: float = Field(0.02, ge=0, le=1, description="How much lower a gate metric's mean may be and still pass.")
+    gate_max_cases: int = Field(40, ge=1, description="Most held-out questions answered by each version at the gate.")
+    gate_max_tokens: int = Field(64, ge=1, description="Answer length at the gate.")
 
 
 class Settings(BaseSettings):
@@ -163,6 +187,10 @@ class Settings(BaseSettings):
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
+    )
 
     # The YAML file sits below the environment and the CLI flags (init kwargs).
     @classmethod
@@ -191,6 +219,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'forja.db'}"
 
 
 class _YamlSource(PydanticBaseSettingsSource):

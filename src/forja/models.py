@@ -31,6 +31,7 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
     ),
 }
 VERSION_FILE = "version.json"
+ACTIVE_FILE = "active.json"  # in FORJA_HOME/models: which version answers by default, and its history
 CONVERTED_FILE = "forja-source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -352,12 +353,73 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# The active version: what `forja serve` (without --model) and `forja train --from-feedback` start from.
+# active.json keeps a stack (promote pushes, rollback pops) and an append-only log of every change.
+
+
+def _read_active(settings: Settings) -> dict[str, Any]:
+    path = settings.models_dir / ACTIVE_FILE
+    if not path.is_file():
+        return {"stack": [], "log": []}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc}); delete it to fall back to the configured model") from None
+
+
+def _write_active(settings: Settings, registry: dict[str, Any]) -> None:
+    path = settings.models_dir / ACTIVE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(registry, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def active_model(settings: Settings) -> str:
+    """The active version, else the configured model."""
+    stack = _read_active(settings)["stack"]
+    return stack[-1] if stack else settings.model
+
+
+def activation_log(settings: Settings) -> list[dict[str, Any]]:
+    return _read_active(settings)["log"]
+
+
+def promote(settings: Settings, name: str, reason: str = "promoted by hand") -> str:
+    """Make `name` the active model (it must resolve); returns the one it replaces."""
+    resolve(name, settings)
+    registry = _read_active(settings)
+    previous = registry["stack"][-1] if registry["stack"] else settings.model
+    if previous == name:
+        raise ModelError(f"{name} is already the active model")
+    registry["stack"].append(name)
+    registry["log"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": "promote",
+                            "model": name, "previous": previous, "reason": reason})
+    _write_active(settings, registry)
+    return previous
+
+
+def rollback(settings: Settings, reason: str = "rolled back by hand") -> str:
+    """Return to the model that was active before the current one; returns the model now active."""
+    registry = _read_active(settings)
+    if not registry["stack"]:
+        raise ModelError(f"nothing to roll back: no version was ever promoted (the active model is {settings.model})")
+    current = registry["stack"].pop()
+    now_active = registry["stack"][-1] if registry["stack"] else settings.model
+    registry["log"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": "rollback",
+                            "model": now_active, "previous": current, "reason": reason})
+    _write_active(settings, registry)
+    return now_active
+
+
+# ---------------------------------------------------------------------------------------------
 # Listing
 
 
 def list_models(settings: Settings) -> list[dict[str, str]]:
     """Rows for `forja models`: name, kind, where it lives and a short description."""
     rows = []
+    active = active_model(settings)
     for name, (dist_name, _, origin) in BUNDLED.items():
         try:
             location = str(bundled_gguf(name))
@@ -369,6 +431,7 @@ def list_models(settings: Settings) -> list[dict[str, str]]:
         path = settings.versions_dir / name
         meta = read_version(path)
         detail = ", ".join(f"{key}={meta[key]}" for key in ("base", "method", "created_at") if key in meta)
+        detail = f"ACTIVE; {detail}" if name == active else detail
         rows.append({"name": name, "kind": "version", "location": str(path), "detail": detail})
     converted = settings.models_dir / "converted"
     if converted.is_dir():

@@ -22,15 +22,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from forja.config import Settings
 from forja.engine import Engine
 from forja.serve.deps import ApiError, ServerState, make_engine
-from forja.serve.routes import classic, openai
+from forja.serve.routes import admin, classic, openai
+from forja.store import Store
 
 WEB_DIR = Path(__file__).parent / "web"
 log = logging.getLogger("forja.serve")
 
 
 def create_app(settings: Settings, model: str | None = None, engine: Engine | None = None) -> FastAPI:
-    """The server for `model` (default: settings.model); pass `engine` to serve one already built."""
-    state = ServerState(settings=settings, base=model or settings.model)
+    """The server for `model` (default: the active version, else settings.model, following later
+    promotions); pass `engine` to serve one already built."""
+    from forja.models import active_model
+
+    state = ServerState(settings=settings, base=model or active_model(settings), follow_registry=model is None,
+                        store=Store.open(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -50,6 +55,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.state.forja = state
     app.include_router(openai.router)
     app.include_router(classic.router)
+    app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from forja.config import Persona, Settings
 from forja.engine import Engine, SamplingParams
+from forja.store import Store
 
 log = logging.getLogger("forja.serve")
 
@@ -51,14 +52,53 @@ class Target:
 
 @dataclass
 class ServerState:
-    """Engines by model name (the served base first, trained versions loaded when first named)."""
+    """Engines by model name (the served base first, trained versions loaded when first named).
+
+    `active` answers requests that name no model (and personas without their own). When the server
+    was started without --model it follows the registry's active version, so `forja models promote`
+    or POST /admin/models/activate switch it without a restart."""
 
     settings: Settings
-    base: str  # the served model's name as given to `forja serve`
+    base: str  # the model loaded at start: --model, else the active version
+    follow_registry: bool = False
+    store: Store | None = None
     engines: dict[str, Engine] = field(default_factory=dict)
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _active: str = ""
+    _registry_stamp: float | None = None
+
+    def __post_init__(self) -> None:
+        self._active = self.base
+        self._registry_stamp = self._stamp()
+
+    def _stamp(self) -> float | None:
+        from forja.models import ACTIVE_FILE
+
+        try:
+            return (self.settings.models_dir / ACTIVE_FILE).stat().st_mtime_ns
+        except OSError:
+            return None
+
+    @property
+    def active(self) -> str:
+        """The default model; re-read from the registry when its file changed (one stat per request)."""
+        if self.follow_registry:
+            stamp = self._stamp()
+            if stamp != self._registry_stamp:
+                from forja.models import ModelError, active_model
+
+                self._registry_stamp = stamp
+                try:
+                    self._active = active_model(self.settings)
+                except ModelError as exc:
+                    log.error("keeping %s active: %s", self._active, exc)
+        return self._active
+
+    def activate(self, name: str) -> None:
+        self._active = name
+        self._registry_stamp = self._stamp()
 
     @property
     def ready(self) -> bool:
@@ -81,11 +121,12 @@ class ServerState:
                                code="model_load_failed")
             raise ApiError(503, f"the model {self.base} is still loading; retry in a few seconds", type="server_error",
                            code="model_loading", headers={"Retry-After": "5"})
-        name = name or self.base
+        active = self.active
+        name = name or active
         persona = self.personas.get(name)
-        model = (persona.model if persona else None) or (self.base if persona else name)
-        if not persona and model != self.base and model not in self.engines and model not in self.versions():
-            known = ", ".join([self.base, *self.personas, *self.versions()])
+        model = (persona.model if persona else None) or (active if persona else name)
+        if not persona and model not in (self.base, active) and model not in self.engines and model not in self.versions():
+            known = ", ".join(dict.fromkeys([active, self.base, *self.personas, *self.versions()]))
             raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
                            param="model", code="model_not_found")
         return Target(name, await self.engine(model), persona)
@@ -106,6 +147,8 @@ class ServerState:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def make_engine(model: str, settings: Settings) -> Engine:
@@ -173,5 +216,16 @@ def check_api_key(request: Request) -> str | None:
     return holder
 
 
+def check_admin_key(request: Request) -> str:
+    """The /admin routes need a configured key marked `admin: true`; returns its name."""
+    holder = check_api_key(request)
+    admins = {key.name for key in get_state(request).settings.serve.api_keys if key.admin}
+    if holder is None or holder not in admins:
+        raise ApiError(403, "this route needs an admin API key (serve.api_keys entry with admin: true)",
+                       type="permission_error", code="admin_key_required")
+    return holder
+
+
 StateDep = Annotated[ServerState, Depends(get_state)]
 ApiKeyDep = Annotated[str | None, Depends(check_api_key)]
+AdminKeyDep = Annotated[str, Depends(check_admin_key)]

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64
@@ -106,6 +106,52 @@ class PredictResponse(BaseModel):
     id: str
 
 
+MAX_FEEDBACK_CHARS = 20_000
+
+
+class FeedbackRequest(BaseModel):
+    """A rating and/or a corrected answer for an exchange; the classic `{"text": ...}` is a comment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1, max_length=80, description="The `id` the API returned with the answer.")
+    rating: Literal["up", "down"] | None = None
+    correction: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS, description="What the answer should have been.")
+    comment: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
+    text: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS, description="Classic free-text feedback; kept as a comment.")
+    choice: int | None = Field(None, ge=0, description="Which answer of an `n` > 1 request (default 0).")
+
+    @field_validator("correction", "comment", "text")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        value = value.strip() if value is not None else None
+        return value or None
+
+    @model_validator(mode="after")
+    def _something(self) -> "FeedbackRequest":
+        if self.rating is None and self.correction is None and self.comment is None and self.text is None:
+            raise ValueError("give a rating ('up' or 'down'), a correction or a comment")
+        return self
+
+
+class FeedbackRow(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    id: int
+    exchange_id: str
+    created_at: float
+    choice: int
+    rating: str | None
+    correction: str | None
+    comment: str | None
+    sender: str | None
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, description="The trained version (or other model) to make active.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -154,7 +200,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "forja"
-    kind: Literal["base", "version", "persona"]
+    kind: Literal["active", "base", "version", "persona"]
     description: str = ""
 
 

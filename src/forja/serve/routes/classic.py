@@ -1,13 +1,17 @@
-"""The classic routes: `POST /predict` (the body older web clients send) and `GET /health`."""
+"""The classic routes: `POST /predict` (the body older web clients send), `POST /feedback` and `GET /health`."""
 
 from __future__ import annotations
+
+import asyncio
+import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from forja.serve.deps import ApiKeyDep, StateDep
-from forja.serve.routes.openai import collect, log_answer, log_prompt, prepare, submit
-from forja.serve.schemas import PredictRequest, PredictResponse, new_response_id
+from forja.serve.deps import ApiError, ApiKeyDep, StateDep
+from forja.serve.routes.openai import ExchangeRecord, collect, prepare, submit
+from forja.serve.schemas import FeedbackRequest, FeedbackRow, PredictRequest, PredictResponse, new_response_id
+from forja.store import StoreError, UnknownExchange
 
 router = APIRouter(tags=["classic"])
 
@@ -20,9 +24,9 @@ async def predict(body: PredictRequest, request: Request, state: StateDep, _: Ap
     request_like = _Classic(body)
     jobs = prepare(state, target, [messages], request_like, body.max_length, "max_length")
     rid = new_response_id("pred")
-    log_prompt(state, rid, messages)
-    texts, _, _ = await collect(submit(target, jobs), request, body.num_return_sequences)
-    log_answer(state, rid, texts)
+    record = ExchangeRecord(state, request, rid, "predict", target, messages, jobs)
+    texts, finishes, usage = await collect(submit(target, jobs), request, body.num_return_sequences)
+    await record.save(texts, finishes, usage)
     answers = [PredictResponse(generated_text=text, id=rid if len(texts) == 1 else f"{rid}-{i}")
                for i, text in enumerate(texts)]
     return answers[0] if len(answers) == 1 else answers
@@ -39,12 +43,35 @@ class _Classic:
         self.stop = None
 
 
+@router.post("/feedback", status_code=201)
+@router.post("/v1/feedback", status_code=201)
+async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep, key_name: ApiKeyDep) -> FeedbackRow:
+    """Rate an answer (up/down), correct it, or comment on it; 201 once it is safely on disk."""
+    if state.store is None or not state.settings.serve.log_exchanges:
+        raise ApiError(409, "this server does not store exchanges (serve.log_exchanges is off), so it cannot take "
+                       "feedback on them", code="exchanges_not_stored")
+    exchange_id, choice = body.id, body.choice
+    numbered = re.fullmatch(r"(pred-[0-9a-f]+)-(\d+)", exchange_id)  # /predict's ids when it returned several
+    if numbered and choice is None:
+        exchange_id, choice = numbered.group(1), int(numbered.group(2))
+    rating = body.rating or ("down" if body.correction else None)
+    comment = "\n".join(t for t in (body.comment, body.text) if t) or None
+    try:
+        row = await asyncio.to_thread(state.store.add_feedback, exchange_id, rating=rating, correction=body.correction,
+                                      comment=comment, choice=choice or 0, sender=key_name)
+    except UnknownExchange as exc:
+        raise ApiError(404, str(exc), param="id", code="exchange_not_found") from None
+    except StoreError as exc:
+        raise ApiError(422, str(exc), param="choice", code="invalid_value") from None
+    return FeedbackRow(**row)
+
+
 @router.get("/health")
 async def health(state: StateDep) -> JSONResponse:
     """200 once the served model is loaded and ready; 503 while it loads (or when it failed to)."""
     if state.ready:
         engine = state.engines[state.base]
-        return JSONResponse({"status": "ok", "model": state.base, **getattr(engine, "load", {})})
+        return JSONResponse({"status": "ok", "model": state.base, "active": state.active, **getattr(engine, "load", {})})
     if state.load_error:
         return JSONResponse({"status": "failed", "model": state.base, "error": state.load_error}, status_code=503)
     return JSONResponse({"status": "loading", "model": state.base}, status_code=503)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -38,10 +39,14 @@ DISCONNECT_POLL_SECONDS = 0.25
 @router.get("/models")
 async def list_models(state: StateDep, _: ApiKeyDep) -> ModelList:
     created = int(state.started)
-    cards = [ModelCard(id=state.base, created=created, kind="base", description="the served model")]
+    active = state.active
+    cards = [ModelCard(id=active, created=created, kind="active", description="answers requests that name no model")]
+    if state.base != active:
+        cards.append(ModelCard(id=state.base, created=created, kind="base", description="the model loaded at start"))
     cards += [ModelCard(id=p.name, created=created, kind="persona", description=p.description)
               for p in state.settings.serve.personas]
-    cards += [ModelCard(id=v, created=created, kind="version", description="trained version") for v in state.versions()]
+    cards += [ModelCard(id=v, created=created, kind="version", description="trained version")
+              for v in state.versions() if v not in (active, state.base)]
     return ModelList(data=cards)
 
 
@@ -51,12 +56,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     messages = target.messages([m.as_dict() for m in body.messages])
     jobs = prepare(state, target, [messages], body, body.max_completion_tokens or body.max_tokens, "messages")
     rid, created = new_response_id("chatcmpl"), now()
-    log_prompt(state, rid, messages)
+    record = ExchangeRecord(state, request, rid, "chat", target, messages, jobs)
     streams = submit(target, jobs)
     if body.stream:
-        return sse(chat_chunks(rid, created, target.name, streams, body.n, body.include_usage))
+        return sse(chat_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
     texts, finishes, usage = await collect(streams, request, body.n)
-    log_answer(state, rid, texts)
+    await record.save(texts, finishes, usage)
     return ChatCompletion(
         id=rid, created=created, model=target.name, usage=usage,
         choices=[ChatChoice(index=i, message=ChatChoiceMessage(content=t), finish_reason=f)
@@ -70,12 +75,12 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     jobs = prepare(state, target, prompts, body, body.max_tokens, "prompt")
     rid, created = new_response_id("cmpl"), now()
-    log_prompt(state, rid, prompts)
+    record = ExchangeRecord(state, request, rid, "completion", target, body.prompt, jobs)
     streams = submit(target, jobs)
     if body.stream:
-        return sse(completion_chunks(rid, created, target.name, streams, body.n, body.include_usage))
+        return sse(completion_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
     texts, finishes, usage = await collect(streams, request, body.n)
-    log_answer(state, rid, texts)
+    await record.save(texts, finishes, usage)
     return Completion(
         id=rid, created=created, model=target.name, usage=usage,
         choices=[CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finishes))],
@@ -207,7 +212,7 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 def chat_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
-                include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                include_usage: bool, record: "ExchangeRecord") -> AsyncIterator[dict[str, Any]]:
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
 
     def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
@@ -216,45 +221,86 @@ def chat_chunks(rid: str, created: int, model: str, streams: list[Stream], n: in
 
     opening = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "finish_reason": None, "logprobs": None}]} for i in range(len(streams))]
-    return stream_events(head, streams, n, include_usage, choice, opening)
+    return stream_events(head, streams, n, include_usage, choice, opening, record)
 
 
 def completion_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
-                      include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                      include_usage: bool, record: "ExchangeRecord") -> AsyncIterator[dict[str, Any]]:
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
 
     def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
         return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
 
-    return stream_events(head, streams, n, include_usage, choice, [])
+    return stream_events(head, streams, n, include_usage, choice, [], record)
 
 
 async def stream_events(head: dict[str, Any], streams: list[Stream], n: int, include_usage: bool, choice: Any,
-                        opening: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+                        opening: list[dict[str, Any]], record: "ExchangeRecord") -> AsyncIterator[dict[str, Any]]:
     """Chunks for every delta, a finish chunk per choice and, when asked, a last chunk with the usage.
-    A failed generation becomes an `error` event (the OpenAI client raises it)."""
+    A failed generation becomes an `error` event (the OpenAI client raises it). The exchange is stored
+    before the last chunk, so feedback sent as soon as the stream ends finds it."""
     for event in opening:
         yield event
     usage = UsageSum(n)
-    async for index, delta in merged(streams):
-        if delta.finish_reason == "error":
-            yield {"error": {"message": f"generation failed: {delta.error}", "type": "server_error",
-                             "param": None, "code": "generation_failed"}}
-            return
-        if delta.text:
-            yield {**head, "choices": [choice(index, delta.text, None)]}
-        if delta.finish_reason is not None:
-            usage.add(index, delta)
-            yield {**head, "choices": [choice(index, None, delta.finish_reason)]}
-    if include_usage:
-        yield {**head, "choices": [], "usage": usage.total().model_dump()}
+    texts, finishes = [""] * len(streams), ["cancelled"] * len(streams)
+    try:
+        async for index, delta in merged(streams):
+            if delta.finish_reason == "error":
+                finishes[index] = "error"
+                yield {"error": {"message": f"generation failed: {delta.error}", "type": "server_error",
+                                 "param": None, "code": "generation_failed"}}
+                return
+            texts[index] += delta.text
+            if delta.text:
+                yield {**head, "choices": [choice(index, delta.text, None)]}
+            if delta.finish_reason is not None:
+                usage.add(index, delta)
+                finishes[index] = delta.finish_reason
+                if all(f != "cancelled" for f in finishes):
+                    await record.save(texts, finishes, usage.total())
+                yield {**head, "choices": [choice(index, None, delta.finish_reason)]}
+        if include_usage:
+            yield {**head, "choices": [], "usage": usage.total().model_dump()}
+    finally:
+        record.save_now(texts, finishes, usage.total())  # a client that left early: keep what it was sent
 
 
-def log_prompt(state: ServerState, rid: str, prompt: Any) -> None:
-    if state.settings.serve.log_prompts:
-        log.info("%s prompt %s", rid, json.dumps(prompt, ensure_ascii=False))
+class ExchangeRecord:
+    """One exchange for the store (the id the API returned is its id) and, when `log_prompts` is on, the log."""
 
+    def __init__(self, state: ServerState, request: Request, rid: str, route: str, target: Target, prompt: Any,
+                 jobs: list[tuple[Prompt, SamplingParams]]):
+        self.state, self.rid, self.route, self.target, self.prompt = state, rid, route, target, prompt
+        self.params = asdict(jobs[0][1]) if jobs else {}
+        self.key_name = getattr(request.state, "api_key_name", None)
+        self.started = time.perf_counter()
+        self.saved = not (state.store is not None and state.settings.serve.log_exchanges)
+        if state.settings.serve.log_prompts:
+            log.info("%s prompt %s", rid, json.dumps(prompt, ensure_ascii=False))
 
-def log_answer(state: ServerState, rid: str, texts: list[str]) -> None:
-    if state.settings.serve.log_prompts:
-        log.info("%s answer %s", rid, json.dumps(texts, ensure_ascii=False))
+    def _row(self, texts: list[str], finishes: list[str], usage: Usage) -> dict[str, Any]:
+        return dict(id=self.rid, route=self.route, model=self.target.engine.name,
+                    persona=self.target.persona.name if self.target.persona else None, messages=self.prompt,
+                    answers=texts, params=self.params, prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
+                    finish_reason=finishes[0] if finishes else None, api_key_name=self.key_name)
+
+    async def save(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
+        if self.state.settings.serve.log_prompts:
+            log.info("%s answer %s", self.rid, json.dumps(texts, ensure_ascii=False))
+        if not self.saved:
+            self.saved = True
+            await asyncio.to_thread(self._write, self._row(texts, finishes, usage))
+
+    def save_now(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
+        """From a `finally` where awaiting is not possible (the client went away)."""
+        if not self.saved:
+            self.saved = True
+            self._write(self._row(texts, finishes, usage))
+
+    def _write(self, row: dict[str, Any]) -> None:
+        try:
+            self.state.store.log_exchange(**row)  # type: ignore[union-attr]
+        except Exception as exc:  # the answer was given; a broken store must not turn it into an error
+            log.error("cannot store exchange %s: %s", self.rid, exc)

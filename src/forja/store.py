@@ -1,0 +1,279 @@
+"""The database: every served exchange, the feedback people leave on it, and which feedback went into
+which model version.
+
+SQLAlchemy Core over SQLite by default (FORJA_HOME/forja.db, WAL journal, foreign keys on, every commit
+synced to disk); `database_url` in the config points it at another database such as PostgreSQL.
+The schema changes only through MIGRATIONS: ordered, named steps recorded in `schema_migrations` and
+applied when the store opens, so an old database is brought up to date in place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from forja.config import ForjaError, Settings
+
+
+class StoreError(ForjaError):
+    """The database cannot be opened, or a row cannot be stored as asked."""
+
+
+class UnknownExchange(StoreError):
+    """Feedback names an exchange id the store does not have."""
+
+
+metadata = sa.MetaData()
+
+migrations_table = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+exchanges = sa.Table(
+    "exchanges", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the response id the API returned
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("route", sa.String(40), nullable=False),  # chat, completion, predict
+    sa.Column("model", sa.String(200), nullable=False),  # the model or version that answered
+    sa.Column("persona", sa.String(200)),
+    sa.Column("messages", sa.Text, nullable=False),  # JSON: chat messages as given to the model, or a prompt string
+    sa.Column("answers", sa.Text, nullable=False),  # JSON list, one per choice
+    sa.Column("params", sa.Text, nullable=False),  # JSON sampling parameters
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("latency_ms", sa.Float, nullable=False, default=0.0),
+    sa.Column("finish_reason", sa.String(20)),
+    sa.Column("api_key_name", sa.String(200)),
+)
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("exchange_id", sa.String(64), sa.ForeignKey("exchanges.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("choice", sa.Integer, nullable=False, default=0),
+    sa.Column("rating", sa.String(4)),  # "up", "down" or NULL (a comment only)
+    sa.Column("correction", sa.Text),
+    sa.Column("comment", sa.Text),
+    sa.Column("sender", sa.String(200)),  # the API key's name, never the key
+    sa.CheckConstraint("rating IN ('up', 'down') OR rating IS NULL", name="rating_up_or_down"),
+)
+
+feedback_used = sa.Table(
+    "feedback_used", metadata,
+    sa.Column("feedback_id", sa.Integer, sa.ForeignKey("feedback.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("version", sa.String(200), primary_key=True),
+    sa.Column("role", sa.String(10), nullable=False),  # "train" or "holdout"
+    sa.Column("used_at", sa.Float, nullable=False),
+)
+
+
+def _create(*tables: sa.Table):
+    def step(conn: Connection) -> None:
+        for table in tables:
+            table.create(conn)
+    return step
+
+
+# Ordered, never edited once released: a new column or table is a new entry at the end.
+MIGRATIONS: list[tuple[str, Any]] = [
+    ("0001_exchanges_and_feedback", _create(exchanges, feedback)),
+    ("0002_feedback_used", _create(feedback_used)),
+]
+
+
+@dataclass
+class Exchange:
+    id: str
+    created_at: float
+    route: str
+    model: str
+    persona: str | None
+    messages: Any
+    answers: list[str]
+    params: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    finish_reason: str | None
+    api_key_name: str | None
+
+    @property
+    def answer(self) -> str:
+        return self.answers[0] if self.answers else ""
+
+
+class Store:
+    """One database. Safe to share between threads: every call takes its own connection."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.engine: Engine = sa.create_engine(url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            self.applied = self.migrate()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the database {safe_url(url)}: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def open(cls, settings: Settings) -> "Store":
+        if settings.database_url is None:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        return cls(settings.database)
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations this database has not seen, in order; returns their names."""
+        applied = []
+        with self.engine.begin() as conn:
+            migrations_table.create(conn, checkfirst=True)
+            done = {row.name for row in conn.execute(sa.select(migrations_table.c.name))}
+            for name, step in MIGRATIONS:
+                if name not in done:
+                    step(conn)
+                    conn.execute(migrations_table.insert().values(name=name, applied_at=time.time()))
+                    applied.append(name)
+        return applied
+
+    def migrations(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r.name for r in conn.execute(sa.select(migrations_table.c.name).order_by(migrations_table.c.name))]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ exchanges
+
+    def log_exchange(self, *, id: str, route: str, model: str, persona: str | None, messages: Any,
+                     answers: list[str], params: dict[str, Any], prompt_tokens: int, completion_tokens: int,
+                     latency_ms: float, finish_reason: str | None, api_key_name: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(exchanges.insert().values(
+                id=id, created_at=time.time(), route=route, model=model, persona=persona,
+                messages=json.dumps(messages, ensure_ascii=False), answers=json.dumps(answers, ensure_ascii=False),
+                params=json.dumps(params, ensure_ascii=False), prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
+                api_key_name=api_key_name,
+            ))
+
+    def exchange(self, exchange_id: str) -> Exchange | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(exchanges).where(exchanges.c.id == exchange_id)).first()
+        return _exchange(row) if row is not None else None
+
+    # ------------------------------------------------------------------ feedback
+
+    def add_feedback(self, exchange_id: str, *, rating: str | None = None, correction: str | None = None,
+                     comment: str | None = None, choice: int = 0, sender: str | None = None) -> dict[str, Any]:
+        """Store one feedback row and return it; committed (and synced) before this returns."""
+        with self.engine.begin() as conn:
+            found = conn.execute(sa.select(exchanges.c.answers).where(exchanges.c.id == exchange_id)).first()
+            if found is None:
+                raise UnknownExchange(f"no exchange with id {exchange_id!r}")
+            if not 0 <= choice < max(len(json.loads(found.answers)), 1):
+                raise StoreError(f"exchange {exchange_id!r} has no choice {choice}")
+            result = conn.execute(feedback.insert().values(
+                exchange_id=exchange_id, created_at=time.time(), choice=choice, rating=rating,
+                correction=correction, comment=comment, sender=sender,
+            ))
+            row = conn.execute(sa.select(feedback).where(feedback.c.id == result.inserted_primary_key[0])).one()
+        return dict(row._mapping)
+
+    def feedback_rows(self, *, rating: str | None = None, limit: int | None = None,
+                      unused_only: bool = False) -> list[dict[str, Any]]:
+        """Feedback joined with its exchange, newest first."""
+        query = (sa.select(feedback, exchanges.c.model, exchanges.c.persona, exchanges.c.messages,
+                           exchanges.c.answers, exchanges.c.route)
+                 .join(exchanges, feedback.c.exchange_id == exchanges.c.id)
+                 .order_by(feedback.c.created_at.desc(), feedback.c.id.desc()))
+        if rating:
+            query = query.where(feedback.c.rating == rating)
+        if unused_only:
+            query = query.where(~feedback.c.id.in_(sa.select(feedback_used.c.feedback_id)))
+        if limit:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+            used: dict[int, list[str]] = {}
+            for r in conn.execute(sa.select(feedback_used)):
+                used.setdefault(r.feedback_id, []).append(r.version)
+        for row in rows:
+            row["messages"] = json.loads(row["messages"])
+            answers = json.loads(row.pop("answers"))
+            row["answer"] = answers[row["choice"]] if row["choice"] < len(answers) else ""
+            row["used_in"] = used.get(row["id"], [])
+        return rows
+
+    def mark_used(self, feedback_ids: Iterable[int], version: str, role: str = "train") -> None:
+        now = time.time()
+        values = [{"feedback_id": i, "version": version, "role": role, "used_at": now} for i in feedback_ids]
+        if values:
+            with self.engine.begin() as conn:
+                conn.execute(feedback_used.insert(), values)
+
+    def used_by(self, version: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(feedback_used).where(feedback_used.c.version == version)
+                                .order_by(feedback_used.c.feedback_id))
+            return [dict(r._mapping) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            count = lambda q: conn.execute(q).scalar_one()  # noqa: E731
+            total = count(sa.select(sa.func.count()).select_from(feedback))
+            by_model = conn.execute(
+                sa.select(exchanges.c.model, sa.func.count(exchanges.c.id).label("exchanges"))
+                .group_by(exchanges.c.model).order_by(exchanges.c.model)
+            ).all()
+            ratings = {r.rating or "none": r.n for r in conn.execute(
+                sa.select(feedback.c.rating, sa.func.count().label("n")).group_by(feedback.c.rating))}
+            models = {}
+            for model, n in by_model:
+                up = count(sa.select(sa.func.count()).select_from(feedback.join(exchanges))
+                           .where(exchanges.c.model == model, feedback.c.rating == "up"))
+                down = count(sa.select(sa.func.count()).select_from(feedback.join(exchanges))
+                             .where(exchanges.c.model == model, feedback.c.rating == "down"))
+                models[model] = {"exchanges": n, "up": up, "down": down,
+                                 "approval": round(up / (up + down), 3) if up + down else None}
+            return {
+                "exchanges": count(sa.select(sa.func.count()).select_from(exchanges)),
+                "feedback": total,
+                "ratings": ratings,
+                "corrections": count(sa.select(sa.func.count()).select_from(feedback)
+                                     .where(feedback.c.correction.is_not(None))),
+                "unused": count(sa.select(sa.func.count()).select_from(feedback)
+                                .where(~feedback.c.id.in_(sa.select(feedback_used.c.feedback_id)))),
+                "models": models,
+            }
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the server's writes
+    cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged row survives a crash or power cut
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")  # the CLI and the server may write at the same moment
+    cursor.close()
+
+
+def _exchange(row: Any) -> Exchange:
+    data = dict(row._mapping)
+    for key in ("messages", "answers", "params"):
+        data[key] = json.loads(data[key])
+    return Exchange(**data)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for error messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
