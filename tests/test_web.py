@@ -6,11 +6,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from forja.config import load_settings
 from forja.engine.batching import BatchingEngine
 from forja.models import load
 from forja.serve.app import create_app
+from forja.store import exchanges
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -105,6 +107,42 @@ def test_chat_page_fits_a_phone(server, browser):
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 375  # nothing overflows sideways
     page.screenshot(path=str(ARTIFACTS / "web-chat-phone.png"), full_page=True)
+    page.close()
+
+
+def test_chat_page_sends_ratings_and_corrections(server, browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.fill("#prompt", "¿A qué hora abre la tienda?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".feedback button", timeout=30_000)  # shown once the answer is complete
+    store = server.app.state.forja.store
+    before = len(store.feedback_rows())
+    page.click(".feedback button[title='Good answer']")
+    page.wait_for_function("document.querySelector('.feedback-note').textContent.startsWith('Thanks')")
+    page.click(".feedback button[title='Improve this answer']")
+    page.fill(".improve textarea", "Abrimos a las 8:00 <b>de lunes a sábado</b>.")
+    page.click(".improve button[type=submit]")
+    page.wait_for_function("document.querySelector('.feedback-note').textContent.startsWith('Correction saved')")
+    page.screenshot(path=str(ARTIFACTS / "web-feedback.png"), full_page=True)
+    rows = store.feedback_rows()[: len(store.feedback_rows()) - before]
+    assert [r["rating"] for r in rows] == ["down", "up"]  # newest first
+    assert rows[0]["correction"] == "Abrimos a las 8:00 <b>de lunes a sábado</b>."
+    assert rows[0]["messages"][-1] == {"role": "user", "content": "¿A qué hora abre la tienda?"}
+    assert page.locator(".message.assistant").first.inner_text().startswith(rows[0]["answer"])
+
+    # the conversation goes on from the corrected answer
+    page.fill("#prompt", "Gracias")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".feedback >> nth=1", timeout=30_000)
+    with store.engine.connect() as conn:
+        newest = conn.execute(sa.select(exchanges.c.id).order_by(exchanges.c.created_at.desc()).limit(1)).scalar_one()
+    sent = store.exchange(newest).messages
+    assert sent[-2] == {"role": "assistant", "content": "Abrimos a las 8:00 <b>de lunes a sábado</b>."}
+    assert page.locator(".improve b").count() == 0  # the correction is text, never HTML
+    assert errors == []
     page.close()
 
 

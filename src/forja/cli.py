@@ -38,7 +38,7 @@ def _typer(help_text: str, **kwargs) -> typer.Typer:
 
 
 app = _typer("Forja: fine-tune a small language model on your own data, serve it, learn from feedback.")
-models_app = _typer("List, inspect and merge models.", invoke_without_command=True)
+models_app = _typer("List models; promote, roll back and merge versions.", invoke_without_command=True)
 models_app.info.no_args_is_help = False
 app.add_typer(models_app, name="models")
 data_app = _typer("Inspect your files and prepare them as training data.")
@@ -217,6 +217,8 @@ def train(
     eval_every: Annotated[Optional[int], typer.Option(help="Validation loss every N steps.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run of this name from its last checkpoint.")] = None,
+    from_feedback: Annotated[bool, typer.Option("--from-feedback", help="Learn from the unused feedback, starting from the active version (or --base); promote the result only if it does not regress.")] = False,
+    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="With --from-feedback: promote the new version when it passes the gate.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -224,10 +226,12 @@ def train(
     from forja import train as training
 
     settings = settings_from(config)
+    if from_feedback and (data or resume):
+        raise ConfigError("--from-feedback takes its data from the feedback store; leave out --data and --resume")
     if resume:
         run = training.open_run(settings, resume)
     else:
-        if not data:
+        if not data and not from_feedback:
             raise ConfigError("give the training data with --data PATH (or continue a run with --resume NAME)")
         flags = {
             "method": method, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
@@ -240,12 +244,42 @@ def train(
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        if from_feedback:
+            return _retrain_from_feedback(settings, hyper, base, name, promote, quiet)
         run = training.new_run(settings, data, name, base or settings.model, hyper)
     version = training.train(settings, run, progress=not quiet)
+    if resume:  # a resumed feedback run still records which feedback it learned from
+        from forja.feedback import record_version
+        from forja.store import Store
+
+        store = Store.open(settings)
+        try:
+            record_version(settings, store, run.directory, version)
+        finally:
+            store.close()
     metrics = json.loads((version / "version.json").read_text())["metrics"]
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     typer.echo(f"model version {version.name} written to {version} ({shown})")
     typer.echo(f"try it: forja generate --model {version.name} \"your question\"")
+
+
+def _retrain_from_feedback(settings: Settings, hyper, base: str | None, name: str | None, promote: bool,
+                           quiet: bool) -> None:
+    from forja.feedback import retrain
+
+    result = retrain(settings, hyper, base=base, name=name, promote=promote, progress=not quiet)
+    gate = result.gate
+    typer.echo(f"model version {result.version.name} trained from {result.started_from} on {result.trained_pairs} "
+               f"feedback pairs + {result.replayed_rows} replayed rows ({result.held_out_pairs} pairs held out)")
+    for metric, values in gate.get("metrics", {}).items():
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        typer.echo(f"  {metric}: {fmt(values['current'])} ({result.started_from}) -> {fmt(values['candidate'])} (new)")
+    verdict = "passed" if gate.get("passed") else "not passed"
+    typer.echo(f"gate {verdict} on {gate.get('cases', 0)} held-out questions: {gate.get('reason')}")
+    if result.promoted:
+        typer.echo(f"{result.version.name} is now the active version (undo: forja models rollback)")
+    else:
+        typer.echo(f"not promoted; to use it anyway: forja models promote {result.version.name}")
 
 
 @models_app.command("merge")
@@ -259,6 +293,26 @@ def models_merge(
 
     target = merge_version(settings_from(config), name, out)
     typer.echo(f"merged {name} into {target}")
+
+
+@models_app.command("promote")
+def models_promote(name: Annotated[str, typer.Argument(help="The version to make active.")], config: ConfigOpt = None) -> None:
+    """Make a version the active one (what `forja serve` answers with and the next retrain starts from)."""
+    from forja import models
+
+    previous = models.promote(settings_from(config), name)
+    typer.echo(f"{name} is now active (was {previous}); a running server without --model switches at its next request")
+
+
+@models_app.command("rollback")
+def models_rollback(config: ConfigOpt = None) -> None:
+    """Go back to the model that was active before the current one."""
+    from forja import models
+
+    settings = settings_from(config)
+    current = models.active_model(settings)
+    now = models.rollback(settings)
+    typer.echo(f"rolled back from {current}; {now} is active again")
 
 
 UrlOpt = Annotated[str, typer.Option("--url", help="The forja server.", envvar="FORJA_URL")]
@@ -279,14 +333,15 @@ def serve(
     from forja import models
     from forja.serve.app import serve as run_server
 
-    settings = settings_from(config, model=model)
-    models.resolve(settings.model, settings)  # a wrong name fails here, before the server starts
+    settings = settings_from(config)
+    shown = model or models.active_model(settings)  # without --model: the active version, following promotions
+    models.resolve(shown, settings)  # a wrong name fails here, before the server starts
     host, port = host or settings.serve.host, port or settings.serve.port
     keys = len(settings.serve.api_keys)
-    typer.echo(f"forja serve: {settings.model} on http://{host}:{port}  (chat page /, OpenAI API /v1, "
+    typer.echo(f"forja serve: {shown} on http://{host}:{port}  (chat page /, OpenAI API /v1, "
                f"{keys} API key{'s' if keys != 1 else ''}{'' if keys else ': open to anyone who can reach it'}); Ctrl-C stops",
                err=True)
-    run_server(settings, settings.model, host=host, port=port)
+    run_server(settings, model, host=host, port=port)
 
 
 @app.command()
@@ -298,17 +353,22 @@ def ask(
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.", min=0.0, max=2.0)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (text, id, usage) instead of streaming.")] = False,
+    feedback: Annotated[bool, typer.Option("--feedback", help="Afterwards, ask whether the answer was right and send it.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Ask a running forja server one question and print the answer as it streams."""
-    from forja.client import Client
+    from forja.client import Client, ask_feedback
     from forja.client import ask as ask_server
 
-    answer = ask_server(Client(url, api_key), read_prompt(question, "question"), model=model, system=system,
+    question = read_prompt(question, "question")
+    client = Client(url, api_key)
+    answer = ask_server(client, question, model=model, system=system,
                         stream=not as_json, out=sys.stdout, max_tokens=max_tokens, temperature=temperature, seed=seed)
     if as_json:
         typer.echo(json.dumps(answer.as_dict(), ensure_ascii=False))
+    if feedback:
+        ask_feedback(client, answer, sys.stdin, sys.stderr if as_json else sys.stdout)
 
 
 @app.command()
@@ -319,7 +379,7 @@ def chat(
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: ApiKeyOpt = None,
 ) -> None:
-    """Chat with a running forja server: /persona NAME, /reset, /exit."""
+    """Chat with a running forja server: /persona NAME, /reset, /good, /bad, /fix TEXT, /exit."""
     from forja.client import Client
     from forja.client import chat as chat_loop
 
@@ -328,6 +388,86 @@ def chat(
                   temperature=temperature)
     except KeyboardInterrupt:
         typer.echo("")
+
+
+feedback_app = _typer("What users said about the answers: list, stats, export as training data.")
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("list")
+def feedback_list(
+    rating: Annotated[Optional[str], typer.Option(help="Only 'up' or 'down'.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N rows.", min=1)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The newest feedback with its question and answer (reads the database; no server needed)."""
+    from forja.store import Store
+
+    if rating not in (None, "up", "down"):
+        raise ConfigError(f"--rating is 'up' or 'down', not {rating!r}")
+    store = Store.open(settings_from(config))
+    try:
+        rows = store.feedback_rows(rating=rating, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "when", "model", "rating", "question", "answer", "correction / comment", "used in")
+    for row in rows:
+        messages = row["messages"]
+        question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "") \
+            if isinstance(messages, list) and messages and isinstance(messages[0], dict) else str(messages)
+        table.add_row(str(row["id"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"])), row["model"],
+                      row["rating"] or "", question[:60], row["answer"][:60],
+                      (row["correction"] or row["comment"] or "")[:60], ", ".join(row["used_in"]))
+    Console().print(table)
+
+
+@feedback_app.command("stats")
+def feedback_stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                   config: ConfigOpt = None) -> None:
+    """Exchanges, ratings, corrections and approval per model."""
+    from forja.store import Store
+
+    store = Store.open(settings_from(config))
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    typer.echo(f"{stats['exchanges']} exchanges, {stats['feedback']} feedback rows "
+               f"({', '.join(f'{k}: {v}' for k, v in sorted(stats['ratings'].items())) or 'none'}), "
+               f"{stats['corrections']} corrections, {stats['unused']} not yet used for training")
+    for model, row in stats["models"].items():
+        approval = "-" if row["approval"] is None else f"{row['approval']:.0%}"
+        typer.echo(f"  {model}: {row['exchanges']} exchanges, {row['up']} up, {row['down']} down, approval {approval}")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Training JSONL to write.")],
+    include_used: Annotated[bool, typer.Option("--all", help="Also rows already used by a retrain.")] = False,
+    preferences: Annotated[bool, typer.Option("--preferences", help="Also write OUT.preferences.jsonl: chosen/rejected pairs.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Write the feedback as training pairs: corrections and approved answers, with their source ids."""
+    from forja.feedback import export
+
+    summary = export(settings_from(config), out, include_used=include_used, preferences=preferences)
+    left_out = ", ".join(f"{k}={v}" for k, v in summary.skipped.items() if v) or "none"
+    typer.echo(f"{summary.pairs} pairs ({summary.corrections} corrections, {summary.approved} approved answers) "
+               f"written to {out}; left out: {left_out}")
+    if summary.preferences_path:
+        typer.echo(f"preference pairs in {summary.preferences_path}")
+    typer.echo(f"train on them: forja train --data {out}   (or forja train --from-feedback, which also replays old data)")
 
 
 bench_app = _typer("Measure speed: bench serve (and bench train).")
@@ -370,6 +510,54 @@ def bench_train(
     typer.echo(f"training {steps} steps with the baseline, then with forja, on {settings.model}...", err=True)
     report = train_benchmark(settings.model, data, steps, max_length, out=as_json)
     typer.echo(render_train(report))
+
+
+@app.command("eval")
+def eval_(
+    testset: Annotated[Path, typer.Option("--testset", "-t", help="Questions with ground truth: .csv, .jsonl or .xlsx.")],
+    model: ModelOpt = None,
+    compare: Annotated[Optional[list[str]], typer.Option("--compare", help="Another model or persona to answer the same questions (repeatable).")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="LLM judge: a model forja can load, or an OpenAI-compatible base URL (http://host/v1).")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at that URL (default: the first it lists); key from FORJA_JUDGE_API_KEY or OPENAI_API_KEY.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default FORJA_HOME/evals/DATE-TIME).")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE: exit 1 when the first model's mean is lower (repeatable).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy).", min=1)] = 128,
+    question_col: Annotated[str, typer.Option(help="Column holding the questions.")] = "question",
+    answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity and a judge; write reports."""
+    from forja.evaluate import EvalError, check_thresholds, evaluate, load_testset, parse_thresholds, write_reports
+
+    settings = settings_from(config, model=model)
+    thresholds = parse_thresholds(fail_under or [])
+    if "judge" in thresholds and not judge:
+        raise EvalError("--fail-under judge=... needs a judge: add --judge MODEL_OR_URL")
+    cases = load_testset(testset, question_col, answer_col)
+    result = evaluate([settings.model, *(compare or [])], cases, settings, judge=judge, judge_model=judge_model,
+                      max_new_tokens=max_tokens, progress=not quiet)
+    result.testset = str(testset)
+    if out is None:
+        out = settings.home / "evals" / time.strftime("%Y%m%d-%H%M%S")
+    paths = write_reports(result, out)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", *result.models, title=f"{len(cases)} questions: mean [95% interval]")
+    for metric in result.metrics:
+        table.add_row(metric, *(f"{result.means[m][metric]:.3f} [{result.intervals[m][metric][0]:.3f}, "
+                                f"{result.intervals[m][metric][1]:.3f}]" if metric in result.means[m] else "-"
+                                for m in result.models))
+    Console().print(table)
+    stats = result.stats
+    typer.echo(f"{stats.get('answers_computed', 0)} answers generated, {stats.get('answers_cached', 0)} from cache"
+               + (f"; {stats.get('judge_computed', 0)} judge calls, {stats.get('judge_cached', 0)} from cache" if judge else "")
+               + f"; {stats['seconds']:.1f}s")
+    typer.echo(f"reports: {paths['html']} (and rows.csv, rows.jsonl, summary.md in {out})")
+    failures = check_thresholds(result, thresholds)
+    if failures:
+        raise EvalError(f"--fail-under: {'; '.join(failures)}")
 
 
 @app.command("config")

@@ -82,6 +82,12 @@ class Client:
         except httpx.TransportError as exc:
             raise ClientError(self._unreachable(exc)) from None
 
+    def feedback(self, exchange_id: str, *, rating: str | None = None, correction: str | None = None,
+                 comment: str | None = None) -> dict[str, Any]:
+        """Rate or correct the answer with this id; returns the stored feedback row."""
+        body = _present({"id": exchange_id, "rating": rating, "correction": correction, "comment": comment})
+        return self._call("POST", "/v1/feedback", json=body).json()
+
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
@@ -121,12 +127,44 @@ def ask(client: Client, question: str, *, model: str | None, system: str | None,
     return answer
 
 
-CHAT_HELP = "Commands: /persona NAME (switch; /persona alone lists them), /reset (forget the conversation), /exit"
+FEEDBACK_PROMPT = "Was this answer right? [g]ood, [b]ad, [f]ix (type the right answer), Enter to skip: "
+
+
+def ask_feedback(client: Client, answer: Answer, inp: TextIO, out: TextIO) -> dict[str, Any] | None:
+    """After `forja ask --feedback`: one line from the user becomes a rating or a correction."""
+    out.write(FEEDBACK_PROMPT)
+    out.flush()
+    reply = inp.readline().strip()
+    choice, _, rest = reply.partition(" ")
+    choice = choice.lower()
+    if choice in ("g", "good", "y", "yes", "+"):
+        row = client.feedback(answer.id, rating="up")
+    elif choice in ("b", "bad", "n", "no", "-"):
+        row = client.feedback(answer.id, rating="down")
+    elif choice in ("f", "fix"):
+        correction = rest.strip()
+        if not correction:
+            out.write("the right answer: ")
+            out.flush()
+            correction = inp.readline().strip()
+        if not correction:
+            out.write("(no correction given; nothing sent)\n")
+            return None
+        row = client.feedback(answer.id, rating="down", correction=correction)
+    else:
+        return None
+    out.write(f"(feedback {row['id']} stored, thank you)\n")
+    return row
+
+
+CHAT_HELP = ("Commands: /persona NAME (switch; /persona alone lists them), /reset (forget the conversation), "
+             "/good or /bad (rate the last answer), /fix TEXT (correct it), /exit")
 
 
 def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampling: Any) -> None:
     """`forja chat`: a conversation that remembers its turns; reads lines from `inp` until /exit or EOF."""
     history: list[dict[str, str]] = []
+    last: Answer | None = None  # the answer /good, /bad and /fix apply to
     names = [m["id"] for m in client.models()]  # also checks the server is there before the first question
     if model and model not in names:
         raise ClientError(f"the server has no model or persona {model!r}; it offers: {', '.join(names)}")
@@ -147,10 +185,28 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
             break
         if text == "/reset":
             history.clear()
+            last = None
             out.write("(conversation forgotten)\n")
             continue
         if text == "/help":
             out.write(CHAT_HELP + "\n")
+            continue
+        command = text.split()[0]
+        if command in ("/good", "/bad", "/fix"):
+            correction = text.removeprefix("/fix").strip() if command == "/fix" else None
+            if last is None or not last.id:
+                out.write("(no answer to rate yet)\n")
+            elif command == "/fix" and not correction:
+                out.write("usage: /fix THE RIGHT ANSWER\n")
+            else:
+                try:
+                    row = client.feedback(last.id, rating="up" if command == "/good" else "down", correction=correction)
+                except ClientError as exc:
+                    out.write(f"error: {exc}\n")
+                    continue
+                if correction:  # the conversation goes on from the corrected answer
+                    history[-1] = {"role": "assistant", "content": correction}
+                out.write(f"(feedback {row['id']} stored)\n")
             continue
         if text.startswith("/persona"):
             name = text.removeprefix("/persona").strip()
@@ -162,6 +218,7 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
             else:
                 current = name
                 history.clear()
+                last = None
                 out.write(f"(now talking to {current}; new conversation)\n")
             continue
         if text.startswith("/"):
@@ -180,5 +237,6 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
             continue
         out.write("\n")
         history.append({"role": "assistant", "content": answer.text})
+        last = answer
     out.write("bye\n")
 

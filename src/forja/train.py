@@ -34,6 +34,7 @@ IGNORE = -100  # label of a token that is not trained on (prompt, system, user t
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+DATA_FILE = "data.jsonl"  # the training rows, in the run directory and in the version
 # Activation memory above which `gradient_checkpointing: auto` turns checkpointing on. The 4 GB VPS
 # this is made for must hold the weights, the optimizer and the activations with room to spare.
 AUTO_CHECKPOINTING_BYTES = 512 * 2**20
@@ -226,12 +227,12 @@ def prepared_data(paths: list[Path], directory: Path, config: TrainSettings) -> 
     """Use a JSONL written by `forja data prepare` as it is; prepare anything else into the run directory."""
     if len(paths) == 1 and paths[0].suffix == ".jsonl" and meta_path(paths[0]).is_file():
         meta = json.loads(meta_path(paths[0]).read_text())
-        local = directory / "data.jsonl"
+        local = directory / DATA_FILE
         shutil.copy(paths[0], local)
         if validation_path(paths[0]).is_file():
             shutil.copy(validation_path(paths[0]), validation_path(local))
         return local, meta["hash"]
-    summary = prepare(paths, directory / "data.jsonl", val_fraction=config.val_fraction, seed=config.seed)
+    summary = prepare(paths, directory / DATA_FILE, val_fraction=config.val_fraction, seed=config.seed)
     return summary.train_path, summary.hash
 
 
@@ -496,8 +497,9 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def copy_records(source: Path, target: Path) -> None:
-    """The run's description, metrics log and loss plot travel with every version made from it."""
-    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE):
+    """The run's description, metrics log, loss plot and training data travel with every version made
+    from it (the data lets a later retrain replay it, so the version does not forget)."""
+    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE, DATA_FILE, validation_path(DATA_FILE).name):
         if (source / name).exists():
             shutil.copy(source / name, target / name)
 

@@ -1,6 +1,7 @@
 // The chat page: keeps the conversation, streams answers from /v1/chat/completions (server-sent
-// events), persona selector and stop button. Text from the user or the model is only ever set with
-// textContent, never innerHTML.
+// events), persona selector, stop button, and under each answer thumbs up/down and an "improve this
+// answer" box that send feedback to /v1/feedback. Text from the user or the model is only ever set
+// with textContent, never innerHTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -40,7 +41,8 @@ async function loadPersonas() {
   for (const model of (await response.json()).data) {
     const option = document.createElement("option");
     option.value = model.id;
-    option.textContent = model.kind === "base" ? model.id.split("/").pop() + " (plain model)"
+    option.textContent = model.kind === "active" ? model.id.split("/").pop() + " (active model)"
+      : model.kind === "base" ? model.id.split("/").pop() + " (plain model)"
       : model.description ? model.id + " — " + model.description : model.id;
     option.dataset.kind = model.kind;
     select.append(option);
@@ -55,6 +57,63 @@ function reset(note) {
   $("messages").replaceChildren();
   if (note) addMessage("note", note);
   setStatus("");
+}
+
+function button(label, title, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.title = title;
+  b.setAttribute("aria-label", title);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// Thumbs up/down and a correction box under an answer; `turn` is the answer's place in the history.
+function feedbackBar(bubble, id, turn) {
+  const bar = document.createElement("div");
+  bar.className = "feedback";
+  const note = document.createElement("span");
+  note.className = "feedback-note";
+  const box = document.createElement("form");
+  box.className = "improve";
+  box.hidden = true;
+  const area = document.createElement("textarea");
+  area.rows = 3;
+  area.placeholder = "What should the answer have been?";
+  area.setAttribute("aria-label", "Corrected answer");
+  const send = document.createElement("button");
+  send.type = "submit";
+  send.textContent = "Send correction";
+  box.append(area, send);
+
+  async function post(body, done) {
+    try {
+      const response = await fetch("/v1/feedback", { method: "POST", headers: headers(),
+                                                     body: JSON.stringify({ id, ...body }) });
+      if (!response.ok) throw new Error(await errorText(response));
+      note.textContent = done;
+      bar.classList.add("sent");
+      return true;
+    } catch (err) {
+      note.textContent = "Feedback not sent: " + String(err.message || err);
+      return false;
+    }
+  }
+  const up = button("✓ Good", "Good answer", () => post({ rating: "up" }, "Thanks!"));
+  const down = button("✗ Bad", "Bad answer", () => { post({ rating: "down" }, "Thanks — you can also correct it."); box.hidden = false; });
+  const improve = button("Improve this answer", "Improve this answer", () => { box.hidden = !box.hidden; if (!box.hidden) area.focus(); });
+  box.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const correction = area.value.trim();
+    if (!correction) { area.focus(); return; }
+    if (await post({ rating: "down", correction }, "Correction saved — the next version learns from it.")) {
+      box.hidden = true;
+      if (state.history[turn]) state.history[turn].content = correction; // the conversation goes on from it
+    }
+  });
+  bar.append(up, down, improve, note);
+  bubble.after(bar, box);
 }
 
 function busy(on) {
@@ -72,6 +131,7 @@ async function ask(text) {
   setStatus("");
   let answer = "";
   let finish = null;
+  let responseId = null;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
@@ -93,6 +153,7 @@ async function ask(text) {
         if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
         const chunk = JSON.parse(event.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.id) responseId = chunk.id;
         for (const choice of chunk.choices) {
           if (choice.delta && choice.delta.content) {
             answer += choice.delta.content;
@@ -110,6 +171,7 @@ async function ask(text) {
     bubble.classList.remove("streaming");
     if (!answer && finish !== "stopped") bubble.classList.add("empty");
     if (answer) state.history.push({ role: "assistant", content: answer });
+    if (answer && responseId && finish !== "stopped") feedbackBar(bubble, responseId, state.history.length - 1);
     if (finish === "stopped" || finish === "length") {
       const meta = document.createElement("span");
       meta.className = "meta";

@@ -1,0 +1,347 @@
+"""The feedback loop: exchanges and feedback stored durably, exported as training pairs, a retrain from
+the active version that is promoted only when it does not regress, promote and rollback by hand."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from forja import models
+from forja.cli import app
+from forja.config import TrainSettings, load_settings
+from forja.feedback import collect_pairs, export, write_jsonl
+from forja.serve.app import create_app
+from forja.store import MIGRATIONS, Store, UnknownExchange
+
+runner = CliRunner()
+ADMIN_KEY = "admin-key-0123456789abcdef"
+USER_KEY = "user-key-0123456789abcdef"
+
+
+def chat(url: str, question: str, key: str | None = None, **extra) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, **extra}
+    reply = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def log(store: Store, exchange_id: str, question: str, answer: str, model: str = "m") -> None:
+    store.log_exchange(id=exchange_id, route="chat", model=model, persona=None,
+                       messages=[{"role": "user", "content": question}], answers=[answer], params={},
+                       prompt_tokens=5, completion_tokens=3, latency_ms=10.0, finish_reason="stop", api_key_name=None)
+
+
+# ------------------------------------------------------------------------------------------------ store
+
+
+def test_store_migrates_in_order_once_and_upgrades_an_old_database(tmp_path):
+    import sqlalchemy as sa
+
+    from forja.store import migrations_table
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    engine = sa.create_engine(url)  # a database made by a release that knew only the first migration
+    with engine.begin() as conn:
+        migrations_table.create(conn)
+        MIGRATIONS[0][1](conn)
+        conn.execute(migrations_table.insert().values(name=MIGRATIONS[0][0], applied_at=0.0))
+    engine.dispose()
+
+    store = Store(url)
+    assert store.applied == [name for name, _ in MIGRATIONS[1:]]  # only what was missing
+    assert store.migrations() == [name for name, _ in MIGRATIONS]
+    assert Store(url).applied == []  # opening again changes nothing
+    log(store, "x1", "¿Hola?", "Hola.")
+    with pytest.raises(UnknownExchange):
+        store.add_feedback("nope", rating="up")
+    raw = sqlite3.connect(tmp_path / "f.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(sqlite3.IntegrityError):  # the schema itself refuses a rating that is not up/down
+        raw.execute("INSERT INTO feedback (exchange_id, created_at, choice, rating) VALUES ('x1', 0, 0, 'meh')")
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory, start_server):
+    home = tmp_path_factory.mktemp("feedback-home")
+    keys = [{"name": "ana", "key": USER_KEY}, {"name": "root", "key": ADMIN_KEY, "admin": True}]
+    settings = load_settings(home=home, model=str(tiny_model_dir), serve={"api_keys": keys})
+    server = start_server(create_app(settings, str(tiny_model_dir)))
+    server.settings = settings
+    return server
+
+
+def test_every_exchange_is_stored_under_the_id_the_api_returned(served):
+    store = served.app.state.forja.store
+    reply = chat(served.url, "¿Qué tal?", USER_KEY, temperature=0)
+    exchange = store.exchange(reply["id"])
+    assert exchange is not None and exchange.route == "chat"
+    assert exchange.messages == [{"role": "user", "content": "¿Qué tal?"}]
+    assert exchange.answers == [reply["choices"][0]["message"]["content"]]
+    assert exchange.completion_tokens == reply["usage"]["completion_tokens"]
+    assert exchange.prompt_tokens == reply["usage"]["prompt_tokens"]
+    assert exchange.params["max_new_tokens"] == 12 and exchange.params["temperature"] == 0
+    assert exchange.api_key_name == "ana" and exchange.latency_ms > 0
+
+    from openai import OpenAI  # a streamed answer is stored too, before the stream ends
+
+    client = OpenAI(base_url=served.url + "/v1", api_key=USER_KEY)
+    chunks = list(client.chat.completions.create(model=str(served.app.state.forja.base), stream=True, max_tokens=8,
+                                                 messages=[{"role": "user", "content": "Hola"}]))
+    streamed = store.exchange(chunks[0].id)
+    assert streamed is not None
+    assert streamed.answers == ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices)]
+
+    predicted = httpx.post(served.url + "/predict", json={"prompt": "Hola", "max_length": 5, "num_return_sequences": 2},
+                           headers={"Authorization": f"Bearer {USER_KEY}"}).json()
+    assert store.exchange(predicted[0]["id"].rsplit("-", 1)[0]).route == "predict"
+
+
+def test_feedback_is_stored_with_its_sender_and_errors_are_clear(served):
+    auth = {"Authorization": f"Bearer {USER_KEY}"}
+    reply = chat(served.url, "¿Cuándo abrís?", USER_KEY)
+    sent = httpx.post(served.url + "/feedback", headers=auth,
+                      json={"id": reply["id"], "rating": "down", "correction": "  De 9 a 14.  ", "comment": "mal"})
+    assert sent.status_code == 201, sent.text
+    row = sent.json()
+    assert row["object"] == "feedback" and row["exchange_id"] == reply["id"]
+    assert (row["rating"], row["correction"], row["comment"], row["sender"]) == ("down", "De 9 a 14.", "mal", "ana")
+
+    classic = httpx.post(served.url + "/v1/feedback", headers=auth, json={"id": reply["id"], "text": "muy lento"})
+    assert classic.status_code == 201 and classic.json()["comment"] == "muy lento" and classic.json()["rating"] is None
+    only_fix = httpx.post(served.url + "/v1/feedback", headers=auth, json={"id": reply["id"], "correction": "A las 9."})
+    assert only_fix.json()["rating"] == "down"  # a correction says the answer was wrong
+
+    predicted = httpx.post(served.url + "/predict", headers=auth,
+                           json={"prompt": "Hola", "max_length": 4, "num_return_sequences": 2}).json()
+    second = httpx.post(served.url + "/feedback", headers=auth, json={"id": predicted[1]["id"], "rating": "up"})
+    assert second.status_code == 201 and second.json()["choice"] == 1
+
+    unknown = httpx.post(served.url + "/feedback", headers=auth, json={"id": "chatcmpl-nope", "rating": "up"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "exchange_not_found"
+    empty = httpx.post(served.url + "/feedback", headers=auth, json={"id": reply["id"], "comment": "   "})
+    assert empty.status_code == 422 and "rating" in empty.json()["error"]["message"]
+    bad = httpx.post(served.url + "/feedback", headers=auth, json={"id": reply["id"], "rating": "meh"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "rating"
+    wrong_choice = httpx.post(served.url + "/feedback", headers=auth, json={"id": reply["id"], "rating": "up", "choice": 3})
+    assert wrong_choice.status_code == 422
+    anonymous = httpx.post(served.url + "/feedback", json={"id": reply["id"], "rating": "up"})
+    assert anonymous.status_code == 401
+
+
+def test_admin_switches_the_active_model_without_a_restart(served, tiny_model_dir, tmp_path):
+    settings = served.settings
+    clone = tmp_path / "clone"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, clone)
+    user = {"Authorization": f"Bearer {USER_KEY}"}
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.post(served.url + "/admin/models/activate", json={"model": str(clone)}).status_code == 401
+    refused = httpx.post(served.url + "/admin/models/activate", headers=user, json={"model": str(clone)})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+    missing = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": "no-such-version"})
+    assert missing.status_code == 404
+    switched = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": str(clone)})
+    assert switched.status_code == 200 and switched.json()["active"] == str(clone)
+    assert chat(served.url, "Hola", USER_KEY)["model"] == str(clone)  # no model named: the active one answers
+    assert httpx.get(served.url + "/health").json()["active_model"] == str(clone)
+    back = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": str(tiny_model_dir)})
+    assert back.json()["active"] == str(tiny_model_dir)
+    assert settings.models_dir.joinpath(models.ACTIVE_FILE).exists() is False  # pinned by --model: registry untouched
+
+
+def test_acknowledged_feedback_survives_kill_9(tiny_model_dir, tmp_path):
+    home = tmp_path / "home"
+    port = _free_port()
+    env = {**os.environ, "FORJA_HOME": str(home)}
+    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", str(tiny_model_dir),
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+            time.sleep(0.1)
+        reply = chat(url, "Hola")
+        acknowledged = []
+        for i in range(5):
+            sent = httpx.post(url + "/feedback", json={"id": reply["id"], "rating": "down", "correction": f"Hola {i}."})
+            assert sent.status_code == 201
+            acknowledged.append(sent.json()["id"])
+        server.send_signal(signal.SIGKILL)  # right after the last 201: no shutdown, no flush
+        server.wait(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    raw = sqlite3.connect(home / "forja.db")
+    assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = [r[0] for r in raw.execute("SELECT id FROM feedback ORDER BY id")]
+    assert stored == acknowledged
+    raw.close()
+    store = Store(f"sqlite:///{home / 'forja.db'}")  # and it opens cleanly through forja
+    assert [r["correction"] for r in store.feedback_rows()][0] == "Hola 4."
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_export_turns_feedback_into_pairs_and_skips_what_teaches_nothing(tmp_path):
+    settings = load_settings()
+    store = Store.open(settings)
+    log(store, "a", "¿Horario?", "No sé.")
+    log(store, "b", "¿Dónde?", "Calle Yunque 12.")
+    log(store, "c", "¿Precio?", "Gratis.")
+    log(store, "d", "¿Y el pan?", "Rico.")
+    store.add_feedback("a", rating="down", correction="De 7 a 14.")
+    store.add_feedback("a", rating="down", correction="De 8 a 14.")  # the newest correction wins
+    store.add_feedback("b", rating="up")
+    store.add_feedback("c", rating="down")  # wrong, but says nothing about what is right
+    store.add_feedback("d", comment="¿pan integral?")
+
+    summary = export(settings, tmp_path / "fb.jsonl", preferences=True)
+    rows = [json.loads(line) for line in (tmp_path / "fb.jsonl").read_text().splitlines()]
+    assert (summary.pairs, summary.corrections, summary.approved) == (2, 1, 1)
+    assert summary.skipped["down_without_correction"] == 1 and summary.skipped["comment_only"] == 1
+    by_exchange = {r["exchange_id"]: r for r in rows}
+    assert by_exchange["a"]["messages"] == [{"role": "user", "content": "¿Horario?"},
+                                            {"role": "assistant", "content": "De 8 a 14."}]
+    assert by_exchange["a"]["kind"] == "correction" and len(by_exchange["a"]["feedback_ids"]) == 2
+    assert by_exchange["b"]["messages"][-1]["content"] == "Calle Yunque 12."
+    preferences = [json.loads(line) for line in summary.preferences_path.read_text().splitlines()]
+    assert preferences == [{"prompt": [{"role": "user", "content": "¿Horario?"}], "chosen": "De 8 a 14.",
+                            "rejected": "No sé.", "exchange_id": "a", "feedback_ids": by_exchange["a"]["feedback_ids"]}]
+
+    store.mark_used(by_exchange["a"]["feedback_ids"], "v2")
+    pairs, _ = collect_pairs(store)
+    assert [p.exchange_id for p in pairs] == ["b"]  # used rows are not counted twice
+    result = runner.invoke(app, ["feedback", "export", "--out", str(tmp_path / "all.jsonl"), "--all"])
+    assert result.exit_code == 0, result.output
+    assert "2 pairs (1 corrections, 1 approved answers)" in result.stdout
+    listed = runner.invoke(app, ["feedback", "list", "--json"])
+    assert [json.loads(line)["used_in"] for line in listed.stdout.splitlines()][-2:] == [["v2"], ["v2"]]
+    stats = json.loads(runner.invoke(app, ["feedback", "stats", "--json"]).stdout)
+    assert stats["feedback"] == 5 and stats["corrections"] == 2 and stats["unused"] == 3
+    assert stats["models"]["m"]["up"] == 1 and stats["models"]["m"]["down"] == 3
+
+
+def test_retrain_without_new_feedback_says_so(tiny_model_dir):
+    result = runner.invoke(app, ["train", "--from-feedback", "--base", str(tiny_model_dir)])
+    assert result.exit_code == 1
+    assert "no new feedback to learn from" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------------------ promote
+
+
+def test_promote_and_rollback_by_hand(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    for name in ("v1", "v2"):
+        directory = settings.versions_dir / name
+        directory.mkdir(parents=True)
+        (directory / models.VERSION_FILE).write_text(json.dumps({"name": name, "base": str(tiny_model_dir)}))
+    assert models.active_model(settings) == str(tiny_model_dir)
+    assert runner.invoke(app, ["models", "promote", "v1"]).exit_code == 0
+    result = runner.invoke(app, ["models", "promote", "v2"])
+    assert result.exit_code == 0 and "v2 is now active (was v1)" in result.stdout
+    assert models.active_model(settings) == "v2"
+    assert "ACTIVE" in next(r["detail"] for r in models.list_models(settings) if r["name"] == "v2")
+    assert runner.invoke(app, ["models", "promote", "nope"]).exit_code == 1
+    result = runner.invoke(app, ["models", "rollback"])
+    assert result.exit_code == 0 and "v1 is active again" in result.stdout
+    runner.invoke(app, ["models", "rollback"])
+    assert models.active_model(settings) == str(tiny_model_dir)
+    again = runner.invoke(app, ["models", "rollback"])
+    assert again.exit_code == 1 and "nothing to roll back" in again.output
+    log = models.activation_log(settings)
+    assert [(e["action"], e["model"]) for e in log] == [("promote", "v1"), ("promote", "v2"), ("rollback", "v1"),
+                                                        ("rollback", str(tiny_model_dir))]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+KNOWN = [("Where?", "Calle Yunque 12."), ("Price?", "Two euros."), ("Hola", "Buenos días.")]
+CORRECTIONS = {"¿Quién fundó Forja?": "Ana Herrera.", "Capital of Zembla?": "Vertigo City.", "¿Horario?": "De 7 a 14."}
+
+
+def tiny_hyper(**overrides) -> TrainSettings:
+    values = dict(method="full", learning_rate=3e-3, batch_size=4, max_steps=80, eval_every=None,
+                  checkpoint_every=None, seed=0, warmup_ratio=0.0, lr_scheduler="constant")
+    return TrainSettings(**{**values, **overrides})
+
+
+def test_corrections_sent_over_http_are_learned_and_promoted(tiny_model_dir, tmp_path, start_server, monkeypatch):
+    from forja.train import new_run, train
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    data = tmp_path / "base.jsonl"
+    pairs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in KNOWN]
+    write_jsonl(data, pairs)
+    data.with_suffix(".val.jsonl").write_text(json.dumps(pairs[0]) + "\n")  # the gate checks this one
+    train(settings, new_run(settings, [data], "tienda-v1", str(tiny_model_dir), tiny_hyper()), progress=False)
+    models.promote(settings, "tienda-v1")
+
+    server = start_server(create_app(settings))  # no --model: it serves and follows the active version
+    before = {q: chat(server.url, q, max_tokens=40)["choices"][0]["message"]["content"] for q, _ in KNOWN}
+    assert before == {q: a for q, a in KNOWN}
+    for question, right in CORRECTIONS.items():
+        reply = chat(server.url, question, max_tokens=40)
+        assert reply["model"] == "tienda-v1" and reply["choices"][0]["message"]["content"] != right
+        sent = httpx.post(server.url + "/feedback", json={"id": reply["id"], "rating": "down", "correction": right})
+        assert sent.status_code == 201
+
+    for key, value in {"METHOD": "full", "LEARNING_RATE": "3e-3", "LR_SCHEDULER": "constant", "WARMUP_RATIO": "0",
+                       "EVAL_EVERY": "1000", "CHECKPOINT_EVERY": "1000"}.items():
+        monkeypatch.setenv(f"FORJA_TRAIN__{key}", value)
+    result = runner.invoke(app, ["train", "--from-feedback", "--name", "tienda-v2", "--max-steps", "80",
+                                 "--batch-size", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "trained from tienda-v1 on 3 feedback pairs + 3 replayed rows" in result.stdout
+    assert "gate passed" in result.stdout and "tienda-v2 is now the active version" in result.stdout
+    assert models.active_model(settings) == "tienda-v2"
+
+    # the running server switched at its next request; the corrections are known, the rest unchanged
+    for question, right in CORRECTIONS.items():
+        reply = chat(server.url, question, max_tokens=40)
+        assert reply["model"] == "tienda-v2"
+        assert reply["choices"][0]["message"]["content"] == right
+    for question, answer in KNOWN:
+        assert chat(server.url, question, max_tokens=40)["choices"][0]["message"]["content"] == answer == before[question]
+
+    version = json.loads((settings.versions_dir / "tienda-v2" / "version.json").read_text())
+    assert version["base"] == "tienda-v1"  # trained on top of the active version, not the original base
+    store = server.app.state.forja.store
+    assert sorted(r["feedback_id"] for r in store.used_by("tienda-v2")) == version["from_feedback"]["train_feedback_ids"]
+    assert len(version["from_feedback"]["train_feedback_ids"]) == 3
+    gate = json.loads((settings.versions_dir / "tienda-v2" / "gate.json").read_text())
+    assert gate["passed"] and gate["cases"] == 1
+    again = runner.invoke(app, ["train", "--from-feedback", "--quiet"])
+    assert again.exit_code == 1 and "no new feedback" in again.output  # nothing counted twice
+
+    assert runner.invoke(app, ["models", "rollback"]).exit_code == 0
+    assert chat(server.url, "Hola", max_tokens=40)["model"] == "tienda-v1"
