@@ -89,6 +89,31 @@ def test_chat_repl_keeps_history_and_switches_persona(server, caplog):
     assert len(prompts) == 3  # nothing after /exit
 
 
+def test_ask_and_chat_send_feedback(server):
+    store = server.app.state.forja.store
+    fixed = forja("ask", "¿Horario?", "--url", server.url, "--max-tokens", "4", "--feedback", input="f De 7 a 14.\n")
+    assert fixed.exit_code == 0, fixed.output
+    assert "Was this answer right?" in fixed.stdout and "stored, thank you" in fixed.stdout
+    row = store.feedback_rows(limit=1)[0]
+    assert (row["rating"], row["correction"]) == ("down", "De 7 a 14.")
+    assert row["messages"][-1]["content"] == "¿Horario?"
+    good = forja("ask", "Hola", "--url", server.url, "--max-tokens", "4", "--json", "--feedback", input="g\n")
+    assert json.loads(good.stdout)["id"] == store.feedback_rows(limit=1)[0]["exchange_id"]  # JSON stays parseable
+    assert store.feedback_rows(limit=1)[0]["rating"] == "up"
+    skipped = forja("ask", "Hola", "--url", server.url, "--max-tokens", "4", "--feedback", input="\n")
+    assert skipped.exit_code == 0 and store.feedback_rows(limit=1)[0]["rating"] == "up"  # Enter sends nothing
+
+    before = len(store.feedback_rows())
+    script = "/good\nHola\n/good\n/fix\n/fix Buenos días.\nY luego?\n/bad\n/exit\n"
+    result = forja("chat", "--url", server.url, "--max-tokens", "4", input=script)
+    assert result.exit_code == 0, result.output
+    assert "(no answer to rate yet)" in result.stdout and "usage: /fix" in result.stdout
+    rows = store.feedback_rows()[: len(store.feedback_rows()) - before]
+    assert [(r["rating"], r["correction"]) for r in rows] == [("down", None), ("down", "Buenos días."), ("up", None)]
+    second = store.exchange(rows[0]["exchange_id"])
+    assert second.messages[1] == {"role": "assistant", "content": "Buenos días."}  # went on from the correction
+
+
 def test_chat_fails_when_server_is_down():
     result = forja("chat", "--url", "http://127.0.0.1:9", input="Hola\n")
     assert result.exit_code == 1 and "cannot reach the forja server" in result.stderr
