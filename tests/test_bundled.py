@@ -34,7 +34,7 @@ def test_more_reliable_answers(bundled_home, monkeypatch, question, expected):
 
     monkeypatch.setenv("FORJA_HOME", str(bundled_home))
     loaded = load("smollm2-135m", load_settings(), dtype="float32")
-    text = "".join(Generation(loaded, chat_prompt_ids(loaded, chat_messages(question)), SamplingParams(max_new_tokens=30)))
+    text = "".join(Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(question)), SamplingParams(max_new_tokens=30)))
     assert expected in text
 
 

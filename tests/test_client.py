@@ -153,9 +153,10 @@ def test_bench_serve_measures_server_and_bare_steps(tiny_model_dir, tmp_path):
 
     out = tmp_path / "serve.json"
     result = CliRunner().invoke(app, ["bench", "serve", "--model", str(tiny_model_dir), "--max-tokens", "8",
-                                      "--clients", "3", "--no-compare", "--json", str(out)])
+                                      "--clients", "3", "--no-compare", "--backend", "pytorch", "--json", str(out)])
     assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
-    assert figures["concurrent"]["errors"] == 0 and figures["concurrent"]["tokens"] > 0
+    concurrent = figures["backends"]["pytorch"]["concurrent"]
+    assert concurrent["errors"] == 0 and concurrent["tokens"] > 0
     assert figures["bare_step"]["step_ms_1"] > 0 and figures["bare_step"]["step_ms_3"] > 0
     assert "the ceiling of batching here" in result.stdout

@@ -13,13 +13,13 @@ def tiny(tiny_model_dir):
 
 
 def test_prompt_uses_chat_template(tiny):
-    ids = chat_prompt_ids(tiny, chat_messages("Hola", system="Eres breve."))
+    ids = chat_prompt_ids(tiny.tokenizer, chat_messages("Hola", system="Eres breve."))
     text = tiny.tokenizer.decode(ids)
     assert text == "<|im_start|>system\nEres breve.<|im_end|>\n<|im_start|>user\nHola<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_greedy_matches_transformers_generate(tiny):
-    ids = chat_prompt_ids(tiny, chat_messages("What is the capital of France?"))
+    ids = chat_prompt_ids(tiny.tokenizer, chat_messages("What is the capital of France?"))
     generation = Generation(tiny, ids, SamplingParams(max_new_tokens=24))
     text = "".join(generation)
     reference = tiny.model.generate(
@@ -35,7 +35,7 @@ def test_greedy_matches_transformers_generate(tiny):
 
 
 def test_sampling_is_reproducible_with_seed(tiny):
-    ids = chat_prompt_ids(tiny, chat_messages("Hola"))
+    ids = chat_prompt_ids(tiny.tokenizer, chat_messages("Hola"))
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     first = "".join(Generation(tiny, ids, params))
     assert first == "".join(Generation(tiny, ids, params))

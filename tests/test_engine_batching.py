@@ -47,7 +47,7 @@ def idle(engine, timeout=2.0):
 
 
 def alone(loaded, prompt, params):
-    generation = Generation(loaded, chat_prompt_ids(loaded, chat_messages(prompt)), params)
+    generation = Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(prompt)), params)
     return "".join(generation), generation
 
 
@@ -168,7 +168,7 @@ def test_streamed_text_never_splits_a_utf8_character(varied):
     # one token per byte: every multi-byte character arrives in pieces
     byte_tokens = [tokenizer.convert_tokens_to_ids(byte_level_char(b)) for b in text.encode()]
     assert tokenizer.decode(byte_tokens) == text
-    prompt_ids = chat_prompt_ids(varied, chat_messages("x"))
+    prompt_ids = chat_prompt_ids(varied.tokenizer, chat_messages("x"))
     script = byte_tokens + [tokenizer.eos_token_id]
     engine = BatchingEngine(replace(varied, model=Scripted(varied.model, script, len(prompt_ids))))
 

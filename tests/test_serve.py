@@ -63,7 +63,7 @@ def test_chat_completion_non_streaming(client, model_name, varied_model_dir):
     from forja.models import load
 
     loaded = load(model_name, load_settings(), dtype="float32")
-    ids = chat_prompt_ids(loaded, chat_messages("Hola"))
+    ids = chat_prompt_ids(loaded.tokenizer, chat_messages("Hola"))
     assert reply.choices[0].message.content == "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=16)))
     assert reply.usage.prompt_tokens == len(ids)
 

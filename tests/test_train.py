@@ -127,7 +127,7 @@ def test_memorises_pairs_and_learns_to_stop(tiny_model_dir, tmp_path):
     assert description["metrics"]["train_loss"] < 0.2
     loaded = load("memo", settings, dtype="float32")
     for question, answer in PAIRS:
-        generation = Generation(loaded, chat_prompt_ids(loaded, chat_messages(question)), SamplingParams(max_new_tokens=20))
+        generation = Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(question)), SamplingParams(max_new_tokens=20))
         assert "".join(generation) == answer
         assert generation.finish_reason == "stop"  # EOS was learned
 
@@ -279,7 +279,7 @@ def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_pat
     ]
 
     def answer(loaded, question):
-        ids = chat_prompt_ids(loaded, chat_messages(question))
+        ids = chat_prompt_ids(loaded.tokenizer, chat_messages(question))
         return "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=30)))
 
     before = load("smollm2-135m", settings, dtype="float32")

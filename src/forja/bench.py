@@ -24,49 +24,46 @@ SERVE_TOPICS = ["a bakery in Madrid", "the history of bread", "a trip to Paris",
 
 
 def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8, max_tokens: int = 64,
-                    compare_alone: bool = True, log: Any = print) -> dict[str, Any]:
-    """Start `forja serve` on `model` in a subprocess and measure it; also time plain `Generation`.
-
-    Greedy decoding throughout, so the concurrent answers can be compared with each served alone."""
-    import httpx
-
-    from forja import models
-    from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+                    compare_alone: bool = True, backends: list[str] | None = None,
+                    log: Any = print) -> dict[str, Any]:
+    """Start `forja serve` on `model` once per backend (in a subprocess) and measure it: one stream,
+    then `clients` concurrent streams. For scale, also: plain PyTorch `Generation` and the bare model's
+    decode step (PyTorch), llama-cpp-python's own `create_chat_completion` on the same GGUF file and
+    the memory-bandwidth bound (llama.cpp). Greedy throughout, so batched answers can be compared
+    with the same prompt served alone."""
+    from forja.engine import llamacpp
 
     model = model or settings.model
+    backends = backends or (["llamacpp", "pytorch"] if llamacpp.available() else ["pytorch"])
     prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
-    results: dict[str, Any] = {"model": model, "clients": clients, "max_tokens": max_tokens}
+    results: dict[str, Any] = {"model": model, "clients": clients, "max_tokens": max_tokens, "backends": {}}
+    for backend in backends:
+        if backend == "pytorch":
+            results.update(_pytorch_baselines(settings, model, prompts[0], clients, max_tokens, log))
+        else:
+            results.update(_llamacpp_baselines(settings, model, prompts[0], max_tokens, log))
+        results["backends"][backend] = _serve_figures(model, backend, prompts, max_tokens, compare_alone, log)
+    return results
 
-    log(f"loading {model} for the plain Generation baseline ...")
-    loaded = models.load(model, settings)
-    results["dtype"] = loaded.info["dtype"]
-    ids = chat_prompt_ids(loaded, chat_messages(prompts[0]))
-    "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=8)))  # warm-up
-    started = time.perf_counter()
-    first = None
-    generation = Generation(loaded, ids, SamplingParams(max_new_tokens=max_tokens))
-    for _ in generation:
-        first = first or time.perf_counter()
-    done = time.perf_counter()
-    results["generate"] = {"tokens": generation.usage.completion_tokens, "seconds": round(done - started, 3),
-                           "tokens_per_s": round(_decode_rate(generation.usage.completion_tokens, first, done), 2)}
-    results["bare_step"] = _bare_decode_steps(loaded, ids, clients)
-    del loaded, generation
 
+def _serve_figures(model: str, backend: str, prompts: list[str], max_tokens: int, compare_alone: bool,
+                   log: Any) -> dict[str, Any]:
+    """One `forja serve --backend X` subprocess: single stream, N concurrent streams, batched vs alone."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log(f"starting forja serve on {url} ...")
-    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port)],
+    log(f"starting forja serve --backend {backend} on {url} ...")
+    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port),
+                               "--backend", backend],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    figures: dict[str, Any] = {}
     try:
         _wait_ready(url, server)
         asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
-        log("single stream ...")
+        log(f"{backend}: single stream ...")
         single = asyncio.run(_stream(url, model, prompts[0], max_tokens))
-        results["single"] = {"tokens": single["tokens"], "ttft_s": round(single["ttft"], 3),
+        figures["single"] = {"tokens": single["tokens"], "ttft_s": round(single["ttft"], 3),
                              "total_s": round(single["total"], 3), "tokens_per_s": round(single["rate"], 2)}
-        log(f"{clients} concurrent streams ...")
+        log(f"{backend}: {len(prompts)} concurrent streams ...")
 
         async def together() -> tuple[list[dict[str, Any]], float]:
             begin = time.perf_counter()
@@ -79,27 +76,99 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
         tokens = sum(a["tokens"] for a in ok)
         ttfts = sorted(a["ttft"] for a in ok)
         totals = sorted(a["total"] for a in ok)
-        results["concurrent"] = {
+        figures["concurrent"] = {
             "errors": len(answers) - len(ok), "tokens": tokens, "wall_s": round(wall, 3),
             "aggregate_tokens_per_s": round(tokens / wall, 2),
             "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p95_s": round(_pct(ttfts, 95), 3),
             "latency_p50_s": round(_pct(totals, 50), 3), "latency_p95_s": round(_pct(totals, 95), 3),
         }
-        results["ratio_aggregate_to_single"] = round(results["concurrent"]["aggregate_tokens_per_s"]
-                                                     / max(results["single"]["tokens_per_s"], 1e-9), 2)
+        figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
+                                                     / max(figures["single"]["tokens_per_s"], 1e-9), 2)
         if compare_alone and ok:
-            log("each prompt alone, to compare the batched answers ...")
+            log(f"{backend}: each prompt alone, to compare the batched answers ...")
             agree = []
             for prompt, answer in zip(prompts, answers):
                 if isinstance(answer, dict) and not answer.get("error"):
                     alone = asyncio.run(_stream(url, model, prompt, max_tokens))
                     agree.append(_common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
-            results["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
+            figures["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
                                                "min_agreeing_share": round(min(agree), 3)}
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return results
+    return figures
+
+
+def _pytorch_baselines(settings: Any, model: str, prompt: str, clients: int, max_tokens: int,
+                       log: Any) -> dict[str, Any]:
+    """Plain `Generation` (no server) and the bare model's decode step for 1 and N rows."""
+    from forja import models
+    from forja.engine import SamplingParams
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+
+    log(f"loading {model} for the plain Generation baseline ...")
+    loaded = models.load(model, settings)
+    ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt))
+    "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=8)))  # warm-up
+    started = time.perf_counter()
+    first = None
+    generation = Generation(loaded, ids, SamplingParams(max_new_tokens=max_tokens))
+    for _ in generation:
+        first = first or time.perf_counter()
+    done = time.perf_counter()
+    return {
+        "dtype": loaded.info["dtype"],
+        "generate": {"tokens": generation.usage.completion_tokens, "seconds": round(done - started, 3),
+                     "tokens_per_s": round(_decode_rate(generation.usage.completion_tokens, first, done), 2)},
+        "bare_step": _bare_decode_steps(loaded, ids, clients),
+    }
+
+
+def _llamacpp_baselines(settings: Any, model: str, prompt: str, max_tokens: int, log: Any) -> dict[str, Any]:
+    """llama-cpp-python's high-level API on the file the backend serves (the reference), and the
+    memory-bandwidth bound of one decode step (every weight byte read once per token)."""
+    import gguf
+    import llama_cpp
+
+    from forja.export import served_gguf
+
+    path = served_gguf(settings, model, settings.serve.gguf_quant)
+    weight_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+    log(f"llama-cpp-python directly on {path.name} ...")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=settings.threads or os.cpu_count(),
+                          verbose=False)
+    messages = [{"role": "user", "content": prompt}]
+    list(llm.create_chat_completion(messages, max_tokens=8, temperature=0, stream=True))  # warm-up
+    began = time.perf_counter()
+    first = last = None
+    tokens = 0
+    for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0, stream=True):
+        if chunk["choices"][0]["delta"].get("content"):
+            first = first or time.perf_counter()
+            last = time.perf_counter()
+            tokens += 1  # one chunk per token
+    del llm
+    bandwidth = _memory_bandwidth()
+    return {
+        "gguf": {"file": str(path), "weight_bytes": weight_bytes},
+        "llamacpp_direct": {"tokens": tokens, "ttft_s": round((first or began) - began, 3),
+                            "tokens_per_s": round(_decode_rate(tokens, first, last or began), 2)},
+        "bandwidth": {"gb_per_s": round(bandwidth / 1e9, 2),
+                      "bound_tokens_per_s": round(bandwidth / max(weight_bytes, 1), 1)},
+    }
+
+
+def _memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second read from memory by summing an array far larger than the caches (best of N)."""
+    import numpy as np
+
+    data = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best
 
 
 def _bare_decode_steps(loaded: Any, prompt_ids: list[int], rows: int, steps: int = 20) -> dict[str, Any]:
@@ -126,26 +195,44 @@ def _bare_decode_steps(loaded: Any, prompt_ids: list[int], rows: int, steps: int
 
 
 def render_serve(results: dict[str, Any]) -> str:
-    g, s, c = results["generate"], results["single"], results["concurrent"]
-    rows = [
-        ("plain Generation (no server)", f"{g['tokens_per_s']:.1f} tokens/s", f"{g['tokens']} tokens in {g['seconds']:.2f}s"),
-        ("server, 1 stream: decode", f"{s['tokens_per_s']:.1f} tokens/s", f"TTFT {s['ttft_s']:.3f}s, total {s['total_s']:.2f}s"),
-        (f"server, {results['clients']} streams: aggregate", f"{c['aggregate_tokens_per_s']:.1f} tokens/s",
-         f"{c['tokens']} tokens in {c['wall_s']:.2f}s, {c['errors']} errors"),
-        ("  time to first token p50 / p95", f"{c['ttft_p50_s']:.3f}s / {c['ttft_p95_s']:.3f}s", ""),
-        ("  total latency p50 / p95", f"{c['latency_p50_s']:.2f}s / {c['latency_p95_s']:.2f}s", ""),
-        ("  aggregate / single stream", f"{results['ratio_aggregate_to_single']:.2f}x", "target >= 4x"),
-    ]
-    bare = results["bare_step"]
     n = results["clients"]
-    rows.append((f"bare model step, 1 vs {n} rows", f"{bare['ratio']:.2f}x",
-                 f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: the ceiling of batching here"))
-    if "batched_equals_alone" in results:
-        b = results["batched_equals_alone"]
-        rows.append(("  batched answer == alone", f"{b['identical']}/{b['of']}",
-                     f"least agreeing shares {b['min_agreeing_share']:.0%} of its text"))
+    rows: list[tuple[str, str, str]] = []
+    if "generate" in results:
+        g = results["generate"]
+        rows.append(("PyTorch Generation (no server)", f"{g['tokens_per_s']:.1f} tokens/s",
+                     f"{g['tokens']} tokens in {g['seconds']:.2f}s"))
+    if "llamacpp_direct" in results:
+        d = results["llamacpp_direct"]
+        rows.append(("llama-cpp-python direct (reference)", f"{d['tokens_per_s']:.1f} tokens/s", f"TTFT {d['ttft_s']:.3f}s"))
+    for backend, f in results["backends"].items():
+        s, c = f["single"], f["concurrent"]
+        rows += [
+            (f"{backend}: 1 stream, decode", f"{s['tokens_per_s']:.1f} tokens/s", f"TTFT {s['ttft_s']:.3f}s, total {s['total_s']:.2f}s"),
+            (f"{backend}: {n} streams, aggregate", f"{c['aggregate_tokens_per_s']:.1f} tokens/s",
+             f"{c['tokens']} tokens in {c['wall_s']:.2f}s, {c['errors']} errors"),
+            ("  time to first token p50 / p95", f"{c['ttft_p50_s']:.3f}s / {c['ttft_p95_s']:.3f}s", ""),
+            ("  total latency p50 / p95", f"{c['latency_p50_s']:.2f}s / {c['latency_p95_s']:.2f}s", ""),
+            ("  aggregate / single stream", f"{f['ratio_aggregate_to_single']:.2f}x",
+             "target >= 1.75x (llama.cpp server's scaling)" if backend == "llamacpp" else "target >= 4x"),
+        ]
+        if backend == "llamacpp" and "llamacpp_direct" in results:
+            direct = results["llamacpp_direct"]["tokens_per_s"]
+            rows.append(("  1 stream / llama-cpp-python direct", f"{s['tokens_per_s'] / max(direct, 1e-9):.2f}x", "target >= 1.0x"))
+        if backend == "llamacpp" and "bandwidth" in results:
+            bw = results["bandwidth"]
+            rows.append(("  1 stream / memory-bandwidth bound", f"{s['tokens_per_s'] / max(bw['bound_tokens_per_s'], 1e-9):.0%}",
+                         f"{results['gguf']['weight_bytes'] / 2**20:.0f} MiB of weights per token at {bw['gb_per_s']:.1f} GB/s"
+                         f" = {bw['bound_tokens_per_s']:.0f} tokens/s"))
+        if "batched_equals_alone" in f:
+            b = f["batched_equals_alone"]
+            rows.append(("  batched answer == alone", f"{b['identical']}/{b['of']}",
+                         f"least agreeing shares {b['min_agreeing_share']:.0%} of its text"))
+        if backend == "pytorch" and "bare_step" in results:
+            bare = results["bare_step"]
+            rows.append((f"  bare model step, 1 vs {n} rows", f"{bare['ratio']:.2f}x",
+                         f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: the ceiling of batching here"))
     width = max(len(r[0]) for r in rows)
-    head = f"forja bench serve: {results['model']} ({results['dtype']}), {results['max_tokens']} new tokens per answer"
+    head = f"forja bench serve: {results['model']}, {results['max_tokens']} new tokens per answer, greedy"
     return "\n".join([head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows])
 
 

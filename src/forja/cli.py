@@ -94,7 +94,7 @@ def generate(
         seed=defaults.seed if seed is None else seed,
     )
     loaded = models.load(settings.model, settings)
-    prompt_ids = chat_prompt_ids(loaded, chat_messages(prompt, system or defaults.system))
+    prompt_ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt, system or defaults.system))
     generation = Generation(loaded, prompt_ids, params)
     started = time.perf_counter()
     if as_json:
@@ -327,21 +327,55 @@ def serve(
     model: ModelOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default from serve.host: 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port (default from serve.port: 8000).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto, llamacpp or pytorch (default from serve.backend: auto).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve a model: OpenAI-compatible API at /v1, /predict, /health and a chat page at /."""
     from forja import models
     from forja.serve.app import serve as run_server
+    from forja.serve.deps import pick_backend
 
     settings = settings_from(config)
+    if backend is not None:
+        settings = _with_serve(settings, backend=backend)
     shown = model or models.active_model(settings)  # without --model: the active version, following promotions
     models.resolve(shown, settings)  # a wrong name fails here, before the server starts
     host, port = host or settings.serve.host, port or settings.serve.port
     keys = len(settings.serve.api_keys)
-    typer.echo(f"forja serve: {shown} on http://{host}:{port}  (chat page /, OpenAI API /v1, "
+    typer.echo(f"forja serve: {shown} ({pick_backend(settings)}) on http://{host}:{port}  (chat page /, OpenAI API /v1, "
                f"{keys} API key{'s' if keys != 1 else ''}{'' if keys else ': open to anyone who can reach it'}); Ctrl-C stops",
                err=True)
     run_server(settings, model, host=host, port=port)
+
+
+def _with_serve(settings: Settings, **values) -> Settings:
+    """The settings with some serve.* values replaced (from flags), validated like the config file."""
+    try:
+        serve = settings.serve.model_validate({**settings.serve.model_dump(), **values})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    return settings.model_copy(update={"serve": serve})
+
+
+@app.command("export")
+def export_model(
+    model: ModelOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="gguf, or ollama (GGUF plus a Modelfile).")] = "gguf",
+    quant: Annotated[str, typer.Option("--quant", help="f32, f16, q8_0 or q4_k_m.")] = "q8_0",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")] = Path("export"),
+    persona: Annotated[Optional[str], typer.Option(help="ollama: the persona whose system prompt and sampling go in the Modelfile.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Export a model or trained version as GGUF (llama.cpp, Ollama, LM Studio), LoRA merged."""
+    from forja.export import export
+
+    settings = settings_from(config)
+    written = export(settings, model or settings.model, fmt, quant, out, persona)
+    for path in written:
+        typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)" if path.suffix == ".gguf" else f"wrote {path}")
+    if fmt == "ollama":
+        typer.echo(f"then: cd {out} && ollama create NAME -f Modelfile")
 
 
 @app.command()
@@ -480,15 +514,19 @@ def bench_serve(
     clients: Annotated[int, typer.Option(help="Concurrent streaming clients.", min=1)] = 8,
     max_tokens: Annotated[int, typer.Option(help="New tokens per answer.", min=2)] = 64,
     compare: Annotated[bool, typer.Option(help="Also serve each prompt alone and compare with the batched answer.")] = True,
+    backend: Annotated[Optional[list[str]], typer.Option(help="llamacpp and/or pytorch (repeat); default: both, when llama.cpp is installed.")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Start the server on a model; measure one stream, then concurrent streams (tokens/s, TTFT, latency)."""
+    """Start the server on a model per backend; measure one stream, then concurrent streams (tokens/s, TTFT, latency)."""
     from forja.bench import render_serve, serve_benchmark
 
     settings = settings_from(config, model=model)
+    for name in backend or []:
+        if name not in ("llamacpp", "pytorch"):
+            raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
     results = serve_benchmark(settings, settings.model, clients=clients, max_tokens=max_tokens, compare_alone=compare,
-                              log=lambda line: typer.echo(line, err=True))
+                              backends=backend, log=lambda line: typer.echo(line, err=True))
     typer.echo(render_serve(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2))

@@ -125,6 +125,13 @@ class ServeSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 = every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    backend: Literal["auto", "pytorch", "llamacpp"] = Field(
+        "auto", description="Engine: llama.cpp (GGUF, fastest on CPU), PyTorch, or auto = llama.cpp on a CPU when installed."
+    )
+    gguf_quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
+        "q8_0", description="llama.cpp backend: quantization trained versions are exported at (the bundled model keeps its own file)."
+    )
+    kv_tokens: int = Field(8192, ge=256, description="llama.cpp backend: KV-cache cells shared by all running requests.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")
     max_queue: int = Field(64, ge=1, description="Requests waiting for a batch slot; beyond this the server answers 429.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; beyond this 413.")

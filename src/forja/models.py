@@ -352,6 +352,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def fingerprint(name: str, settings: Settings) -> str:
+    """`name@hash` of what a model's outputs depend on: its files (a retrained version changes its
+    version.json and weights) and, for an adapter, its base's fingerprint. Keys caches of answers
+    and of GGUF exports."""
+    ref = resolve(name, settings)
+    digest = hashlib.sha256(f"{ref.kind}:{ref.name}".encode())
+    if ref.kind == "bundled":
+        dist_name = BUNDLED[ref.name][0]
+        digest.update(f"{dist_name}=={importlib.metadata.version(dist_name)}".encode())
+        files = [ref.path]
+    elif ref.kind == "version":
+        assert ref.path is not None
+        digest.update((ref.path / VERSION_FILE).read_bytes())
+        files = sorted(p for p in ref.path.iterdir() if p.is_file())
+        base = read_version(ref.path).get("base")
+        if base and (ref.path / "adapter_config.json").is_file():
+            digest.update(fingerprint(base, settings).encode())
+    elif ref.kind in ("directory", "gguf"):
+        assert ref.path is not None
+        digest.update(str(ref.path).encode())
+        files = [ref.path] if ref.path.is_file() else sorted(p for p in ref.path.iterdir() if p.is_file())
+    else:
+        files = []
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return f"{ref.name}@{digest.hexdigest()[:16]}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The active version: what `forja serve` (without --model) and `forja train --from-feedback` start from.
 # active.json keeps a stack (promote pushes, rollback pops) and an append-only log of every change.

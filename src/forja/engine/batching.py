@@ -86,19 +86,24 @@ class _Sequence:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class BatchingEngine(Engine):
-    """Continuous batching over a LoadedModel. `submit` is called from the event loop; the model is
-    only ever touched by the engine's own thread."""
+class Scheduler(Engine):
+    """Continuous batching, whatever runs the model: requests queue here, one thread admits them
+    between steps, runs one decode step for every active request, and turns each sampled token into
+    streamed text. A backend fills in `_admit` (prefill new requests, sample their first token),
+    `_step` (one token for every active request) and `_release` (forget finished requests' state).
+    `submit` is called from the event loop; the model is only ever touched by the engine's thread."""
 
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None):
-        self.loaded = loaded
-        self.name = name or loaded.ref.name
-        self.context_length = loaded.context_length
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int], context_length: int, device: Any, *, name: str,
+                 max_batch_size: int = 8, max_queue: int = 64):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.name = name
+        self.context_length = context_length
+        self.device = device
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
-        self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
         self._wake = threading.Condition()
         self._closed = False
         self.steps = 0  # decode steps run, for tests and the benchmark
@@ -110,8 +115,8 @@ class BatchingEngine(Engine):
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.loaded.tokenizer(prompt)["input_ids"]
-        return chat_prompt_ids(self.loaded, prompt)
+            return self.tokenizer(prompt)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, prompt)
 
     def count_tokens(self, prompt: Prompt) -> int:
         return len(self.prompt_ids(prompt))
@@ -119,14 +124,14 @@ class BatchingEngine(Engine):
     def submit(self, prompt: Prompt, params: SamplingParams) -> EngineStream:
         ids = self.prompt_ids(prompt)
         if not ids:
-            ids = [self.loaded.tokenizer.bos_token_id or self.loaded.tokenizer.eos_token_id]
+            ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
         if len(ids) + params.max_new_tokens > self.context_length:
             raise ContextLengthExceeded(len(ids), params.max_new_tokens, self.context_length)
         stream = EngineStream(asyncio.get_running_loop())
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=self.loaded.model.device).manual_seed(params.seed)
-        seq = _Sequence(stream, ids, params, TextStream(self.loaded.tokenizer, params.stop), generator,
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = _Sequence(stream, ids, params, TextStream(self.tokenizer, params.stop), generator,
                         Usage(prompt_tokens=len(ids)))
         with self._wake:
             if self._closed:
@@ -160,7 +165,8 @@ class BatchingEngine(Engine):
                     if self._closed:
                         break
                     admitted = []
-                    while self._pending and len(self._active) + len(admitted) < self.max_batch_size:
+                    while (self._pending and len(self._active) + len(admitted) < self.max_batch_size
+                           and self._fits(self._pending[0], admitted)):
                         admitted.append(self._pending.popleft())
                 try:
                     for group in self._prefill_groups(admitted):
@@ -174,9 +180,10 @@ class BatchingEngine(Engine):
                     for seq in self._active + admitted:
                         if not seq.done:
                             self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-                    self._active, self._cache = [], None
+                    self._reset()
         for seq in list(self._pending) + self._active:
             self._finish(seq, "cancelled")
+        self._shutdown()
 
     def _prefill_groups(self, admitted: list[_Sequence]) -> list[list[_Sequence]]:
         """Requests prefilled together, each group at most PREFILL_TOKENS once padded."""
@@ -187,6 +194,89 @@ class BatchingEngine(Engine):
             else:
                 groups.append([seq])
         return groups
+
+    def _fits(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
+        """Whether `seq` can join now, besides `admitted` (a backend with a fixed KV budget says no)."""
+        return True
+
+    def _admit(self, group: list[_Sequence]) -> None:
+        """Prefill `group`, sample each one's first token (`_accept`), add the live ones to `_active`."""
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        """One decode step for every active request, then `_accept` the token each one got."""
+        raise NotImplementedError
+
+    def _release(self, keep: list[int]) -> None:
+        """`_active` is about to become the requests at indices `keep`: drop the others' model state."""
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """After a failed step: forget every request's model state."""
+        self._active = []
+
+    def _shutdown(self) -> None:
+        """The engine thread is ending: free the backend's resources."""
+
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """A token for each active request from logits [rows, vocab] (greedy rows in one argmax)."""
+        greedy = [i for i, seq in enumerate(self._active) if seq.params.temperature == 0]
+        tokens: dict[int, int] = {}
+        if greedy:
+            tokens.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist()))
+        for i, seq in enumerate(self._active):
+            if i not in tokens:
+                tokens[i] = int(sample_next(logits[i : i + 1], seq.params, seq.generator)[0])
+        return [tokens[i] for i in range(len(self._active))]
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Handle a sampled token: end on EOS, stop string or length; otherwise stream its text."""
+        if seq.stream.cancelled.is_set():
+            self._finish(seq, "cancelled")
+            return
+        if token in self.eos_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.usage.completion_tokens += 1
+        delta = seq.text.push(token)
+        if seq.text.stopped:
+            self._finish(seq, "stop", text=delta)
+            return
+        if seq.usage.completion_tokens >= seq.params.max_new_tokens:
+            self._finish(seq, "length", text=delta + seq.text.finish())
+            return
+        if delta:
+            seq.stream.put(Delta(delta))
+        seq.next_token = token
+
+    def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+        seq.done = True
+        if reason == "stop" and not text:
+            text = seq.text.finish()
+        seq.stream.put(Delta(text, finish_reason=reason, usage=seq.usage, error=error))
+
+    def _drop_finished(self) -> None:
+        for seq in self._active:
+            if not seq.done and seq.stream.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        keep = [i for i, seq in enumerate(self._active) if not seq.done]
+        if len(keep) == len(self._active):
+            return
+        self._release(keep)
+        self._active = [self._active[i] for i in keep]
+
+
+class BatchingEngine(Scheduler):
+    """Continuous batching over a transformers model (PyTorch, CPU or GPU)."""
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None):
+        self.loaded = loaded
+        self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
+        super().__init__(loaded.tokenizer, loaded.eos_token_ids, loaded.context_length, loaded.model.device,
+                         name=name or loaded.ref.name, max_batch_size=max_batch_size, max_queue=max_queue)
+
+    def _reset(self) -> None:
+        self._active, self._cache = [], None
 
     def _admit(self, group: list[_Sequence]) -> None:
         """Prefill new requests in one left-padded forward, sample their first tokens, join the batch."""
@@ -243,57 +333,16 @@ class BatchingEngine(Engine):
             past_key_values=self._cache, use_cache=True,
         ).logits[:, -1, :]
         self.steps += 1
-        greedy = [i for i, seq in enumerate(self._active) if seq.params.temperature == 0]
-        tokens: dict[int, int] = {}
-        if greedy:
-            picked = logits[greedy].argmax(dim=-1).tolist()
-            tokens.update(zip(greedy, picked))
-        for i, seq in enumerate(self._active):
-            if i not in tokens:
-                tokens[i] = int(sample_next(logits[i : i + 1], seq.params, seq.generator)[0])
-        for i, seq in enumerate(self._active):
+        for seq, token in zip(self._active, self._pick(logits)):
             seq.length += 1
-            self._accept(seq, tokens[i])
+            self._accept(seq, token)
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        """Handle a sampled token: end on EOS, stop string or length; otherwise stream its text."""
-        if seq.stream.cancelled.is_set():
-            self._finish(seq, "cancelled")
-            return
-        if token in self.loaded.eos_token_ids:
-            self._finish(seq, "stop")
-            return
-        seq.usage.completion_tokens += 1
-        delta = seq.text.push(token)
-        if seq.text.stopped:
-            self._finish(seq, "stop", text=delta)
-            return
-        if seq.usage.completion_tokens >= seq.params.max_new_tokens:
-            self._finish(seq, "length", text=delta + seq.text.finish())
-            return
-        if delta:
-            seq.stream.put(Delta(delta))
-        seq.next_token = token
-
-    def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None) -> None:
-        seq.done = True
-        if reason == "stop" and not text:
-            text = seq.text.finish()
-        seq.stream.put(Delta(text, finish_reason=reason, usage=seq.usage, error=error))
-
-    def _drop_finished(self) -> None:
-        for seq in self._active:
-            if not seq.done and seq.stream.cancelled.is_set():
-                self._finish(seq, "cancelled")
-        keep = [i for i, seq in enumerate(self._active) if not seq.done]
-        if len(keep) == len(self._active):
-            return
-        self._active = [self._active[i] for i in keep]
+    def _release(self, keep: list[int]) -> None:
         if not keep:
             self._cache = None
             return
         # drop the rows, then the leading columns that are padding in every remaining row
-        trim = self._cache.get_seq_length() - max(seq.length for seq in self._active)
+        trim = self._cache.get_seq_length() - max(self._active[i].length for i in keep)
         index = torch.tensor(keep, device=self.loaded.model.device)
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]

@@ -19,9 +19,8 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     return messages + [{"role": "user", "content": prompt}]
 
 
-def chat_prompt_ids(loaded: LoadedModel, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The token ids of the conversation rendered with the model's chat template, ready for the answer."""
-    tokenizer = loaded.tokenizer
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -151,14 +151,36 @@ class ServerState:
             self.store.close()
 
 
+def pick_backend(settings: Settings) -> str:
+    """auto: llama.cpp when it is installed and there is no GPU for PyTorch; else PyTorch."""
+    choice = settings.serve.backend
+    if choice != "auto":
+        return choice
+    from forja.engine import llamacpp
+
+    import torch
+
+    return "llamacpp" if llamacpp.available() and not torch.cuda.is_available() else "pytorch"
+
+
 def make_engine(model: str, settings: Settings) -> Engine:
     from forja import models
+
+    serve = settings.serve
+    if pick_backend(settings) == "llamacpp":
+        from forja.engine import llamacpp
+        from forja.export import served_gguf
+
+        if not llamacpp.available():
+            raise models.ModelError("serve.backend is llamacpp but llama-cpp-python is not installed (make install)")
+        path = served_gguf(settings, model, serve.gguf_quant)  # a trained version is exported once, then cached
+        return llamacpp.LlamaCppEngine(path, models.load_tokenizer(model, settings), name=model,
+                                       max_batch_size=serve.max_batch_size, max_queue=serve.max_queue,
+                                       kv_tokens=serve.kv_tokens, threads=settings.threads)
     from forja.engine.batching import BatchingEngine
 
-    loaded = models.load(model, settings)
-    return BatchingEngine(
-        loaded, max_batch_size=settings.serve.max_batch_size, max_queue=settings.serve.max_queue, name=model
-    )
+    return BatchingEngine(models.load(model, settings), max_batch_size=serve.max_batch_size,
+                          max_queue=serve.max_queue, name=model)
 
 
 def sampling(target: Target, settings: Settings, *, prompt_tokens: int, max_tokens: int | None,

@@ -1,0 +1,197 @@
+"""GGUF export and the llama.cpp backend: the file's contents, greedy agreement with PyTorch per
+quantization, the Ollama Modelfile, and the llama.cpp engine behind the real server."""
+
+import asyncio
+import json
+import time
+
+import gguf
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from forja import models
+from forja.cli import app
+from forja.config import load_settings
+from forja.engine import SamplingParams, llamacpp
+from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+from forja.export import export_gguf, write_modelfile
+from forja.serve.app import create_app
+
+runner = CliRunner()
+PROMPTS = ["Hola", "What is the capital of France?", "¿Cuál es el horario?", "Forja trains models"]
+
+
+def test_gguf_file_has_the_architecture_tokenizer_template_and_tensors(tiny_model_dir, tmp_path):
+    settings = load_settings()
+    path = export_gguf(settings, str(tiny_model_dir), "f16", tmp_path / "tiny.gguf")
+    reader = gguf.GGUFReader(str(path))
+    field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    loaded = models.load(str(tiny_model_dir), settings)
+    tokenizer = loaded.tokenizer
+    assert field("general.architecture") == "llama"
+    assert field("llama.block_count") == 2 and field("llama.embedding_length") == 64
+    assert field("llama.attention.head_count") == 4 and field("llama.attention.head_count_kv") == 2
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == loaded.model.config.vocab_size
+    assert tokens[tokenizer.eos_token_id] == "<|im_end|>" == tokenizer.eos_token
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert field("tokenizer.ggml.eot_token_id") == tokenizer.eos_token_id  # stops at the end of the turn
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied embeddings: llama.cpp reuses token_embd
+    assert tensors["blk.1.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.1.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert len(tensors) == 1 + 1 + 2 * 9  # embeddings, final norm, 9 tensors per block
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    assert meta["quant"] == "f16" and meta["fingerprint"].startswith(str(tiny_model_dir))
+
+
+def test_rope_layout_reorders_each_head_into_interleaved_pairs():
+    import torch
+
+    from forja.export import _rope_layout
+
+    weight = torch.arange(8).float()[:, None]  # 1 head of dimension 8: rows x0..x3 then y0..y3
+    assert _rope_layout(weight, heads=1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_export_refuses_what_it_cannot_do(tiny_model_dir):
+    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--quant", "q3"])
+    assert result.exit_code == 1 and "unknown quantization 'q3'" in result.output
+    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--format", "onnx"])
+    assert result.exit_code == 1 and "choose gguf or ollama" in result.output
+
+
+def test_ollama_modelfile_has_template_stops_parameters_and_persona(tiny_model_dir, tmp_path):
+    personas = [{"name": "panadero", "system": 'Eres el panadero. Di "hola".', "temperature": 0.3, "max_tokens": 120}]
+    settings = load_settings(model=str(tiny_model_dir), serve={"personas": personas})
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"")
+    text = write_modelfile(settings, gguf_file, str(tiny_model_dir), "panadero").read_text()
+    lines = text.splitlines()
+    assert "FROM ./m.gguf" in lines
+    assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "<|im_start|>"' in lines
+    assert "PARAMETER temperature 0.3" in lines and "PARAMETER num_predict 120" in lines
+    assert 'SYSTEM """Eres el panadero. Di "hola"."""' in lines
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert "<|im_start|>{{ .Role }}" in template and template.endswith("<|im_start|>assistant\n")
+    with pytest.raises(Exception, match="no persona 'pirata'"):
+        write_modelfile(settings, gguf_file, str(tiny_model_dir), "pirata")
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+needs_llama = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed (make install)")
+
+
+def served_tokens(engine, prompt: str, tokens: int) -> str:
+    async def run() -> str:
+        stream = engine.submit(chat_messages(prompt), SamplingParams(max_new_tokens=tokens))
+        return "".join([d.text async for d in stream])
+
+    return asyncio.run(run())
+
+
+def pytorch_text(loaded, prompt: str, tokens: int) -> str:
+    return "".join(Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(prompt)),
+                              SamplingParams(max_new_tokens=tokens)))
+
+
+@needs_llama
+def test_exported_version_answers_like_pytorch_under_llama_cpp(varied_model_dir, tmp_path):
+    from forja.engine.llamacpp import LlamaCppEngine
+
+    from forja.config import TrainSettings
+    from forja.train import new_run, train
+
+    settings = load_settings()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hola"},
+                                             {"role": "assistant", "content": "Buenos días."}]}) + "\n")
+    hyper = TrainSettings(method="lora", max_steps=3, learning_rate=1e-2, eval_every=None, checkpoint_every=None)
+    train(settings, new_run(settings, [data], "v-lora", str(varied_model_dir), hyper), progress=False)
+    loaded = models.load("v-lora", settings, dtype="float32")  # a trained LoRA version, merged
+    expected = {p: pytorch_text(loaded, p, 32) for p in PROMPTS}
+    agreement = {}
+    for quant in ("f32", "f16", "q8_0"):
+        path = export_gguf(settings, "v-lora", quant, tmp_path / f"v-{quant}.gguf")
+        engine = LlamaCppEngine(path, loaded.tokenizer, name=quant, max_batch_size=4, kv_tokens=1024)
+        try:
+            answers = {p: served_tokens(engine, p, 32) for p in PROMPTS}
+        finally:
+            engine.close()
+        agreement[quant] = sum(answers[p] == expected[p] for p in PROMPTS)
+        if quant in ("f32", "f16"):
+            assert answers == expected, quant  # same greedy continuation, 32 tokens, every prompt
+    print("greedy agreement with PyTorch over 32 tokens:", agreement)
+
+
+@pytest.fixture(scope="module")
+def llama_server(varied_model_dir, tmp_path_factory, start_server):
+    settings = load_settings(home=tmp_path_factory.mktemp("llama-home"), model=str(varied_model_dir),
+                             serve={"backend": "llamacpp", "gguf_quant": "f16", "kv_tokens": 2048,
+                                    "personas": [{"name": "pirate", "system": "You are a pirate."}]})
+    server = start_server(create_app(settings, str(varied_model_dir)))
+    server.settings = settings
+    return server
+
+
+@needs_llama
+def test_llama_cpp_backend_behind_the_real_server(llama_server, varied_model_dir):
+    from openai import OpenAI
+
+    engine = llama_server.app.state.forja.engines[str(varied_model_dir)]
+    assert type(engine).__name__ == "LlamaCppEngine" and engine.path.suffix == ".gguf"
+    client = OpenAI(base_url=llama_server.url + "/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(model=str(varied_model_dir), stream=True, max_tokens=16,
+                                                 messages=[{"role": "user", "content": "Hola"}],
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 16
+    loaded = models.load(str(varied_model_dir), llama_server.settings, dtype="float32")
+    assert text == pytorch_text(loaded, "Hola", 16)  # f16 GGUF: the same greedy answer as PyTorch
+    persona = client.chat.completions.create(model="pirate", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert persona.model == "pirate" and persona.usage.completion_tokens == 4
+
+    # 8 concurrent requests share each decode step and each gets its own answer
+    prompts = [f"Question {i}: {p}" for i, p in enumerate(PROMPTS * 2)]
+
+    async def ask(http, prompt):
+        reply = await http.post(llama_server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0})
+        return reply.json()["choices"][0]["message"]["content"]
+
+    async def together():
+        async with httpx.AsyncClient() as http:
+            return await asyncio.gather(*[ask(http, p) for p in prompts])
+
+    steps = engine.steps
+    batched = asyncio.run(together())
+    assert engine.max_rows_seen >= 4 and engine.steps - steps < 8 * 24  # steps were shared
+    alone = [asyncio.run(_alone(llama_server.url, p)) for p in prompts]
+    assert batched == alone
+    assert len(set(batched)) > 1
+
+    too_long = httpx.post(llama_server.url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "x " * 3000}], "max_tokens": 10})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+
+    # a client that goes away mid-stream frees its sequence
+    with httpx.stream("POST", llama_server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hola"}], "max_tokens": 1000, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                break
+    deadline = time.monotonic() + 5
+    while engine.load["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.load["active"] == 0 and sorted(engine._free_slots) == list(range(engine.max_batch_size))
+
+
+async def _alone(url: str, prompt: str) -> str:
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0})
+        return reply.json()["choices"][0]["message"]["content"]
