@@ -41,7 +41,7 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
         if backend == "pytorch":
             results.update(_pytorch_baselines(settings, model, prompts[0], clients, max_tokens, log))
         else:
-            results.update(_llamacpp_baselines(settings, model, prompts[0], max_tokens, log))
+            results.update(_llamacpp_baselines(settings, model, prompts[0], clients, max_tokens, log))
         results["backends"][backend] = _serve_figures(model, backend, prompts, max_tokens, compare_alone, log)
     return results
 
@@ -124,15 +124,26 @@ def _pytorch_baselines(settings: Any, model: str, prompt: str, clients: int, max
     }
 
 
-def _llamacpp_baselines(settings: Any, model: str, prompt: str, max_tokens: int, log: Any) -> dict[str, Any]:
-    """llama-cpp-python's high-level API on the file the backend serves (the reference), and the
+def _llamacpp_baselines(settings: Any, model: str, prompt: str, clients: int, max_tokens: int,
+                        log: Any) -> dict[str, Any]:
+    """llama-cpp-python's high-level API on the file the backend serves (the reference), one bare
+    llama_decode step for 1 and N sequences (the ceiling of batching with llama.cpp here) and the
     memory-bandwidth bound of one decode step (every weight byte read once per token)."""
     import gguf
     import llama_cpp
 
+    from forja import models
+    from forja.engine.llamacpp import LlamaCppEngine
     from forja.export import served_gguf
 
     path = served_gguf(settings, model, settings.serve.gguf_quant)
+    log(f"bare llama_decode steps on {path.name} ...")
+    engine = LlamaCppEngine(path, models.load_tokenizer(model, settings), name="bench", max_batch_size=clients,
+                            kv_tokens=4096, threads=settings.threads)
+    try:
+        bare = _bare_llamacpp_steps(engine, clients)
+    finally:
+        engine.close()
     weight_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
     log(f"llama-cpp-python directly on {path.name} ...")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=settings.threads or os.cpu_count(),
@@ -151,11 +162,30 @@ def _llamacpp_baselines(settings: Any, model: str, prompt: str, max_tokens: int,
     bandwidth = _memory_bandwidth()
     return {
         "gguf": {"file": str(path), "weight_bytes": weight_bytes},
+        "bare_llamacpp_step": bare,
         "llamacpp_direct": {"tokens": tokens, "ttft_s": round((first or began) - began, 3),
                             "tokens_per_s": round(_decode_rate(tokens, first, last or began), 2)},
         "bandwidth": {"gb_per_s": round(bandwidth / 1e9, 2),
                       "bound_tokens_per_s": round(bandwidth / max(weight_bytes, 1), 1)},
     }
+
+
+def _bare_llamacpp_steps(engine: Any, rows: int, prompt_tokens: int = 40, steps: int = 20) -> dict[str, Any]:
+    """Median llama_decode time of one token for 1 sequence and for `rows` sequences at once, each
+    after a prompt of `prompt_tokens` (the engine thread is idle: nothing was submitted to it)."""
+    figures: dict[str, Any] = {}
+    for batch in (1, rows):
+        for seq in range(batch):
+            engine._decode([(100 + i, i, seq) for i in range(prompt_tokens)], [prompt_tokens - 1])
+        times = []
+        for k in range(steps):
+            started = time.perf_counter()
+            engine._decode([(200, prompt_tokens + k, seq) for seq in range(batch)], list(range(batch)))
+            times.append(time.perf_counter() - started)
+        engine.llama.llama_memory_clear(engine._memory, True)
+        figures[f"step_ms_{batch}"] = round(statistics.median(times) * 1000, 1)
+    figures["ratio"] = round(rows * figures["step_ms_1"] / figures[f"step_ms_{rows}"], 2)
+    return figures
 
 
 def _memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -218,6 +248,10 @@ def render_serve(results: dict[str, Any]) -> str:
         if backend == "llamacpp" and "llamacpp_direct" in results:
             direct = results["llamacpp_direct"]["tokens_per_s"]
             rows.append(("  1 stream / llama-cpp-python direct", f"{s['tokens_per_s'] / max(direct, 1e-9):.2f}x", "target >= 1.0x"))
+        if backend == "llamacpp" and "bare_llamacpp_step" in results:
+            bare = results["bare_llamacpp_step"]
+            rows.append((f"  bare llama_decode, 1 vs {n} sequences", f"{bare['ratio']:.2f}x",
+                         f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: llama.cpp's own batching ceiling here"))
         if backend == "llamacpp" and "bandwidth" in results:
             bw = results["bandwidth"]
             rows.append(("  1 stream / memory-bandwidth bound", f"{s['tokens_per_s'] / max(bw['bound_tokens_per_s'], 1e-9):.0%}",

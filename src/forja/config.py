@@ -131,6 +131,10 @@ class ServeSettings(BaseModel):
     gguf_quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
         "q8_0", description="llama.cpp backend: quantization trained versions are exported at (the bundled model keeps its own file)."
     )
+    gguf_source: Literal["original", "export"] = Field(
+        "original", description="llama.cpp backend, for a model that is itself a GGUF (the bundled one): serve that file "
+        "(original) or re-export it at gguf_quant (export; e.g. q8_0 batches better than Q4_1 on AVX2 CPUs)."
+    )
     kv_tokens: int = Field(8192, ge=256, description="llama.cpp backend: KV-cache cells shared by all running requests.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")
     max_queue: int = Field(64, ge=1, description="Requests waiting for a batch slot; beyond this the server answers 429.")

@@ -388,20 +388,26 @@ def parse_judge(text: str, answer: str | None = None) -> Verdict:
     if text is None or not text.strip():
         return Verdict(None, "", "the judge's output is empty")
     raw = _THINK.sub(" ", text)
-    echoed: list[str] = []
-    if answer and answer.strip():
-        echoed = [chunk for chunk, _ in _json_objects(answer)]
-        if len(answer.strip()) >= 3:
-            echoed.append(answer.strip())
-    for chunk in sorted(echoed, key=len, reverse=True):
-        raw = raw.replace(chunk, " ")
-    answer_objects = [obj for _, obj in _json_objects(answer or "")]
+    answer = (answer or "").strip()
+    answer_objects = [obj for _, _, obj in _json_objects(answer)]
+    # where the judge quotes the answer (whole, or a JSON object of it): nothing in there is a verdict
+    quoted = [chunk for chunk in [answer, *(answer[a:b] for a, b, _ in _json_objects(answer))] if len(chunk) >= 3]
 
-    scored = [(chunk, obj) for chunk, obj in _json_objects(raw)
-              if _score_key(obj) is not None and obj not in answer_objects]
+    spans: list[tuple[int, int]] = []
+
+    def find_echoes() -> None:
+        spans[:] = [(m.start(), m.end()) for chunk in quoted for m in re.finditer(re.escape(chunk), raw)]
+
+    def echoed(start: int, end: int) -> bool:
+        return any(a <= start and end <= b for a, b in spans)
+
+    find_echoes()
+
+    scored = [(a, b, obj) for a, b, obj in _json_objects(raw)
+              if _score_key(obj) is not None and obj not in answer_objects and not echoed(a, b)]
     if scored:
         values, explanation, errors = [], "", []
-        for _, obj in scored:
+        for _, _, obj in scored:
             value, error = _json_score(obj[_score_key(obj)])
             if error:
                 errors.append(error)
@@ -416,10 +422,13 @@ def parse_judge(text: str, answer: str | None = None) -> Verdict:
         if errors:
             return Verdict(None, explanation, f"the judge gave a usable score and an unusable one ({errors[0]})")
         return Verdict(distinct[0], explanation or _sentence(_strip_objects(raw)))
+    raw = _strip_objects(raw)  # JSON without a usable verdict (echoed, or no score key) is not prose to search
+    find_echoes()
 
-    candidates = [(m, _match_score(m)) for m in _KEYED.finditer(raw)]
+    candidates = [(m, _match_score(m)) for m in _KEYED.finditer(raw) if not echoed(m.start(), m.end())]
     if not candidates:
-        candidates = [(m, _match_score(m)) for m in (*_FRACTION.finditer(raw), *_PERCENT.finditer(raw))]
+        candidates = [(m, _match_score(m)) for m in (*_FRACTION.finditer(raw), *_PERCENT.finditer(raw))
+                      if not echoed(m.start(), m.end())]
     if not candidates:
         first_line = raw.strip().split("\n", 1)[0].strip().strip("*`\"' ")
         lone = re.fullmatch(_NUM, first_line)
@@ -440,8 +449,8 @@ def parse_judge(text: str, answer: str | None = None) -> Verdict:
     return Verdict(values[0], explanation)
 
 
-def _json_objects(text: str) -> list[tuple[str, Any]]:
-    """Every JSON object embedded in the text, outermost only, with its source text."""
+def _json_objects(text: str) -> list[tuple[int, int, Any]]:
+    """Every JSON object embedded in the text (outermost only): (start, end, object)."""
     decoder, found, start = json.JSONDecoder(), [], 0
     while (start := text.find("{", start)) != -1:
         try:
@@ -450,7 +459,7 @@ def _json_objects(text: str) -> list[tuple[str, Any]]:
             start += 1
             continue
         if isinstance(obj, dict):
-            found.append((text[start:end], obj))
+            found.append((start, end, obj))
             start = end
         else:
             start += 1
@@ -468,9 +477,11 @@ def _cut(text: str, matches: list[re.Match]) -> str:
 
 
 def _strip_objects(text: str) -> str:
-    for chunk, _ in _json_objects(text):
-        text = text.replace(chunk, " ")
-    return text
+    pieces, position = [], 0
+    for start, end, _ in _json_objects(text):
+        pieces.append(text[position:start])
+        position = end
+    return " ".join(pieces + [text[position:]])
 
 
 def _score_key(obj: dict) -> str | None:
@@ -629,7 +640,6 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
     if missing:
         bar = _bar(len(missing), f"{desc} ({len(prompts) - len(missing)} cached)", progress)
         started = time.perf_counter()
-        loaded = load(model, settings)
 
         def done(i: int, result: dict[str, Any]) -> None:
             index = missing[i]
@@ -639,11 +649,10 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
             bar.update(1)
 
         try:
-            _run_engine(loaded, [prompts[i] for i in missing], max_new_tokens, settings, done)
+            _run_engine(load(model, settings), [prompts[i] for i in missing], max_new_tokens, settings, done)
         finally:
             bar.close()
-            del loaded
-            gc.collect()
+            gc.collect()  # the model is no longer referenced: free it before the next one loads
         stats[f"{kind}_seconds"] = round(stats.get(f"{kind}_seconds", 0) + time.perf_counter() - started, 2)
     return results  # type: ignore[return-value]
 

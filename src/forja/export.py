@@ -43,9 +43,9 @@ def cache_path(settings: Settings, name: str, quant: str) -> Path:
 
 def served_gguf(settings: Settings, name: str, quant: str) -> Path:
     """The GGUF file the llama.cpp backend serves for a model reference: a bundled or local .gguf as
-    it is, anything else exported (once, cached) at `quant`."""
+    it is (unless serve.gguf_source is "export"), anything else exported (once, cached) at `quant`."""
     ref = models.resolve(name, settings)
-    if ref.kind in ("bundled", "gguf"):
+    if ref.kind in ("bundled", "gguf") and settings.serve.gguf_source == "original":
         assert ref.path is not None
         return ref.path
     path = cache_path(settings, name, quant)
