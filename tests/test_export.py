@@ -195,3 +195,16 @@ async def _alone(url: str, prompt: str) -> str:
         reply = await http.post(url + "/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0})
         return reply.json()["choices"][0]["message"]["content"]
+
+
+@needs_llama
+def test_bench_agreement_measures_each_quantization_and_models_lists_it(varied_model_dir):
+    result = runner.invoke(app, ["bench", "agreement", "--model", str(varied_model_dir), "--quant", "f32",
+                                 "--quant", "q4_k_m"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
+    assert set(lines) == {"f32", "q4_k_m"}
+    assert "6/6" in lines["f32"] and "100%" in lines["f32"]  # float32 GGUF: the same answers as PyTorch
+    listed = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    exports = [row for row in listed if row["kind"] == "gguf"]
+    assert len(exports) == 2 and all("greedy answers equal to PyTorch" in row["detail"] for row in exports)

@@ -207,8 +207,11 @@ def test_existing_version_name_is_refused(tiny_model_dir, tmp_path):
 
 def forja_train_process(home: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "FORJA_HOME": str(home)}
+    # a shell that starts the test run in the background ignores SIGINT, and children inherit that:
+    # give the trainer the default disposition, as a terminal would
     return subprocess.Popen([sys.executable, "-m", "forja.cli", "train", *args, "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def final_metrics(settings, name: str) -> dict:

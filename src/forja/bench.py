@@ -224,6 +224,40 @@ def _bare_decode_steps(loaded: Any, prompt_ids: list[int], rows: int, steps: int
     return figures
 
 
+def agreement_benchmark(settings: Any, model: str, quants: list[str], log: Any = print) -> list[dict[str, Any]]:
+    """Per GGUF file (the model's own, when it is a GGUF, and each quantization): greedy agreement of
+    llama.cpp with PyTorch on fixed prompts, and the file's size."""
+    from forja import models
+    from forja.export import agreement, cache_path, export_gguf
+
+    ref = models.resolve(model, settings)
+    files: list[tuple[str, Path]] = []
+    if ref.kind in ("bundled", "gguf") and ref.path is not None:
+        files.append(("original", ref.path))
+    for quant in quants:
+        path = cache_path(settings, model, quant)
+        if not path.is_file():
+            log(f"exporting {model} at {quant} ...")
+            export_gguf(settings, model, quant, path)
+        files.append((quant, path))
+    rows = []
+    for quant, path in files:
+        log(f"greedy answers of {path.name} under llama.cpp vs PyTorch ...")
+        rows.append({"quant": quant, "file": str(path), "mib": round(path.stat().st_size / 2**20, 1),
+                     **agreement(settings, model, path)})
+    return rows
+
+
+def render_agreement(model: str, rows: list[dict[str, Any]]) -> str:
+    lines = [f"forja bench agreement: {model}, greedy, {rows[0]['tokens'] if rows else 0} tokens per answer, "
+             "llama.cpp against PyTorch float32",
+             f"{'file':<10} {'MiB':>7}  {'identical answers':<18} mean agreeing share"]
+    for row in rows:
+        lines.append(f"{row['quant']:<10} {row['mib']:>7.1f}  {row['identical']}/{row['prompts']:<16} "
+                     f"{row['mean_agreeing_share']:.0%}")
+    return "\n".join(lines)
+
+
 def render_serve(results: dict[str, Any]) -> str:
     n = results["clients"]
     rows: list[tuple[str, str, str]] = []

@@ -532,6 +532,24 @@ def bench_serve(
         as_json.write_text(json.dumps(results, indent=2))
 
 
+@bench_app.command("agreement")
+def bench_agreement(
+    model: ModelOpt = None,
+    quant: Annotated[Optional[list[str]], typer.Option(help="Quantizations to export and check (repeat); default f16, q8_0, q4_k_m.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """How often llama.cpp's greedy answers equal PyTorch's, per GGUF quantization (speed vs fidelity)."""
+    from forja.bench import agreement_benchmark, render_agreement
+    from forja.engine import llamacpp
+
+    if not llamacpp.available():
+        raise ConfigError("llama-cpp-python is not installed (make install)")
+    settings = settings_from(config, model=model)
+    rows = agreement_benchmark(settings, settings.model, quant or ["f16", "q8_0", "q4_k_m"],
+                               log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_agreement(settings.model, rows))
+
+
 @bench_app.command("train")
 def bench_train(
     model: ModelOpt = None,

@@ -199,6 +199,9 @@ def quantize(source: Path, out: Path, quant: str) -> None:
     except ImportError:
         raise ExportError("quantizing needs llama-cpp-python (installed by `make install`); "
                           "or export with --quant f16") from None
+    from forja.engine.llamacpp import route_llama_log
+
+    route_llama_log()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTS[quant])  # type: ignore[arg-type]
     params.nthread = os.cpu_count() or 1
@@ -208,6 +211,60 @@ def quantize(source: Path, out: Path, quant: str) -> None:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {source.name} to {quant} (status {status})")
     os.replace(tmp, out)
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+AGREEMENT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a short story about a bakery in Madrid.",
+    "¿Qué es una panadería?",
+    "Explain how rain forms.",
+    "Dame tres consejos para dormir mejor.",
+    "What is 12 times 12?",
+]
+
+
+def agreement(settings: Settings, name: str, gguf_file: Path, tokens: int = 32) -> dict[str, Any]:
+    """Greedy answers of the GGUF under llama.cpp against the PyTorch model (float32) on fixed prompts:
+    how many are identical over `tokens` tokens, and the mean share of each answer that agrees.
+    Written next to the file, so `forja models` shows it."""
+    import asyncio
+
+    from forja.engine import SamplingParams
+    from forja.engine.llamacpp import LlamaCppEngine
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+
+    loaded = models.load(name, settings, dtype="float32")
+    params = SamplingParams(max_new_tokens=tokens)
+    reference = ["".join(Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(p)), params))
+                 for p in AGREEMENT_PROMPTS]
+    # one prompt at a time: what is measured is the file, not how a batch rounds
+    engine = LlamaCppEngine(gguf_file, loaded.tokenizer, name=gguf_file.name, max_batch_size=1, kv_tokens=4096,
+                            threads=settings.threads)
+
+    async def answer(prompt: str) -> str:
+        return "".join([d.text async for d in engine.submit(chat_messages(prompt), params)])
+
+    try:
+        answers = [asyncio.run(answer(p)) for p in AGREEMENT_PROMPTS]
+    finally:
+        engine.close()
+    shares = []
+    for ours, theirs in zip(answers, reference):
+        common = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        shares.append(common / max(len(theirs), 1) if ours != theirs else 1.0)
+    result = {"prompts": len(AGREEMENT_PROMPTS), "tokens": tokens, "identical": sum(s == 1.0 for s in shares),
+              "mean_agreeing_share": round(sum(shares) / len(shares), 3)}
+    meta_file = Path(str(gguf_file) + META_SUFFIX)
+    if not meta_file.is_file():  # a file forja did not write (the bundled GGUF): its record goes in the cache
+        meta_file = settings.cache_dir / "gguf" / f"{gguf_file.stem}-original.gguf{META_SUFFIX}"
+        meta_file.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {
+        "model": name, "quant": "original", "file": str(gguf_file), "bytes": gguf_file.stat().st_size}
+    meta["agreement"] = result
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ Ollama

@@ -462,6 +462,15 @@ def list_models(settings: Settings) -> list[dict[str, str]]:
         detail = ", ".join(f"{key}={meta[key]}" for key in ("base", "method", "created_at") if key in meta)
         detail = f"ACTIVE; {detail}" if name == active else detail
         rows.append({"name": name, "kind": "version", "location": str(path), "detail": detail})
+    for meta_file in sorted((settings.cache_dir / "gguf").glob("*.gguf.json")):
+        meta = json.loads(meta_file.read_text())
+        agree = meta.get("agreement")
+        detail = f"{meta.get('quant')} GGUF of {meta.get('model')}, {meta.get('bytes', 0) / 2**20:.0f} MiB"
+        if agree:
+            detail += (f"; greedy answers equal to PyTorch: {agree['identical']}/{agree['prompts']} "
+                       f"({agree['mean_agreeing_share']:.0%} agreeing)")
+        location = meta.get("file") or str(meta_file.with_suffix(""))
+        rows.append({"name": Path(location).name, "kind": "gguf", "location": location, "detail": detail})
     converted = settings.models_dir / "converted"
     if converted.is_dir():
         for path in sorted(converted.iterdir()):

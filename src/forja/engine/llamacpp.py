@@ -7,6 +7,10 @@ sequence ids), so concurrent requests share each step instead of queueing behind
 llama-cpp-python's own server does. Prompts are rendered and tokenized with the model's Hugging Face
 tokenizer (the same ids as the GGUF vocabulary) so chat templates, stop strings and UTF-8-safe
 streaming behave exactly as with the PyTorch engine.
+
+Prompts usually start alike (the chat template's system turn): one extra sequence keeps the KV cache
+of the longest prefix recent prompts shared, and a new request copies it (llama_memory_seq_cp shares
+the cells, nothing is recomputed) and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from forja.engine.batching import Scheduler, _Sequence
 
 log = logging.getLogger("forja.engine")
 PREFILL_BATCH = 512  # most prompt tokens in one llama_decode
+MIN_SHARED_PREFIX = 8  # a cached prompt prefix is reused when at least this many tokens match
 
 
 def available() -> bool:
@@ -42,6 +47,13 @@ def _llama_log(level: int, text: bytes, _user: Any) -> None:
         log.log(logging.WARNING if level == 3 else logging.ERROR, "llama.cpp: %s", text.decode(errors="replace").rstrip())
 
 
+def route_llama_log() -> None:
+    """Send llama.cpp's log to Python logging (warnings and errors only) instead of stderr."""
+    import llama_cpp
+
+    llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p())
+
+
 class LlamaCppEngine(Scheduler):
     """Continuous batching over a GGUF file with llama.cpp."""
 
@@ -51,7 +63,7 @@ class LlamaCppEngine(Scheduler):
 
         self.llama = llama_cpp
         self.path = Path(gguf_path)
-        llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p())
+        route_llama_log()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
@@ -61,7 +73,7 @@ class LlamaCppEngine(Scheduler):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_tokens
         params.n_batch = params.n_ubatch = PREFILL_BATCH
-        params.n_seq_max = max_batch_size
+        params.n_seq_max = max_batch_size + 1  # one sequence per request, and the shared prompt prefix
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one pool of KV cells, shared by whichever requests are running
         params.flash_attn_type = 1  # LLAMA_FLASH_ATTN_TYPE_ENABLED: measured faster here for prefill and batches
@@ -82,6 +94,9 @@ class LlamaCppEngine(Scheduler):
         eos = {int(t) for t in eos if t is not None and 0 <= int(t) < self.n_vocab}
         context = min(llama_cpp.llama_model_n_ctx_train(self._model), self.kv_tokens)
         self._free_slots = list(range(max_batch_size))
+        self._prefix_slot = max_batch_size
+        self._prefix: list[int] = []  # the tokens whose KV the prefix sequence holds
+        self.prefix_hits = 0  # prompt tokens not recomputed thanks to the prefix, for tests and the benchmark
         self._reserved = 0  # KV cells promised to admitted requests (prompt + max_new_tokens each)
         super().__init__(tokenizer, eos, context, "cpu", name=name, max_batch_size=max_batch_size, max_queue=max_queue)
 
@@ -90,7 +105,9 @@ class LlamaCppEngine(Scheduler):
     def _fits(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
         """Every running request keeps room for its whole answer, so a decode never runs out of cells."""
         need = sum(len(s.prompt_ids) + s.params.max_new_tokens for s in [*admitted, seq])
-        return self._reserved + need <= self.kv_tokens
+        if self._reserved + need + len(self._prefix) > self.kv_tokens and not self._active and self._prefix:
+            self._drop_prefix()  # the cached prefix gives way to a request that needs its cells
+        return self._reserved + need + len(self._prefix) <= self.kv_tokens
 
     def _admit(self, group: list[_Sequence]) -> None:
         for seq in group:
@@ -104,10 +121,15 @@ class LlamaCppEngine(Scheduler):
         # one prompt at a time (PREFILL_BATCH tokens per decode), shortest first: each request streams its
         # first token as soon as its own prompt is in, instead of after the whole group's
         for seq in group:
-            ids = seq.prompt_ids
-            for start in range(0, len(ids), PREFILL_BATCH):
+            ids, slot = seq.prompt_ids, seq.extra["slot"]
+            shared = self._shared_prefix(ids)
+            if shared:
+                self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, slot, 0, shared)
+                self.prefix_hits += shared
+            for start in range(shared, len(ids), PREFILL_BATCH):
                 chunk = ids[start : start + PREFILL_BATCH]
-                self._decode([(token, start + i, seq.extra["slot"]) for i, token in enumerate(chunk)], [len(chunk) - 1])
+                self._decode([(token, start + i, slot) for i, token in enumerate(chunk)], [len(chunk) - 1])
+            self._keep_prefix(ids, slot, shared)
             seq.length = len(ids)
             self._active.append(seq)  # joins before its first token, so a request that ends at once is dropped normally
             self._accept(seq, self._pick_one(seq, self._logits(len(chunk) - 1)))
@@ -132,12 +154,38 @@ class LlamaCppEngine(Scheduler):
         for seq in self._active:
             self._forget(seq)
         self._active = []
+        self._prefix = []
         self.llama.llama_memory_clear(self._memory, True)
 
     def _shutdown(self) -> None:
         self.llama.llama_batch_free(self._batch)
         self.llama.llama_free(self._ctx)
         self.llama.llama_model_free(self._model)
+
+    # ---------------------------------------------------------------- the shared prompt prefix
+
+    def _shared_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the prefix sequence holds (at least one token is left to prefill)."""
+        shared = 0
+        for a, b in zip(ids[: len(ids) - 1], self._prefix):
+            if a != b:
+                break
+            shared += 1
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _keep_prefix(self, ids: list[int], slot: int, shared: int) -> None:
+        """Narrow the cached prefix to what this prompt shares with it, or start over from this prompt."""
+        if shared and shared < len(self._prefix):
+            self.llama.llama_memory_seq_rm(self._memory, self._prefix_slot, shared, -1)
+            self._prefix = self._prefix[:shared]
+        elif not shared and len(ids) > MIN_SHARED_PREFIX:
+            self._drop_prefix()
+            self.llama.llama_memory_seq_cp(self._memory, slot, self._prefix_slot, 0, len(ids) - 1)
+            self._prefix = ids[: len(ids) - 1]
+
+    def _drop_prefix(self) -> None:
+        self.llama.llama_memory_seq_rm(self._memory, self._prefix_slot, -1, -1)
+        self._prefix = []
 
     # ---------------------------------------------------------------- llama.cpp calls
 
