@@ -138,9 +138,12 @@ class LlamaCppEngine(Scheduler):
     def _step(self) -> None:
         rows = [(seq.next_token, seq.length, seq.extra["slot"]) for seq in self._active]
         self._decode(rows, list(range(len(rows))))
-        logits = torch.from_numpy(np.stack([self._logits(i) for i in range(len(rows))]))
+        if all(seq.params.temperature == 0 for seq in self._active):  # greedy: argmax in place, no copies
+            tokens = [int(self._logits(i).argmax()) for i in range(len(rows))]
+        else:
+            tokens = self._pick(torch.from_numpy(np.stack([self._logits(i).copy() for i in range(len(rows))])))
         self.steps += 1
-        for seq, token in zip(self._active, self._pick(logits)):
+        for seq, token in zip(self._active, tokens):
             seq.length += 1
             self._accept(seq, token)
 
@@ -213,12 +216,13 @@ class LlamaCppEngine(Scheduler):
                                   f"({'no room left in the KV cache' if status == 1 else 'see the log'})")
 
     def _logits(self, index: int) -> np.ndarray:
+        """The logits of batch row `index`: a view into llama.cpp's buffer, valid until the next decode."""
         pointer = self.llama.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def _pick_one(self, seq: _Sequence, logits: np.ndarray) -> int:
         if seq.params.temperature == 0:
             return int(logits.argmax())
         from forja.engine.pytorch import sample_next
 
-        return int(sample_next(torch.from_numpy(logits)[None], seq.params, seq.generator)[0])
+        return int(sample_next(torch.from_numpy(logits.copy())[None], seq.params, seq.generator)[0])
