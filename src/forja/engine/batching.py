@@ -303,8 +303,9 @@ class BatchingEngine(Scheduler):
         mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
         cache = DynamicCache()
+        # logits_to_keep=1: only the last position's vocabulary projection (the rest would be thrown away)
         logits = model(input_ids=inputs, attention_mask=mask[:, None], position_ids=position_ids,
-                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         for row, seq in enumerate(group):
             seq.length = len(seq.prompt_ids)
             self._accept(seq, int(sample_next(logits[row : row + 1], seq.params, seq.generator)[0]))

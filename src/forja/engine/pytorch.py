@@ -111,7 +111,7 @@ class Generation:
         inputs = torch.tensor([self.prompt_ids], device=device)
         with torch.inference_mode():
             for _ in range(self.params.max_new_tokens):
-                logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+                logits = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
                 token = int(sample_next(logits, self.params, generator)[0])
                 if token in eos:
                     self.finish_reason = "stop"
