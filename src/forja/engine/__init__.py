@@ -1,8 +1,9 @@
 """Inference engines: turn chat messages into streamed text.
 
-`pytorch.py` decodes one sequence with transformers models on CPU or GPU; `batching.py` is the
-serving Engine that decodes all active requests together (continuous batching). Every engine takes
-the same SamplingParams and yields text deltas that never split a UTF-8 character.
+`pytorch.py` decodes one sequence with transformers models on CPU or GPU; `batching.py` holds the
+continuous-batching scheduler and its PyTorch backend, `llamacpp.py` its llama.cpp backend (GGUF
+files). Every engine takes the same SamplingParams and yields text deltas that never split a UTF-8
+character.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""The serving engine: one thread owns a transformers model and decodes every active request in one
-batch, step by step (continuous batching: a request joins or leaves the batch between two steps).
+"""Continuous batching: one thread owns a model and decodes every active request in one batch, step
+by step (a request joins or leaves the batch between two steps).
 
-`forja serve` creates one BatchingEngine per loaded model; `forja bench serve` measures it.
-How the batch is kept: one KV cache whose rows are the active requests, left-padded so that every
+`Scheduler` is the part every backend shares: the queue, admission, the engine thread, turning
+tokens into streamed text (EOS, stop strings, length, cancellation). `BatchingEngine` is the
+PyTorch backend (`engine/llamacpp.py` holds the llama.cpp one); `forja serve` creates one engine per
+loaded model and `forja bench serve` measures it.
+How the PyTorch batch is kept: one KV cache whose rows are the active requests, left-padded so that every
 row's newest token sits in the last column; an attention mask hides the padding and explicit
 position ids keep each row's positions its own.
 A request is prefilled alone or with the others admitted at the same time (left-padded), then its
