@@ -189,7 +189,7 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         rows = [p.training_row() for p in train_pairs] + replay
         random.Random(hyper.seed + 1).shuffle(rows)
 
-        name = name or f"{start.removesuffix('.gguf')}-fb{time.strftime('%Y%m%d-%H%M%S')}"
+        name = name or f"{Path(start).name.removesuffix('.gguf')}-fb{time.strftime('%Y%m%d-%H%M%S')}"
         staging = settings.home / "feedback" / name
         data_path = staging / training.DATA_FILE
         write_jsonl(data_path, rows)
