@@ -345,3 +345,12 @@ def test_corrections_sent_over_http_are_learned_and_promoted(tiny_model_dir, tmp
 
     assert runner.invoke(app, ["models", "rollback"]).exit_code == 0
     assert chat(server.url, "Hola", max_tokens=40)["model"] == "tienda-v1"
+
+
+def test_exchange_logging_can_be_switched_off(tiny_model_dir, tmp_path, start_server):
+    settings = load_settings(home=tmp_path / "quiet-home", model=str(tiny_model_dir), serve={"log_exchanges": False})
+    server = start_server(create_app(settings, str(tiny_model_dir)))
+    reply = chat(server.url, "Hola")
+    assert server.app.state.forja.store.exchange(reply["id"]) is None  # nothing stored
+    refused = httpx.post(server.url + "/feedback", json={"id": reply["id"], "rating": "up"})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "exchanges_not_stored"
