@@ -10,6 +10,7 @@ applied when the store opens, so an old database is brought up to date in place.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -253,6 +254,55 @@ class Store:
                                 .where(~feedback.c.id.in_(sa.select(feedback_used.c.feedback_id)))),
                 "models": models,
             }
+
+    def traffic(self, since: float, bucket_seconds: float, until: float | None = None) -> dict[str, Any]:
+        """The exchange log from `since` in buckets of `bucket_seconds`: requests, latency p50/p95, generation
+        speed (tokens/s while answering), and thumbs up/down per model version (for /dashboard)."""
+        until = time.time() if until is None else until
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(exchanges.c.created_at, exchanges.c.latency_ms, exchanges.c.prompt_tokens,
+                          exchanges.c.completion_tokens)
+                .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
+                .order_by(exchanges.c.created_at)).all()
+            calls = {r.model: r.n for r in conn.execute(
+                sa.select(exchanges.c.model, sa.func.count().label("n"))
+                .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
+                .group_by(exchanges.c.model))}
+            rated = conn.execute(
+                sa.select(exchanges.c.model, feedback.c.rating, sa.func.count().label("n"))
+                .select_from(feedback.join(exchanges))
+                .where(feedback.c.created_at >= since, feedback.c.created_at <= until, feedback.c.rating.is_not(None))
+                .group_by(exchanges.c.model, feedback.c.rating)).all()
+        count = max(1, math.ceil((until - since) / bucket_seconds))
+        grouped: list[list[Any]] = [[] for _ in range(count)]
+        for row in rows:
+            grouped[min(int((row.created_at - since) // bucket_seconds), count - 1)].append(row)
+        versions: dict[str, dict[str, Any]] = {m: {"model": m, "exchanges": n, "up": 0, "down": 0} for m, n in calls.items()}
+        for model, rating, n in rated:
+            versions.setdefault(model, {"model": model, "exchanges": 0, "up": 0, "down": 0})[rating] = n
+        for v in versions.values():
+            v["up_ratio"] = round(v["up"] / (v["up"] + v["down"]), 3) if v["up"] + v["down"] else None
+        return {
+            "since": since, "until": until, "bucket_seconds": bucket_seconds,
+            "buckets": [{"start": since + i * bucket_seconds, **_summary(group)} for i, group in enumerate(grouped)],
+            "totals": {**_summary(rows), "prompt_tokens": sum(r.prompt_tokens for r in rows),
+                       "completion_tokens": sum(r.completion_tokens for r in rows),
+                       "tokens_per_call": round(sum(r.completion_tokens for r in rows) / len(rows), 1) if rows else None},
+            "versions": sorted(versions.values(), key=lambda v: v["model"]),
+        }
+
+
+def _summary(rows: list[Any]) -> dict[str, Any]:
+    """Requests, latency percentiles (nearest rank) and generation speed of some exchanges."""
+    latencies = sorted(r.latency_ms for r in rows)
+    seconds = sum(latencies) / 1000
+
+    def percentile(p: float) -> float | None:
+        return latencies[max(0, math.ceil(len(latencies) * p / 100) - 1)] if latencies else None
+
+    return {"requests": len(rows), "p50_ms": percentile(50), "p95_ms": percentile(95),
+            "tokens_per_s": round(sum(r.completion_tokens for r in rows) / seconds, 2) if seconds else None}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from forja.config import Settings
 from forja.engine import Engine
 from forja.serve.deps import ApiError, ServerState, make_engine
-from forja.serve.routes import admin, classic, openai
+from forja.monitor import CountRequests
+from forja.serve.routes import admin, classic, monitoring, openai
 from forja.store import Store
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -56,6 +57,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.include_router(openai.router)
     app.include_router(classic.router)
     app.include_router(admin.router)
+    app.include_router(monitoring.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -84,6 +86,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
     if serve.log_requests:
         app.add_middleware(RequestLog)
+    app.add_middleware(CountRequests, metrics=state.metrics)  # outermost: counts 413s too
     return app
 
 

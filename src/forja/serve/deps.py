@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from forja.config import Persona, Settings
 from forja.engine import Engine, SamplingParams
+from forja.monitor import Metrics
 from forja.store import Store
 
 log = logging.getLogger("forja.serve")
@@ -65,11 +66,13 @@ class ServerState:
     engines: dict[str, Engine] = field(default_factory=dict)
     load_error: str | None = None
     started: float = field(default_factory=time.time)
+    metrics: Metrics = field(init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: str = ""
     _registry_stamp: float | None = None
 
     def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engines)
         self._active = self.base
         self._registry_stamp = self._stamp()
 
@@ -169,14 +172,20 @@ def make_engine(model: str, settings: Settings) -> Engine:
     serve = settings.serve
     if pick_backend(settings) == "llamacpp":
         from forja.engine import llamacpp
-        from forja.export import served_gguf
+        from forja.export import ExportError, served_gguf
 
         if not llamacpp.available():
             raise models.ModelError("serve.backend is llamacpp but llama-cpp-python is not installed (make install)")
-        path = served_gguf(settings, model, serve.gguf_quant)  # a trained version is exported once, then cached
-        return llamacpp.LlamaCppEngine(path, models.load_tokenizer(model, settings), name=model,
-                                       max_batch_size=serve.max_batch_size, max_queue=serve.max_queue,
-                                       kv_tokens=serve.kv_tokens, threads=settings.threads)
+        try:
+            path = served_gguf(settings, model, serve.gguf_quant)  # a trained version is exported once, then cached
+        except ExportError as exc:
+            if serve.backend != "auto":
+                raise
+            log.warning("serving %s with PyTorch: %s", model, exc)  # auto: a model llama.cpp cannot take
+        else:
+            return llamacpp.LlamaCppEngine(path, models.load_tokenizer(model, settings), name=model,
+                                           max_batch_size=serve.max_batch_size, max_queue=serve.max_queue,
+                                           kv_tokens=serve.kv_tokens, threads=settings.threads)
     from forja.engine.batching import BatchingEngine
 
     return BatchingEngine(models.load(model, settings), max_batch_size=serve.max_batch_size,
@@ -248,6 +257,13 @@ def check_admin_key(request: Request) -> str:
     return holder
 
 
+def check_monitor_key(request: Request) -> str | None:
+    """/metrics, /admin/stats: the admin key when keys are configured (they show who uses the server
+    and how much); open when the server has no keys at all."""
+    return check_admin_key(request) if get_state(request).settings.serve.api_keys else None
+
+
 StateDep = Annotated[ServerState, Depends(get_state)]
 ApiKeyDep = Annotated[str | None, Depends(check_api_key)]
 AdminKeyDep = Annotated[str, Depends(check_admin_key)]
+MonitorKeyDep = Annotated[str | None, Depends(check_monitor_key)]

@@ -25,7 +25,7 @@ async def predict(body: PredictRequest, request: Request, state: StateDep, _: Ap
     jobs = prepare(state, target, [messages], request_like, body.max_length, "max_length")
     rid = new_response_id("pred")
     record = ExchangeRecord(state, request, rid, "predict", target, messages, jobs)
-    texts, finishes, usage = await collect(submit(target, jobs), request, body.num_return_sequences)
+    texts, finishes, usage = await collect(submit(target, jobs), request, body.num_return_sequences, record)
     await record.save(texts, finishes, usage)
     answers = [PredictResponse(generated_text=text, id=rid if len(texts) == 1 else f"{rid}-{i}")
                for i, text in enumerate(texts)]
@@ -63,6 +63,9 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
         raise ApiError(404, str(exc), param="id", code="exchange_not_found") from None
     except StoreError as exc:
         raise ApiError(422, str(exc), param="choice", code="invalid_value") from None
+    if rating:
+        exchange = await asyncio.to_thread(state.store.exchange, exchange_id)
+        state.metrics.feedback.labels(exchange.model, rating).inc()  # type: ignore[union-attr]
     return FeedbackRow(**row)
 
 

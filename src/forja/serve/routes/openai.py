@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
+from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep, Target, sampling
 from forja.serve.schemas import (
     ChatChoice,
@@ -60,7 +61,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     streams = submit(target, jobs)
     if body.stream:
         return sse(chat_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
-    texts, finishes, usage = await collect(streams, request, body.n)
+    texts, finishes, usage = await collect(streams, request, body.n, record)
     await record.save(texts, finishes, usage)
     return ChatCompletion(
         id=rid, created=created, model=target.name, usage=usage,
@@ -79,7 +80,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     streams = submit(target, jobs)
     if body.stream:
         return sse(completion_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
-    texts, finishes, usage = await collect(streams, request, body.n)
+    texts, finishes, usage = await collect(streams, request, body.n, record)
     await record.save(texts, finishes, usage)
     return Completion(
         id=rid, created=created, model=target.name, usage=usage,
@@ -124,8 +125,9 @@ def submit(target: Target, jobs: list[tuple[Prompt, SamplingParams]]) -> list[St
     return streams
 
 
-async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
-    """Deltas of all streams as they come, tagged with the stream's index; cancels all when left early."""
+async def merged(streams: list[Stream], timing: AnswerTiming) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of all streams as they come, tagged with the stream's index and timed for the metrics;
+    cancels all when left early."""
     queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
 
     async def pump(index: int, stream: Stream) -> None:
@@ -142,6 +144,7 @@ async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
             index, item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
+            timing.delta(index, bool(item.text))
             if item.finish_reason is not None:
                 open_streams -= 1
             yield index, item
@@ -152,14 +155,15 @@ async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
             task.cancel()
 
 
-async def collect(streams: list[Stream], request: Request, n: int) -> tuple[list[str], list[str], Usage]:
+async def collect(streams: list[Stream], request: Request, n: int,
+                  record: "ExchangeRecord") -> tuple[list[str], list[str], Usage]:
     """Whole answers; stops generating when the client goes away while waiting."""
     texts = [""] * len(streams)
     finishes = [""] * len(streams)
     usage = UsageSum(n)
 
     async def consume() -> None:
-        async for index, delta in merged(streams):
+        async for index, delta in merged(streams, record.timing):
             texts[index] += delta.text
             if delta.finish_reason is not None:
                 check_failed(delta)
@@ -244,7 +248,7 @@ async def stream_events(head: dict[str, Any], streams: list[Stream], n: int, inc
     usage = UsageSum(n)
     texts, finishes = [""] * len(streams), ["cancelled"] * len(streams)
     try:
-        async for index, delta in merged(streams):
+        async for index, delta in merged(streams, record.timing):
             if delta.finish_reason == "error":
                 finishes[index] = "error"
                 yield {"error": {"message": f"generation failed: {delta.error}", "type": "server_error",
@@ -274,6 +278,8 @@ class ExchangeRecord:
         self.params = asdict(jobs[0][1]) if jobs else {}
         self.key_name = getattr(request.state, "api_key_name", None)
         self.started = time.perf_counter()
+        self.timing = AnswerTiming(state.metrics, target.engine.name, self.started)
+        request.state.model = target.engine.name  # for the request counter
         self.saved = not (state.store is not None and state.settings.serve.log_exchanges)
         if state.settings.serve.log_prompts:
             log.info("%s prompt %s", rid, json.dumps(prompt, ensure_ascii=False))
@@ -287,6 +293,7 @@ class ExchangeRecord:
                     finish_reason=finishes[0] if finishes else None, api_key_name=self.key_name)
 
     async def save(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
+        self.timing.finish(usage.prompt_tokens, usage.completion_tokens)
         if self.state.settings.serve.log_prompts:
             log.info("%s answer %s", self.rid, json.dumps(texts, ensure_ascii=False))
         if not self.saved:
@@ -295,6 +302,7 @@ class ExchangeRecord:
 
     def save_now(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
         """From a `finally` where awaiting is not possible (the client went away)."""
+        self.timing.finish(usage.prompt_tokens, usage.completion_tokens)
         if not self.saved:
             self.saved = True
             self._write(self._row(texts, finishes, usage))
