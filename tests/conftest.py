@@ -182,3 +182,23 @@ def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     model.save_pretrained(directory)
     return directory
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots (git-ignored)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright (never a browser Playwright downloads), one per session."""
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: run `make install-test` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

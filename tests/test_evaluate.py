@@ -33,7 +33,6 @@ from forja.evaluate import (
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "eval" / "testset.jsonl"
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
 CASES = [
     TestCase("¿Abrís los lunes?", "No, los lunes cerramos.", tags=["es"]),
     TestCase("How much is a baguette?", "A baguette costs 1.10 €.", tags=["en"]),
@@ -496,41 +495,32 @@ def test_forja_eval_errors_are_one_line(tiny_model_dir, tmp_path):
 # --- The HTML report in a real browser ------------------------------------------------------------------
 
 
-def test_html_report_renders_in_chromium(tiny_model_dir, varied_model_dir, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run `make install-test` (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
+def test_html_report_renders_in_chromium(tiny_model_dir, varied_model_dir, tmp_path, browser):
     hostile = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> ¿Y esto?'
     cases = [*CASES, TestCase(hostile, "<b>negrita</b> & más")]
     result = evaluate([str(tiny_model_dir), str(varied_model_dir)], cases, load_settings(), max_new_tokens=8,
                       progress=False)
     result.testset = "tests/<inline>"
     paths = write_reports(result, tmp_path / "report")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(paths["html"].as_uri())
-            assert page.locator("#rows tbody tr").count() == 2 * len(cases)
-            assert page.locator("#means tbody tr").count() == len(result.metrics)
-            assert page.locator("svg.chart rect").count() >= 2 * 4  # a bar per model and metric (plus the legend)
-            assert page.locator("#disagreements").count() == 1
-            assert page.evaluate("window.pwned") is None and page.locator("#rows img, #rows b").count() == 0
-            assert hostile in page.locator("#rows").inner_text()  # shown as text
-            heights = page.eval_on_selector_all("svg.chart rect", "bars => bars.map(b => b.getBoundingClientRect().height)")
-            assert max(heights) > 20  # the semantic bars at least are drawn (the tiny models score 0 elsewhere)
-            page.screenshot(path=str(ARTIFACTS / "eval-report.png"), full_page=True)
-            narrow = browser.new_page(viewport={"width": 390, "height": 800})
-            narrow.goto(paths["html"].as_uri())
-            narrow.screenshot(path=str(ARTIFACTS / "eval-report-phone.png"))
-            assert not errors
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(paths["html"].as_uri())
+    assert page.locator("#rows tbody tr").count() == 2 * len(cases)
+    assert page.locator("#means tbody tr").count() == len(result.metrics)
+    assert page.locator("svg.chart rect").count() >= 2 * 4  # a bar per model and metric (plus the legend)
+    assert page.locator("#disagreements").count() == 1
+    assert page.evaluate("window.pwned") is None and page.locator("#rows img, #rows b").count() == 0
+    assert hostile in page.locator("#rows").inner_text()  # shown as text
+    heights = page.eval_on_selector_all("svg.chart rect", "bars => bars.map(b => b.getBoundingClientRect().height)")
+    assert max(heights) > 20  # the semantic bars at least are drawn (the tiny models score 0 elsewhere)
+    page.screenshot(path=str(ARTIFACTS / "eval-report.png"), full_page=True)
+    narrow = browser.new_page(viewport={"width": 390, "height": 800})
+    narrow.goto(paths["html"].as_uri())
+    narrow.screenshot(path=str(ARTIFACTS / "eval-report-phone.png"))
+    assert not errors
+    page.close()
+    narrow.close()
 
 
 # --- The real model -------------------------------------------------------------------------------------

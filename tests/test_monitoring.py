@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ARTIFACTS
 from prometheus_client.parser import text_string_to_metric_families
 
 from forja.config import load_settings
@@ -18,10 +19,6 @@ from forja.store import Store
 ADMIN_KEY = "admin-key-0123456789abcdef"
 USER_KEY = "user-key-0123456789abcdef"
 MAX_TOKENS = 8
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 
 def full_length_engine(model_dir: Path, settings) -> BatchingEngine:
@@ -163,18 +160,6 @@ def test_stats_route_after_requests(open_server):
     version = next(v for v in stats["versions"] if v["model"] == model)
     assert version["up"] - sum(v["up"] for v in before["versions"]) == 1
     assert version["down"] - sum(v["down"] for v in before["versions"]) == 1
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run `make install-test` (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def test_dashboard_draws_its_charts_in_chromium(locked, browser):

@@ -2,11 +2,11 @@
 Screenshots land in test-artifacts/ (git-ignored)."""
 
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from conftest import ARTIFACTS
 
 from forja.config import load_settings
 from forja.engine.batching import BatchingEngine
@@ -14,10 +14,6 @@ from forja.models import load
 from forja.serve.app import create_app
 from forja.store import exchanges
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 PERSONAS = [{"name": "panadero", "description": "Atiende la panadería", "system": "Eres el panadero."}]
 
 
@@ -32,18 +28,6 @@ def server(varied_model_dir, tmp_path_factory, start_server):
     accept, eos = engine._accept, engine.loaded.eos_token_ids
     engine._accept = lambda seq, token: accept(seq, 300 if token in eos else token)
     return start_server(create_app(settings, engine=engine))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is missing: run `make install-test` (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def test_chat_page_streams_switches_persona_and_stops(server, browser):

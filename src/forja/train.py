@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
-from forja.data import DataError, meta_path, prepare, validation_path
+from forja.data import meta_path, prepare, validation_path
 from forja.models import VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve
 
 # peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
