@@ -190,9 +190,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium driven by Playwright (never a browser Playwright downloads), one per session."""
+    """Debian's Chromium driven by Playwright (never a browser Playwright downloads), one per test module:
+    Playwright's sync API keeps an event loop in the main thread while it runs, which later tests'
+    asyncio.run() must not find."""
     if not CHROMIUM.exists():
         pytest.fail("Debian's chromium is missing: run `make install-test` (apt-get install chromium)")
     from playwright.sync_api import sync_playwright

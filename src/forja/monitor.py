@@ -4,6 +4,7 @@ them at GET /metrics; each app keeps its own registry so several servers can liv
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -103,15 +104,16 @@ class AnswerTiming:
 
 class CountRequests:
     """ASGI middleware: forja_requests_total by route template (not the raw path: bounded labels), the
-    model a generating route put in `request.state.model`, and the status code sent."""
+    model a generating route put in `request.state.model`, and the status code sent; with `log`, also
+    one log line per request (method, path, status, seconds; never the body: it may be private)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, log: logging.Logger | None = None):
+        self.app, self.metrics, self.log = app, metrics, log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]
+        started, status = time.perf_counter(), [500]
 
         async def record(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -124,3 +126,5 @@ class CountRequests:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             model = (scope.get("state") or {}).get("model", "")
             self.metrics.requests.labels(route, model, str(status[0])).inc()
+            if self.log is not None:
+                self.log.info("%s %s %s %.3fs", scope["method"], scope["path"], status[0], time.perf_counter() - started)

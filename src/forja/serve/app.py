@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -84,9 +83,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
         app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
-    if serve.log_requests:
-        app.add_middleware(RequestLog)
-    app.add_middleware(CountRequests, metrics=state.metrics)  # outermost: counts 413s too
+    # outermost: counts (and logs) 413s too
+    app.add_middleware(CountRequests, metrics=state.metrics, log=log if serve.log_requests else None)
     return app
 
 
@@ -151,28 +149,6 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-class RequestLog:
-    """One line per request: method, path, status, seconds (never the body: it may be private)."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [0]
-
-        async def record(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            log.info("%s %s %s %.3fs", scope["method"], scope["path"], status[0], time.perf_counter() - started)
 
 
 def serve(settings: Settings, model: str | None = None, host: str | None = None, port: int | None = None,
