@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from forja import models
 from forja.cli import app
 from forja.config import TrainSettings, load_settings
-from forja.feedback import collect_pairs, export, write_jsonl
+from forja.feedback import collect_pairs, export, write_training_file
 from forja.serve.app import create_app
 from forja.store import MIGRATIONS, Store, UnknownExchange
 
@@ -301,7 +301,7 @@ def test_corrections_sent_over_http_are_learned_and_promoted(tiny_model_dir, tmp
     settings = load_settings()
     data = tmp_path / "base.jsonl"
     pairs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in KNOWN]
-    write_jsonl(data, pairs)
+    write_training_file(data, pairs)
     data.with_suffix(".val.jsonl").write_text(json.dumps(pairs[0]) + "\n")  # the gate checks this one
     train(settings, new_run(settings, [data], "tienda-v1", str(tiny_model_dir), tiny_hyper()), progress=False)
     models.promote(settings, "tienda-v1")

@@ -332,8 +332,8 @@ def prepare(
     train = [row for i, row in enumerate(rows) if i not in validation]
     val = [row for i, row in enumerate(rows) if i in validation]
     digest = _content_hash(train, val)
-    _write_jsonl(out, train)
-    _write_jsonl(validation_path(out), val)
+    write_jsonl(out, train)
+    write_jsonl(validation_path(out), val)
     kinds = {DIALOGUE: sum("messages" in r for r in rows), KNOWLEDGE: sum("text" in r for r in rows)}
     summary = Summary(
         train_path=out, val_path=validation_path(out), meta_path=meta_path(out),
@@ -917,7 +917,8 @@ def _content_hash(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> str
     return digest.hexdigest()
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line, UTF-8 (the folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as file:
         for row in rows:

@@ -21,7 +21,7 @@ from typing import Any
 
 from forja import models
 from forja.config import ForjaError, Settings, TrainSettings
-from forja.data import meta_path, validation_path
+from forja.data import meta_path, validation_path, write_jsonl
 from forja.store import Store
 
 FEEDBACK_RECORD = "feedback.json"  # in a run made from feedback: which rows it learns from
@@ -90,12 +90,10 @@ def collect_pairs(store: Store, *, include_used: bool = False) -> tuple[list[Pai
     return pairs, skipped
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+def write_training_file(path: Path, rows: list[dict[str, Any]]) -> str:
     """Write rows and a `forja data prepare`-style meta file (hash), so `forja train --data` takes the file as is."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    write_jsonl(path, rows)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     meta_path(path).write_text(json.dumps({"hash": digest, "rows": len(rows), "source": "forja feedback"}, indent=2) + "\n")
     return digest
 
@@ -118,14 +116,13 @@ def export(settings: Settings, out: Path, *, include_used: bool = False, prefere
         pairs, skipped = collect_pairs(store, include_used=include_used)
     finally:
         store.close()
-    write_jsonl(out, [p.training_row() for p in pairs])
+    write_training_file(out, [p.training_row() for p in pairs])
     summary = ExportSummary(out, len(pairs), sum(p.kind == "correction" for p in pairs),
                             sum(p.kind == "approved" for p in pairs), skipped)
     if preferences:
         summary.preferences_path = out.with_suffix(".preferences.jsonl")
         rows = [p.preference_row() for p in pairs if p.rejected is not None and p.rejected != p.answer]
-        summary.preferences_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                            encoding="utf-8")
+        write_jsonl(summary.preferences_path, rows)
     return summary
 
 
@@ -192,10 +189,9 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         name = name or f"{Path(start).name.removesuffix('.gguf')}-fb{time.strftime('%Y%m%d-%H%M%S')}"
         staging = settings.home / "feedback" / name
         data_path = staging / training.DATA_FILE
-        write_jsonl(data_path, rows)
+        write_training_file(data_path, rows)
         validation = old_val + [p.training_row() for p in held_pairs]
-        validation_path(data_path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in validation),
-                                              encoding="utf-8")
+        write_jsonl(validation_path(data_path), validation)
         run = training.new_run(settings, [data_path], name, start, hyper)
         record = {"started_from": start, "train_feedback_ids": sorted(i for p in train_pairs for i in p.feedback_ids),
                   "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),

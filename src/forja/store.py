@@ -9,6 +9,7 @@ applied when the store opens, so an old database is brought up to date in place.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import time
@@ -174,9 +175,11 @@ class Store:
 
     def add_feedback(self, exchange_id: str, *, rating: str | None = None, correction: str | None = None,
                      comment: str | None = None, choice: int = 0, sender: str | None = None) -> dict[str, Any]:
-        """Store one feedback row and return it; committed (and synced) before this returns."""
+        """Store one feedback row and return it (with the model that gave the answer); committed (and
+        synced) before this returns."""
         with self.engine.begin() as conn:
-            found = conn.execute(sa.select(exchanges.c.answers).where(exchanges.c.id == exchange_id)).first()
+            found = conn.execute(sa.select(exchanges.c.answers, exchanges.c.model)
+                                 .where(exchanges.c.id == exchange_id)).first()
             if found is None:
                 raise UnknownExchange(f"no exchange with id {exchange_id!r}")
             if not 0 <= choice < max(len(json.loads(found.answers)), 1):
@@ -186,7 +189,7 @@ class Store:
                 correction=correction, comment=comment, sender=sender,
             ))
             row = conn.execute(sa.select(feedback).where(feedback.c.id == result.inserted_primary_key[0])).one()
-        return dict(row._mapping)
+        return {**row._mapping, "model": found.model}
 
     def feedback_rows(self, *, rating: str | None = None, limit: int | None = None,
                       unused_only: bool = False) -> list[dict[str, Any]]:
@@ -229,24 +232,15 @@ class Store:
     def stats(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
             count = lambda q: conn.execute(q).scalar_one()  # noqa: E731
-            total = count(sa.select(sa.func.count()).select_from(feedback))
-            by_model = conn.execute(
-                sa.select(exchanges.c.model, sa.func.count(exchanges.c.id).label("exchanges"))
-                .group_by(exchanges.c.model).order_by(exchanges.c.model)
-            ).all()
+            calls = dict(conn.execute(sa.select(exchanges.c.model, sa.func.count())
+                                      .group_by(exchanges.c.model).order_by(exchanges.c.model)).all())
             ratings = {r.rating or "none": r.n for r in conn.execute(
                 sa.select(feedback.c.rating, sa.func.count().label("n")).group_by(feedback.c.rating))}
-            models = {}
-            for model, n in by_model:
-                up = count(sa.select(sa.func.count()).select_from(feedback.join(exchanges))
-                           .where(exchanges.c.model == model, feedback.c.rating == "up"))
-                down = count(sa.select(sa.func.count()).select_from(feedback.join(exchanges))
-                             .where(exchanges.c.model == model, feedback.c.rating == "down"))
-                models[model] = {"exchanges": n, "up": up, "down": down,
-                                 "approval": round(up / (up + down), 3) if up + down else None}
+            models = {row["model"]: {"exchanges": row["exchanges"], "up": row["up"], "down": row["down"],
+                                     "approval": row["up_ratio"]} for row in _ratings_by_model(conn, calls)}
             return {
-                "exchanges": count(sa.select(sa.func.count()).select_from(exchanges)),
-                "feedback": total,
+                "exchanges": sum(calls.values()),
+                "feedback": sum(ratings.values()),
                 "ratings": ratings,
                 "corrections": count(sa.select(sa.func.count()).select_from(feedback)
                                      .where(feedback.c.correction.is_not(None))),
@@ -261,36 +255,39 @@ class Store:
         until = time.time() if until is None else until
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(exchanges.c.created_at, exchanges.c.latency_ms, exchanges.c.prompt_tokens,
-                          exchanges.c.completion_tokens)
+                sa.select(exchanges.c.created_at, exchanges.c.model, exchanges.c.latency_ms,
+                          exchanges.c.prompt_tokens, exchanges.c.completion_tokens)
                 .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
                 .order_by(exchanges.c.created_at)).all()
-            calls = {r.model: r.n for r in conn.execute(
-                sa.select(exchanges.c.model, sa.func.count().label("n"))
-                .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
-                .group_by(exchanges.c.model))}
-            rated = conn.execute(
-                sa.select(exchanges.c.model, feedback.c.rating, sa.func.count().label("n"))
-                .select_from(feedback.join(exchanges))
-                .where(feedback.c.created_at >= since, feedback.c.created_at <= until, feedback.c.rating.is_not(None))
-                .group_by(exchanges.c.model, feedback.c.rating)).all()
+            versions = _ratings_by_model(conn, collections.Counter(r.model for r in rows),
+                                         feedback.c.created_at >= since, feedback.c.created_at <= until)
         count = max(1, math.ceil((until - since) / bucket_seconds))
         grouped: list[list[Any]] = [[] for _ in range(count)]
         for row in rows:
             grouped[min(int((row.created_at - since) // bucket_seconds), count - 1)].append(row)
-        versions: dict[str, dict[str, Any]] = {m: {"model": m, "exchanges": n, "up": 0, "down": 0} for m, n in calls.items()}
-        for model, rating, n in rated:
-            versions.setdefault(model, {"model": model, "exchanges": 0, "up": 0, "down": 0})[rating] = n
-        for v in versions.values():
-            v["up_ratio"] = round(v["up"] / (v["up"] + v["down"]), 3) if v["up"] + v["down"] else None
         return {
             "since": since, "until": until, "bucket_seconds": bucket_seconds,
             "buckets": [{"start": since + i * bucket_seconds, **_summary(group)} for i, group in enumerate(grouped)],
             "totals": {**_summary(rows), "prompt_tokens": sum(r.prompt_tokens for r in rows),
                        "completion_tokens": sum(r.completion_tokens for r in rows),
                        "tokens_per_call": round(sum(r.completion_tokens for r in rows) / len(rows), 1) if rows else None},
-            "versions": sorted(versions.values(), key=lambda v: v["model"]),
+            "versions": versions,
         }
+
+
+def _ratings_by_model(conn: Connection, calls: dict[str, int], *where: Any) -> list[dict[str, Any]]:
+    """Per model (those in `calls`, exchanges counted, and any rated): thumbs up and down of the
+    feedback matching `where`, in one grouped query, sorted by model."""
+    rated = conn.execute(
+        sa.select(exchanges.c.model, feedback.c.rating, sa.func.count().label("n"))
+        .select_from(feedback.join(exchanges)).where(feedback.c.rating.is_not(None), *where)
+        .group_by(exchanges.c.model, feedback.c.rating)).all()
+    models = {m: {"model": m, "exchanges": n, "up": 0, "down": 0} for m, n in calls.items()}
+    for model, rating, n in rated:
+        models.setdefault(model, {"model": model, "exchanges": 0, "up": 0, "down": 0})[rating] = n
+    for row in models.values():
+        row["up_ratio"] = round(row["up"] / (row["up"] + row["down"]), 3) if row["up"] + row["down"] else None
+    return sorted(models.values(), key=lambda row: row["model"])
 
 
 def _summary(rows: list[Any]) -> dict[str, Any]:

@@ -64,8 +64,7 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
     except StoreError as exc:
         raise ApiError(422, str(exc), param="choice", code="invalid_value") from None
     if rating:
-        exchange = await asyncio.to_thread(state.store.exchange, exchange_id)
-        state.metrics.feedback.labels(exchange.model, rating).inc()  # type: ignore[union-attr]
+        state.metrics.feedback.labels(row["model"], rating).inc()
     return FeedbackRow(**row)
 
 
