@@ -104,6 +104,87 @@ class ApiKey(BaseModel):
         return self.sha256.lower() if self.sha256 else hashlib.sha256(self.key.get_secret_value().encode()).hexdigest()  # type: ignore[union-attr]
 
 
+PiiAction = Literal["block", "redact", "allow"]
+SAFETY_CODES = [f"S{i}" for i in range(1, 15)]
+
+
+class PiiSettings(BaseModel):
+    """What the rails do with each kind of personal data they find: block the message, redact it (the model
+    sees [EMAIL], [CARD], ...) or allow it. Whatever is chosen, it is redacted before anything is stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: PiiAction = "redact"
+    phone: PiiAction = "redact"
+    credit_card: PiiAction = Field("redact", description="Card numbers that pass the Luhn check.")
+    iban: PiiAction = Field("redact", description="IBANs that pass the mod-97 check.")
+    national_id: PiiAction = Field("redact", description="Spanish DNI/NIE with a valid check letter.")
+    ip_address: PiiAction = "redact"
+    allow: list[str] = Field(default_factory=list, description="Values never treated as PII (your support address or phone).")
+
+
+class SafetySettings(BaseModel):
+    """The safety classifier: asked the Llama Guard 3 question about each input and/or answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="A model forja can load (e.g. a Llama Guard 3 checkpoint) to ask.")
+    endpoint: str | None = Field(None, description="Or the base URL of an OpenAI-compatible API (http://host:8080/v1).")
+    endpoint_model: str = Field("llama-guard3", description="The `model` sent to the endpoint.")
+    api_key: SecretStr | None = Field(None, description="Bearer key for the endpoint.")
+    template: Literal["server", "forja"] = Field(
+        "server", description="Endpoint only: send the conversation and let a Llama Guard server ask (server), or "
+        "send forja's own Llama Guard question as one message (forja; for general models).")
+    stages: list[Literal["input", "output"]] = Field(default_factory=lambda: ["input", "output"])
+    on_error: Literal["allow", "block"] = Field("allow", description="When the classifier fails or answers nonsense.")
+    timeout: float = Field(10.0, gt=0, description="Seconds to wait for the endpoint.")
+    stream_chunk_chars: int = Field(200, ge=1, description="Streamed answers are checked and released in chunks this long.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "SafetySettings":
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("guard.safety: give exactly one of 'model' or 'endpoint'")
+        return self
+
+
+class RailsSettings(BaseModel):
+    """Guardrails on what clients send and what the model answers (`guard` at the top, or per persona)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Run the rails at all.")
+    max_input_chars: int = Field(8000, ge=1, description="Longest input (all of a request's messages together).")
+    characters: Literal["block", "off"] = Field("block", description="Control characters and chat-template tokens in input.")
+    injection: Literal["block", "flag", "off"] = Field(
+        "block", description="Attempts to override or reveal the system prompt; answers quoting it.")
+    topics: Literal["block", "flag", "off"] = Field(
+        "block", description="Built-in phrase rules for blatant requests in the Llama Guard 3 categories.")
+    safety_categories: list[str] = Field(
+        default_factory=lambda: list(SAFETY_CODES), description="Llama Guard categories (S1-S14) that block; others are flagged.")
+    blocklist: list[str] = Field(default_factory=list, description="Words or phrases that block (case and accents ignored).")
+    block_patterns: list[str] = Field(default_factory=list, description="Regular expressions that block (case ignored).")
+    pii: PiiSettings = Field(default_factory=PiiSettings)
+    safety: SafetySettings | None = Field(None, description="A Llama Guard style classifier; none by default.")
+    language: Literal["auto", "en", "es"] = Field("auto", description="Language of the refusals; auto = the user's.")
+    refusals: dict[str, str] = Field(
+        default_factory=dict, description="Your own refusal per category (pii, injection, S11, output, ...).")
+    redact_logs: bool = Field(True, description="Redact PII from stored exchanges, feedback and exports.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RailsSettings":
+        import re
+
+        unknown = [c for c in self.safety_categories if c not in SAFETY_CODES]
+        if unknown:
+            raise ValueError(f"safety_categories: unknown {', '.join(unknown)} (use S1 to S14)")
+        for pattern in self.block_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"block_patterns: {pattern!r} is not a valid regular expression ({exc})") from None
+        return self
+
+
 class Persona(BaseModel):
     """A named assistant: a system prompt and default sampling on a model; selectable as `model`."""
 
@@ -116,6 +197,7 @@ class Persona(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature (a request may override).")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p.")
     max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
+    guard: RailsSettings | None = Field(None, description="Guardrail settings laid over the top-level `guard`.")
 
 
 class ServeSettings(BaseModel):
@@ -199,6 +281,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    guard: RailsSettings = Field(default_factory=RailsSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )

@@ -1,5 +1,5 @@
 """Prometheus metrics of a running server: requests, latency as vLLM defines it (time to first token,
-inter-token latency, end-to-end), tokens, engine queues and feedback ratings. `forja serve` exposes
+inter-token latency, end-to-end), tokens, engine queues, guardrail actions and feedback ratings. `forja serve` exposes
 them at GET /metrics; each app keeps its own registry so several servers can live in one process."""
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Metrics:
         self.generation_tokens = Counter("forja_generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.feedback = Counter("forja_feedback_ratings", "Ratings left on answers, by the version that answered.",
                                 ["version", "rating"], registry=r)
+        self.guard_actions = Counter("forja_guard_actions", "Guardrail decisions by stage (input/output), category "
+                                     "(pii, injection, S1-S14, ...) and action (block, redact, flag, allow).",
+                                     ["stage", "category", "action"], registry=r)
         r.register(EngineLoad(engines))
 
     def scrape(self) -> bytes:

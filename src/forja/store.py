@@ -13,7 +13,7 @@ import collections
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,21 @@ feedback_used = sa.Table(
 )
 
 
+guard_events = sa.Table(
+    "guard_events", metadata,  # the audit log of the guardrails: what was decided, never the text
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("request_id", sa.String(64), nullable=False, index=True),  # the exchange's id
+    sa.Column("route", sa.String(40)),
+    sa.Column("stage", sa.String(10), nullable=False),  # input or output
+    sa.Column("rule", sa.String(80), nullable=False),  # pii.email, injection.override, topics, safety, ...
+    sa.Column("category", sa.String(40), nullable=False),  # pii, injection, blocklist, S1..S14, ...
+    sa.Column("action", sa.String(10), nullable=False),  # block, redact, flag, allow
+    sa.Column("model", sa.String(200)),
+    sa.Column("persona", sa.String(200)),
+)
+
+
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
         for table in tables:
@@ -89,6 +104,7 @@ def _create(*tables: sa.Table):
 MIGRATIONS: list[tuple[str, Any]] = [
     ("0001_exchanges_and_feedback", _create(exchanges, feedback)),
     ("0002_feedback_used", _create(feedback_used)),
+    ("0003_guard_events", _create(guard_events)),
 ]
 
 
@@ -156,8 +172,11 @@ class Store:
 
     def log_exchange(self, *, id: str, route: str, model: str, persona: str | None, messages: Any,
                      answers: list[str], params: dict[str, Any], prompt_tokens: int, completion_tokens: int,
-                     latency_ms: float, finish_reason: str | None, api_key_name: str | None) -> None:
+                     latency_ms: float, finish_reason: str | None, api_key_name: str | None,
+                     guard_events: Sequence[dict[str, Any]] = ()) -> None:
+        """One exchange and the guardrail decisions taken on it, in one transaction."""
         with self.engine.begin() as conn:
+            self._insert_guard_events(conn, guard_events)
             conn.execute(exchanges.insert().values(
                 id=id, created_at=time.time(), route=route, model=model, persona=persona,
                 messages=json.dumps(messages, ensure_ascii=False), answers=json.dumps(answers, ensure_ascii=False),
@@ -165,6 +184,27 @@ class Store:
                 completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
                 api_key_name=api_key_name,
             ))
+
+    def log_guard_events(self, events: list[dict[str, Any]]) -> None:
+        """Guardrail decisions alone (a server that does not store exchanges still keeps its audit log)."""
+        with self.engine.begin() as conn:
+            self._insert_guard_events(conn, events)
+
+    @staticmethod
+    def _insert_guard_events(conn: Connection, events: Sequence[dict[str, Any]]) -> None:
+        if events:
+            now = time.time()
+            conn.execute(guard_events.insert(), [{"created_at": now, **event} for event in events])
+
+    def guard_log(self, *, request_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Guardrail decisions, newest first."""
+        query = sa.select(guard_events).order_by(guard_events.c.created_at.desc(), guard_events.c.id.desc())
+        if request_id:
+            query = query.where(guard_events.c.request_id == request_id)
+        if limit:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def exchange(self, exchange_id: str) -> Exchange | None:
         with self.engine.connect() as conn:

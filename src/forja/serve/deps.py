@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from forja.config import Persona, Settings
 from forja.engine import Engine, SamplingParams
+from forja.guard import Guards
 from forja.monitor import Metrics
 from forja.store import Store
 
@@ -67,12 +68,14 @@ class ServerState:
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
+    guards: Guards = field(init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: str = ""
     _registry_stamp: float | None = None
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engines)
+        self.guards = Guards(self.settings)
         self._active = self.base
         self._registry_stamp = self._stamp()
 

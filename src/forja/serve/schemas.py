@@ -104,6 +104,7 @@ class PredictRequest(BaseModel):
 class PredictResponse(BaseModel):
     generated_text: str
     id: str
+    finish_reason: str | None = Field(None, description="content_filter when the guardrails refused (else left out).")
 
 
 MAX_FEEDBACK_CHARS = 20_000

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from forja.serve.deps import ApiError, ApiKeyDep, StateDep
+from forja.serve.rails import CONTENT_FILTER, RequestRails, allowed_prompts
 from forja.serve.routes.openai import ExchangeRecord, collect, prepare, submit
 from forja.serve.schemas import FeedbackRequest, FeedbackRow, PredictRequest, PredictResponse, new_response_id
 from forja.store import StoreError, UnknownExchange
@@ -18,18 +19,21 @@ router = APIRouter(tags=["classic"])
 
 @router.post("/predict", response_model=None)
 async def predict(body: PredictRequest, request: Request, state: StateDep, _: ApiKeyDep):
-    """{"prompt", "max_length", "num_return_sequences"} → {"generated_text", "id"}, a list when more than one."""
+    """{"prompt", "max_length", "num_return_sequences"} → {"generated_text", "id"}, a list when more than one;
+    a refusal of the guardrails also says "finish_reason": "content_filter"."""
     target = await state.target(body.model)
-    messages = target.messages([{"role": "user", "content": body.prompt}])
-    request_like = _Classic(body)
-    jobs = prepare(state, target, [messages], request_like, body.max_length, "max_length")
+    rails = RequestRails(state, target)
+    screened = rails.screen([target.messages([{"role": "user", "content": body.prompt}])])
+    jobs = prepare(state, target, allowed_prompts(screened), _Classic(body), body.max_length, "max_length")
     rid = new_response_id("pred")
-    record = ExchangeRecord(state, request, rid, "predict", target, messages, jobs)
-    texts, finishes, usage = await collect(submit(target, jobs), request, body.num_return_sequences, record)
+    record = ExchangeRecord(state, request, rid, "predict", target, screened[0][0], jobs, rails)
+    streams = rails.streams(screened, body.num_return_sequences, submit(target, jobs))
+    texts, finishes, usage = await collect(streams, request, body.num_return_sequences, record)
     await record.save(texts, finishes, usage)
-    answers = [PredictResponse(generated_text=text, id=rid if len(texts) == 1 else f"{rid}-{i}")
-               for i, text in enumerate(texts)]
-    return answers[0] if len(answers) == 1 else answers
+    answers = [PredictResponse(generated_text=text, id=rid if len(texts) == 1 else f"{rid}-{i}",
+                               finish_reason=finish if finish == CONTENT_FILTER else None).model_dump(exclude_none=True)
+               for i, (text, finish) in enumerate(zip(texts, finishes))]
+    return JSONResponse(answers[0] if len(answers) == 1 else answers)
 
 
 class _Classic:
@@ -55,9 +59,10 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
     if numbered and choice is None:
         exchange_id, choice = numbered.group(1), int(numbered.group(2))
     rating = body.rating or ("down" if body.correction else None)
-    comment = "\n".join(t for t in (body.comment, body.text) if t) or None
+    comment = state.guards.redact("\n".join(t for t in (body.comment, body.text) if t) or None)
+    correction = state.guards.redact(body.correction)  # PII never reaches the store
     try:
-        row = await asyncio.to_thread(state.store.add_feedback, exchange_id, rating=rating, correction=body.correction,
+        row = await asyncio.to_thread(state.store.add_feedback, exchange_id, rating=rating, correction=correction,
                                       comment=comment, choice=choice or 0, sender=key_name)
     except UnknownExchange as exc:
         raise ApiError(404, str(exc), param="id", code="exchange_not_found") from None

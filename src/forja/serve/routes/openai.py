@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep, Target, sampling
+from forja.serve.rails import RequestRails, allowed_prompts
 from forja.serve.schemas import (
     ChatChoice,
     ChatChoiceMessage,
@@ -54,11 +55,12 @@ async def list_models(state: StateDep, _: ApiKeyDep) -> ModelList:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
     target = await state.target(body.model)
-    messages = target.messages([m.as_dict() for m in body.messages])
-    jobs = prepare(state, target, [messages], body, body.max_completion_tokens or body.max_tokens, "messages")
+    rails = RequestRails(state, target)
+    screened = rails.screen([target.messages([m.as_dict() for m in body.messages])])
+    jobs = prepare(state, target, allowed_prompts(screened), body, body.max_completion_tokens or body.max_tokens, "messages")
     rid, created = new_response_id("chatcmpl"), now()
-    record = ExchangeRecord(state, request, rid, "chat", target, messages, jobs)
-    streams = submit(target, jobs)
+    record = ExchangeRecord(state, request, rid, "chat", target, screened[0][0], jobs, rails)
+    streams = rails.streams(screened, body.n, submit(target, jobs))
     if body.stream:
         return sse(chat_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
     texts, finishes, usage = await collect(streams, request, body.n, record)
@@ -73,11 +75,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
     target = await state.target(body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    jobs = prepare(state, target, prompts, body, body.max_tokens, "prompt")
+    rails = RequestRails(state, target)
+    screened = rails.screen([body.prompt] if isinstance(body.prompt, str) else body.prompt)
+    jobs = prepare(state, target, allowed_prompts(screened), body, body.max_tokens, "prompt")
     rid, created = new_response_id("cmpl"), now()
-    record = ExchangeRecord(state, request, rid, "completion", target, body.prompt, jobs)
-    streams = submit(target, jobs)
+    prompt = screened[0][0] if isinstance(body.prompt, str) else [p for p, _ in screened]
+    record = ExchangeRecord(state, request, rid, "completion", target, prompt, jobs, rails)
+    streams = rails.streams(screened, body.n, submit(target, jobs))
     if body.stream:
         return sse(completion_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
     texts, finishes, usage = await collect(streams, request, body.n, record)
@@ -109,6 +113,7 @@ def prepare(state: ServerState, target: Target, prompts: list[Prompt], body: Any
 
 
 def submit(target: Target, jobs: list[tuple[Prompt, SamplingParams]]) -> list[Stream]:
+    """Queue every job on the engine (all or none)."""
     streams: list[Stream] = []
     try:
         for prompt, params in jobs:
@@ -270,24 +275,26 @@ async def stream_events(head: dict[str, Any], streams: list[Stream], n: int, inc
 
 
 class ExchangeRecord:
-    """One exchange for the store (the id the API returned is its id) and, when `log_prompts` is on, the log."""
+    """One exchange for the store (the id the API returned is its id) with its guardrail decisions, and, when
+    `log_prompts` is on, the log. PII is redacted from both (guard.redact_logs)."""
 
     def __init__(self, state: ServerState, request: Request, rid: str, route: str, target: Target, prompt: Any,
-                 jobs: list[tuple[Prompt, SamplingParams]]):
-        self.state, self.rid, self.route, self.target, self.prompt = state, rid, route, target, prompt
+                 jobs: list[tuple[Prompt, SamplingParams]], rails: RequestRails):
+        self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
+        self.prompt = state.guards.redact(prompt)
         self.params = asdict(jobs[0][1]) if jobs else {}
         self.key_name = getattr(request.state, "api_key_name", None)
         self.started = time.perf_counter()
         self.timing = AnswerTiming(state.metrics, target.engine.name, self.started)
         request.state.model = target.engine.name  # for the request counter
-        self.saved = not (state.store is not None and state.settings.serve.log_exchanges)
+        self.saved = state.store is None
         if state.settings.serve.log_prompts:
-            log.info("%s prompt %s", rid, json.dumps(prompt, ensure_ascii=False))
+            log.info("%s prompt %s", rid, json.dumps(self.prompt, ensure_ascii=False))
 
     def _row(self, texts: list[str], finishes: list[str], usage: Usage) -> dict[str, Any]:
         return dict(id=self.rid, route=self.route, model=self.target.engine.name,
                     persona=self.target.persona.name if self.target.persona else None, messages=self.prompt,
-                    answers=texts, params=self.params, prompt_tokens=usage.prompt_tokens,
+                    answers=self.state.guards.redact(texts), params=self.params, prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens,
                     latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
                     finish_reason=finishes[0] if finishes else None, api_key_name=self.key_name)
@@ -295,7 +302,7 @@ class ExchangeRecord:
     async def save(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
         self.timing.finish(usage.prompt_tokens, usage.completion_tokens)
         if self.state.settings.serve.log_prompts:
-            log.info("%s answer %s", self.rid, json.dumps(texts, ensure_ascii=False))
+            log.info("%s answer %s", self.rid, json.dumps(self.state.guards.redact(texts), ensure_ascii=False))
         if not self.saved:
             self.saved = True
             await asyncio.to_thread(self._write, self._row(texts, finishes, usage))
@@ -308,7 +315,13 @@ class ExchangeRecord:
             self._write(self._row(texts, finishes, usage))
 
     def _write(self, row: dict[str, Any]) -> None:
+        """The exchange (unless serve.log_exchanges is off) and its guardrail decisions, in one transaction."""
+        events = [{**f.as_dict(), "request_id": self.rid, "model": row["model"], "persona": row["persona"],
+                   "route": self.route} for f in self.rails.findings]
         try:
-            self.state.store.log_exchange(**row)  # type: ignore[union-attr]
+            if self.state.settings.serve.log_exchanges:
+                self.state.store.log_exchange(**row, guard_events=events)  # type: ignore[union-attr]
+            elif events:
+                self.state.store.log_guard_events(events)  # type: ignore[union-attr]
         except Exception as exc:  # the answer was given; a broken store must not turn it into an error
             log.error("cannot store exchange %s: %s", self.rid, exc)

@@ -1,0 +1,121 @@
+"""The guardrails in the server: one `RequestRails` per request screens the prompts before they reach the
+engine and wraps each answer's stream in the output rails. A blocked prompt never reaches the engine: its
+answers are the refusal with finish_reason "content_filter"; a blocked answer is cut where it stands
+(nothing unsafe is sent), its generation cancelled and the refusal sent instead."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from forja.engine import Delta, Prompt, Stream, Usage
+from forja.guard import Finding, Guard, OutputFilter
+
+if TYPE_CHECKING:
+    from forja.serve.deps import ServerState, Target
+
+CONTENT_FILTER = "content_filter"
+
+
+class RequestRails:
+    """The rails of one request: its persona's Guard, and every decision taken, for the audit log and metrics."""
+
+    def __init__(self, state: "ServerState", target: "Target"):
+        self.state = state
+        self.guard: Guard = state.guards.for_persona(target.persona)
+        self.findings: list[Finding] = []
+        self.conversations: list[list[dict[str, str]]] = []
+
+    def screen(self, prompts: list[Prompt]) -> list[tuple[Prompt, str | None]]:
+        """Each prompt redacted as the config says, with the refusal when the input rails block it."""
+        screened = []
+        for prompt in prompts:
+            verdict = self.guard.check_input(prompt)
+            self.record(verdict.findings)
+            prompt = self.guard.apply_input(prompt, verdict)
+            screened.append((prompt, verdict.refusal))
+            self.conversations.append(prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
+        return screened
+
+    def streams(self, screened: list[tuple[Prompt, str | None]], n: int, submitted: list[Stream]) -> list[Stream]:
+        """n streams per prompt, in order: a refusal for a blocked prompt, else the engine's answers
+        (`submitted`, n per allowed prompt) behind the output rails."""
+        engine_streams = iter(submitted)
+        streams: list[Stream] = []
+        for index, (_, refusal) in enumerate(screened):
+            for _ in range(n):
+                if refusal is not None:
+                    streams.append(RefusalStream(refusal))
+                else:
+                    streams.append(GuardedStream(next(engine_streams), self.guard.output_filter(self.conversations[index]), self))
+        return streams
+
+    def record(self, findings: list[Finding]) -> None:
+        self.findings += findings
+        for finding in findings:
+            self.state.metrics.guard_actions.labels(finding.stage, finding.category, finding.action).inc()
+
+    @property
+    def blocked(self) -> bool:
+        return any(f.action == "block" for f in self.findings)
+
+
+def allowed_prompts(screened: list[tuple[Prompt, str | None]]) -> list[Prompt]:
+    return [prompt for prompt, refusal in screened if refusal is None]
+
+
+class RefusalStream(Stream):
+    """The answer to a blocked prompt: the refusal, then finish_reason content_filter."""
+
+    def __init__(self, refusal: str):
+        self.refusal = refusal
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        yield Delta(text=self.refusal)
+        yield Delta(finish_reason=CONTENT_FILTER, usage=Usage())
+
+    def cancel(self) -> None:
+        pass
+
+
+class GuardedStream(Stream):
+    """An engine stream behind the output rails: text is released as the filter allows; when it blocks,
+    generation is cancelled and the refusal ends the answer (finish_reason content_filter)."""
+
+    def __init__(self, inner: Stream, output: OutputFilter, rails: RequestRails):
+        self.inner, self.output, self.rails = inner, output, rails
+
+    async def _run(self, step: Any, *args: Any) -> str:
+        # regex rails take microseconds; a classifier call (HTTP or a model) goes to a thread
+        return await asyncio.to_thread(step, *args) if self.output.classifying else step(*args)
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        sent, delta = False, None
+        async for delta in self.inner:
+            if self.output.verdict.blocked:  # cancelled: wait for the engine's last delta (its usage)
+                if delta.finish_reason is not None:
+                    break
+                continue
+            text = await self._run(self.output.feed, delta.text) if delta.text else ""
+            if delta.finish_reason is not None and not self.output.verdict.blocked and delta.finish_reason in ("stop", "length"):
+                text += await self._run(self.output.finish)
+            if self.output.verdict.blocked:
+                self.inner.cancel()
+                if delta.finish_reason is not None:
+                    break
+                continue
+            if text:
+                sent = True
+                yield Delta(text=text)
+            if delta.finish_reason is not None:
+                self.rails.record(self.output.verdict.findings)
+                yield Delta(finish_reason=delta.finish_reason, usage=delta.usage, error=delta.error)
+                return
+        self.rails.record(self.output.verdict.findings)
+        refusal = self.output.verdict.refusal or ""
+        yield Delta(text=("\n\n" if sent else "") + refusal)
+        yield Delta(finish_reason=CONTENT_FILTER, usage=(delta.usage if delta is not None else None) or Usage())
+
+    def cancel(self) -> None:
+        self.inner.cancel()
