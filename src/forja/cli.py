@@ -504,6 +504,98 @@ def feedback_export(
     typer.echo(f"train on them: forja train --data {out}   (or forja train --from-feedback, which also replays old data)")
 
 
+guard_app = _typer("Run the guardrails from the command line: one text, or a labelled file.")
+app.add_typer(guard_app, name="guard")
+PersonaOpt = Annotated[Optional[str], typer.Option("--persona", "-p", help="Use this persona's guard settings.")]
+BLOCKED_EXIT = 3
+
+
+def _guard(config: Path | None, persona: str | None):
+    from forja.guard import Guards
+
+    settings = settings_from(config)
+    personas = {p.name: p for p in settings.serve.personas}
+    if persona is not None and persona not in personas:
+        raise ConfigError(f"no persona {persona!r} in the config; there are: {', '.join(personas) or 'none'}")
+    return Guards(settings).for_persona(personas.get(persona))
+
+
+@guard_app.command("check")
+def guard_check(
+    text: Annotated[Optional[str], typer.Argument(help="The text to check; '-' or nothing reads stdin.")] = None,
+    output: Annotated[bool, typer.Option("--output", help="Check it as a model's answer (output rails).")] = False,
+    persona: PersonaOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the rails on TEXT: each decision, the text as the model would get it, or the refusal. Exit code 3 when blocked."""
+    guard = _guard(config, persona)
+    text = read_prompt(text, "text")
+    if output:
+        verdict = guard.check_output(text, [{"role": "user", "content": text}])
+    else:
+        verdict = guard.check_input([{"role": "user", "content": text}])
+    result = {"blocked": verdict.blocked, "categories": verdict.categories,
+              "findings": [f.as_dict() for f in verdict.findings],
+              "refusal": verdict.refusal, "text": None if verdict.blocked else verdict.text}
+    if as_json:
+        typer.echo(json.dumps(result, ensure_ascii=False))
+    else:
+        for finding in verdict.findings:
+            typer.echo(f"{finding.stage:6} {finding.action:6} {finding.category:10} {finding.rule}")
+        if verdict.blocked:
+            typer.echo(f"BLOCKED ({', '.join(verdict.categories)}): {verdict.refusal}")
+        else:
+            typer.echo(f"passed: {verdict.text}")
+    if verdict.blocked:
+        raise typer.Exit(BLOCKED_EXIT)
+
+
+@guard_app.command("test")
+def guard_test(
+    path: Annotated[Path, typer.Argument(help="JSONL or CSV rows: text, label (safe/unsafe), category, stage.")],
+    persona: PersonaOpt = None,
+    min_recall: Annotated[Optional[float], typer.Option(help="Fail unless at least this share of unsafe rows is blocked.")] = None,
+    min_pass: Annotated[Optional[float], typer.Option(help="Fail unless at least this share of safe rows passes.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a labelled file through the rails: block rate of the unsafe rows, pass rate of the safe ones,
+    precision and recall per category, and the rows they got wrong."""
+    from forja.guard import evaluate_labelled, read_labelled
+
+    guard = _guard(config, persona)
+    report = evaluate_labelled(guard, read_labelled(path))
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        def pct(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1%}"
+
+        table = Table("category", "rows", "blocked for it", "wrongly", "missed", "precision", "recall", title=str(path))
+        for category, c in report["categories"].items():
+            table.add_row(category, str(c["support"]), str(c["tp"]), str(c["fp"]), str(c["fn"]), pct(c["precision"]), pct(c["recall"]))
+        console = Console()
+        console.print(table)
+        console.print(f"unsafe rows blocked: {pct(report['unsafe_blocked'])} of {report['unsafe']}   "
+                      f"safe rows passed: {pct(report['safe_passed'])} of {report['safe']}   "
+                      f"precision of a block: {pct(report['precision'])}   redacted: {report['redacted']}")
+        for mistake in report["mistakes"]:
+            why = f"blocked for {', '.join(mistake['blocked_for'])}" if mistake["blocked_for"] else "passed"
+            console.print(f"  line {mistake['line']}: {mistake['label']} ({mistake['category'] or '-'}) {why}: {mistake['text'][:80]!r}",
+                          markup=False)
+    failures = []
+    if min_recall is not None and (report["unsafe_blocked"] or 0) < min_recall:
+        failures.append(f"{report['unsafe_blocked']:.1%} of unsafe rows blocked, below --min-recall {min_recall:.1%}")
+    if min_pass is not None and (report["safe_passed"] or 0) < min_pass:
+        failures.append(f"{report['safe_passed']:.1%} of safe rows passed, below --min-pass {min_pass:.1%}")
+    if failures:
+        raise ForjaError("guard test: " + "; ".join(failures))
+
+
 bench_app = _typer("Measure speed: bench serve (and bench train).")
 app.add_typer(bench_app, name="bench")
 

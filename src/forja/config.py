@@ -197,7 +197,8 @@ class Persona(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature (a request may override).")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p.")
     max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
-    guard: RailsSettings | None = Field(None, description="Guardrail settings laid over the top-level `guard`.")
+    guard: RailsSettings | None = Field(
+        None, description="Guardrail settings laid over the top-level `guard` (a list given here replaces the top-level one).")
 
 
 class ServeSettings(BaseModel):

@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from forja import models
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, validation_path, write_jsonl
+from forja.guard import Guards
 from forja.store import Store
 
 FEEDBACK_RECORD = "feedback.json"  # in a run made from feedback: which rows it learns from
@@ -57,17 +59,19 @@ class Pair:
                 "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids}
 
 
-def collect_pairs(store: Store, *, include_used: bool = False) -> tuple[list[Pair], dict[str, int]]:
+def collect_pairs(store: Store, *, include_used: bool = False,
+                  redact: Callable[[Any], Any] = lambda value: value) -> tuple[list[Pair], dict[str, int]]:
     """Training pairs from the feedback (unused rows only unless include_used), oldest exchange first,
     and counts of what was left out and why. Per answer the newest correction wins; without one, an
-    answer with more thumbs-up than thumbs-down is kept as it is."""
+    answer with more thumbs-up than thumbs-down is kept as it is. `redact` is applied to every text
+    (the server already stores it redacted; this also cleans rows stored before the guardrails)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in reversed(store.feedback_rows(unused_only=not include_used)):  # oldest first
         groups.setdefault((row["exchange_id"], row["choice"]), []).append(row)
     pairs, skipped = [], {"down_without_correction": 0, "comment_only": 0, "tied_ratings": 0, "unusable_prompt": 0}
     for (exchange_id, _), rows in groups.items():
         ids = [r["id"] for r in rows]
-        prompt = rows[0]["messages"]
+        prompt = redact(rows[0]["messages"])
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0] if len(prompt) == 1 else None  # a completion with several prompts
         if not prompt:
@@ -75,12 +79,13 @@ def collect_pairs(store: Store, *, include_used: bool = False) -> tuple[list[Pai
             continue
         corrections = [r for r in rows if r["correction"]]
         if corrections:
-            pairs.append(Pair(exchange_id, prompt, corrections[-1]["correction"], "correction", ids, rows[0]["answer"]))
+            pairs.append(Pair(exchange_id, prompt, redact(corrections[-1]["correction"]), "correction", ids,
+                              redact(rows[0]["answer"])))
             continue
         ups = sum(r["rating"] == "up" for r in rows)
         downs = sum(r["rating"] == "down" for r in rows)
         if ups > downs:
-            pairs.append(Pair(exchange_id, prompt, rows[0]["answer"], "approved", ids))
+            pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "approved", ids))
         elif downs > ups:
             skipped["down_without_correction"] += 1
         elif ups:
@@ -113,7 +118,7 @@ def export(settings: Settings, out: Path, *, include_used: bool = False, prefere
     rows are marked used only when a retrain actually learns from them."""
     store = Store.open(settings)
     try:
-        pairs, skipped = collect_pairs(store, include_used=include_used)
+        pairs, skipped = collect_pairs(store, include_used=include_used, redact=Guards(settings).redact)
     finally:
         store.close()
     write_training_file(out, [p.training_row() for p in pairs])
@@ -169,7 +174,7 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
 
     store = Store.open(settings)
     try:
-        pairs, skipped = collect_pairs(store)
+        pairs, skipped = collect_pairs(store, redact=Guards(settings).redact)
         if not pairs:
             stats = store.stats()
             raise FeedbackError(

@@ -25,6 +25,7 @@ import threading
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from forja.config import ForjaError, RailsSettings, SafetySettings, Settings
@@ -138,7 +139,9 @@ def ip_ok(candidate: str) -> bool:
 
 
 def phone_ok(candidate: str) -> bool:
-    return 9 <= len(_digits(candidate)) <= 15
+    """International numbers have 9-15 digits with the country code; national ones 9 (Spain) or 10 (North America)."""
+    digits = len(_digits(candidate))
+    return 9 <= digits <= 15 if candidate.startswith("+") else digits in (9, 10)
 
 
 # entity → (regex, validator, placeholder)
@@ -153,7 +156,7 @@ PII_ENTITIES: dict[str, tuple[re.Pattern[str], Callable[[str], bool], str]] = {
         r"|[6789]\d{2}(?:[ .-]?\d{2,3}){2,3}|[89]\d(?:[ .-]?\d{2,3}){3}"  # Spanish: 612 345 678, 91 123 45 67
         r"|\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4}"  # North American: (555) 123-4567
         r")(?![\w])"), phone_ok, "[PHONE]"),
-    "ip_address": (re.compile(r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4})(?![\w.:])", re.I),
+    "ip_address": (re.compile(r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)|(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}(?!\w|[.:]\w))", re.I),
                    ip_ok, "[IP]"),
 }
 
@@ -388,8 +391,10 @@ class SafetyClassifier:
             if self._loaded is None:
                 self._loaded = models.load(self.config.model, self.settings)  # type: ignore[arg-type]
             ids = chat_prompt_ids(self._loaded.tokenizer, [{"role": "user", "content": question}])
-            generation = Generation(self._loaded, ids, SamplingParams(max_new_tokens=12, temperature=0.0))
-            return "".join(generation)
+            try:
+                return "".join(Generation(self._loaded, ids, SamplingParams(max_new_tokens=12, temperature=0.0)))
+            except ForjaError as exc:  # e.g. a conversation longer than the classifier's context
+                raise GuardError(f"safety classifier {self.config.model}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,8 +451,9 @@ class Guard:
                 for m in conversation]
 
     def check_output(self, text: str, conversation: list[dict[str, str]] | None = None, language: str | None = None) -> Verdict:
-        """Check a whole answer."""
-        stream = self.output_filter(conversation, language)
+        """Check a whole answer (refusals in the user's language, else the answer's)."""
+        asked = next((m["content"] for m in reversed(conversation or []) if m.get("role") == "user"), text)
+        stream = self.output_filter(conversation, language or self._language(asked))
         released = stream.feed(text) + stream.finish()
         return Verdict(released if not stream.verdict.blocked else stream.verdict.refusal or "", stream.verdict.findings,
                        stream.verdict.refusal)
@@ -634,3 +640,106 @@ class Guards:
         """Messages, prompts or answers with PII redacted for storing (unless guard.redact_logs is off)."""
         rails = self.settings.guard
         return redact_messages(value, rails.pii.allow) if rails.redact_logs else value
+
+
+# ------------------------------------------------------------------------------------------------
+# A labelled file: how well the rails separate safe from unsafe (`forja guard test`)
+
+
+@dataclass
+class LabelledRow:
+    line: int
+    text: str
+    unsafe: bool
+    category: str | None
+    stage: str = "input"
+
+
+def read_labelled(path: Path) -> list[LabelledRow]:
+    """JSONL or CSV rows with `text`, `label` (safe or unsafe) and optionally `category` (S1-S14,
+    injection, blocklist, pii, ...) and `stage` (input, the default, or output)."""
+    import csv
+    import json
+
+    if not path.is_file():
+        raise GuardError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                raw = [(i + 2, row) for i, row in enumerate(csv.DictReader(handle))]
+        else:
+            raw = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        raw.append((number, json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise GuardError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise GuardError(f"{path}: cannot read ({exc})") from None
+    rows = []
+    for number, row in raw:
+        if not isinstance(row, dict):
+            raise GuardError(f"{path} line {number}: expected an object with 'text' and 'label'")
+        text, label = row.get("text"), str(row.get("label") or "").strip().lower()
+        if not isinstance(text, str) or not text.strip():
+            raise GuardError(f"{path} line {number}: field 'text' is missing or empty")
+        if label not in ("safe", "unsafe"):
+            raise GuardError(f"{path} line {number}: field 'label' must be 'safe' or 'unsafe', not {row.get('label')!r}")
+        category = (row.get("category") or "").strip() or None
+        if category and category not in SAFETY_CATEGORIES and category not in RAIL_CATEGORIES:
+            raise GuardError(f"{path} line {number}: field 'category' {category!r} is not one of S1-S14, "
+                             f"{', '.join(RAIL_CATEGORIES)}")
+        stage = (row.get("stage") or "input").strip()
+        if stage not in ("input", "output"):
+            raise GuardError(f"{path} line {number}: field 'stage' must be 'input' or 'output', not {stage!r}")
+        rows.append(LabelledRow(number, text, label == "unsafe", category, stage))
+    if not rows:
+        raise GuardError(f"{path}: no rows")
+    return rows
+
+
+def evaluate_labelled(guard: Guard, rows: list[LabelledRow]) -> dict[str, Any]:
+    """Run every row through the rails: block rate of the unsafe rows (recall), pass rate of the safe
+    ones, and precision/recall per category (a row counts for a category when it was blocked for it)."""
+    results = []
+    for row in rows:
+        if row.stage == "input":
+            verdict = guard.check_input([{"role": "user", "content": row.text}])
+        else:
+            verdict = guard.check_output(row.text, [{"role": "user", "content": "?"}])
+        results.append((row, verdict))
+    unsafe = [v.blocked for r, v in results if r.unsafe]
+    safe = [not v.blocked for r, v in results if not r.unsafe]
+    blocked = sum(unsafe) + sum(not ok for ok in safe)
+    categories: dict[str, dict[str, Any]] = {}
+    for row, verdict in results:
+        predicted = set(verdict.categories) if verdict.blocked else set()
+        expected = {row.category} if row.unsafe and row.category else set()
+        for category in predicted | expected:
+            counts = categories.setdefault(category, {"support": 0, "tp": 0, "fp": 0, "fn": 0})
+            counts["support"] += category in expected
+            counts["tp"] += category in expected and category in predicted
+            counts["fp"] += category in predicted and category not in expected
+            counts["fn"] += category in expected and category not in predicted
+    for counts in categories.values():
+        counts["precision"] = _ratio(counts["tp"], counts["tp"] + counts["fp"])
+        counts["recall"] = _ratio(counts["tp"], counts["tp"] + counts["fn"])
+    return {
+        "rows": len(rows), "unsafe": len(unsafe), "safe": len(safe),
+        "unsafe_blocked": _ratio(sum(unsafe), len(unsafe)),  # recall of the rails as a whole
+        "safe_passed": _ratio(sum(safe), len(safe)),
+        "precision": _ratio(sum(unsafe), blocked),
+        "redacted": sum(any(f.action == "redact" for f in v.findings) for _, v in results),
+        "categories": dict(sorted(categories.items(), key=lambda kv: _category_order(kv[0]))),
+        "mistakes": [{"line": r.line, "label": "unsafe" if r.unsafe else "safe", "category": r.category,
+                      "blocked_for": v.categories, "text": r.text} for r, v in results if v.blocked != r.unsafe],
+    }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _category_order(category: str) -> tuple[int, int | str]:
+    return (0, int(category[1:])) if category in SAFETY_CATEGORIES else (1, category)
