@@ -291,16 +291,21 @@ class Store:
 
     def traffic(self, since: float, bucket_seconds: float, until: float | None = None) -> dict[str, Any]:
         """The exchange log from `since` in buckets of `bucket_seconds`: requests, latency p50/p95, generation
-        speed (tokens/s while answering), and thumbs up/down per model version (for /dashboard)."""
+        speed (tokens/s while answering), requests the guardrails refused, thumbs up/down per model version,
+        and the guardrails' decisions by category (for /dashboard)."""
         until = time.time() if until is None else until
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(exchanges.c.created_at, exchanges.c.model, exchanges.c.latency_ms,
-                          exchanges.c.prompt_tokens, exchanges.c.completion_tokens)
+                          exchanges.c.prompt_tokens, exchanges.c.completion_tokens, exchanges.c.finish_reason)
                 .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
                 .order_by(exchanges.c.created_at)).all()
             versions = _ratings_by_model(conn, collections.Counter(r.model for r in rows),
                                          feedback.c.created_at >= since, feedback.c.created_at <= until)
+            guard = conn.execute(
+                sa.select(guard_events.c.category, guard_events.c.action, sa.func.count().label("n"))
+                .where(guard_events.c.created_at >= since, guard_events.c.created_at <= until)
+                .group_by(guard_events.c.category, guard_events.c.action)).all()
         count = max(1, math.ceil((until - since) / bucket_seconds))
         grouped: list[list[Any]] = [[] for _ in range(count)]
         for row in rows:
@@ -310,8 +315,9 @@ class Store:
             "buckets": [{"start": since + i * bucket_seconds, **_summary(group)} for i, group in enumerate(grouped)],
             "totals": {**_summary(rows), "prompt_tokens": sum(r.prompt_tokens for r in rows),
                        "completion_tokens": sum(r.completion_tokens for r in rows),
-                       "tokens_per_call": round(sum(r.completion_tokens for r in rows) / len(rows), 1) if rows else None},
+                       "tokens_per_call": _tokens_per_call(rows)},
             "versions": versions,
+            "guard": [{"category": c, "action": a, "count": n} for c, a, n in sorted(guard, key=lambda g: (-g.n, g.category))],
         }
 
 
@@ -330,6 +336,12 @@ def _ratings_by_model(conn: Connection, calls: dict[str, int], *where: Any) -> l
     return sorted(models.values(), key=lambda row: row["model"])
 
 
+def _tokens_per_call(rows: list[Any]) -> float | None:
+    """Generated tokens per call that reached the model (a request the guardrails refused generated nothing)."""
+    answered = [r for r in rows if r.finish_reason != "content_filter" or r.completion_tokens]
+    return round(sum(r.completion_tokens for r in answered) / len(answered), 1) if answered else None
+
+
 def _summary(rows: list[Any]) -> dict[str, Any]:
     """Requests, latency percentiles (nearest rank) and generation speed of some exchanges."""
     latencies = sorted(r.latency_ms for r in rows)
@@ -338,7 +350,8 @@ def _summary(rows: list[Any]) -> dict[str, Any]:
     def percentile(p: float) -> float | None:
         return latencies[max(0, math.ceil(len(latencies) * p / 100) - 1)] if latencies else None
 
-    return {"requests": len(rows), "p50_ms": percentile(50), "p95_ms": percentile(95),
+    return {"requests": len(rows), "blocked": sum(r.finish_reason == "content_filter" for r in rows),
+            "p50_ms": percentile(50), "p95_ms": percentile(95),
             "tokens_per_s": round(sum(r.completion_tokens for r in rows) / seconds, 2) if seconds else None}
 
 

@@ -49,12 +49,12 @@ function frame(svg, top, buckets, span) {
   return { y, step };
 }
 
-function bars(svg, buckets, field, span) {
+function bars(svg, buckets, field, span, cls = "bar") {
   const top = niceMax(Math.max(0, ...buckets.map((b) => b[field] || 0)));
   const { y, step } = frame(svg, top, buckets, span);
   buckets.forEach((b, i) => {
     if (!b[field]) return;
-    const rect = el("rect", { class: "bar", x: PAD.left + i * step + 1, y: y(b[field]), width: Math.max(step - 2, 1),
+    const rect = el("rect", { class: cls, x: PAD.left + i * step + 1, y: y(b[field]), width: Math.max(step - 2, 1),
                               height: y(0) - y(b[field]) });
     rect.append(el("title", {}, `${clock(b.start, span)}: ${b[field]}`));
     svg.append(rect);
@@ -99,11 +99,28 @@ function versions(svg, rows) {
   });
 }
 
+function guardDecisions(svg, rows) {
+  svg.replaceChildren();
+  svg.setAttribute("viewBox", `0 0 ${W} ${Math.max(H, 24 * rows.length + 20)}`);
+  if (!rows.length) { svg.append(el("text", { x: PAD.left, y: 40 }, "No guardrail decisions in this window.")); return; }
+  const most = Math.max(...rows.map((r) => r.count)), width = W - 220;
+  rows.forEach((r, i) => {
+    const y0 = 10 + i * 24;
+    svg.append(el("text", { x: 0, y: y0 + 13 }, `${r.category} · ${r.action}`));
+    const bar = el("rect", { class: r.action === "block" ? "blocked" : "bar", x: 150, y: y0,
+                             width: Math.max(2, width * r.count / most), height: 16 });
+    bar.append(el("title", {}, `${r.category}: ${r.count} ${r.action}`));
+    svg.append(bar);
+    svg.append(el("text", { x: 155 + width, y: y0 + 13 }, String(r.count)));
+  });
+}
+
 function totals(stats) {
   const t = stats.totals;
   const items = [["requests", t.requests], ["p50 latency", t.p50_ms == null ? "–" : t.p50_ms + " ms"],
     ["p95 latency", t.p95_ms == null ? "–" : t.p95_ms + " ms"], ["tokens/s", t.tokens_per_s ?? "–"],
-    ["tokens per call", t.tokens_per_call ?? "–"], ["generated tokens", t.completion_tokens]];
+    ["tokens per call", t.tokens_per_call ?? "–"], ["generated tokens", t.completion_tokens],
+    ["refused by guardrails", t.blocked]];
   $("totals").replaceChildren(...items.map(([label, value]) => {
     const div = document.createElement("div");
     const b = document.createElement("b");
@@ -141,6 +158,8 @@ async function refresh() {
   lines($("chart-latency"), stats.buckets, ["p50_ms", "p95_ms"], span);
   lines($("chart-speed"), stats.buckets, ["tokens_per_s"], span);
   versions($("chart-feedback"), stats.versions);
+  bars($("chart-blocked"), stats.buckets, "blocked", span, "blocked");
+  guardDecisions($("chart-guard"), stats.guard);
   if (!planDefaultsSet && stats.totals.requests) {
     $("plan-tokens").value = Math.max(1, Math.round(stats.totals.tokens_per_call));
     $("plan-speed").value = stats.totals.tokens_per_s;
