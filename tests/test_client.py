@@ -160,3 +160,8 @@ def test_bench_serve_measures_server_and_bare_steps(tiny_model_dir, tmp_path):
     assert concurrent["errors"] == 0 and concurrent["tokens"] > 0
     assert figures["bare_step"]["step_ms_1"] > 0 and figures["bare_step"]["step_ms_3"] > 0
     assert "the ceiling of batching here" in result.stdout
+    guard = figures["backends"]["pytorch"]["guardrails"]
+    assert guard["rounds"] == 3 and guard["total_on_s"] > 0 and guard["total_off_s"] > 0
+    assert guard["same_answer"]  # the rails let an ordinary prompt through unchanged
+    assert guard["cpu"]["input_ms"] > 0 and guard["cpu"]["output_ms"] > 0
+    assert "guardrails on vs off" in result.stdout

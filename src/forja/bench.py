@@ -42,19 +42,23 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
             results.update(_pytorch_baselines(settings, model, prompts[0], clients, max_tokens, log))
         else:
             results.update(_llamacpp_baselines(settings, model, prompts[0], clients, max_tokens, log))
-        results["backends"][backend] = _serve_figures(model, backend, prompts, max_tokens, compare_alone, log)
+        results["backends"][backend] = _serve_figures(settings, model, backend, prompts, max_tokens, compare_alone, log)
     return results
 
 
-def _serve_figures(model: str, backend: str, prompts: list[str], max_tokens: int, compare_alone: bool,
+def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], max_tokens: int, compare_alone: bool,
                    log: Any) -> dict[str, Any]:
-    """One `forja serve --backend X` subprocess: single stream, N concurrent streams, batched vs alone."""
+    """One `forja serve --backend X` subprocess: single stream, with and without the guardrails, N concurrent
+    streams, batched vs alone."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log(f"starting forja serve --backend {backend} on {url} ...")
+    # a persona without guardrails, to measure what the rails add on the same server
+    personas = json.dumps([{"name": UNGUARDED, "description": "forja bench: guardrails off", "guard": {"enabled": False}}])
     server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port),
                                "--backend", backend],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "FORJA_SERVE__PERSONAS": personas})
     figures: dict[str, Any] = {}
     try:
         _wait_ready(url, server)
@@ -63,6 +67,8 @@ def _serve_figures(model: str, backend: str, prompts: list[str], max_tokens: int
         single = asyncio.run(_stream(url, model, prompts[0], max_tokens))
         figures["single"] = {"tokens": single["tokens"], "ttft_s": round(single["ttft"], 3),
                              "total_s": round(single["total"], 3), "tokens_per_s": round(single["rate"], 2)}
+        log(f"{backend}: one stream with and without the guardrails, alternating ...")
+        figures["guardrails"] = _guardrail_latency(url, model, prompts[0], max_tokens)
         log(f"{backend}: {len(prompts)} concurrent streams ...")
 
         async def together() -> tuple[list[dict[str, Any]], float]:
@@ -73,6 +79,8 @@ def _serve_figures(model: str, backend: str, prompts: list[str], max_tokens: int
 
         answers, wall = asyncio.run(together())
         ok = [a for a in answers if isinstance(a, dict) and not a.get("error")]
+        if ok:
+            figures["guardrails"]["cpu"] = guard_cpu_cost(settings, prompts, [a["text"] for a in ok])
         tokens = sum(a["tokens"] for a in ok)
         ttfts = sorted(a["ttft"] for a in ok)
         totals = sorted(a["total"] for a in ok)
@@ -97,6 +105,51 @@ def _serve_figures(model: str, backend: str, prompts: list[str], max_tokens: int
         server.terminate()
         server.wait(timeout=30)
     return figures
+
+
+UNGUARDED = "forja-bench-unguarded"
+
+
+def _guardrail_latency(url: str, model: str, prompt: str, max_tokens: int, rounds: int = 3) -> dict[str, Any]:
+    """What the rails add to one streamed request: the same prompt with the rails on (the model itself)
+    and off (a persona with `guard.enabled: false`), alternated on one server; medians of each."""
+    on: list[dict[str, Any]] = []
+    off: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        on.append(asyncio.run(_stream(url, model, prompt, max_tokens)))
+        off.append(asyncio.run(_stream(url, UNGUARDED, prompt, max_tokens)))
+
+    def median(runs: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    return {"rounds": rounds, "ttft_on_s": round(median(on, "ttft"), 4), "ttft_off_s": round(median(off, "ttft"), 4),
+            "total_on_s": round(median(on, "total"), 4), "total_off_s": round(median(off, "total"), 4),
+            "added_ms": round((median(on, "total") - median(off, "total")) * 1000, 1),
+            "same_answer": all(a["text"] == b["text"] for a, b in zip(on, off))}
+
+
+def guard_cpu_cost(settings: Any, prompts: list[str], answers: list[str], repeats: int = 20) -> dict[str, Any]:
+    """CPU time of the rails alone (no model): input rails on each prompt, output rails on each answer fed
+    in 4-character pieces as a stream would; mean milliseconds per request."""
+    from forja.guard import Guards
+
+    guard = Guards(settings).for_persona()
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        for conversation in conversations:
+            guard.check_input(conversation)
+    input_ms = (time.perf_counter() - begin) * 1000 / (repeats * len(prompts))
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        for conversation, answer in zip(conversations, answers):
+            stream = guard.output_filter(conversation)
+            for i in range(0, len(answer), 4):
+                stream.feed(answer[i:i + 4])
+            stream.finish()
+    output_ms = (time.perf_counter() - begin) * 1000 / (repeats * len(answers))
+    return {"input_ms": round(input_ms, 3), "output_ms": round(output_ms, 3),
+            "answer_chars": round(statistics.mean(len(a) for a in answers), 1)}
 
 
 def _pytorch_baselines(settings: Any, model: str, prompt: str, clients: int, max_tokens: int,
@@ -291,6 +344,15 @@ def render_serve(results: dict[str, Any]) -> str:
             rows.append(("  1 stream / memory-bandwidth bound", f"{s['tokens_per_s'] / max(bw['bound_tokens_per_s'], 1e-9):.0%}",
                          f"{results['gguf']['weight_bytes'] / 2**20:.0f} MiB of weights per token at {bw['gb_per_s']:.1f} GB/s"
                          f" = {bw['bound_tokens_per_s']:.0f} tokens/s"))
+        if "guardrails" in f:
+            g = f["guardrails"]
+            rows.append(("  guardrails on vs off, 1 stream", f"{g['added_ms']:+.1f} ms",
+                         f"median of {g['rounds']}: total {g['total_on_s']:.3f}s vs {g['total_off_s']:.3f}s, "
+                         f"TTFT {g['ttft_on_s']:.3f}s vs {g['ttft_off_s']:.3f}s"))
+            if "cpu" in g:
+                rows.append(("  guardrails CPU per request", f"{g['cpu']['input_ms'] + g['cpu']['output_ms']:.2f} ms",
+                             f"input {g['cpu']['input_ms']:.2f} ms + output {g['cpu']['output_ms']:.2f} ms "
+                             f"(answers of {g['cpu']['answer_chars']:.0f} characters, streamed)"))
         if "batched_equals_alone" in f:
             b = f["batched_equals_alone"]
             rows.append(("  batched answer == alone", f"{b['identical']}/{b['of']}",
