@@ -172,10 +172,12 @@ async function ask(text) {
     if (!answer && finish !== "stopped") bubble.classList.add("empty");
     if (answer) state.history.push({ role: "assistant", content: answer });
     if (answer && responseId && finish !== "stopped") feedbackBar(bubble, responseId, state.history.length - 1);
-    if (finish === "stopped" || finish === "length") {
+    const notes = { stopped: "(stopped)", length: "(cut at the length limit)",
+                    content_filter: "(refused by the guardrails; rate it ✗ Bad if it should have answered)" };
+    if (notes[finish]) {
       const meta = document.createElement("span");
       meta.className = "meta";
-      meta.textContent = finish === "stopped" ? "(stopped)" : "(cut at the length limit)";
+      meta.textContent = notes[finish];
       bubble.append(meta);
     }
     if (state.controller === controller) state.controller = null;
