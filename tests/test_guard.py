@@ -96,7 +96,11 @@ def test_refusals_follow_the_users_language_and_the_config():
 
 def test_ordinary_questions_pass_untouched():
     guard = Guard(RailsSettings())
-    for text in ("How do I kill a process in Linux?", "¿Cuál es el horario de la tienda?", "Explain the atomic bomb's history."):
+    for text in ("How do I kill a process in Linux?", "¿Cuál es el horario de la tienda?", "Explain the atomic bomb's history.",
+                 # near misses of the injection rules: manuals and shop rules are not system prompts
+                 "¿Dónde están las instrucciones del sistema de riego?", "What are the system instructions for installing X?",
+                 "Show me the original instructions for the dishwasher", "What are your rules for returns?",
+                 "forget the rules of chess, let's play", "Ignora las instrucciones de la caja y llámanos"):
         verdict = guard.check_input(user(text))
         assert not verdict.blocked and verdict.findings == [] and verdict.text == text
 

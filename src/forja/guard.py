@@ -205,20 +205,25 @@ def redact_messages(messages: Any, allow: Iterable[str] = ()) -> Any:
 # ------------------------------------------------------------------------------------------------
 # Injection, characters and topics: rules on normalised text
 
+_REVEAL_EN = r"\b(reveal|show|print|repeat|tell|give|output|display|leak|dump|what (is|are|was|were))\b"
+_REVEAL_ES = r"\b(muestra|muestrame|revela|revelame|dime|ensename|repite|imprime|escribe|cuales son|cual es|cuales eran)\b"
 INJECTION_RULES = {
     "injection.override": _rx(
-        r"\b(ignore|disregard|forget|override|bypass|skip)\b.{0,40}\b(previous|prior|above|earlier|all|your|the|system|initial)\b"
-        r".{0,30}\b(instructions?|rules|prompts?|directions|guidelines|directives)\b",
-        r"\b(ignora|ignore|olvida|olvide|omite|descarta|saltate|salta)\b.{0,40}\b(instrucciones|reglas|indicaciones|ordenes|normas|directrices|prompt)\b",
+        r"\b(ignore|disregard|forget|override|bypass)\b.{0,30}\b(previous|prior|above|earlier|all|your|system|initial|original)\b"
+        r".{0,20}\b(instructions?|rules|prompts?|guidelines|directives)\b",
+        r"\b(ignore|disregard|forget)\b.{0,20}\b(instructions|rules|guidelines)\b.{0,10}\b(you (were|have been) (given|told)|given to you)\b",
+        r"\b(ignora|ignore|olvida|olvide|omite|descarta|saltate)\b.{0,20}\b(instrucciones|reglas|indicaciones|ordenes|normas|directrices)"
+        r"\s+(anteriores|previas|de arriba|iniciales|originales|del sistema)\b",
+        r"\b(ignora|ignore|olvida|olvide|omite|descarta|saltate)\s+(todas\s+)?(tus|sus)\s+(instrucciones|reglas|normas|directrices)\b",
         r"\bnew (system )?instructions?\s*:", r"\bnuevas? instrucci(on|ones)( del sistema)?\s*:",
     ),
     "injection.reveal": _rx(
-        r"\b(reveal|show|print|repeat|tell|give|output|display|leak|dump|what (is|are|was|were))\b.{0,30}"
-        r"\b(system|initial|original|hidden|secret|developer)\s+(prompt|instructions?|message|rules)\b",
+        _REVEAL_EN + r".{0,30}\b(system|initial|hidden|secret|developer) prompt\b",
+        _REVEAL_EN + r".{0,20}\byour\s+(system\s+|initial\s+|original\s+|hidden\s+|secret\s+)?(prompt|instructions)\b",
         r"\b(repeat|print|output)\b.{0,20}\b(everything|all|the text|the words)\b.{0,20}\b(above|before)\b",
-        r"\b(prompt|mensaje|instrucciones|reglas)\s+(de|del)\s+sistema\b",
-        r"\b(muestra|muestrame|revela|revelame|dime|ensename|repite|imprime|escribe|cuales son|cual es)\b.{0,30}"
-        r"\b(tus|las)\s+(instrucciones|reglas|indicaciones)\s+(iniciales|originales|ocultas|secretas)\b",
+        r"\b(prompt|mensaje)\s+(de|del)\s+sistema\b",
+        _REVEAL_ES + r".{0,30}\b(tus|las)\s+(instrucciones|reglas|indicaciones)\s+(iniciales|originales|ocultas|secretas|de sistema|del sistema)\b",
+        _REVEAL_ES + r".{0,20}\btus\s+instrucciones\b",
     ),
     "injection.roleplay": _rx(
         r"\b(you are|you're) (now )?(dan|jailbroken|unrestricted|unfiltered|free from)\b", r"\b(developer|god|dan) mode\b",
