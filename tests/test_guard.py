@@ -366,6 +366,9 @@ def test_audit_log_metrics_and_no_pii_in_the_database_or_exports(guarded, tmp_pa
     assert ("input", "pii.credit_card", "redact") in rules and ("output", "pii.email", "redact") in rules
     assert all(e["model"] == "scripted" for e in events)
 
+    logged = runner.invoke(app, ["guard", "log", "--id", reply.id, "--json"], env={"FORJA_HOME": str(guarded.settings.home)})
+    assert logged.exit_code == 0 and {json.loads(line)["rule"] for line in logged.output.splitlines()} >= {"pii.credit_card", "pii.email"}
+
     dump = db_text(guarded.settings.home)
     assert "[CARD]" in dump and "[NATIONAL_ID]" in dump
     for value in PII.values():

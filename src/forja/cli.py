@@ -551,6 +551,35 @@ def guard_check(
         raise typer.Exit(BLOCKED_EXIT)
 
 
+@guard_app.command("log")
+def guard_log(
+    request_id: Annotated[Optional[str], typer.Option("--id", help="Only the decisions on this exchange id.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N decisions.", min=1)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """The audit log: the newest guardrail decisions of the server (reads the database; never holds the texts)."""
+    from forja.store import Store
+
+    store = Store.open(settings_from(config))
+    try:
+        rows = store.guard_log(request_id=request_id, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("when", "request", "stage", "rule", "category", "action", "model", "persona")
+    for row in rows:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_at"])), row["request_id"], row["stage"],
+                      row["rule"], row["category"], row["action"], row["model"] or "", row["persona"] or "")
+    Console().print(table)
+
+
 @guard_app.command("test")
 def guard_test(
     path: Annotated[Path, typer.Argument(help="JSONL or CSV rows: text, label (safe/unsafe), category, stage.")],
