@@ -191,3 +191,46 @@ def byte_level_char(byte: int) -> str:
     if byte in printable:
         return chr(byte)
     return chr(256 + [b for b in range(256) if b not in printable].index(byte))
+
+
+def test_a_shared_system_prompt_is_prefilled_once_and_answers_do_not_change(varied, engine):
+    """Requests of one persona share its system turn: the first one's prefix is cached (it shares it with
+    a recent prompt), later ones prefill only their own question, alone or together; greedy answers
+    equal each prompt decoded from scratch."""
+    system = "Eres el asistente de la Panadería San Blas. Responde en español, breve y amable, sin inventar precios."
+    questions = ["¿Abrís el domingo?", "¿Tenéis pan sin gluten?", "¿Hacéis tartas por encargo?", "¿Dónde estáis?"]
+    params = SamplingParams(max_new_tokens=24)
+
+    async def ask(question):
+        text = ""
+        async for delta in engine.submit(chat_messages(question, system=system), params):
+            text += delta.text
+        return text
+
+    async def main():
+        first = [await ask(q) for q in questions[:2]]  # one after the other: the second finds the first
+        return first + list(await asyncio.gather(*[ask(q) for q in questions[2:]]))
+
+    answers = asyncio.run(main())
+    for question, text in zip(questions, answers):
+        ids = chat_prompt_ids(varied.tokenizer, chat_messages(question, system=system))
+        assert text == "".join(Generation(varied, ids, params))
+    assert engine.prefixes.hits >= 2  # the second request made the entry; the last two found it
+    shared = engine.prefixes.entries[0].ids
+    assert len(shared) >= 20 and all(
+        chat_prompt_ids(varied.tokenizer, chat_messages(q, system=system))[:len(shared)] == list(shared) for q in questions)
+
+
+def test_prefix_cache_keeps_the_longest_match_and_its_token_budget():
+    from forja.engine.batching import PrefixCache
+
+    layers = [(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))]
+    cache = PrefixCache(max_tokens=50)
+    short, long = cache.add(list(range(20)), layers), cache.add(list(range(30)), layers)
+    assert cache.lookup(list(range(40))) is long and cache.lookup(list(range(25))) is short
+    assert cache.lookup(list(range(30))) is short  # a prefix must leave a token to prefill
+    assert cache.lookup([9] * 40) is None
+    cache.add(list(range(100, 125)), layers)  # 75 tokens > 50: the least recently used goes
+    assert sum(len(e.ids) for e in cache.entries) <= 50 and long not in cache.entries
+    assert cache.shared_length([1, 2, 3, 4], [[1, 2, 3, 9], [1, 2]]) == 3
+    assert cache.shared_length([1, 2, 3], [[1, 2, 3, 4]]) == 2  # never the whole prompt

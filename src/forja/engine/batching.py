@@ -5,11 +5,13 @@ by step (a request joins or leaves the batch between two steps).
 tokens into streamed text (EOS, stop strings, length, cancellation). `BatchingEngine` is the
 PyTorch backend (`engine/llamacpp.py` holds the llama.cpp one); `forja serve` creates one engine per
 loaded model and `forja bench serve` measures it.
-How the PyTorch batch is kept: one KV cache whose rows are the active requests, left-padded so that every
-row's newest token sits in the last column; an attention mask hides the padding and explicit
-position ids keep each row's positions its own.
-A request is prefilled alone or with the others admitted at the same time (left-padded), then its
-cache rows are padded and concatenated to the batch; a finished row is dropped with index_select.
+How the PyTorch batch is kept: one KV cache whose rows are the active requests, aligned so that every
+row's newest token sits in the last column; a [rows, columns] mask of valid columns hides the padding
+(on the left, and between a shared prefix and the rest of a prompt) and explicit position ids keep each
+row's positions its own.
+A request is prefilled alone or with the others admitted at the same time (left-padded), on top of the
+cached keys and values of the prefix it shares with other prompts, then its cache rows are padded and
+concatenated to the batch; a finished row is dropped with index_select.
 """
 
 from __future__ import annotations
@@ -270,44 +272,94 @@ class Scheduler(Engine):
 
 
 class BatchingEngine(Scheduler):
-    """Continuous batching over a transformers model (PyTorch, CPU or GPU)."""
+    """Continuous batching over a transformers model (PyTorch, CPU or GPU), with shared prompt prefixes:
+    the key/value cache of a prefix that several prompts start with (a persona's system turn, the chat
+    template's default one) is computed once and kept (`PrefixCache`), so a prompt prefills only what
+    follows it."""
 
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None):
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None,
+                 prefix_tokens: int = 2048):
         self.loaded = loaded
         self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
+        self._valid: torch.Tensor | None = None  # [rows, columns] which cache columns hold a real token
+        self.prefixes = PrefixCache(prefix_tokens)
         super().__init__(loaded.tokenizer, loaded.eos_token_ids, loaded.context_length, loaded.model.device,
                          name=name or loaded.ref.name, max_batch_size=max_batch_size, max_queue=max_queue)
 
     def _reset(self) -> None:
-        self._active, self._cache = [], None
+        self._active, self._cache, self._valid = [], None, None
 
     def _admit(self, group: list[_Sequence]) -> None:
-        """Prefill new requests in one left-padded forward, sample their first tokens, join the batch."""
-        from transformers import DynamicCache
-
+        """Prefill new requests (after their shared prefix, when one is cached), sample their first
+        tokens, join the batch."""
         for seq in group:
             if seq.stream.cancelled.is_set():
                 self._finish(seq, "cancelled")
         group = [seq for seq in group if not seq.done]
-        if not group:
-            return
+        by_prefix: dict[int, list[_Sequence]] = {}
+        prefixes: dict[int, Prefix | None] = {}
+        for seq in group:
+            prefix = self._prefix_for(seq, group)
+            by_prefix.setdefault(id(prefix), []).append(seq)
+            prefixes[id(prefix)] = prefix
+        for key, members in by_prefix.items():
+            self._prefill(members, prefixes[key])
+
+    def _prefix_for(self, seq: _Sequence, group: list[_Sequence]) -> "Prefix | None":
+        """The cached prefix `seq` starts with; else, when it shares at least MIN_PREFIX tokens with another
+        prompt of its group or a recent one, that shared part is prefilled once and cached now."""
+        found = self.prefixes.lookup(seq.prompt_ids)
+        if found is not None:
+            return found
+        shared = self.prefixes.shared_length(seq.prompt_ids, [s.prompt_ids for s in group if s is not seq])
+        if shared < MIN_PREFIX or shared > self.prefixes.max_tokens:
+            return None
+        ids = seq.prompt_ids[:shared]
+        cache = self._forward_cache([ids])
+        return self.prefixes.add(ids, [(layer.keys, layer.values) for layer in cache.layers])
+
+    def _forward_cache(self, rows: list[list[int]]) -> Any:
+        """The KV cache of equal-length token rows (no padding)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self.loaded.model(input_ids=torch.tensor(rows, device=self.device), past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
+        return cache
+
+    def _prefill(self, group: list[_Sequence], prefix: "Prefix | None") -> None:
+        """One left-padded forward over what follows `prefix` in each prompt of `group` (all of it when
+        there is no prefix), on top of the prefix's cached keys and values."""
+        from transformers import DynamicCache
+
         model = self.loaded.model
         device = model.device
-        width = max(len(seq.prompt_ids) for seq in group)
+        start = len(prefix.ids) if prefix is not None else 0
+        rows = len(group)
+        tails = [seq.prompt_ids[start:] for seq in group]
+        width = max(len(t) for t in tails)
         pad_id = self.loaded.tokenizer.pad_token_id or 0
-        inputs = torch.tensor([[pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group], device=device)
-        lengths = torch.tensor([len(s.prompt_ids) for s in group], device=device)
-        pads = width - lengths
+        inputs = torch.tensor([[pad_id] * (width - len(t)) + t for t in tails], device=device)
+        pads = torch.tensor([width - len(t) for t in tails], device=device)
         columns = torch.arange(width, device=device)
-        position_ids = (columns[None, :] - pads[:, None]).clamp(min=0)
-        # causal, padding hidden; a padding query sees only itself, so no softmax row is empty (NaN)
-        allowed = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] >= pads[:, None, None])
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
-        mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
-        mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+        position_ids = start + (columns[None, :] - pads[:, None]).clamp(min=0)
         cache = DynamicCache()
+        if prefix is not None:
+            for index, (keys, values) in enumerate(prefix.layers):
+                cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        # each row sees the prefix, then its own tokens causally; padding is hidden, and a padding query
+        # sees only itself, so no softmax row is empty (NaN)
+        own = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] >= pads[:, None, None])
+        own |= torch.eye(width, dtype=torch.bool, device=device)[None]
+        allowed = torch.cat([torch.ones(rows, width, start, dtype=torch.bool, device=device), own], dim=2)
+        valid = torch.cat([torch.ones(rows, start, dtype=torch.bool, device=device), columns[None, :] >= pads[:, None]], dim=1)
+        mask = None  # without padding the model's own causal mask is the right one (prefix included)
+        if bool((pads > 0).any()):
+            mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+            mask = mask[:, None]
         # logits_to_keep=1: only the last position's vocabulary projection (the rest would be thrown away)
-        logits = model(input_ids=inputs, attention_mask=mask[:, None], position_ids=position_ids,
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         for row, seq in enumerate(group):
             seq.length = len(seq.prompt_ids)
@@ -319,7 +371,11 @@ class BatchingEngine(Scheduler):
             index = torch.tensor(keep, device=device)
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-        self._cache = cache if self._cache is None else _concat_rows(self._cache, cache)
+            valid = valid[index]
+        if self._cache is None:
+            self._cache, self._valid = cache, valid
+        else:
+            self._cache, self._valid = _concat_rows(self._cache, self._valid, cache, valid)
         self._active.extend(group[row] for row in keep)
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
@@ -327,15 +383,17 @@ class BatchingEngine(Scheduler):
         """One forward over every active row, then one new token for each."""
         model = self.loaded.model
         device = model.device
-        width = self._cache.get_seq_length()
+        rows = len(self._active)
+        valid = torch.cat([self._valid, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
         lengths = torch.tensor([seq.length for seq in self._active], device=device)
-        columns = torch.arange(width + 1, device=device)
-        attention_mask = (columns[None, :] >= (width - lengths)[:, None]).long()
         inputs = torch.tensor([[seq.next_token] for seq in self._active], device=device)
+        # no holes in any row (one request alone, or rows of equal length): no mask to build at all
+        mask = None if bool(valid.all()) else valid.long()
         logits = model(
-            input_ids=inputs, attention_mask=attention_mask, position_ids=lengths[:, None],
+            input_ids=inputs, attention_mask=mask, position_ids=lengths[:, None],
             past_key_values=self._cache, use_cache=True,
         ).logits[:, -1, :]
+        self._valid = valid
         self.steps += 1
         for seq, token in zip(self._active, self._pick(logits)):
             seq.length += 1
@@ -343,18 +401,78 @@ class BatchingEngine(Scheduler):
 
     def _release(self, keep: list[int]) -> None:
         if not keep:
-            self._cache = None
+            self._cache, self._valid = None, None
             return
-        # drop the rows, then the leading columns that are padding in every remaining row
-        trim = self._cache.get_seq_length() - max(self._active[i].length for i in keep)
+        # drop the rows, then the leading columns that no remaining row uses
         index = torch.tensor(keep, device=self.loaded.model.device)
+        valid = self._valid.index_select(0, index)
+        trim = int(valid.any(dim=0).nonzero()[0])
+        self._valid = valid[:, trim:]
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]
             layer.values = layer.values.index_select(0, index)[:, :, trim:, :]
 
 
-def _concat_rows(batch: Any, new: Any) -> Any:
-    """Append the rows of cache `new` to cache `batch`, left-padding the shorter one with zeros."""
+MIN_PREFIX = 16  # shared tokens worth caching
+
+
+@dataclass
+class Prefix:
+    ids: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, len, dim]
+    used: float = 0.0
+
+
+class PrefixCache:
+    """Key/value caches of shared prompt prefixes, least recently used dropped first beyond `max_tokens`;
+    also remembers the token ids of recent prompts, to see what a new one shares with them."""
+
+    def __init__(self, max_tokens: int, remember: int = 32):
+        self.max_tokens = max_tokens
+        self.entries: list[Prefix] = []
+        self.recent: collections.deque[list[int]] = collections.deque(maxlen=remember)
+        self.hits = 0
+
+    def lookup(self, ids: list[int]) -> Prefix | None:
+        """The longest cached prefix of `ids` that leaves at least one token to prefill."""
+        best = None
+        for entry in self.entries:
+            n = len(entry.ids)
+            if n < len(ids) and (best is None or n > len(best.ids)) and tuple(ids[:n]) == entry.ids:
+                best = entry
+        if best is not None:
+            best.used = time.monotonic()
+            self.hits += 1
+        self.recent.append(ids)
+        return best
+
+    def shared_length(self, ids: list[int], others: list[list[int]]) -> int:
+        """The longest prefix `ids` shares with one of `others` or a recent prompt (never all of `ids`)."""
+        longest = 0
+        for other in [*others, *self.recent]:
+            if other is ids:
+                continue
+            n = 0
+            for a, b in zip(ids, other):
+                if a != b:
+                    break
+                n += 1
+            longest = max(longest, n)
+        return min(longest, len(ids) - 1)
+
+    def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Prefix | None:
+        if len(ids) > self.max_tokens:
+            return None
+        entry = Prefix(tuple(ids), layers, time.monotonic())
+        self.entries.append(entry)
+        while sum(len(e.ids) for e in self.entries) > self.max_tokens:
+            self.entries.remove(min(self.entries, key=lambda e: e.used))
+        return entry if entry in self.entries else None
+
+
+def _concat_rows(batch: Any, valid: torch.Tensor, new: Any, new_valid: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Append the rows of cache `new` to cache `batch`, left-padding the shorter one with zeros (columns
+    marked not valid)."""
     width, new_width = batch.get_seq_length(), new.get_seq_length()
     for layer, new_layer in zip(batch.layers, new.layers):
         for attr in ("keys", "values"):
@@ -364,5 +482,8 @@ def _concat_rows(batch: Any, new: Any) -> Any:
             elif width < new_width:
                 a = torch.nn.functional.pad(a, (0, 0, new_width - width, 0))
             setattr(layer, attr, torch.cat([a, b], dim=0))
-    return batch
-
+    if new_width < width:
+        new_valid = torch.nn.functional.pad(new_valid, (width - new_width, 0), value=False)
+    elif width < new_width:
+        valid = torch.nn.functional.pad(valid, (new_width - width, 0), value=False)
+    return batch, torch.cat([valid, new_valid], dim=0)
