@@ -290,51 +290,45 @@ class BatchingEngine(Scheduler):
         self._active, self._cache, self._valid = [], None, None
 
     def _admit(self, group: list[_Sequence]) -> None:
-        """Prefill new requests (after their shared prefix, when one is cached), sample their first
-        tokens, join the batch."""
+        """Prefill new requests (after the prefix they share with earlier prompts, when one is cached),
+        sample their first tokens, join the batch."""
         for seq in group:
             if seq.stream.cancelled.is_set():
                 self._finish(seq, "cancelled")
-        group = [seq for seq in group if not seq.done]
-        by_prefix: dict[int, list[_Sequence]] = {}
-        prefixes: dict[int, Prefix | None] = {}
+        plans: dict[int, tuple[Prefix | None, int, list[_Sequence]]] = {}
         for seq in group:
-            prefix = self._prefix_for(seq, group)
-            by_prefix.setdefault(id(prefix), []).append(seq)
-            prefixes[id(prefix)] = prefix
-        for key, members in by_prefix.items():
-            self._prefill(members, prefixes[key])
+            if seq.done:
+                continue
+            prefix, shared = self.prefixes.lookup(seq.prompt_ids)
+            _, known, members = plans.get(id(prefix), (prefix, shared, []))
+            plans[id(prefix)] = (prefix, min(known, shared), [*members, seq])  # one forward per prefix
+        for prefix, shared, members in plans.values():
+            if prefix is None and len(members) > 1:  # new prompts that start alike: their common part first
+                prefix, shared = self._common_prefix(members)
+            self._prefill(members, prefix, shared)
 
-    def _prefix_for(self, seq: _Sequence, group: list[_Sequence]) -> "Prefix | None":
-        """The cached prefix `seq` starts with; else, when it shares at least MIN_PREFIX tokens with another
-        prompt of its group or a recent one, that shared part is prefilled once and cached now."""
-        found = self.prefixes.lookup(seq.prompt_ids)
-        if found is not None:
-            return found
-        shared = self.prefixes.shared_length(seq.prompt_ids, [s.prompt_ids for s in group if s is not seq])
+    def _common_prefix(self, group: list[_Sequence]) -> tuple["Prefix | None", int]:
+        """Prefill once, alone, the tokens every prompt of `group` starts with (when at least MIN_PREFIX)
+        and cache them: one more (short) forward saves computing them once per prompt."""
+        first = group[0].prompt_ids
+        shared = min(min(_common(first, seq.prompt_ids) for seq in group[1:]), *(len(s.prompt_ids) - 1 for s in group))
         if shared < MIN_PREFIX or shared > self.prefixes.max_tokens:
-            return None
-        ids = seq.prompt_ids[:shared]
-        cache = self._forward_cache([ids])
-        return self.prefixes.add(ids, [(layer.keys, layer.values) for layer in cache.layers])
-
-    def _forward_cache(self, rows: list[list[int]]) -> Any:
-        """The KV cache of equal-length token rows (no padding)."""
+            return None, 0
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        self.loaded.model(input_ids=torch.tensor(rows, device=self.device), past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
-        return cache
+        self.loaded.model(input_ids=torch.tensor([first[:shared]], device=self.device), past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)
+        prefix = self.prefixes.add(first[:shared], [(layer.keys, layer.values) for layer in cache.layers])
+        return (prefix, shared) if prefix is not None else (None, 0)
 
-    def _prefill(self, group: list[_Sequence], prefix: "Prefix | None") -> None:
-        """One left-padded forward over what follows `prefix` in each prompt of `group` (all of it when
-        there is no prefix), on top of the prefix's cached keys and values."""
+    def _prefill(self, group: list[_Sequence], prefix: "Prefix | None", start: int) -> None:
+        """One left-padded forward over each prompt of `group` after its first `start` tokens, on top of
+        those tokens' keys and values cut from `prefix` (everything, when there is no prefix)."""
         from transformers import DynamicCache
 
         model = self.loaded.model
         device = model.device
-        start = len(prefix.ids) if prefix is not None else 0
         rows = len(group)
         tails = [seq.prompt_ids[start:] for seq in group]
         width = max(len(t) for t in tails)
@@ -346,21 +340,23 @@ class BatchingEngine(Scheduler):
         cache = DynamicCache()
         if prefix is not None:
             for index, (keys, values) in enumerate(prefix.layers):
-                cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
-        # each row sees the prefix, then its own tokens causally; padding is hidden, and a padding query
-        # sees only itself, so no softmax row is empty (NaN)
-        own = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] >= pads[:, None, None])
-        own |= torch.eye(width, dtype=torch.bool, device=device)[None]
-        allowed = torch.cat([torch.ones(rows, width, start, dtype=torch.bool, device=device), own], dim=2)
+                cache.update(keys[:, :, :start].expand(rows, -1, -1, -1), values[:, :, :start].expand(rows, -1, -1, -1), index)
         valid = torch.cat([torch.ones(rows, start, dtype=torch.bool, device=device), columns[None, :] >= pads[:, None]], dim=1)
         mask = None  # without padding the model's own causal mask is the right one (prefix included)
         if bool((pads > 0).any()):
+            # each row sees the prefix, then its own tokens causally; padding is hidden, and a padding
+            # query sees only itself, so no softmax row is empty (NaN)
+            own = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] >= pads[:, None, None])
+            own |= torch.eye(width, dtype=torch.bool, device=device)[None]
+            allowed = torch.cat([torch.ones(rows, width, start, dtype=torch.bool, device=device), own], dim=2)
             mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
             mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
             mask = mask[:, None]
         # logits_to_keep=1: only the last position's vocabulary projection (the rest would be thrown away)
         logits = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        if prefix is None:
+            self._remember_prefixes(group, cache, pads)
         for row, seq in enumerate(group):
             seq.length = len(seq.prompt_ids)
             self._accept(seq, int(sample_next(logits[row : row + 1], seq.params, seq.generator)[0]))
@@ -378,6 +374,18 @@ class BatchingEngine(Scheduler):
             self._cache, self._valid = _concat_rows(self._cache, self._valid, cache, valid)
         self._active.extend(group[row] for row in keep)
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
+
+    def _remember_prefixes(self, group: list[_Sequence], cache: Any, pads: torch.Tensor) -> None:
+        """Keep the keys and values of what a prompt just prefilled shares with another prompt of its group or
+        a recent one (at least MIN_PREFIX tokens): cut from the cache the prefill made, no extra forward."""
+        for row, seq in enumerate(group):
+            shared = self.prefixes.shared_length(seq.prompt_ids, [s.prompt_ids for s in group if s is not seq])
+            if shared < MIN_PREFIX or self.prefixes.lookup(seq.prompt_ids[:shared + 1], count=False)[1] >= shared:
+                continue
+            begin = int(pads[row])
+            self.prefixes.add(seq.prompt_ids[:shared], [
+                (layer.keys[row : row + 1, :, begin : begin + shared].clone(),
+                 layer.values[row : row + 1, :, begin : begin + shared].clone()) for layer in cache.layers])
 
     def _step(self) -> None:
         """One forward over every active row, then one new token for each."""
@@ -423,6 +431,16 @@ class Prefix:
     used: float = 0.0
 
 
+def _common(a: Any, b: Any) -> int:
+    """How many leading tokens two id sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class PrefixCache:
     """Key/value caches of shared prompt prefixes, least recently used dropped first beyond `max_tokens`;
     also remembers the token ids of recent prompts, to see what a new one shares with them."""
@@ -433,31 +451,24 @@ class PrefixCache:
         self.recent: collections.deque[list[int]] = collections.deque(maxlen=remember)
         self.hits = 0
 
-    def lookup(self, ids: list[int]) -> Prefix | None:
-        """The longest cached prefix of `ids` that leaves at least one token to prefill."""
-        best = None
+    def lookup(self, ids: list[int], count: bool = True) -> tuple[Prefix | None, int]:
+        """The cached prefix sharing the most leading tokens with `ids` (at least MIN_PREFIX, leaving one
+        token to prefill) and how many it shares: a prefix of a cached prefix is a cut of its columns."""
+        best, best_shared = None, 0
         for entry in self.entries:
-            n = len(entry.ids)
-            if n < len(ids) and (best is None or n > len(best.ids)) and tuple(ids[:n]) == entry.ids:
-                best = entry
-        if best is not None:
-            best.used = time.monotonic()
-            self.hits += 1
-        self.recent.append(ids)
-        return best
+            shared = min(_common(entry.ids, ids), len(ids) - 1)
+            if shared >= MIN_PREFIX and shared > best_shared:
+                best, best_shared = entry, shared
+        if count:
+            if best is not None:
+                best.used = time.monotonic()
+                self.hits += 1
+            self.recent.append(ids)
+        return best, best_shared
 
     def shared_length(self, ids: list[int], others: list[list[int]]) -> int:
         """The longest prefix `ids` shares with one of `others` or a recent prompt (never all of `ids`)."""
-        longest = 0
-        for other in [*others, *self.recent]:
-            if other is ids:
-                continue
-            n = 0
-            for a, b in zip(ids, other):
-                if a != b:
-                    break
-                n += 1
-            longest = max(longest, n)
+        longest = max((_common(ids, other) for other in [*others, *self.recent] if other is not ids), default=0)
         return min(longest, len(ids) - 1)
 
     def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Prefix | None:
