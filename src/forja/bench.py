@@ -50,6 +50,8 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
                    log: Any) -> dict[str, Any]:
     """One `forja serve --backend X` subprocess: single stream, with and without the guardrails, N concurrent
     streams, batched vs alone."""
+    from forja.engine.batching import common_prefix
+
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log(f"starting forja serve --backend {backend} on {url} ...")
@@ -98,7 +100,7 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
             for prompt, answer in zip(prompts, answers):
                 if isinstance(answer, dict) and not answer.get("error"):
                     alone = asyncio.run(_stream(url, model, prompt, max_tokens))
-                    agree.append(_common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
+                    agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
             figures["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
                                                "min_agreeing_share": round(min(agree), 3)}
     finally:
@@ -408,15 +410,6 @@ def _pct(values: list[float], pct: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _free_port() -> int:

@@ -424,6 +424,22 @@ def chat(
         typer.echo("")
 
 
+def _read_store(config: Path | None, read):
+    """`read(store)` on the database of the resolved settings, closed afterwards."""
+    from forja.store import Store
+
+    store = Store.open(settings_from(config))
+    try:
+        return read(store)
+    finally:
+        store.close()
+
+
+def _json_lines(rows: list[dict]) -> None:
+    for row in rows:
+        typer.echo(json.dumps(row, ensure_ascii=False))
+
+
 feedback_app = _typer("What users said about the answers: list, stats, export as training data.")
 app.add_typer(feedback_app, name="feedback")
 
@@ -436,19 +452,11 @@ def feedback_list(
     config: ConfigOpt = None,
 ) -> None:
     """The newest feedback with its question and answer (reads the database; no server needed)."""
-    from forja.store import Store
-
     if rating not in (None, "up", "down"):
         raise ConfigError(f"--rating is 'up' or 'down', not {rating!r}")
-    store = Store.open(settings_from(config))
-    try:
-        rows = store.feedback_rows(rating=rating, limit=limit)
-    finally:
-        store.close()
+    rows = _read_store(config, lambda store: store.feedback_rows(rating=rating, limit=limit))
     if as_json:
-        for row in rows:
-            typer.echo(json.dumps(row, ensure_ascii=False))
-        return
+        return _json_lines(rows)
     from rich.console import Console
     from rich.table import Table
 
@@ -467,13 +475,7 @@ def feedback_list(
 def feedback_stats(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
                    config: ConfigOpt = None) -> None:
     """Exchanges, ratings, corrections and approval per model."""
-    from forja.store import Store
-
-    store = Store.open(settings_from(config))
-    try:
-        stats = store.stats()
-    finally:
-        store.close()
+    stats = _read_store(config, lambda store: store.stats())
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
         return
@@ -559,17 +561,9 @@ def guard_log(
     config: ConfigOpt = None,
 ) -> None:
     """The audit log: the newest guardrail decisions of the server (reads the database; never holds the texts)."""
-    from forja.store import Store
-
-    store = Store.open(settings_from(config))
-    try:
-        rows = store.guard_log(request_id=request_id, limit=limit)
-    finally:
-        store.close()
+    rows = _read_store(config, lambda store: store.guard_log(request_id=request_id, limit=limit))
     if as_json:
-        for row in rows:
-            typer.echo(json.dumps(row, ensure_ascii=False))
-        return
+        return _json_lines(rows)
     from rich.console import Console
     from rich.table import Table
 

@@ -20,6 +20,7 @@ the actions, PII is redacted from everything forja stores (`redact`).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import threading
 import unicodedata
@@ -30,6 +31,7 @@ from typing import Any
 
 from forja.config import ForjaError, RailsSettings, SafetySettings, Settings
 
+log = logging.getLogger("forja.guard")
 SAFETY_CATEGORIES = {
     "S1": "Violent Crimes", "S2": "Non-Violent Crimes", "S3": "Sex-Related Crimes",
     "S4": "Child Sexual Exploitation", "S5": "Defamation", "S6": "Specialized Advice", "S7": "Privacy",
@@ -37,7 +39,7 @@ SAFETY_CATEGORIES = {
     "S11": "Suicide & Self-Harm", "S12": "Sexual Content", "S13": "Elections", "S14": "Code Interpreter Abuse",
 }
 # Categories a finding can carry besides S1-S14
-RAIL_CATEGORIES = ("characters", "length", "injection", "blocklist", "pii")
+RAIL_CATEGORIES = ("characters", "length", "injection", "blocklist", "pii", "safety")
 
 
 class GuardError(ForjaError):
@@ -438,8 +440,7 @@ class Guard:
             findings += self._text_rules("input", text)
             pii = self._pii("input", text)
             findings += pii
-            redacted.append(_replace(text, [(f.span[0], f.span[1], PII_ENTITIES[f.rule[4:]][2]) for f in pii
-                                            if f.action == "redact" and f.span]))
+            redacted.append(_redacted(text, pii))
         verdict = Verdict(redacted[-1] if redacted else "", findings, texts=redacted)
         self._decide(verdict, "input", language)
         if not verdict.blocked and self.classifier and "input" in self.classifier.config.stages:
@@ -500,13 +501,15 @@ class Guard:
         config = self.classifier.config  # type: ignore[union-attr]
         try:
             safe, categories = self.classifier.classify(conversation, role)  # type: ignore[union-attr]
-        except GuardError:
+        except GuardError as exc:
+            log.warning("%s (on_error: %s)", exc, config.on_error)
             verdict.findings.append(Finding(stage, "safety.error", "safety", config.on_error))
             if config.on_error == "block":
                 verdict.refusal = self._refusal("safety", stage, language)
             return
         if not safe:
-            blocked = [c for c in categories if c in self.rails.safety_categories] or ([] if categories else ["S1"])
+            # "unsafe" without categories still blocks, as the generic category "safety"
+            blocked = [c for c in categories if c in self.rails.safety_categories] if categories else ["safety"]
             verdict.findings += [Finding(stage, "safety", c, "block" if c in blocked else "flag") for c in categories or blocked]
             if blocked:
                 verdict.refusal = self._refusal(blocked[0], stage, language)
@@ -531,6 +534,11 @@ class Guard:
 
     def _language(self, text: str) -> str:
         return self.rails.language if self.rails.language != "auto" else language_of(text)
+
+
+def _redacted(text: str, pii: list[Finding]) -> str:
+    """`text` with the PII findings whose action is redact replaced by their placeholders."""
+    return _replace(text, [(f.span[0], f.span[1], PII_ENTITIES[f.rule[4:]][2]) for f in pii if f.action == "redact" and f.span])
 
 
 def _shingles(norm: str, size: int = 8) -> set[tuple[str, ...]]:
@@ -595,8 +603,7 @@ class OutputFilter:
             self.guard._classify(self.verdict, stage, [*self.conversation, answer], "Agent", self.language)
         if self.verdict.blocked:
             return ""
-        text = _replace(pending[:cut], [(f.span[0], f.span[1], PII_ENTITIES[f.rule[4:]][2]) for f in pii
-                                         if f.action == "redact" and f.span])
+        text = _redacted(pending[:cut], pii)
         self.raw_sent += cut
         self.sent += text
         return text

@@ -304,14 +304,14 @@ class BatchingEngine(Scheduler):
             plans[id(prefix)] = (prefix, min(known, shared), [*members, seq])  # one forward per prefix
         for prefix, shared, members in plans.values():
             if prefix is None and len(members) > 1:  # new prompts that start alike: their common part first
-                prefix, shared = self._common_prefix(members)
+                prefix, shared = self._prefill_common_part(members)
             self._prefill(members, prefix, shared)
 
-    def _common_prefix(self, group: list[_Sequence]) -> tuple["Prefix | None", int]:
+    def _prefill_common_part(self, group: list[_Sequence]) -> tuple["Prefix | None", int]:
         """Prefill once, alone, the tokens every prompt of `group` starts with (when at least MIN_PREFIX)
         and cache them: one more (short) forward saves computing them once per prompt."""
         first = group[0].prompt_ids
-        shared = min(min(_common(first, seq.prompt_ids) for seq in group[1:]), *(len(s.prompt_ids) - 1 for s in group))
+        shared = min(min(common_prefix(first, seq.prompt_ids) for seq in group[1:]), *(len(s.prompt_ids) - 1 for s in group))
         if shared < MIN_PREFIX or shared > self.prefixes.max_tokens:
             return None, 0
         from transformers import DynamicCache
@@ -431,8 +431,8 @@ class Prefix:
     used: float = 0.0
 
 
-def _common(a: Any, b: Any) -> int:
-    """How many leading tokens two id sequences share."""
+def common_prefix(a: Any, b: Any) -> int:
+    """How many leading items (token ids, characters) two sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -456,7 +456,7 @@ class PrefixCache:
         token to prefill) and how many it shares: a prefix of a cached prefix is a cut of its columns."""
         best, best_shared = None, 0
         for entry in self.entries:
-            shared = min(_common(entry.ids, ids), len(ids) - 1)
+            shared = min(common_prefix(entry.ids, ids), len(ids) - 1)
             if shared >= MIN_PREFIX and shared > best_shared:
                 best, best_shared = entry, shared
         if count:
@@ -468,7 +468,7 @@ class PrefixCache:
 
     def shared_length(self, ids: list[int], others: list[list[int]]) -> int:
         """The longest prefix `ids` shares with one of `others` or a recent prompt (never all of `ids`)."""
-        longest = max((_common(ids, other) for other in [*others, *self.recent] if other is not ids), default=0)
+        longest = max((common_prefix(ids, other) for other in [*others, *self.recent] if other is not ids), default=0)
         return min(longest, len(ids) - 1)
 
     def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Prefix | None:
