@@ -74,10 +74,13 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
         log(f"{backend}: {len(prompts)} concurrent streams ...")
 
         async def together() -> tuple[list[dict[str, Any]], float]:
-            begin = time.perf_counter()
-            answers = await asyncio.gather(*[_stream(url, model, p, max_tokens) for p in prompts],
-                                           return_exceptions=True)
-            return answers, time.perf_counter() - begin
+            import httpx
+
+            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
+                begin = time.perf_counter()
+                answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
+                                               return_exceptions=True)
+                return answers, time.perf_counter() - begin
 
         answers, wall = asyncio.run(together())
         ok = [a for a in answers if isinstance(a, dict) and not a.get("error")]
@@ -368,29 +371,34 @@ def render_serve(results: dict[str, Any]) -> str:
     return "\n".join([head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows])
 
 
-async def _stream(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def _stream(url: str, model: str, prompt: str, max_tokens: int, http: Any = None) -> dict[str, Any]:
+    """One streamed chat completion, timed from sending it. Concurrent streams share one `http` client, as a
+    load generator would: creating a client (its SSL context) blocks the event loop for tens of milliseconds,
+    which would send the requests one by one."""
     import httpx
 
+    if http is None:
+        async with httpx.AsyncClient(timeout=600) as own:
+            return await _stream(url, model, prompt, max_tokens, own)
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     began = time.perf_counter()
     first = last = None
     text, tokens = "", 0
-    async with httpx.AsyncClient(timeout=600) as http:
-        async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                return {"error": response.status_code}
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
-                        first = first or time.perf_counter()
-                        last = time.perf_counter()
-                        text += choice["delta"]["content"]
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            return {"error": response.status_code}
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    last = time.perf_counter()
+                    text += choice["delta"]["content"]
     end = time.perf_counter()
     first = first or end
     return {"text": text, "tokens": tokens, "ttft": first - began, "total": end - began,
