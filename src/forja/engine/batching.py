@@ -42,6 +42,8 @@ from forja.models import LoadedModel
 
 log = logging.getLogger("forja.engine")
 PREFILL_TOKENS = 4096  # most (padded) prompt tokens prefilled in one forward
+ADMIT_GAP = 0.004  # an idle engine waits this long for another request of a burst...
+ADMIT_WINDOW = 0.05  # ...and at most this long in all
 
 
 class EngineStream(Stream):
@@ -169,6 +171,8 @@ class Scheduler(Engine):
                         self._wake.wait()
                     if self._closed:
                         break
+                    if not self._active:
+                        self._gather_burst()
                     admitted = []
                     while (self._pending and len(self._active) + len(admitted) < self.max_batch_size
                            and self._fits(self._pending[0], admitted)):
@@ -189,6 +193,19 @@ class Scheduler(Engine):
         for seq in list(self._pending) + self._active:
             self._finish(seq, "cancelled")
         self._shutdown()
+
+    def _gather_burst(self) -> None:
+        """The engine was idle and a request came: requests sent together reach it a few milliseconds apart
+        (each is parsed and tokenized on the event loop), so wait while they keep coming, ADMIT_GAP at a
+        time and ADMIT_WINDOW at most, to prefill them in one batch. A request alone waits ADMIT_GAP.
+        Called holding `_wake`."""
+        deadline = time.monotonic() + ADMIT_WINDOW
+        seen = len(self._pending)
+        while len(self._pending) < self.max_batch_size and time.monotonic() < deadline and not self._closed:
+            self._wake.wait(timeout=ADMIT_GAP)
+            if len(self._pending) == seen:
+                return
+            seen = len(self._pending)
 
     def _prefill_groups(self, admitted: list[_Sequence]) -> list[list[_Sequence]]:
         """Requests prefilled together, each group at most PREFILL_TOKENS once padded."""
