@@ -56,10 +56,6 @@ class RequestRails:
         for finding in findings:
             self.state.metrics.guard_actions.labels(finding.stage, finding.category, finding.action).inc()
 
-    @property
-    def blocked(self) -> bool:
-        return any(f.action == "block" for f in self.findings)
-
 
 def allowed_prompts(screened: list[tuple[Prompt, str | None]]) -> list[Prompt]:
     return [prompt for prompt, refusal in screened if refusal is None]
