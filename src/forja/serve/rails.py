@@ -81,12 +81,27 @@ class GuardedStream(Stream):
 
     def __init__(self, inner: Stream, output: OutputFilter, rails: RequestRails):
         self.inner, self.output, self.rails = inner, output, rails
+        self.recorded = False
 
     async def _run(self, step: Any, *args: Any) -> str:
         # regex rails take microseconds; a classifier call (HTTP or a model) goes to a thread
         return await asyncio.to_thread(step, *args) if self.output.classifying else step(*args)
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
+        try:
+            async for delta in self._filtered():
+                if delta.finish_reason is not None:
+                    self._record()  # before the last delta: the exchange is stored as soon as it is seen
+                yield delta
+        finally:  # also when the client left mid-answer: its decisions still reach the audit log
+            self._record()
+
+    def _record(self) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.rails.record(self.output.verdict.findings)
+
+    async def _filtered(self) -> AsyncIterator[Delta]:
         sent, delta = False, None
         async for delta in self.inner:
             if self.output.verdict.blocked:  # cancelled: wait for the engine's last delta (its usage)
@@ -105,10 +120,8 @@ class GuardedStream(Stream):
                 sent = True
                 yield Delta(text=text)
             if delta.finish_reason is not None:
-                self.rails.record(self.output.verdict.findings)
                 yield Delta(finish_reason=delta.finish_reason, usage=delta.usage, error=delta.error)
                 return
-        self.rails.record(self.output.verdict.findings)
         refusal = self.output.verdict.refusal or ""
         yield Delta(text=("\n\n" if sent else "") + refusal)
         yield Delta(finish_reason=CONTENT_FILTER, usage=(delta.usage if delta is not None else None) or Usage())
