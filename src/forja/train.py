@@ -276,12 +276,42 @@ def prepare_model(loaded: LoadedModel, config: TrainSettings, longest: int) -> A
                 target_modules=config.lora_target_modules, task_type="CAUSAL_LM",
             ),
         )
+    lean_swiglu(model)
     if wants_checkpointing(loaded, config, longest):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.method == "lora":
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward pass (autograd would also keep
+    silu(gate): one more intermediate-sized tensor per token and layer, ~14% of the activations)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        return grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu
+
+
+def lean_swiglu(model: Any) -> int:
+    """Route every gated SiLU MLP (Llama, Mistral, Qwen... : down(silu(gate(x)) * up(x))) through SiluMul;
+    returns how many were changed. Other MLPs are left as they are."""
+    changed = 0
+    for module in model.modules():
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and \
+                type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):  # torch's, or transformers' own
+            module.forward = (lambda m: lambda x: m.down_proj(SiluMul.apply(m.gate_proj(x), m.up_proj(x))))(module)
+            changed += 1
+    return changed
 
 
 def wants_checkpointing(loaded: LoadedModel, config: TrainSettings, longest: int) -> bool:
