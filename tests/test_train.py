@@ -323,3 +323,29 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
         (run.checkpoints / name / "state.pt").write_bytes(b"partial")
     (run.checkpoints / "step-000030").mkdir()  # killed before state.pt was written
     assert run.last_checkpoint() == run.checkpoints / "step-000010"
+
+
+def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model_dir):
+    """SiluMul keeps less for backward; the loss and every LoRA gradient stay the same."""
+    from forja.train import lean_swiglu
+
+    settings = load_settings()
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3, 22, 8]])
+
+    def loss_and_grads(lean: bool):
+        torch.manual_seed(0)
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(load(str(tiny_model_dir), settings, dtype="float32").model,
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        if lean:
+            assert lean_swiglu(model) == 2  # the tiny model's two layers
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = loss_and_grads(False)
+    lean_loss, lean = loss_and_grads(True)
+    assert lean_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert plain.keys() == lean.keys() and all(torch.allclose(plain[n], lean[n], atol=1e-6) for n in plain)
