@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,8 +173,6 @@ class RailsSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "RailsSettings":
-        import re
-
         unknown = [c for c in self.safety_categories if c not in SAFETY_CODES]
         if unknown:
             raise ValueError(f"safety_categories: unknown {', '.join(unknown)} (use S1 to S14)")

@@ -421,6 +421,11 @@ class Guard:
             raise GuardError(f"guard.block_patterns: not a valid regular expression ({exc})") from None
         self.system_shingles = _shingles(normalize(system)) if system else set()
 
+    def redact(self, value: Any) -> Any:
+        """Messages, prompts or answers with PII redacted for storing, whatever the rails' actions (unless
+        redact_logs is off); this persona's `pii.allow` values are kept."""
+        return redact_messages(value, self.rails.pii.allow) if self.rails.redact_logs else value
+
     # -------------------------------------------------------------- whole texts
 
     def check_input(self, conversation: list[dict[str, str]] | str) -> Verdict:
@@ -458,15 +463,13 @@ class Guard:
 
     def check_output(self, text: str, conversation: list[dict[str, str]] | None = None, language: str | None = None) -> Verdict:
         """Check a whole answer (refusals in the user's language, else the answer's)."""
-        asked = next((m["content"] for m in reversed(conversation or []) if m.get("role") == "user"), text)
-        stream = self.output_filter(conversation, language or self._language(asked))
+        stream = self.output_filter(conversation, language or self._language(_last_user(conversation) or text))
         released = stream.feed(text) + stream.finish()
         return Verdict(released if not stream.verdict.blocked else stream.verdict.refusal or "", stream.verdict.findings,
                        stream.verdict.refusal)
 
     def output_filter(self, conversation: list[dict[str, str]] | None = None, language: str | None = None) -> "OutputFilter":
-        return OutputFilter(self, conversation or [], language or self._language(
-            next((m["content"] for m in reversed(conversation or []) if m.get("role") == "user"), "")))
+        return OutputFilter(self, conversation or [], language or self._language(_last_user(conversation)))
 
     # -------------------------------------------------------------- the rules
 
@@ -534,6 +537,10 @@ class Guard:
 
     def _language(self, text: str) -> str:
         return self.rails.language if self.rails.language != "auto" else language_of(text)
+
+
+def _last_user(conversation: list[dict[str, str]] | None) -> str:
+    return next((m["content"] for m in reversed(conversation or []) if m.get("role") == "user"), "")
 
 
 def _redacted(text: str, pii: list[Finding]) -> str:
@@ -649,9 +656,8 @@ class Guards:
         return self._guards[key]
 
     def redact(self, value: Any) -> Any:
-        """Messages, prompts or answers with PII redacted for storing (unless guard.redact_logs is off)."""
-        rails = self.settings.guard
-        return redact_messages(value, rails.pii.allow) if rails.redact_logs else value
+        """`value` redacted for storing with the top-level settings (see Guard.redact)."""
+        return self.for_persona().redact(value)
 
 
 # ------------------------------------------------------------------------------------------------

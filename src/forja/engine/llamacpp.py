@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from forja.engine import GenerationError
-from forja.engine.batching import Scheduler, _Sequence
+from forja.engine.batching import Scheduler, _Sequence, common_prefix
 
 log = logging.getLogger("forja.engine")
 PREFILL_BATCH = 512  # most prompt tokens in one llama_decode
@@ -169,11 +169,7 @@ class LlamaCppEngine(Scheduler):
 
     def _shared_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` the prefix sequence holds (at least one token is left to prefill)."""
-        shared = 0
-        for a, b in zip(ids[: len(ids) - 1], self._prefix):
-            if a != b:
-                break
-            shared += 1
+        shared = common_prefix(ids[: len(ids) - 1], self._prefix)
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
     def _keep_prefix(self, ids: list[int], slot: int, shared: int) -> None:

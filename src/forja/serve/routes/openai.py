@@ -281,7 +281,7 @@ class ExchangeRecord:
     def __init__(self, state: ServerState, request: Request, rid: str, route: str, target: Target, prompt: Any,
                  jobs: list[tuple[Prompt, SamplingParams]], rails: RequestRails):
         self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
-        self.prompt = state.guards.redact(prompt)
+        self.prompt = rails.guard.redact(prompt)
         self.params = asdict(jobs[0][1]) if jobs else {}
         self.key_name = getattr(request.state, "api_key_name", None)
         self.started = time.perf_counter()
@@ -294,7 +294,7 @@ class ExchangeRecord:
     def _row(self, texts: list[str], finishes: list[str], usage: Usage) -> dict[str, Any]:
         return dict(id=self.rid, route=self.route, model=self.target.engine.name,
                     persona=self.target.persona.name if self.target.persona else None, messages=self.prompt,
-                    answers=self.state.guards.redact(texts), params=self.params, prompt_tokens=usage.prompt_tokens,
+                    answers=self.rails.guard.redact(texts), params=self.params, prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens,
                     latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
                     finish_reason=finishes[0] if finishes else None, api_key_name=self.key_name)
@@ -302,7 +302,7 @@ class ExchangeRecord:
     async def save(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
         self.timing.finish(usage.prompt_tokens, usage.completion_tokens)
         if self.state.settings.serve.log_prompts:
-            log.info("%s answer %s", self.rid, json.dumps(self.state.guards.redact(texts), ensure_ascii=False))
+            log.info("%s answer %s", self.rid, json.dumps(self.rails.guard.redact(texts), ensure_ascii=False))
         if not self.saved:
             self.saved = True
             await asyncio.to_thread(self._write, self._row(texts, finishes, usage))
