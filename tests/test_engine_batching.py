@@ -236,3 +236,39 @@ def test_prefix_cache_finds_the_longest_shared_part_and_keeps_its_token_budget()
     assert sum(len(e.ids) for e in cache.entries) <= 50 and long not in cache.entries
     assert cache.shared_length([1, 2, 3, 4], [[1, 2, 3, 9], [1, 2]]) == 3
     assert cache.shared_length([1, 2, 3], [[1, 2, 3, 4]]) == 2  # never the whole prompt
+
+
+def test_packed_weights_give_the_same_logits_and_greedy_answers(varied_model_dir):
+    """The engine lays the linear weights out for oneDNN: float32 rounding apart, the model is the same."""
+    from forja.engine.pytorch import PackedLinear, pack_linears
+
+    loaded = load(str(varied_model_dir), load_settings(), dtype="float32")
+    ids = [chat_prompt_ids(loaded.tokenizer, chat_messages(p)) for p in PROMPTS[:4]]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    with torch.inference_mode():
+        before = loaded.model(input_ids=torch.tensor([ids[0]])).logits
+    plain = ["".join(Generation(loaded, i, params)) for i in ids]
+    linears = sum(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    assert pack_linears(loaded.model) == linears > 0
+    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in loaded.model.modules()) == linears
+    with torch.inference_mode():
+        after = loaded.model(input_ids=torch.tensor([ids[0]])).logits
+    assert torch.allclose(before, after, atol=1e-4)
+    assert ["".join(Generation(loaded, i, params)) for i in ids] == plain
+    engine = BatchingEngine(loaded, max_batch_size=4)  # already packed: nothing left to swap
+    try:
+        assert engine.packed_linears == 0
+    finally:
+        engine.close()
+
+
+def test_the_engine_packs_its_model_unless_told_not_to(varied_model_dir):
+    packed = BatchingEngine(load(str(varied_model_dir), load_settings(), dtype="float32"), max_batch_size=2)
+    plain = BatchingEngine(load(str(varied_model_dir), load_settings(), dtype="float32"), max_batch_size=2, pack=False)
+    try:
+        assert packed.packed_linears > 0 and plain.packed_linears == 0
+        assert any(type(m) is torch.nn.Linear for m in plain.loaded.model.modules())
+    finally:
+        packed.close()
+        plain.close()

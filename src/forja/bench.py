@@ -27,8 +27,8 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
                     compare_alone: bool = True, backends: list[str] | None = None,
                     log: Any = print) -> dict[str, Any]:
     """Start `forja serve` on `model` once per backend (in a subprocess) and measure it: one stream,
-    then `clients` concurrent streams. For scale, also: plain PyTorch `Generation` and the bare model's
-    decode step (PyTorch), llama-cpp-python's own `create_chat_completion` on the same GGUF file and
+    then `clients` concurrent streams, each ROUNDS times (medians). For scale, also: the plain decode loops
+    (transformers' `model.generate`, forja's `Generation`) and the bare model's decode step (PyTorch), llama-cpp-python's own `create_chat_completion` on the same GGUF file and
     the memory-bandwidth bound (llama.cpp). Greedy throughout, so batched answers can be compared
     with the same prompt served alone."""
     from forja.engine import llamacpp
@@ -65,13 +65,17 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
     try:
         _wait_ready(url, server)
         asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
-        log(f"{backend}: single stream ...")
-        single = asyncio.run(_stream(url, model, prompts[0], max_tokens))
-        figures["single"] = {"tokens": single["tokens"], "ttft_s": round(single["ttft"], 3),
-                             "total_s": round(single["total"], 3), "tokens_per_s": round(single["rate"], 2)}
-        log(f"{backend}: one stream with and without the guardrails, alternating ...")
-        figures["guardrails"] = _guardrail_latency(url, model, prompts[0], max_tokens)
-        log(f"{backend}: {len(prompts)} concurrent streams ...")
+        log(f"{backend}: one stream, {ROUNDS} times with and {ROUNDS} without the guardrails, alternating ...")
+        on, off = [], []
+        for _ in range(ROUNDS):
+            on.append(asyncio.run(_stream(url, model, prompts[0], max_tokens)))
+            off.append(asyncio.run(_stream(url, UNGUARDED, prompts[0], max_tokens)))
+        middle = sorted(on, key=lambda run: run["rate"])[len(on) // 2]
+        figures["single"] = {"tokens": middle["tokens"], "ttft_s": round(middle["ttft"], 3),
+                             "total_s": round(middle["total"], 3), "tokens_per_s": round(middle["rate"], 2),
+                             "runs_tokens_per_s": [round(run["rate"], 2) for run in on]}
+        figures["guardrails"] = _guardrail_latency(on, off)
+        log(f"{backend}: {len(prompts)} concurrent streams, {ROUNDS} rounds ...")
 
         async def together() -> tuple[list[dict[str, Any]], float]:
             import httpx
@@ -82,19 +86,12 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
                                                return_exceptions=True)
                 return answers, time.perf_counter() - begin
 
-        answers, wall = asyncio.run(together())
+        rounds = [asyncio.run(together()) for _ in range(ROUNDS)]
+        answers = rounds[0][0]
         ok = [a for a in answers if isinstance(a, dict) and not a.get("error")]
         if ok:
             figures["guardrails"]["cpu"] = guard_cpu_cost(settings, prompts, [a["text"] for a in ok])
-        tokens = sum(a["tokens"] for a in ok)
-        ttfts = sorted(a["ttft"] for a in ok)
-        totals = sorted(a["total"] for a in ok)
-        figures["concurrent"] = {
-            "errors": len(answers) - len(ok), "tokens": tokens, "wall_s": round(wall, 3),
-            "aggregate_tokens_per_s": round(tokens / wall, 2),
-            "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p95_s": round(_pct(ttfts, 95), 3),
-            "latency_p50_s": round(_pct(totals, 50), 3), "latency_p95_s": round(_pct(totals, 95), 3),
-        }
+        figures["concurrent"] = _concurrent_figures(rounds)
         figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
                                                      / max(figures["single"]["tokens_per_s"], 1e-9), 2)
         if compare_alone and ok:
@@ -113,21 +110,34 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
 
 
 UNGUARDED = "forja-bench-unguarded"
+ROUNDS = 3  # each serving figure is the median of this many runs: one run on a shared 2-core machine is noise
 
 
-def _guardrail_latency(url: str, model: str, prompt: str, max_tokens: int, rounds: int = 3) -> dict[str, Any]:
+def _concurrent_figures(rounds: list[tuple[list[Any], float]]) -> dict[str, Any]:
+    """N streams sent together, several rounds: the median round's aggregate tokens/s; time to first token
+    and total latency percentiles over every stream of every round."""
+    ok = [[a for a in answers if isinstance(a, dict) and not a.get("error")] for answers, _ in rounds]
+    rates = [sum(a["tokens"] for a in streams) / wall for streams, (_, wall) in zip(ok, rounds)]
+    middle = sorted(range(len(rounds)), key=lambda i: rates[i])[len(rounds) // 2]
+    every = [a for streams in ok for a in streams]
+    ttfts, totals = sorted(a["ttft"] for a in every), sorted(a["total"] for a in every)
+    return {
+        "errors": sum(len(answers) for answers, _ in rounds) - len(every),
+        "tokens": sum(a["tokens"] for a in ok[middle]), "wall_s": round(rounds[middle][1], 3),
+        "aggregate_tokens_per_s": round(rates[middle], 2), "rounds_tokens_per_s": [round(r, 2) for r in rates],
+        "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p95_s": round(_pct(ttfts, 95), 3),
+        "latency_p50_s": round(_pct(totals, 50), 3), "latency_p95_s": round(_pct(totals, 95), 3),
+    }
+
+
+def _guardrail_latency(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any]:
     """What the rails add to one streamed request: the same prompt with the rails on (the model itself)
     and off (a persona with `guard.enabled: false`), alternated on one server; medians of each."""
-    on: list[dict[str, Any]] = []
-    off: list[dict[str, Any]] = []
-    for _ in range(rounds):
-        on.append(asyncio.run(_stream(url, model, prompt, max_tokens)))
-        off.append(asyncio.run(_stream(url, UNGUARDED, prompt, max_tokens)))
 
     def median(runs: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    return {"rounds": rounds, "ttft_on_s": round(median(on, "ttft"), 4), "ttft_off_s": round(median(off, "ttft"), 4),
+    return {"rounds": len(on), "ttft_on_s": round(median(on, "ttft"), 4), "ttft_off_s": round(median(off, "ttft"), 4),
             "total_on_s": round(median(on, "total"), 4), "total_off_s": round(median(off, "total"), 4),
             "added_ms": round((median(on, "total") - median(off, "total")) * 1000, 1),
             "same_answer": all(a["text"] == b["text"] for a, b in zip(on, off))}
@@ -159,27 +169,67 @@ def guard_cpu_cost(settings: Any, prompts: list[str], answers: list[str], repeat
 
 def _pytorch_baselines(settings: Any, model: str, prompt: str, clients: int, max_tokens: int,
                        log: Any) -> dict[str, Any]:
-    """Plain `Generation` (no server) and the bare model's decode step for 1 and N rows."""
+    """The plain decode loops the server is held against, on the model as loaded (plain torch matmuls):
+    transformers' own `model.generate` and forja's `Generation`, alternated, medians of ROUNDS runs each. Then
+    the bare model's decode step for 1 and N rows, before and after the engine's weight packing."""
     from forja import models
     from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids, pack_linears
 
-    log(f"loading {model} for the plain Generation baseline ...")
+    log(f"loading {model} for the plain generate baselines ...")
     loaded = models.load(model, settings)
     ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt))
-    "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=8)))  # warm-up
-    started = time.perf_counter()
-    first = None
-    generation = Generation(loaded, ids, SamplingParams(max_new_tokens=max_tokens))
-    for _ in generation:
-        first = first or time.perf_counter()
-    done = time.perf_counter()
-    return {
-        "dtype": loaded.info["dtype"],
-        "generate": {"tokens": generation.usage.completion_tokens, "seconds": round(done - started, 3),
-                     "tokens_per_s": round(_decode_rate(generation.usage.completion_tokens, first, done), 2)},
-        "bare_step": _bare_decode_steps(loaded, ids, clients),
-    }
+
+    def ours(new_tokens: int) -> dict[str, Any]:
+        generation = Generation(loaded, ids, SamplingParams(max_new_tokens=new_tokens))
+        stamps = [time.perf_counter()]
+        for _ in generation:
+            stamps.append(time.perf_counter())
+        return _loop_figures(generation.usage.completion_tokens, stamps)
+
+    ours(8), _hf_generate(loaded, ids, 8)  # warm-up
+    runs: dict[str, list[dict[str, Any]]] = {"hf_generate": [], "generate": []}
+    for _ in range(ROUNDS):
+        runs["hf_generate"].append(_hf_generate(loaded, ids, max_tokens))
+        runs["generate"].append(ours(max_tokens))
+    figures: dict[str, Any] = {"dtype": loaded.info["dtype"]}
+    for name, done in runs.items():
+        figures[name] = {**sorted(done, key=lambda run: run["tokens_per_s"])[len(done) // 2],
+                         "runs_tokens_per_s": [run["tokens_per_s"] for run in done]}
+    figures["bare_step"] = _bare_decode_steps(loaded, ids, clients)
+    if pack_linears(loaded.model, clients):
+        figures["bare_step_packed"] = _bare_decode_steps(loaded, ids, clients)
+    return figures
+
+
+def _hf_generate(loaded: Any, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
+    """transformers' `model.generate`, greedy, with a streamer that stamps each new token."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())  # the first put is the prompt itself
+
+        def end(self) -> None:
+            pass
+
+    stamps = Stamps()
+    model = loaded.model
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids], device=model.device), max_new_tokens=new_tokens,
+                             do_sample=False, streamer=stamps, pad_token_id=loaded.tokenizer.pad_token_id)
+    return _loop_figures(out.shape[1] - len(prompt_ids), stamps.times)
+
+
+def _loop_figures(tokens: int, stamps: list[float]) -> dict[str, Any]:
+    """`stamps`: the start, then one time per streamed piece; decode rate after the first one, as for the server."""
+    first = stamps[1] if len(stamps) > 1 else None
+    return {"tokens": tokens, "seconds": round(stamps[-1] - stamps[0], 3),
+            "tokens_per_s": round(_decode_rate(tokens, first, stamps[-1]), 2)}
 
 
 def _llamacpp_baselines(settings: Any, model: str, prompt: str, clients: int, max_tokens: int,
@@ -319,24 +369,31 @@ def render_agreement(model: str, rows: list[dict[str, Any]]) -> str:
 def render_serve(results: dict[str, Any]) -> str:
     n = results["clients"]
     rows: list[tuple[str, str, str]] = []
-    if "generate" in results:
-        g = results["generate"]
-        rows.append(("PyTorch Generation (no server)", f"{g['tokens_per_s']:.1f} tokens/s",
-                     f"{g['tokens']} tokens in {g['seconds']:.2f}s"))
+    for key, label in (("hf_generate", "transformers model.generate"), ("generate", "forja Generation loop")):
+        if key in results:
+            g = results[key]
+            rows.append((f"{label} (no server)", f"{g['tokens_per_s']:.1f} tokens/s",
+                         f"median of {_runs(g['runs_tokens_per_s'])}"))
     if "llamacpp_direct" in results:
         d = results["llamacpp_direct"]
         rows.append(("llama-cpp-python direct (reference)", f"{d['tokens_per_s']:.1f} tokens/s", f"TTFT {d['ttft_s']:.3f}s"))
     for backend, f in results["backends"].items():
         s, c = f["single"], f["concurrent"]
         rows += [
-            (f"{backend}: 1 stream, decode", f"{s['tokens_per_s']:.1f} tokens/s", f"TTFT {s['ttft_s']:.3f}s, total {s['total_s']:.2f}s"),
+            (f"{backend}: 1 stream, decode", f"{s['tokens_per_s']:.1f} tokens/s",
+             f"TTFT {s['ttft_s']:.3f}s, total {s['total_s']:.2f}s; median of {_runs(s.get('runs_tokens_per_s', []))}"),
             (f"{backend}: {n} streams, aggregate", f"{c['aggregate_tokens_per_s']:.1f} tokens/s",
-             f"{c['tokens']} tokens in {c['wall_s']:.2f}s, {c['errors']} errors"),
+             f"{c['tokens']} tokens in {c['wall_s']:.2f}s, {c['errors']} errors; median of {_runs(c.get('rounds_tokens_per_s', []))}"),
             ("  time to first token p50 / p95", f"{c['ttft_p50_s']:.3f}s / {c['ttft_p95_s']:.3f}s", ""),
             ("  total latency p50 / p95", f"{c['latency_p50_s']:.2f}s / {c['latency_p95_s']:.2f}s", ""),
             ("  aggregate / single stream", f"{f['ratio_aggregate_to_single']:.2f}x",
              "target >= 1.75x (llama.cpp server's scaling)" if backend == "llamacpp" else "target >= 4x"),
         ]
+        if backend == "pytorch":
+            for key, label in (("hf_generate", "model.generate"), ("generate", "Generation loop")):
+                if key in results:
+                    rows.append((f"  1 stream / plain {label}", f"{s['tokens_per_s'] / max(results[key]['tokens_per_s'], 1e-9):.2f}x",
+                                 "target >= 1.0x" if key == "hf_generate" else ""))
         if backend == "llamacpp" and "llamacpp_direct" in results:
             direct = results["llamacpp_direct"]["tokens_per_s"]
             rows.append(("  1 stream / llama-cpp-python direct", f"{s['tokens_per_s'] / max(direct, 1e-9):.2f}x", "target >= 1.0x"))
@@ -362,10 +419,11 @@ def render_serve(results: dict[str, Any]) -> str:
             b = f["batched_equals_alone"]
             rows.append(("  batched answer == alone", f"{b['identical']}/{b['of']}",
                          f"least agreeing shares {b['min_agreeing_share']:.0%} of its text"))
-        if backend == "pytorch" and "bare_step" in results:
-            bare = results["bare_step"]
-            rows.append((f"  bare model step, 1 vs {n} rows", f"{bare['ratio']:.2f}x",
-                         f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: the ceiling of batching here"))
+        for key, label in (("bare_step", "plain matmuls"), ("bare_step_packed", "packed weights, as served")):
+            if backend == "pytorch" and key in results:
+                bare = results[key]
+                rows.append((f"  bare model step, 1 vs {n} rows, {label}", f"{bare['ratio']:.2f}x",
+                             f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: the ceiling of batching here"))
     width = max(len(r[0]) for r in rows)
     head = f"forja bench serve: {results['model']}, {results['max_tokens']} new tokens per answer, greedy"
     return "\n".join([head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows])
@@ -403,6 +461,10 @@ async def _stream(url: str, model: str, prompt: str, max_tokens: int, http: Any 
     first = first or end
     return {"text": text, "tokens": tokens, "ttft": first - began, "total": end - began,
             "rate": _decode_rate(tokens, first, last or end)}
+
+
+def _runs(rates: list[float]) -> str:
+    return f"{len(rates)} runs: " + ", ".join(f"{r:.1f}" for r in rates)
 
 
 def _decode_rate(tokens: int, first: float | None, last: float) -> float:

