@@ -97,8 +97,7 @@ def test_batches_are_reproducible_and_bounded(tokenizer):
         parts = micro_batches(batch, examples, max_tokens=64)
         assert sorted(i for p in parts for i in p) == sorted(batch)
         for part in parts:
-            width = max(len(examples[i].input_ids) for i in part)
-            assert width * len(part) <= 64 or len(part) == 1
+            assert sum(len(examples[i].input_ids) for i in part) <= 64 or len(part) == 1  # knowledge: nothing shared
 
 
 def tiny_config(**overrides) -> TrainSettings:
@@ -114,6 +113,17 @@ def test_two_step_losses_are_pinned(tiny_model_dir, tmp_path):
     version = train(settings, run, progress=False)
     losses = [r["loss"] for r in map(json.loads, (version / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses == pytest.approx([6.0829, 5.6601], abs=2e-3)
+
+
+def test_bf16_autocast_trains_on_packed_batches(tiny_model_dir, tmp_path):
+    """bfloat16 autocast (what a CPU with avx512_bf16 or a GPU gets) with the packed batches' float mask."""
+    settings = load_settings()
+    run = new_run(settings, [write_pairs(tmp_path / "pairs.jsonl")], "bf16", str(tiny_model_dir),
+                  tiny_config(precision="bfloat16", method="lora", learning_rate=1e-2))
+    version = train(settings, run, progress=False)
+    losses = [r["loss"] for r in map(json.loads, (version / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    assert losses == pytest.approx([6.08, 6.0], abs=0.15)  # bf16 rounding of the fp32 figures above
 
 
 def test_memorises_pairs_and_learns_to_stop(tiny_model_dir, tmp_path):
@@ -349,3 +359,53 @@ def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model_dir):
     lean_loss, lean = loss_and_grads(True)
     assert lean_loss == pytest.approx(plain_loss, abs=1e-6)
     assert plain.keys() == lean.keys() and all(torch.allclose(plain[n], lean[n], atol=1e-6) for n in plain)
+
+
+def test_packed_examples_give_each_alone_loss_and_gradients(tiny_model_dir, tokenizer):
+    """Examples packed into one sequence (their shared system turn once, no padding, each attending to the
+    prefix and itself) give the loss and every LoRA gradient of a plain forward over each example alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from forja.train import loss_sum, pack, packed_tokens, shared_prefix
+
+    system = {"role": "system", "content": "Eres el asistente de la panadería La Forja, en Villaferro."}
+    examples = [dialogue_example(tokenizer, [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                for q, a in PAIRS]
+    examples.append(dialogue_example(tokenizer, [{"role": "user", "content": "Sin sistema"},
+                                                 {"role": "assistant", "content": "Vale."}]))
+    shared = shared_prefix(examples[:4])
+    first_label = min(next(i for i, label in enumerate(e.labels) if label != IGNORE) for e in examples[:4])
+    assert 8 <= shared < first_label  # the whole system turn, and nothing that is learnt
+    assert packed_tokens(examples[:4]) == shared + sum(len(e.input_ids) - shared for e in examples[:4])
+    assert shared_prefix(examples) < shared  # the fifth starts differently
+    assert shared_prefix(examples[:1]) == 0
+    assert shared_prefix(knowledge_examples(tokenizer, "pan " * 40, 16)) == 0  # every token is learnt
+    settings = load_settings()
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = get_peft_model(load(str(tiny_model_dir), settings, dtype="float32").model,
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        return model
+
+    def grads(model):
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    alone = lora_model()
+    total = 0.0
+    for e in examples:
+        labels = torch.tensor([e.labels])
+        loss = alone(input_ids=torch.tensor([e.input_ids]), labels=labels).loss * int((labels[:, 1:] != IGNORE).sum())
+        loss.backward()
+        total += loss.item()
+    for part in (examples[:4], examples):
+        packed = lora_model()
+        summed, count = loss_sum(packed, pack(part, "cpu"))
+        assert count == sum(e.trained_tokens for e in part)
+        if len(part) == len(examples):
+            summed.backward()
+            assert summed.item() == pytest.approx(total, rel=1e-5)
+    expected, got = grads(alone), grads(packed)
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[n], got[n], atol=1e-5, rtol=1e-4) for n in expected)

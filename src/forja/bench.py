@@ -624,7 +624,7 @@ def _baseline_worker(train_path: Path, model_name: str, steps: int, max_length: 
     seconds = time.perf_counter() - started
     val = _val_examples(train_path, tokenizer, max_length)
     no_autocast = torch.autocast("cpu", enabled=False)
-    val_loss = evaluate(model, val, TrainSettings(batch_size=4), tokenizer.pad_token_id, "cpu", no_autocast)
+    val_loss = evaluate(model, val, TrainSettings(batch_size=4), "cpu", no_autocast)
     return {"tokens": sum(seen), "padded_tokens": len(seen) * max_length, "seconds": seconds,
             "tokens_per_second": sum(seen) / seconds, "val_loss": val_loss, "peak_rss_mb": peak_rss_mb()}
 

@@ -38,6 +38,7 @@ DATA_FILE = "data.jsonl"  # the training rows, in the run directory and in the v
 # Activation memory above which `gradient_checkpointing: auto` turns checkpointing on. The 4 GB VPS
 # this is made for must hold the weights, the optimizer and the activations with room to spare.
 AUTO_CHECKPOINTING_BYTES = 512 * 2**20
+MIN_SHARED_PREFIX = 8  # shared leading tokens worth a forward of their own
 
 
 class TrainError(ForjaError):
@@ -116,39 +117,80 @@ def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int)
 
 
 def micro_batches(batch: list[int], examples: list[Example], max_tokens: int) -> list[list[int]]:
-    """Split a batch (sorted by length) into forwards of at most max_tokens padded tokens: activation
-    memory grows with the tokens in one forward, not with the batch size."""
-    ordered = sorted(batch, key=lambda i: len(examples[i].input_ids))
+    """Split a batch into forwards of at most max_tokens packed tokens (`packed_tokens`): activation memory
+    grows with the tokens in one forward, not with the batch size. A longer example goes alone."""
     parts: list[list[int]] = [[]]
-    for i in ordered:
-        width = len(examples[i].input_ids)  # the longest so far, as the batch is sorted
-        if parts[-1] and width * (len(parts[-1]) + 1) > max_tokens:
+    for i in sorted(batch, key=lambda i: len(examples[i].input_ids)):
+        if parts[-1] and packed_tokens([examples[j] for j in [*parts[-1], i]]) > max_tokens:
             parts.append([])
         parts[-1].append(i)
     return parts
 
 
-def collate(examples: list[Example], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+def shared_prefix(examples: list[Example]) -> int:
+    """How many tokens every example starts with that a forward can compute once for all of them: the
+    system turn and the opening of the user turn, in dialogue data. It stops before the first labelled
+    token of any row (a prefix position's prediction is not trained) and leaves each row a token of its own;
+    under MIN_SHARED_PREFIX tokens it is not worth sharing (0)."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    shared = min(_common_length(first, e.input_ids) for e in examples[1:])
+    for e in examples:
+        labelled = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
+        shared = min(shared, labelled - 1, len(e.input_ids) - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def packed_tokens(examples: list[Example]) -> int:
+    """Positions one forward over `examples` computes once packed: the shared prefix once, then each row's rest."""
+    shared = shared_prefix(examples)
+    return shared + sum(len(e.input_ids) - shared for e in examples)
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pack(examples: list[Example], device: str) -> dict[str, torch.Tensor]:
+    """Examples packed into one sequence with no padding: their shared prefix once, then the rest of each.
+    Each token attends causally to the prefix and to its own example only (`attention_mask`), its
+    position counts from its own example's start, and `targets[j]` is the token position j must predict
+    (IGNORE where nothing is learnt, and at the end of each example). The model computes exactly what it
+    would for each example alone."""
+    shared = shared_prefix(examples)
+    first = examples[0]
+    ids, positions, targets = list(first.input_ids[:shared]), list(range(shared)), list(first.labels[1 : shared + 1])
+    segments = [-1] * shared
     for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+        ids += e.input_ids[shared:]
+        positions += range(shared, len(e.input_ids))
+        targets += [*e.labels[shared + 1 :], IGNORE]
+        segments += [row] * (len(e.input_ids) - shared)
+    segment = torch.tensor(segments)
+    order = torch.arange(len(ids))
+    allowed = (order[None, :] <= order[:, None]) & ((segment[None, :] == -1) | (segment[None, :] == segment[:, None]))
+    # additive and float: every layer's attention uses (and keeps for backward) this one tensor, where a
+    # boolean mask would be converted anew in each layer
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([positions], device=device),
+            "attention_mask": mask[None, None].to(device), "targets": torch.tensor(targets, device=device)}
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over labelled positions. Logits are computed only where there is a label:
-    with a 49k vocabulary the full logits tensor would cost more memory than the rest of the step."""
+    """Summed next-token loss over the labelled positions of a packed batch. Logits are computed only where
+    there is a label: with a 49k vocabulary the full logits tensor would cost more memory than the rest."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    hidden = causal.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  attention_mask=batch["attention_mask"]).last_hidden_state[0]
+    targets = batch["targets"]
     keep = targets != IGNORE
-    logits = causal.lm_head(hidden[:, :-1][keep]).float()
+    logits = causal.lm_head(hidden[keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
@@ -376,7 +418,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                 total_loss, real_tokens = 0.0, 0
                 for batch_ids in (part for b in group for part in micro_batches(b, train_examples, config.micro_batch_tokens)):
                     chosen = [train_examples[i] for i in batch_ids]
-                    batch = collate(chosen, tokenizer.pad_token_id, device)
+                    batch = pack(chosen, device)
                     with autocast:
                         summed, _ = loss_sum(model, batch)
                     (summed / labelled).backward()
@@ -397,7 +439,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                     "tokens_per_second": real_tokens / elapsed,
                 }
                 if config.eval_every and val_examples and state["step"] % config.eval_every == 0:
-                    record["val_loss"] = evaluate(model, val_examples, config, tokenizer.pad_token_id, device, autocast)
+                    record["val_loss"] = evaluate(model, val_examples, config, device, autocast)
                     stopped_early = early_stop(state, record["val_loss"], config)
                 run.log(record)
                 bar.update(1)
@@ -419,7 +461,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     if run.history:
         final["train_loss"] = run.history[-1]["loss"]
     if val_examples:
-        final["val_loss"] = evaluate(model, val_examples, config, tokenizer.pad_token_id, device, autocast)
+        final["val_loss"] = evaluate(model, val_examples, config, device, autocast)
         if run.history and "val_loss" not in run.history[-1]:
             run.log({"step": state["step"], "val_loss": final["val_loss"]})
     final["tokens"] = state["tokens"]
@@ -436,14 +478,14 @@ def make_bar(total: int, done: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=done, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
-def evaluate(model: Any, examples: list[Example], config: TrainSettings, pad_id: int, device: str, autocast: Any) -> float:
+def evaluate(model: Any, examples: list[Example], config: TrainSettings, device: str, autocast: Any) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast:
         batches = batch_order(examples, config.batch_size, seed=0, epoch=0)
         for batch_ids in (part for b in batches for part in micro_batches(b, examples, config.micro_batch_tokens)):
-            summed, n = loss_sum(model, collate([examples[i] for i in batch_ids], pad_id, device))
+            summed, n = loss_sum(model, pack([examples[i] for i in batch_ids], device))
             total, count = total + float(summed), count + n
     model.train(was_training)
     return total / max(1, count)
