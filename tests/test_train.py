@@ -313,7 +313,7 @@ def test_bench_train_runs_both_sides_on_the_same_data(tiny_model_dir, tmp_path):
     write_pairs(data / "pairs.jsonl", [(f"Pregunta {i}?", f"Respuesta número {i}.") for i in range(20)])
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "train", "--model", str(tiny_model_dir), "--data", str(data),
-                                 "--steps", "2", "--max-length", "160", "--json", str(out)])
+                                 "--steps", "2", "--max-length", "160", "--rounds", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     baseline, forja = report["baseline"], report["forja"]
@@ -322,6 +322,8 @@ def test_bench_train_runs_both_sides_on_the_same_data(tiny_model_dir, tmp_path):
     assert report["speedup"] == pytest.approx(forja["tokens_per_second"] / baseline["tokens_per_second"])
     assert all(side["peak_rss_mb"] > 50 and side["val_loss"] > 0 for side in (baseline, forja))
     assert "speed-up:" in result.stdout
+    assert len(report["runs"]) == 2 and "round 2:" in result.stdout
+    assert report["speedup"] in [pytest.approx(run["speedup"], abs=1e-3) for run in report["runs"]]
 
 
 def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):

@@ -671,6 +671,7 @@ def bench_train(
     data: Annotated[Optional[Path], typer.Option(help="Dialogue files (default: the repository's data/sample/dialogue).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps of 4 examples for each side.", min=1)] = 10,
     max_length: Annotated[int, typer.Option(help="Baseline padding length and forja's max_seq_length.", min=16)] = 256,
+    rounds: Annotated[int, typer.Option(help="Baseline-then-forja rounds; the median speed-up is reported.", min=1)] = 3,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -678,8 +679,8 @@ def bench_train(
     from forja.bench import render_train, train_benchmark
 
     settings = settings_from(config, model=model)
-    typer.echo(f"training {steps} steps with the baseline, then with forja, on {settings.model}...", err=True)
-    report = train_benchmark(settings.model, data, steps, max_length, out=as_json)
+    typer.echo(f"training {steps} steps with the baseline, then with forja, on {settings.model}, {rounds} times...", err=True)
+    report = train_benchmark(settings.model, data, steps, max_length, out=as_json, rounds=rounds)
     typer.echo(render_train(report))
 
 
