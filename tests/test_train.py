@@ -337,12 +337,16 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     assert run.last_checkpoint() == run.checkpoints / "step-000010"
 
 
-def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model_dir):
-    """SiluMul keeps less for backward; the loss and every LoRA gradient stay the same."""
-    from forja.train import lean_swiglu
+def test_lean_activations_give_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """SiluMul keeps less for backward, and the gated product and the norms' outputs are recomputed in the
+    backward pass rather than kept; the loss and every LoRA gradient stay the same."""
+    from forja.train import Example, Recompute, lean_activations, loss_sum, pack
 
     settings = load_settings()
-    ids = torch.tensor([[1, 5, 9, 12, 7, 3, 22, 8]])
+    ids = [1, 5, 9, 12, 7, 3, 22, 8]
+    unpacked = []
+    real_unpack = Recompute.unpack
+    monkeypatch.setattr(Recompute, "unpack", staticmethod(lambda packed: unpacked.append(type(packed)) or real_unpack(packed)))
 
     def loss_and_grads(lean: bool):
         torch.manual_seed(0)
@@ -352,13 +356,19 @@ def test_lean_swiglu_gives_the_same_loss_and_gradients(tiny_model_dir):
                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         model.train()
         if lean:
-            assert lean_swiglu(model) == 2  # the tiny model's two layers
-        loss = model(input_ids=ids, labels=ids).loss
+            assert lean_activations(model) == 2  # the tiny model's two layers
+            loss, count = loss_sum(model, pack([Example(ids, ids)], "cpu"))
+            loss = loss / count
+        else:
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain_loss, plain = loss_and_grads(False)
+    assert not unpacked
     lean_loss, lean = loss_and_grads(True)
+    # per layer: q, k and v's LoRA A keep the first norm's output, gate and up's the second's, down's the product
+    assert unpacked.count(tuple) == 2 * 6
     assert lean_loss == pytest.approx(plain_loss, abs=1e-6)
     assert plain.keys() == lean.keys() and all(torch.allclose(plain[n], lean[n], atol=1e-6) for n in plain)
 
