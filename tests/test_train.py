@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
@@ -421,3 +422,26 @@ def test_packed_examples_give_each_alone_loss_and_gradients(tiny_model_dir, toke
     expected, got = grads(alone), grads(packed)
     assert expected.keys() == got.keys()
     assert all(torch.allclose(expected[n], got[n], atol=1e-5, rtol=1e-4) for n in expected)
+
+
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradients(trained_head):
+    """The loss computed a chunk of rows at a time, gradients included, equals F.cross_entropy on whole logits."""
+    from forja.train import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(75, 24, requires_grad=True)  # 75 rows: chunks of 32, 32 and 11
+    weight = torch.randn(300, 24, requires_grad=trained_head)
+    targets = torch.randint(0, 300, (75,))
+    plain = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (plain * 0.5).backward()
+    expected = hidden.grad.clone(), weight.grad.clone() if trained_head else None
+    hidden.grad = weight.grad = None
+    chunked = LinearCrossEntropy.apply(hidden, weight, targets)
+    (chunked * 0.5).backward()
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.allclose(hidden.grad, expected[0], atol=1e-5)
+    if trained_head:
+        assert torch.allclose(weight.grad, expected[1], atol=1e-4)
+    else:
+        assert weight.grad is None

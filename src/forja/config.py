@@ -56,7 +56,7 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="Sequences per batch (grouped by length, so little padding).")
     gradient_accumulation: int = Field(1, ge=1, description="Batches per optimizer step.")
     micro_batch_tokens: int = Field(
-        144, ge=16, description="Most padded tokens in one forward pass; a batch is split to fit. Bounds activation memory."
+        144, ge=16, description="Most tokens in one forward pass (the examples of a batch are packed into it, no padding); a batch is split to fit. Bounds activation memory."
     )
     max_seq_length: int = Field(512, ge=16, description="Longest sequence in tokens; longer dialogues are left out and reported, longer text is split.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")

@@ -192,8 +192,49 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
                                       attention_mask=batch["attention_mask"]).last_hidden_state[0]
     targets = batch["targets"]
     keep = targets != IGNORE
-    logits = causal.lm_head(hidden[keep]).float()
+    head = causal.lm_head
+    if type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled():
+        return LinearCrossEntropy.apply(hidden[keep], head.weight, targets[keep]), int(keep.sum())
+    logits = head(hidden[keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, a chunk of rows at a time, with its
+    gradients computed in the forward pass: the [rows, vocabulary] logits (49k columns) never exist
+    whole, nor their softmax and its gradient for the backward pass; what is kept is the gradient for
+    `hidden` (and for `weight` when it is trained). The same matrix products as the plain loss."""
+
+    CHUNK = 32
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(hidden), LinearCrossEntropy.CHUNK):
+            rows = slice(start, start + LinearCrossEntropy.CHUNK)
+            h = hidden[rows].to(dtype)
+            logits = (h @ w.T).float()
+            picked = targets[rows]
+            total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, picked[:, None])[:, 0]).sum()
+            grad = logits.softmax(dim=-1)
+            grad[torch.arange(len(picked)), picked] -= 1
+            grad_hidden[rows] = (grad.to(dtype) @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad.T @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        weight_grad = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), weight_grad, None
 
 
 # ---------------------------------------------------------------------------------------------
