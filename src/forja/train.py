@@ -416,28 +416,27 @@ class Recompute:
     active: "Recompute | None" = None
 
     def __init__(self) -> None:
-        self.recipes: dict[int, tuple[Any, Any, tuple[torch.Tensor, ...]]] = {}
+        self.recipes: dict[int, tuple[Any, _Recipe]] = {}
 
     @classmethod
     def note(cls, out: torch.Tensor, recipe: Any, *inputs: torch.Tensor) -> torch.Tensor:
         if cls.active is not None and torch.is_grad_enabled():
-            cls.active.recipes[out.untyped_storage().data_ptr()] = (weakref.ref(out), recipe, inputs)
+            cls.active.recipes[out.untyped_storage().data_ptr()] = (weakref.ref(out), _Recipe(recipe, inputs))
         return out
 
     def pack(self, saved: torch.Tensor) -> Any:
         entry = self.recipes.get(saved.untyped_storage().data_ptr())
         if entry is None or entry[0]() is None:  # not noted, or a dead tensor's memory reused
             return saved
-        _, recipe, inputs = entry
-        return recipe, inputs, saved.size(), saved.stride(), saved.storage_offset()
+        entry[1].uses += 1
+        return entry[1], saved.size(), saved.stride(), saved.storage_offset()
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
-        recipe, inputs, size, stride, offset = packed
-        with torch.no_grad():
-            return recipe(*inputs).as_strided(size, stride, offset)
+        recipe, size, stride, offset = packed
+        return recipe.value().as_strided(size, stride, offset)
 
     def __enter__(self) -> "Recompute":
         Recompute.active = self
@@ -450,6 +449,23 @@ class Recompute:
         del self.hooks  # a reference cycle (self → hooks → self.pack) would keep the recipes' tensors until gc
         self.recipes.clear()  # what the backward needs is in the packed entries
         Recompute.active = None
+
+
+class _Recipe:
+    """How to recompute one activation; the value is kept from its first use in the backward pass to its
+    last (q, k and v's LoRA A matrices all use the same norm output, one after the other)."""
+
+    def __init__(self, recipe: Any, inputs: tuple[torch.Tensor, ...]):
+        self.recipe, self.inputs, self.uses, self.kept = recipe, inputs, 0, None
+
+    def value(self) -> torch.Tensor:
+        value = self.kept
+        if value is None:
+            with torch.no_grad():
+                value = self.recipe(*self.inputs)
+        self.uses -= 1
+        self.kept = value if self.uses > 0 else None
+        return value
 
 
 def wants_checkpointing(loaded: LoadedModel, config: TrainSettings, longest: int) -> bool:
