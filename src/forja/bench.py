@@ -544,8 +544,8 @@ def train_benchmark(model: str, data: Path | None, steps: int, max_length: int, 
         "model": model, "steps": steps, "examples_per_step": 4, "max_length": max_length, "rounds": rounds,
         "baseline": middle["baseline"], "forja": middle["forja"], "speedup": middle["speedup"],
         "runs": [{"speedup": round(run["speedup"], 3),
-                  **{f"{side}_{key}": round(run[side][key], 1) for side in ("baseline", "forja")
-                     for key in ("tokens_per_second", "peak_rss_mb")}} for run in runs],
+                  **{f"{side}_{key}": round(run[side][key], 4) for side in ("baseline", "forja")
+                     for key in ("tokens_per_second", "peak_rss_mb", "val_loss")}} for run in runs],
     }
     if out:
         out.write_text(json.dumps(report, indent=2) + "\n")
