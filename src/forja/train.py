@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, prepare, validation_path
+from forja.engine.batching import common_prefix
 from forja.models import VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve
 
 # peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
@@ -136,7 +137,7 @@ def shared_prefix(examples: list[Example]) -> int:
     if len(examples) < 2:
         return 0
     first = examples[0].input_ids
-    shared = min(_common_length(first, e.input_ids) for e in examples[1:])
+    shared = min(common_prefix(first, e.input_ids) for e in examples[1:])
     for e in examples:
         labelled = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
         shared = min(shared, labelled - 1, len(e.input_ids) - 1)
@@ -147,15 +148,6 @@ def packed_tokens(examples: list[Example]) -> int:
     """Positions one forward over `examples` computes once packed: the shared prefix once, then each row's rest."""
     shared = shared_prefix(examples)
     return shared + sum(len(e.input_ids) - shared for e in examples)
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def pack(examples: list[Example], device: str) -> dict[str, torch.Tensor]:
