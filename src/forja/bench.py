@@ -27,9 +27,10 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
                     compare_alone: bool = True, backends: list[str] | None = None,
                     log: Any = print) -> dict[str, Any]:
     """Start `forja serve` on `model` once per backend (in a subprocess) and measure it: one stream,
-    then `clients` concurrent streams, each ROUNDS times (medians). For scale, also: the plain decode loops
-    (transformers' `model.generate`, forja's `Generation`) and the bare model's decode step (PyTorch), llama-cpp-python's own `create_chat_completion` on the same GGUF file and
-    the memory-bandwidth bound (llama.cpp). Greedy throughout, so batched answers can be compared
+    then `clients` concurrent streams, each ROUNDS times (medians). For scale, also: the plain decode
+    loops (transformers' `model.generate`, forja's `Generation`) and the bare model's decode step
+    (PyTorch); llama-cpp-python's own `create_chat_completion` on the same GGUF file and the
+    memory-bandwidth bound (llama.cpp). Greedy throughout, so batched answers can be compared
     with the same prompt served alone."""
     from forja.engine import llamacpp
 
