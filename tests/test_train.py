@@ -393,6 +393,13 @@ def test_packed_examples_give_each_alone_loss_and_gradients(tiny_model_dir, toke
     assert shared_prefix(examples) < shared  # the fifth starts differently
     assert shared_prefix(examples[:1]) == 0
     assert shared_prefix(knowledge_examples(tokenizer, "pan " * 40, 16)) == 0  # every token is learnt
+    for budget in (40, 80, 120, 400):  # micro_batches keeps its running prefix equal to packed_tokens' count
+        expected: list[list[int]] = [[]]
+        for i in sorted(range(5), key=lambda i: len(examples[i].input_ids)):
+            if expected[-1] and packed_tokens([examples[j] for j in [*expected[-1], i]]) > budget:
+                expected.append([])
+            expected[-1].append(i)
+        assert micro_batches(list(range(5)), examples, budget) == expected
     settings = load_settings()
 
     def lora_model():

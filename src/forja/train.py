@@ -120,12 +120,21 @@ def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int)
 
 def micro_batches(batch: list[int], examples: list[Example], max_tokens: int) -> list[list[int]]:
     """Split a batch into forwards of at most max_tokens packed tokens (`packed_tokens`): activation memory
-    grows with the tokens in one forward, not with the batch size. A longer example goes alone."""
-    parts: list[list[int]] = [[]]
+    grows with the tokens in one forward, not with the batch size. A longer example goes alone. The shared
+    prefix of the forward being filled is kept up to date as examples join (one comparison each)."""
+    parts: list[list[int]] = []
+    room = total = 0  # the last part's shared prefix before the MIN_SHARED_PREFIX floor, and its tokens
     for i in sorted(batch, key=lambda i: len(examples[i].input_ids)):
-        if parts[-1] and packed_tokens([examples[j] for j in [*parts[-1], i]]) > max_tokens:
-            parts.append([])
-        parts[-1].append(i)
+        e = examples[i]
+        if parts:
+            joined = min(room, common_prefix(examples[parts[-1][0]].input_ids, e.input_ids), _prefix_room(e))
+            shared = joined if joined >= MIN_SHARED_PREFIX else 0
+            if total + len(e.input_ids) - len(parts[-1]) * shared <= max_tokens:
+                parts[-1].append(i)
+                room, total = joined, total + len(e.input_ids)
+                continue
+        parts.append([i])
+        room, total = _prefix_room(e), len(e.input_ids)
     return parts
 
 
@@ -137,11 +146,14 @@ def shared_prefix(examples: list[Example]) -> int:
     if len(examples) < 2:
         return 0
     first = examples[0].input_ids
-    shared = min(common_prefix(first, e.input_ids) for e in examples[1:])
-    for e in examples:
-        labelled = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
-        shared = min(shared, labelled - 1, len(e.input_ids) - 1)
+    shared = min(min(common_prefix(first, e.input_ids) for e in examples[1:]), *(_prefix_room(e) for e in examples))
     return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _prefix_room(e: Example) -> int:
+    """The longest prefix of `e` that may be shared: before its first labelled token, and not all of it."""
+    labelled = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
+    return min(labelled - 1, len(e.input_ids) - 1)
 
 
 def packed_tokens(examples: list[Example]) -> int:
