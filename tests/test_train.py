@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from ctypes.util import find_library
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from forja.cli import app
-from forja.config import TrainSettings, load_settings
+from forja.config import TrainSettings, jemalloc_env, load_settings
 from forja.models import load
 from forja.train import (
     IGNORE,
@@ -278,6 +279,35 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_model_dir, tmp_path, forja_home):
     assert final_metrics(settings, "interrupted")["step"] == stopped_at + 3
 
 
+def test_jemalloc_env_adds_the_library_once_unless_told_not_to(monkeypatch):
+    if find_library("jemalloc") is None:
+        assert jemalloc_env({"PATH": "/bin"}) is None
+        pytest.skip("libjemalloc2 is not installed (make install installs it as root)")
+    env = jemalloc_env({"LD_PRELOAD": "libfoo.so", "PATH": "/bin"})
+    assert env["LD_PRELOAD"].startswith("libfoo.so:") and "jemalloc" in env["LD_PRELOAD"] and env["PATH"] == "/bin"
+    assert jemalloc_env(env) is None  # already there: no second start
+    assert jemalloc_env({"FORJA_ALLOCATOR": "system"}) is None
+
+
+@pytest.mark.parametrize("choice", ["default", "system"])
+def test_forja_train_starts_itself_with_jemalloc(tiny_model_dir, tmp_path, forja_home, monkeypatch, choice):
+    """The CLI process re-executes itself with jemalloc preloaded; the version says which allocator it used."""
+    if choice == "system":
+        monkeypatch.setenv("FORJA_ALLOCATOR", "system")
+    else:
+        monkeypatch.delenv("FORJA_ALLOCATOR", raising=False)
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    proc = forja_train_process(forja_home, "--data", str(data), "--base", str(tiny_model_dir), "--max-steps", "2",
+                               "--name", "allocated")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    metrics = final_metrics(load_settings(), "allocated")
+    installed = find_library("jemalloc") is not None
+    assert metrics["allocator"] == ("jemalloc" if installed and choice == "default" else "system")
+    assert ("jemalloc is not installed" in stderr) == (not installed and choice == "default")
+    assert 50 < metrics["peak_rss_mb"] < 4096
+
+
 @pytest.mark.slow
 def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_path):
     """A short LoRA run on three sample pairs moves the bundled model's answers to the data."""
@@ -322,6 +352,8 @@ def test_bench_train_runs_both_sides_on_the_same_data(tiny_model_dir, tmp_path):
     assert forja["tokens"] > 0 and baseline["tokens"] > 0
     assert report["speedup"] == pytest.approx(forja["tokens_per_second"] / baseline["tokens_per_second"])
     assert all(side["peak_rss_mb"] > 50 and side["val_loss"] > 0 for side in (baseline, forja))
+    assert baseline["allocator"] == "system"  # the tutorial's; forja's side runs as `forja train` would
+    assert forja["allocator"] == ("jemalloc" if find_library("jemalloc") else "system")
     assert "speed-up:" in result.stdout
     assert len(report["runs"]) == 2 and "round 2:" in result.stdout
     assert report["speedup"] in [pytest.approx(run["speedup"], abs=1e-3) for run in report["runs"]]

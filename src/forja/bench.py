@@ -512,16 +512,6 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> Non
 SAMPLE_DIALOGUE = Path(__file__).resolve().parents[2] / "data" / "sample" / "dialogue"
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def train_benchmark(model: str, data: Path | None, steps: int, max_length: int, out: Path | None = None,
                     rounds: int = 3) -> dict[str, Any]:
     """Train `steps` steps of 4 examples with the naive baseline, then with forja, each in its own process;
@@ -556,7 +546,7 @@ def train_benchmark(model: str, data: Path | None, steps: int, max_length: int, 
 def _train_side(side: str, train_path: Path, model: str, steps: int, max_length: int, directory: Path) -> dict[str, Any]:
     """One side of the benchmark in a process of its own (its peak memory is its own), with an empty home
     that reuses the converted models of the user's home."""
-    from forja.config import ForjaError
+    from forja.config import ForjaError, jemalloc_env
 
     directory.mkdir()
     result_file = directory / "result.json"
@@ -564,6 +554,8 @@ def _train_side(side: str, train_path: Path, model: str, steps: int, max_length:
                str(result_file)]
     env = {**os.environ, "FORJA_HOME": str(directory / "home"), "PYTHONUNBUFFERED": "1",
            "FORJA_BENCH_MODELS": str(Path(os.environ.get("FORJA_HOME", "~/.forja")).expanduser() / "models")}
+    if side == "forja":  # the allocator `forja train` starts itself with; the tutorial runs on glibc's
+        env = jemalloc_env(env) or env
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -572,11 +564,11 @@ def _train_side(side: str, train_path: Path, model: str, steps: int, max_length:
 
 
 def render_train(report: dict[str, Any]) -> str:
-    rows = [f"{'':10} {'tokens/s':>9} {'real tokens':>11} {'seconds':>8} {'peak RSS MB':>11} {'val loss':>9}"]
+    rows = [f"{'':10} {'tokens/s':>9} {'real tokens':>11} {'seconds':>8} {'peak RSS':>19} {'val loss':>9}  allocator"]
     for side in ("baseline", "forja"):
         r = report[side]
         rows.append(f"{side:10} {r['tokens_per_second']:9.1f} {r['tokens']:11d} {r['seconds']:8.1f} "
-                    f"{r['peak_rss_mb']:11.0f} {r['val_loss']:9.4f}")
+                    f"{_mib(r['peak_rss_mb']):>19} {r['val_loss']:9.4f}  {r.get('allocator', '?')}")
     rows.append(f"speed-up: {report['speedup']:.2f}x  ({report['model']}, {report['steps']} steps of "
                 f"{report['examples_per_step']} examples, max length {report['max_length']})")
     runs = report.get("runs", [])
@@ -584,9 +576,13 @@ def render_train(report: dict[str, Any]) -> str:
         rows[-1] += f"; the median of {len(runs)} rounds"
         for i, run in enumerate(runs, 1):
             rows.append(f"  round {i}: {run['speedup']:.2f}x ({run['baseline_tokens_per_second']:.1f} vs "
-                        f"{run['forja_tokens_per_second']:.1f} tokens/s), peak RSS {run['baseline_peak_rss_mb']:.0f} vs "
-                        f"{run['forja_peak_rss_mb']:.0f} MB")
+                        f"{run['forja_tokens_per_second']:.1f} tokens/s), peak RSS {_mib(run['baseline_peak_rss_mb'])} vs "
+                        f"{_mib(run['forja_peak_rss_mb'])}")
     return "\n".join(rows)
+
+
+def _mib(mib: float) -> str:
+    return f"{mib:.0f} MiB = {mib * 2**20 / 1e9:.2f} GB"
 
 
 def _bench_settings() -> Any:
@@ -617,7 +613,7 @@ def _baseline_worker(train_path: Path, model_name: str, steps: int, max_length: 
 
     from forja.config import TrainSettings
     from forja.models import load
-    from forja.train import evaluate, read_rows
+    from forja.train import allocator, evaluate, peak_rss_mb, read_rows
 
     loaded = load(model_name, _bench_settings(), dtype="float32")
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -650,14 +646,14 @@ def _baseline_worker(train_path: Path, model_name: str, steps: int, max_length: 
     no_autocast = torch.autocast("cpu", enabled=False)
     val_loss = evaluate(model, val, TrainSettings(batch_size=4), "cpu", no_autocast)
     return {"tokens": sum(seen), "padded_tokens": len(seen) * max_length, "seconds": seconds,
-            "tokens_per_second": sum(seen) / seconds, "val_loss": val_loss, "peak_rss_mb": peak_rss_mb()}
+            "tokens_per_second": sum(seen) / seconds, "val_loss": val_loss, "peak_rss_mb": peak_rss_mb(), "allocator": allocator()}
 
 
 def _forja_worker(train_path: Path, model_name: str, steps: int, max_length: int) -> dict[str, Any]:
     """`forja train` itself with its defaults, on the same data and the same number of examples per step
     (the schedule matches the baseline's, so the validation losses compare)."""
     from forja.config import TrainSettings
-    from forja.train import new_run, train
+    from forja.train import allocator, new_run, peak_rss_mb, train
 
     settings = _bench_settings()
     config = TrainSettings(max_steps=steps, batch_size=4, max_seq_length=max_length, eval_every=None,
@@ -667,7 +663,7 @@ def _forja_worker(train_path: Path, model_name: str, steps: int, max_length: int
     # the run's final validation loss comes from the same evaluate() on the same validation rows
     return {"tokens": metrics["tokens"], "seconds": metrics["tokens"] / metrics["tokens_per_second"],
             "tokens_per_second": metrics["tokens_per_second"], "val_loss": metrics["val_loss"],
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "allocator": allocator()}
 
 
 if __name__ == "__main__":

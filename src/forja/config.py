@@ -6,9 +6,11 @@ nested fields are set from the environment with a double underscore (FORJA_GENER
 
 from __future__ import annotations
 
+import ctypes.util
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +58,7 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="Sequences per batch (grouped by length, so little padding).")
     gradient_accumulation: int = Field(1, ge=1, description="Batches per optimizer step.")
     micro_batch_tokens: int = Field(
-        144, ge=16, description="Most tokens in one forward pass (the examples of a batch are packed into it, no padding); a batch is split to fit. Bounds activation memory."
+        256, ge=16, description="Most tokens in one forward pass (the examples of a batch are packed into it, no padding); a batch is split to fit. Bounds activation memory."
     )
     max_seq_length: int = Field(512, ge=16, description="Longest sequence in tokens; longer dialogues are left out and reported, longer text is split.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
@@ -376,3 +378,20 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"setting {where!r}: {err['msg']}") from None
     settings.home = settings.home.expanduser()
     return settings
+
+
+def jemalloc_env(env: dict[str, str]) -> dict[str, str] | None:
+    """The environment for a training process that allocates through jemalloc, or None when it already
+    does, when FORJA_ALLOCATOR=system says not to, or when jemalloc is not installed (libjemalloc2).
+
+    glibc's malloc keeps the memory of freed activations (a few hundred KB each, thousands a step) in a
+    fragmented heap it cannot give back: the same training run peaks about 250 MB lower under jemalloc,
+    at the same speed (`forja bench train` measures it). The library must be there before the first
+    allocation, so `forja train` starts itself again with it in LD_PRELOAD."""
+    preload = env.get("LD_PRELOAD", "")
+    if env.get("FORJA_ALLOCATOR", "jemalloc") == "system" or "jemalloc" in preload or not sys.platform.startswith("linux"):
+        return None
+    library = ctypes.util.find_library("jemalloc")
+    if library is None:
+        return None
+    return {**env, "LD_PRELOAD": f"{preload}:{library}" if preload else library}

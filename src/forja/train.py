@@ -584,8 +584,28 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     final["tokens_per_second"] = round(state["tokens"] / state["seconds"], 1) if state["seconds"] else None
     final["stopped_early"] = stopped_early
     final["left_out_too_long"] = len(too_long)
+    final["peak_rss_mb"] = round(peak_rss_mb())
+    final["allocator"] = allocator()
     plot_losses(run.history, run.directory / LOSS_PLOT)
     return publish(settings, run, model, tokenizer, final)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def allocator() -> str:
+    """"jemalloc" when this process allocates through it (see config.jemalloc_env), else "system"."""
+    try:
+        return "jemalloc" if "libjemalloc" in Path("/proc/self/maps").read_text() else "system"
+    except OSError:
+        return "system"
 
 
 def make_bar(total: int, done: int, enabled: bool) -> Any:
