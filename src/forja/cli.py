@@ -755,7 +755,7 @@ def _start_with_jemalloc() -> None:
     elif (sys.platform.startswith("linux") and "jemalloc" not in os.environ.get("LD_PRELOAD", "")
           and os.environ.get("FORJA_ALLOCATOR") != "system"):
         typer.echo("forja: note: jemalloc is not installed (apt-get install libjemalloc2); training uses the system "
-                   "allocator and peaks about 250 MB higher (FORJA_ALLOCATOR=system hides this note)", err=True)
+                   "allocator and peaks about 300 MB higher (FORJA_ALLOCATOR=system hides this note)", err=True)
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def jemalloc_env(env: dict[str, str]) -> dict[str, str] | None:
     does, when FORJA_ALLOCATOR=system says not to, or when jemalloc is not installed (libjemalloc2).
 
     glibc's malloc keeps the memory of freed activations (a few hundred KB each, thousands a step) in a
-    fragmented heap it cannot give back: the same training run peaks about 250 MB lower under jemalloc,
+    fragmented heap it cannot give back: the same training run peaks about 300 MB lower under jemalloc,
     at the same speed (`forja bench train` measures it). The library must be there before the first
     allocation, so `forja train` starts itself again with it in LD_PRELOAD."""
     preload = env.get("LD_PRELOAD", "")
