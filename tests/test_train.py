@@ -289,6 +289,22 @@ def test_jemalloc_env_adds_the_library_once_unless_told_not_to(monkeypatch):
     assert jemalloc_env({"FORJA_ALLOCATOR": "system"}) is None
 
 
+def test_without_jemalloc_training_goes_on_with_a_one_line_note(monkeypatch, capsys):
+    import ctypes.util
+
+    from forja import cli
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    monkeypatch.delenv("FORJA_ALLOCATOR", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    cli._start_with_jemalloc()  # nothing to preload: no second start, a note instead
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "apt-get install libjemalloc2" in note
+    monkeypatch.setenv("FORJA_ALLOCATOR", "system")
+    cli._start_with_jemalloc()
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("choice", ["default", "system"])
 def test_forja_train_starts_itself_with_jemalloc(tiny_model_dir, tmp_path, forja_home, monkeypatch, choice):
     """The CLI process re-executes itself with jemalloc preloaded; the version says which allocator it used."""
