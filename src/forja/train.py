@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 import weakref
@@ -591,13 +592,17 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    """Peak resident memory of this process, in MiB: Linux's VmHWM (since the last exec, unlike ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def allocator() -> str:
