@@ -89,7 +89,7 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
 
         rounds = [asyncio.run(together()) for _ in range(ROUNDS)]
         answers = rounds[0][0]
-        ok = [a for a in answers if isinstance(a, dict) and not a.get("error")]
+        ok = [a for a in answers if _answered(a)]
         if ok:
             figures["guardrails"]["cpu"] = guard_cpu_cost(settings, prompts, [a["text"] for a in ok])
         figures["concurrent"] = _concurrent_figures(rounds)
@@ -99,7 +99,7 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
             log(f"{backend}: each prompt alone, to compare the batched answers ...")
             agree = []
             for prompt, answer in zip(prompts, answers):
-                if isinstance(answer, dict) and not answer.get("error"):
+                if _answered(answer):
                     alone = asyncio.run(_stream(url, model, prompt, max_tokens))
                     agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
             figures["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
@@ -117,7 +117,7 @@ ROUNDS = 3  # each serving figure is the median of this many runs: one run on a 
 def _concurrent_figures(rounds: list[tuple[list[Any], float]]) -> dict[str, Any]:
     """N streams sent together, several rounds: the median round's aggregate tokens/s; time to first token
     and total latency percentiles over every stream of every round."""
-    ok = [[a for a in answers if isinstance(a, dict) and not a.get("error")] for answers, _ in rounds]
+    ok = [[a for a in answers if _answered(a)] for answers, _ in rounds]
     rates = [sum(a["tokens"] for a in streams) / wall for streams, (_, wall) in zip(ok, rounds)]
     middle = sorted(range(len(rounds)), key=lambda i: rates[i])[len(rounds) // 2]
     every = [a for streams in ok for a in streams]
@@ -129,6 +129,11 @@ def _concurrent_figures(rounds: list[tuple[list[Any], float]]) -> dict[str, Any]
         "ttft_p50_s": round(_pct(ttfts, 50), 3), "ttft_p95_s": round(_pct(ttfts, 95), 3),
         "latency_p50_s": round(_pct(totals, 50), 3), "latency_p95_s": round(_pct(totals, 95), 3),
     }
+
+
+def _answered(answer: Any) -> bool:
+    """A stream that ended with an answer (not an exception from gather, nor an error event)."""
+    return isinstance(answer, dict) and not answer.get("error")
 
 
 def _guardrail_latency(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any]:

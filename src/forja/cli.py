@@ -17,7 +17,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from forja.config import ConfigError, ForjaError, Settings, jemalloc_env, load_settings
+from forja.config import ConfigError, ForjaError, Settings, jemalloc_env, load_settings, wants_jemalloc
 
 
 class _Group(TyperGroup):
@@ -749,13 +749,13 @@ def main() -> None:
 
 def _start_with_jemalloc() -> None:
     """Run `forja train` again, from the start, with jemalloc preloaded (see config.jemalloc_env)."""
-    env = jemalloc_env(dict(os.environ))
+    if not wants_jemalloc(os.environ):
+        return
+    env = jemalloc_env(os.environ)
     if env is not None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    elif (sys.platform.startswith("linux") and "jemalloc" not in os.environ.get("LD_PRELOAD", "")
-          and os.environ.get("FORJA_ALLOCATOR") != "system"):
-        typer.echo("forja: note: jemalloc is not installed (apt-get install libjemalloc2); training uses the system "
-                   "allocator and peaks about 300 MB higher (FORJA_ALLOCATOR=system hides this note)", err=True)
+    typer.echo("forja: note: jemalloc is not installed (apt-get install libjemalloc2); training uses the system "
+               "allocator and peaks about 300 MB higher (FORJA_ALLOCATOR=system hides this note)", err=True)
 
 
 if __name__ == "__main__":

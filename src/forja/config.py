@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -380,7 +380,7 @@ def load_settings(**overrides: Any) -> Settings:
     return settings
 
 
-def jemalloc_env(env: dict[str, str]) -> dict[str, str] | None:
+def jemalloc_env(env: Mapping[str, str]) -> dict[str, str] | None:
     """The environment for a training process that allocates through jemalloc, or None when it already
     does, when FORJA_ALLOCATOR=system says not to, or when jemalloc is not installed (libjemalloc2).
 
@@ -388,10 +388,15 @@ def jemalloc_env(env: dict[str, str]) -> dict[str, str] | None:
     fragmented heap it cannot give back: the same training run peaks about 300 MB lower under jemalloc,
     at the same speed (`forja bench train` measures it). The library must be there before the first
     allocation, so `forja train` starts itself again with it in LD_PRELOAD."""
-    preload = env.get("LD_PRELOAD", "")
-    if env.get("FORJA_ALLOCATOR", "jemalloc") == "system" or "jemalloc" in preload or not sys.platform.startswith("linux"):
-        return None
-    library = ctypes.util.find_library("jemalloc")
+    library = ctypes.util.find_library("jemalloc") if wants_jemalloc(env) else None
     if library is None:
         return None
+    preload = env.get("LD_PRELOAD", "")
     return {**env, "LD_PRELOAD": f"{preload}:{library}" if preload else library}
+
+
+def wants_jemalloc(env: Mapping[str, str]) -> bool:
+    """Whether a training process with this environment should be started again under jemalloc: on Linux,
+    unless it already runs under it or FORJA_ALLOCATOR=system says not to."""
+    return (sys.platform.startswith("linux") and env.get("FORJA_ALLOCATOR", "jemalloc") != "system"
+            and "jemalloc" not in env.get("LD_PRELOAD", ""))

@@ -128,9 +128,8 @@ def micro_batches(batch: list[int], examples: list[Example], max_tokens: int) ->
     for i in sorted(batch, key=lambda i: len(examples[i].input_ids)):
         e = examples[i]
         if parts:
-            joined = min(room, common_prefix(examples[parts[-1][0]].input_ids, e.input_ids), _prefix_room(e))
-            shared = joined if joined >= MIN_SHARED_PREFIX else 0
-            if total + len(e.input_ids) - len(parts[-1]) * shared <= max_tokens:
+            joined = _joined_prefix(room, examples[parts[-1][0]], e)
+            if total + len(e.input_ids) - len(parts[-1]) * _worth_sharing(joined) <= max_tokens:
                 parts[-1].append(i)
                 room, total = joined, total + len(e.input_ids)
                 continue
@@ -146,15 +145,25 @@ def shared_prefix(examples: list[Example]) -> int:
     under MIN_SHARED_PREFIX tokens it is not worth sharing (0)."""
     if len(examples) < 2:
         return 0
-    first = examples[0].input_ids
-    shared = min(min(common_prefix(first, e.input_ids) for e in examples[1:]), *(_prefix_room(e) for e in examples))
-    return shared if shared >= MIN_SHARED_PREFIX else 0
+    room = _prefix_room(examples[0])
+    for e in examples[1:]:
+        room = _joined_prefix(room, examples[0], e)
+    return _worth_sharing(room)
 
 
 def _prefix_room(e: Example) -> int:
     """The longest prefix of `e` that may be shared: before its first labelled token, and not all of it."""
     labelled = next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels))
     return min(labelled - 1, len(e.input_ids) - 1)
+
+
+def _joined_prefix(room: int, first: Example, e: Example) -> int:
+    """The prefix a group that starts with `first` and may share `room` tokens may still share once `e` joins."""
+    return min(room, common_prefix(first.input_ids, e.input_ids), _prefix_room(e))
+
+
+def _worth_sharing(prefix: int) -> int:
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
 
 
 def packed_tokens(examples: list[Example]) -> int:
@@ -231,14 +240,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden[rows] = (grad.to(dtype) @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad.T @ h.float()
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
-        ctx.weight_dtype = weight.dtype
+        # computed gradients, neither inputs nor outputs: kept on ctx (save_for_backward is for those)
+        ctx.grad_hidden, ctx.grad_weight, ctx.weight_dtype = grad_hidden, grad_weight, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[Any, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        weight_grad = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        weight_grad = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
         return grad_hidden * grad_total.to(grad_hidden.dtype), weight_grad, None
 
 
