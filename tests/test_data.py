@@ -547,9 +547,9 @@ def test_split_follows_content_not_file_order(tmp_path):
 
 def test_hash_is_stable_and_follows_content(tmp_path):
     write(tmp_path / "a" / "faq.csv", faq_rows(12))
-    first = prepare(tmp_path / "a", tmp_path / "out1" / "data.jsonl", seed=3)
+    first = prepare(tmp_path / "a", tmp_path / "out1" / "data.jsonl", val_fraction=0.1, seed=3)
     shutil.copytree(tmp_path / "a", tmp_path / "elsewhere")  # same content in another folder
-    second = prepare(tmp_path / "elsewhere", tmp_path / "out2" / "data.jsonl", seed=3)
+    second = prepare(tmp_path / "elsewhere", tmp_path / "out2" / "data.jsonl", val_fraction=0.1, seed=3)
     assert first.hash == second.hash and re.fullmatch(r"[0-9a-f]{64}", first.hash)
     meta = json.loads(first.meta_path.read_text())
     assert meta["hash"] == first.hash
@@ -558,7 +558,34 @@ def test_hash_is_stable_and_follows_content(tmp_path):
     assert meta["sources"][0]["format"] == "question/answer"
 
     write(tmp_path / "a" / "faq.csv", faq_rows(12).replace("Respuesta 5", "Respuesta cinco"))
-    assert prepare(tmp_path / "a", tmp_path / "out3" / "data.jsonl", seed=3).hash != first.hash
+    assert prepare(tmp_path / "a", tmp_path / "out3" / "data.jsonl", val_fraction=0.1, seed=3).hash != first.hash
+
+
+def test_small_data_holds_no_row_out_by_default_and_says_so(tmp_path):
+    small = prepare(write(tmp_path / "small" / "faq.csv", faq_rows(30)), tmp_path / "s" / "data.jsonl")
+    assert (small.train_rows, small.val_rows, small.small_data) == (30, 0, True)
+    assert "no row held out for validation: 30 rows is small data" in small.render()
+    assert json.loads(small.meta_path.read_text())["small_data"] is True
+    large = prepare(write(tmp_path / "large" / "faq.csv", faq_rows(400)), tmp_path / "l" / "data.jsonl")
+    assert (large.train_rows, large.val_rows, large.small_data) == (360, 40, False)
+    asked = prepare(tmp_path / "small", tmp_path / "a" / "data.jsonl", val_fraction=0.1)  # asked for: honoured
+    assert (asked.train_rows, asked.val_rows, asked.small_data) == (27, 3, False)
+
+
+def test_openai_weight_zero_marks_an_answer_as_context(tmp_path):
+    turns = [{"role": "user", "content": "Hola"}, {"role": "assistant", "content": "Mal.", "weight": 0},
+             {"role": "user", "content": "¿Horario?"}, {"role": "assistant", "content": "De 9 a 14.", "weight": 1}]
+    path = write(tmp_path / "chat.jsonl", json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
+    rows = read_jsonl(prepare(path, tmp_path / "out.jsonl").train_path)
+    assert rows[0]["messages"][1] == {"role": "assistant", "content": "Mal.", "weight": 0}
+    assert "weight" not in rows[0]["messages"][3]
+    for bad in ({"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "x", "weight": 0.5}):
+        write(tmp_path / "bad.jsonl", json.dumps({"messages": [bad, turns[1]] if bad["role"] == "user" else [turns[0], bad]}) + "\n")
+        with pytest.raises(DataError, match='"weight" must be 0 or 1 and only on assistant turns'):
+            prepare(tmp_path / "bad.jsonl", tmp_path / "bad-out.jsonl")
+    write(tmp_path / "none.jsonl", json.dumps({"messages": turns[:2]}) + "\n")
+    with pytest.raises(DataError, match="every assistant turn has weight 0"):
+        prepare(tmp_path / "none.jsonl", tmp_path / "none-out.jsonl")
 
 
 def test_output_paths(tmp_path):

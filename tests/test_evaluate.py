@@ -14,19 +14,15 @@ from typer.testing import CliRunner
 from forja import evaluate as ev
 from forja.cli import app
 from forja.config import load_settings
+from forja.metrics import exact_match, lcs_length, normalize, rouge_l, token_f1
 from forja.evaluate import (
     EvalError,
     TestCase,
     evaluate,
-    exact_match,
-    lcs_length,
     load_testset,
     mean_interval,
-    normalize,
     parse_judge,
-    rouge_l,
     semantic_similarity,
-    token_f1,
     write_reports,
 )
 

@@ -181,7 +181,7 @@ def data_inspect(paths: PathsArg, tokenizer: TokenizerOpt = None, estimate: Esti
 def data_prepare(
     paths: PathsArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Training JSONL to write (.val.jsonl and .meta.json beside it).")],
-    val_fraction: Annotated[float, typer.Option(help="Share of rows kept for validation.", min=0.0, max=0.9)] = 0.1,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of rows kept for validation (default: none of small data, up to 300 rows; else 0.1).", min=0.0, max=0.9)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip bad rows instead of stopping.")] = False,
     chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
@@ -205,6 +205,8 @@ def train(
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Prepared JSONL, or files/folders to prepare.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Model to start from (default: the configured model).")] = None,
     method: Annotated[Optional[str], typer.Option(help="lora or full.")] = None,
+    goal: Annotated[Optional[str], typer.Option(help="memorise (answers word for word: a FAQ), adapt (tone and style of a larger corpus) or auto (by the data's size).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt for every dialogue without one; the version keeps it for serving, eval and export.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the model version to create.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -234,7 +236,7 @@ def train(
         if not data and not from_feedback:
             raise ConfigError("give the training data with --data PATH (or continue a run with --resume NAME)")
         flags = {
-            "method": method, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
+            "method": method, "goal": goal, "system": system, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
             "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
             "max_seq_length": max_seq_length, "lora_r": lora_r, "seed": seed, "eval_every": eval_every,
             "checkpoint_every": checkpoint_every,
@@ -257,9 +259,14 @@ def train(
             record_version(settings, store, run.directory, version)
         finally:
             store.close()
+    from forja.train import render_answers
+
     metrics = json.loads((version / "version.json").read_text())["metrics"]
-    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                      if not isinstance(v, (dict, list)))
     typer.echo(f"model version {version.name} written to {version} ({shown})")
+    if "answers" in metrics:
+        typer.echo("\n".join(render_answers(metrics["answers"])))
     typer.echo(f"try it: forja generate --model {version.name} \"your question\"")
 
 

@@ -48,9 +48,17 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapter (small, fast) or all weights.")
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    goal: Literal["auto", "memorise", "adapt"] = Field(
+        "auto", description="memorise: answers to learn word for word (a FAQ; a high learning rate, many epochs, "
+        "stopped once the answers are reproduced); adapt: tone and style from a larger corpus (a low learning rate, "
+        "few epochs, stopped when validation stops improving); auto: memorise up to small_data_rows dialogue rows.")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data (ignored when max_steps is set); None = by goal: "
+        "memorise at most 30 (usually stopped sooner, once learned), adapt 3.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; None = 2e-4 for LoRA, 2e-5 for full.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; None = by goal and method: memorise 1e-3 (LoRA) / 5e-5 (full), "
+        "adapt 2e-4 / 2e-5.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -66,7 +74,18 @@ class TrainSettings(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path (each dropout copies the layer input: memory).")
     lora_target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
     seed: int = Field(0, description="Seeds the data order, the split and the initial adapter weights.")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="Validation share when forja train prepares raw files itself.")
+    val_fraction: float | None = Field(
+        None, ge=0, lt=1, description="Validation share when forja train prepares raw files itself; None = 0 up to "
+        "small_data_rows rows (none is taken out of a small FAQ: validation then uses the training rows and their "
+        "rewordings), else 0.1.")
+    small_data_rows: int = Field(300, ge=0, description="Up to this many rows, data counts as small (see goal, val_fraction).")
+    stop_when_learned: bool = Field(
+        True, description="Check (greedy, every epoch once the loss is low) whether the training answers are "
+        "reproduced, and stop when all are; rows marked must_learn (corrections) are the ones checked when present.")
+    learn_check_rows: int = Field(64, ge=1, description="Most rows answered at each such check (a fixed sample of the data).")
+    system: str | None = Field(
+        None, description="System prompt put first in every dialogue row without one; recorded in the version, and "
+        "used by serving, evaluation and export so the model is prompted as it was trained.")
     eval_every: int | None = Field(50, ge=1, description="Validation loss every N steps (and always at the end).")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without a better validation loss.")
     checkpoint_every: int | None = Field(50, ge=1, description="Checkpoint every N steps (also on Ctrl-C).")
@@ -78,11 +97,19 @@ class TrainSettings(BaseModel):
         "auto", description="Trade compute for memory; auto turns it on when activations would be large."
     )
 
-    @property
-    def learning_rate_for_method(self) -> float:
+    def resolved_goal(self, dialogue_rows: int) -> str:
+        if self.goal != "auto":
+            return self.goal
+        return "memorise" if dialogue_rows <= self.small_data_rows else "adapt"
+
+    def learning_rate_for(self, goal: str) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 2e-4 if self.method == "lora" else 2e-5
+        return {("memorise", "lora"): 1e-3, ("memorise", "full"): 5e-5,
+                ("adapt", "lora"): 2e-4, ("adapt", "full"): 2e-5}[goal, self.method]
+
+    def epochs_for(self, goal: str) -> float:
+        return self.epochs if self.epochs is not None else (30.0 if goal == "memorise" else 3.0)
 
 
 class ApiKey(BaseModel):

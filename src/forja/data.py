@@ -24,6 +24,10 @@ DIALOGUE = "dialogue"
 KNOWLEDGE = "knowledge"
 
 DEFAULT_CHUNK_TOKENS = 512
+# Up to this many rows nothing is held out by default: in a small FAQ every row is an answer the model
+# must learn (train.small_data_rows decides the same for the training goal).
+SMALL_DATA_ROWS = 300
+DEFAULT_VAL_FRACTION = 0.1
 # Each knowledge chunk repeats up to this share of the end of the chunk before it, so a fact that
 # straddles a boundary still appears whole in one chunk.
 CHUNK_OVERLAP = 1 / 8
@@ -243,6 +247,8 @@ class Summary:
     files: list[FileReport]
     token_unit: str
     hash: str  # sha256 of the rows without their "source", training then validation
+    small_data: bool = False  # nothing held out because the data is small
+
 
     def render(self) -> str:
         lines = [
@@ -253,6 +259,10 @@ class Summary:
             f"{len(self.skipped)} bad rows skipped",
             f"  hash {self.hash} (details in {self.meta_path})",
         ]
+        if self.small_data:
+            lines.append(f"  no row held out for validation: {self.train_rows} rows is small data (at most "
+                         f"{SMALL_DATA_ROWS}), every row is trained; training validates on the training rows and "
+                         "their rewordings (hold rows out with --val-fraction 0.1)")
         lines += [f"  skipped {message}" for message in self.skipped]
         return "\n".join(lines)
 
@@ -287,7 +297,7 @@ def inspect(
 def prepare(
     paths: Iterable[str | Path] | str | Path,
     out: str | Path,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     seed: int = 0,
     skip_bad: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -300,11 +310,13 @@ def prepare(
     dialogue and knowledge rows may share the file. Whitespace is normalised, exact duplicates and empty
     system turns dropped. The validation rows are, per kind, the val_fraction of rows whose hash with
     `seed` sorts first: the same content and seed always give the same split, whatever the file order.
+    `val_fraction` None holds nothing out of small data (at most SMALL_DATA_ROWS rows: a FAQ whose every
+    row is an answer to learn) and 0.1 of anything larger; the summary says which.
     Raises DataError (one line, print it as is) on the first bad row unless skip_bad, which leaves such
     rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`.
     """
     out = Path(out)
-    if not 0 <= val_fraction < 1:
+    if val_fraction is not None and not 0 <= val_fraction < 1:
         raise DataError(f"the validation fraction must be at least 0 and below 1, not {val_fraction}")
     if chunk_tokens < 16:
         raise DataError(f"chunks must allow at least 16 tokens, not {chunk_tokens}")
@@ -328,6 +340,9 @@ def prepare(
     if not rows:
         raise DataError("no rows to write: " + ("every row was bad" if skipped else "the files are empty"))
 
+    chosen_split = val_fraction
+    if val_fraction is None:
+        val_fraction = 0.0 if len(rows) <= SMALL_DATA_ROWS else DEFAULT_VAL_FRACTION
     validation = _validation_rows(rows, val_fraction, seed)
     train = [row for i, row in enumerate(rows) if i not in validation]
     val = [row for i, row in enumerate(rows) if i in validation]
@@ -340,6 +355,7 @@ def prepare(
         train_rows=len(train), val_rows=len(val), kinds=kinds,
         duplicates_removed=sum(r.duplicates for r in reports), skipped=skipped,
         files=reports, token_unit=unit, hash=digest,
+        small_data=chosen_split is None and val_fraction == 0,
     )
     meta = {
         "hash": digest,
@@ -348,6 +364,7 @@ def prepare(
         "kinds": kinds,
         "seed": seed,
         "val_fraction": val_fraction,
+        "small_data": summary.small_data,
         "chunk_tokens": chunk_tokens,
         "tokens": unit,
         "duplicates_removed": summary.duplicates_removed,
@@ -693,9 +710,17 @@ def _turns(value: Any, name: str, role_key: str, content_key: str, roles: dict[s
             if role == "system":
                 continue  # an empty system prompt says nothing; drop it rather than refuse the row
             raise _Bad(f'{label}: "{content_key}" is empty', empty=True)
-        messages.append({"role": role, "content": text})
+        message = {"role": role, "content": text}
+        if "weight" in turn:  # OpenAI's fine-tuning format: weight 0 = context only, not learned
+            if role != "assistant" or turn["weight"] not in (0, 1):
+                raise _Bad(f'{label}: "weight" must be 0 or 1 and only on assistant turns')
+            if turn["weight"] == 0:
+                message["weight"] = 0
+        messages.append(message)
         labels.append(label)
     _check_turns(messages, labels, f'"{name}"')
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise _Bad(f'"{name}": every assistant turn has weight 0; the row teaches nothing')
     return messages
 
 

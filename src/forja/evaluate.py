@@ -21,14 +21,13 @@ import os
 import re
 import sys
 import time
-import unicodedata
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 from forja.config import ForjaError, Persona, Settings
+from forja.metrics import exact_match, normalize, rouge_l, token_f1
 from forja.models import LoadedModel, fingerprint, load, pick_dtype, quiet_transformers, resolve
 
 METRICS = ["exact_match", "token_f1", "rouge_l", "semantic", "judge"]
@@ -208,64 +207,6 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if checked[-1]["role"] != "user":
         raise EvalError(f'{where}: the last of "messages" must be a user turn (the question to answer)')
     return checked
-
-
-# ---------------------------------------------------------------------------------------------
-# Text metrics. Normalisation: NFKD with the combining marks dropped (á → a, ñ → n), case folded,
-# punctuation and symbols turned into spaces ("1,10 €" and "1.10 €" give the same tokens), and the
-# articles of English and Spanish dropped, as SQuAD's evaluation drops English ones.
-
-ARTICLES = {"a", "an", "the", "el", "la", "los", "las", "un", "una", "unos", "unas"}
-
-
-def normalize(text: str) -> list[str]:
-    """The tokens the text metrics compare."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    kept = []
-    for char in decomposed:
-        category = unicodedata.category(char)
-        if category == "Mn":
-            continue
-        kept.append(" " if category[0] in "PSZC" else char)
-    return [token for token in "".join(kept).casefold().split() if token not in ARTICLES]
-
-
-def exact_match(answer: str, truth: str) -> float:
-    return float(normalize(answer) == normalize(truth))
-
-
-def token_f1(answer: str, truth: str) -> float:
-    """Harmonic mean of token precision and recall (bag of normalised tokens, as SQuAD)."""
-    pred, gold = normalize(answer), normalize(truth)
-    if not pred or not gold:
-        return float(pred == gold)
-    common = sum((Counter(pred) & Counter(gold)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(answer: str, truth: str) -> float:
-    """ROUGE-L F1 over the normalised tokens (rouge-score's own tokenizer drops letters like á and ñ)."""
-    pred, gold = normalize(answer), normalize(truth)
-    if not pred or not gold:
-        return float(pred == gold)
-    lcs = lcs_length(pred, gold)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(gold)
-    return 2 * precision * recall / (precision + recall)
 
 
 # ---------------------------------------------------------------------------------------------

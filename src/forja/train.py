@@ -63,12 +63,13 @@ class Example:
 
 
 def dialogue_example(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
-    """The conversation in the chat template, labelled on the assistant turns and their end-of-turn token."""
+    """The conversation in the chat template, labelled on the assistant turns and their end-of-turn token
+    (except turns with OpenAI's `"weight": 0`, which are context: a corrected conversation's earlier answers)."""
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     full = render(messages, False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:  # weight 0: context, not learned
             continue
         start = len(render(messages[:i], True))
         end = len(render(messages[: i + 1], False))
@@ -332,6 +333,9 @@ def prepared_data(paths: list[Path], directory: Path, config: TrainSettings) -> 
             shutil.copy(validation_path(paths[0]), validation_path(local))
         return local, meta["hash"]
     summary = prepare(paths, directory / DATA_FILE, val_fraction=config.val_fraction, seed=config.seed)
+    if summary.small_data:
+        print(f"{summary.train_rows} rows is small data: none held out for validation (every row is trained; "
+              "validation uses the training rows and their rewordings)")
     return summary.train_path, summary.hash
 
 
@@ -502,29 +506,39 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     loaded = load(run.base, settings, dtype="float32", merge_adapter=True)
     tokenizer = loaded.tokenizer
     device = pick_device()
-    train_examples, too_long = build_examples(tokenizer, read_rows(run.data), config.max_seq_length)
-    val_examples, _ = build_examples(tokenizer, read_rows(validation_path(run.data)), config.max_seq_length)
+    rows = [with_system(row, config.system) for row in read_rows(run.data)]
+    val_rows = [with_system(row, config.system) for row in read_rows(validation_path(run.data))]
+    goal = config.resolved_goal(sum("messages" in row for row in rows))
+    if not val_rows and goal == "memorise":
+        val_rows = memorisation_validation(rows)  # nothing held out of small data: the rows and their rewordings
+    train_examples, too_long = build_examples(tokenizer, rows, config.max_seq_length)
+    val_examples, _ = build_examples(tokenizer, val_rows, config.max_seq_length)
     if too_long:
         print(f"warning: {len(too_long)} conversations are longer than max_seq_length={config.max_seq_length} "
               f"and are left out (raise max_seq_length to keep them): {'; '.join(too_long[:3])}")
     if not train_examples:
         raise TrainError(f"{run.data}: no training rows with assistant answers or text to learn")
+    check_rows = learn_rows(rows, config) if config.stop_when_learned else []
     longest = max(len(e.input_ids) for e in train_examples)
+    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
+    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs_for(goal)))
+    the_plan = plan(loaded, config, goal, train_examples, total_steps, steps_per_epoch, check_rows)
+    if progress and run.last_checkpoint() is None:
+        print(the_plan["text"])
     model = prepare_model(loaded, config, longest)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for_method, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for(goal), weight_decay=config.weight_decay)
 
-    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
-    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     from transformers import get_scheduler
 
     scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps), num_training_steps=total_steps
     )
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0,
+             "epoch_loss": 0.0, "epoch_steps": 0, "learned_checks": 0}
     checkpoint = run.last_checkpoint()
     if checkpoint is not None:
-        state = restore(checkpoint, model, optimizer, scheduler)
+        state = {"epoch_loss": 0.0, "epoch_steps": 0, "learned_checks": 0, **restore(checkpoint, model, optimizer, scheduler)}
         run.history = read_rows(run.directory / METRICS_FILE)
         run.history = [r for r in run.history if r.get("step", 0) <= state["step"]]
         (run.directory / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in run.history))
@@ -532,7 +546,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
 
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
     bar = make_bar(total_steps, state["step"], progress)
-    stopped_early = False
+    stopped_early = stopped_learned = False
     try:
         while state["step"] < total_steps and not stopped_early:
             batches = batch_order(train_examples, config.batch_size, config.seed, state["epoch"])
@@ -567,6 +581,8 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                 if config.eval_every and val_examples and state["step"] % config.eval_every == 0:
                     record["val_loss"] = evaluate(model, val_examples, config, device, autocast)
                     stopped_early = early_stop(state, record["val_loss"], config)
+                state["epoch_loss"] += record["loss"]
+                state["epoch_steps"] += 1
                 run.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
@@ -577,6 +593,17 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
             if state["batch_in_epoch"] >= len(groups):
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
+                mean_loss = state["epoch_loss"] / max(1, state["epoch_steps"])
+                state["epoch_loss"], state["epoch_steps"] = 0.0, 0
+                if check_rows and mean_loss < LEARNED_LOSS and state["step"] < total_steps:
+                    answers = reproduce(model, tokenizer, check_rows, device, autocast)
+                    learned = sum(a["learned"] for a in answers)
+                    run.log({"step": state["step"], "learned": learned, "checked": len(answers)})
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", learned=f"{learned}/{len(answers)}")
+                    # stop at the second check in a row that finds every answer: one epoch of margin
+                    state["learned_checks"] = state["learned_checks"] + 1 if learned == len(answers) else 0
+                    stopped_learned = state["learned_checks"] >= 2
+                    stopped_early = stopped_early or stopped_learned
     except KeyboardInterrupt:
         bar.close()
         save_checkpoint(run, model, optimizer, scheduler, state)
@@ -584,15 +611,24 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     bar.close()
 
     final: dict[str, Any] = {"step": state["step"], "epochs": state["epoch"] + state["batch_in_epoch"] / max(1, steps_per_epoch)}
-    if run.history:
-        final["train_loss"] = run.history[-1]["loss"]
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    if losses:
+        final["train_loss"] = losses[-1]
     if val_examples:
         final["val_loss"] = evaluate(model, val_examples, config, device, autocast)
-        if run.history and "val_loss" not in run.history[-1]:
+        if losses and "val_loss" not in run.history[-1]:
             run.log({"step": state["step"], "val_loss": final["val_loss"]})
     final["tokens"] = state["tokens"]
     final["tokens_per_second"] = round(state["tokens"] / state["seconds"], 1) if state["seconds"] else None
     final["stopped_early"] = stopped_early
+    final["stopped"] = ("answers learned" if stopped_learned else "validation stopped improving" if stopped_early
+                        else "max_steps" if config.max_steps else "epochs")
+    final["goal"] = goal
+    final["learning_rate"] = config.learning_rate_for(goal)
+    final["planned_steps"] = total_steps
+    final["estimated_peak_mb"] = the_plan["peak_mb"]
+    if check_rows:
+        final["answers"] = answers_summary(reproduce(model, tokenizer, check_rows, device, autocast), len(rows))
     final["left_out_too_long"] = len(too_long)
     final["peak_rss_mb"] = round(peak_rss_mb())
     final["allocator"] = allocator()
@@ -647,6 +683,165 @@ def early_stop(state: dict[str, Any], val_loss: float, config: TrainSettings) ->
         return False
     state["bad_evals"] += 1
     return bool(config.early_stopping_patience) and state["bad_evals"] >= config.early_stopping_patience
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run learns: the plan before it, the answers reproduced during and after it
+
+
+def with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
+    """The row with `system` as its first turn when it is a dialogue without one."""
+    messages = row.get("messages")
+    if not system or not messages or messages[0]["role"] == "system":
+        return row
+    return {**row, "messages": [{"role": "system", "content": system}, *messages]}
+
+
+def learn_rows(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[str, Any]]:
+    """The dialogue rows whose answers are checked: those marked `must_learn` (a retrain's corrections) when
+    any are, else all of them, or a fixed sample of learn_check_rows when there are more."""
+    dialogue = [row for row in rows if "messages" in row]
+    marked = [row for row in dialogue if row.get("must_learn")]
+    if marked:
+        return marked
+    if len(dialogue) <= config.learn_check_rows:
+        return dialogue
+    return random.Random(config.seed).sample(dialogue, config.learn_check_rows)
+
+
+def memorisation_validation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validation for data nothing was held out of: every dialogue row, and the row again with its last
+    question reworded (`forja.rewordings`): the loss says whether the answers hold for other wordings."""
+    from forja.rewordings import rewordings
+
+    out = []
+    for row in rows:
+        messages = row.get("messages")
+        if not messages or len(messages) < 2 or messages[-2]["role"] != "user":
+            continue
+        out.append(row)
+        for question in rewordings(messages[-2]["content"], count=2):
+            out.append({**row, "messages": [*messages[:-2], {"role": "user", "content": question}, messages[-1]]})
+    return out
+
+
+def reproduce(model: Any, tokenizer: Any, rows: list[dict[str, Any]], device: str, autocast: Any,
+              batch_size: int = 16) -> list[dict[str, Any]]:
+    """Each row's conversation up to its last answer, answered greedily by the model in training; an
+    answer is learned when it equals the row's (forja.metrics.exact_match: case, accents, punctuation
+    and articles aside)."""
+    from forja.metrics import exact_match
+
+    prompts = [tokenizer.apply_chat_template([{k: v for k, v in m.items() if k != "weight"} for m in row["messages"][:-1]],
+                                             tokenize=False, add_generation_prompt=True) for row in rows]
+    expected = [row["messages"][-1]["content"] for row in rows]
+    ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    new_tokens = max(len(tokenizer(e, add_special_tokens=False)["input_ids"]) for e in expected) + 4
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    answers: list[str] = []
+    try:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+            with torch.no_grad(), autocast:
+                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                     do_sample=False, pad_token_id=pad, use_cache=True)
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    finally:
+        model.train(was_training)
+        model.config.use_cache = use_cache
+    return [{"question": next((m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"), ""),
+             "expected": want, "answer": got, "learned": bool(exact_match(got, want))}
+            for row, want, got in zip(rows, expected, answers)]
+
+
+def answers_summary(answers: list[dict[str, Any]], rows: int) -> dict[str, Any]:
+    """For version.json and the CLI: how many of the checked answers the version reproduces, and which not."""
+    missed = [{k: a[k] for k in ("question", "expected", "answer")} for a in answers if not a["learned"]]
+    return {"checked": len(answers), "reproduced": len(answers) - len(missed), "of_rows": rows, "not_reproduced": missed}
+
+
+def render_answers(summary: dict[str, Any], shown: int = 5) -> list[str]:
+    """"27 of 30 of your answers reproduced; 3 not: …" and the ones missed."""
+    checked, done = summary["checked"], summary["reproduced"]
+    sample = "" if checked >= summary["of_rows"] else f" (a sample of {checked} of {summary['of_rows']} rows)"
+    missed = summary["not_reproduced"]
+    lines = [f"{done} of {checked} of your answers reproduced{sample}" + (f"; {len(missed)} not:" if missed else ".")]
+    for miss in missed[:shown]:
+        lines.append(f"  {miss['question']!r}: wanted {miss['expected']!r}, got {miss['answer']!r}")
+    if len(missed) > shown:
+        lines.append(f"  ... and {len(missed) - shown} more (version.json, metrics.answers)")
+    return lines
+
+
+LEARNED_LOSS = 0.5  # an epoch's mean loss (nats per answer token) low enough to be worth checking the answers
+BASE_RSS_MB = 450  # python, torch and transformers before the model: measured with SmolLM2-135M
+
+
+def plan(loaded: LoadedModel, config: TrainSettings, goal: str, examples: list[Example], total_steps: int,
+         steps_per_epoch: int, check_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run will do, how long it may take on this CPU and how much memory it needs; refuses a run
+    that would not fit in the memory available (better now than `Killed` half-way)."""
+    c = loaded.model.config
+    params = sum(p.numel() for p in loaded.model.parameters())
+    per_token = (14 * c.hidden_size + 4 * c.intermediate_size) * 4 * c.num_hidden_layers * 2 / 3  # lean activations
+    weights_mb = params * (16 if config.method == "full" else 4) / 2**20  # full: weights, grads and two Adam moments
+    tokens = max(config.micro_batch_tokens, max(len(e.input_ids) for e in examples))
+    checkpointed = wants_checkpointing(loaded, config, tokens)
+    activations_mb = (tokens * c.num_hidden_layers * c.hidden_size * 4 if checkpointed else tokens * per_token) / 2**20
+    peak_mb = BASE_RSS_MB + weights_mb + activations_mb
+    available_mb = available_memory_mb()
+    if available_mb is not None and peak_mb > available_mb:
+        fits = int((available_mb - BASE_RSS_MB - weights_mb) * 2**20 / per_token)
+        fix = (f"set train.micro_batch_tokens to {fits // 16 * 16} or less" if fits >= 64 and not checkpointed
+               else "use --method lora" if config.method == "full" else "use a smaller model")
+        raise TrainError(f"this run needs about {peak_mb / 1000:.1f} GB of memory and {available_mb / 1000:.1f} GB "
+                         f"are available; {fix} (or gradient_checkpointing: on)")
+    epoch_tokens = sum(len(e.input_ids) for e in examples)
+    seconds = total_steps / steps_per_epoch * epoch_tokens / estimated_tokens_per_second(params, loaded)
+    stop = ("stopping once every answer is reproduced" if check_rows else
+            "stopping when validation stops improving" if config.early_stopping_patience else "")
+    what = f"{config.method}{f' r={config.lora_r}' if config.method == 'lora' else ''}"
+    text = (f"plan: goal {goal}, {len(examples)} examples, {what}, learning rate {config.learning_rate_for(goal):g}, "
+            f"at most {total_steps} steps ({steps_per_epoch} per epoch){', ' + stop if stop else ''}; "
+            f"~{max(1, round(seconds / 60))} min at most on this CPU; peak ≈ {peak_mb / 1000:.1f} GB"
+            + (f" of the {available_mb / 1000:.1f} GB available" if available_mb else ""))
+    return {"text": text, "peak_mb": round(peak_mb), "seconds": round(seconds)}
+
+
+def available_memory_mb() -> float | None:
+    """Memory this process may still use: MemAvailable, or the cgroup's limit when that is lower."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, (int(limit) - used) / 2**20)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def estimated_tokens_per_second(params: int, loaded: LoadedModel) -> float:
+    """Training speed guessed from this machine's matrix-product speed (0.1 s of them): forja reaches about
+    half the roofline of ~4 FLOP per parameter and trained token (forward, and backward to the inputs)."""
+    size = loaded.model.config.hidden_size
+    a, b = torch.randn(512, size), torch.randn(size, 4 * size)
+    torch.mm(a, b)
+    started, reps = time.perf_counter(), 0
+    while time.perf_counter() - started < 0.1:
+        torch.mm(a, b)
+        reps += 1
+    flops = reps * 2 * 512 * size * 4 * size / (time.perf_counter() - started)
+    return max(1.0, 0.5 * flops / (4 * params))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,6 +937,7 @@ def publish(settings: Settings, run: Run, model: Any, tokenizer: Any, final: dic
         "data": str(run.data),
         "data_hash": run.data_hash,
         "config": run.config.model_dump(),
+        "system": run.config.system,  # what serving, evaluation and export put first when a request has none
         "forja_version": code_version(),
         "metrics": final,
     }
