@@ -218,14 +218,17 @@ def test_export_turns_feedback_into_pairs_and_skips_what_teaches_nothing(tmp_pat
     log(store, "d", "¿Y el pan?", "Rico.")
     store.add_feedback("a", rating="down", correction="De 7 a 14.")
     store.add_feedback("a", rating="down", correction="De 8 a 14.")  # the newest correction wins
-    store.add_feedback("b", rating="up")
+    store.add_feedback("b", rating="up", sender="ana")  # sent with an API key: trusted by default
     store.add_feedback("c", rating="down")  # wrong, but says nothing about what is right
     store.add_feedback("d", comment="¿pan integral?")
+    log(store, "e", "¿Abrís?", "Nunca.")
+    store.add_feedback("e", rating="up")  # an anonymous page visitor's click does not teach "Nunca."
 
     summary = export(settings, tmp_path / "fb.jsonl", preferences=True)
     rows = [json.loads(line) for line in (tmp_path / "fb.jsonl").read_text().splitlines()]
     assert (summary.pairs, summary.corrections, summary.approved) == (2, 1, 1)
     assert summary.skipped["down_without_correction"] == 1 and summary.skipped["comment_only"] == 1
+    assert summary.skipped["untrusted_approval"] == 1
     by_exchange = {r["exchange_id"]: r for r in rows}
     assert by_exchange["a"]["messages"] == [{"role": "user", "content": "¿Horario?"},
                                             {"role": "assistant", "content": "De 8 a 14."}]
@@ -240,12 +243,12 @@ def test_export_turns_feedback_into_pairs_and_skips_what_teaches_nothing(tmp_pat
     assert [p.exchange_id for p in pairs] == ["b"]  # used rows are not counted twice
     result = runner.invoke(app, ["feedback", "export", "--out", str(tmp_path / "all.jsonl"), "--all"])
     assert result.exit_code == 0, result.output
-    assert "2 pairs (1 corrections, 1 approved answers)" in result.stdout
+    assert "2 pairs (1 corrections, 1 approved answers)" in result.stdout and "untrusted_approval=1" in result.stdout
     listed = runner.invoke(app, ["feedback", "list", "--json"])
     assert [json.loads(line)["used_in"] for line in listed.stdout.splitlines()][-2:] == [["v2"], ["v2"]]
     stats = json.loads(runner.invoke(app, ["feedback", "stats", "--json"]).stdout)
-    assert stats["feedback"] == 5 and stats["corrections"] == 2 and stats["unused"] == 3
-    assert stats["models"]["m"]["up"] == 1 and stats["models"]["m"]["down"] == 3
+    assert stats["feedback"] == 6 and stats["corrections"] == 2 and stats["unused"] == 4
+    assert stats["models"]["m"]["up"] == 2 and stats["models"]["m"]["down"] == 3
 
 
 def test_retrain_without_new_feedback_says_so(tiny_model_dir):
@@ -339,7 +342,9 @@ def test_corrections_sent_over_http_are_learned_and_promoted(tiny_model_dir, tmp
     assert sorted(r["feedback_id"] for r in store.used_by("tienda-v2")) == version["from_feedback"]["train_feedback_ids"]
     assert len(version["from_feedback"]["train_feedback_ids"]) == 3
     gate = json.loads((settings.versions_dir / "tienda-v2" / "gate.json").read_text())
-    assert gate["passed"] and gate["cases"] == 1
+    assert gate["passed"] and gate["decided_by"] == "all checks"
+    assert {name: c["cases"] for name, c in gate["checks"].items()} == {"feedback": 3, "rewordings": 6, "regression": 4}
+    assert gate["checks"]["feedback"]["metrics"]["exact_match"] == {"current": 0.0, "candidate": 1.0}
     again = runner.invoke(app, ["train", "--from-feedback", "--quiet"])
     assert again.exit_code == 1 and "no new feedback" in again.output  # nothing counted twice
 
@@ -354,3 +359,121 @@ def test_exchange_logging_can_be_switched_off(tiny_model_dir, tmp_path, start_se
     assert server.app.state.forja.store.exchange(reply["id"]) is None  # nothing stored
     refused = httpx.post(server.url + "/feedback", json={"id": reply["id"], "rating": "up"})
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "exchanges_not_stored"
+
+
+# ------------------------------------------------------------------------------------------------ what feedback teaches
+
+
+def test_a_correction_in_a_conversation_trains_only_the_corrected_answer(tiny_model_dir):
+    from forja.feedback import Pair
+    from forja.models import load_tokenizer
+    from forja.train import IGNORE, dialogue_example
+
+    settings = load_settings()
+    store = Store.open(settings)
+    conversation = [{"role": "user", "content": "Hola"}, {"role": "assistant", "content": "Cerrado hoy."},
+                    {"role": "user", "content": "¿Horario?"}]
+    store.log_exchange(id="x", route="chat", model="m", persona=None, messages=conversation, answers=["No sé."],
+                       params={}, prompt_tokens=5, completion_tokens=3, latency_ms=1.0, finish_reason="stop",
+                       api_key_name=None)
+    store.add_feedback("x", rating="down", correction="De 9 a 14.")
+    [pair], _ = collect_pairs(store)
+    row = pair.training_row()
+    assert row["must_learn"] is True
+    assert row["messages"][1] == {"role": "assistant", "content": "Cerrado hoy.", "weight": 0}  # context only
+    tokenizer = load_tokenizer(str(tiny_model_dir), settings)
+    example = dialogue_example(tokenizer, row["messages"])
+    learned = tokenizer.decode([t for t in example.labels if t != IGNORE])
+    assert learned.startswith("De 9 a 14.") and "Cerrado" not in learned and "No sé" not in learned
+
+
+def test_thumbs_up_train_only_from_trusted_raters_and_review_decides(tmp_path):
+    settings = load_settings()
+    store = Store.open(settings)
+    log(store, "anon", "¿Abrís?", "Nunca.")
+    log(store, "keyed", "¿Dónde?", "Calle Yunque 12.")
+    log(store, "fixed", "¿Precio?", "Gratis.")
+    visitor = store.add_feedback("anon", rating="up")["id"]
+    store.add_feedback("keyed", rating="up", sender="ana")
+    wrong_fix = store.add_feedback("fixed", rating="down", correction="Todo gratis siempre.")["id"]
+    kinds = lambda trust: sorted(p.exchange_id for p in collect_pairs(store, trust=trust)[0])  # noqa: E731
+    assert kinds("api_keys") == ["fixed", "keyed"]  # the default: no anonymous click trains
+    assert kinds("anyone") == ["anon", "fixed", "keyed"]
+    assert kinds("reviewed") == ["fixed"]  # corrections count unless rejected; thumbs-up only once approved
+    assert runner.invoke(app, ["feedback", "review", str(visitor)]).exit_code == 0
+    rejected = runner.invoke(app, ["feedback", "review", str(wrong_fix), "--reject", "--reviewer", "dueña"])
+    assert rejected.exit_code == 0 and "1 feedback rows rejected" in rejected.stdout
+    assert kinds("reviewed") == ["anon"] and kinds("api_keys") == ["anon", "keyed"]
+    _, skipped = collect_pairs(store)
+    assert skipped["rejected_in_review"] == 1
+    missing = runner.invoke(app, ["feedback", "review", "999"])
+    assert missing.exit_code == 1 and "no feedback with id 999" in missing.output and "Traceback" not in missing.output
+
+
+def trained_version(settings, tiny_model_dir, tmp_path, name: str, pairs: list[tuple[str, str]], val=()) -> str:
+    from forja.train import new_run, train
+
+    data = tmp_path / f"{name}.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+    write_training_file(data, rows)
+    data.with_suffix(".val.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n" for q, a in val))
+    train(settings, new_run(settings, [data], name, str(tiny_model_dir), tiny_hyper()), progress=False)
+    return name
+
+
+def test_replay_never_brings_back_an_answer_a_correction_replaced(tiny_model_dir, tmp_path, monkeypatch):
+    from forja.feedback import retrain
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    old = [("¿Horario?", "De 7 a 14."), ("horario?", "De 7 a 14."), ("Where?", "Calle Yunque 12.")]
+    trained_version(settings, tiny_model_dir, tmp_path, "v1", old, val=[("¿HORARIO?", "De 7 a 14.")])
+    models.promote(settings, "v1")
+    store = Store.open(settings)
+    log(store, "h", "¿Horario?", "De 7 a 14.", model="v1")
+    store.add_feedback("h", rating="down", correction="De 9 a 20.")
+    result = retrain(settings, tiny_hyper(max_steps=120), name="v2", progress=False)
+    trained = (settings.versions_dir / "v2" / "data.jsonl").read_text()
+    assert "De 7 a 14." not in trained and "Calle Yunque 12." in trained  # the replaced rows (any wording) are gone
+    assert (result.replayed_rows, result.replaced_rows) == (1, 2)
+    assert result.answers["reproduced"] == result.answers["checked"] == 1  # trained until the correction is learned
+    regression = result.gate["checks"]["regression"]
+    assert [q["expected"] for q in regression["questions"]] == ["Calle Yunque 12."]  # old answers are no regression
+
+
+def test_the_gate_refuses_a_regressing_version_on_the_operators_test_set(tiny_model_dir, tmp_path, monkeypatch):
+    from forja.feedback import Pair, gate
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    testset = tmp_path / "mine.csv"
+    testset.write_text("question,answer\n" + "".join(f"{q},{a}\n" for q, a in KNOWN))
+    settings = load_settings(feedback={"gate_testset": str(testset)})
+    good = trained_version(settings, tiny_model_dir, tmp_path, "good", KNOWN)
+    bad = str(tiny_model_dir)  # the random base: forgets every answer of the test set
+    fix = Pair("x", [{"role": "user", "content": "Where?"}], "Calle Yunque 12.", "correction", [1])
+    report = gate(settings, good, bad, [fix], [], progress=False)
+    assert report["passed"] is False and report["decided_by"] == "feedback"
+    regression = report["checks"]["regression"]
+    assert regression["passed"] is False and regression["cases"] == len(KNOWN)
+    assert regression["metrics"]["token_f1"]["current"] == 1.0 > regression["metrics"]["token_f1"]["candidate"]
+    assert all(q["before_ok"] and not q["after_ok"] for q in regression["questions"])
+    # always a verdict: no regression rows at all, the feedback prompts still decide
+    plain = gate(load_settings(), bad, good, [fix], [], progress=False)
+    assert set(plain["checks"]) == {"feedback", "rewordings"} and plain["passed"] is True
+
+
+def test_a_retrain_whose_gate_fails_exits_non_zero_and_is_not_promoted(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    trained_version(settings, tiny_model_dir, tmp_path, "v1", KNOWN)
+    models.promote(settings, "v1")
+    store = Store.open(settings)
+    log(store, "q", "¿Quién fundó Forja?", "No sé.", model="v1")
+    store.add_feedback("q", rating="down", correction="Ana Herrera.")
+    result = runner.invoke(app, ["train", "--from-feedback", "--name", "v2", "--max-steps", "1", "--quiet"])
+    assert result.exit_code == 2, result.output  # one step cannot learn the correction: the feedback check fails
+    assert "feedback: FAILED" in result.stdout and "decided by the feedback check" in result.stdout
+    assert "0 of 1 of the feedback answers reproduced" in result.stdout
+    assert "'¿Quién fundó Forja?'" in result.stdout and "not promoted" in result.stdout
+    assert models.active_model(settings) == "v1"

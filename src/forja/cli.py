@@ -270,23 +270,36 @@ def train(
     typer.echo(f"try it: forja generate --model {version.name} \"your question\"")
 
 
+GATE_FAILED_EXIT = 2
+
+
 def _retrain_from_feedback(settings: Settings, hyper, base: str | None, name: str | None, promote: bool,
                            quiet: bool) -> None:
     from forja.feedback import retrain
+    from forja.train import render_answers
 
     result = retrain(settings, hyper, base=base, name=name, promote=promote, progress=not quiet)
     gate = result.gate
     typer.echo(f"model version {result.version.name} trained from {result.started_from} on {result.trained_pairs} "
-               f"feedback pairs + {result.replayed_rows} replayed rows ({result.held_out_pairs} pairs held out)")
-    for metric, values in gate.get("metrics", {}).items():
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        typer.echo(f"  {metric}: {fmt(values['current'])} ({result.started_from}) -> {fmt(values['candidate'])} (new)")
-    verdict = "passed" if gate.get("passed") else "not passed"
-    typer.echo(f"gate {verdict} on {gate.get('cases', 0)} held-out questions: {gate.get('reason')}")
+               f"feedback pairs + {result.replayed_rows} replayed rows ({result.held_out_pairs} pairs held out, "
+               f"{result.replaced_rows} old rows not replayed: their question was corrected)")
+    if result.answers:
+        typer.echo("\n".join(render_answers(result.answers)).replace("of your answers", "of the feedback answers"))
+    typer.echo(f"gate ({gate['backend']}, regression set: {gate['regression_set']}):")
+    for check, entry in gate["checks"].items():
+        typer.echo(f"  {check}: {'passed' if entry['passed'] else 'FAILED'} on {entry['cases']} questions: {entry['reason']}")
+        for q in entry["questions"][: 12 if check != "regression" else 6]:
+            mark = lambda ok: "ok" if ok else "--"  # noqa: E731
+            typer.echo(f"    {q['question'][:50]!r}: [{mark(q['before_ok'])}] {q['before'][:40]!r} -> "
+                       f"[{mark(q['after_ok'])}] {q['after'][:40]!r}")
+    verdict = "passed" if gate["passed"] else f"not passed, decided by the {gate['decided_by']} check"
+    typer.echo(f"gate {verdict}: {gate['reason']}")
     if result.promoted:
         typer.echo(f"{result.version.name} is now the active version (undo: forja models rollback)")
     else:
         typer.echo(f"not promoted; to use it anyway: forja models promote {result.version.name}")
+    if not gate["passed"]:
+        raise typer.Exit(GATE_FAILED_EXIT)
 
 
 @models_app.command("merge")
@@ -467,15 +480,29 @@ def feedback_list(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "when", "model", "rating", "question", "answer", "correction / comment", "used in")
+    table = Table("id", "when", "model", "rating", "question", "answer", "correction / comment", "review", "used in")
     for row in rows:
         messages = row["messages"]
         question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "") \
             if isinstance(messages, list) and messages and isinstance(messages[0], dict) else str(messages)
         table.add_row(str(row["id"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"])), row["model"],
                       row["rating"] or "", question[:60], row["answer"][:60],
-                      (row["correction"] or row["comment"] or "")[:60], ", ".join(row["used_in"]))
+                      (row["correction"] or row["comment"] or "")[:60], row["review"] or "", ", ".join(row["used_in"]))
     Console().print(table)
+
+
+@feedback_app.command("review")
+def feedback_review(
+    ids: Annotated[list[int], typer.Argument(help="Feedback ids (forja feedback list).")],
+    reject: Annotated[bool, typer.Option("--reject", help="Reject instead of approve: the rows never train.")] = False,
+    reviewer: Annotated[Optional[str], typer.Option(help="Who decided (kept with the review).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Approve (or --reject) feedback before it trains: rejected rows never train; with feedback.trust
+    'reviewed' only approved thumbs-up do."""
+    decision = "rejected" if reject else "approved"
+    count = _read_store(config, lambda store: store.review(ids, decision, reviewer))
+    typer.echo(f"{count} feedback rows {decision}")
 
 
 @feedback_app.command("stats")

@@ -282,17 +282,28 @@ class FeedbackSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    trust: Literal["reviewed", "api_keys", "anyone"] = Field(
+        "api_keys", description="Whose thumbs-up train an answer word for word: only reviewed ones (forja feedback "
+        "review), also those sent with an API key, or anyone's (also anonymous page visitors). Corrections always "
+        "count unless rejected in review.")
     replay_ratio: float = Field(
-        4.0, ge=0, description="Rows of the starting version's own training data replayed per feedback pair (keeps old knowledge)."
+        4.0, ge=0, description="Rows of the starting version's own training data replayed per feedback pair (keeps old "
+        "knowledge); all of them when it has at most train.small_data_rows. A row whose question was corrected is never replayed."
     )
     holdout_fraction: float = Field(
-        0.2, ge=0, lt=1, description="Share of the feedback pairs held back from training to check the new version."
+        0.0, ge=0, lt=1, description="Share of the feedback pairs held back from training to check the new version "
+        "(0: every correction is learned; the gate checks their rewordings instead)."
     )
     min_pairs_for_holdout: int = Field(10, ge=2, description="Hold feedback pairs back only when there are at least this many.")
     gate_metrics: list[str] = Field(
         default_factory=lambda: ["token_f1", "rouge_l"], description="Evaluation metrics the new version must not regress on."
     )
     gate_tolerance: float = Field(0.02, ge=0, le=1, description="How much lower a gate metric's mean may be and still pass.")
+    gate_testset: Path | None = Field(
+        None, description="Your own test set (any format forja eval reads): the regression check of the gate. None = the "
+        "starting version's training rows and validation split.")
+    gate_corrections: float = Field(
+        1.0, ge=0, le=1, description="Share of the corrected (and approved) prompts the new version must answer as sent.")
     gate_max_cases: int = Field(40, ge=1, description="Most held-out questions answered by each version at the gate.")
     gate_max_tokens: int = Field(64, ge=1, description="Answer length at the gate.")
 

@@ -1,11 +1,13 @@
-"""Feedback → training pairs → a new model version → promoted only when it does not regress.
+"""Feedback → training pairs → a new model version → promoted only when the gate says so.
 
 `forja feedback export` turns the store's feedback into training JSONL: a thumbs-down with a correction
-becomes (prompt, corrected answer), a thumbs-up keeps (prompt, answer), and on request the pair
-(chosen = correction, rejected = answer) for preference training. `forja train --from-feedback` trains
-the next version from the active one on the unused pairs plus a replay sample of that version's own
-training data, then evaluates both versions on held-out rows (the version's validation split and the
-pairs held back) with `forja.evaluate` and promotes the new one only if no gate metric regresses.
+becomes (conversation, corrected answer) with only that answer learned (earlier answers are context,
+`"weight": 0`), a thumbs-up from a trusted rater (`feedback.trust`) keeps (prompt, answer), and on
+request the pair (chosen = correction, rejected = answer) for preference training. `forja train
+--from-feedback` trains the next version from the active one on the unused pairs plus a replay of that
+version's own training data (never a row whose question was corrected), until every correction is
+reproduced, then gates it: the corrected prompts must be answered as sent, their rewordings better than
+before, and a regression set (the operator's test set, else the old version's rows) must not get worse.
 """
 
 from __future__ import annotations
@@ -46,29 +48,55 @@ class Pair:
     rejected: str | None = None  # the answer the correction replaces
 
     def training_row(self) -> dict[str, Any]:
+        """The pair as a training row: only its own answer is learned (must_learn: a retrain runs until it is
+        reproduced); the conversation's earlier answers were never checked by anyone, so they are context."""
         source = f"feedback:{','.join(map(str, self.feedback_ids))}"
         if isinstance(self.prompt, str):
             row: dict[str, Any] = {"text": self.prompt + self.answer}
         else:
-            row = {"messages": [*self.prompt, {"role": "assistant", "content": self.answer}]}
+            context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in self.prompt]
+            row = {"messages": [*context, {"role": "assistant", "content": self.answer}], "must_learn": True}
         return {**row, "source": source, "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids,
                 "kind": self.kind}
+
+    @property
+    def question(self) -> str:
+        """The user's last message (what a replayed row that this answer replaces also asks)."""
+        return self.prompt if isinstance(self.prompt, str) else last_question(self.prompt)
 
     def preference_row(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "chosen": self.answer, "rejected": self.rejected,
                 "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids}
 
 
-def collect_pairs(store: Store, *, include_used: bool = False,
+def last_question(messages: list[dict[str, Any]]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def trusted(row: dict[str, Any], trust: str) -> bool:
+    """Whether a thumbs-up may train its answer word for word: reviewed and approved, or (api_keys) sent with an
+    API key, or (anyone) from anybody. A page visitor without a key is anyone: one click must not teach."""
+    if row.get("review") == "approved" or trust == "anyone":
+        return True
+    return trust == "api_keys" and bool(row.get("sender"))
+
+
+def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api_keys",
                   redact: Callable[[Any], Any] = lambda value: value) -> tuple[list[Pair], dict[str, int]]:
     """Training pairs from the feedback (unused rows only unless include_used), oldest exchange first,
-    and counts of what was left out and why. Per answer the newest correction wins; without one, an
-    answer with more thumbs-up than thumbs-down is kept as it is. `redact` is applied to every text
-    (the server already stores it redacted; this also cleans rows stored before the guardrails)."""
+    and counts of what was left out and why. Rows rejected in review are left out. Per answer the newest
+    correction wins; without one, an answer with more trusted thumbs-up (`trusted`) than thumbs-down is
+    kept as it is. `redact` is applied to every text (the server already stores it redacted; this also
+    cleans rows stored before the guardrails)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    skipped = {"down_without_correction": 0, "comment_only": 0, "tied_ratings": 0, "unusable_prompt": 0,
+               "untrusted_approval": 0, "rejected_in_review": 0}
     for row in reversed(store.feedback_rows(unused_only=not include_used)):  # oldest first
+        if row.get("review") == "rejected":
+            skipped["rejected_in_review"] += 1
+            continue
         groups.setdefault((row["exchange_id"], row["choice"]), []).append(row)
-    pairs, skipped = [], {"down_without_correction": 0, "comment_only": 0, "tied_ratings": 0, "unusable_prompt": 0}
+    pairs = []
     for (exchange_id, _), rows in groups.items():
         ids = [r["id"] for r in rows]
         prompt = redact(rows[0]["messages"])
@@ -82,10 +110,13 @@ def collect_pairs(store: Store, *, include_used: bool = False,
             pairs.append(Pair(exchange_id, prompt, redact(corrections[-1]["correction"]), "correction", ids,
                               redact(rows[0]["answer"])))
             continue
-        ups = sum(r["rating"] == "up" for r in rows)
+        ups = sum(r["rating"] == "up" and trusted(r, trust) for r in rows)
         downs = sum(r["rating"] == "down" for r in rows)
         if ups > downs:
-            pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "approved", ids))
+            pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "approved",
+                              [r["id"] for r in rows if r["rating"] != "up" or trusted(r, trust)]))
+        elif any(r["rating"] == "up" for r in rows) and not ups and not downs:
+            skipped["untrusted_approval"] += 1
         elif downs > ups:
             skipped["down_without_correction"] += 1
         elif ups:
@@ -118,7 +149,8 @@ def export(settings: Settings, out: Path, *, include_used: bool = False, prefere
     rows are marked used only when a retrain actually learns from them."""
     store = Store.open(settings)
     try:
-        pairs, skipped = collect_pairs(store, include_used=include_used, redact=Guards(settings).redact)
+        pairs, skipped = collect_pairs(store, include_used=include_used, trust=settings.feedback.trust,
+                                       redact=Guards(settings).redact)
     finally:
         store.close()
     write_training_file(out, [p.training_row() for p in pairs])
@@ -142,6 +174,8 @@ class RetrainResult:
     trained_pairs: int
     held_out_pairs: int
     replayed_rows: int
+    replaced_rows: int = 0  # old rows not replayed: their question was corrected
+    answers: dict[str, Any] = field(default_factory=dict)  # the corrections reproduced at the end of training
     gate: dict[str, Any] = field(default_factory=dict)
     promoted: bool = False
 
@@ -167,6 +201,32 @@ def split_holdout(pairs: list[Pair], settings: Settings, seed: int) -> tuple[lis
     return [p for p in pairs if id(p) not in held], [p for p in pairs if id(p) in held]
 
 
+def same_question(a: str, b: str) -> bool:
+    from forja.metrics import normalize
+
+    return normalize(a) == normalize(b)
+
+
+def not_replaced(rows: list[dict[str, Any]], pairs: list[Pair]) -> list[dict[str, Any]]:
+    """The rows whose last question no feedback pair answers anew: replaying the others would teach the
+    answer a correction replaced (a FAQ row with the old opening hours next to the correction)."""
+    asked = [p.question for p in pairs]
+    kept = []
+    for row in rows:
+        messages = row.get("messages")
+        question = last_question(messages) if messages else None
+        if question is None or not any(same_question(question, q) for q in asked):
+            kept.append(row)
+    return kept
+
+
+def replay_sample(old_rows: list[dict[str, Any]], pairs: list[Pair], hyper: TrainSettings, ratio: float) -> list[dict[str, Any]]:
+    """The old rows trained again with the feedback: all of a small data set, else `ratio` per pair."""
+    if len(old_rows) <= hyper.small_data_rows:
+        return list(old_rows)
+    return random.Random(hyper.seed).sample(old_rows, min(len(old_rows), math.ceil(ratio * len(pairs))))
+
+
 def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None, name: str | None = None,
             promote: bool = True, progress: bool = True) -> RetrainResult:
     """Train a new version from `base` (default: the active version) on the unused feedback, then gate it."""
@@ -174,7 +234,7 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
 
     store = Store.open(settings)
     try:
-        pairs, skipped = collect_pairs(store, redact=Guards(settings).redact)
+        pairs, skipped = collect_pairs(store, trust=settings.feedback.trust, redact=Guards(settings).redact)
         if not pairs:
             stats = store.stats()
             raise FeedbackError(
@@ -186,28 +246,36 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         models.resolve(start, settings)
         train_pairs, held_pairs = split_holdout(pairs, settings, hyper.seed)
         old_train, old_val = version_rows(settings, start)
-        replay_count = min(len(old_train), math.ceil(settings.feedback.replay_ratio * len(train_pairs)))
-        replay = random.Random(hyper.seed).sample(old_train, replay_count)
+        kept = not_replaced(old_train, pairs)
+        # the old rows are replayed as they were trained, not as rows to check
+        replay = [{k: v for k, v in row.items() if k != "must_learn"}
+                  for row in replay_sample(kept, train_pairs, hyper, settings.feedback.replay_ratio)]
         rows = [p.training_row() for p in train_pairs] + replay
         random.Random(hyper.seed + 1).shuffle(rows)
+        if hyper.system is None:  # the new version is prompted as the one it starts from
+            ref = models.resolve(start, settings)
+            hyper = hyper.model_copy(update={"system": models.read_version(ref.path).get("system")
+                                             if ref.kind == "version" else None})
 
         name = name or f"{Path(start).name.removesuffix('.gguf')}-fb{time.strftime('%Y%m%d-%H%M%S')}"
         staging = settings.home / "feedback" / name
         data_path = staging / training.DATA_FILE
         write_training_file(data_path, rows)
-        validation = old_val + [p.training_row() for p in held_pairs]
+        validation = not_replaced(old_val, pairs) + [p.training_row() for p in held_pairs]
         write_jsonl(validation_path(data_path), validation)
         run = training.new_run(settings, [data_path], name, start, hyper)
         record = {"started_from": start, "train_feedback_ids": sorted(i for p in train_pairs for i in p.feedback_ids),
                   "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),
-                  "replayed_rows": replay_count, "skipped": skipped}
+                  "replayed_rows": len(replay), "replaced_rows": len(old_train) - len(kept), "skipped": skipped}
         (run.directory / FEEDBACK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         version = training.train(settings, run, progress=progress)
         record_version(settings, store, run.directory, version)
     finally:
         store.close()
-    result = RetrainResult(version, start, len(train_pairs), len(held_pairs), replay_count)
-    result.gate = gate(settings, start, version.name, validation, progress=progress)
+    result = RetrainResult(version, start, len(train_pairs), len(held_pairs), len(replay), len(old_train) - len(kept),
+                           answers=models.read_version(version).get("metrics", {}).get("answers", {}))
+    regression = not_replaced(old_train, pairs) + validation
+    result.gate = gate(settings, start, version.name, pairs, regression, progress=progress)
     if promote and result.gate["passed"]:
         models.promote(settings, version.name, f"passed the feedback gate against {start}")
         result.promoted = True
@@ -227,43 +295,93 @@ def record_version(settings: Settings, store: Store, run_dir: Path, version: Pat
     (version / models.VERSION_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
-def gate_cases(rows: list[dict[str, Any]], limit: int) -> list[Any]:
-    """Held-out dialogue rows as evaluation cases: the conversation up to the last answer, and that answer."""
+# ------------------------------------------------------------------------------------------------
+# The gate
+
+
+def row_case(row: dict[str, Any], check: str) -> Any:
+    """A dialogue row as an evaluation case: the conversation up to its last answer, and that answer."""
     from forja.evaluate import TestCase
 
-    cases = []
-    for row in rows:
-        messages = row.get("messages") or []
-        if len(messages) >= 2 and messages[-1]["role"] == "assistant":
-            prompt = messages[:-1]
-            question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-            cases.append(TestCase(question=question, answer=messages[-1]["content"], messages=prompt))
-    return cases[:limit]
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    return TestCase(question=last_question(messages[:-1]), answer=messages[-1]["content"], messages=messages[:-1],
+                    tags=[check])
 
 
-def gate(settings: Settings, current: str, candidate: str, held_out: list[dict[str, Any]], *,
-         progress: bool = True) -> dict[str, Any]:
-    """Answer the held-out rows with both versions; pass when no gate metric of the candidate is lower
-    than the current version's by more than the tolerance. The result is written into the version."""
-    from forja.evaluate import evaluate
+def gate_cases(pairs: list[Pair], regression: list[dict[str, Any]], settings: Settings) -> list[Any]:
+    """The three checks' cases, tagged by check: the feedback prompts as sent ("feedback"), reworded
+    ("rewordings", by forja.rewordings) and the regression set ("regression": feedback.gate_testset, else
+    the given rows: the starting version's training rows and validation split, replaced questions left out)."""
+    from forja.evaluate import load_testset
+    from forja.rewordings import rewordings
 
     config = settings.feedback
-    cases = gate_cases(held_out, config.gate_max_cases)
-    report: dict[str, Any] = {"current": current, "candidate": candidate, "cases": len(cases),
-                              "tolerance": config.gate_tolerance, "metrics": {}}
-    if not cases:
-        report.update(passed=False, reason="no held-out rows to check the new version on (the starting version has "
-                      "no validation split and too few feedback pairs were held back); promote it by hand after a look")
+    chat_pairs = [p for p in pairs if not isinstance(p.prompt, str)]
+    cases = [row_case(p.training_row(), "feedback") for p in chat_pairs]
+    for p in chat_pairs:
+        for question in rewordings(p.question, count=2):
+            row = p.training_row()
+            *context, _, answer = row["messages"]
+            cases.append(row_case({"messages": [*context, {"role": "user", "content": question}, answer]}, "rewordings"))
+    if config.gate_testset is not None:
+        tests = load_testset(config.gate_testset)
+        for case in tests:
+            case.tags = ["regression"]
+        regression_cases = tests
     else:
-        result = evaluate([current, candidate], cases, settings, max_new_tokens=config.gate_max_tokens, progress=progress)
-        failed = []
-        for metric in config.gate_metrics:
-            old = result.means.get(current, {}).get(metric)
-            new = result.means.get(candidate, {}).get(metric)
-            report["metrics"][metric] = {"current": old, "candidate": new}
-            if old is not None and (new is None or new < old - config.gate_tolerance):
-                failed.append(f"{metric} {new if new is None else round(new, 4)} < {round(old, 4)}")
-        report.update(passed=not failed, reason="; ".join(failed) or "no gate metric regressed")
+        usable = [r for r in regression if len(r.get("messages") or []) >= 2 and r["messages"][-1]["role"] == "assistant"]
+        regression_cases = [row_case(r, "regression") for r in usable]
+    return cases + regression_cases[: config.gate_max_cases]
+
+
+def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], regression: list[dict[str, Any]], *,
+         progress: bool = True) -> dict[str, Any]:
+    """Answer the checks' cases with both versions and decide; always a verdict, since the feedback pairs
+    themselves are a check. Passes when (feedback) the candidate answers at least `gate_corrections` of the
+    prompts as sent, (rewordings) its answers to their rewordings are closer to the corrections than the
+    current version's, and (regression) no gate metric's mean is lower than the current version's by more
+    than the tolerance. The report (every question's before and after) is written into the version."""
+    from forja.evaluate import evaluate
+    from forja.models import pick_dtype
+
+    config = settings.feedback
+    cases = gate_cases(pairs, regression, settings)
+    result = evaluate([current, candidate], cases, settings, max_new_tokens=config.gate_max_tokens, progress=progress)
+    checks: dict[str, dict[str, Any]] = {}
+    for check in ("feedback", "rewordings", "regression"):
+        rows = {model: [r for r in result.rows if check in r["tags"] and r["model"] == model] for model in (current, candidate)}
+        if not rows[candidate]:
+            continue
+        mean = lambda model, metric: sum(r.get(metric) or 0.0 for r in rows[model]) / len(rows[model])  # noqa: E731
+        entry: dict[str, Any] = {"cases": len(rows[candidate]), "metrics": {}}
+        for metric in ("exact_match", *config.gate_metrics):
+            entry["metrics"][metric] = {"current": round(mean(current, metric), 4), "candidate": round(mean(candidate, metric), 4)}
+        learned, f1 = entry["metrics"]["exact_match"], entry["metrics"].get("token_f1") or entry["metrics"]["exact_match"]
+        if check == "feedback":
+            entry["passed"] = learned["candidate"] >= config.gate_corrections
+            entry["reason"] = (f"{round(learned['candidate'] * entry['cases'])} of {entry['cases']} feedback answers as sent "
+                               f"(needs {config.gate_corrections:.0%})")
+        elif check == "rewordings":
+            entry["passed"] = f1["candidate"] > f1["current"] or f1["candidate"] == 1.0
+            entry["reason"] = f"token F1 to the corrections on rewordings {f1['current']:.3f} -> {f1['candidate']:.3f}"
+        else:
+            worse = [f"{m} {v['candidate']:.3f} < {v['current']:.3f}" for m, v in entry["metrics"].items()
+                     if m in config.gate_metrics and v["candidate"] < v["current"] - config.gate_tolerance]
+            entry["passed"] = not worse
+            entry["reason"] = "; ".join(worse) or f"no gate metric lower by more than {config.gate_tolerance}"
+        entry["questions"] = [{"question": new["question"], "expected": new["ground_truth"], "before": old["answer"],
+                               "after": new["answer"], "before_ok": bool(old.get("exact_match")),
+                               "after_ok": bool(new.get("exact_match"))}
+                              for old, new in zip(rows[current], rows[candidate])]
+        checks[check] = entry
+    failed = [name for name, entry in checks.items() if not entry["passed"]]
+    report: dict[str, Any] = {
+        "current": current, "candidate": candidate, "cases": len(cases), "tolerance": config.gate_tolerance,
+        "backend": f"pytorch {pick_dtype(settings.dtype)}".replace("torch.", ""),
+        "regression_set": str(config.gate_testset) if config.gate_testset else "the starting version's rows",
+        "checks": checks, "passed": not failed, "decided_by": failed[0] if failed else "all checks",
+        "reason": checks[failed[0]]["reason"] if failed else "every check passed",
+    }
     version_dir = models.resolve(candidate, settings).path
     if version_dir is not None:
         (version_dir / GATE_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

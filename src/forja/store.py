@@ -77,6 +77,15 @@ feedback_used = sa.Table(
     sa.Column("used_at", sa.Float, nullable=False),
 )
 
+feedback_reviews = sa.Table(
+    "feedback_reviews", metadata,  # an operator's decision on a feedback row before it trains anything
+    sa.Column("feedback_id", sa.Integer, sa.ForeignKey("feedback.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("decision", sa.String(10), nullable=False),  # "approved" or "rejected"
+    sa.Column("reviewer", sa.String(200)),
+    sa.Column("reviewed_at", sa.Float, nullable=False),
+    sa.CheckConstraint("decision IN ('approved', 'rejected')", name="decision_approved_or_rejected"),
+)
+
 
 guard_events = sa.Table(
     "guard_events", metadata,  # the audit log of the guardrails: what was decided, never the text
@@ -105,6 +114,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0001_exchanges_and_feedback", _create(exchanges, feedback)),
     ("0002_feedback_used", _create(feedback_used)),
     ("0003_guard_events", _create(guard_events)),
+    ("0004_feedback_reviews", _create(feedback_reviews)),
 ]
 
 
@@ -249,12 +259,30 @@ class Store:
             used: dict[int, list[str]] = {}
             for r in conn.execute(sa.select(feedback_used)):
                 used.setdefault(r.feedback_id, []).append(r.version)
+            reviews = {r.feedback_id: r.decision for r in conn.execute(sa.select(feedback_reviews))}
         for row in rows:
             row["messages"] = json.loads(row["messages"])
             answers = json.loads(row.pop("answers"))
             row["answer"] = answers[row["choice"]] if row["choice"] < len(answers) else ""
             row["used_in"] = used.get(row["id"], [])
+            row["review"] = reviews.get(row["id"])
         return rows
+
+    def review(self, feedback_ids: Iterable[int], decision: str, reviewer: str | None = None) -> int:
+        """Approve or reject feedback rows (a later decision replaces an earlier one); returns how many.
+        A rejected row never trains; with `feedback.trust: reviewed` only approved thumbs-up do."""
+        if decision not in ("approved", "rejected"):
+            raise StoreError(f"a review is 'approved' or 'rejected', not {decision!r}")
+        ids = sorted(set(feedback_ids))
+        with self.engine.begin() as conn:
+            known = {r.id for r in conn.execute(sa.select(feedback.c.id).where(feedback.c.id.in_(ids)))}
+            missing = [i for i in ids if i not in known]
+            if missing:
+                raise StoreError(f"no feedback with id {', '.join(map(str, missing))} (see forja feedback list)")
+            conn.execute(feedback_reviews.delete().where(feedback_reviews.c.feedback_id.in_(ids)))
+            conn.execute(feedback_reviews.insert(), [{"feedback_id": i, "decision": decision, "reviewer": reviewer,
+                                                      "reviewed_at": time.time()} for i in ids])
+        return len(ids)
 
     def mark_used(self, feedback_ids: Iterable[int], version: str, role: str = "train") -> None:
         now = time.time()
