@@ -681,6 +681,18 @@ def bench_serve(
         as_json.write_text(json.dumps(results, indent=2))
 
 
+@bench_app.command("learn")
+def bench_learn(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write every answer and figure as JSON.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="faq_es.jsonl, corrections_es.jsonl and controls_es.jsonl (default: data/bench).")] = None,
+) -> None:
+    """The whole story on defaults: train a FAQ, ask it through forja serve, correct four answers over HTTP, retrain, ask again, and refuse a bad version."""
+    from forja.bench_learn import BENCH_DATA, learn_benchmark, render_learn
+
+    report = learn_benchmark(data_dir or BENCH_DATA, out, log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_learn(report))
+
+
 @bench_app.command("agreement")
 def bench_agreement(
     model: ModelOpt = None,

@@ -82,6 +82,9 @@ class TrainSettings(BaseModel):
     stop_when_learned: bool = Field(
         True, description="Check (greedy, every epoch once the loss is low) whether the training answers are "
         "reproduced, and stop when all are; rows marked must_learn (corrections) are the ones checked when present.")
+    augment_rewordings: int = Field(
+        0, ge=0, le=4, description="memorise goal: also train each question reworded this many ways (forja.rewordings: "
+        "case, accents, a greeting, bare keywords) with the same answer.")
     learn_check_rows: int = Field(64, ge=1, description="Most rows answered at each such check (a fixed sample of the data).")
     system: str | None = Field(
         None, description="System prompt put first in every dialogue row without one; recorded in the version, and "

@@ -511,6 +511,10 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     goal = config.resolved_goal(sum("messages" in row for row in rows))
     if not val_rows and goal == "memorise":
         val_rows = memorisation_validation(rows)  # nothing held out of small data: the rows and their rewordings
+    check_rows = learn_rows(rows, config) if config.stop_when_learned else []
+    data_rows = len(rows)
+    if goal == "memorise" and config.augment_rewordings:
+        rows = rows + reworded_rows(rows, config.augment_rewordings)
     train_examples, too_long = build_examples(tokenizer, rows, config.max_seq_length)
     val_examples, _ = build_examples(tokenizer, val_rows, config.max_seq_length)
     if too_long:
@@ -518,7 +522,6 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
               f"and are left out (raise max_seq_length to keep them): {'; '.join(too_long[:3])}")
     if not train_examples:
         raise TrainError(f"{run.data}: no training rows with assistant answers or text to learn")
-    check_rows = learn_rows(rows, config) if config.stop_when_learned else []
     longest = max(len(e.input_ids) for e in train_examples)
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs_for(goal)))
@@ -628,7 +631,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     final["planned_steps"] = total_steps
     final["estimated_peak_mb"] = the_plan["peak_mb"]
     if check_rows:
-        final["answers"] = answers_summary(reproduce(model, tokenizer, check_rows, device, autocast), len(rows))
+        final["answers"] = answers_summary(reproduce(model, tokenizer, check_rows, device, autocast), data_rows)
     final["left_out_too_long"] = len(too_long)
     final["peak_rss_mb"] = round(peak_rss_mb())
     final["allocator"] = allocator()
@@ -712,6 +715,11 @@ def learn_rows(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[s
 def memorisation_validation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validation for data nothing was held out of: every dialogue row, and the row again with its last
     question reworded (`forja.rewordings`): the loss says whether the answers hold for other wordings."""
+    return [row for row in rows if "messages" in row] + reworded_rows(rows, 2)
+
+
+def reworded_rows(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Each dialogue row again with its last question reworded `count` ways, the same answer (not checked)."""
     from forja.rewordings import rewordings
 
     out = []
@@ -719,9 +727,9 @@ def memorisation_validation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         messages = row.get("messages")
         if not messages or len(messages) < 2 or messages[-2]["role"] != "user":
             continue
-        out.append(row)
-        for question in rewordings(messages[-2]["content"], count=2):
-            out.append({**row, "messages": [*messages[:-2], {"role": "user", "content": question}, messages[-1]]})
+        for question in rewordings(messages[-2]["content"], count=count):
+            reworded = [*messages[:-2], {"role": "user", "content": question}, messages[-1]]
+            out.append({k: v for k, v in row.items() if k != "must_learn"} | {"messages": reworded})
     return out
 
 
