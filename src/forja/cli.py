@@ -187,6 +187,7 @@ def data_prepare(
     chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
     tokenizer: TokenizerOpt = None,
     estimate: EstimateOpt = False,
+    system: Annotated[Optional[str], typer.Option(help="System prompt put first in every conversation that has none.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
@@ -195,7 +196,7 @@ def data_prepare(
     settings = settings_from(config)
     summary = prepare(
         paths, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
-        tokenizer=data_tokenizer(settings, tokenizer, estimate),
+        tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system,
     )
     typer.echo(summary.render())
 
