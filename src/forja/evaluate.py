@@ -622,7 +622,7 @@ def _conversation(case: TestCase, target: _Target, personas: dict[str, Persona],
     the chat template's default)."""
     messages = [dict(m) for m in case.messages] if case.messages else [{"role": "user", "content": case.question}]
     system = (personas[case.persona].system if case.persona else None) or target.system or settings.generate.system
-    return with_system(messages, system or None)
+    return with_system(messages, system)
 
 
 def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: Settings, max_new_tokens: int, *,

@@ -161,8 +161,8 @@ def trained_system(settings: Settings, name: str) -> str | None:
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
     """The conversation with `system` as its first turn, unless it has a system turn of its own or
-    `system` is None (then the chat template adds its own default, if it has one)."""
-    if system is None or any(m["role"] == "system" for m in messages):
+    `system` is None or empty (then the chat template adds its own default, if it has one)."""
+    if not system or any(m["role"] == "system" for m in messages):
         return messages
     return [{"role": "system", "content": system}, *messages]
 

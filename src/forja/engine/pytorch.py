@@ -16,7 +16,7 @@ from forja.models import LoadedModel, with_system
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
     """One user turn, after `system` when given (else the chat template's default system turn, if any)."""
-    return with_system([{"role": "user", "content": prompt}], system or None)
+    return with_system([{"role": "user", "content": prompt}], system)
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
