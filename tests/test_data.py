@@ -378,6 +378,27 @@ def test_empty_system_turns_are_dropped(tmp_path):
     assert prepared_rows(tmp_path, path) == [{"messages": pair("q", "a")}]
 
 
+def test_forja_data_prepare_system_puts_the_system_turn_in_each_conversation_without_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    faq = write(tmp_path / "faq.csv", "question,answer\n¿Abrís?,Sí.\n¿Cuándo?,De 7 a 14 h.\n")
+    own = write_jsonl(tmp_path / "own.jsonl", [{"messages": [{"role": "system", "content": "Mío."}, *pair("q", "a")]}])
+    doc = write(tmp_path / "manual.md", "La panadería abre a las siete.")
+    out = tmp_path / "out" / "data.jsonl"
+    result = CliRunner().invoke(app, ["data", "prepare", str(faq), str(own), str(doc), "--out", str(out),
+                                      "--system", "Eres el panadero.", "--val-fraction", "0", "--estimate"])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out)
+    systems = sorted(row["messages"][0]["content"] for row in rows if "messages" in row)
+    assert systems == ["Eres el panadero.", "Eres el panadero.", "Mío."]  # a row's own system turn stays
+    assert [row["text"] for row in rows if "text" in row] == ["La panadería abre a las siete."]
+    assert json.loads(meta_path(out).read_text())["system"] == "Eres el panadero."
+    with pytest.raises(DataError, match="the system prompt is empty"):
+        prepare([faq], out, system=" ")
+
+
 # --- Malformed and unknown files ---------------------------------------------------------------------
 
 

@@ -74,7 +74,7 @@ def generate(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate.", min=1)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; higher = more varied.", min=0.0, max=2.0)] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt (default: generate.system, else the one the version was trained with).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     config: ConfigOpt = None,
@@ -94,7 +94,8 @@ def generate(
         seed=defaults.seed if seed is None else seed,
     )
     loaded = models.load(settings.model, settings)
-    prompt_ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt, system or defaults.system))
+    system = system or defaults.system or models.trained_system(settings, settings.model)
+    prompt_ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt, system))
     generation = Generation(loaded, prompt_ids, params)
     started = time.perf_counter()
     if as_json:
@@ -187,6 +188,7 @@ def data_prepare(
     chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
     tokenizer: TokenizerOpt = None,
     estimate: EstimateOpt = False,
+    system: Annotated[Optional[str], typer.Option(help="System prompt put first in every conversation that has none.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
@@ -195,7 +197,7 @@ def data_prepare(
     settings = settings_from(config)
     summary = prepare(
         paths, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
-        tokenizer=data_tokenizer(settings, tokenizer, estimate),
+        tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system,
     )
     typer.echo(summary.render())
 

@@ -38,7 +38,8 @@ class GenerateSettings(BaseModel):
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Most tokens generated per answer.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
-    system: str | None = Field(None, description="System prompt; None keeps the chat template's own default.")
+    system: str | None = Field(None, description="System prompt; None: a version's trained one, else the chat "
+                               "template's own default.")
     seed: int | None = Field(None, description="Seed for sampling; None draws a fresh one.")
 
 

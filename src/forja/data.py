@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forja.config import ForjaError
+from forja.models import with_system
 
 DIALOGUE = "dialogue"
 KNOWLEDGE = "knowledge"
@@ -302,13 +303,15 @@ def prepare(
     skip_bad: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     tokenizer: Any = None,
+    system: str | None = None,
 ) -> Summary:
     """Clean files and folders into one training JSONL, a validation JSONL beside it and a meta file.
 
     Writes OUT (training rows), OUT with suffix .val.jsonl (validation rows) and .meta.json (counts,
     sources, seed, hash). Each row is {"messages": [...], "source": "file:row"} or {"text": ..., "source": ...};
     dialogue and knowledge rows may share the file. Whitespace is normalised, exact duplicates and empty
-    system turns dropped. The validation rows are, per kind, the val_fraction of rows whose hash with
+    system turns dropped; with `system`, each conversation without a system turn gets it first (and the
+    meta file records it). The validation rows are, per kind, the val_fraction of rows whose hash with
     `seed` sorts first: the same content and seed always give the same split, whatever the file order.
     `val_fraction` None holds nothing out of small data (at most SMALL_DATA_ROWS rows: a FAQ whose every
     row is an answer to learn) and 0.1 of anything larger; the summary says which.
@@ -320,6 +323,8 @@ def prepare(
         raise DataError(f"the validation fraction must be at least 0 and below 1, not {val_fraction}")
     if chunk_tokens < 16:
         raise DataError(f"chunks must allow at least 16 tokens, not {chunk_tokens}")
+    if system is not None and not system.strip():
+        raise DataError("the system prompt is empty; give one, or leave --system out to keep the chat template's default")
     count, unit = _token_counter(tokenizer)
     # Preparing into a data folder must not read back its own earlier output.
     written = {p.resolve() for p in (out, validation_path(out), meta_path(out))}
@@ -339,6 +344,7 @@ def prepare(
         rows += kept
     if not rows:
         raise DataError("no rows to write: " + ("every row was bad" if skipped else "the files are empty"))
+    rows = [{**row, "messages": with_system(row["messages"], system)} if "messages" in row else row for row in rows]
 
     chosen_split = val_fraction
     if val_fraction is None:
@@ -366,6 +372,7 @@ def prepare(
         "val_fraction": val_fraction,
         "small_data": summary.small_data,
         "chunk_tokens": chunk_tokens,
+        "system": system,
         "tokens": unit,
         "duplicates_removed": summary.duplicates_removed,
         "skipped": skipped,

@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 from forja.config import ForjaError, Persona, Settings
 from forja.metrics import exact_match, normalize, rouge_l, token_f1
-from forja.models import LoadedModel, fingerprint, load, pick_dtype, quiet_transformers, resolve
+from forja.models import (LoadedModel, fingerprint, load, pick_dtype, quiet_transformers, resolve, trained_system,
+                          with_system)
 
 METRICS = ["exact_match", "token_f1", "rouge_l", "semantic", "judge"]
 METRIC_LABELS = {
@@ -534,7 +535,8 @@ def model_identity(name: str, settings: Settings) -> str:
 
 @dataclass
 class _Target:
-    """A model under evaluation: what the user typed, what loads, and a persona's system prompt."""
+    """A model under evaluation: what the user typed, what loads, and its system prompt (a persona's,
+    else the one the version was trained with)."""
 
     label: str
     model: str
@@ -547,21 +549,21 @@ def _targets(names: list[str], settings: Settings) -> list[_Target]:
     for name in names:
         if name in personas:
             persona = personas[name]
-            targets.append(_Target(name, persona.model or settings.model, persona.system))
+            model = persona.model or settings.model
+            targets.append(_Target(name, model, persona.system or trained_system(settings, model)))
         else:
             resolve(name, settings)  # an unknown name fails here, before anything runs
-            targets.append(_Target(name, name))
+            targets.append(_Target(name, name, trained_system(settings, name)))
     return targets
 
 
 def _conversation(case: TestCase, target: _Target, personas: dict[str, Persona], settings: Settings) -> list[dict[str, str]]:
     """The messages a model answers. System prompt: the case's own, else its persona's, else the
-    evaluated persona's, else `generate.system` (None keeps the chat template's default)."""
+    evaluated persona's, else the evaluated version's trained one, else `generate.system` (None keeps
+    the chat template's default)."""
     messages = [dict(m) for m in case.messages] if case.messages else [{"role": "user", "content": case.question}]
-    if messages[0]["role"] == "system":
-        return messages
     system = (personas[case.persona].system if case.persona else None) or target.system or settings.generate.system
-    return ([{"role": "system", "content": system}] if system else []) + messages
+    return with_system(messages, system)
 
 
 def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: Settings, max_new_tokens: int, *,

@@ -4,6 +4,7 @@ llama.cpp's own quantizer, and an Ollama Modelfile.
 The GGUF is written from the version's merged weights with the `gguf` package's writer and its
 tensor-name table (HF `model.layers.3.self_attn.q_proj` → `blk.3.attn_q`), so the file carries the
 tokenizer, the chat template and the end-of-turn token and stops where the PyTorch version stops.
+A version trained with a system prompt gets it as its template's default, in the GGUF and the Modelfile.
 Exports are cached under FORJA_HOME/cache/gguf by the version's fingerprint: serving a version with
 the llama.cpp backend exports it once.
 """
@@ -68,7 +69,8 @@ def export_gguf(settings: Settings, name: str, quant: str = "q8_0", out: Path | 
     float_path = out if QUANTS[quant] is None else out.with_name(out.name + ".f16.tmp")
     tmp = float_path.with_name(float_path.name + ".part")
     try:
-        write_gguf(loaded, tmp, f32=quant == "f32", tokenizer_pre=_source_pre(name, settings))
+        write_gguf(loaded, tmp, f32=quant == "f32", tokenizer_pre=_source_pre(name, settings),
+                   system=models.trained_system(settings, name))
         os.replace(tmp, float_path)
         if QUANTS[quant] is not None:
             quantize(float_path, out, quant)
@@ -82,8 +84,10 @@ def export_gguf(settings: Settings, name: str, quant: str = "q8_0", out: Path | 
     return out
 
 
-def write_gguf(loaded: models.LoadedModel, path: Path, *, f32: bool = False, tokenizer_pre: str = "gpt-2") -> None:
-    """Architecture, tokenizer and tensors of a Llama model in transformers' layout → one GGUF file."""
+def write_gguf(loaded: models.LoadedModel, path: Path, *, f32: bool = False, tokenizer_pre: str = "gpt-2",
+               system: str | None = None) -> None:
+    """Architecture, tokenizer and tensors of a Llama model in transformers' layout → one GGUF file;
+    `system` (the version's trained system prompt) becomes the chat template's default."""
     import gguf
     import numpy as np
     import torch
@@ -105,7 +109,7 @@ def write_gguf(loaded: models.LoadedModel, path: Path, *, f32: bool = False, tok
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
-    _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
+    _add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre, system)
 
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     state = loaded.model.state_dict()
@@ -140,7 +144,7 @@ def _rope_layout(weight: Any, heads: int) -> Any:
     return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str, system: str | None) -> None:
     """A byte-level BPE tokenizer (GPT-2 style, as SmolLM and Llama 3 use) with its specials and template."""
     import gguf
 
@@ -172,7 +176,18 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str) -> No
     probe = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
     if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+        template = tokenizer.chat_template
+        writer.add_chat_template(template if system is None else template_with_system(template, system))
+
+
+def template_with_system(template: str, system: str) -> str:
+    """A Jinja chat template that puts `system` first in a conversation that starts without a system turn,
+    as training did (`models.with_system`), instead of the template's own default: clients that render
+    the GGUF's template and send no system message prompt the model as it was trained."""
+    literal = json.dumps(system, ensure_ascii=False)  # a JSON string is also a Jinja string literal
+    return ("{%- if messages and messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+            "{%- endif %}" + template)
 
 
 def _source_pre(name: str, settings: Settings) -> str:
@@ -269,18 +284,36 @@ def agreement(settings: Settings, name: str, gguf_file: Path, tokens: int = 32) 
 
 # ------------------------------------------------------------------------------------------------ Ollama
 
+# Ollama passes system messages both joined in .System and among .Messages: the loop skips them.
 CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
 {{ end }}
-{{- range .Messages }}<|im_start|>{{ .Role }}
+{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
+{{ end }}{{ end }}<|im_start|>assistant
 """
+SYSTEM_MARK = "FORJA-SYSTEM-PROMPT"  # stands for a system turn when reading a template's default off it
+
+
+def template_system(tokenizer: Any) -> str | None:
+    """The system prompt the chat template puts in when a conversation has none: what its rendering of
+    one user turn holds where a given system turn would be. None when it puts none in."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)  # noqa: E731
+    user = {"role": "user", "content": "Hola"}
+    head, found, tail = render([{"role": "system", "content": SYSTEM_MARK}, user]).partition(SYSTEM_MARK)
+    plain = render([user])
+    if not found or len(plain) <= len(head) + len(tail) or not (plain.startswith(head) and plain.endswith(tail)):
+        return None
+    return plain[len(head):len(plain) - len(tail)]
 
 
 def write_modelfile(settings: Settings, gguf_file: Path, name: str, persona: str | None = None) -> Path:
-    """An Ollama Modelfile next to the GGUF: the chat template, its stop tokens, sampling and the
-    persona's system prompt (`ollama create NAME -f Modelfile`)."""
+    """An Ollama Modelfile next to the GGUF: the chat template, its stop tokens, sampling and the system
+    prompt (`ollama create NAME -f Modelfile`). Ollama adds a system turn only from SYSTEM, so SYSTEM is
+    the persona's system prompt, else the version's trained one, else generate.system, else the one the
+    chat template puts in by default (no SYSTEM where it puts none)."""
     loaded_tokenizer = models.load_tokenizer(name, settings) if models.resolve(name, settings).kind != "gguf" else None
     template = getattr(loaded_tokenizer, "chat_template", "") or ""
     if "<|im_start|>" not in template and loaded_tokenizer is not None:
@@ -297,7 +330,8 @@ def write_modelfile(settings: Settings, gguf_file: Path, name: str, persona: str
              f"PARAMETER temperature {chosen.temperature if chosen and chosen.temperature is not None else defaults.temperature}",
              f"PARAMETER top_p {chosen.top_p if chosen and chosen.top_p is not None else defaults.top_p}",
              f"PARAMETER num_predict {chosen.max_tokens if chosen and chosen.max_tokens else defaults.max_new_tokens}"]
-    system = (chosen.system if chosen else None) or defaults.system
+    system = ((chosen.system if chosen else None) or models.trained_system(settings, name) or defaults.system
+              or template_system(loaded_tokenizer))
     if system:
         lines.append('SYSTEM """' + system.replace('"""', "'''") + '"""')
     path = gguf_file.with_name("Modelfile")

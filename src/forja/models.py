@@ -87,9 +87,9 @@ def resolve(name: str, settings: Settings) -> ModelRef:
         raise ModelError("empty model name")
     if name in BUNDLED:
         return ModelRef(name, "bundled", bundled_gguf(name))
-    version_dir = settings.versions_dir / name
-    if re.fullmatch(r"[\w.-]+", name) and (version_dir / VERSION_FILE).is_file():
-        return ModelRef(name, "version", version_dir)
+    version = version_dir(settings, name)
+    if version is not None:
+        return ModelRef(name, "version", version)
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -125,6 +125,14 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
+def version_dir(settings: Settings, name: str) -> Path | None:
+    """The directory of the trained version `name`, or None when no version has that name."""
+    path = settings.versions_dir / name
+    if name in BUNDLED or not re.fullmatch(r"[\w.-]+", name) or not (path / VERSION_FILE).is_file():
+        return None
+    return path
+
+
 def version_names(settings: Settings) -> list[str]:
     if not settings.versions_dir.is_dir():
         return []
@@ -136,6 +144,27 @@ def read_version(path: Path) -> dict[str, Any]:
         return json.loads((path / VERSION_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path / VERSION_FILE}: unreadable version description ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The system prompt: a version answers best when prompted as it was trained. Training puts its
+# system prompt into every conversation that has none and records it in version.json; serving,
+# eval, `forja generate` and export put the same one in with `with_system`.
+
+
+def trained_system(settings: Settings, name: str) -> str | None:
+    """The system prompt the version `name` was trained with (version.json "system"); None when it was
+    trained with the chat template's own default, or when `name` is not a trained version."""
+    path = version_dir(settings, name)
+    return read_version(path).get("system") if path is not None else None
+
+
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """The conversation with `system` as its first turn, unless it has a system turn of its own or
+    `system` is None or empty (then the chat template adds its own default, if it has one)."""
+    if not system or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from forja.engine import ContextLengthExceeded, SamplingParams, Usage
-from forja.models import LoadedModel
+from forja.models import LoadedModel, with_system
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": prompt}]
+    """One user turn, after `system` when given (else the chat template's default system turn, if any)."""
+    return with_system([{"role": "user", "content": prompt}], system)
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

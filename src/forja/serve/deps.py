@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from forja.config import Persona, Settings
 from forja.engine import Engine, SamplingParams
 from forja.guard import Guards
+from forja.models import trained_system, with_system
 from forja.monitor import Metrics
 from forja.store import Store
 
@@ -39,17 +40,17 @@ class ApiError(Exception):
 
 @dataclass
 class Target:
-    """What a request's `model` names: the engine to run on, and a persona's system prompt and defaults."""
+    """What a request's `model` names: the engine to run on, a persona's defaults, and the system prompt
+    for requests without one (the persona's, else the one the model was trained with)."""
 
     name: str
     engine: Engine
     persona: Persona | None = None
+    system: str | None = None
 
     def messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """A persona's system prompt goes first, unless the client sent its own."""
-        if self.persona and self.persona.system and not any(m["role"] == "system" for m in messages):
-            return [{"role": "system", "content": self.persona.system}] + messages
-        return messages
+        """The system prompt goes first, unless the client sent its own."""
+        return with_system(messages, self.system)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ServerState:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: str = ""
     _registry_stamp: float | None = None
+    _systems: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engines)
@@ -135,7 +137,14 @@ class ServerState:
             known = ", ".join(dict.fromkeys([active, self.base, *self.personas, *self.versions()]))
             raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
                            param="model", code="model_not_found")
-        return Target(name, await self.engine(model), persona)
+        engine = await self.engine(model)
+        return Target(name, engine, persona, (persona.system if persona else None) or self.system_of(model))
+
+    def system_of(self, model: str) -> str | None:
+        """The system prompt `model` was trained with, read once, like its engine is loaded once."""
+        if model not in self._systems:
+            self._systems[model] = trained_system(self.settings, model)
+        return self._systems[model]
 
     async def engine(self, model: str) -> Engine:
         if model in self.engines:
