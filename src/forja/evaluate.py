@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from forja.config import ForjaError, Persona, Settings
-from forja.metrics import exact_match, normalize, rouge_l, token_f1
+from forja.metrics import exact_match, rouge_l, token_f1
 from forja.models import (LoadedModel, fingerprint, load, pick_dtype, quiet_transformers, resolve, trained_system,
                           with_system)
 

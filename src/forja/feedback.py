@@ -253,9 +253,7 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         rows = [p.training_row() for p in train_pairs] + replay
         random.Random(hyper.seed + 1).shuffle(rows)
         if hyper.system is None:  # the new version is prompted as the one it starts from
-            ref = models.resolve(start, settings)
-            hyper = hyper.model_copy(update={"system": models.read_version(ref.path).get("system")
-                                             if ref.kind == "version" else None})
+            hyper = hyper.model_copy(update={"system": models.trained_system(settings, start)})
 
         name = name or f"{Path(start).name.removesuffix('.gguf')}-fb{time.strftime('%Y%m%d-%H%M%S')}"
         staging = settings.home / "feedback" / name

@@ -28,7 +28,8 @@ from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, prepare, validation_path
 from forja.engine.batching import common_prefix
-from forja.models import VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve
+from forja.models import (VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve,
+                          with_system)
 
 # peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -318,6 +319,9 @@ def new_run(settings: Settings, data: list[Path], name: str | None, base: str, c
     resolve(base, settings)  # fail before preparing data when the base is wrong
     directory.mkdir(parents=True, exist_ok=True)
     train_file, data_hash = prepared_data(data, directory, config)
+    if config.system is None and len(data) == 1 and meta_path(data[0]).is_file():
+        # data prepared with --system: the version records it, so it is served as it was trained
+        config = config.model_copy(update={"system": json.loads(meta_path(data[0]).read_text()).get("system")})
     run = Run(name, directory, config, base, train_file, data_hash)
     run.save_description()
     return run
@@ -506,8 +510,8 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     loaded = load(run.base, settings, dtype="float32", merge_adapter=True)
     tokenizer = loaded.tokenizer
     device = pick_device()
-    rows = [with_system(row, config.system) for row in read_rows(run.data)]
-    val_rows = [with_system(row, config.system) for row in read_rows(validation_path(run.data))]
+    rows = [row_with_system(row, config.system) for row in read_rows(run.data)]
+    val_rows = [row_with_system(row, config.system) for row in read_rows(validation_path(run.data))]
     goal = config.resolved_goal(sum("messages" in row for row in rows))
     if not val_rows and goal == "memorise":
         val_rows = memorisation_validation(rows)  # nothing held out of small data: the rows and their rewordings
@@ -692,12 +696,9 @@ def early_stop(state: dict[str, Any], val_loss: float, config: TrainSettings) ->
 # What the run learns: the plan before it, the answers reproduced during and after it
 
 
-def with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
-    """The row with `system` as its first turn when it is a dialogue without one."""
-    messages = row.get("messages")
-    if not system or not messages or messages[0]["role"] == "system":
-        return row
-    return {**row, "messages": [{"role": "system", "content": system}, *messages]}
+def row_with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
+    """The row with `system` as its first turn when it is a dialogue without one (models.with_system)."""
+    return {**row, "messages": with_system(row["messages"], system)} if "messages" in row else row
 
 
 def learn_rows(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[str, Any]]:
