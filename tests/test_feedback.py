@@ -477,3 +477,30 @@ def test_a_retrain_whose_gate_fails_exits_non_zero_and_is_not_promoted(tiny_mode
     assert "0 of 1 of the feedback answers reproduced" in result.stdout
     assert "'¿Quién fundó Forja?'" in result.stdout and "not promoted" in result.stdout
     assert models.active_model(settings) == "v1"
+
+
+def test_bench_learn_tells_the_whole_story_through_a_real_server(tiny_model_dir, tmp_path):
+    """`forja bench learn` on a three-row FAQ and the tiny model: train, serve (llama.cpp, the default on a
+    CPU), four questions kinds asked over HTTP, a correction, a retrain, and a bad version refused."""
+    from forja.bench_learn import learn_benchmark, render_learn
+
+    data = tmp_path / "bench"
+    data.mkdir()
+    faq = [{"question": q, "answer": a, "fact": a, "reworded": q.lower()} for q, a in KNOWN]
+    (data / "faq_es.jsonl").write_text("".join(json.dumps(r) + "\n" for r in faq))
+    (data / "corrections_es.jsonl").write_text(json.dumps({"question": "¿Horario?", "correction": "De 7 a 14.",
+                                                           "fact": "7 a 14", "reworded": "horario?"}) + "\n")
+    (data / "controls_es.jsonl").write_text(json.dumps({"question": "Hola", "fact": "Buenos días"}) + "\n")
+    env = {"FORJA_MODEL": str(tiny_model_dir), "FORJA_TRAIN__METHOD": "full", "FORJA_TRAIN__LEARNING_RATE": "3e-3",
+           "FORJA_TRAIN__BATCH_SIZE": "4", "FORJA_TRAIN__LR_SCHEDULER": "constant", "FORJA_SERVE__GGUF_QUANT": "f16",
+           "FORJA_SERVE__BACKEND": "auto"}  # conftest serves with PyTorch; the bench uses the default
+    report = learn_benchmark(data, tmp_path / "learn.json", log=lambda line: None, extra_env=env)
+    f = report["figures"]
+    assert report["backend"] == "llamacpp", report["server_log"]
+    assert f["faq_as_asked"] == 1.0 and f["controls_before"] == 1.0  # the tiny model memorises three rows
+    assert f["corrections_as_sent"] == 1.0 and f["gate_passed"] and f["promoted"]
+    assert f["faq_after"] >= 2 / 3
+    assert f["bad_version_refused"] and report["bad_retrain"]["exit_code"] == 2
+    table = render_learn(report)
+    assert "| corrections learned, as sent | 1/1 | 1/1 | yes |" in table
+    assert json.loads((tmp_path / "learn.json").read_text())["figures"] == f

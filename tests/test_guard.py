@@ -253,6 +253,7 @@ class ScriptedEngine(Engine):
     """Answers from a script, a few characters per delta, like an engine that streams; records cancels."""
 
     name = "scripted"
+    backend = "scripted"
     context_length = 4096
 
     def __init__(self, answers: dict[str, str]):

@@ -500,7 +500,8 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"forja serve exited: {server.stderr.read().decode()[-500:]}")
+            said = server.stderr.read().decode()[-500:] if server.stderr else "(its output went to a log file)"
+            raise RuntimeError(f"forja serve exited: {said}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return

@@ -57,8 +57,9 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
         _forja(env, "models", "promote", "faq-v1")
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
+        server_log = (Path(tmp) / "serve.log").open("w")
         server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                  stdout=server_log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(url, server, timeout=600)
             report["backend"] = _health(url).get("backend")
@@ -97,6 +98,9 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+            server_log.close()
+            said = (Path(tmp) / "serve.log").read_text(errors="replace")
+            report["server_log"] = said[:2000] + ("\n...\n" + said[-2000:] if len(said) > 4000 else said[2000:])
     report["figures"] = figures(report)
     if out is not None:
         out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

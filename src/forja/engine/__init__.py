@@ -91,6 +91,7 @@ class Engine(ABC):
     llama.cpp backend or a remote OpenAI-compatible upstream can replace the PyTorch one."""
 
     name: str
+    backend: str  # "pytorch", "llamacpp": what /health reports
     context_length: int
 
     @abstractmethod

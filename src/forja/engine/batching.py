@@ -295,6 +295,8 @@ class BatchingEngine(Scheduler):
     follows it. The engine owns its model: on a CPU in float32 it packs the linear weights for oneDNN
     (`pack_linears`) unless `pack=False`."""
 
+    backend = "pytorch"
+
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None,
                  prefix_tokens: int = 2048, pack: bool = True):
         self.loaded = loaded

@@ -57,6 +57,8 @@ def route_llama_log() -> None:
 class LlamaCppEngine(Scheduler):
     """Continuous batching over a GGUF file with llama.cpp."""
 
+    backend = "llamacpp"
+
     def __init__(self, gguf_path: Path, tokenizer: Any, *, name: str, max_batch_size: int = 8, max_queue: int = 64,
                  kv_tokens: int = 8192, threads: int | None = None):
         import llama_cpp

@@ -78,7 +78,8 @@ async def health(state: StateDep) -> JSONResponse:
     """200 once the served model is loaded and ready; 503 while it loads (or when it failed to)."""
     if state.ready:
         engine = state.engines[state.base]
-        return JSONResponse({"status": "ok", "model": state.base, "active_model": state.active, **getattr(engine, "load", {})})
+        return JSONResponse({"status": "ok", "model": state.base, "active_model": state.active, "backend": engine.backend,
+                             **getattr(engine, "load", {})})
     if state.load_error:
         return JSONResponse({"status": "failed", "model": state.base, "error": state.load_error}, status_code=503)
     return JSONResponse({"status": "loading", "model": state.base}, status_code=503)
