@@ -359,25 +359,48 @@ def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_pat
     assert sum(expected == got for (_, expected), got in zip(pairs, learned)) >= 2, learned
 
 
-def test_bench_train_runs_both_sides_on_the_same_data(tiny_model_dir, tmp_path):
+def test_bench_train_runs_forja_and_the_three_references_on_the_same_examples(tiny_model_dir, tmp_path):
     data = tmp_path / "dialogue"
     data.mkdir()
     write_pairs(data / "pairs.jsonl", [(f"Pregunta {i}?", f"Respuesta número {i}.") for i in range(20)])
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "train", "--model", str(tiny_model_dir), "--data", str(data),
-                                 "--steps", "2", "--max-length", "160", "--rounds", "2", "--json", str(out)])
+                                 "--steps", "2", "--max-length", "160", "--rounds", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    baseline, forja = report["baseline"], report["forja"]
-    assert baseline["padded_tokens"] >= 8 * 160  # the tutorial pads every example to max_length
-    assert forja["tokens"] > 0 and baseline["tokens"] > 0
-    assert report["speedup"] == pytest.approx(forja["tokens_per_second"] / baseline["tokens_per_second"])
-    assert all(side["peak_rss_mb"] > 50 and side["val_loss"] > 0 for side in (baseline, forja))
-    assert baseline["allocator"] == "system"  # the tutorial's; forja's side runs as `forja train` would
-    assert forja["allocator"] == ("jemalloc" if find_library("jemalloc") else "system")
-    assert "speed-up:" in result.stdout
-    assert len(report["runs"]) == 2 and "round 2:" in result.stdout
-    assert report["speedup"] in [pytest.approx(run["speedup"], abs=1e-3) for run in report["runs"]]
+    sides = report["sides"]
+    assert list(sides) == ["seeds", "padded", "trl", "forja"]
+    assert report["examples"] == 8 and all(side["examples"] == 8 for side in sides.values())
+    # the same real tokens on every side: truncation cuts nothing here, TRL's packing drops nothing
+    assert len({side["tokens"] for side in sides.values()}) == 1 and sides["forja"]["tokens"] > 0
+    assert sides["padded"]["padded_tokens"] == 8 * 160  # every example padded to max_length
+    assert all(side["peak_rss_mb"] > 50 and side["val_loss"] > 0 for side in sides.values())
+    assert all(sides[name]["allocator"] == "system" for name in ("seeds", "padded", "trl"))  # the tutorials'
+    assert sides["forja"]["allocator"] == ("jemalloc" if find_library("jemalloc") else "system")
+    assert report["ratios"]["forja/trl"] == pytest.approx(sides["forja"]["tokens_per_second"] / sides["trl"]["tokens_per_second"])
+    machine = report["machine"]
+    assert machine["matmul"]["float32"]["gflops"] > 0 and machine["parameters"] > 0
+    assert report["roofline"]["tokens_per_second"] == pytest.approx(
+        machine["matmul"][machine["precision"]]["gflops"] * 1e9 / (4 * machine["parameters"]), rel=1e-3)
+    assert set(report["targets"]) == {"vs_trl", "roofline_share", "peak_mib"}
+    for line in ("seeds' recipe", "padded baseline", "TRL SFTTrainer, packing", "forja / roofline", "CPU: "):
+        assert line in result.stdout
+
+
+def test_bench_train_reports_each_sides_median_round_and_the_median_ratio():
+    from forja.bench_train import summarise
+
+    def side(rate):
+        return {"tokens_per_second": rate, "peak_rss_mb": 1000.0, "cpu_use": 1.0}
+
+    runs = [{"trl": side(10.0), "forja": side(50.0)}, {"trl": side(20.0), "forja": side(60.0)},
+            {"trl": side(12.0), "forja": side(30.0)}]
+    machine = {"precision": "float32", "parameters": 10**6, "matmul": {"float32": {"gflops": 1.0}}, "matmul_runs": []}
+    summary = summarise(runs, machine)
+    assert summary["sides"]["trl"]["tokens_per_second"] == 12.0 and summary["sides"]["forja"]["tokens_per_second"] == 50.0
+    assert summary["ratios"]["forja/trl"] == 3.0  # the rounds' ratios are 5, 3 and 2.5
+    assert summary["roofline"]["tokens_per_second"] == 250.0 and summary["roofline"]["forja_share"] == 0.2
+    assert summary["targets"]["vs_trl"]["met"] and not summary["targets"]["roofline_share"]["met"]
 
 
 def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):

@@ -717,18 +717,19 @@ def bench_agreement(
 def bench_train(
     model: ModelOpt = None,
     data: Annotated[Optional[Path], typer.Option(help="Dialogue files (default: the repository's data/sample/dialogue).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps of 4 examples for each side.", min=1)] = 10,
-    max_length: Annotated[int, typer.Option(help="Baseline padding length and forja's max_seq_length.", min=16)] = 256,
-    rounds: Annotated[int, typer.Option(help="Baseline-then-forja rounds; the median speed-up is reported.", min=1)] = 3,
-    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Train steps × 4 examples on every side instead of one epoch of the data.", min=1)] = None,
+    max_length: Annotated[int, typer.Option(help="Truncation and padding length of the references, forja's max_seq_length, TRL's packed length.", min=16)] = 256,
+    rounds: Annotated[int, typer.Option(help="Rounds of every side; each side's median round is reported.", min=1)] = 3,
+    side: Annotated[Optional[list[str]], typer.Option(help="seeds, padded, trl or forja (repeat); default: all four.")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--out", "--json", help="Also write every figure to this JSON file.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train with forja and with the naive HF Trainer baseline on the same data; print tokens/s, memory, loss."""
-    from forja.bench import render_train, train_benchmark
+    """Train with forja and three references (the tutorial recipe, padded, TRL with packing) on the same examples; tokens/s, memory, loss, roofline."""
+    from forja.bench_train import render_train, train_benchmark
 
     settings = settings_from(config, model=model)
-    typer.echo(f"training {steps} steps with the baseline, then with forja, on {settings.model}, {rounds} times...", err=True)
-    report = train_benchmark(settings.model, data, steps, max_length, out=as_json, rounds=rounds)
+    report = train_benchmark(settings.model, data, steps, max_length, out=as_json, rounds=rounds, sides=side,
+                             log=lambda line: typer.echo(line, err=True))
     typer.echo(render_train(report))
 
 
