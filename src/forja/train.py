@@ -507,7 +507,10 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     torch.manual_seed(config.seed)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    loaded = load(run.base, settings, dtype="float32", merge_adapter=True)
+    # LoRA under bf16 autocast: the frozen base is kept in bf16 (autocast would otherwise keep a bf16 copy
+    # of every fp32 weight): 1.73 -> 1.23 GB peak on an avx512_bf16 CPU, the same loss curve (within 0.02)
+    frozen_bf16 = config.method == "lora" and use_bf16(config)
+    loaded = load(run.base, settings, dtype="bfloat16" if frozen_bf16 else "float32", merge_adapter=True)
     tokenizer = loaded.tokenizer
     device = pick_device()
     rows = [row_with_system(row, config.system) for row in read_rows(run.data)]
@@ -799,7 +802,8 @@ def plan(loaded: LoadedModel, config: TrainSettings, goal: str, examples: list[E
     c = loaded.model.config
     params = sum(p.numel() for p in loaded.model.parameters())
     per_token = (14 * c.hidden_size + 4 * c.intermediate_size) * 4 * c.num_hidden_layers * 2 / 3  # lean activations
-    weights_mb = params * (16 if config.method == "full" else 4) / 2**20  # full: weights, grads and two Adam moments
+    # full: weights, grads and two Adam moments; LoRA: the frozen weights, in bf16 under bf16 autocast
+    weights_mb = params * (16 if config.method == "full" else 2 if use_bf16(config) else 4) / 2**20
     tokens = max(config.micro_batch_tokens, max(len(e.input_ids) for e in examples))
     checkpointed = wants_checkpointing(loaded, config, tokens)
     activations_mb = (tokens * c.num_hidden_layers * c.hidden_size * 4 if checkpointed else tokens * per_token) / 2**20
