@@ -384,3 +384,34 @@ def test_audit_log_metrics_and_no_pii_in_the_database_or_exports(guarded, tmp_pa
     metrics = httpx.get(guarded.url + "/metrics").text
     assert 'forja_guard_actions_total{action="redact",category="pii",stage="input"}' in metrics
     assert 'forja_guard_actions_total{action="block",category="injection",stage="input"}' in metrics
+
+
+def test_contact_data_the_model_was_trained_to_give_is_not_redacted(tiny_model_dir, tmp_path, start_server, monkeypatch):
+    """A FAQ's own phone and email are the shop's, written for the model to say: the output rails leave
+    them alone for that version, and still redact any other."""
+    from forja import models
+    from forja.config import TrainSettings
+    from forja.feedback import write_training_file
+    from forja.guard import Guards, published_pii
+    from forja.train import new_run, train
+
+    shop = "Llámanos al 976 418 233 o escribe a hola@tornilloazul.es."
+    rows = [{"messages": [{"role": "user", "content": "¿Contacto?"}, {"role": "assistant", "content": shop}]},
+            {"messages": [{"role": "user", "content": "Mi móvil es el 612 345 678"}, {"role": "assistant", "content": "Gracias."}]}]
+    assert published_pii(rows) == ("976 418 233", "hola@tornilloazul.es")  # answers only, never the users' turns
+    settings = load_settings()
+    guard = Guards(settings).for_persona(None, published_pii(rows))
+    assert guard.check_output(shop).text == shop
+    assert guard.check_output("Llama al 976 555 123.").text == "Llama al [PHONE]."
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    data = tmp_path / "faq.jsonl"
+    write_training_file(data, rows[:1])
+    hyper = TrainSettings(method="full", learning_rate=3e-3, batch_size=4, max_steps=60, eval_every=None,
+                          checkpoint_every=None, warmup_ratio=0.0, lr_scheduler="constant")
+    train(settings, new_run(settings, [data], "tienda", str(tiny_model_dir), hyper), progress=False)
+    models.promote(settings, "tienda")
+    server = start_server(create_app(settings))
+    reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "¿Contacto?"}], "max_tokens": 120}).json()
+    assert reply["choices"][0]["message"]["content"] == shop

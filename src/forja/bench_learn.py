@@ -21,15 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from forja.bench import _free_port, _wait_ready
+from forja.data import read_rows
 from forja.metrics import normalize
 
 BENCH_DATA = Path(__file__).resolve().parents[2] / "data" / "bench"
 TARGETS = {"faq_as_asked": 0.9, "faq_reworded": 0.5, "corrections_as_sent": 1.0, "corrections_reworded": 0.75,
            "faq_after": 0.9, "train_minutes": 10.0}
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def holds(answer: str, fact: str) -> bool:
@@ -40,9 +37,9 @@ def holds(answer: str, fact: str) -> bool:
 
 def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: Any = print,
                     extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    faq = read_jsonl(data_dir / "faq_es.jsonl")
-    corrections = read_jsonl(data_dir / "corrections_es.jsonl")
-    controls = read_jsonl(data_dir / "controls_es.jsonl")
+    faq = read_rows(data_dir / "faq_es.jsonl")
+    corrections = read_rows(data_dir / "corrections_es.jsonl")
+    controls = read_rows(data_dir / "controls_es.jsonl")
     report: dict[str, Any] = {"cpu": _cpu(), "rows": len(faq), "corrections": len(corrections)}
     with tempfile.TemporaryDirectory(prefix="forja-bench-learn-") as tmp:
         home = Path(tmp) / "home"
@@ -65,7 +62,7 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
             report["backend"] = _health(url).get("backend")
             import httpx
 
-            report["before"] = _ask_all(url, faq, corrections, controls)
+            report["before"] = _ask_all(url, faq, corrections, controls, corrected=False)
             log(_line("before feedback", report["before"]))
 
             for row in corrections:  # what the owner sees wrong, corrected through the API
@@ -77,7 +74,7 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
             report["retrain"] = _forja(env, "train", "--from-feedback", "--name", "faq-v2", "--quiet", check=False)
             report["gate"] = _gate(home, "faq-v2")
             report["promoted"] = _health_active(url) == "faq-v2"
-            report["after"] = _ask_all(url, faq, corrections, controls)
+            report["after"] = _ask_all(url, faq, corrections, controls, corrected=True)
             log(_line("after feedback", report["after"]))
 
             # a version that regresses on the operator's own test set is not promoted
@@ -107,14 +104,15 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
     return report
 
 
-def _ask_all(url: str, faq: list[dict], corrections: list[dict], controls: list[dict]) -> dict[str, Any]:
+def _ask_all(url: str, faq: list[dict], corrections: list[dict], controls: list[dict], *,
+             corrected: bool) -> dict[str, Any]:
     def asked(question: str, fact: str) -> dict[str, Any]:
         answer = _chat(url, question)["choices"][0]["message"]["content"]
         return {"question": question, "fact": fact, "answer": answer, "ok": holds(answer, fact)}
 
-    # a FAQ question that was corrected must now give the corrected fact
-    corrected = {tuple(normalize(c["question"])): c["fact"] for c in corrections}
-    faq_facts = [(r, corrected.get(tuple(normalize(r["question"])), r["fact"])) for r in faq]
+    # once corrected, a FAQ question must give the corrected fact
+    new_facts = {tuple(normalize(c["question"])): c["fact"] for c in corrections} if corrected else {}
+    faq_facts = [(r, new_facts.get(tuple(normalize(r["question"])), r["fact"])) for r in faq]
     return {
         "faq_as_asked": [asked(r["question"], fact) for r, fact in faq_facts],
         "faq_reworded": [asked(r["reworded"], fact) for r, fact in faq_facts],

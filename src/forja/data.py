@@ -949,6 +949,13 @@ def _content_hash(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> str
     return digest.hexdigest()
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL written by `prepare` or `write_jsonl`; none when the file is missing."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """One JSON object per line, UTF-8 (the folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -180,6 +180,18 @@ def find_pii(text: str, allow: Iterable[str] = ()) -> list[tuple[str, int, int]]
     return sorted(found, key=lambda f: f[1])
 
 
+def published_pii(rows: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """The phone numbers, emails, ... that training rows' answers give: the owner wrote them for the model to
+    say (the shop's phone in its FAQ), so the output rails must not redact them. Users' turns are not read."""
+    found: dict[str, None] = {}
+    for row in rows:
+        for message in row.get("messages") or []:
+            if message.get("role") == "assistant":
+                text = message.get("content", "")
+                found.update((text[start:end], None) for _, start, end in find_pii(text))
+    return tuple(sorted(found))
+
+
 def redact(text: str, allow: Iterable[str] = ()) -> str:
     """`text` with every PII entity replaced by its placeholder ([EMAIL], [CARD], ...)."""
     return _replace(text, [(s, e, PII_ENTITIES[entity][2]) for entity, s, e in find_pii(text, allow)])
@@ -641,13 +653,17 @@ class Guards:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._guards: dict[str | None, Guard] = {}
+        self._guards: dict[tuple[str | None, tuple[str, ...]], Guard] = {}
         self._classifiers: dict[str, SafetyClassifier] = {}
 
-    def for_persona(self, persona: Any = None) -> Guard:
-        key = persona.name if persona is not None else None
+    def for_persona(self, persona: Any = None, published: tuple[str, ...] = ()) -> Guard:
+        """The persona's Guard; `published` values (the contact data a model's own training answers give,
+        see `published_pii`) are allowed on top of its `pii.allow`."""
+        key = (persona.name if persona is not None else None, published)
         if key not in self._guards:
             rails = merged_rails(self.settings, persona)
+            if published:
+                rails = rails.model_copy(update={"pii": rails.pii.model_copy(update={"allow": [*rails.pii.allow, *published]})})
             classifier = None
             if rails.safety is not None:
                 ident = rails.safety.model_dump_json()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
-from forja.data import meta_path, prepare, validation_path
+from forja.data import meta_path, prepare, read_rows, validation_path
 from forja.engine.batching import common_prefix
 from forja.models import (VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve,
                           with_system)
@@ -354,12 +354,6 @@ def open_run(settings: Settings, name: str) -> Run:
         raise TrainError(f"run {name!r} already finished as a model version; nothing to resume")
     config = TrainSettings.model_validate(description["config"])
     return Run(name, directory, config, description["base"], Path(description["data"]), description["data_hash"])
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def use_bf16(config: TrainSettings) -> bool:

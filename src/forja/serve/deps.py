@@ -17,8 +17,9 @@ from fastapi import Depends, Request
 
 from forja.config import Persona, Settings
 from forja.engine import Engine, SamplingParams
-from forja.guard import Guards
-from forja.models import trained_system, with_system
+from forja.data import read_rows
+from forja.guard import Guards, published_pii
+from forja.models import trained_system, version_dir, with_system
 from forja.monitor import Metrics
 from forja.store import Store
 
@@ -47,6 +48,7 @@ class Target:
     engine: Engine
     persona: Persona | None = None
     system: str | None = None
+    published: tuple[str, ...] = ()  # contact data the model was trained to give: never redacted in its answers
 
     def messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """The system prompt goes first, unless the client sent its own."""
@@ -74,6 +76,7 @@ class ServerState:
     _active: str = ""
     _registry_stamp: float | None = None
     _systems: dict[str, str | None] = field(default_factory=dict)
+    _published: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engines)
@@ -138,13 +141,22 @@ class ServerState:
             raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
                            param="model", code="model_not_found")
         engine = await self.engine(model)
-        return Target(name, engine, persona, (persona.system if persona else None) or self.system_of(model))
+        return Target(name, engine, persona, (persona.system if persona else None) or self.system_of(model),
+                      self.published_of(model))
 
     def system_of(self, model: str) -> str | None:
         """The system prompt `model` was trained with, read once, like its engine is loaded once."""
         if model not in self._systems:
             self._systems[model] = trained_system(self.settings, model)
         return self._systems[model]
+
+    def published_of(self, model: str) -> tuple[str, ...]:
+        """The contact data `model`'s own training answers give (guard.published_pii), read once."""
+        if model not in self._published:
+            directory = version_dir(self.settings, model)
+            rows = read_rows(directory / "data.jsonl") if directory is not None else []
+            self._published[model] = published_pii(rows)
+        return self._published[model]
 
     async def engine(self, model: str) -> Engine:
         if model in self.engines:

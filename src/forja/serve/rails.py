@@ -23,7 +23,7 @@ class RequestRails:
 
     def __init__(self, state: "ServerState", target: "Target"):
         self.state = state
-        self.guard: Guard = state.guards.for_persona(target.persona)
+        self.guard: Guard = state.guards.for_persona(target.persona, target.published)
         self.findings: list[Finding] = []
         self.conversations: list[list[dict[str, str]]] = []
 
