@@ -82,7 +82,8 @@ class TrainSettings(BaseModel):
     small_data_rows: int = Field(300, ge=0, description="Up to this many rows, data counts as small (see goal, val_fraction).")
     stop_when_learned: bool = Field(
         True, description="Check (greedy, every epoch once the loss is low) whether the training answers are "
-        "reproduced, and stop when all are; rows marked must_learn (corrections) are the ones checked when present.")
+        "reproduced, and stop when all have been for an epoch and 6 steps; rows marked must_learn (corrections) are the "
+        "ones checked when present.")
     augment_rewordings: int = Field(
         0, ge=0, le=4, description="memorise goal: also train each question reworded this many ways (forja.rewordings: "
         "case, accents, a greeting, bare keywords) with the same answer.")

@@ -539,10 +539,10 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
         config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps), num_training_steps=total_steps
     )
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0,
-             "epoch_loss": 0.0, "epoch_steps": 0, "learned_checks": 0}
+             "epoch_loss": 0.0, "epoch_steps": 0, "learned_since": None}
     checkpoint = run.last_checkpoint()
     if checkpoint is not None:
-        state = {"epoch_loss": 0.0, "epoch_steps": 0, "learned_checks": 0, **restore(checkpoint, model, optimizer, scheduler)}
+        state = {"epoch_loss": 0.0, "epoch_steps": 0, "learned_since": None, **restore(checkpoint, model, optimizer, scheduler)}
         run.history = read_rows(run.directory / METRICS_FILE)
         run.history = [r for r in run.history if r.get("step", 0) <= state["step"]]
         (run.directory / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in run.history))
@@ -604,9 +604,16 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                     learned = sum(a["learned"] for a in answers)
                     run.log({"step": state["step"], "learned": learned, "checked": len(answers)})
                     bar.set_postfix(loss=f"{mean_loss:.3f}", learned=f"{learned}/{len(answers)}")
-                    # stop at the second check in a row that finds every answer: one epoch of margin
-                    state["learned_checks"] = state["learned_checks"] + 1 if learned == len(answers) else 0
-                    stopped_learned = state["learned_checks"] >= 2
+                    # stop once every answer has been reproduced for a margin of at least an epoch and
+                    # LEARNED_MARGIN_STEPS steps: served weights (another precision, a quantized file)
+                    # differ a little from the ones checked here
+                    if learned < len(answers):
+                        state["learned_since"] = None
+                    elif state.get("learned_since") is None:
+                        state["learned_since"] = state["step"]
+                    since = state.get("learned_since")
+                    stopped_learned = since is not None and \
+                        state["step"] - since >= max(steps_per_epoch, LEARNED_MARGIN_STEPS)
                     stopped_early = stopped_early or stopped_learned
     except KeyboardInterrupt:
         bar.close()
@@ -786,6 +793,7 @@ def render_answers(summary: dict[str, Any], shown: int = 5) -> list[str]:
 
 
 LEARNED_LOSS = 0.5  # an epoch's mean loss (nats per answer token) low enough to be worth checking the answers
+LEARNED_MARGIN_STEPS = 6  # steps trained on after every answer is first reproduced (at least an epoch)
 BASE_RSS_MB = 450  # python, torch and transformers before the model: measured with SmolLM2-135M
 
 
