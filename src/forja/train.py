@@ -526,9 +526,9 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     longest = max(len(e.input_ids) for e in train_examples)
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs_for(goal)))
-    the_plan = plan(loaded, config, goal, train_examples, total_steps, steps_per_epoch, check_rows)
+    planned = plan(loaded, config, goal, train_examples, total_steps, steps_per_epoch, check_rows)
     if progress and run.last_checkpoint() is None:
-        print(the_plan["text"])
+        print(planned["text"])
     model = prepare_model(loaded, config, longest)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for(goal), weight_decay=config.weight_decay)
@@ -637,7 +637,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     final["goal"] = goal
     final["learning_rate"] = config.learning_rate_for(goal)
     final["planned_steps"] = total_steps
-    final["estimated_peak_mb"] = the_plan["peak_mb"]
+    final["estimated_peak_mb"] = planned["peak_mb"]
     if check_rows:
         final["answers"] = answers_summary(reproduce(model, tokenizer, check_rows, device), data_rows)
     final["left_out_too_long"] = len(too_long)
