@@ -74,7 +74,7 @@ def generate(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate.", min=1)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; higher = more varied.", min=0.0, max=2.0)] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt (default: generate.system, else the one the version was trained with).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the version was trained with, else generate.system).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     config: ConfigOpt = None,
@@ -94,7 +94,7 @@ def generate(
         seed=defaults.seed if seed is None else seed,
     )
     loaded = models.load(settings.model, settings)
-    system = system or defaults.system or models.trained_system(settings, settings.model)
+    system = system or models.trained_system(settings, settings.model) or defaults.system  # as eval and export
     prompt_ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt, system))
     generation = Generation(loaded, prompt_ids, params)
     started = time.perf_counter()
