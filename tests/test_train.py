@@ -528,3 +528,19 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_gradients(traine
         assert torch.allclose(weight.grad, expected[1], atol=1e-4)
     else:
         assert weight.grad is None
+
+
+def test_a_run_that_would_not_fit_in_memory_is_refused_at_once_with_the_fix(tiny_model_dir, tmp_path, monkeypatch):
+    import forja.train as training
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    result = runner.invoke(app, ["train", "--data", str(data), "--base", str(tiny_model_dir), "--name", "fits"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith("plan: "))
+    assert "goal memorise, 4 examples" in line and "stopping once every answer is reproduced" in line
+    # room for the process and the answer checks, not for the weights and all of the activations
+    monkeypatch.setattr(training, "available_memory_mb", lambda: training.BASE_RSS_MB + training.ANSWER_CHECK_MB)
+    refused = runner.invoke(app, ["train", "--data", str(data), "--base", str(tiny_model_dir), "--name", "too-big"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "this run needs about" in refused.output and "MB are available; use a smaller model" in refused.output
+    assert not (load_settings().versions_dir / "too-big").exists()
