@@ -33,9 +33,10 @@ def chat(url: str, question: str, key: str | None = None, **extra) -> dict:
     return reply.json()
 
 
-def log(store: Store, exchange_id: str, question: str, answer: str, model: str = "m") -> None:
+def log(store: Store, exchange_id: str, question: str, answer: str, model: str = "m", before: list | None = None) -> None:
+    """Store an exchange: `question` answered with `answer`, after the conversation `before`."""
     store.log_exchange(id=exchange_id, route="chat", model=model, persona=None,
-                       messages=[{"role": "user", "content": question}], answers=[answer], params={},
+                       messages=[*(before or []), {"role": "user", "content": question}], answers=[answer], params={},
                        prompt_tokens=5, completion_tokens=3, latency_ms=10.0, finish_reason="stop", api_key_name=None)
 
 
@@ -371,11 +372,8 @@ def test_a_correction_in_a_conversation_trains_only_the_corrected_answer(tiny_mo
 
     settings = load_settings()
     store = Store.open(settings)
-    conversation = [{"role": "user", "content": "Hola"}, {"role": "assistant", "content": "Cerrado hoy."},
-                    {"role": "user", "content": "¿Horario?"}]
-    store.log_exchange(id="x", route="chat", model="m", persona=None, messages=conversation, answers=["No sé."],
-                       params={}, prompt_tokens=5, completion_tokens=3, latency_ms=1.0, finish_reason="stop",
-                       api_key_name=None)
+    log(store, "x", "¿Horario?", "No sé.", before=[{"role": "user", "content": "Hola"},
+                                                  {"role": "assistant", "content": "Cerrado hoy."}])
     store.add_feedback("x", rating="down", correction="De 9 a 14.")
     [pair], _ = collect_pairs(store)
     row = pair.training_row()

@@ -288,10 +288,10 @@ def _retrain_from_feedback(settings: Settings, hyper, base: str | None, name: st
     if result.answers:
         typer.echo("\n".join(render_answers(result.answers)).replace("of your answers", "of the feedback answers"))
     typer.echo(f"gate ({gate['backend']}, regression set: {gate['regression_set']}):")
+    mark = lambda ok: "ok" if ok else "--"  # noqa: E731
     for check, entry in gate["checks"].items():
         typer.echo(f"  {check}: {'passed' if entry['passed'] else 'FAILED'} on {entry['cases']} questions: {entry['reason']}")
         for q in entry["questions"][: 12 if check != "regression" else 6]:
-            mark = lambda ok: "ok" if ok else "--"  # noqa: E731
             typer.echo(f"    {q['question'][:50]!r}: [{mark(q['before_ok'])}] {q['before'][:40]!r} -> "
                        f"[{mark(q['after_ok'])}] {q['after'][:40]!r}")
     verdict = "passed" if gate["passed"] else f"not passed, decided by the {gate['decided_by']} check"

@@ -201,23 +201,14 @@ def split_holdout(pairs: list[Pair], settings: Settings, seed: int) -> tuple[lis
     return [p for p in pairs if id(p) not in held], [p for p in pairs if id(p) in held]
 
 
-def same_question(a: str, b: str) -> bool:
+def not_replaced(rows: list[dict[str, Any]], pairs: list[Pair]) -> list[dict[str, Any]]:
+    """The rows whose last question no feedback pair answers anew (compared normalised: case, accents,
+    punctuation): replaying the others would teach the answer a correction replaced (a FAQ row with the old
+    opening hours next to the correction)."""
     from forja.metrics import normalize
 
-    return normalize(a) == normalize(b)
-
-
-def not_replaced(rows: list[dict[str, Any]], pairs: list[Pair]) -> list[dict[str, Any]]:
-    """The rows whose last question no feedback pair answers anew: replaying the others would teach the
-    answer a correction replaced (a FAQ row with the old opening hours next to the correction)."""
-    asked = [p.question for p in pairs]
-    kept = []
-    for row in rows:
-        messages = row.get("messages")
-        question = last_question(messages) if messages else None
-        if question is None or not any(same_question(question, q) for q in asked):
-            kept.append(row)
-    return kept
+    asked = {tuple(normalize(p.question)) for p in pairs}
+    return [row for row in rows if not row.get("messages") or tuple(normalize(last_question(row["messages"]))) not in asked]
 
 
 def replay_sample(old_rows: list[dict[str, Any]], pairs: list[Pair], hyper: TrainSettings, ratio: float) -> list[dict[str, Any]]:
@@ -272,7 +263,7 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         store.close()
     result = RetrainResult(version, start, len(train_pairs), len(held_pairs), len(replay), len(old_train) - len(kept),
                            answers=models.read_version(version).get("metrics", {}).get("answers", {}))
-    regression = not_replaced(old_train, pairs) + validation
+    regression = kept + validation
     result.gate = gate(settings, start, version.name, pairs, regression, progress=progress)
     if promote and result.gate["passed"]:
         models.promote(settings, version.name, f"passed the feedback gate against {start}")
@@ -311,16 +302,11 @@ def gate_cases(pairs: list[Pair], regression: list[dict[str, Any]], settings: Se
     ("rewordings", by forja.rewordings) and the regression set ("regression": feedback.gate_testset, else
     the given rows: the starting version's training rows and validation split, replaced questions left out)."""
     from forja.evaluate import load_testset
-    from forja.rewordings import rewordings
+    from forja.train import reworded_rows
 
     config = settings.feedback
-    chat_pairs = [p for p in pairs if not isinstance(p.prompt, str)]
-    cases = [row_case(p.training_row(), "feedback") for p in chat_pairs]
-    for p in chat_pairs:
-        for question in rewordings(p.question, count=2):
-            row = p.training_row()
-            *context, _, answer = row["messages"]
-            cases.append(row_case({"messages": [*context, {"role": "user", "content": question}, answer]}, "rewordings"))
+    rows = [p.training_row() for p in pairs if not isinstance(p.prompt, str)]
+    cases = [row_case(row, "feedback") for row in rows] + [row_case(row, "rewordings") for row in reworded_rows(rows, 2)]
     if config.gate_testset is not None:
         tests = load_testset(config.gate_testset)
         for case in tests:

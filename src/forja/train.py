@@ -551,6 +551,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
     bar = make_bar(total_steps, state["step"], progress)
     stopped_early = stopped_learned = False
+    checked: tuple[int, list[dict[str, Any]]] | None = None  # the step of the last answer check, and its answers
     try:
         while state["step"] < total_steps and not stopped_early:
             batches = batch_order(train_examples, config.batch_size, config.seed, state["epoch"])
@@ -601,6 +602,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                 state["epoch_loss"], state["epoch_steps"] = 0.0, 0
                 if check_rows and mean_loss < LEARNED_LOSS and state["step"] < total_steps:
                     answers = reproduce(model, tokenizer, check_rows, device)
+                    checked = (state["step"], answers)
                     learned = sum(a["learned"] for a in answers)
                     run.log({"step": state["step"], "learned": learned, "checked": len(answers)})
                     bar.set_postfix(loss=f"{mean_loss:.3f}", learned=f"{learned}/{len(answers)}")
@@ -639,7 +641,9 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     final["planned_steps"] = total_steps
     final["estimated_peak_mb"] = planned["peak_mb"]
     if check_rows:
-        final["answers"] = answers_summary(reproduce(model, tokenizer, check_rows, device), data_rows)
+        # a run that stopped because the answers are learned has just checked them
+        answers = checked[1] if checked and checked[0] == state["step"] else reproduce(model, tokenizer, check_rows, device)
+        final["answers"] = answers_summary(answers, data_rows)
     final["left_out_too_long"] = len(too_long)
     final["peak_rss_mb"] = round(peak_rss_mb())
     final["allocator"] = allocator()
