@@ -204,3 +204,16 @@ def browser():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+def answer_alone(loaded, prompt, params):
+    """One request on a PyTorch engine of its own (a batch of one, the weights as loaded): what a batched or
+    served answer must equal. Returns the engine's Answer (text, finish_reason, usage)."""
+    from forja.engine import answer, run_coroutine
+    from forja.engine.pytorch import PyTorchEngine
+
+    engine = PyTorchEngine(loaded, max_batch_size=1, pack=False)
+    try:
+        return run_coroutine(lambda: answer(engine, prompt, params))
+    finally:
+        engine.close()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import answer_alone
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,12 @@ def test_capital_of_france_in_default_dtype(bundled_home):
 def test_more_reliable_answers(bundled_home, monkeypatch, question, expected):
     from forja.config import load_settings
     from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+    from forja.engine.text import chat_messages
     from forja.models import load
 
     monkeypatch.setenv("FORJA_HOME", str(bundled_home))
     loaded = load("smollm2-135m", load_settings(), dtype="float32")
-    text = "".join(Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(question)), SamplingParams(max_new_tokens=30)))
+    text = answer_alone(loaded, chat_messages(question), SamplingParams(max_new_tokens=30)).text
     assert expected in text
 
 

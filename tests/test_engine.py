@@ -1,9 +1,14 @@
+import asyncio
+
 import pytest
 import torch
+from conftest import answer_alone
 
 from forja.config import load_settings
-from forja.engine import GenerationError, SamplingParams
-from forja.engine.pytorch import Generation, TextStream, chat_messages, chat_prompt_ids, sample_next
+from forja.engine import ContextLengthExceeded, SamplingParams
+from forja.engine.pytorch import PyTorchEngine
+from forja.engine.sampling import sample_next
+from forja.engine.text import TextStream, chat_messages, chat_prompt_ids
 from forja.models import load
 
 
@@ -19,28 +24,36 @@ def test_prompt_uses_chat_template(tiny):
 
 
 def test_greedy_matches_transformers_generate(tiny):
-    ids = chat_prompt_ids(tiny.tokenizer, chat_messages("What is the capital of France?"))
-    generation = Generation(tiny, ids, SamplingParams(max_new_tokens=24))
-    text = "".join(generation)
+    messages = chat_messages("What is the capital of France?")
+    ids = chat_prompt_ids(tiny.tokenizer, messages)
+    reply = answer_alone(tiny, messages, SamplingParams(max_new_tokens=24))
     reference = tiny.model.generate(
         torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=list(tiny.eos_token_ids),
         pad_token_id=tiny.tokenizer.pad_token_id,
     )[0, len(ids):]
     reference = [t for t in reference.tolist() if t not in tiny.eos_token_ids]
-    assert text == tiny.tokenizer.decode(reference, skip_special_tokens=True)
-    assert generation.text == text
-    assert generation.usage.prompt_tokens == len(ids)
-    assert generation.usage.completion_tokens == len(reference)
-    assert generation.finish_reason in ("stop", "length")
+    assert reply.text == tiny.tokenizer.decode(reference, skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == len(reference)
+    assert reply.finish_reason in ("stop", "length")
 
 
 def test_sampling_is_reproducible_with_seed(tiny):
-    ids = chat_prompt_ids(tiny.tokenizer, chat_messages("Hola"))
+    messages = chat_messages("Hola")
     params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)
-    first = "".join(Generation(tiny, ids, params))
-    assert first == "".join(Generation(tiny, ids, params))
-    others = {"".join(Generation(tiny, ids, SamplingParams(16, 1.0, 0.9, seed=s))) for s in range(5)}
+    first = answer_alone(tiny, messages, params).text
+    assert first == answer_alone(tiny, messages, params).text
+    others = {answer_alone(tiny, messages, SamplingParams(16, 1.0, 0.9, seed=s)).text for s in range(5)}
     assert len(others) > 1
+
+
+def test_the_engine_takes_the_token_ids_it_was_given(tiny):
+    """Callers that counted a prompt's tokens submit those ids; they decode exactly like the messages."""
+    messages = chat_messages("Hola")
+    params = SamplingParams(max_new_tokens=12)
+    ids = chat_prompt_ids(tiny.tokenizer, messages)
+    by_ids, by_messages = answer_alone(tiny, ids, params), answer_alone(tiny, messages, params)
+    assert by_ids.text == by_messages.text and by_ids.usage.prompt_tokens == len(ids)
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -53,8 +66,16 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_context_length_is_checked(tiny):
-    with pytest.raises(GenerationError, match="prompt has 250 tokens and max_new_tokens is 10.*context of 256"):
-        Generation(tiny, [5] * 250, SamplingParams(max_new_tokens=10))
+    engine = PyTorchEngine(tiny, max_batch_size=1, pack=False)
+
+    async def submit():
+        engine.submit([5] * 250, SamplingParams(max_new_tokens=10))
+
+    try:
+        with pytest.raises(ContextLengthExceeded, match="prompt has 250 tokens and max_new_tokens is 10.*context of 256"):
+            asyncio.run(submit())
+    finally:
+        engine.close()
 
 
 def test_text_stream_never_splits_utf8(tiny):

@@ -5,11 +5,12 @@ import asyncio
 
 import pytest
 import torch
+from conftest import answer_alone
 
 from forja.config import load_settings
 from forja.engine import ContextLengthExceeded, QueueFull, SamplingParams
-from forja.engine.batching import BatchingEngine
-from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+from forja.engine.pytorch import PyTorchEngine
+from forja.engine.text import chat_messages, chat_prompt_ids
 from forja.models import load
 
 PROMPTS = [f"Question {i}: " + "hola " * (3 * i) + "¿Cuál es la capital de Francia?" for i in range(8)]
@@ -22,7 +23,7 @@ def varied(varied_model_dir):
 
 @pytest.fixture
 def engine(varied):
-    engine = BatchingEngine(varied, max_batch_size=8, max_queue=16)
+    engine = PyTorchEngine(varied, max_batch_size=8, max_queue=16)
     yield engine
     engine.close()
 
@@ -47,8 +48,8 @@ def idle(engine, timeout=2.0):
 
 
 def alone(loaded, prompt, params):
-    generation = Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(prompt)), params)
-    return "".join(generation), generation
+    reply = answer_alone(loaded, chat_messages(prompt), params)
+    return reply.text, reply
 
 
 @pytest.mark.parametrize("stagger", [0.0, 0.005], ids=["prefilled-together", "joining-a-running-batch"])
@@ -115,7 +116,7 @@ def test_cancel_stops_decoding(engine):
 
 
 def test_queue_is_bounded(varied):
-    engine = BatchingEngine(varied, max_batch_size=1, max_queue=1)
+    engine = PyTorchEngine(varied, max_batch_size=1, max_queue=1)
 
     async def main():
         first = engine.submit(chat_messages("a"), SamplingParams(max_new_tokens=200))
@@ -170,7 +171,7 @@ def test_streamed_text_never_splits_a_utf8_character(varied):
     assert tokenizer.decode(byte_tokens) == text
     prompt_ids = chat_prompt_ids(varied.tokenizer, chat_messages("x"))
     script = byte_tokens + [tokenizer.eos_token_id]
-    engine = BatchingEngine(replace(varied, model=Scripted(varied.model, script, len(prompt_ids))))
+    engine = PyTorchEngine(replace(varied, model=Scripted(varied.model, script, len(prompt_ids))))
 
     async def main():
         return [delta async for delta in engine.submit(chat_messages("x"), SamplingParams(max_new_tokens=40))]
@@ -213,8 +214,7 @@ def test_a_shared_system_prompt_is_prefilled_once_and_answers_do_not_change(vari
 
     answers = asyncio.run(main())
     for question, text in zip(questions, answers):
-        ids = chat_prompt_ids(varied.tokenizer, chat_messages(question, system=system))
-        assert text == "".join(Generation(varied, ids, params))
+        assert text == answer_alone(varied, chat_messages(question, system=system), params).text
     assert engine.prefixes.hits >= 2  # the second request made the entry; the last two found it
     shared = max(engine.prefixes.entries, key=lambda e: len(e.ids)).ids
     assert len(shared) >= 20 and all(
@@ -222,7 +222,7 @@ def test_a_shared_system_prompt_is_prefilled_once_and_answers_do_not_change(vari
 
 
 def test_prefix_cache_finds_the_longest_shared_part_and_keeps_its_token_budget():
-    from forja.engine.batching import PrefixCache
+    from forja.engine.pytorch import PrefixCache
 
     layers = [(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))]
     cache = PrefixCache(max_tokens=50)
@@ -247,7 +247,7 @@ def test_packed_weights_give_the_same_logits_and_greedy_answers(varied_model_dir
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     with torch.inference_mode():
         before = loaded.model(input_ids=torch.tensor([ids[0]])).logits
-    plain = ["".join(Generation(loaded, i, params)) for i in ids]
+    plain = [answer_alone(loaded, i, params).text for i in ids]
     linears = sum(type(m) is torch.nn.Linear for m in loaded.model.modules())
     assert pack_linears(loaded.model) == linears > 0
     assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
@@ -255,8 +255,8 @@ def test_packed_weights_give_the_same_logits_and_greedy_answers(varied_model_dir
     with torch.inference_mode():
         after = loaded.model(input_ids=torch.tensor([ids[0]])).logits
     assert torch.allclose(before, after, atol=1e-4)
-    assert ["".join(Generation(loaded, i, params)) for i in ids] == plain
-    engine = BatchingEngine(loaded, max_batch_size=4)  # already packed: nothing left to swap
+    assert [answer_alone(loaded, i, params).text for i in ids] == plain
+    engine = PyTorchEngine(loaded, max_batch_size=4)  # already packed: nothing left to swap
     try:
         assert engine.packed_linears == 0
     finally:
@@ -264,8 +264,8 @@ def test_packed_weights_give_the_same_logits_and_greedy_answers(varied_model_dir
 
 
 def test_the_engine_packs_its_model_unless_told_not_to(varied_model_dir):
-    packed = BatchingEngine(load(str(varied_model_dir), load_settings(), dtype="float32"), max_batch_size=2)
-    plain = BatchingEngine(load(str(varied_model_dir), load_settings(), dtype="float32"), max_batch_size=2, pack=False)
+    packed = PyTorchEngine(load(str(varied_model_dir), load_settings(), dtype="float32"), max_batch_size=2)
+    plain = PyTorchEngine(load(str(varied_model_dir), load_settings(), dtype="float32"), max_batch_size=2, pack=False)
     try:
         assert packed.packed_linears > 0 and plain.packed_linears == 0
         assert any(type(m) is torch.nn.Linear for m in plain.loaded.model.modules())

@@ -270,14 +270,15 @@ def test_personas_give_the_system_prompt(tiny_model_dir):
 
 
 def count_loads(monkeypatch) -> list[str]:
+    """The models evaluate makes an engine for (engine.make_engine, the one factory)."""
     loaded: list[str] = []
-    real = ev.load
+    real = ev.make_engine
 
     def counting(name, settings, **kwargs):
         loaded.append(name)
         return real(name, settings, **kwargs)
 
-    monkeypatch.setattr(ev, "load", counting)
+    monkeypatch.setattr(ev, "make_engine", counting)
     return loaded
 
 

@@ -11,7 +11,7 @@ from conftest import ARTIFACTS
 from prometheus_client.parser import text_string_to_metric_families
 
 from forja.config import load_settings
-from forja.engine.batching import BatchingEngine
+from forja.engine.pytorch import PyTorchEngine
 from forja.models import load
 from forja.serve.app import create_app
 from forja.store import Store
@@ -21,9 +21,9 @@ USER_KEY = "user-key-0123456789abcdef"
 MAX_TOKENS = 8
 
 
-def full_length_engine(model_dir: Path, settings) -> BatchingEngine:
+def full_length_engine(model_dir: Path, settings) -> PyTorchEngine:
     """The tiny model, made to answer with exactly max_tokens tokens (it may otherwise stop after one)."""
-    engine = BatchingEngine(load(str(model_dir), settings), name=str(model_dir))
+    engine = PyTorchEngine(load(str(model_dir), settings), name=str(model_dir))
     accept, eos = engine._accept, engine.loaded.eos_token_ids
     engine._accept = lambda seq, token: accept(seq, 300 if token in eos else token)
     return engine

@@ -8,10 +8,11 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import answer_alone
 
 from forja.config import load_settings
 from forja.engine import SamplingParams
-from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+from forja.engine.text import chat_messages, chat_prompt_ids
 from forja.serve.app import create_app
 
 KEY = "test-key-0123456789abcdef"
@@ -66,7 +67,7 @@ def test_chat_completion_non_streaming(client, model_name, varied_model_dir):
 
     loaded = load(model_name, load_settings(), dtype="float32")
     ids = chat_prompt_ids(loaded.tokenizer, chat_messages("Hola"))
-    assert reply.choices[0].message.content == "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=16)))
+    assert reply.choices[0].message.content == answer_alone(loaded, chat_messages("Hola"), SamplingParams(max_new_tokens=16)).text
     assert reply.usage.prompt_tokens == len(ids)
 
 
@@ -309,11 +310,11 @@ def test_default_server_has_no_cors_and_no_keys(tiny_model_dir, tmp_path_factory
 def test_queue_full_answers_429(tiny_model_dir, tmp_path_factory, start_server):
     import threading
 
-    from forja.engine.batching import BatchingEngine
+    from forja.engine.pytorch import PyTorchEngine
     from forja.models import load
 
     settings = load_settings(home=tmp_path_factory.mktemp("busy"), model=str(tiny_model_dir))
-    engine = BatchingEngine(load(str(tiny_model_dir), settings), max_batch_size=1, max_queue=1)
+    engine = PyTorchEngine(load(str(tiny_model_dir), settings), max_batch_size=1, max_queue=1)
     gate, step = threading.Event(), engine._step
     engine._step = lambda: (gate.wait(10), step())  # decoding waits until the test opens the gate
     server = start_server(create_app(settings, engine=engine))

@@ -119,9 +119,9 @@ def test_a_question_is_prompted_alike_in_training_serving_eval_and_the_modelfile
     assert target.engine.name == name
     tokenizer = target.engine.tokenizer
     prompts = {"training": trained_prompt(tokenizer, system)}
-    prompts["serving"] = target.engine.prompt_ids(target.messages([{"role": "user", "content": QUESTION}]))
+    prompts["serving"] = target.engine.tokenize(target.messages([{"role": "user", "content": QUESTION}]))
     [evaluated] = ev._targets([name], settings)
-    prompts["evaluation"] = target.engine.prompt_ids(ev._conversation(TestCase(QUESTION, ANSWER), evaluated, {}, settings))
+    prompts["evaluation"] = target.engine.tokenize(ev._conversation(TestCase(QUESTION, ANSWER), evaluated, {}, settings))
     modelfile_system, prompts["ollama"] = ollama_prompt(settings, name, tokenizer, tmp_path)
 
     texts = {place: tokenizer.decode(ids) for place, ids in prompts.items()}

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
+from conftest import answer_alone
+
 from forja.cli import app
 from forja.config import TrainSettings, jemalloc_env, load_settings
 from forja.models import load
@@ -130,7 +132,7 @@ def test_bf16_autocast_trains_on_packed_batches(tiny_model_dir, tmp_path):
 
 def test_memorises_pairs_and_learns_to_stop(tiny_model_dir, tmp_path):
     from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+    from forja.engine.text import chat_messages
 
     settings = load_settings()
     data = write_pairs(tmp_path / "pairs.jsonl")
@@ -143,9 +145,9 @@ def test_memorises_pairs_and_learns_to_stop(tiny_model_dir, tmp_path):
     assert [r["learned"] for r in learned[-2:]] == [4, 4]
     loaded = load("memo", settings, dtype="float32")
     for question, answer in PAIRS:
-        generation = Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(question)), SamplingParams(max_new_tokens=20))
-        assert "".join(generation) == answer
-        assert generation.finish_reason == "stop"  # EOS was learned
+        reply = answer_alone(loaded, chat_messages(question), SamplingParams(max_new_tokens=20))
+        assert reply.text == answer
+        assert reply.finish_reason == "stop"  # EOS was learned
 
 
 def test_lora_version_is_self_describing_and_merges(tiny_model_dir, tmp_path):
@@ -333,7 +335,7 @@ def test_forja_train_starts_itself_with_jemalloc(tiny_model_dir, tmp_path, forja
 def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_path):
     """A short LoRA run on three sample pairs moves the bundled model's answers to the data."""
     from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+    from forja.engine.text import chat_messages
 
     monkeypatch.setenv("FORJA_HOME", str(bundled_home))
     settings = load_settings()
@@ -344,8 +346,7 @@ def test_real_model_learns_the_sample_answers(bundled_home, monkeypatch, tmp_pat
     ]
 
     def answer(loaded, question):
-        ids = chat_prompt_ids(loaded.tokenizer, chat_messages(question))
-        return "".join(Generation(loaded, ids, SamplingParams(max_new_tokens=30)))
+        return answer_alone(loaded, chat_messages(question), SamplingParams(max_new_tokens=30)).text
 
     before = load("smollm2-135m", settings, dtype="float32")
     assert "Yunque" not in answer(before, pairs[0][0])

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from conftest import ARTIFACTS
 
 from forja.config import load_settings
-from forja.engine.batching import BatchingEngine
+from forja.engine.pytorch import PyTorchEngine
 from forja.models import load
 from forja.serve.app import create_app
 from forja.store import exchanges
@@ -21,7 +21,7 @@ PERSONAS = [{"name": "panadero", "description": "Atiende la panadería", "system
 def server(varied_model_dir, tmp_path_factory, start_server):
     settings = load_settings(home=tmp_path_factory.mktemp("web-home"), model=str(varied_model_dir),
                              generate={"max_new_tokens": 60}, serve={"personas": PERSONAS})
-    engine = BatchingEngine(load(str(varied_model_dir), settings), name=str(varied_model_dir))
+    engine = PyTorchEngine(load(str(varied_model_dir), settings), name=str(varied_model_dir))
     step = engine._step
     engine._step = lambda: (time.sleep(0.02), step())  # a human-visible pace, so streaming and Stop can be seen
     # the random tiny model may end an answer after a token or two; here answers run to max_new_tokens

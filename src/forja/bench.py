@@ -27,7 +27,7 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
                     log: Any = print) -> dict[str, Any]:
     """Start `forja serve` on `model` once per backend (in a subprocess) and measure it: one stream,
     then `clients` concurrent streams, each ROUNDS times (medians). For scale, also: the plain decode
-    loops (transformers' `model.generate`, forja's `Generation`) and the bare model's decode step
+    loops (transformers' `model.generate`, forja's engine with one request, in process) and the bare model's decode step
     (PyTorch); llama-cpp-python's own `create_chat_completion` on the same GGUF file and the
     memory-bandwidth bound (llama.cpp). Greedy throughout, so batched answers can be compared
     with the same prompt served alone."""
@@ -50,7 +50,7 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
                    log: Any) -> dict[str, Any]:
     """One `forja serve --backend X` subprocess: single stream, with and without the guardrails, N concurrent
     streams, batched vs alone."""
-    from forja.engine.batching import common_prefix
+    from forja.models import common_prefix
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -175,22 +175,24 @@ def guard_cpu_cost(settings: Any, prompts: list[str], answers: list[str], repeat
 def _pytorch_baselines(settings: Any, model: str, prompt: str, clients: int, max_tokens: int,
                        log: Any) -> dict[str, Any]:
     """The plain decode loops the server is held against, on the model as loaded (plain torch matmuls):
-    transformers' own `model.generate` and forja's `Generation`, alternated, medians of ROUNDS runs each. Then
-    the bare model's decode step for 1 and N rows, before and after the engine's weight packing."""
+    transformers' own `model.generate` and forja's PyTorch engine with one request (in process, weights not
+    packed, like the model `generate` runs), alternated, medians of ROUNDS runs each. Then the bare model's
+    decode step for 1 and N rows, before and after the engine's weight packing."""
     from forja import models
-    from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids, pack_linears
+    from forja.engine import SamplingParams, answer, run_coroutine
+    from forja.engine.pytorch import PyTorchEngine, pack_linears
+    from forja.engine.text import chat_messages, chat_prompt_ids
 
     log(f"loading {model} for the plain generate baselines ...")
     loaded = models.load(model, settings)
     ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt))
+    engine = PyTorchEngine(loaded, max_batch_size=1, pack=False, name="bench")
 
     def ours(new_tokens: int) -> dict[str, Any]:
-        generation = Generation(loaded, ids, SamplingParams(max_new_tokens=new_tokens))
         stamps = [time.perf_counter()]
-        for _ in generation:
-            stamps.append(time.perf_counter())
-        return _loop_figures(generation.usage.completion_tokens, stamps)
+        reply = run_coroutine(lambda: answer(engine, chat_messages(prompt), SamplingParams(max_new_tokens=new_tokens),
+                                             lambda _: stamps.append(time.perf_counter())))
+        return _loop_figures(reply.usage.completion_tokens, stamps)
 
     ours(8), _hf_generate(loaded, ids, 8)  # warm-up
     runs: dict[str, list[dict[str, Any]]] = {"hf_generate": [], "generate": []}
@@ -201,6 +203,7 @@ def _pytorch_baselines(settings: Any, model: str, prompt: str, clients: int, max
     for name, done in runs.items():
         figures[name] = {**sorted(done, key=lambda run: run["tokens_per_s"])[len(done) // 2],
                          "runs_tokens_per_s": [run["tokens_per_s"] for run in done]}
+    engine.close()
     figures["bare_step"] = _bare_decode_steps(loaded, ids, clients)
     if pack_linears(loaded.model, clients):
         figures["bare_step_packed"] = _bare_decode_steps(loaded, ids, clients)
@@ -374,7 +377,7 @@ def render_agreement(model: str, rows: list[dict[str, Any]]) -> str:
 def render_serve(results: dict[str, Any]) -> str:
     n = results["clients"]
     rows: list[tuple[str, str, str]] = []
-    for key, label in (("hf_generate", "transformers model.generate"), ("generate", "forja Generation loop")):
+    for key, label in (("hf_generate", "transformers model.generate"), ("generate", "forja engine, one request in process")):
         if key in results:
             g = results[key]
             rows.append((f"{label} (no server)", f"{g['tokens_per_s']:.1f} tokens/s",
@@ -395,7 +398,7 @@ def render_serve(results: dict[str, Any]) -> str:
              "target >= 1.75x (llama.cpp server's scaling)" if backend == "llamacpp" else "target >= 4x"),
         ]
         if backend == "pytorch":
-            for key, label in (("hf_generate", "model.generate"), ("generate", "Generation loop")):
+            for key, label in (("hf_generate", "model.generate"), ("generate", "forja engine alone")):
                 if key in results:
                     rows.append((f"  1 stream / plain {label}", f"{s['tokens_per_s'] / max(results[key]['tokens_per_s'], 1e-9):.2f}x",
                                  "target >= 1.0x" if key == "hf_generate" else ""))

@@ -48,6 +48,7 @@ ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML settings file (default: ./forja.yaml if present).")
 ]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, version, directory, .gguf or hub id.")]
+BackendOpt = Annotated[Optional[str], typer.Option(help="auto, llamacpp or pytorch (default from serve.backend: auto, as forja serve).")]
 
 
 def read_prompt(text: str | None, what: str) -> str:
@@ -76,15 +77,19 @@ def generate(
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the version was trained with, else generate.system).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    backend: BackendOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Answer a prompt with a local model, streaming tokens to the terminal."""
     from forja import models
-    from forja.engine import SamplingParams
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+    from forja.engine import SamplingParams, answer, make_engine, pick_backend
+    from forja.engine.text import chat_messages
+    import asyncio
 
     settings = settings_from(config, model=model)
+    if backend is not None:
+        settings = _with_serve(settings, backend=backend)
     prompt = read_prompt(prompt, "prompt")
     defaults = settings.generate
     params = SamplingParams(
@@ -93,40 +98,35 @@ def generate(
         top_p=defaults.top_p if top_p is None else top_p,
         seed=defaults.seed if seed is None else seed,
     )
-    loaded = models.load(settings.model, settings)
+    models.resolve(settings.model, settings)  # a wrong name fails before anything loads
     system = system or models.trained_system(settings, settings.model) or defaults.system  # as eval and export
-    prompt_ids = chat_prompt_ids(loaded.tokenizer, chat_messages(prompt, system))
-    generation = Generation(loaded, prompt_ids, params)
     started = time.perf_counter()
+    engine = make_engine(settings.model, settings, max_queue=1, max_batch_size=1)
+    loaded_in = time.perf_counter() - started
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        started = time.perf_counter()
+        reply = asyncio.run(answer(engine, chat_messages(prompt, system), params, None if as_json else show))
+        seconds = time.perf_counter() - started
+    finally:
+        engine.close()
+    if reply.finish_reason == "error":
+        raise ConfigError(f"{settings.model}: {reply.error}")
+    runs = engine.backend + (f" {engine.loaded.info['dtype']}" if hasattr(engine, "loaded") else "")
     if as_json:
-        for _ in generation:
-            pass
+        typer.echo(json.dumps({"text": reply.text, "model": settings.model, "backend": engine.backend,
+                               "finish_reason": reply.finish_reason, "usage": reply.usage.as_dict(),
+                               "timing": {"load_seconds": round(loaded_in, 3), "generate_seconds": round(seconds, 3)}},
+                              ensure_ascii=False))
     else:
-        for delta in generation:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
         sys.stdout.write("\n")
-    seconds = time.perf_counter() - started
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "text": generation.text,
-                    "model": loaded.ref.name,
-                    "finish_reason": generation.finish_reason,
-                    "usage": generation.usage.as_dict(),
-                    "timing": {"load_seconds": loaded.info["load_seconds"], "generate_seconds": round(seconds, 3)},
-                },
-                ensure_ascii=False,
-            )
-        )
-    else:
-        rate = generation.usage.completion_tokens / seconds if seconds > 0 else 0.0
-        typer.echo(
-            f"[{loaded.ref.name}, {loaded.info['dtype']}: loaded in {loaded.info['load_seconds']:.1f}s, "
-            f"{generation.usage.completion_tokens} tokens at {rate:.1f} tokens/s]",
-            err=True,
-        )
+        rate = reply.usage.completion_tokens / seconds if seconds > 0 else 0.0
+        typer.echo(f"[{settings.model}, {runs}: loaded in {loaded_in:.1f}s, "
+                   f"{reply.usage.completion_tokens} tokens at {rate:.1f} tokens/s]", err=True)
 
 
 @models_app.callback()
@@ -349,13 +349,13 @@ def serve(
     model: ModelOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default from serve.host: 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port (default from serve.port: 8000).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="auto, llamacpp or pytorch (default from serve.backend: auto).")] = None,
+    backend: BackendOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve a model: OpenAI-compatible API at /v1, /predict, /health and a chat page at /."""
     from forja import models
     from forja.serve.app import serve as run_server
-    from forja.serve.deps import pick_backend
+    from forja.engine import pick_backend
 
     settings = settings_from(config)
     if backend is not None:
@@ -746,12 +746,15 @@ def eval_(
     question_col: Annotated[str, typer.Option(help="Column holding the questions.")] = "question",
     answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    backend: BackendOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity and a judge; write reports."""
     from forja.evaluate import EvalError, check_thresholds, evaluate, load_testset, parse_thresholds, write_reports
 
     settings = settings_from(config, model=model)
+    if backend is not None:
+        settings = _with_serve(settings, backend=backend)
     thresholds = parse_thresholds(fail_under or [])
     if "judge" in thresholds and not judge:
         raise EvalError("--fail-under judge=... needs a judge: add --judge MODEL_OR_URL")
@@ -772,7 +775,8 @@ def eval_(
                                 for m in result.models))
     Console().print(table)
     stats = result.stats
-    typer.echo(f"{stats.get('answers_computed', 0)} answers generated, {stats.get('answers_cached', 0)} from cache"
+    typer.echo(f"{stats.get('answers_computed', 0)} answers generated, {stats.get('answers_cached', 0)} from cache "
+               f"(answers by {stats.get('answers_backend', '-')})"
                + (f"; {stats.get('judge_computed', 0)} judge calls, {stats.get('judge_cached', 0)} from cache" if judge else "")
                + f"; {stats['seconds']:.1f}s")
     typer.echo(f"reports: {paths['html']} (and rows.csv, rows.jsonl, summary.md in {out})")

@@ -8,7 +8,6 @@ rows.csv, rows.jsonl, summary.md and report.html; `evaluate()` is the same run f
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import csv
 import gc
@@ -27,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from forja.config import ForjaError, Persona, Settings
+from forja.engine import SamplingParams, answer_all, make_engine, pick_backend
 from forja.metrics import exact_match, rouge_l, token_f1
-from forja.models import (LoadedModel, fingerprint, load, pick_dtype, quiet_transformers, resolve, trained_system,
+from forja.models import (fingerprint, pick_dtype, quiet_transformers, resolve, trained_system,
                           with_system)
 
 METRICS = ["exact_match", "token_f1", "rouge_l", "semantic", "judge"]
@@ -523,10 +523,19 @@ class _Cache:
         os.replace(tmp, path)
 
 
+def runs_on(settings: Settings) -> str:
+    """What answers: the backend `forja serve` would use, with its GGUF quantization (llama.cpp) or dtype (PyTorch)."""
+    backend = pick_backend(settings)
+    if backend == "llamacpp":
+        shipped = ", .gguf files as shipped" if settings.serve.gguf_source == "original" else ""
+        return f"llamacpp {settings.serve.gguf_quant}{shipped}"
+    return f"pytorch {pick_dtype(settings.dtype)}".replace("torch.", "")
+
+
 def model_identity(name: str, settings: Settings) -> str:
     """What cached answers of a model depend on: its files (models.fingerprint: a retrained version
-    changes them) and the dtype it runs in."""
-    return f"{fingerprint(name, settings)}:{pick_dtype(settings.dtype)}"
+    changes them) and what runs them (`runs_on`)."""
+    return f"{fingerprint(name, settings)}:{runs_on(settings)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +587,7 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
     keys = [cache.key(kind, identity, prompt, params) for prompt in prompts]
     results: list[dict[str, Any] | None] = [cache.get(kind, key) for key in keys]
     missing = [i for i, found in enumerate(results) if found is None]
+    stats[f"{kind}_backend"] = runs_on(settings)
     stats[f"{kind}_cached"] = stats.get(f"{kind}_cached", 0) + len(prompts) - len(missing)
     stats[f"{kind}_computed"] = stats.get(f"{kind}_computed", 0) + len(missing)
     if missing:
@@ -592,7 +602,7 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
             bar.update(1)
 
         try:
-            _run_engine(load(model, settings), [prompts[i] for i in missing], max_new_tokens, settings, done)
+            _run_engine(model, [prompts[i] for i in missing], max_new_tokens, settings, done)
         finally:
             bar.close()
             gc.collect()  # the model is no longer referenced: free it before the next one loads
@@ -600,49 +610,21 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
     return results  # type: ignore[return-value]
 
 
-def _run_engine(loaded: LoadedModel, prompts: list[list[dict[str, str]]], max_new_tokens: int,
-                settings: Settings, done: Callable[[int, dict[str, Any]], None]) -> None:
-    from forja.engine import GenerationError, SamplingParams
-    from forja.engine.batching import BatchingEngine
+def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, settings: Settings,
+                done: Callable[[int, dict[str, Any]], None]) -> None:
+    """Greedy answers from the engine `forja serve` would run (engine.make_engine), all submitted at once."""
+    engine = make_engine(model, settings, max_queue=len(prompts) + 1)
 
-    engine = BatchingEngine(loaded, max_batch_size=settings.serve.max_batch_size, max_queue=len(prompts) + 1,
-                            name=loaded.ref.name, pack=settings.serve.pack_weights)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-
-    async def one(i: int) -> tuple[int, dict[str, Any]]:
-        try:
-            stream = engine.submit(prompts[i], params)
-        except GenerationError as exc:
-            return i, {"text": None, "finish_reason": "error", "error": str(exc)}
-        parts, last = [], None
-        async for delta in stream:
-            parts.append(delta.text)
-            last = delta
-        usage = last.usage if last and last.usage else None
-        return i, {"text": "".join(parts), "finish_reason": last.finish_reason if last else "error",
-                   "error": last.error if last else "no output",
-                   "prompt_tokens": usage.prompt_tokens if usage else None,
-                   "completion_tokens": usage.completion_tokens if usage else None}
-
-    async def run_all() -> None:
-        for next_done in asyncio.as_completed([one(i) for i in range(len(prompts))]):
-            done(*await next_done)
+    def finished(i: int, answer: Any) -> None:
+        done(i, {"text": None if answer.finish_reason == "error" else answer.text,
+                 "finish_reason": answer.finish_reason, "error": answer.error, "backend": engine.backend,
+                 "prompt_tokens": answer.usage.prompt_tokens or None,
+                 "completion_tokens": answer.usage.completion_tokens if answer.finish_reason != "error" else None})
 
     try:
-        _run_coroutine(run_all)
+        answer_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), finished)
     finally:
         engine.close()
-
-
-def _run_coroutine(factory: Callable[[], Any]) -> None:
-    """asyncio.run, also when the caller is itself inside an event loop (then in a worker thread)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(factory())
-        return
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(lambda: asyncio.run(factory())).result()
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:

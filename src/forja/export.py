@@ -244,25 +244,26 @@ def agreement(settings: Settings, name: str, gguf_file: Path, tokens: int = 32) 
     """Greedy answers of the GGUF under llama.cpp against the PyTorch model (float32) on fixed prompts:
     how many are identical over `tokens` tokens, and the mean share of each answer that agrees.
     Written next to the file, so `forja models` shows it."""
-    import asyncio
-
-    from forja.engine import SamplingParams
+    from forja.engine import SamplingParams, answer_all
     from forja.engine.llamacpp import LlamaCppEngine
-    from forja.engine.pytorch import Generation, chat_messages, chat_prompt_ids
+    from forja.engine.pytorch import PyTorchEngine
+    from forja.engine.text import chat_messages
 
-    loaded = models.load(name, settings, dtype="float32")
     params = SamplingParams(max_new_tokens=tokens)
-    reference = ["".join(Generation(loaded, chat_prompt_ids(loaded.tokenizer, chat_messages(p)), params))
-                 for p in AGREEMENT_PROMPTS]
-    # one prompt at a time: what is measured is the file, not how a batch rounds
-    engine = LlamaCppEngine(gguf_file, loaded.tokenizer, name=gguf_file.name, max_batch_size=1, kv_tokens=4096,
-                            threads=settings.threads)
-
-    async def answer(prompt: str) -> str:
-        return "".join([d.text async for d in engine.submit(chat_messages(prompt), params)])
-
+    prompts = [chat_messages(p) for p in AGREEMENT_PROMPTS]
+    # one prompt at a time on both sides, each prefilled whole, the PyTorch weights as loaded (not packed for
+    # oneDNN): what is measured is the file, not how a batch, a cached prefix or a kernel rounds
+    reference_engine = PyTorchEngine(models.load(name, settings, dtype="float32"), max_batch_size=1,
+                                     max_queue=len(prompts), pack=False, prefix_tokens=0)
     try:
-        answers = [asyncio.run(answer(p)) for p in AGREEMENT_PROMPTS]
+        reference = [a.text for a in answer_all(reference_engine, prompts, params)]
+        tokenizer = reference_engine.tokenizer
+    finally:
+        reference_engine.close()
+    engine = LlamaCppEngine(gguf_file, tokenizer, name=gguf_file.name, max_batch_size=1, kv_tokens=4096,
+                            threads=settings.threads, max_queue=len(prompts))
+    try:
+        answers = [a.text for a in answer_all(engine, prompts, params)]
     finally:
         engine.close()
     shares = []

@@ -325,8 +325,7 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
     prompts as sent, (rewordings) its answers to their rewordings are closer to the corrections than the
     current version's, and (regression) no gate metric's mean is lower than the current version's by more
     than the tolerance. The report (every question's before and after) is written into the version."""
-    from forja.evaluate import evaluate
-    from forja.models import pick_dtype
+    from forja.evaluate import evaluate, runs_on
 
     config = settings.feedback
     cases = gate_cases(pairs, regression, settings)
@@ -361,7 +360,7 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
     failed = [name for name, entry in checks.items() if not entry["passed"]]
     report: dict[str, Any] = {
         "current": current, "candidate": candidate, "cases": len(cases), "tolerance": config.gate_tolerance,
-        "backend": f"pytorch {pick_dtype(settings.dtype)}".replace("torch.", ""),
+        "backend": runs_on(settings),  # what forja serve runs: the gate scores the answers production gives
         "regression_set": str(config.gate_testset) if config.gate_testset else "the starting version's rows",
         "checks": checks, "passed": not failed, "decided_by": failed[0] if failed else "all checks",
         "reason": checks[failed[0]]["reason"] if failed else "every check passed",

@@ -376,7 +376,7 @@ class SafetyClassifier:
 
     def __init__(self, config: SafetySettings, settings: Settings):
         self.config, self.settings = config, settings
-        self._loaded: Any = None
+        self._engine: Any = None
         self._lock = threading.Lock()
 
     def classify(self, conversation: list[dict[str, str]], role: str) -> tuple[bool, list[str]]:
@@ -402,18 +402,22 @@ class SafetyClassifier:
             raise GuardError(f"safety classifier at {url}: {exc}") from None
 
     def _ask_model(self, question: str) -> str:
-        from forja import models
-        from forja.engine import SamplingParams
-        from forja.engine.pytorch import Generation, chat_prompt_ids
+        from forja.engine import SamplingParams, answer, make_engine, run_coroutine
 
-        with self._lock:
-            if self._loaded is None:
-                self._loaded = models.load(self.config.model, self.settings)  # type: ignore[arg-type]
-            ids = chat_prompt_ids(self._loaded.tokenizer, [{"role": "user", "content": question}])
-            try:
-                return "".join(Generation(self._loaded, ids, SamplingParams(max_new_tokens=12, temperature=0.0)))
-            except ForjaError as exc:  # e.g. a conversation longer than the classifier's context
-                raise GuardError(f"safety classifier {self.config.model}: {exc}") from None
+        with self._lock:  # one engine, made on first use; calls come from the server's worker threads
+            if self._engine is None:
+                self._engine = make_engine(self.config.model, self.settings)  # type: ignore[arg-type]
+        engine = self._engine
+        reply = run_coroutine(lambda: answer(engine, [{"role": "user", "content": question}],
+                                             SamplingParams(max_new_tokens=12, temperature=0.0)))
+        if reply.finish_reason == "error":  # e.g. a conversation longer than the classifier's context
+            raise GuardError(f"safety classifier {self.config.model}: {reply.error}")
+        return reply.text
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -674,6 +678,11 @@ class Guards:
     def redact(self, value: Any) -> Any:
         """`value` redacted for storing with the top-level settings (see Guard.redact)."""
         return self.for_persona().redact(value)
+
+    def close(self) -> None:
+        """Stop the engines of local safety classifiers."""
+        for classifier in self._classifiers.values():
+            classifier.close()
 
 
 # ------------------------------------------------------------------------------------------------

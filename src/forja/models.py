@@ -171,6 +171,16 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
 # GGUF → a cached HF directory (transformers dequantises GGUF on every load, which takes ~20 s)
 
 
+def common_prefix(a: Any, b: Any) -> int:
+    """How many leading items (token ids, characters) two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

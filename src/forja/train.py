@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, prepare, read_rows, validation_path
-from forja.engine.batching import common_prefix
-from forja.models import (VERSION_FILE, LoadedModel, ModelError, cpu_has_fast_bf16, load, pick_device, resolve,
+from forja.models import (VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16, load, pick_device, resolve,
                           with_system)
 
 # peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business

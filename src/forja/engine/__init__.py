@@ -1,18 +1,28 @@
-"""Inference engines: turn chat messages into streamed text.
+"""Inference engines: turn prompts into streamed text, many requests at once.
 
-`pytorch.py` decodes one sequence with transformers models on CPU or GPU; `batching.py` holds the
-continuous-batching scheduler and its PyTorch backend, `llamacpp.py` its llama.cpp backend (GGUF
-files). Every engine takes the same SamplingParams and yields text deltas that never split a UTF-8
-character.
+This file holds the one engine interface and the one factory every caller uses (`forja serve`,
+`generate`, `eval`, the promotion gate, the guard classifier, `forja bench`), so that what is evaluated
+is what is served. `scheduler.py` is the backend-neutral continuous-batching scheduler, `sampling.py`
+picks tokens from logits, `text.py` renders prompts and streams text; `pytorch.py` and `llamacpp.py` are
+the two backends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from forja.config import ForjaError
+
+if TYPE_CHECKING:
+    from forja.config import Settings
+
+log = logging.getLogger("forja.engine")
 
 
 class GenerationError(ForjaError):
@@ -62,8 +72,9 @@ class QueueFull(GenerationError):
     """More requests are waiting than the engine's queue holds; the caller should retry later."""
 
 
-# A prompt is either chat messages (rendered with the model's chat template) or raw text.
-Prompt = str | list[dict[str, str]]
+# A prompt is chat messages (rendered with the model's chat template), raw text, or the token ids of either
+# (`Engine.tokenize`): callers that count tokens first submit the ids they counted.
+Prompt = str | list[dict[str, str]] | list[int]
 
 
 @dataclass
@@ -98,8 +109,122 @@ class Engine(ABC):
     def submit(self, prompt: Prompt, params: SamplingParams) -> Stream:
         """Queue a request; raises ContextLengthExceeded or QueueFull at once, before any token."""
 
-    def count_tokens(self, prompt: Prompt) -> int:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids the engine decodes for `prompt` (the chat template applied to messages)."""
         raise NotImplementedError
 
     def close(self) -> None:
         """Stop the engine's workers; pending streams end with finish_reason "cancelled"."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The factory
+
+
+BACKENDS = ("auto", "llamacpp", "pytorch")
+
+
+def pick_backend(settings: "Settings", backend: str | None = None) -> str:
+    """`backend`, else serve.backend; auto: llama.cpp when it is installed and there is no GPU for PyTorch."""
+    choice = backend or settings.serve.backend
+    if choice not in BACKENDS:
+        raise ForjaError(f"the backend is auto, llamacpp or pytorch, not {choice!r}")
+    if choice != "auto":
+        return choice
+    import torch
+
+    from forja.engine import llamacpp
+
+    return "llamacpp" if llamacpp.available() and not torch.cuda.is_available() else "pytorch"
+
+
+def make_engine(model: str, settings: "Settings", *, backend: str | None = None, max_queue: int | None = None,
+                max_batch_size: int | None = None, dtype: str | None = None) -> Engine:
+    """The engine for `model` with the backend `forja serve` would use (serve.backend, or `backend`): a
+    trained version is exported to GGUF once for llama.cpp (cached); under auto, a model llama.cpp cannot
+    take is served by PyTorch. `dtype` applies to PyTorch only."""
+    from forja import models
+
+    serve = settings.serve
+    batch = max_batch_size or serve.max_batch_size
+    queue = max_queue or serve.max_queue
+    chosen = backend or serve.backend
+    if pick_backend(settings, backend) == "llamacpp":
+        from forja.engine import llamacpp
+        from forja.export import ExportError, served_gguf
+
+        if not llamacpp.available():
+            raise models.ModelError("the backend is llamacpp but llama-cpp-python is not installed (make install)")
+        try:
+            path = served_gguf(settings, model, serve.gguf_quant)
+        except ExportError as exc:
+            if chosen != "auto":
+                raise
+            log.warning("running %s with PyTorch: %s", model, exc)
+        else:
+            return llamacpp.LlamaCppEngine(path, models.load_tokenizer(model, settings), name=model,
+                                           max_batch_size=batch, max_queue=queue, kv_tokens=serve.kv_tokens,
+                                           threads=settings.threads)
+    from forja.engine.pytorch import PyTorchEngine
+
+    return PyTorchEngine(models.load(model, settings, dtype=dtype), max_batch_size=batch, max_queue=queue, name=model,
+                         pack=serve.pack_weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole answers, for callers outside an event loop (the CLI, eval, the gate, the guard classifier)
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str
+    usage: Usage
+    error: str | None = None
+
+
+async def answer(engine: Engine, prompt: Prompt, params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None) -> Answer:
+    """One whole answer; `on_text` sees each piece as it streams. A request the engine refuses (too long a
+    prompt) is an answer with finish_reason "error"."""
+    try:
+        stream = engine.submit(prompt, params)
+    except GenerationError as exc:
+        return Answer("", "error", Usage(), str(exc))
+    parts: list[str] = []
+    last = Delta(finish_reason="error", error="no output")
+    async for last in stream:
+        if last.text:
+            parts.append(last.text)
+            if on_text is not None:
+                on_text(last.text)
+    return Answer("".join(parts), last.finish_reason or "error", last.usage or Usage(), last.error)
+
+
+def answer_all(engine: Engine, prompts: list[Prompt], params: SamplingParams,
+               done: Callable[[int, Answer], None] | None = None) -> list[Answer]:
+    """Answers to every prompt, submitted together so the engine batches them; `done(i, answer)` as each ends."""
+    results: list[Answer | None] = [None] * len(prompts)
+
+    async def one(i: int) -> tuple[int, Answer]:
+        return i, await answer(engine, prompts[i], params)
+
+    async def run_all() -> None:
+        for next_done in asyncio.as_completed([one(i) for i in range(len(prompts))]):
+            i, result = await next_done
+            results[i] = result
+            if done is not None:
+                done(i, result)
+
+    run_coroutine(run_all)
+    return results  # type: ignore[return-value]
+
+
+def run_coroutine(factory: Callable[[], Any]) -> Any:
+    """asyncio.run, also when the caller is itself inside an event loop (then in a worker thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from forja.engine import GenerationError
-from forja.engine.batching import Scheduler, _Sequence, common_prefix
+from forja.engine.scheduler import Scheduler, Sequence
+from forja.models import common_prefix
 
 log = logging.getLogger("forja.engine")
 PREFILL_BATCH = 512  # most prompt tokens in one llama_decode
@@ -104,14 +105,14 @@ class LlamaCppEngine(Scheduler):
 
     # ---------------------------------------------------------------- the Scheduler's hooks
 
-    def _fits(self, seq: _Sequence, admitted: list[_Sequence]) -> bool:
+    def _fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
         """Every running request keeps room for its whole answer, so a decode never runs out of cells."""
         need = sum(len(s.prompt_ids) + s.params.max_new_tokens for s in [*admitted, seq])
         if self._reserved + need + len(self._prefix) > self.kv_tokens and not self._active and self._prefix:
             self._drop_prefix()  # the cached prefix gives way to a request that needs its cells
         return self._reserved + need + len(self._prefix) <= self.kv_tokens
 
-    def _admit(self, group: list[_Sequence]) -> None:
+    def _admit(self, group: list[Sequence]) -> None:
         for seq in group:
             if seq.stream.cancelled.is_set():
                 self._finish(seq, "cancelled")
@@ -190,7 +191,7 @@ class LlamaCppEngine(Scheduler):
 
     # ---------------------------------------------------------------- llama.cpp calls
 
-    def _forget(self, seq: _Sequence) -> None:
+    def _forget(self, seq: Sequence) -> None:
         slot = seq.extra.pop("slot", None)
         if slot is not None:
             self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
@@ -218,7 +219,7 @@ class LlamaCppEngine(Scheduler):
         pointer = self.llama.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def _pick_one(self, seq: _Sequence, logits: np.ndarray) -> int:
+    def _pick_one(self, seq: Sequence, logits: np.ndarray) -> int:
         if seq.params.temperature == 0:
             return int(logits.argmax())
         from forja.engine.pytorch import sample_next

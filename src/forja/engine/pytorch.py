@@ -1,83 +1,25 @@
-"""Token-by-token decoding of a transformers model with a KV cache, streamed as text deltas.
+"""The PyTorch backend of the scheduler: continuous batching over a transformers model (CPU or GPU).
 
-Used by `forja generate`; the serving scheduler batches the same steps across requests.
+How the batch is kept: one KV cache whose rows are the active requests, aligned so that every row's
+newest token sits in the last column; a [rows, columns] mask of valid columns hides the padding (on the
+left, and between a shared prefix and the rest of a prompt) and explicit position ids keep each row's
+positions its own. A request is prefilled alone or with the others admitted at the same time
+(left-padded), on top of the cached keys and values of the prefix it shares with other prompts, then its
+cache rows are padded and concatenated to the batch; a finished row is dropped with index_select.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import collections
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from forja.engine import ContextLengthExceeded, SamplingParams, Usage
-from forja.models import LoadedModel, with_system
-
-
-def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
-    """One user turn, after `system` when given (else the chat template's default system turn, if any)."""
-    return with_system([{"role": "user", "content": prompt}], system)
-
-
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of the conversation rendered with the model's chat template, ready for the answer."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    # Base models without a template: plain concatenation of the turns.
-    text = "\n".join(m["content"] for m in messages)
-    return tokenizer(text)["input_ids"]
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick the next token for each row of logits [batch, vocab] → [batch]."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class TextStream:
-    """Turns a growing list of token ids into text deltas, holding back an incomplete UTF-8
-    character and any tail that could still become a stop string."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""  # everything decoded so far (after stop-string truncation)
-        self.emitted = 0  # characters of self.text already handed out
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        self.text = text
-        for stop in self.stop:
-            cut = text.find(stop)
-            if cut != -1:
-                self.text = text[:cut]
-                self.stopped = True
-        return self._release(final=self.stopped)
-
-    def finish(self) -> str:
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        end = len(self.text)
-        if not final:
-            end -= max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if self.text.endswith(s[:n])), default=0)
-        delta = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return delta
+from forja.engine.sampling import sample_next
+from forja.engine.scheduler import Scheduler, Sequence
+from forja.models import LoadedModel, common_prefix
 
 
 class PackedLinear(torch.nn.Module):
@@ -117,52 +59,224 @@ def pack_linears(model: Any, rows: int = 8) -> int:
     return swapped
 
 
-class Generation:
-    """One streamed answer. Iterate for text deltas; afterwards `text`, `usage`, `finish_reason` are set."""
+class PyTorchEngine(Scheduler):
+    """Continuous batching over a transformers model (PyTorch, CPU or GPU), with shared prompt prefixes:
+    the key/value cache of a prefix that several prompts start with (a persona's system turn, the chat
+    template's default one) is computed once and kept (`PrefixCache`), so a prompt prefills only what
+    follows it. The engine owns its model: on a CPU in float32 it packs the linear weights for oneDNN
+    (`pack_linears`) unless `pack=False`."""
 
-    def __init__(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams):
-        limit = loaded.context_length
-        if len(prompt_ids) + params.max_new_tokens > limit:
-            raise ContextLengthExceeded(len(prompt_ids), params.max_new_tokens, limit)
+    backend = "pytorch"
+
+    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, max_queue: int = 64, name: str | None = None,
+                 prefix_tokens: int = 2048, pack: bool = True):
         self.loaded = loaded
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.stream = TextStream(loaded.tokenizer, params.stop)
-        self.usage = Usage(prompt_tokens=len(prompt_ids))
-        self.finish_reason: str | None = None
+        self.packed_linears = pack_linears(loaded.model, max_batch_size) if pack else 0
+        self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
+        self._valid: torch.Tensor | None = None  # [rows, columns] which cache columns hold a real token
+        self.prefixes = PrefixCache(prefix_tokens)
+        super().__init__(loaded.tokenizer, loaded.eos_token_ids, loaded.context_length, loaded.model.device,
+                         name=name or loaded.ref.name, max_batch_size=max_batch_size, max_queue=max_queue)
 
-    @property
-    def text(self) -> str:
-        return self.stream.text
+    def _reset(self) -> None:
+        self._active, self._cache, self._valid = [], None, None
 
-    def __iter__(self) -> Iterator[str]:
+    def _admit(self, group: list[Sequence]) -> None:
+        """Prefill new requests (after the prefix they share with earlier prompts, when one is cached),
+        sample their first tokens, join the batch."""
+        for seq in group:
+            if seq.stream.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        plans: dict[int, tuple[Prefix | None, int, list[Sequence]]] = {}
+        for seq in group:
+            if seq.done:
+                continue
+            prefix, shared = self.prefixes.lookup(seq.prompt_ids)
+            _, known, members = plans.get(id(prefix), (prefix, shared, []))
+            plans[id(prefix)] = (prefix, min(known, shared), [*members, seq])  # one forward per prefix
+        for prefix, shared, members in plans.values():
+            if prefix is None and len(members) > 1:  # new prompts that start alike: their common part first
+                prefix, shared = self._prefill_common_part(members)
+            self._prefill(members, prefix, shared)
+
+    def _prefill_common_part(self, group: list[Sequence]) -> tuple["Prefix | None", int]:
+        """Prefill once, alone, the tokens every prompt of `group` starts with (when at least MIN_PREFIX)
+        and cache them: one more (short) forward saves computing them once per prompt."""
+        first = group[0].prompt_ids
+        shared = min(min(common_prefix(first, seq.prompt_ids) for seq in group[1:]), *(len(s.prompt_ids) - 1 for s in group))
+        if shared < MIN_PREFIX or shared > self.prefixes.max_tokens:
+            return None, 0
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self.loaded.model(input_ids=torch.tensor([first[:shared]], device=self.device), past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)
+        prefix = self.prefixes.add(first[:shared], [(layer.keys, layer.values) for layer in cache.layers])
+        return (prefix, shared) if prefix is not None else (None, 0)
+
+    def _prefill(self, group: list[Sequence], prefix: "Prefix | None", start: int) -> None:
+        """One left-padded forward over each prompt of `group` after its first `start` tokens, on top of
+        those tokens' keys and values cut from `prefix` (everything, when there is no prefix)."""
         from transformers import DynamicCache
 
         model = self.loaded.model
         device = model.device
-        generator = None
-        if self.params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(self.params.seed)
-        eos = self.loaded.eos_token_ids
+        rows = len(group)
+        tails = [seq.prompt_ids[start:] for seq in group]
+        width = max(len(t) for t in tails)
+        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        inputs = torch.tensor([[pad_id] * (width - len(t)) + t for t in tails], device=device)
+        pads = torch.tensor([width - len(t) for t in tails], device=device)
+        columns = torch.arange(width, device=device)
+        position_ids = start + (columns[None, :] - pads[:, None]).clamp(min=0)
         cache = DynamicCache()
-        inputs = torch.tensor([self.prompt_ids], device=device)
-        with torch.inference_mode():
-            for _ in range(self.params.max_new_tokens):
-                logits = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-                token = int(sample_next(logits, self.params, generator)[0])
-                if token in eos:
-                    self.finish_reason = "stop"
-                    break
-                self.usage.completion_tokens += 1
-                delta = self.stream.push(token)
-                if delta:
-                    yield delta
-                if self.stream.stopped:
-                    self.finish_reason = "stop"
-                    return
-                inputs = torch.tensor([[token]], device=device)
-            else:
-                self.finish_reason = "length"
-        tail = self.stream.finish()
-        if tail:
-            yield tail
+        if prefix is not None:
+            for index, (keys, values) in enumerate(prefix.layers):
+                cache.update(keys[:, :, :start].expand(rows, -1, -1, -1), values[:, :, :start].expand(rows, -1, -1, -1), index)
+        valid = torch.cat([torch.ones(rows, start, dtype=torch.bool, device=device), columns[None, :] >= pads[:, None]], dim=1)
+        mask = None  # without padding the model's own causal mask is the right one (prefix included)
+        if bool((pads > 0).any()):
+            # each row sees the prefix, then its own tokens causally; padding is hidden, and a padding
+            # query sees only itself, so no softmax row is empty (NaN)
+            own = (columns[None, None, :] <= columns[None, :, None]) & (columns[None, None, :] >= pads[:, None, None])
+            own |= torch.eye(width, dtype=torch.bool, device=device)[None]
+            allowed = torch.cat([torch.ones(rows, width, start, dtype=torch.bool, device=device), own], dim=2)
+            mask = torch.zeros(allowed.shape, dtype=model.dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
+            mask = mask[:, None]
+        # logits_to_keep=1: only the last position's vocabulary projection (the rest would be thrown away)
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        if prefix is None:
+            self._remember_prefixes(group, cache, pads)
+        for row, seq in enumerate(group):
+            seq.length = len(seq.prompt_ids)
+            self._accept(seq, int(sample_next(logits[row : row + 1], seq.params, seq.generator)[0]))
+        keep = [row for row, seq in enumerate(group) if not seq.done]
+        if not keep:
+            return
+        if len(keep) < len(group):
+            index = torch.tensor(keep, device=device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            valid = valid[index]
+        if self._cache is None:
+            self._cache, self._valid = cache, valid
+        else:
+            self._cache, self._valid = _concat_rows(self._cache, self._valid, cache, valid)
+        self._active.extend(group[row] for row in keep)
+        self.max_rows_seen = max(self.max_rows_seen, len(self._active))
+
+    def _remember_prefixes(self, group: list[Sequence], cache: Any, pads: torch.Tensor) -> None:
+        """Keep the keys and values of what a prompt just prefilled shares with another prompt of its group or
+        a recent one (at least MIN_PREFIX tokens): cut from the cache the prefill made, no extra forward."""
+        for row, seq in enumerate(group):
+            shared = self.prefixes.shared_length(seq.prompt_ids, [s.prompt_ids for s in group if s is not seq])
+            if shared < MIN_PREFIX or self.prefixes.lookup(seq.prompt_ids[:shared + 1], count=False)[1] >= shared:
+                continue
+            begin = int(pads[row])
+            self.prefixes.add(seq.prompt_ids[:shared], [
+                (layer.keys[row : row + 1, :, begin : begin + shared].clone(),
+                 layer.values[row : row + 1, :, begin : begin + shared].clone()) for layer in cache.layers])
+
+    def _step(self) -> None:
+        """One forward over every active row, then one new token for each."""
+        model = self.loaded.model
+        device = model.device
+        rows = len(self._active)
+        valid = torch.cat([self._valid, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
+        lengths = torch.tensor([seq.length for seq in self._active], device=device)
+        inputs = torch.tensor([[seq.next_token] for seq in self._active], device=device)
+        # no holes in any row (one request alone, or rows of equal length): no mask to build at all
+        mask = None if bool(valid.all()) else valid.long()
+        logits = model(
+            input_ids=inputs, attention_mask=mask, position_ids=lengths[:, None],
+            past_key_values=self._cache, use_cache=True,
+        ).logits[:, -1, :]
+        self._valid = valid
+        self.steps += 1
+        for seq, token in zip(self._active, self._pick(logits)):
+            seq.length += 1
+            self._accept(seq, token)
+
+    def _release(self, keep: list[int]) -> None:
+        if not keep:
+            self._cache, self._valid = None, None
+            return
+        # drop the rows, then the leading columns that no remaining row uses
+        index = torch.tensor(keep, device=self.loaded.model.device)
+        valid = self._valid.index_select(0, index)
+        trim = int(valid.any(dim=0).nonzero()[0])
+        self._valid = valid[:, trim:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:, :]
+
+
+MIN_PREFIX = 16  # shared tokens worth caching
+
+
+@dataclass
+class Prefix:
+    ids: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, len, dim]
+    used: float = 0.0
+
+
+class PrefixCache:
+    """Key/value caches of shared prompt prefixes, least recently used dropped first beyond `max_tokens`;
+    also remembers the token ids of recent prompts, to see what a new one shares with them."""
+
+    def __init__(self, max_tokens: int, remember: int = 32):
+        self.max_tokens = max_tokens
+        self.entries: list[Prefix] = []
+        self.recent: collections.deque[list[int]] = collections.deque(maxlen=remember)
+        self.hits = 0
+
+    def lookup(self, ids: list[int], count: bool = True) -> tuple[Prefix | None, int]:
+        """The cached prefix sharing the most leading tokens with `ids` (at least MIN_PREFIX, leaving one
+        token to prefill) and how many it shares: a prefix of a cached prefix is a cut of its columns."""
+        best, best_shared = None, 0
+        for entry in self.entries:
+            shared = min(common_prefix(entry.ids, ids), len(ids) - 1)
+            if shared >= MIN_PREFIX and shared > best_shared:
+                best, best_shared = entry, shared
+        if count:
+            if best is not None:
+                best.used = time.monotonic()
+                self.hits += 1
+            self.recent.append(ids)
+        return best, best_shared
+
+    def shared_length(self, ids: list[int], others: list[list[int]]) -> int:
+        """The longest prefix `ids` shares with one of `others` or a recent prompt (never all of `ids`)."""
+        longest = max((common_prefix(ids, other) for other in [*others, *self.recent] if other is not ids), default=0)
+        return min(longest, len(ids) - 1)
+
+    def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Prefix | None:
+        if len(ids) > self.max_tokens:
+            return None
+        entry = Prefix(tuple(ids), layers, time.monotonic())
+        self.entries.append(entry)
+        while sum(len(e.ids) for e in self.entries) > self.max_tokens:
+            self.entries.remove(min(self.entries, key=lambda e: e.used))
+        return entry if entry in self.entries else None
+
+
+def _concat_rows(batch: Any, valid: torch.Tensor, new: Any, new_valid: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Append the rows of cache `new` to cache `batch`, left-padding the shorter one with zeros (columns
+    marked not valid)."""
+    width, new_width = batch.get_seq_length(), new.get_seq_length()
+    for layer, new_layer in zip(batch.layers, new.layers):
+        for attr in ("keys", "values"):
+            a, b = getattr(layer, attr), getattr(new_layer, attr)
+            if new_width < width:
+                b = torch.nn.functional.pad(b, (0, 0, width - new_width, 0))
+            elif width < new_width:
+                a = torch.nn.functional.pad(a, (0, 0, new_width - width, 0))
+            setattr(layer, attr, torch.cat([a, b], dim=0))
+    if new_width < width:
+        new_valid = torch.nn.functional.pad(new_valid, (width - new_width, 0), value=False)
+    elif width < new_width:
+        valid = torch.nn.functional.pad(valid, (new_width - width, 0), value=False)
+    return batch, torch.cat([valid, new_valid], dim=0)

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forja.config import Settings
-from forja.engine import Engine
-from forja.serve.deps import ApiError, ServerState, make_engine
+from forja.engine import Engine, make_engine
+from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
 from forja.serve.routes import admin, classic, monitoring, openai
 from forja.store import Store

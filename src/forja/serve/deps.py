@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from forja.config import Persona, Settings
-from forja.engine import Engine, SamplingParams
+from forja.engine import Engine, SamplingParams, make_engine
 from forja.data import read_rows
 from forja.guard import Guards, published_pii
 from forja.models import trained_system, version_dir, with_system
@@ -174,46 +174,9 @@ class ServerState:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        self.guards.close()
         if self.store is not None:
             self.store.close()
-
-
-def pick_backend(settings: Settings) -> str:
-    """auto: llama.cpp when it is installed and there is no GPU for PyTorch; else PyTorch."""
-    choice = settings.serve.backend
-    if choice != "auto":
-        return choice
-    from forja.engine import llamacpp
-
-    import torch
-
-    return "llamacpp" if llamacpp.available() and not torch.cuda.is_available() else "pytorch"
-
-
-def make_engine(model: str, settings: Settings) -> Engine:
-    from forja import models
-
-    serve = settings.serve
-    if pick_backend(settings) == "llamacpp":
-        from forja.engine import llamacpp
-        from forja.export import ExportError, served_gguf
-
-        if not llamacpp.available():
-            raise models.ModelError("serve.backend is llamacpp but llama-cpp-python is not installed (make install)")
-        try:
-            path = served_gguf(settings, model, serve.gguf_quant)  # a trained version is exported once, then cached
-        except ExportError as exc:
-            if serve.backend != "auto":
-                raise
-            log.warning("serving %s with PyTorch: %s", model, exc)  # auto: a model llama.cpp cannot take
-        else:
-            return llamacpp.LlamaCppEngine(path, models.load_tokenizer(model, settings), name=model,
-                                           max_batch_size=serve.max_batch_size, max_queue=serve.max_queue,
-                                           kv_tokens=serve.kv_tokens, threads=settings.threads)
-    from forja.engine.batching import BatchingEngine
-
-    return BatchingEngine(models.load(model, settings), max_batch_size=serve.max_batch_size,
-                          max_queue=serve.max_queue, name=model, pack=serve.pack_weights)
 
 
 def sampling(target: Target, settings: Settings, *, prompt_tokens: int, max_tokens: int | None,

@@ -105,7 +105,7 @@ def prepare(state: ServerState, target: Target, prompts: list[Prompt], body: Any
                        code="invalid_value")
     jobs = []
     for prompt in prompts:
-        params = sampling(target, state.settings, prompt_tokens=target.engine.count_tokens(prompt), max_tokens=max_tokens,
+        params = sampling(target, state.settings, prompt_tokens=len(target.engine.tokenize(prompt)), max_tokens=max_tokens,
                           temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop, param=param)
         for i in range(body.n):
             jobs.append((prompt, replace(params, seed=None if params.seed is None else params.seed + i)))
