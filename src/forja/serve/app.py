@@ -22,7 +22,7 @@ from forja.config import Settings
 from forja.engine import Engine, make_engine
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
-from forja.serve.routes import admin, classic, monitoring, openai
+from forja.serve.routes import admin, classic, embeddings, monitoring, openai
 from forja.store import Store
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -54,6 +54,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app = FastAPI(title="Forja", summary="OpenAI-compatible API over your own model", lifespan=lifespan)
     app.state.forja = state
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(classic.router)
     app.include_router(admin.router)
     app.include_router(monitoring.router)

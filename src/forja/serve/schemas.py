@@ -201,7 +201,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "forja"
-    kind: Literal["active", "base", "version", "persona"]
+    kind: Literal["active", "base", "version", "persona", "embedding"]
     description: str = ""
 
 
@@ -219,3 +219,37 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# ------------------------------------------------------------------------------------------------
+# /v1/embeddings (OpenAI's contract; the limits are checked in routes/embeddings.py)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str | int | list[int]] = Field(
+        ..., description="A text or a list of texts (token-id arrays are refused: ids belong to one tokenizer).")
+    model: str | None = Field(None, description="The embedding model's id; default: the only one, all-MiniLM-L6-v2.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as the base64 of its little-endian float32 bytes.")
+    dimensions: int | None = Field(None, description="Must be the model's own size (384) when given.")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

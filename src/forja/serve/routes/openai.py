@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep, Target, sampling
@@ -40,6 +41,21 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 @router.get("/models")
 async def list_models(state: StateDep, _: ApiKeyDep) -> ModelList:
+    return ModelList(data=model_cards(state))
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: StateDep, _: ApiKeyDep) -> ModelCard:
+    """One card of /v1/models; `:path` because model ids can be paths or hub names with a `/`."""
+    cards = model_cards(state)
+    for card in cards:
+        if card.id == model_id:
+            return card
+    raise ApiError(404, f"the model {model_id!r} does not exist; available: {', '.join(c.id for c in cards)}",
+                   param="model", code="model_not_found")
+
+
+def model_cards(state: ServerState) -> list[ModelCard]:
     created = int(state.started)
     active = state.active
     cards = [ModelCard(id=active, created=created, kind="active", description="answers requests that name no model")]
@@ -49,7 +65,9 @@ async def list_models(state: StateDep, _: ApiKeyDep) -> ModelList:
               for p in state.settings.serve.personas]
     cards += [ModelCard(id=v, created=created, kind="version", description="trained version")
               for v in state.versions() if v not in (active, state.base)]
-    return ModelList(data=cards)
+    cards.append(ModelCard(id=EMBEDDING_MODEL, created=created, owned_by="sentence-transformers", kind="embedding",
+                           description=f"sentence embeddings, {EMBEDDING_DIMENSIONS} dimensions (POST /v1/embeddings)"))
+    return cards
 
 
 @router.post("/chat/completions", response_model=None)

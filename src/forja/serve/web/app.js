@@ -39,6 +39,7 @@ async function loadPersonas() {
   const select = $("persona");
   select.replaceChildren();
   for (const model of (await response.json()).data) {
+    if (model.kind === "embedding") continue; // it makes vectors, not answers
     const option = document.createElement("option");
     option.value = model.id;
     option.textContent = model.kind === "active" ? model.id.split("/").pop() + " (active model)"

@@ -1,0 +1,81 @@
+"""`POST /v1/embeddings`: OpenAI's embeddings contract over the bundled all-MiniLM-L6-v2 (forja.embeddings).
+One worker thread embeds, one request after another, off the event loop: the generating routes keep
+streaming while it works, and two embedding requests never split the cores between them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import APIRouter, Request
+
+from forja.embeddings import (EMBEDDING_DIMENSIONS, EMBEDDING_MAX_TOKENS, EMBEDDING_MODEL, EmbeddingError,
+                              count_tokens, embed)
+from forja.serve.deps import ApiError, ApiKeyDep
+from forja.serve.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+
+MAX_EMBEDDING_INPUTS = 2048  # texts in one request, as OpenAI
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-embeddings")
+
+
+@router.post("/embeddings")
+async def create_embeddings(body: EmbeddingRequest, request: Request, _: ApiKeyDep) -> EmbeddingList:
+    texts = checked_texts(body)
+    names = ["input"] if isinstance(body.input, str) else [f"input.{i}" for i in range(len(texts))]
+    request.state.model = EMBEDDING_MODEL  # for the request counter
+    data, tokens = await asyncio.get_running_loop().run_in_executor(worker, embed_texts, texts, names,
+                                                                    body.encoding_format)
+    return EmbeddingList(data=data, model=EMBEDDING_MODEL,
+                         usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def checked_texts(body: EmbeddingRequest) -> list[str]:
+    """The texts to embed, or 400/404 naming the field that cannot be served."""
+    if body.model is not None and body.model != EMBEDDING_MODEL:
+        raise ApiError(404, f"the model {body.model!r} does not make embeddings; the embedding model is "
+                       f"{EMBEDDING_MODEL}", param="model", code="model_not_found")
+    if body.dimensions is not None and body.dimensions != EMBEDDING_DIMENSIONS:
+        raise ApiError(400, f"dimensions is {body.dimensions}; {EMBEDDING_MODEL} makes {EMBEDDING_DIMENSIONS}-dimensional "
+                       f"vectors only (send {EMBEDDING_DIMENSIONS} or leave dimensions out)", param="dimensions",
+                       code="invalid_value")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise ApiError(400, "input is an empty list; send a text or a list of texts", param="input",
+                       code="invalid_value")
+    if not all(isinstance(text, str) for text in texts):
+        # token ids belong to one tokenizer: a client's (tiktoken's) ids mean other words to MiniLM
+        raise ApiError(400, "input as token ids is not supported: send the text itself, a string or a list of strings "
+                       "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))", param="input",
+                       code="unsupported_parameter")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"input has {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS} per request",
+                       param="input", code="invalid_value")
+    for index, text in enumerate(texts):
+        if not text:
+            name = "input" if isinstance(body.input, str) else f"input.{index}"
+            raise ApiError(400, f"{name} is an empty string; there is nothing to embed", param=name,
+                           code="invalid_value")
+    return texts  # type: ignore[return-value]  # all strings, checked above
+
+
+def embed_texts(texts: list[str], names: list[str], encoding_format: str) -> tuple[list[Embedding], int]:
+    """In the worker thread: count, refuse a text over the window (never cut it), embed."""
+    try:
+        counts = count_tokens(texts)
+        for name, count in zip(names, counts):
+            if count > EMBEDDING_MAX_TOKENS:
+                raise ApiError(400, f"{name} has {count} tokens; {EMBEDDING_MODEL} reads at most {EMBEDDING_MAX_TOKENS} "
+                               "([CLS] and [SEP] included); shorten it or split it in parts", param=name,
+                               code="context_length_exceeded")
+        vectors = embed(texts).numpy()
+    except EmbeddingError as exc:
+        raise ApiError(500, str(exc), type="server_error", code="model_load_failed") from None
+    if encoding_format == "base64":  # what the openai SDK decodes: little-endian float32 bytes
+        rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
+    else:
+        rows = vectors.tolist()
+    return [Embedding(index=i, embedding=row) for i, row in enumerate(rows)], sum(counts)
+
