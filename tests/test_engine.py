@@ -1,4 +1,6 @@
 import asyncio
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from conftest import answer_alone
 from forja.config import load_settings
 from forja.engine import ContextLengthExceeded, SamplingParams
 from forja.engine.pytorch import PyTorchEngine
-from forja.engine.sampling import sample_next
+from forja.engine.sampling import Sampler
 from forja.engine.text import TextStream, chat_messages, chat_prompt_ids
 from forja.models import load
 
@@ -56,13 +58,53 @@ def test_the_engine_takes_the_token_ids_it_was_given(tiny):
     assert by_ids.text == by_messages.text and by_ids.usage.prompt_tokens == len(ids)
 
 
-def test_top_p_keeps_only_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    params = SamplingParams(temperature=1.0, top_p=0.7)
-    generator = torch.Generator().manual_seed(0)
-    picks = {int(sample_next(logits, params, generator)) for _ in range(200)}
-    assert picks == {0, 1}
-    assert int(sample_next(logits, SamplingParams(temperature=0.0), None)) == 0
+PROBS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
+
+def picks(params: SamplingParams, logits=PROBS, draws: int = 300, prompt=()) -> set[int]:
+    sampler = Sampler(replace(params, seed=0), list(prompt), "cpu")
+    return {sampler.pick(logits) for _ in range(draws)}
+
+
+def test_top_p_top_k_and_min_p_keep_only_the_likely_tokens():
+    assert picks(SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1}
+    assert picks(SamplingParams(temperature=1.0, top_k=3)) == {0, 1, 2}
+    assert picks(SamplingParams(temperature=1.0, min_p=0.5)) == {0, 1}  # 0.15 < 0.5 x 0.5
+    assert picks(SamplingParams(temperature=1.0)) == {0, 1, 2, 3}
+    assert picks(SamplingParams(temperature=0.0)) == {0}
+
+
+def test_parameters_that_underflow_keep_the_top_token_instead_of_failing():
+    """top_p 1e-300 at temperature 1 once emptied the nucleus and multinomial raised for the whole batch."""
+    assert picks(SamplingParams(temperature=1.0, top_p=1e-300)) == {0}
+    assert picks(SamplingParams(temperature=1.0, min_p=1.0)) == {0}
+    assert picks(SamplingParams(temperature=2.0, top_k=1, top_p=1e-12)) == {0}
+
+
+def test_logit_bias_and_penalties_move_the_choice():
+    assert picks(SamplingParams(logit_bias={3: 100.0})) == {3}
+    assert picks(SamplingParams(logit_bias={0: -100.0})) == {1}
+    # the repetition penalty (transformers' rule) counts the prompt: token 0 was in it
+    logits = torch.tensor([2.0, 1.9, 0.0, -1.0])
+    assert picks(SamplingParams(repetition_penalty=1.3), logits, draws=1, prompt=[0]) == {1}
+    assert picks(SamplingParams(repetition_penalty=1.3), logits, draws=1) == {0}
+    # frequency penalty: each use of a token lowers it, so greedy alternates instead of repeating
+    sampler = Sampler(SamplingParams(frequency_penalty=0.2), [], "cpu")
+    assert [sampler.pick(logits) for _ in range(4)] == [0, 1, 0, 1]
+    sampler = Sampler(SamplingParams(presence_penalty=0.5), [], "cpu")
+    # presence lowers a used token once, however often it comes back: 1.5 < 1.9, then 1.5 > 1.4, then 1.5 > 1.4
+    assert [sampler.pick(logits) for _ in range(4)] == [0, 1, 0, 0]
+
+
+def test_logprobs_are_the_model_distribution_with_the_top_alternatives():
+    sampler = Sampler(SamplingParams(logprobs=True, top_logprobs=2, temperature=0.0), [], "cpu")
+    assert not sampler.plain
+    token = sampler.pick(PROBS)
+    (entry,) = sampler.take_logprobs()
+    assert token == entry.token == 0 and entry.logprob == pytest.approx(math.log(0.5), abs=1e-5)
+    assert [t for t, _ in entry.top] == [0, 1] and entry.top[1][1] == pytest.approx(math.log(0.3), abs=1e-5)
+    assert sampler.take_logprobs() == []
+    assert Sampler(SamplingParams(), [], "cpu").take_logprobs() is None
 
 
 def test_context_length_is_checked(tiny):

@@ -272,3 +272,56 @@ def test_the_engine_packs_its_model_unless_told_not_to(varied_model_dir):
     finally:
         packed.close()
         plain.close()
+
+
+class Exploding:
+    """A grammar whose constraint fails at the first step: what any sampling error looks like to the engine."""
+
+    def start(self):
+        return self
+
+    def mask(self, logits):
+        raise RuntimeError("boom")
+
+
+def test_a_sampling_failure_ends_that_request_alone(varied, engine):
+    """One request's bad sampling (here a failing constraint; once, top_p 1e-300 emptying the nucleus) never
+    fails the batch it shares: the others answer exactly as alone."""
+    greedy = SamplingParams(max_new_tokens=16)
+    hostile = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1e-300, seed=1)
+    broken = SamplingParams(max_new_tokens=16, grammar=Exploding())
+
+    async def main():
+        return await asyncio.gather(answer(engine, PROMPTS[0], greedy), answer(engine, PROMPTS[1], hostile),
+                                    answer(engine, PROMPTS[2], broken), answer(engine, PROMPTS[3], greedy))
+
+    (t0, l0), (t1, l1), (t2, l2), (t3, l3) = asyncio.run(main())
+    assert l2.finish_reason == "error" and "boom" in l2.error
+    assert (t0, t3) == (alone(varied, PROMPTS[0], greedy)[0], alone(varied, PROMPTS[3], greedy)[0])
+    assert l0.finish_reason == l3.finish_reason == "length"
+    # top_p that keeps nothing keeps the most likely token: the greedy answer
+    assert l1.finish_reason == "length" and t1 == alone(varied, PROMPTS[1], greedy)[0]
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Madrid"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "ok": {"type": "boolean"}},
+          "required": ["city", "n", "ok"], "additionalProperties": False}
+
+
+def test_answers_under_a_json_schema_parse_and_validate(varied, engine):
+    import json
+
+    import jsonschema
+
+    from forja.engine.constrain import Grammar
+
+    grammar = Grammar.json_schema(varied.tokenizer, SCHEMA, eos_token_ids=varied.eos_token_ids)
+    params = [SamplingParams(max_new_tokens=40, temperature=1.0, seed=i, grammar=grammar) for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(*[answer(engine, PROMPTS[i % 8], p) for i, p in enumerate(params)])
+
+    for text, last in asyncio.run(main()):
+        assert last.finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)

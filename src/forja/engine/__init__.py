@@ -31,13 +31,22 @@ class GenerationError(ForjaError):
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens; temperature 0 means greedy."""
+    """How to pick tokens (engine/sampling.py applies them); temperature 0 means greedy."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    repetition_penalty: float = 1.0  # transformers' (>1 discourages tokens of the prompt and the answer)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this per earlier use of the token in the answer
+    presence_penalty: float = 0.0  # OpenAI's: minus this once the token is in the answer
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: bool = False  # each token's log-probability rides on the deltas
+    top_logprobs: int = 0  # with logprobs: this many most likely tokens per step
+    grammar: Any = None  # an engine.constrain.Grammar the answer must follow (JSON schema, tool calls)
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Delta:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     usage: Usage | None = None
     error: str | None = None
+    logprobs: list[Any] | None = None  # sampling.TokenLogprob of the tokens since the last delta, when asked
 
 
 class Stream(ABC):

@@ -135,13 +135,13 @@ class LlamaCppEngine(Scheduler):
             self._keep_prefix(ids, slot, shared)
             seq.length = len(ids)
             self._active.append(seq)  # joins before its first token, so a request that ends at once is dropped normally
-            self._accept(seq, self._pick_one(seq, self._logits(len(chunk) - 1)))
+            self._accept(seq, self._pick_logits(seq, self._logits(len(chunk) - 1)))
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
     def _step(self) -> None:
         rows = [(seq.next_token, seq.length, seq.extra["slot"]) for seq in self._active]
         self._decode(rows, list(range(len(rows))))
-        if all(seq.params.temperature == 0 for seq in self._active):  # greedy: argmax in place, no copies
+        if all(seq.sampler.plain for seq in self._active):  # greedy: argmax in place, no copies
             tokens = [int(self._logits(i).argmax()) for i in range(len(rows))]
         else:
             tokens = self._pick(torch.from_numpy(np.stack([self._logits(i).copy() for i in range(len(rows))])))
@@ -219,9 +219,8 @@ class LlamaCppEngine(Scheduler):
         pointer = self.llama.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def _pick_one(self, seq: Sequence, logits: np.ndarray) -> int:
-        if seq.params.temperature == 0:
+    def _pick_logits(self, seq: Sequence, logits: np.ndarray) -> int | None:
+        """A token from a row of llama.cpp's logits: argmax in place for plain greedy, else a copy sampled."""
+        if seq.sampler.plain:
             return int(logits.argmax())
-        from forja.engine.pytorch import sample_next
-
-        return int(sample_next(torch.from_numpy(logits.copy())[None], seq.params, seq.generator)[0])
+        return self._pick_one(seq, torch.from_numpy(logits.copy()))

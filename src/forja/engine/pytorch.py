@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from forja.engine.sampling import sample_next
 from forja.engine.scheduler import Scheduler, Sequence
 from forja.models import LoadedModel, common_prefix
 
@@ -151,7 +150,7 @@ class PyTorchEngine(Scheduler):
             self._remember_prefixes(group, cache, pads)
         for row, seq in enumerate(group):
             seq.length = len(seq.prompt_ids)
-            self._accept(seq, int(sample_next(logits[row : row + 1], seq.params, seq.generator)[0]))
+            self._accept(seq, self._pick_one(seq, logits[row]) if not seq.sampler.plain else int(logits[row].argmax()))
         keep = [row for row, seq in enumerate(group) if not seq.done]
         if not keep:
             return

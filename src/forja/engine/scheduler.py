@@ -29,7 +29,7 @@ from forja.engine import (
     Stream,
     Usage,
 )
-from forja.engine.sampling import sample_next
+from forja.engine.sampling import Sampler
 from forja.engine.text import TextStream, chat_prompt_ids
 
 log = logging.getLogger("forja.engine")
@@ -77,7 +77,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     text: TextStream
-    generator: torch.Generator | None
+    sampler: Sampler
     usage: Usage
     length: int = 0  # real tokens of this row in the batch cache
     next_token: int = 0  # sampled, not yet fed to the model
@@ -126,11 +126,8 @@ class Scheduler(Engine):
         if len(ids) + params.max_new_tokens > self.context_length:
             raise ContextLengthExceeded(len(ids), params.max_new_tokens, self.context_length)
         stream = EngineStream(asyncio.get_running_loop())
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(stream, ids, params, TextStream(self.tokenizer, params.stop), generator,
-                        Usage(prompt_tokens=len(ids)))
+        seq = Sequence(stream, ids, params, TextStream(self.tokenizer, params.stop), Sampler(params, ids, self.device),
+                       Usage(prompt_tokens=len(ids)))
         with self._wake:
             if self._closed:
                 raise QueueFull(f"the engine for {self.name} is shutting down")
@@ -231,19 +228,32 @@ class Scheduler(Engine):
     def _shutdown(self) -> None:
         """The engine thread is ending: free the backend's resources."""
 
-    def _pick(self, logits: torch.Tensor) -> list[int]:
-        """A token for each active request from logits [rows, vocab] (greedy rows in one argmax)."""
-        greedy = [i for i, seq in enumerate(self._active) if seq.params.temperature == 0]
-        tokens: dict[int, int] = {}
-        if greedy:
-            tokens.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist()))
+    def _pick(self, logits: torch.Tensor) -> list[int | None]:
+        """A token for each active request from logits [rows, vocab] (plain greedy rows in one argmax)."""
+        plain = [i for i, seq in enumerate(self._active) if seq.sampler.plain]
+        tokens: dict[int, int | None] = {}
+        if plain:
+            tokens.update(zip(plain, logits[plain].argmax(dim=-1).tolist()))
         for i, seq in enumerate(self._active):
             if i not in tokens:
-                tokens[i] = int(sample_next(logits[i : i + 1], seq.params, seq.generator)[0])
+                tokens[i] = self._pick_one(seq, logits[i])
         return [tokens[i] for i in range(len(self._active))]
 
-    def _accept(self, seq: Sequence, token: int) -> None:
-        """Handle a sampled token: end on EOS, stop string or length; otherwise stream its text."""
+    def _pick_one(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        """One request's token from its logits [vocab]; a failure (a sampling error, a grammar that allows
+        nothing) ends that request alone, with finish_reason "error", and gives None."""
+        try:
+            return seq.sampler.pick(logits)
+        except Exception as exc:
+            log.warning("request on %s ended by a sampling error: %s", self.name, exc)
+            self._finish(seq, "error", error=f"sampling failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def _accept(self, seq: Sequence, token: int | None) -> None:
+        """Handle a sampled token: end on EOS, stop string, a completed grammar or length; otherwise stream
+        its text."""
+        if seq.done or token is None:
+            return
         if seq.stream.cancelled.is_set():
             self._finish(seq, "cancelled")
             return
@@ -252,21 +262,22 @@ class Scheduler(Engine):
             return
         seq.usage.completion_tokens += 1
         delta = seq.text.push(token)
-        if seq.text.stopped:
-            self._finish(seq, "stop", text=delta)
+        if seq.text.stopped or seq.sampler.done:
+            self._finish(seq, "stop", text=delta + seq.text.finish())
             return
         if seq.usage.completion_tokens >= seq.params.max_new_tokens:
             self._finish(seq, "length", text=delta + seq.text.finish())
             return
         if delta:
-            seq.stream.put(Delta(delta))
+            seq.stream.put(Delta(delta, logprobs=seq.sampler.take_logprobs()))
         seq.next_token = token
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
         seq.done = True
         if reason == "stop" and not text:
             text = seq.text.finish()
-        seq.stream.put(Delta(text, finish_reason=reason, usage=seq.usage, error=error))
+        seq.stream.put(Delta(text, finish_reason=reason, usage=seq.usage, error=error,
+                             logprobs=seq.sampler.take_logprobs()))
 
     def _drop_finished(self) -> None:
         for seq in self._active:
