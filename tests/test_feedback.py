@@ -140,23 +140,24 @@ def test_feedback_is_stored_with_its_sender_and_errors_are_clear(served):
     assert anonymous.status_code == 401
 
 
-def test_admin_switches_the_active_model_without_a_restart(served, tiny_model_dir, tmp_path):
+def test_admin_switches_the_active_model_without_a_restart(served, tiny_model_dir):
     settings = served.settings
-    clone = tmp_path / "clone"
+    clone = settings.versions_dir / "clone"  # a trained version: remote clients name models, never paths
     import shutil
 
     shutil.copytree(tiny_model_dir, clone)
+    (clone / models.VERSION_FILE).write_text(json.dumps({"base": str(tiny_model_dir)}))
     user = {"Authorization": f"Bearer {USER_KEY}"}
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    assert httpx.post(served.url + "/admin/models/activate", json={"model": str(clone)}).status_code == 401
-    refused = httpx.post(served.url + "/admin/models/activate", headers=user, json={"model": str(clone)})
+    assert httpx.post(served.url + "/admin/models/activate", json={"model": "clone"}).status_code == 401
+    refused = httpx.post(served.url + "/admin/models/activate", headers=user, json={"model": "clone"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
     missing = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": "no-such-version"})
     assert missing.status_code == 404
-    switched = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": str(clone)})
-    assert switched.status_code == 200 and switched.json()["active"] == str(clone)
-    assert chat(served.url, "Hola", USER_KEY)["model"] == str(clone)  # no model named: the active one answers
-    assert httpx.get(served.url + "/health").json()["active_model"] == str(clone)
+    switched = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": "clone"})
+    assert switched.status_code == 200 and switched.json()["active"] == "clone"
+    assert chat(served.url, "Hola", USER_KEY)["model"] == "clone"  # no model named: the active one answers
+    assert httpx.get(served.url + "/health").json()["active_model"] == "clone"
     back = httpx.post(served.url + "/admin/models/activate", headers=admin, json={"model": str(tiny_model_dir)})
     assert back.json()["active"] == str(tiny_model_dir)
     assert settings.models_dir.joinpath(models.ACTIVE_FILE).exists() is False  # pinned by --model: registry untouched

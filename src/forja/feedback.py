@@ -25,7 +25,7 @@ from typing import Any
 from forja import models
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, validation_path, write_jsonl
-from forja.guard import Guards
+from forja.guard import Guards, refused_characters
 from forja.store import Store
 
 FEEDBACK_RECORD = "feedback.json"  # in a run made from feedback: which rows it learns from
@@ -87,10 +87,10 @@ def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api
     and counts of what was left out and why. Rows rejected in review are left out. Per answer the newest
     correction wins; without one, an answer with more trusted thumbs-up (`trusted`) than thumbs-down is
     kept as it is. `redact` is applied to every text (the server already stores it redacted; this also
-    cleans rows stored before the guardrails)."""
+    cleans rows stored before the guardrails), and a pair with text the characters rail refuses is left out."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     skipped = {"down_without_correction": 0, "comment_only": 0, "tied_ratings": 0, "unusable_prompt": 0,
-               "untrusted_approval": 0, "rejected_in_review": 0}
+               "untrusted_approval": 0, "rejected_in_review": 0, "refused_characters": 0}
     for row in reversed(store.feedback_rows(unused_only=not include_used)):  # oldest first
         if row.get("review") == "rejected":
             skipped["rejected_in_review"] += 1
@@ -123,7 +123,17 @@ def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api
             skipped["tied_ratings"] += 1
         else:
             skipped["comment_only"] += 1
-    return pairs, skipped
+    kept = [pair for pair in pairs if not has_refused_characters(pair)]
+    skipped["refused_characters"] = len(pairs) - len(kept)
+    return kept, skipped
+
+
+def has_refused_characters(pair: Pair) -> bool:
+    """Control characters or chat-template tokens (`<|im_start|>system`) must never become training data,
+    whatever let them into the store: rows from before the rail, a rail turned off, an older server."""
+    prompt = [pair.prompt] if isinstance(pair.prompt, str) else [m.get("content") for m in pair.prompt]
+    texts = [*prompt, pair.answer, pair.rejected]
+    return any(refused_characters(text) for text in texts if isinstance(text, str))
 
 
 def write_training_file(path: Path, rows: list[dict[str, Any]]) -> str:

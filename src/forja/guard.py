@@ -250,6 +250,16 @@ INJECTION_RULES = {
 TEMPLATE_TOKENS = re.compile(r"<\|[a-z_]{2,30}\|>|</?s>|\[/?inst\]|<</?sys>>|^\s*(system|sistema)\s*:", re.I | re.M)
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
+
+def refused_characters(text: str) -> str | None:
+    """What the characters rail refuses in `text`, in words (for an error message), or None. Text that is
+    stored to train on (feedback corrections) must pass it whatever the rails' settings."""
+    if CONTROL_CHARS.search(text):
+        return "a control character (such as NUL) or a text-direction override"
+    if TEMPLATE_TOKENS.search(text):
+        return "chat-template markup (such as <|im_start|> or a line starting 'system:'), which forges turns"
+    return None
+
 # Built-in phrase rules for blatant requests, by Llama Guard 3 category; patterns see normalised text
 # (lower case, no accents). They catch the obvious phrasings only; the safety classifier does the rest.
 TOPIC_RULES: dict[str, re.Pattern[str]] = {
@@ -448,14 +458,13 @@ class Guard:
         """Check what a client sent: chat messages (its user and assistant turns, not the persona's system
         prompt) or a prompt string. The verdict holds every checked text, redacted; `apply_input` puts them
         back in the conversation."""
-        texts = [conversation] if isinstance(conversation, str) else [
-            m["content"] for m in conversation if m.get("role") != "system" and isinstance(m.get("content"), str)]
+        texts = self._client_texts(conversation)
         if not self.rails.enabled:
             return Verdict(texts[-1] if texts else "", texts=texts)
         findings: list[Finding] = []
         redacted = []
         language = self._language(" ".join(texts[-1:]))
-        if sum(len(t) for t in texts) > self.rails.max_input_chars:
+        if self.input_chars(conversation) > self.rails.max_input_chars:
             findings.append(Finding("input", "length", "length", "block"))
         for text in texts:
             findings += self._text_rules("input", text)
@@ -468,6 +477,15 @@ class Guard:
             chat = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
             self._classify(verdict, "input", self.apply_input(chat, verdict), "User", language)
         return verdict
+
+    @staticmethod
+    def _client_texts(conversation: list[dict[str, str]] | str) -> list[str]:
+        return [conversation] if isinstance(conversation, str) else [
+            m["content"] for m in conversation if m.get("role") != "system" and isinstance(m.get("content"), str)]
+
+    def input_chars(self, conversation: list[dict[str, str]] | str) -> int:
+        """The length `max_input_chars` limits: what the client sent (not the persona's system prompt)."""
+        return sum(len(t) for t in self._client_texts(conversation))
 
     def apply_input(self, conversation: Any, verdict: Verdict) -> Any:
         """The conversation with the verdict's redactions applied."""

@@ -125,10 +125,16 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
+def valid_name(name: str) -> bool:
+    """A version or run name (`--name`, `--resume`): letters, digits, '-', '_' and '.', starting with a letter
+    or digit, so it is one folder inside FORJA_HOME and never a path (no '/', no '..', not absolute)."""
+    return re.fullmatch(r"\w[\w.-]*", name) is not None
+
+
 def version_dir(settings: Settings, name: str) -> Path | None:
     """The directory of the trained version `name`, or None when no version has that name."""
     path = settings.versions_dir / name
-    if name in BUNDLED or not re.fullmatch(r"[\w.-]+", name) or not (path / VERSION_FILE).is_file():
+    if name in BUNDLED or not valid_name(name) or not (path / VERSION_FILE).is_file():
         return None
     return path
 

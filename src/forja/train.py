@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, prepare, read_rows, validation_path
-from forja.models import (VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16, load, pick_device, resolve,
-                          with_system)
+from forja.models import (VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16, load, pick_device,
+                          resolve, valid_name, with_system)
 
 # peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -306,10 +306,15 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+def check_name(name: str, flag: str) -> None:
+    if not valid_name(name):
+        raise TrainError(f"{flag} {name!r}: a run or version name may only hold letters, digits, '-', '_' and '.' "
+                         "(starting with a letter or digit), not a path")
+
+
 def new_run(settings: Settings, data: list[Path], name: str | None, base: str, config: TrainSettings) -> Run:
     name = name or f"{Path(base).name.removesuffix('.gguf')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise TrainError(f"version name {name!r} may only hold letters, digits, '-', '_' and '.'")
+    check_name(name, "--name")
     if (settings.versions_dir / name / VERSION_FILE).exists():
         raise TrainError(f"a model version named {name!r} already exists; choose another --name")
     directory = settings.runs_dir / name
@@ -343,6 +348,7 @@ def prepared_data(paths: list[Path], directory: Path, config: TrainSettings) -> 
 
 
 def open_run(settings: Settings, name: str) -> Run:
+    check_name(name, "--resume")
     directory = settings.runs_dir / name
     try:
         description = json.loads((directory / RUN_FILE).read_text())

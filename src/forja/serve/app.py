@@ -23,6 +23,7 @@ from forja.engine import Engine, make_engine
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
 from forja.serve.routes import admin, classic, embeddings, monitoring, openai
+from forja.serve.schemas import BAD_REQUEST_ERRORS
 from forja.store import Store
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -70,12 +71,16 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(validation_error(exc).body(), status_code=422 if not is_bad_json(exc) else 400)
+        error = validation_error(exc)
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 400:  # FastAPI could not parse the body: not UTF-8, or JSON nested too deep
+            message += " (send JSON encoded as UTF-8)"
+        error = ApiError(exc.status_code, message, code=code)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     serve = settings.serve
@@ -98,19 +103,17 @@ async def load_base(state: ServerState) -> None:
         log.error("cannot load %s: %s", state.base, exc)
 
 
-def is_bad_json(exc: RequestValidationError) -> bool:
-    return any(err.get("type") == "json_invalid" for err in exc.errors())
-
-
 def validation_error(exc: RequestValidationError) -> ApiError:
-    """422 naming the first offending field (`messages.0.role`), as OpenAI's `param`."""
+    """422 naming the first offending field (`messages.0.role`), as OpenAI's `param`; 400 for the errors
+    schemas.BAD_REQUEST_ERRORS lists (a validator that sees the whole body names the field in its context)."""
     err = exc.errors()[0]
     loc = [str(part) for part in err.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    param = (err.get("ctx") or {}).get("param") or ".".join(loc) or None
     if err.get("type") == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({err.get('msg')})", code="invalid_json")
     message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-    return ApiError(422, message, param=param, code="invalid_value")
+    code = BAD_REQUEST_ERRORS.get(err.get("type", ""))
+    return ApiError(400 if code else 422, message, param=param, code=code or "invalid_value")
 
 
 class BodyLimit:

@@ -209,6 +209,16 @@ def sampling(target: Target, settings: Settings, *, prompt_tokens: int, max_toke
     )
 
 
+def check_fits_queue(state: ServerState, prompts: int, n: int, param: str = "n") -> None:
+    """A request is queued all or none: one needing more answers than the queue holds could never be
+    answered (429 forever), so it is refused at once naming the limit."""
+    answers, limit = prompts * n, state.settings.serve.max_queue
+    if answers > limit:
+        raise ApiError(422, f"this request asks for {answers} answers ({prompts} prompts x {param}={n}); this server "
+                       f"queues at most {limit} at a time (serve.max_queue): send fewer prompts or a smaller {param}",
+                       param=param, code="invalid_value")
+
+
 def get_state(request: Request) -> ServerState:
     return request.app.state.forja
 

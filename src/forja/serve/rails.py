@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from forja.engine import Delta, Prompt, Stream, Usage
 from forja.guard import Finding, Guard, OutputFilter
+from forja.serve.deps import ApiError
 
 if TYPE_CHECKING:
     from forja.serve.deps import ServerState, Target
@@ -21,14 +22,18 @@ CONTENT_FILTER = "content_filter"
 class RequestRails:
     """The rails of one request: its persona's Guard, and every decision taken, for the audit log and metrics."""
 
-    def __init__(self, state: "ServerState", target: "Target"):
+    def __init__(self, state: "ServerState", target: "Target", param: str | None = None):
         self.state = state
         self.guard: Guard = state.guards.for_persona(target.persona, target.published)
         self.findings: list[Finding] = []
         self.conversations: list[list[dict[str, str]]] = []
+        self.param = param  # the body field errors name; default: "prompt" for text, "messages" for chat
 
     def screen(self, prompts: list[Prompt]) -> list[tuple[Prompt, str | None]]:
-        """Each prompt redacted as the config says, with the refusal when the input rails block it."""
+        """Each prompt redacted as the config says, with the refusal when the input rails block it. A prompt
+        longer than the rails take is an error of the request (400 with the numbers), not a refusal."""
+        for prompt in prompts:
+            self.check_length(prompt)
         screened = []
         for prompt in prompts:
             verdict = self.guard.check_input(prompt)
@@ -37,6 +42,15 @@ class RequestRails:
             screened.append((prompt, verdict.refusal))
             self.conversations.append(prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
         return screened
+
+    def check_length(self, prompt: Prompt) -> None:
+        rails = self.guard.rails
+        length = self.guard.input_chars(prompt)
+        if rails.enabled and length > rails.max_input_chars:
+            param = self.param or ("prompt" if isinstance(prompt, str) else "messages")
+            raise ApiError(400, f"{param}: the input is {length} characters long; this server takes at most "
+                           f"{rails.max_input_chars} (guard.max_input_chars): shorten it", param=param,
+                           code="input_too_long")
 
     def streams(self, screened: list[tuple[Prompt, str | None]], n: int, submitted: list[Stream]) -> list[Stream]:
         """n streams per prompt, in order: a refusal for a blocked prompt, else the engine's answers

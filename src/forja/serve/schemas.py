@@ -1,17 +1,55 @@
-"""Request and response bodies of the API. Requests follow OpenAI's chat/completions contract (unknown
-fields are accepted and ignored, so unchanged OpenAI and LangChain clients work); /predict keeps the
-classic {"prompt", "max_length", "num_return_sequences"} body."""
+"""Request and response bodies of the API. Requests follow OpenAI's chat/completions contract: unknown
+fields are accepted and ignored (so unchanged OpenAI and LangChain clients work), except the OpenAI fields
+that would change the answer and that forja does not do yet (`UNSUPPORTED`), which are refused. /predict
+keeps the classic {"prompt", "max_length", "num_return_sequences"} body. Numbers and booleans are strict
+(`"n": "2"` is refused, not read as 2); text must be real text (no lone UTF-16 surrogate anywhere)."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from forja.guard import CONTROL_CHARS, refused_characters
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64
+MAX_SEED = 2**63  # exclusive; torch's generator takes 64 bits, and each of `n` answers adds its index
+# OpenAI request fields forja does not do yet, with the values that mean "not used" (accepted, as clients
+# send them by default). Any other value is answered 400 unsupported_parameter naming the field. When you
+# implement one, add it to the request model and delete its line here.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True),
+    "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+}
+# Validation errors answered 400 (pydantic error type → OpenAI `code`); every other one is 422 invalid_value.
+BAD_REQUEST_ERRORS = {"invalid_text": "invalid_value", "string_unicode": "invalid_value",
+                      "unsupported_parameter": "unsupported_parameter"}
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON's "\udcff" without its pair: not a character
+
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict()]  # an integer is still a number: 1 is 1.0
+StrictBool = Annotated[bool, Strict()]
 
 
 def new_response_id(kind: Literal["chatcmpl", "cmpl", "pred"] = "chatcmpl") -> str:
@@ -23,19 +61,67 @@ def now() -> int:
     return int(time.time())
 
 
-class _Request(BaseModel):
+def refused(code: str, param: str, message: str) -> PydanticCustomError:
+    """A validation error answered 400 with `code` (see BAD_REQUEST_ERRORS) naming `param`, raised from a
+    validator that sees the whole body (its own location would be the body, not the field)."""
+    return PydanticCustomError(code, message, {"param": param})
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON body a string (or a key) holds a lone surrogate: `messages.0.content`."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path or "body"
+        found = lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def is_default(value: Any, defaults: tuple[Any, ...]) -> bool:
+    """`value` is one of `defaults`, type for type (`false` is not the number 0, nor 0 false)."""
+    return any(type(value) is type(d) and value == d for d in defaults)
+
+
+class _Body(BaseModel):
+    """Every request body: its text must be text, before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _real_text(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise refused("invalid_text", where, "holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without "
+                          "its pair), which is not a character; send valid Unicode text")
+        return data
+
+
+class _Request(_Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Model or persona name; default: the served model.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens per answer.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, description="Answers per prompt.")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Most tokens per answer.")
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: StrictInt = Field(1, ge=1, description="Answers per prompt.")
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: StrictInt | None = Field(None, ge=0, lt=MAX_SEED)
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for field, defaults in UNSUPPORTED.items():
+                if field in data and not is_default(data[field], defaults):
+                    raise refused("unsupported_parameter", field,
+                                  "forja does not support this parameter yet; leave it out (or send its default)")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -47,6 +133,8 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
+        if any(CONTROL_CHARS.search(s) for s in stops):
+            raise PydanticCustomError("invalid_text", "a stop string holds a control character (such as NUL)")
         return [s for s in stops if s]
 
     @property
@@ -74,7 +162,20 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens.")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        """Image, audio and file parts are refused by name (a model that reads only text would ignore them)."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for i, message in enumerate(messages if isinstance(messages, list) else []):
+            parts = message.get("content") if isinstance(message, dict) else None
+            for j, part in enumerate(parts if isinstance(parts, list) else []):
+                if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
+                    raise refused("unsupported_parameter", f"messages.{i}.content.{j}.type",
+                                  "forja reads text only: content parts of type 'text' are supported, no others yet")
+        return data
 
 
 class CompletionRequest(_Request):
@@ -88,17 +189,17 @@ class CompletionRequest(_Request):
         return value
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(_Body):
     """The classic body of older web clients; the prompt is answered as one user message."""
 
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(..., min_length=1)
-    max_length: int = Field(50, ge=1, description="Most new tokens in the answer.")
-    num_return_sequences: int = Field(1, ge=1)
+    max_length: StrictInt = Field(50, ge=1, description="Most new tokens in the answer.")
+    num_return_sequences: StrictInt = Field(1, ge=1)
     model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int | None = None
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=0, lt=MAX_SEED)
 
 
 class PredictResponse(BaseModel):
@@ -110,7 +211,7 @@ class PredictResponse(BaseModel):
 MAX_FEEDBACK_CHARS = 20_000
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(_Body):
     """A rating and/or a corrected answer for an exchange; the classic `{"text": ...}` is a comment."""
 
     model_config = ConfigDict(extra="forbid")
@@ -120,12 +221,16 @@ class FeedbackRequest(BaseModel):
     correction: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS, description="What the answer should have been.")
     comment: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
     text: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS, description="Classic free-text feedback; kept as a comment.")
-    choice: int | None = Field(None, ge=0, description="Which answer of an `n` > 1 request (default 0).")
+    choice: StrictInt | None = Field(None, ge=0, description="Which answer of an `n` > 1 request (default 0).")
 
     @field_validator("correction", "comment", "text")
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
+        """Corrections become training data: they pass the characters rail chat input passes, always."""
         value = value.strip() if value is not None else None
+        refusal = refused_characters(value) if value else None
+        if refusal is not None:
+            raise PydanticCustomError("invalid_text", "holds {what}; send plain text", {"what": refusal})
         return value or None
 
     @model_validator(mode="after")
@@ -147,10 +252,11 @@ class FeedbackRow(BaseModel):
     sender: str | None
 
 
-class ActivateRequest(BaseModel):
+class ActivateRequest(_Body):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., min_length=1, description="The trained version (or other model) to make active.")
+    model: str = Field(..., min_length=1, description="A model name: a trained version, a bundled model or the "
+                       "one the server was started with (never a path).")
 
 
 class Usage(BaseModel):
@@ -253,3 +359,35 @@ class EmbeddingList(BaseModel):
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
+
+
+ERROR_STATUSES = {
+    400: "Invalid JSON, text that is not valid Unicode, an unsupported parameter, or a prompt over the limits",
+    401: "Missing or invalid API key",
+    403: "The route needs an admin API key",
+    404: "No such model, exchange or route",
+    409: "This server does not store exchanges (serve.log_exchanges is off, or no database)",
+    413: "The request body is larger than serve.max_body_bytes",
+    422: "A field has the wrong type or value (its name in `param`)",
+    429: "The server is busy (serve.max_queue); retry after Retry-After seconds",
+    500: "The model failed to load, or generation failed",
+    503: "The model is still loading, or failed to load",
+}
+
+
+GENERATING_ERRORS = (400, 401, 404, 413, 422, 429, 500, 503)  # what a route that generates can answer
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for a route: each status it can answer, with the error body."""
+    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
+def generating_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route that generates: the answer as JSON, or server-sent events when `stream` is true."""
+    event = {"type": "object", "required": ["data"], "description": "One server-sent event",
+             "properties": {"data": {"type": "string", "description": "A chunk as JSON; the last event is [DONE]"}}}
+    streamed = {"text/event-stream": {"schema": event}}
+    return {200: {"model": answer, "description": "The answer (server-sent events when `stream` is true)",
+                  "content": streamed},
+            **error_responses(*GENERATING_ERRORS)}

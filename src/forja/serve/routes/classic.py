@@ -11,18 +11,21 @@ from fastapi.responses import JSONResponse
 from forja.serve.deps import ApiError, ApiKeyDep, StateDep
 from forja.serve.rails import CONTENT_FILTER, RequestRails, allowed_prompts
 from forja.serve.routes.openai import ExchangeRecord, collect, prepare, submit
-from forja.serve.schemas import FeedbackRequest, FeedbackRow, PredictRequest, PredictResponse, new_response_id
+from forja.serve.schemas import (GENERATING_ERRORS, FeedbackRequest, FeedbackRow, PredictRequest, PredictResponse,
+                                 error_responses, new_response_id)
 from forja.store import StoreError, UnknownExchange
 
 router = APIRouter(tags=["classic"])
 
 
-@router.post("/predict", response_model=None)
+@router.post("/predict", response_model=None, responses={
+    200: {"model": PredictResponse | list[PredictResponse], "description": "One answer, or a list when several"},
+    **error_responses(*GENERATING_ERRORS)})
 async def predict(body: PredictRequest, request: Request, state: StateDep, _: ApiKeyDep):
     """{"prompt", "max_length", "num_return_sequences"} → {"generated_text", "id"}, a list when more than one;
     a refusal of the guardrails also says "finish_reason": "content_filter"."""
     target = await state.target(body.model)
-    rails = RequestRails(state, target)
+    rails = RequestRails(state, target, param="prompt")
     screened = rails.screen([target.messages([{"role": "user", "content": body.prompt}])])
     jobs = prepare(state, target, allowed_prompts(screened), _Classic(body), body.max_length, "max_length")
     rid = new_response_id("pred")
@@ -39,6 +42,8 @@ async def predict(body: PredictRequest, request: Request, state: StateDep, _: Ap
 class _Classic:
     """The classic body seen with the field names the OpenAI routes use."""
 
+    n_field = "num_return_sequences"  # what errors about n call it
+
     def __init__(self, body: PredictRequest):
         self.n = body.num_return_sequences
         self.temperature = body.temperature
@@ -47,8 +52,8 @@ class _Classic:
         self.stop = None
 
 
-@router.post("/feedback", status_code=201)
-@router.post("/v1/feedback", status_code=201)
+@router.post("/feedback", status_code=201, responses=error_responses(400, 401, 404, 409, 413, 422))
+@router.post("/v1/feedback", status_code=201, responses=error_responses(400, 401, 404, 409, 413, 422))
 async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep, key_name: ApiKeyDep) -> FeedbackRow:
     """Rate an answer (up/down), correct it, or comment on it; 201 once it is safely on disk."""
     if state.store is None or not state.settings.serve.log_exchanges:
@@ -73,13 +78,20 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
     return FeedbackRow(**row)
 
 
-@router.get("/health")
+@router.get("/health", responses={200: {"description": "The model is loaded and ready"}, **error_responses(503)})
 async def health(state: StateDep) -> JSONResponse:
-    """200 once the served model is loaded and ready; 503 while it loads (or when it failed to)."""
+    """200 once the served model is loaded and ready; 503 while it loads (or when it failed to). The load
+    (requests decoding and waiting) is the active model's, which answers requests that name none; `base`
+    has the model loaded at start when another one is active."""
     if state.ready:
-        engine = state.engines[state.base]
-        return JSONResponse({"status": "ok", "model": state.base, "active_model": state.active, "backend": engine.backend,
-                             **getattr(engine, "load", {})})
+        active = state.active
+        engine = state.engines.get(active) or state.engines[state.base]
+        body = {"status": "ok", "model": state.base, "active_model": active, "active_loaded": active in state.engines,
+                "backend": engine.backend, **getattr(engine, "load", {})}
+        if engine is not state.engines[state.base]:
+            base = state.engines[state.base]
+            body["base"] = {"backend": base.backend, **getattr(base, "load", {})}
+        return JSONResponse(body)
     if state.load_error:
         return JSONResponse({"status": "failed", "model": state.base, "error": state.load_error}, status_code=503)
     return JSONResponse({"status": "loading", "model": state.base}, status_code=503)

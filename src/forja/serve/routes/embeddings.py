@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from forja.embeddings import (EMBEDDING_DIMENSIONS, EMBEDDING_MAX_TOKENS, EMBEDDING_MODEL, EmbeddingError,
                               count_tokens, embed)
 from forja.serve.deps import ApiError, ApiKeyDep
-from forja.serve.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from forja.serve.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage, error_responses
 
 MAX_EMBEDDING_INPUTS = 2048  # texts in one request, as OpenAI
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-embeddings")
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=error_responses(400, 401, 404, 413, 422, 500))
 async def create_embeddings(body: EmbeddingRequest, request: Request, _: ApiKeyDep) -> EmbeddingList:
     texts = checked_texts(body)
     names = ["input"] if isinstance(body.input, str) else [f"input.{i}" for i in range(len(texts))]

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, Response
 
 from forja.monitor import CONTENT_TYPE
 from forja.serve.deps import ApiError, MonitorKeyDep, StateDep
+from forja.serve.schemas import error_responses
 
 router = APIRouter(tags=["monitoring"])
 WEB_DIR = Path(__file__).parents[1] / "web"
@@ -32,7 +33,7 @@ async def dashboard() -> FileResponse:
     return FileResponse(WEB_DIR / "dashboard.html")
 
 
-@router.get("/admin/stats")
+@router.get("/admin/stats", responses=error_responses(401, 403, 409, 422))
 async def stats(state: StateDep, _: MonitorKeyDep,
                 hours: float = Query(24, gt=0, le=MAX_HOURS, description="How far back to look.")) -> dict:
     """Requests, latency p50/p95 and tokens/s per time bucket, thumbs up per version, and totals."""

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
 from forja.monitor import AnswerTiming
-from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep, Target, sampling
+from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep, Target, check_fits_queue, sampling
 from forja.serve.rails import RequestRails, allowed_prompts
 from forja.serve.schemas import (
     ChatChoice,
@@ -30,6 +30,8 @@ from forja.serve.schemas import (
     ModelCard,
     ModelList,
     Usage,
+    error_responses,
+    generating_responses,
     new_response_id,
     now,
 )
@@ -39,12 +41,12 @@ log = logging.getLogger("forja.serve")
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-@router.get("/models")
+@router.get("/models", responses=error_responses(401))
 async def list_models(state: StateDep, _: ApiKeyDep) -> ModelList:
     return ModelList(data=model_cards(state))
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=error_responses(401, 404, 422))
 async def retrieve_model(model_id: str, state: StateDep, _: ApiKeyDep) -> ModelCard:
     """One card of /v1/models; `:path` because model ids can be paths or hub names with a `/`."""
     cards = model_cards(state)
@@ -70,7 +72,7 @@ def model_cards(state: ServerState) -> list[ModelCard]:
     return cards
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=generating_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
     target = await state.target(body.model)
     rails = RequestRails(state, target)
@@ -90,7 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     )
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=generating_responses(Completion))
 async def completions(body: CompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
     target = await state.target(body.model)
     rails = RequestRails(state, target)
@@ -117,10 +119,11 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 def prepare(state: ServerState, target: Target, prompts: list[Prompt], body: Any, max_tokens: int | None,
             param: str) -> list[tuple[Prompt, SamplingParams]]:
     """One (prompt, params) job per answer: each prompt `n` times; the i-th copy gets seed + i."""
-    limit = state.settings.serve.max_n
+    limit, n_field = state.settings.serve.max_n, getattr(body, "n_field", "n")  # /predict: num_return_sequences
     if body.n > limit:
-        raise ApiError(422, f"n is {body.n}; this server answers at most {limit} (serve.max_n)", param="n",
+        raise ApiError(422, f"{n_field} is {body.n}; this server answers at most {limit} (serve.max_n)", param=n_field,
                        code="invalid_value")
+    check_fits_queue(state, len(prompts), body.n, n_field)
     jobs = []
     for prompt in prompts:
         params = sampling(target, state.settings, prompt_tokens=len(target.engine.tokenize(prompt)), max_tokens=max_tokens,
@@ -301,6 +304,8 @@ class ExchangeRecord:
         self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
         self.prompt = rails.guard.redact(prompt)
         self.params = asdict(jobs[0][1]) if jobs else {}
+        if self.params.get("stop"):
+            self.params["stop"] = rails.guard.redact(self.params["stop"])
         self.key_name = getattr(request.state, "api_key_name", None)
         self.started = time.perf_counter()
         self.timing = AnswerTiming(state.metrics, target.engine.name, self.started)
