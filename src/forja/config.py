@@ -30,6 +30,10 @@ class ConfigError(ForjaError):
     """A config file or value that cannot be used."""
 
 
+# The sampling settings a request, a persona (None = not set) and `generate:` share, in that order of precedence.
+SAMPLERS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
 class GenerateSettings(BaseModel):
     """Default sampling for `forja generate` (and later for the server)."""
 
@@ -38,6 +42,12 @@ class GenerateSettings(BaseModel):
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Most tokens generated per answer.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens only; 0 = off.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the most likely one; 0 = off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="transformers' rule: > 1 makes tokens already "
+                                      "in the prompt or the answer less likely (greedy too); 1 = off.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this per earlier use of a token in the answer.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this once a token is in the answer.")
     system: str | None = Field(None, description="System prompt; None: a version's trained one, else the chat "
                                "template's own default.")
     seed: int | None = Field(None, description="Seed for sampling; None draws a fresh one.")
@@ -229,6 +239,11 @@ class Persona(BaseModel):
     model: str | None = Field(None, description="A trained version or other model; None = the served base model.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature (a request may override).")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p.")
+    top_k: int | None = Field(None, ge=0, description="Default top_k (0 = off).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Default min_p.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="Default repetition penalty (1 = off).")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default frequency penalty.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default presence penalty.")
     max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
     guard: RailsSettings | None = Field(
         None, description="Guardrail settings laid over the top-level `guard` (a list given here replaces the top-level one).")
