@@ -114,6 +114,8 @@ class Engine(ABC):
     name: str
     backend: str  # "pytorch", "llamacpp": what /health reports
     context_length: int
+    tokenizer: Any  # the Hugging Face tokenizer whose ids the engine decodes (grammars and logprobs use it)
+    eos_token_ids: set[int]
 
     @abstractmethod
     def submit(self, prompt: Prompt, params: SamplingParams) -> Stream:

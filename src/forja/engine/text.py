@@ -58,3 +58,35 @@ class TextStream:
         delta = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return delta
+
+
+def token_piece(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+    """A token's own text and its UTF-8 bytes, as OpenAI's logprobs give them. A byte-level BPE token that
+    holds part of a character has bytes that are no text alone: its text then shows U+FFFD, its bytes are
+    exact."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    table = _byte_level_table()
+    if isinstance(piece, str) and piece and all(c in table for c in piece) and _byte_level(tokenizer):
+        raw = bytes(table[c] for c in piece)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    return text, list(text.encode("utf-8"))
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
+_TABLE: dict[str, int] = {}
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others
+    for the characters from U+0100 on, in byte order."""
+    if not _TABLE:
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in printable]
+        _TABLE.update({chr(b): b for b in printable})
+        _TABLE.update({chr(256 + i): b for i, b in enumerate(others)})
+    return _TABLE

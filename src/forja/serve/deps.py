@@ -179,36 +179,6 @@ class ServerState:
             self.store.close()
 
 
-def sampling(target: Target, settings: Settings, *, prompt_tokens: int, max_tokens: int | None,
-             temperature: float | None, top_p: float | None, seed: int | None, stop: list[str] | None,
-             param: str) -> SamplingParams:
-    """Request values, else the persona's, else the config's; checks the answer fits in the context."""
-    defaults, persona = settings.generate, target.persona
-    context = target.engine.context_length
-    room = context - prompt_tokens
-    if max_tokens is None:
-        max_tokens = min((persona and persona.max_tokens) or defaults.max_new_tokens, room)
-        if max_tokens < 1:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, which leaves no room to answer in the "
-                           f"model's context of {context} tokens; shorten it", param=param,
-                           code="context_length_exceeded")
-    elif prompt_tokens + max_tokens > context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
-                       f"tokens and max_tokens asks for {max_tokens} more ({prompt_tokens + max_tokens} in all); "
-                       "shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
-
-    def pick(value: Any, persona_value: Any, default: Any) -> Any:
-        return value if value is not None else persona_value if persona_value is not None else default
-
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=pick(temperature, persona and persona.temperature, defaults.temperature),
-        top_p=pick(top_p, persona and persona.top_p, defaults.top_p),
-        seed=pick(seed, None, defaults.seed),
-        stop=stop or [],
-    )
-
-
 def check_fits_queue(state: ServerState, prompts: int, n: int, param: str = "n") -> None:
     """A request is queued all or none: one needing more answers than the queue holds could never be
     answered (429 forever), so it is refused at once naming the limit."""

@@ -52,27 +52,17 @@ class RequestRails:
                            f"{rails.max_input_chars} (guard.max_input_chars): shorten it", param=param,
                            code="input_too_long")
 
-    def streams(self, screened: list[tuple[Prompt, str | None]], n: int, submitted: list[Stream]) -> list[Stream]:
-        """n streams per prompt, in order: a refusal for a blocked prompt, else the engine's answers
-        (`submitted`, n per allowed prompt) behind the output rails."""
-        engine_streams = iter(submitted)
-        streams: list[Stream] = []
-        for index, (_, refusal) in enumerate(screened):
-            for _ in range(n):
-                if refusal is not None:
-                    streams.append(RefusalStream(refusal))
-                else:
-                    streams.append(GuardedStream(next(engine_streams), self.guard.output_filter(self.conversations[index]), self))
-        return streams
+    def answer(self, index: int, refusal: str | None, submitted: Stream | None) -> Stream:
+        """The stream of one answer to prompt `index`: the refusal for a blocked prompt, else the engine's
+        stream behind the output rails."""
+        if refusal is not None or submitted is None:
+            return RefusalStream(refusal or "")
+        return GuardedStream(submitted, self.guard.output_filter(self.conversations[index]), self)
 
     def record(self, findings: list[Finding]) -> None:
         self.findings += findings
         for finding in findings:
             self.state.metrics.guard_actions.labels(finding.stage, finding.category, finding.action).inc()
-
-
-def allowed_prompts(screened: list[tuple[Prompt, str | None]]) -> list[Prompt]:
-    return [prompt for prompt, refusal in screened if refusal is None]
 
 
 class RefusalStream(Stream):
@@ -117,7 +107,10 @@ class GuardedStream(Stream):
 
     async def _filtered(self) -> AsyncIterator[Delta]:
         sent, delta = False, None
+        logprobs: list[Any] | None = None  # of tokens whose text the filter still holds back
         async for delta in self.inner:
+            if delta.logprobs is not None:
+                logprobs = (logprobs or []) + delta.logprobs
             if self.output.verdict.blocked:  # cancelled: wait for the engine's last delta (its usage)
                 if delta.finish_reason is not None:
                     break
@@ -132,9 +125,10 @@ class GuardedStream(Stream):
                 continue
             if text:
                 sent = True
-                yield Delta(text=text)
+                yield Delta(text=text, logprobs=logprobs)
+                logprobs = None
             if delta.finish_reason is not None:
-                yield Delta(finish_reason=delta.finish_reason, usage=delta.usage, error=delta.error)
+                yield Delta(finish_reason=delta.finish_reason, usage=delta.usage, error=delta.error, logprobs=logprobs)
                 return
         refusal = self.output.verdict.refusal or ""
         yield Delta(text=("\n\n" if sent else "") + refusal)

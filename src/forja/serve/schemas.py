@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -23,17 +23,8 @@ MAX_SEED = 2**63  # exclusive; torch's generator takes 64 bits, and each of `n` 
 # send them by default). Any other value is answered 400 unsupported_parameter naming the field. When you
 # implement one, add it to the request model and delete its line here.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True),
-    "response_format": (None, {"type": "text"}),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
+    "functions": (None, []),  # the deprecated form of tools: send tools
+    "function_call": (None, "none", "auto"),  # ... and tool_choice
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -41,6 +32,14 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "web_search_options": (None,),
+}
+# OpenAI's chat fields that the completions route does not take (they are chat's): refused there by name.
+CHAT_ONLY: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True),
+    "response_format": (None, {"type": "text"}),
+    "top_logprobs": (None, 0),
 }
 # Validation errors answered 400 (pydantic error type → OpenAI `code`); every other one is 422 invalid_value.
 BAD_REQUEST_ERRORS = {"invalid_text": "invalid_value", "string_unicode": "invalid_value",
@@ -112,12 +111,23 @@ class _Request(_Body):
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    top_k: StrictInt | None = Field(None, ge=0, description="Sample among the k most likely tokens (0 = off).")
+    min_p: StrictFloat | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                      description="Drop tokens less likely than min_p x the most likely one.")
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0, le=2.0, allow_inf_nan=False,
+                                                   description="transformers' rule; 1 = off.")
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, -100 to 100.")
+
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED
 
     @model_validator(mode="before")
     @classmethod
     def _supported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for field, defaults in UNSUPPORTED.items():
+            for field, defaults in cls.unsupported.items():
                 if field in data and not is_default(data[field], defaults):
                     raise refused("unsupported_parameter", field,
                                   "forja does not support this parameter yet; leave it out (or send its default)")
@@ -149,20 +159,82 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str = Field(..., description="The arguments as a JSON text.")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls (its content may be null).")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
 
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    @model_validator(mode="after")
+    def _complete(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (null only for an assistant message with tool_calls)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        text = self.content if isinstance(self.content, str) or self.content is None else "".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Newer OpenAI name of max_tokens.")
+    logprobs: StrictBool | None = Field(None, description="Return each token's log-probability.")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="With logprobs: the most likely tokens per step.")
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -177,9 +249,19 @@ class ChatCompletionRequest(_Request):
                                   "forja reads text only: content parts of type 'text' are supported, no others yet")
         return data
 
+    @model_validator(mode="after")
+    def _logprobs_asked(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
 
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(..., description="Raw text continued as is (no chat template).")
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="Log-probabilities of each token and of this "
+                                       "many most likely alternatives.")
+
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {**UNSUPPORTED, **CHAT_ONLY}
 
     @field_validator("prompt")
     @classmethod
@@ -267,14 +349,29 @@ class Usage(BaseModel):
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -286,11 +383,18 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

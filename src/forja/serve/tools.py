@@ -12,6 +12,7 @@ from typing import Any
 
 from forja.engine.constrain import (
     CALL_HEAD,
+    CALL_TAIL,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     Grammar,
@@ -128,3 +129,72 @@ def _functions(tools: list[dict[str, Any]]) -> list[Tool]:
     if len({f.name for f in functions}) < len(functions):
         raise GrammarError("tools: two functions have the same name")
     return functions
+
+
+def conversation_text(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI messages with tool turns as the text turns a chat template without a tool format takes: an
+    assistant's `tool_calls` become the call blocks it would have written, a `tool` message becomes a user
+    turn holding the result (named after the call it answers)."""
+    names: dict[str, str] = {}
+    turns = []
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "assistant" and message.get("tool_calls"):
+            blocks = []
+            for call in message["tool_calls"]:
+                function = call["function"]
+                names[call["id"]] = function["name"]
+                try:
+                    arguments = json.loads(function["arguments"] or "{}")
+                except json.JSONDecodeError:
+                    raise GrammarError(f"tool call {call['id']}: arguments are not JSON") from None
+                blocks.append(call_text(function["name"], arguments))
+            content = "\n".join(([content] if content else []) + blocks)
+        elif role == "tool":
+            name = names.get(message.get("tool_call_id") or "", "")
+            role, content = "user", f'<tool_response name="{name}">\n{content}\n</tool_response>'
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """A call as the model writes it (the grammar's format)."""
+    return (f"{TOOL_CALL_OPEN}{CALL_HEAD}{json.dumps(name, ensure_ascii=False)}, \"arguments\": "
+            f"{json.dumps(arguments, ensure_ascii=False)}{CALL_TAIL}")
+
+
+class ToolCallStream:
+    """Splits a streamed answer into content and tool calls as it arrives: content is passed on until a
+    call block may be starting (a tail that could be the start of `<tool_call>` is held back), each call is
+    handed out whole once its block closes. `feed` and `finish` return (content, calls)."""
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.in_calls = False
+        self.calls: list[dict[str, Any]] = []
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        self.buffer += text
+        if not self.in_calls:
+            start = self.buffer.find(TOOL_CALL_OPEN)
+            if start == -1:
+                keep = max((n for n in range(len(TOOL_CALL_OPEN) - 1, 0, -1) if self.buffer.endswith(TOOL_CALL_OPEN[:n])),
+                           default=0)
+                content, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                return content, []
+            content, self.buffer, self.in_calls = self.buffer[:start].rstrip(), self.buffer[start:], True
+        else:
+            content = ""
+        calls = []
+        while TOOL_CALL_CLOSE in self.buffer:
+            end = self.buffer.index(TOOL_CALL_CLOSE) + len(TOOL_CALL_CLOSE)
+            _, parsed = parse_tool_calls(self.buffer[:end])
+            calls += parsed
+            self.buffer = self.buffer[end:].lstrip("\n")
+        self.calls += calls
+        return content, calls
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """What is left: held-back text that was no call after all (an unfinished call block is dropped)."""
+        rest, self.buffer = ("" if self.in_calls else self.buffer), ""
+        return rest, []

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from forja.serve.deps import ApiError, ApiKeyDep, StateDep
-from forja.serve.rails import CONTENT_FILTER, RequestRails, allowed_prompts
-from forja.serve.routes.openai import ExchangeRecord, collect, prepare, submit
+from forja.serve.exchange import Exchange, Options
+from forja.serve.rails import CONTENT_FILTER
 from forja.serve.schemas import (GENERATING_ERRORS, FeedbackRequest, FeedbackRow, PredictRequest, PredictResponse,
                                  error_responses, new_response_id)
 from forja.store import StoreError, UnknownExchange
@@ -24,32 +24,16 @@ router = APIRouter(tags=["classic"])
 async def predict(body: PredictRequest, request: Request, state: StateDep, _: ApiKeyDep):
     """{"prompt", "max_length", "num_return_sequences"} → {"generated_text", "id"}, a list when more than one;
     a refusal of the guardrails also says "finish_reason": "content_filter"."""
-    target = await state.target(body.model)
-    rails = RequestRails(state, target, param="prompt")
-    screened = rails.screen([target.messages([{"role": "user", "content": body.prompt}])])
-    jobs = prepare(state, target, allowed_prompts(screened), _Classic(body), body.max_length, "max_length")
     rid = new_response_id("pred")
-    record = ExchangeRecord(state, request, rid, "predict", target, screened[0][0], jobs, rails)
-    streams = rails.streams(screened, body.num_return_sequences, submit(target, jobs))
-    texts, finishes, usage = await collect(streams, request, body.num_return_sequences, record)
-    await record.save(texts, finishes, usage)
-    answers = [PredictResponse(generated_text=text, id=rid if len(texts) == 1 else f"{rid}-{i}",
-                               finish_reason=finish if finish == CONTENT_FILTER else None).model_dump(exclude_none=True)
-               for i, (text, finish) in enumerate(zip(texts, finishes))]
-    return JSONResponse(answers[0] if len(answers) == 1 else answers)
-
-
-class _Classic:
-    """The classic body seen with the field names the OpenAI routes use."""
-
-    n_field = "num_return_sequences"  # what errors about n call it
-
-    def __init__(self, body: PredictRequest):
-        self.n = body.num_return_sequences
-        self.temperature = body.temperature
-        self.top_p = None
-        self.seed = body.seed
-        self.stop = None
+    exchange = await Exchange.open(state, request, rid=rid, route="predict", model=body.model,
+                                   prompts=[[{"role": "user", "content": body.prompt}]], n=body.num_return_sequences,
+                                   options=Options(max_tokens=body.max_length, temperature=body.temperature, seed=body.seed),
+                                   param="max_length", n_param="num_return_sequences", input_param="prompt")
+    answers = await exchange.collect(request)
+    replies = [PredictResponse(generated_text=a.text, id=rid if len(answers) == 1 else f"{rid}-{a.index}",
+                               finish_reason=a.finish_reason if a.finish_reason == CONTENT_FILTER else None
+                               ).model_dump(exclude_none=True) for a in answers]
+    return JSONResponse(replies[0] if len(replies) == 1 else replies)
 
 
 @router.post("/feedback", status_code=201, responses=error_responses(400, 401, 404, 409, 413, 422))

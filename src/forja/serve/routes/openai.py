@@ -1,35 +1,28 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions and /v1/completions, streamed as
-server-sent events when `stream` is true (`data: {chunk}` ... `data: [DONE]`)."""
+server-sent events when `stream` is true (`data: {chunk}` ... `data: [DONE]`). Each handler parses its
+body into the request path (serve/exchange.py) and renders the answers in its format."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL
-from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
-from forja.monitor import AnswerTiming
-from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep, Target, check_fits_queue, sampling
-from forja.serve.rails import RequestRails, allowed_prompts
+from forja.engine.text import token_piece
+from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep
+from forja.serve.exchange import Answer, Exchange, Options
 from forja.serve.schemas import (
-    ChatChoice,
-    ChatChoiceMessage,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
-    CompletionChoice,
     CompletionRequest,
     ModelCard,
     ModelList,
-    Usage,
     error_responses,
     generating_responses,
     new_response_id,
@@ -74,161 +67,96 @@ def model_cards(state: ServerState) -> list[ModelCard]:
 
 @router.post("/chat/completions", response_model=None, responses=generating_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
-    target = await state.target(body.model)
-    rails = RequestRails(state, target)
-    screened = rails.screen([target.messages([m.as_dict() for m in body.messages])])
-    jobs = prepare(state, target, allowed_prompts(screened), body, body.max_completion_tokens or body.max_tokens, "messages")
     rid, created = new_response_id("chatcmpl"), now()
-    record = ExchangeRecord(state, request, rid, "chat", target, screened[0][0], jobs, rails)
-    streams = rails.streams(screened, body.n, submit(target, jobs))
+    exchange = await Exchange.open(state, request, rid=rid, route="chat", model=body.model,
+                                   prompts=[[m.as_dict() for m in body.messages]], n=body.n, options=options_of(body),
+                                   param="messages")
+    tokenizer = exchange.target.engine.tokenizer if body.logprobs else None
     if body.stream:
-        return sse(chat_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
-    texts, finishes, usage = await collect(streams, request, body.n, record)
-    await record.save(texts, finishes, usage)
-    return ChatCompletion(
-        id=rid, created=created, model=target.name, usage=usage,
-        choices=[ChatChoice(index=i, message=ChatChoiceMessage(content=t), finish_reason=f)
-                 for i, (t, f) in enumerate(zip(texts, finishes))],
-    )
+        return sse(chat_chunks(exchange, created, body.include_usage, tokenizer))
+    answers = await exchange.collect(request)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": exchange.target.name,
+            "choices": [chat_choice(a, tokenizer) for a in answers], "usage": exchange.usage()}
 
 
 @router.post("/completions", response_model=None, responses=generating_responses(Completion))
 async def completions(body: CompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
-    target = await state.target(body.model)
-    rails = RequestRails(state, target)
-    screened = rails.screen([body.prompt] if isinstance(body.prompt, str) else body.prompt)
-    jobs = prepare(state, target, allowed_prompts(screened), body, body.max_tokens, "prompt")
     rid, created = new_response_id("cmpl"), now()
-    prompt = screened[0][0] if isinstance(body.prompt, str) else [p for p, _ in screened]
-    record = ExchangeRecord(state, request, rid, "completion", target, prompt, jobs, rails)
-    streams = rails.streams(screened, body.n, submit(target, jobs))
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    exchange = await Exchange.open(state, request, rid=rid, route="completion", model=body.model, prompts=prompts,
+                                   n=body.n, options=options_of(body), param="prompt")
+    tokenizer = exchange.target.engine.tokenizer if body.logprobs is not None else None
     if body.stream:
-        return sse(completion_chunks(rid, created, target.name, streams, body.n, body.include_usage, record))
-    texts, finishes, usage = await collect(streams, request, body.n, record)
-    await record.save(texts, finishes, usage)
-    return Completion(
-        id=rid, created=created, model=target.name, usage=usage,
-        choices=[CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finishes))],
+        return sse(completion_chunks(exchange, created, body.include_usage, tokenizer))
+    answers = await exchange.collect(request)
+    return {"id": rid, "object": "text_completion", "created": created, "model": exchange.target.name,
+            "choices": [{"index": a.index, "text": a.text, "finish_reason": a.finish_reason,
+                         "logprobs": completion_logprobs(a.logprobs, tokenizer, 0)} for a in answers],
+            "usage": exchange.usage()}
+
+
+def options_of(body: ChatCompletionRequest | CompletionRequest) -> Options:
+    """The request's fields as the request path takes them."""
+    chat = isinstance(body, ChatCompletionRequest)
+    logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+    top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
+    return Options(
+        max_tokens=(body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty, logit_bias=body.logit_bias, seed=body.seed, stop=body.stop,
+        logprobs=logprobs, top_logprobs=top,
+        response_format=body.response_format.as_dict() if chat and body.response_format else None,
+        tools=body.tools if chat else None, tool_choice=body.tool_choice if chat else None,
+        parallel_tool_calls=body.parallel_tool_calls if chat else None,
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Shared by every generating route (also /predict)
+# ------------------------------------------------------------------------------------------------ rendering
 
 
-def prepare(state: ServerState, target: Target, prompts: list[Prompt], body: Any, max_tokens: int | None,
-            param: str) -> list[tuple[Prompt, SamplingParams]]:
-    """One (prompt, params) job per answer: each prompt `n` times; the i-th copy gets seed + i."""
-    limit, n_field = state.settings.serve.max_n, getattr(body, "n_field", "n")  # /predict: num_return_sequences
-    if body.n > limit:
-        raise ApiError(422, f"{n_field} is {body.n}; this server answers at most {limit} (serve.max_n)", param=n_field,
-                       code="invalid_value")
-    check_fits_queue(state, len(prompts), body.n, n_field)
-    jobs = []
-    for prompt in prompts:
-        params = sampling(target, state.settings, prompt_tokens=len(target.engine.tokenize(prompt)), max_tokens=max_tokens,
-                          temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop, param=param)
-        for i in range(body.n):
-            jobs.append((prompt, replace(params, seed=None if params.seed is None else params.seed + i)))
-    return jobs
+def chat_choice(answer: Answer, tokenizer: Any) -> dict[str, Any]:
+    content, calls = answer.content_and_calls()
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return {"index": answer.index, "message": message, "finish_reason": answer.finish_reason,
+            "logprobs": chat_logprobs(answer.logprobs, tokenizer)}
 
 
-def submit(target: Target, jobs: list[tuple[Prompt, SamplingParams]]) -> list[Stream]:
-    """Queue every job on the engine (all or none)."""
-    streams: list[Stream] = []
-    try:
-        for prompt, params in jobs:
-            streams.append(target.engine.submit(prompt, params))
-    except QueueFull as exc:
-        for stream in streams:
-            stream.cancel()
-        raise ApiError(429, f"the server is busy: {exc}", type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": "1"}) from None
-    except ContextLengthExceeded as exc:  # normally caught earlier by sampling(); kept for other engines
-        for stream in streams:
-            stream.cancel()
-        raise ApiError(400, str(exc), code="context_length_exceeded") from None
-    return streams
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for log(0): JSON has no -Infinity
 
 
-async def merged(streams: list[Stream], timing: AnswerTiming) -> AsyncIterator[tuple[int, Delta]]:
-    """Deltas of all streams as they come, tagged with the stream's index and timed for the metrics;
-    cancels all when left early."""
-    queue: asyncio.Queue[tuple[int, Delta | BaseException]] = asyncio.Queue()
-
-    async def pump(index: int, stream: Stream) -> None:
-        try:
-            async for delta in stream:
-                queue.put_nowait((index, delta))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((index, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        open_streams = len(streams)
-        while open_streams:
-            index, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            timing.delta(index, bool(item.text))
-            if item.finish_reason is not None:
-                open_streams -= 1
-            yield index, item
-    finally:
-        for stream in streams:
-            stream.cancel()
-        for task in tasks:
-            task.cancel()
+def _logprob(value: float) -> float:
+    return value if value > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-async def collect(streams: list[Stream], request: Request, n: int,
-                  record: "ExchangeRecord") -> tuple[list[str], list[str], Usage]:
-    """Whole answers; stops generating when the client goes away while waiting."""
-    texts = [""] * len(streams)
-    finishes = [""] * len(streams)
-    usage = UsageSum(n)
+def chat_logprobs(entries: list[Any], tokenizer: Any) -> dict[str, Any] | None:
+    if tokenizer is None:
+        return None
 
-    async def consume() -> None:
-        async for index, delta in merged(streams, record.timing):
-            texts[index] += delta.text
-            if delta.finish_reason is not None:
-                check_failed(delta)
-                finishes[index] = delta.finish_reason
-                usage.add(index, delta)
+    def piece(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = token_piece(tokenizer, token)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": raw}
 
-    task = asyncio.create_task(consume())
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                raise ApiError(499, "client closed the request", code="client_closed")
-        return texts, finishes, usage.total()
-    finally:
-        task.cancel()
+    return {"content": [{**piece(e.token, e.logprob), "top_logprobs": [piece(t, lp) for t, lp in e.top]}
+                        for e in entries]}
 
 
-def check_failed(delta: Delta) -> None:
-    if delta.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {delta.error}", type="server_error", code="generation_failed")
-
-
-class UsageSum:
-    """Usage of a request: each distinct prompt counted once (not once per `n` copy), completions summed."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.prompt: dict[int, int] = {}
-        self.completion = 0
-
-    def add(self, index: int, delta: Delta) -> None:
-        if delta.usage is not None:
-            self.prompt[index // self.n] = delta.usage.prompt_tokens
-            self.completion += delta.usage.completion_tokens
-
-    def total(self) -> Usage:
-        prompt = sum(self.prompt.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=self.completion, total_tokens=prompt + self.completion)
+def completion_logprobs(entries: list[Any], tokenizer: Any, offset: int) -> dict[str, Any] | None:
+    """The legacy completions shape: tokens, their logprobs, the top alternatives as {token: logprob}, and
+    each token's character offset in the text (counted from `offset`)."""
+    if tokenizer is None:
+        return None
+    tokens, offsets = [], []
+    for entry in entries:
+        offsets.append(offset)
+        text = token_piece(tokenizer, entry.token)[0]
+        tokens.append(text)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": [{token_piece(tokenizer, t)[0]: _logprob(lp) for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -241,110 +169,66 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def chat_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
-                include_usage: bool, record: "ExchangeRecord") -> AsyncIterator[dict[str, Any]]:
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-
-    def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
-        delta = {} if text is None else {"content": text}
-        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-
-    opening = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "finish_reason": None, "logprobs": None}]} for i in range(len(streams))]
-    return stream_events(head, streams, n, include_usage, choice, opening, record)
+def failure(answer: Answer) -> dict[str, Any]:
+    """A failed generation mid-stream: an `error` event (the OpenAI client raises it)."""
+    return {"error": {"message": f"generation failed: {answer.error}", "type": "server_error", "param": None,
+                      "code": "generation_failed"}}
 
 
-def completion_chunks(rid: str, created: int, model: str, streams: list[Stream], n: int,
-                      include_usage: bool, record: "ExchangeRecord") -> AsyncIterator[dict[str, Any]]:
-    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+async def chat_chunks(exchange: Exchange, created: int, include_usage: bool,
+                      tokenizer: Any) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI's chat chunks: a role chunk per choice, content deltas, tool calls as OpenAI streams them (each
+    call with its index, id, name and arguments, handed out when the model has written it whole), a finish
+    chunk per choice and, when asked, a last chunk with the usage."""
+    head = {"id": exchange.rid, "object": "chat.completion.chunk", "created": created, "model": exchange.target.name}
 
-    def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
-        return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    def chunk(answer: Answer, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": answer.index, "delta": delta, "finish_reason": finish,
+                                     "logprobs": chat_logprobs(logprobs, tokenizer) if logprobs else None}]}
 
-    return stream_events(head, streams, n, include_usage, choice, [], record)
-
-
-async def stream_events(head: dict[str, Any], streams: list[Stream], n: int, include_usage: bool, choice: Any,
-                        opening: list[dict[str, Any]], record: "ExchangeRecord") -> AsyncIterator[dict[str, Any]]:
-    """Chunks for every delta, a finish chunk per choice and, when asked, a last chunk with the usage.
-    A failed generation becomes an `error` event (the OpenAI client raises it). The exchange is stored
-    before the last chunk, so feedback sent as soon as the stream ends finds it."""
-    for event in opening:
-        yield event
-    usage = UsageSum(n)
-    texts, finishes = [""] * len(streams), ["cancelled"] * len(streams)
-    try:
-        async for index, delta in merged(streams, record.timing):
-            if delta.finish_reason == "error":
-                finishes[index] = "error"
-                yield {"error": {"message": f"generation failed: {delta.error}", "type": "server_error",
-                                 "param": None, "code": "generation_failed"}}
-                return
-            texts[index] += delta.text
+    for answer in exchange.answers:
+        yield chunk(answer, {"role": "assistant", "content": ""})
+    sent_calls = {a.index: 0 for a in exchange.answers}
+    async for answer, delta in exchange.events():
+        if delta.finish_reason == "error":
+            yield failure(answer)
+            return
+        pieces: list[dict[str, Any]] = []
+        if answer.calls is None:
             if delta.text:
-                yield {**head, "choices": [choice(index, delta.text, None)]}
+                pieces.append({"content": delta.text})
+        else:
+            content, calls = answer.calls.feed(delta.text) if delta.text else ("", [])
             if delta.finish_reason is not None:
-                usage.add(index, delta)
-                finishes[index] = delta.finish_reason
-                if all(f != "cancelled" for f in finishes):
-                    await record.save(texts, finishes, usage.total())
-                yield {**head, "choices": [choice(index, None, delta.finish_reason)]}
-        if include_usage:
-            yield {**head, "choices": [], "usage": usage.total().model_dump()}
-    finally:
-        record.save_now(texts, finishes, usage.total())  # a client that left early: keep what it was sent
+                rest, _ = answer.calls.finish()
+                content += rest
+            if content:
+                pieces.append({"content": content})
+            for call in calls:
+                pieces.append({"tool_calls": [{"index": sent_calls[answer.index], **call}]})
+                sent_calls[answer.index] += 1
+        for i, piece in enumerate(pieces):
+            yield chunk(answer, piece, logprobs=delta.logprobs if i == 0 else None)
+        if not pieces and delta.logprobs:
+            yield chunk(answer, {}, logprobs=delta.logprobs)
+        if delta.finish_reason is not None:
+            yield chunk(answer, {}, delta.finish_reason)
+    if include_usage:
+        yield {**head, "choices": [], "usage": exchange.usage()}
 
 
-class ExchangeRecord:
-    """One exchange for the store (the id the API returned is its id) with its guardrail decisions, and, when
-    `log_prompts` is on, the log. PII is redacted from both (guard.redact_logs)."""
-
-    def __init__(self, state: ServerState, request: Request, rid: str, route: str, target: Target, prompt: Any,
-                 jobs: list[tuple[Prompt, SamplingParams]], rails: RequestRails):
-        self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
-        self.prompt = rails.guard.redact(prompt)
-        self.params = asdict(jobs[0][1]) if jobs else {}
-        if self.params.get("stop"):
-            self.params["stop"] = rails.guard.redact(self.params["stop"])
-        self.key_name = getattr(request.state, "api_key_name", None)
-        self.started = time.perf_counter()
-        self.timing = AnswerTiming(state.metrics, target.engine.name, self.started)
-        request.state.model = target.engine.name  # for the request counter
-        self.saved = state.store is None
-        if state.settings.serve.log_prompts:
-            log.info("%s prompt %s", rid, json.dumps(self.prompt, ensure_ascii=False))
-
-    def _row(self, texts: list[str], finishes: list[str], usage: Usage) -> dict[str, Any]:
-        return dict(id=self.rid, route=self.route, model=self.target.engine.name,
-                    persona=self.target.persona.name if self.target.persona else None, messages=self.prompt,
-                    answers=self.rails.guard.redact(texts), params=self.params, prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
-                    finish_reason=finishes[0] if finishes else None, api_key_name=self.key_name)
-
-    async def save(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
-        self.timing.finish(usage.prompt_tokens, usage.completion_tokens)
-        if self.state.settings.serve.log_prompts:
-            log.info("%s answer %s", self.rid, json.dumps(self.rails.guard.redact(texts), ensure_ascii=False))
-        if not self.saved:
-            self.saved = True
-            await asyncio.to_thread(self._write, self._row(texts, finishes, usage))
-
-    def save_now(self, texts: list[str], finishes: list[str], usage: Usage) -> None:
-        """From a `finally` where awaiting is not possible (the client went away)."""
-        self.timing.finish(usage.prompt_tokens, usage.completion_tokens)
-        if not self.saved:
-            self.saved = True
-            self._write(self._row(texts, finishes, usage))
-
-    def _write(self, row: dict[str, Any]) -> None:
-        """The exchange (unless serve.log_exchanges is off) and its guardrail decisions, in one transaction."""
-        events = [{**f.as_dict(), "request_id": self.rid, "model": row["model"], "persona": row["persona"],
-                   "route": self.route} for f in self.rails.findings]
-        try:
-            if self.state.settings.serve.log_exchanges:
-                self.state.store.log_exchange(**row, guard_events=events)  # type: ignore[union-attr]
-            elif events:
-                self.state.store.log_guard_events(events)  # type: ignore[union-attr]
-        except Exception as exc:  # the answer was given; a broken store must not turn it into an error
-            log.error("cannot store exchange %s: %s", self.rid, exc)
+async def completion_chunks(exchange: Exchange, created: int, include_usage: bool,
+                            tokenizer: Any) -> AsyncIterator[dict[str, Any]]:
+    head = {"id": exchange.rid, "object": "text_completion", "created": created, "model": exchange.target.name}
+    offsets = {a.index: 0 for a in exchange.answers}
+    async for answer, delta in exchange.events():
+        if delta.finish_reason == "error":
+            yield failure(answer)
+            return
+        if delta.text or delta.finish_reason is not None:
+            logprobs = completion_logprobs(delta.logprobs or [], tokenizer, offsets[answer.index])
+            offsets[answer.index] += len(delta.text)
+            yield {**head, "choices": [{"index": answer.index, "text": delta.text,
+                                        "finish_reason": delta.finish_reason, "logprobs": logprobs}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": exchange.usage()}

@@ -1,0 +1,369 @@
+"""The request path: one `Exchange` per request, from the parsed body to the stored record. It resolves the
+model or persona, runs the input rails, renders tools and the system prompt, tokenizes once (off the event
+loop), builds the sampling and the grammar, submits every answer, and follows each answer's stream behind
+the output rails; the routes only parse the body and render the answers in their format.
+
+Used by /v1/chat/completions, /v1/completions, /v1/responses and /predict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from fastapi import Request
+
+from forja.config import SAMPLERS
+from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
+from forja.engine.constrain import Grammar, GrammarError
+from forja.monitor import AnswerTiming
+from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
+from forja.serve.rails import RequestRails
+from forja.serve.tools import (ToolCallStream, conversation_text, parse_tool_calls, render_tools_system,
+                               response_format_grammar, tool_call_spec)
+
+log = logging.getLogger("forja.serve")
+DISCONNECT_POLL_SECONDS = 0.25
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+
+
+@dataclass
+class Options:
+    """What a request asks of its answers, in engine terms; None = the persona's, else `generate:`'s."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+@dataclass
+class Answer:
+    """One answer of an exchange (one of `n` per prompt), as it streams and once done."""
+
+    index: int
+    prompt: int  # which of the request's prompts it answers
+    stream: Stream
+    text: str = ""
+    finish_reason: str = "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+    error: str | None = None
+    calls: ToolCallStream | None = None  # when the request has tools
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason != "cancelled"
+
+    def content_and_calls(self) -> tuple[str | None, list[dict[str, Any]]]:
+        """The answer as OpenAI's message holds it: text, and the tool calls it made (if it has tools)."""
+        if self.calls is None:
+            return self.text, []
+        return parse_tool_calls(self.text)
+
+
+class Exchange:
+    """One request: build it with `await Exchange.open(...)`, then `events()` (streaming) or `collect()`."""
+
+    def __init__(self, state: ServerState, request: Request, rid: str, route: str, target: Target,
+                 rails: RequestRails, prompts: list[Prompt], options: Options):
+        self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
+        self.prompts, self.options = prompts, options
+        self.answers: list[Answer] = []
+        self.params: dict[str, Any] = {}
+        self.key_name = getattr(request.state, "api_key_name", None)
+        self.started = time.perf_counter()
+        self.timing = AnswerTiming(state.metrics, target.engine.name, self.started)
+        self.saved = state.store is None
+        request.state.model = target.engine.name  # for the request counter
+
+    @classmethod
+    async def open(cls, state: ServerState, request: Request, *, rid: str, route: str, model: str | None,
+                   prompts: list[Prompt], n: int, options: Options, param: str, n_param: str = "n",
+                   input_param: str | None = None) -> "Exchange":
+        """Resolve the target, screen the prompts, tokenize, and submit every answer (all or none)."""
+        target = await state.target(model)
+        limit = state.settings.serve.max_n
+        if n > limit:
+            raise ApiError(422, f"{n_param} is {n}; this server answers at most {limit} (serve.max_n)", param=n_param,
+                           code="invalid_value")
+        check_fits_queue(state, len(prompts), n, n_param)
+        rails = RequestRails(state, target, input_param)  # the field too long an input is named by
+        grammar = await _grammar(target, options)
+        prompts = [_with_tools(target, p, options) if isinstance(p, list) else p for p in prompts]
+        # the input rails: regexes take microseconds; a safety classifier (HTTP or a model) runs off the loop
+        if rails.guard.classifier is not None:
+            screened = await asyncio.to_thread(rails.screen, prompts)
+        else:
+            screened = rails.screen(prompts)
+        exchange = cls(state, request, rid, route, target, rails, [p for p, _ in screened], options)
+        jobs: list[tuple[int, list[int] | None, SamplingParams | None, str | None]] = []
+        for index, (prompt, refusal) in enumerate(screened):
+            if refusal is not None:
+                jobs += [(index, None, None, refusal)] * n
+                continue
+            ids = await asyncio.to_thread(target.engine.tokenize, prompt)  # tokenized once: these ids are decoded
+            params = sampling(target, state, options, prompt_tokens=len(ids), param=param, grammar=grammar)
+            jobs += [(index, ids, replace(params, seed=None if params.seed is None else params.seed + i), None)
+                     for i in range(n)]
+        exchange._submit(jobs)
+        return exchange
+
+    def _submit(self, jobs: list[tuple[int, list[int] | None, SamplingParams | None, str | None]]) -> None:
+        submitted: list[Stream] = []
+        try:
+            for index, ids, params, refusal in jobs:
+                stream = self.target.engine.submit(ids, params) if ids is not None and params is not None else None
+                if stream is not None:
+                    submitted.append(stream)
+                    self.params = self.params or _stored_params(params, self.rails)
+                self.answers.append(Answer(len(self.answers), index, self.rails.answer(index, refusal, stream),
+                                           calls=ToolCallStream() if self.options.tools else None))
+        except QueueFull as exc:
+            for stream in submitted:
+                stream.cancel()
+            raise ApiError(429, f"the server is busy: {exc}", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ContextLengthExceeded as exc:  # normally caught earlier by sampling()
+            for stream in submitted:
+                stream.cancel()
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        if self.state.settings.serve.log_prompts:
+            log.info("%s prompt %s", self.rid, json.dumps(self.stored_prompt(), ensure_ascii=False))
+
+    # ------------------------------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[tuple[Answer, Delta]]:
+        """Every answer's deltas as they come (the answer's state updated first); a failed generation raises
+        nothing here: its delta has finish_reason "error". The exchange is stored once all answers are done,
+        before the last delta is handed out, and whatever was sent when the client leaves early."""
+        queue: asyncio.Queue[tuple[Answer, Delta | BaseException]] = asyncio.Queue()
+
+        async def pump(answer: Answer) -> None:
+            try:
+                async for delta in answer.stream:
+                    queue.put_nowait((answer, delta))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((answer, exc))
+
+        tasks = [asyncio.create_task(pump(a)) for a in self.answers]
+        try:
+            open_answers = len(self.answers)
+            while open_answers:
+                answer, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self.timing.delta(answer.index, bool(item.text))
+                answer.text += item.text
+                if item.logprobs:
+                    answer.logprobs += item.logprobs
+                if item.finish_reason is not None:
+                    open_answers -= 1
+                    answer.finish_reason, answer.error = item.finish_reason, item.error
+                    if item.usage is not None:
+                        answer.prompt_tokens, answer.completion_tokens = item.usage.prompt_tokens, item.usage.completion_tokens
+                    if answer.calls is not None and answer.content_and_calls()[1] and item.finish_reason == "stop":
+                        answer.finish_reason = "tool_calls"
+                    if not open_answers:
+                        await self.save()
+                yield answer, replace(item, finish_reason=answer.finish_reason if item.finish_reason else None)
+        finally:
+            for answer in self.answers:
+                answer.stream.cancel()
+            for task in tasks:
+                task.cancel()
+            if not self.saved:  # the client left early: keep what it was sent, off the event loop
+                self._save_later()
+
+    async def collect(self, request: Request) -> list[Answer]:
+        """Whole answers; stops generating when the client goes away while waiting. A failed generation is a 500."""
+
+        async def consume() -> None:
+            async for answer, delta in self.events():
+                if delta.finish_reason == "error":
+                    raise ApiError(500, f"generation failed: {answer.error}", type="server_error",
+                                   code="generation_failed")
+
+        task = asyncio.create_task(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    raise ApiError(499, "client closed the request", code="client_closed")
+            task.result()
+            return self.answers
+        finally:
+            task.cancel()
+
+    def usage(self) -> dict[str, int]:
+        """Each distinct prompt counted once (not once per `n` copy), completions summed."""
+        prompt = sum({a.prompt: a.prompt_tokens for a in self.answers}.values())
+        completion = sum(a.completion_tokens for a in self.answers)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ------------------------------------------------------------------------------------------------ the record
+
+    def stored_prompt(self) -> Any:
+        prompts = self.rails.guard.redact(self.prompts)
+        return prompts[0] if len(prompts) == 1 else prompts
+
+    def _row(self) -> dict[str, Any]:
+        usage = self.usage()
+        return dict(id=self.rid, route=self.route, model=self.target.engine.name,
+                    persona=self.target.persona.name if self.target.persona else None, messages=self.stored_prompt(),
+                    answers=self.rails.guard.redact([a.text for a in self.answers]), params=self.params,
+                    prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+                    latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
+                    finish_reason=self.answers[0].finish_reason if self.answers else None, api_key_name=self.key_name)
+
+    async def save(self) -> None:
+        if self.saved:
+            return
+        self.saved = True
+        usage = self.usage()
+        self.timing.finish(usage["prompt_tokens"], usage["completion_tokens"])
+        if self.state.settings.serve.log_prompts:
+            log.info("%s answer %s", self.rid, json.dumps(self.rails.guard.redact([a.text for a in self.answers]),
+                                                          ensure_ascii=False))
+        if self.state.store is not None:
+            await asyncio.to_thread(self._write, self._row())
+
+    def _save_later(self) -> None:
+        self.saved = True
+        usage = self.usage()
+        self.timing.finish(usage["prompt_tokens"], usage["completion_tokens"])
+        if self.state.store is None:
+            return
+        row = self._row()
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self._write, row)
+        except RuntimeError:  # no loop any more: write here
+            self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        """The exchange (unless serve.log_exchanges is off) and its guardrail decisions, in one transaction."""
+        events = [{**f.as_dict(), "request_id": self.rid, "model": row["model"], "persona": row["persona"],
+                   "route": self.route} for f in self.rails.findings]
+        try:
+            if self.state.settings.serve.log_exchanges:
+                self.state.store.log_exchange(**row, guard_events=events)  # type: ignore[union-attr]
+            elif events:
+                self.state.store.log_guard_events(events)  # type: ignore[union-attr]
+        except Exception as exc:  # the answer was given; a broken store must not turn it into an error
+            log.error("cannot store exchange %s: %s", self.rid, exc)
+
+
+# ------------------------------------------------------------------------------------------------ assembling
+
+
+def sampling(target: Target, state: ServerState, options: Options, *, prompt_tokens: int, param: str,
+             grammar: Grammar | None = None) -> SamplingParams:
+    """Request values, else the persona's, else `generate:`'s; checks the answer fits in the context."""
+    defaults, persona = state.settings.generate, target.persona
+    context = target.engine.context_length
+    room, max_tokens = context - prompt_tokens, options.max_tokens
+    if max_tokens is None:
+        max_tokens = min((persona and persona.max_tokens) or defaults.max_new_tokens, room)
+        if max_tokens < 1:
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens, which leaves no room to answer in the "
+                           f"model's context of {context} tokens; shorten it", param=param,
+                           code="context_length_exceeded")
+    elif prompt_tokens + max_tokens > context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+                       f"tokens and max_tokens asks for {max_tokens} more ({prompt_tokens + max_tokens} in all); "
+                       "shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
+    chosen = {}
+    for name in SAMPLERS:
+        value = getattr(options, name)
+        if value is None and persona is not None:
+            value = getattr(persona, name)
+        chosen[name] = value if value is not None else getattr(defaults, name)
+    return SamplingParams(max_new_tokens=max_tokens, seed=options.seed if options.seed is not None else defaults.seed,
+                          stop=options.stop or [], logit_bias=_logit_bias(target, options.logit_bias),
+                          logprobs=options.logprobs, top_logprobs=options.top_logprobs, grammar=grammar, **chosen)
+
+
+def _logit_bias(target: Target, bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's {"token id": bias} checked against the model's vocabulary."""
+    if not bias:
+        return {}
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias",
+                       code="invalid_value")
+    vocabulary = len(target.engine.tokenizer)
+    checked = {}
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocabulary:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocabulary - 1})",
+                           param="logit_bias", code="invalid_value")
+        checked[int(key)] = float(value)
+    return checked
+
+
+async def _grammar(target: Target, options: Options) -> Grammar | None:
+    """The grammar the answers follow: the tools' calls, or the response_format; compiled off the event
+    loop (the first compile for a tokenizer takes about 0.2 s). A bad schema or tool is a 400."""
+    if not options.tools and not options.response_format:
+        return None
+    if options.tools and options.response_format and options.response_format.get("type") != "text":
+        spec = tool_call_spec(options.tools, options.tool_choice, options.parallel_tool_calls)
+        if spec is not None and spec.required:
+            raise ApiError(400, "tool_choice forces a tool call, which response_format cannot also constrain; "
+                           "send one of them", param="response_format", code="invalid_value")
+    engine = target.engine
+    try:
+        spec = tool_call_spec(options.tools, options.tool_choice, options.parallel_tool_calls)
+        if spec is not None:
+            return await asyncio.to_thread(Grammar.tool_calls, engine.tokenizer, spec,
+                                           eos_token_ids=set(engine.eos_token_ids))
+        return await asyncio.to_thread(response_format_grammar, engine.tokenizer, options.response_format,
+                                       set(engine.eos_token_ids))
+    except GrammarError as exc:
+        param = "tools" if options.tools else "response_format"
+        raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
+
+
+def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options) -> list[dict[str, str]]:
+    """The conversation the model reads: tool turns as text, the system prompt first (the client's, else
+    the persona's or the trained one), with the tools described in it when the request has tools."""
+    try:
+        turns = conversation_text(messages)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
+    turns = target.messages(turns)
+    if options.tools and options.tool_choice != "none":
+        tools = render_tools_system(options.tools)
+        if turns and turns[0]["role"] == "system":
+            turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{tools}"}
+        else:
+            turns.insert(0, {"role": "system", "content": tools})
+    return turns
+
+
+def _stored_params(params: SamplingParams, rails: RequestRails) -> dict[str, Any]:
+    stored = asdict(replace(params, grammar=None))
+    stored["grammar"] = params.grammar.name if params.grammar is not None else None
+    stored["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    if stored.get("stop"):
+        stored["stop"] = rails.guard.redact(stored["stop"])
+    return stored
