@@ -11,7 +11,7 @@ from forja.engine import ContextLengthExceeded, SamplingParams
 from forja.engine.pytorch import PyTorchEngine
 from forja.engine.sampling import Sampler
 from forja.engine.text import TextStream, chat_messages, chat_prompt_ids
-from forja.models import load
+from forja.models import load, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,126 @@ def test_stop_strings_are_cut_and_never_leak(tiny):
     out += stream.finish()
     assert out == "Hola mundo. "
     assert stream.stopped
+
+
+# A long answer mixing what a byte-level tokenizer splits: accents, emoji (one is a ZWJ sequence), CJK,
+# newlines, and a leading space (byte-level BPE keeps it; so must the stream).
+LONG_ANSWER = "".join(
+    f" {i}. ¿Cuál es el horario de la panadería? Abrimos de lunes a sábado 🚀🎉\n"
+    f"日本語のテキスト、中文の字符。Ñandú, pingüino — über naïve café 👩‍👩‍👧\n\n" for i in range(40)
+)
+
+
+class SlowTokenizer:
+    """The tiny tokenizer as a slow one (no Rust backend), so TextStream takes its window fallback;
+    decode is the fast one's."""
+
+    is_fast = False
+
+    def __init__(self, fast):
+        self.fast = fast
+        self.all_special_ids = fast.all_special_ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.fast.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def stream_for(tiny, kind: str, stop=()):
+    tokenizer = tiny.tokenizer if kind == "fast" else SlowTokenizer(tiny.tokenizer)
+    return TextStream(tokenizer, stop=list(stop))
+
+
+def pieces(tiny, *texts: str) -> list[int]:
+    """The ids of each text encoded on its own, one after the other: token boundaries fall where the texts meet."""
+    return [i for text in texts for i in tiny.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def streamed(stream: TextStream, ids: list[int]) -> list[str]:
+    deltas = []
+    for i in ids:
+        deltas.append(stream.push(i))
+        if stream.stopped:
+            break
+    return deltas + [stream.finish()]
+
+
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+def test_streamed_text_equals_the_full_decode_of_a_long_mixed_answer(tiny, kind):
+    ids = tiny.tokenizer(LONG_ANSWER, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2000
+    special = [tiny.tokenizer.eos_token_id, tiny.tokenizer.bos_token_id]
+    ids = ids[:700] + special + ids[700:]  # special tokens in the middle are skipped, as decode skips them
+    stream = stream_for(tiny, kind)
+    deltas = streamed(stream, ids)
+    assert "".join(deltas) == tiny.tokenizer.decode(ids, skip_special_tokens=True) == LONG_ANSWER
+    assert deltas[0].startswith(" ")
+    assert stream.text == LONG_ANSWER and stream.ids == ids
+
+
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+def test_deltas_of_valid_text_never_hold_a_replacement_character(tiny, kind):
+    ids = tiny.tokenizer(LONG_ANSWER, add_special_tokens=False)["input_ids"]
+    assert sum("\ufffd" in tiny.tokenizer.decode([i]) for i in ids) > 100  # many tokens are halves of characters
+    deltas = streamed(stream_for(tiny, kind), ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert sum(1 for d in deltas if d) > 1000  # and the text still streams, token by token
+
+
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+@pytest.mark.parametrize("parts, stop, expected", [
+    (("Hola mundo. F", "IN y más"), ["FIN"], "Hola mundo. "),  # across two tokens
+    (("Hola mundo. F", "I", "N y más"), ["FIN"], "Hola mundo. "),  # across three
+    (("Texto #", "#", "#END resto"), ["##END"], "Texto #"),  # begins inside the held-back "##", one character in
+    (("Hola F", "INAL"), ["FIN!"], "Hola FINAL"),  # a held-back tail that turns out not to stop is released
+    (("Hola A", "B", "C fin"), ["ABC", "BC"], "Hola "),  # two complete at once: the one that begins first wins
+], ids=["two-tokens", "three-tokens", "inside-the-held-tail", "not-a-stop-after-all", "earliest-wins"])
+def test_a_stop_string_split_over_tokens_is_found_and_never_leaks(tiny, kind, parts, stop, expected):
+    ids = pieces(tiny, *parts)
+    stream = stream_for(tiny, kind, stop)
+    out = ""
+    for i in ids:
+        out += stream.push(i)
+        assert not any(s in out for s in stop)
+        if stream.stopped:
+            break
+    out += stream.finish()
+    assert out == expected and stream.text == expected
+    assert stream.stopped == (expected != "".join(parts))
+
+
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+def test_a_push_at_token_2000_touches_no_more_than_one_at_token_10(tiny, kind, monkeypatch):
+    """Not timed: count the work. Every call to the tokenizer's decode and every stop-string search is
+    recorded; at token 1,900-2,000 they are as small as at token 10-100 (the old stream decoded all ids
+    and searched the whole text on every push)."""
+    import forja.engine.text as text_module
+
+    searched: list[int] = []
+    monkeypatch.setattr(text_module, "first_stop", lambda text, stop: searched.append(len(text)) or None)
+    decoded: list[int] = []
+    real_decode = tiny.tokenizer.decode
+    monkeypatch.setattr(tiny.tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or real_decode(ids, **kw))
+    stream = stream_for(tiny, kind, stop=["<|user|>", "\nUsuario:"])
+    ids = tiny.tokenizer(LONG_ANSWER, add_special_tokens=False)["input_ids"][:2000]
+    work = []  # per push: ids decoded and characters searched
+    for i in ids:
+        decoded.clear(), searched.clear()
+        stream.push(i)
+        work.append((sum(decoded), sum(searched)))
+    assert len(stream.ids) == 2000 and stream.text == real_decode(ids)[:len(stream.text)]
+    early, late = work[10:100], work[1900:2000]
+    assert max(w[0] for w in late) <= max(max(w[0] for w in early), 16)
+    assert max(w[1] for w in late) <= max(max(w[1] for w in early), 40)
+    assert sum(w[1] for w in late) > 0  # the stop strings were searched
+    if kind == "fast":
+        assert not any(w[0] for w in work)  # DecodeStream decodes the new token alone, never through decode()
+
+
+@pytest.mark.slow
+def test_the_bundled_tokenizer_streams_exactly_its_full_decode(bundled_home):
+    """SmolLM2's tokenizer (byte-level BPE, from the GGUF): same text, leading space and all."""
+    tokenizer = load_tokenizer("smollm2-135m", load_settings(home=bundled_home))
+    ids = tokenizer(LONG_ANSWER, add_special_tokens=False)["input_ids"]
+    deltas = streamed(TextStream(tokenizer, stop=[]), ids)
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == LONG_ANSWER
+    assert deltas[0].startswith(" ") and all("\ufffd" not in d for d in deltas)

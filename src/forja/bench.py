@@ -43,6 +43,7 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
         else:
             results.update(_llamacpp_baselines(settings, model, prompts[0], clients, max_tokens, log))
         results["backends"][backend] = _serve_figures(settings, model, backend, prompts, max_tokens, compare_alone, log)
+    results["streaming_cost"] = streaming_cost(settings, model)
     return results
 
 
@@ -432,9 +433,49 @@ def render_serve(results: dict[str, Any]) -> str:
                 bare = results[key]
                 rows.append((f"  bare model step, 1 vs {n} rows, {label}", f"{bare['ratio']:.2f}x",
                              f"{bare['step_ms_1']:.1f} ms vs {bare[f'step_ms_{n}']:.1f} ms: the ceiling of batching here"))
+    rows += _streaming_cost_rows(results)
     width = max(len(r[0]) for r in rows)
     head = f"forja bench serve: {results['model']}, {results['max_tokens']} new tokens per answer, greedy"
     return "\n".join([head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows])
+
+
+STREAMED_ANSWER = ("¿Cuál es el horario de la panadería? Abrimos de lunes a sábado, de 7 a 14 h. 🥖☕\n"
+                   "Il pane è buono. 日本語のテキスト、中文。Ñandú, pingüino — naïve café 👩‍🍳\n\n")
+
+
+def streaming_cost(settings: Any, model: str, tokens: int = 2000, rounds: int = 5) -> dict[str, Any]:
+    """What turning sampled ids into streamed text costs per token, early and late in a long answer:
+    microseconds per `TextStream.push` at tokens 10-100 and 1,900-2,000 of a 2,000-token answer on the
+    model's tokenizer, with two stop strings (medians of `rounds`). A ratio near 1 means the cost does not
+    grow with the answer."""
+    from forja.engine.text import TextStream
+    from forja.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model, settings)
+    one = len(tokenizer(STREAMED_ANSWER, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(STREAMED_ANSWER * (tokens // one + 2), add_special_tokens=False)["input_ids"][:tokens]
+    early, late = [], []
+    for _ in range(rounds):
+        stream = TextStream(tokenizer, stop=["<|im_end|>", "\nUser:"])
+        stamps = []
+        for token in ids:
+            stamps.append(time.perf_counter())
+            stream.push(token)
+        stamps.append(time.perf_counter())
+        early.append((stamps[100] - stamps[10]) * 1e6 / 90)
+        late.append((stamps[tokens] - stamps[tokens - 100]) * 1e6 / 100)
+    early_us, late_us = statistics.median(early), statistics.median(late)
+    return {"tokens": tokens, "early_us_per_token": round(early_us, 2), "late_us_per_token": round(late_us, 2),
+            "ratio_late_to_early": round(late_us / early_us, 2), "rounds": rounds}
+
+
+def _streaming_cost_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if "streaming_cost" not in results:
+        return []
+    c = results["streaming_cost"]
+    return [("streamed text, cost per token late / early", f"{c['ratio_late_to_early']:.2f}x",
+             f"{c['late_us_per_token']:.1f} us at tokens {c['tokens'] - 100}-{c['tokens']} vs "
+             f"{c['early_us_per_token']:.1f} us at 10-100 (TextStream.push, median of {c['rounds']})")]
 
 
 async def _stream(url: str, model: str, prompt: str, max_tokens: int, http: Any = None) -> dict[str, Any]:
