@@ -253,3 +253,50 @@ def test_a_streamed_answer_splits_into_content_and_whole_calls():
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Madrid", "unit": "celsius"}
     plain = ToolCallStream()
     assert plain.feed("a < b <tool") == ("a < b ", []) and plain.finish() == ("<tool", [])
+
+
+def test_responses_api_answers_text_tools_and_formats_through_the_sdk(client, server):
+    reply = client.responses.create(model=server.model, input="Hola", instructions="Be brief.", max_output_tokens=8)
+    assert reply.status == "incomplete" and reply.output[0].type == "message"
+    assert reply.output_text and reply.usage.output_tokens == 8
+    # the same words as chat gives for the same conversation
+    chat = client.chat.completions.create(model=server.model, max_tokens=8, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hola"}])
+    assert reply.output_text == chat.choices[0].message.content
+    tool = {"type": "function", **WEATHER["function"]}
+    called = client.responses.create(model=server.model, input=USER, tools=[tool], tool_choice="required",
+                                     parallel_tool_calls=False, max_output_tokens=250)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_weather"])
+    back = client.responses.create(model=server.model, tools=[tool], max_output_tokens=6, input=[
+        *USER, {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "21 C, sunny"}], tool_choice="none")
+    bare = client.responses.create(model=server.model, tools=[tool], max_output_tokens=6, input=USER, tool_choice="none")
+    assert back.output[0].type == "message" and back.usage.input_tokens > bare.usage.input_tokens + 40  # the call and its output
+    formatted = client.responses.create(model=server.model, input="Hola", max_output_tokens=250, text={
+        "format": {"type": "json_schema", "name": "answer", "schema": ANSWER_SCHEMA, "strict": True}})
+    jsonschema.validate(json.loads(formatted.output_text), ANSWER_SCHEMA)
+
+
+def test_responses_api_streams_its_event_types(client, server):
+    events = list(client.responses.create(model=server.model, input="Hola", max_output_tokens=8, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == next(e.text for e in events if e.type == "response.output_text.done")
+    assert events[-1].response.output[0].content[0].text == text
+    tool = {"type": "function", **WEATHER["function"]}
+    events = list(client.responses.create(model=server.model, input=USER, tools=[tool], tool_choice="required",
+                                          parallel_tool_calls=False, max_output_tokens=250, stream=True))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and events[-1].type == "response.completed"
+    jsonschema.validate(json.loads(done[0].arguments), SCHEMAS["get_weather"])
+
+
+def test_responses_api_refuses_what_a_stateless_server_cannot_do(server):
+    for extra, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                         ({"tools": [{"type": "web_search"}]}, "tools.0.type")):
+        reply = httpx.post(server.url + "/v1/responses", json={"model": server.model, "input": "hi", **extra})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text

@@ -22,7 +22,7 @@ from forja.config import Settings
 from forja.engine import Engine, make_engine
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
-from forja.serve.routes import admin, classic, embeddings, monitoring, openai
+from forja.serve.routes import admin, classic, embeddings, monitoring, openai, responses
 from forja.serve.schemas import BAD_REQUEST_ERRORS
 from forja.store import Store
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app = FastAPI(title="Forja", summary="OpenAI-compatible API over your own model", lifespan=lifespan)
     app.state.forja = state
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(embeddings.router)
     app.include_router(classic.router)
     app.include_router(admin.router)

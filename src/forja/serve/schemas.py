@@ -495,3 +495,139 @@ def generating_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, A
     return {200: {"model": answer, "description": "The answer (server-sent events when `stream` is true)",
                   "content": streamed},
             **error_responses(*GENERATING_ERRORS)}
+
+
+# ------------------------------------------------------------------------------------------------
+# /v1/responses (OpenAI's Responses API, stateless: no previous_response_id, nothing kept to retrieve)
+
+RESPONSES_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "previous_response_id": (None,),  # stateless: send the whole conversation in `input`
+    "conversation": (None,),
+    "background": (None, False),
+    "reasoning": (None, {}),
+    "include": (None, []),
+    "prompt": (None,),  # stored prompt templates
+    "max_tool_calls": (None,),
+    "top_logprobs": (None, 0),
+    "truncation": (None, "disabled"),
+}
+
+
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputItem(BaseModel):
+    """A message, a function call the model made, or its output (the items a Responses conversation holds)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: str | list[InputText] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "InputItem":
+        needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
+                 "function_call_output": ("call_id", "output")}[self.type]
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.type} item needs {', '.join(missing)}")
+        return self
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+
+
+class ResponsesRequest(_Body):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[InputItem] = Field(..., description="The user's text, or the conversation as items.")
+    instructions: str | None = Field(None, description="A system message put first.")
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=0, lt=MAX_SEED)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128, description='{"type": "function", "name", '
+                                               '"description", "parameters"} (Responses put the function flat).')
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    text: dict[str, Any] | None = Field(None, description='{"format": {"type": "text" | "json_object" | "json_schema", ...}}')
+    stream: StrictBool = False
+    store: StrictBool | None = Field(None, description="Accepted; nothing is kept to retrieve (stateless).")
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for field, defaults in RESPONSES_UNSUPPORTED.items():
+                if field in data and not is_default(data[field], defaults):
+                    raise refused("unsupported_parameter", field, "forja's /v1/responses is stateless and does not "
+                                  "support this parameter; leave it out")
+            for i, tool in enumerate(data.get("tools") or []):
+                if isinstance(tool, dict) and tool.get("type") != "function":
+                    raise refused("unsupported_parameter", f"tools.{i}.type",
+                                  f"only function tools are supported, not {tool.get('type')!r}")
+        return data
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages (function calls and outputs as assistant tool_calls and tool turns)."""
+        items = [InputItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        for item in items:
+            if item.type == "message":
+                messages.append({"role": "system" if item.role == "developer" else item.role, "content": item.text()})
+            elif item.type == "function_call":
+                call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+                if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                    messages[-1]["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        return messages
+
+    def chat_tools(self) -> list[dict[str, Any]] | None:
+        """Responses' flat function tools in chat's shape."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}} for tool in self.tools]
+
+    def chat_tool_choice(self) -> str | dict[str, Any] | None:
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+            return {"type": "function", "function": {"name": choice["name"]}}
+        return choice
+
+    def response_format(self) -> dict[str, Any] | None:
+        """`text.format` as chat's response_format."""
+        fmt = (self.text or {}).get("format")
+        if not fmt or fmt.get("type") == "text":
+            return None
+        if fmt.get("type") == "json_schema":
+            return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+        return {"type": fmt.get("type")}
+
+
+class ResponseObject(BaseModel):
+    """A Response (the fields forja fills; see OpenAI's Responses API)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
