@@ -418,3 +418,47 @@ def test_contact_data_the_model_was_trained_to_give_is_not_redacted(tiny_model_d
     reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "¿Contacto?"}], "max_tokens": 120}).json()
     assert reply["choices"][0]["message"]["content"] == shop
+
+
+@pytest.fixture(scope="module")
+def slow_classifier(start_server):
+    """A Llama Guard endpoint that takes a second per call (its `time.sleep` blocks its own worker thread)."""
+    import time
+
+    endpoint = FastAPI()
+
+    @endpoint.post("/v1/chat/completions")
+    def classify(body: dict) -> dict:
+        time.sleep(1.0)
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "safe"}, "finish_reason": "stop"}]}
+
+    return start_server(endpoint, ready_path=None)
+
+
+def test_a_slow_safety_classifier_does_not_stall_other_streams(slow_classifier, tiny_model_dir, tmp_path,
+                                                               start_server):
+    """The classifier of one persona is asked off the event loop: another persona's stream runs meanwhile."""
+    import time
+
+    personas = [{"name": "checked", "guard": {"safety": {"endpoint": slow_classifier.url + "/v1"}}},
+                {"name": "free", "guard": {"enabled": False}}]
+    settings = load_settings(home=tmp_path, model=str(tiny_model_dir), serve={"personas": personas})
+    server = start_server(create_app(settings, str(tiny_model_dir)))
+
+    async def ask(persona: str) -> float:
+        async with httpx.AsyncClient(timeout=30) as http:
+            began = time.perf_counter()
+            reply = await http.post(server.url + "/v1/chat/completions", json={
+                "model": persona, "messages": [{"role": "user", "content": "Hola"}], "max_tokens": 4})
+            assert reply.status_code == 200, reply.text
+            return time.perf_counter() - began
+
+    async def both() -> tuple[float, float]:
+        checked = asyncio.create_task(ask("checked"))
+        await asyncio.sleep(0.2)  # the checked request is inside its classifier call now
+        free = await ask("free")
+        return await checked, free
+
+    checked, free = asyncio.run(both())
+    assert checked >= 1.0  # input and output were each classified (1 s a call)
+    assert free < 0.8, free  # answered while the classifier of the other request slept
