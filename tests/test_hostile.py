@@ -337,6 +337,7 @@ def test_openapi_lists_every_status_a_route_answers(hostile):
     doc = httpx.get(hostile.url + "/openapi.json").json()
     expected = {("post", "/v1/chat/completions"): {400, 401, 404, 413, 422, 429, 503},
                 ("post", "/v1/completions"): {400, 401, 404, 413, 422, 429, 503},
+                ("post", "/v1/responses"): {400, 401, 404, 413, 422, 429, 503},
                 ("post", "/predict"): {400, 401, 404, 413, 422, 429, 503},
                 ("post", "/feedback"): {400, 401, 404, 409, 413, 422},
                 ("get", "/v1/models"): {401},
