@@ -300,3 +300,43 @@ def test_responses_api_refuses_what_a_stateless_server_cannot_do(server):
                          ({"tools": [{"type": "web_search"}]}, "tools.0.type")):
         reply = httpx.post(server.url + "/v1/responses", json={"model": server.model, "input": "hi", **extra})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n# Tools\\n' }}{% for tool in tools %}{{ tool | tojson }}\\n{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>\\n' + (call['function'] | tojson) + '\\n</tool_call>' }}{% endfor %}"
+    "{% else %}{{ message['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_chat_template_with_a_tool_format_renders_the_tools_itself(long_model_dir, tmp_path, start_server):
+    """A model whose template takes `tools` (Qwen, Hermes style) is prompted the way it was trained; the
+    grammar still holds the calls to their schemas."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from forja.engine.text import chat_prompt_ids
+
+    directory = tmp_path / "tool-model"
+    shutil.copytree(long_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    settings = load_settings(home=tmp_path / "home", model=str(directory), dtype="float32", serve={"backend": "pytorch"})
+    server = start_server(create_app(settings, str(directory)))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=str(directory), messages=USER, tools=[WEATHER], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=250)
+    check_call(reply.choices[0].message.tool_calls[0])
+    expected = chat_prompt_ids(tokenizer, USER, [WEATHER])
+    assert "# Tools" in tokenizer.decode(expected) and reply.usage.prompt_tokens == len(expected)
+    call = reply.choices[0].message.tool_calls[0]
+    back = client.chat.completions.create(model=str(directory), tools=[WEATHER], max_tokens=4, messages=[
+        *USER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "21 C"}])
+    assert back.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -15,14 +15,22 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     return with_system([{"role": "user", "content": prompt}], system)
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of the conversation rendered with the model's chat template, ready for the answer."""
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The token ids of the conversation rendered with the model's chat template, ready for the answer;
+    `tools` (OpenAI's shape) go to a template that has a tool format (`has_tool_format`)."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        extra = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     # Base models without a template: plain concatenation of the turns.
     text = "\n".join(m["content"] for m in messages)
     return tokenizer(text)["input_ids"]
+
+
+def has_tool_format(tokenizer: Any) -> bool:
+    """Whether the chat template renders `tools` itself (Qwen, Llama 3.1, Hermes-style templates do)."""
+    template = tokenizer.chat_template
+    return isinstance(template, str) and "tools" in template
 
 
 class TextStream:

@@ -21,6 +21,7 @@ from fastapi import Request
 from forja.config import SAMPLERS
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
 from forja.engine.constrain import Grammar, GrammarError
+from forja.engine.text import chat_prompt_ids, has_tool_format
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
 from forja.serve.rails import RequestRails
@@ -109,7 +110,8 @@ class Exchange:
         check_fits_queue(state, len(prompts), n, n_param)
         rails = RequestRails(state, target, input_param)  # the field too long an input is named by
         grammar = await _grammar(target, options)
-        prompts = [_with_tools(target, p, options) if isinstance(p, list) else p for p in prompts]
+        native = bool(options.tools) and options.tool_choice != "none" and has_tool_format(target.engine.tokenizer)
+        prompts = [_with_tools(target, p, options, native) if isinstance(p, list) else p for p in prompts]
         # the input rails: regexes take microseconds; a safety classifier (HTTP or a model) runs off the loop
         if rails.guard.classifier is not None:
             screened = await asyncio.to_thread(rails.screen, prompts)
@@ -121,7 +123,10 @@ class Exchange:
             if refusal is not None:
                 jobs += [(index, None, None, refusal)] * n
                 continue
-            ids = await asyncio.to_thread(target.engine.tokenize, prompt)  # tokenized once: these ids are decoded
+            if native:  # the template writes the tools its own way (the grammar keeps the calls in ours)
+                ids = await asyncio.to_thread(chat_prompt_ids, target.engine.tokenizer, prompt, options.tools)
+            else:  # tokenized once: these ids are the ones decoded
+                ids = await asyncio.to_thread(target.engine.tokenize, prompt)
             params = sampling(target, state, options, prompt_tokens=len(ids), param=param, grammar=grammar)
             jobs += [(index, ids, replace(params, seed=None if params.seed is None else params.seed + i), None)
                      for i in range(n)]
@@ -343,9 +348,12 @@ async def _grammar(target: Target, options: Options) -> Grammar | None:
         raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
 
 
-def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options) -> list[dict[str, str]]:
-    """The conversation the model reads: tool turns as text, the system prompt first (the client's, else
-    the persona's or the trained one), with the tools described in it when the request has tools."""
+def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options, native: bool) -> list[dict[str, Any]]:
+    """The conversation the model reads, the system prompt first (the client's, else the persona's or the
+    trained one). A chat template with a tool format (`native`) takes OpenAI's messages and the tools as
+    they are; otherwise tool turns become text and the tools are described in the system prompt."""
+    if native:
+        return target.messages([_native_turn(m) for m in messages])
     try:
         turns = conversation_text(messages)
     except GrammarError as exc:
@@ -358,6 +366,21 @@ def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options
         else:
             turns.insert(0, {"role": "system", "content": tools})
     return turns
+
+
+def _native_turn(message: dict[str, Any]) -> dict[str, Any]:
+    """A message for a template with a tool format: call arguments as objects, as those templates expect."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        try:
+            arguments = json.loads(call["function"]["arguments"] or "{}")
+        except json.JSONDecodeError:
+            raise ApiError(400, f"tool call {call['id']}: arguments are not JSON", param="messages",
+                           code="invalid_value") from None
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}
 
 
 def _stored_params(params: SamplingParams, rails: RequestRails) -> dict[str, Any]:
