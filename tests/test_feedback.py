@@ -367,7 +367,6 @@ def test_exchange_logging_can_be_switched_off(tiny_model_dir, tmp_path, start_se
 
 
 def test_a_correction_in_a_conversation_trains_only_the_corrected_answer(tiny_model_dir):
-    from forja.feedback import Pair
     from forja.models import load_tokenizer
     from forja.train import IGNORE, dialogue_example
 

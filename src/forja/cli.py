@@ -83,7 +83,7 @@ def generate(
 ) -> None:
     """Answer a prompt with a local model, streaming tokens to the terminal."""
     from forja import models
-    from forja.engine import SamplingParams, answer, make_engine, pick_backend
+    from forja.engine import SamplingParams, answer, make_engine
     from forja.engine.text import chat_messages
     import asyncio
 

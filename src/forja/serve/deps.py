@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from forja.config import Persona, Settings
-from forja.engine import Engine, SamplingParams, make_engine
+from forja.engine import Engine, make_engine
 from forja.data import read_rows
 from forja.guard import Guards, published_pii
 from forja.models import trained_system, version_dir, with_system
