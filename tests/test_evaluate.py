@@ -135,6 +135,7 @@ def test_semantic_similarity_names_a_missing_embedding_package(monkeypatch):
     ("On a scale from 0 to 1, score: 0.75 since it misses a detail.", 0.75, None),
     ('{"score": 1.0000001}', 1.0, ""),  # float noise is clamped
     ("{score: 0.4, explanation: broken json}", 0.4, None),  # not JSON, but the keyed score is there
+    ('{"score": 0.903, "explanation": "cut at the token lim', 0.903, None),  # a schema verdict cut short
 ])
 def test_judge_parser_reads_well_formed_outputs(output, score, explanation):
     verdict = parse_judge(output)
@@ -343,7 +344,8 @@ def long_context_judge(varied_model_dir, tmp_path_factory) -> Path:
     return directory
 
 
-def test_local_judge_garbage_is_recorded_as_a_failed_parse(varied_model_dir, long_context_judge, monkeypatch):
+def test_a_random_local_judge_still_gives_every_row_a_score_under_the_schema(varied_model_dir, long_context_judge,
+                                                                            monkeypatch):
     settings = load_settings()
     loads = count_loads(monkeypatch)
     result = evaluate([str(varied_model_dir)], CASES, settings, judge=str(long_context_judge), max_new_tokens=6,
@@ -352,12 +354,27 @@ def test_local_judge_garbage_is_recorded_as_a_failed_parse(varied_model_dir, lon
     assert result.stats["judge_computed"] == 3
     for row in result.rows:
         assert row["answer"].strip()  # a real answer was judged
-        assert isinstance(row["judge_output"], str) and row["judge_output"]
-        assert row["judge"] is None and row["judge_error"]  # never 0, never a crash
-    assert "judge" not in result.means[str(varied_model_dir)]
+        assert row["judge_output"].startswith('{"score": ')  # random weights, yet the schema's shape
+        assert row["judge_error"] is None and 0 <= row["judge"] <= 1
+    assert result.counts[str(varied_model_dir)]["judge"] == 3
     again = evaluate([str(varied_model_dir)], CASES, settings, judge=str(long_context_judge), max_new_tokens=6,
                      progress=False)
     assert again.stats["judge_computed"] == 0 and len(loads) == 2
+
+
+def test_free_text_and_schema_answers_are_cached_apart(long_context_judge):
+    settings, stats = load_settings(), {}
+    prompts = [ev.judge_messages("¿Q?", "Sí.", "No.")]
+    reordered = {**ev.JUDGE_SCHEMA, "properties": dict(reversed(ev.JUDGE_SCHEMA["properties"].items()))}
+
+    def judged(schema):
+        return ev.generate_answers(str(long_context_judge), prompts, settings, 12, kind="judge", progress=False,
+                                   stats=stats, schema=schema)[0]["text"]
+
+    free, held, first = judged(None), judged(ev.JUDGE_SCHEMA), judged(reordered)  # reordered: another answer
+    assert stats["judge_computed"] == 3 and stats["judge_cached"] == 0
+    assert not free.startswith("{")
+    assert held.startswith('{"score": ') and first.startswith('{"explanation"')
 
 
 def test_judge_too_small_for_its_prompt_is_a_row_error(varied_model_dir):
@@ -368,7 +385,8 @@ def test_judge_too_small_for_its_prompt_is_a_row_error(varied_model_dir):
 
 @pytest.fixture(scope="module")
 def stub_judge(start_server):
-    """An OpenAI-compatible endpoint that grades by a rule: 0.75 in JSON, or plain text for one question."""
+    """An OpenAI-compatible endpoint that grades by a rule: 0.75 in JSON, or plain text for one question.
+    Model "old-judge" refuses response_format as OpenAI refuses an unknown parameter."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -385,6 +403,10 @@ def stub_judge(start_server):
         stub.state.calls.append((request.headers.get("authorization"), body))
         if request.headers.get("authorization") == "Bearer wrong":
             return JSONResponse({"error": {"message": "invalid api key"}}, status_code=401)
+        if body["model"] == "old-judge" and "response_format" in body:
+            return JSONResponse({"error": {"message": "Unrecognized request argument supplied: response_format",
+                                           "type": "invalid_request_error", "code": "unsupported_parameter"}},
+                                status_code=400)
         user = body["messages"][-1]["content"]
         text = "Score: 4/5. Close enough." if "pesa" in user else '{"score": 0.75, "explanation": "Mostly right."}'
         return {"id": "x", "object": "chat.completion", "model": body["model"],
@@ -406,6 +428,8 @@ def test_remote_judge_with_key_and_cache(tiny_model_dir, stub_judge, monkeypatch
     calls = stub_judge.calls[before:]
     assert len(calls) == 3 and all(auth == "Bearer judge-key" for auth, _ in calls)
     assert calls[0][1]["model"] == "stub-judge" and calls[0][1]["temperature"] == 0
+    assert all(body["response_format"] == ev.JUDGE_RESPONSE_FORMAT for _, body in calls)
+    assert ev.JUDGE_RESPONSE_FORMAT["json_schema"]["strict"] is True
     assert [r["judge"] for r in result.rows] == [0.75, 0.75, 0.8]
     assert result.rows[0]["judge_explanation"] == "Mostly right."
     assert result.means[str(tiny_model_dir)]["judge"] == pytest.approx((0.75 + 0.75 + 0.8) / 3)
@@ -417,6 +441,18 @@ def test_remote_judge_with_key_and_cache(tiny_model_dir, stub_judge, monkeypatch
     with pytest.raises(EvalError, match="answered 401 .*invalid api key; set FORJA_JUDGE_API_KEY"):
         evaluate([str(tiny_model_dir)], [TestCase("Otra", "B")], settings, judge=stub_judge.url + "/v1",
                  judge_model="stub-judge", progress=False)
+
+
+def test_an_endpoint_that_refuses_response_format_is_asked_again_without_it(stub_judge):
+    judge = ev._RemoteJudge(stub_judge.url + "/v1", "old-judge")
+    before = len(stub_judge.calls)
+    first = judge.complete(ev.judge_messages("¿Abrís?", "No.", "Sí."))
+    second = judge.complete(ev.judge_messages("¿Y cuánto pesa?", "Un kilo.", "Dos."))
+    sent = [("response_format" in body) for _, body in stub_judge.calls[before:]]
+    assert sent == [True, False, False]  # refused once, then never sent again by this client
+    assert first == {"text": '{"score": 0.75, "explanation": "Mostly right."}', "error": None}
+    assert parse_judge(second["text"]).score == pytest.approx(0.8)  # free text, parsed as before
+    judge.client.close()
 
 
 def test_unreachable_judge_fails_in_one_line(tiny_model_dir, monkeypatch):

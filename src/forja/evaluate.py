@@ -39,6 +39,22 @@ METRIC_LABELS = {
 }
 TESTSET_SUFFIXES = {".csv": "CSV", ".jsonl": "JSONL", ".xlsx": "Excel"}
 JUDGE_MAX_TOKENS = 160  # a JSON object with a one-sentence explanation fits with room to spare
+# What a judge answers. A local judge is held to it by grammar-constrained decoding, a remote one is sent it
+# as response_format. The score comes first so that a verdict cut at JUDGE_MAX_TOKENS still has it: with the
+# explanation first the bundled model lost the score on up to 5 of 19 rows and judged no better (README).
+JUDGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "explanation": {"type": "string", "maxLength": 300},
+    },
+    "required": ["score", "explanation"],
+    "additionalProperties": False,
+}
+# What an endpoint is sent: JUDGE_SCHEMA less the string length, which OpenAI's strict mode does not support
+# (the report cuts an explanation at 300 characters anyway).
+JUDGE_RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "judgement", "strict": True, "schema": {
+    **JUDGE_SCHEMA, "properties": {**JUDGE_SCHEMA["properties"], "explanation": {"type": "string"}}}}}
 JUDGE_KEY_VARIABLES = ("FORJA_JUDGE_API_KEY", "OPENAI_API_KEY")
 JUDGE_THREADS = 4  # concurrent requests to a remote judge
 CACHE_FORMAT = 1  # bump when what is cached (or how answers are produced) changes
@@ -532,13 +548,17 @@ def _conversation(case: TestCase, target: _Target, personas: dict[str, Persona],
 
 def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: Settings, max_new_tokens: int, *,
                      cache: _Cache | None = None, kind: str = "answers", desc: str = "answers",
-                     progress: bool = True, stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                     progress: bool = True, stats: dict[str, int] | None = None,
+                     schema: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Greedy answers of one model to many conversations: cached ones read back, the others generated
-    together by the batching engine (the model is loaded only when something is missing)."""
+    together by the batching engine (the model is loaded only when something is missing). With `schema`
+    every answer is JSON that validates against it (grammar-constrained decoding)."""
     cache = cache or _Cache(settings)
     stats = stats if stats is not None else {}
     identity = model_identity(model, settings)
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    if schema is not None:
+        params["schema"] = json.dumps(schema)  # as text: the key sorts dicts, and the order of properties counts
     keys = [cache.key(kind, identity, prompt, params) for prompt in prompts]
     results: list[dict[str, Any] | None] = [cache.get(kind, key) for key in keys]
     missing = [i for i, found in enumerate(results) if found is None]
@@ -557,7 +577,7 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
             bar.update(1)
 
         try:
-            _run_engine(model, [prompts[i] for i in missing], max_new_tokens, settings, done)
+            _run_engine(model, [prompts[i] for i in missing], max_new_tokens, settings, done, schema=schema)
         finally:
             bar.close()
             gc.collect()  # the model is no longer referenced: free it before the next one loads
@@ -566,8 +586,11 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
 
 
 def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, settings: Settings,
-                done: Callable[[int, dict[str, Any]], None]) -> None:
-    """Greedy answers from the engine `forja serve` would run (engine.make_engine), all submitted at once."""
+                done: Callable[[int, dict[str, Any]], None], *, schema: dict[str, Any] | None = None) -> None:
+    """Greedy answers from the engine `forja serve` would run (engine.make_engine), all submitted at once;
+    with `schema`, held to it by a grammar compiled for that engine's tokenizer."""
+    from forja.engine.constrain import Grammar
+
     engine = make_engine(model, settings, max_queue=len(prompts) + 1)
 
     def finished(i: int, answer: Any) -> None:
@@ -577,7 +600,10 @@ def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens:
                  "completion_tokens": answer.usage.completion_tokens if answer.finish_reason != "error" else None})
 
     try:
-        answer_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), finished)
+        grammar = (Grammar.json_schema(engine.tokenizer, schema, eos_token_ids=engine.eos_token_ids)
+                   if schema is not None else None)
+        answer_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, grammar=grammar),
+                   finished)
     finally:
         engine.close()
 
@@ -597,7 +623,9 @@ def _is_url(judge: str) -> bool:
 
 
 class _RemoteJudge:
-    """POST {url}/chat/completions; the key comes from FORJA_JUDGE_API_KEY or OPENAI_API_KEY."""
+    """POST {url}/chat/completions with JUDGE_SCHEMA as response_format; the key comes from
+    FORJA_JUDGE_API_KEY or OPENAI_API_KEY. An endpoint that refuses response_format is asked again
+    without it, and from then on never with it (its free text is parsed as before)."""
 
     def __init__(self, url: str, model: str | None):
         import httpx
@@ -607,6 +635,7 @@ class _RemoteJudge:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(120.0, connect=10.0))
         self.model = model or self._first_model()
+        self.structured = True  # False once the endpoint refused response_format
 
     def _first_model(self) -> str:
         try:
@@ -618,9 +647,21 @@ class _RemoteJudge:
                             "name the judge's model with --judge-model") from None
 
     def complete(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        if self.structured:
+            result = self._post(messages, structured=True)
+            if result is not None:
+                return result
+            self.structured = False  # the endpoint refused response_format: this once and every later call without
+        return self._post(messages, structured=False)  # type: ignore[return-value]
+
+    def _post(self, messages: list[dict[str, str]], *, structured: bool) -> dict[str, Any] | None:
+        """The judge's text, or its error; None when the endpoint refused response_format."""
         import httpx
 
-        body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": JUDGE_MAX_TOKENS}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0,
+                                "max_tokens": JUDGE_MAX_TOKENS}
+        if structured:
+            body["response_format"] = JUDGE_RESPONSE_FORMAT
         problem = ""
         for attempt in range(3):
             if attempt:
@@ -640,12 +681,20 @@ class _RemoteJudge:
                 problem = f"HTTP {reply.status_code}: {_error_message(reply)}"
                 continue
             if reply.status_code >= 400:
+                if structured and reply.status_code == 400 and _refuses_schema(reply):
+                    return None
                 return {"text": None, "error": f"judge request refused (HTTP {reply.status_code}: {_error_message(reply)})"}
             try:
                 return {"text": reply.json()["choices"][0]["message"]["content"] or "", "error": None}
             except (ValueError, KeyError, IndexError, TypeError):
                 return {"text": None, "error": "the judge's reply is not a chat completion"}
         return {"text": None, "error": f"judge request failed after 3 tries ({problem})"}
+
+
+def _refuses_schema(reply: Any) -> bool:
+    """A 400 about response_format: an endpoint without structured output (OpenAI's code for it is
+    unsupported_parameter; others name the field)."""
+    return any(word in reply.text for word in ("response_format", "unsupported_parameter", "json_schema"))
 
 
 def _error_message(reply: Any) -> str:
@@ -678,7 +727,7 @@ def _judge_rows(rows: list[dict[str, Any]], contexts: dict[int, list[dict[str, s
         outputs = _remote_judge(prompts, judge, judge_model, cache, stats, progress)
     else:
         outputs = generate_answers(judge, prompts, settings, JUDGE_MAX_TOKENS, cache=cache, kind="judge",
-                                   desc=f"judge {judge}", progress=progress, stats=stats)
+                                   desc=f"judge {judge}", progress=progress, stats=stats, schema=JUDGE_SCHEMA)
     for row, output in zip(todo, outputs):
         row["judge_output"] = output.get("text")
         if output.get("text") is None:
@@ -693,7 +742,7 @@ def _remote_judge(prompts: list[list[dict[str, str]]], url: str, judge_model: st
     if not prompts:
         return []
     client = _RemoteJudge(url, judge_model)
-    params = {"max_tokens": JUDGE_MAX_TOKENS, "temperature": 0}
+    params = {"max_tokens": JUDGE_MAX_TOKENS, "temperature": 0, "response_format": JUDGE_RESPONSE_FORMAT}
     keys = [cache.key("judge", "remote", client.url, client.model, p, params) for p in prompts]
     results: list[dict[str, Any] | None] = [cache.get("judge", k) for k in keys]
     missing = [i for i, r in enumerate(results) if r is None]
