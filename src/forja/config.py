@@ -337,8 +337,8 @@ class KnowledgeSettings(BaseModel):
         200, ge=16, le=254, description="Most tokens in a chunk, counted with the embedding model's tokenizer "
         "(its window is 256, [CLS] and [SEP] included, so a chunk is embedded whole).")
     overlap_tokens: int = Field(
-        32, ge=0, description="A chunk cut inside a section repeats up to this many tokens from the end of the one "
-        "before, so a fact on the boundary is whole in one of them.")
+        32, ge=0, description="A chunk cut between sentences (not at a heading or paragraph break) repeats up to "
+        "this many tokens from the end of the one before, so a fact on the boundary is whole in one of them.")
     top_k: int = Field(5, ge=1, le=100, description="Chunks a search returns when the caller names no number.")
     candidates: int = Field(50, ge=1, description="Chunks each retriever (vectors, keywords) ranks before fusion.")
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: a chunk scores the sum of "
