@@ -10,9 +10,11 @@ import json
 import re
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -332,9 +334,21 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
                 found[c][5], found[c][6]) for c in chosen]
 
 
+def _folded(word: str) -> str:
+    """Lower case without accents, as the keyword index's tokenizer sees a word."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold()) if not unicodedata.combining(c))
+
+
+@lru_cache(maxsize=1)
+def _stopwords() -> frozenset[str]:
+    text = (Path(__file__).parent / "stopwords.txt").read_text(encoding="utf-8")
+    return frozenset(w for line in text.splitlines() if not line.startswith("#") for w in line.split())
+
+
 def _keyword_ranking(db: sqlite3.Connection, collection_id: int, query: str, limit: int) -> list[int]:
-    """Chunk ids by BM25 for any of the query's words (quoted, so FTS5 syntax in a query is just text)."""
-    words = WORD.findall(query)
+    """Chunk ids by BM25 for any of the query's words but the stopwords (quoted, so FTS5 syntax in a query
+    is just text)."""
+    words = [w for w in WORD.findall(query) if _folded(w) not in _stopwords()]
     if not words:
         return []
     match = " OR ".join('"' + w + '"' for w in words)
