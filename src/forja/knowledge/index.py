@@ -310,15 +310,12 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
         if model != EMBEDDING_MODEL:
             raise KnowledgeError(f"collection {collection!r} was indexed with {model}, not {EMBEDDING_MODEL}; "
                                  "remove it and add its files again")
-        rows = db.execute("SELECT c.id, c.vector FROM chunks c JOIN files f ON f.id = c.file_id "
-                          "WHERE f.collection_id = ?", (collection_id,)).fetchall()
-        if not rows:
+        ids, matrix = _vectors(db, settings, collection_id)
+        if not len(ids):
             return []
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-        vector = embed([query]).numpy()[0].astype(np.float32)
-        similarity = matrix @ vector
-        best = np.argsort(-similarity)[: knowledge.candidates]
+        similarity = matrix @ embed([query]).numpy()[0].astype(np.float32)
+        best = np.argpartition(-similarity, min(knowledge.candidates, len(ids)) - 1)[: knowledge.candidates]
+        best = best[np.argsort(-similarity[best])]
         rankings = [[int(ids[i]) for i in best], _keyword_ranking(db, collection_id, query, knowledge.candidates)]
         scores: dict[int, float] = {}
         for ranking in rankings:
@@ -343,6 +340,27 @@ def _folded(word: str) -> str:
 def _stopwords() -> frozenset[str]:
     text = (Path(__file__).parent / "stopwords.txt").read_text(encoding="utf-8")
     return frozenset(w for line in text.splitlines() if not line.startswith("#") for w in line.split())
+
+
+# Per collection: (what its files were when read, chunk ids, vectors). Reading 10k vectors from SQLite takes
+# longer than ranking them, and a server searches the same collections again and again.
+_vector_cache: dict[tuple[str, int], tuple[tuple, np.ndarray, np.ndarray]] = {}
+
+
+def _vectors(db: sqlite3.Connection, settings: Settings, collection_id: int) -> tuple[np.ndarray, np.ndarray]:
+    # Every write of a file gives it a new indexed_at, so this changes whenever the chunks do.
+    version = db.execute("SELECT count(*), total(indexed_at), max(id) FROM files WHERE collection_id = ?",
+                         (collection_id,)).fetchone()
+    key = (str(db_path(settings)), collection_id)
+    cached = _vector_cache.get(key)
+    if cached is not None and cached[0] == version:
+        return cached[1], cached[2]
+    rows = db.execute("SELECT c.id, c.vector FROM chunks c JOIN files f ON f.id = c.file_id "
+                      "WHERE f.collection_id = ?", (collection_id,)).fetchall()
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    _vector_cache[key] = (version, ids, matrix)
+    return ids, matrix
 
 
 def _keyword_ranking(db: sqlite3.Connection, collection_id: int, query: str, limit: int) -> list[int]:
