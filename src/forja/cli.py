@@ -655,6 +655,93 @@ def guard_test(
         raise ForjaError("guard test: " + "; ".join(failures))
 
 
+knowledge_app = _typer("Index your files into collections and search them, with sources.")
+app.add_typer(knowledge_app, name="knowledge")
+CollectionArg = Annotated[str, typer.Argument(help="Collection name (letters, digits, _ . -).")]
+
+
+def _when(seconds: float | None) -> str:
+    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def _shown(path: str) -> str:
+    """A stored absolute path, relative to the current folder where it lies under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+@knowledge_app.command("add")
+def knowledge_add(name: CollectionArg, paths: PathsArg, config: ConfigOpt = None) -> None:
+    """Index files and folders into a collection (created if new); changed files are re-indexed, unchanged skipped."""
+    from forja.knowledge import add
+
+    def report(result) -> None:
+        detail = f" ({result.chunks} chunks, {result.tokens} tokens)" if result.status in ("added", "replaced") else ""
+        typer.echo(f"{result.status:>9}  {_shown(result.path)}{detail}")
+
+    results = add(settings_from(config), name, paths, progress=report)
+    counts = {s: sum(r.status == s for r in results) for s in ("added", "replaced", "unchanged", "no text")}
+    typer.echo(f"{name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), err=True)
+
+
+@knowledge_app.command("list")
+def knowledge_list(config: ConfigOpt = None) -> None:
+    """List collections: files, chunks, tokens, last indexed."""
+    from forja.knowledge import collections
+
+    found = collections(settings_from(config))
+    if not found:
+        typer.echo("no collections yet (forja knowledge add NAME PATH...)")
+    for c in found:
+        typer.echo(f"{c.name}  {len(c.files)} files  {c.chunks} chunks  {c.tokens} tokens  indexed {_when(c.indexed_at)}")
+
+
+@knowledge_app.command("show")
+def knowledge_show(name: CollectionArg, config: ConfigOpt = None) -> None:
+    """Show a collection's files with their chunks, tokens and when each was indexed."""
+    from forja.knowledge import show
+
+    c = show(settings_from(config), name)
+    typer.echo(f"{c.name}: {len(c.files)} files, {c.chunks} chunks, {c.tokens} tokens, "
+               f"embedded with {c.embedding_model}, created {_when(c.created_at)}")
+    for f in c.files:
+        typer.echo(f"  {_shown(f.path)}  {f.chunks} chunks  {f.tokens} tokens  indexed {_when(f.indexed_at)}")
+
+
+@knowledge_app.command("remove")
+def knowledge_remove(name: CollectionArg,
+                     paths: Annotated[Optional[list[Path]], typer.Argument(help="Files or folders to take out; none: the whole collection.")] = None,
+                     config: ConfigOpt = None) -> None:
+    """Remove a collection, or only the files at or under PATH."""
+    from forja.knowledge import remove
+
+    removed = remove(settings_from(config), name, paths or None)
+    typer.echo(f"{name}: removed {removed} files" + ("" if paths else " and the collection"))
+
+
+@knowledge_app.command("search")
+def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(help="What to look for.")],
+                     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Chunks to show (default knowledge.top_k).", min=1)] = None,
+                     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                     config: ConfigOpt = None) -> None:
+    """Rank a collection's chunks for a query (vectors and keywords fused), with scores and sources."""
+    import dataclasses
+
+    from forja.knowledge import search
+
+    hits = search(settings_from(config), name, query, top_k)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(h) for h in hits], ensure_ascii=False, indent=2))
+        return
+    for rank, hit in enumerate(hits, 1):
+        where = _shown(hit.source) + (f" p.{hit.page}" if hit.page else "") + f" [{hit.start}:{hit.end}]"
+        heading = f"  {' > '.join(hit.headings)}" if hit.headings else ""
+        typer.echo(f"{rank}. {hit.score:.4f}  {where}{heading}")
+        typer.echo("   " + " ".join(hit.text.split())[:300])
+
+
 bench_app = _typer("Measure speed: bench serve (and bench train).")
 app.add_typer(bench_app, name="bench")
 

@@ -328,6 +328,30 @@ class FeedbackSettings(BaseModel):
     gate_max_tokens: int = Field(64, ge=1, description="Answer length at the gate.")
 
 
+class KnowledgeSettings(BaseModel):
+    """How `forja knowledge` cuts files into chunks and ranks them for a query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_tokens: int = Field(
+        200, ge=16, le=254, description="Most tokens in a chunk, counted with the embedding model's tokenizer "
+        "(its window is 256, [CLS] and [SEP] included, so a chunk is embedded whole).")
+    overlap_tokens: int = Field(
+        32, ge=0, description="A chunk cut between sentences (not at a heading or paragraph break) repeats up to "
+        "this many tokens from the end of the one before, so a fact on the boundary is whole in one of them.")
+    top_k: int = Field(5, ge=1, le=100, description="Chunks a search returns when the caller names no number.")
+    candidates: int = Field(50, ge=1, description="Chunks each retriever (vectors, keywords) ranks before fusion.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: a chunk scores the sum of "
+                       "1 / (rrf_k + rank) over the retrievers that found it.")
+
+    @model_validator(mode="after")
+    def _overlap_below_half(self) -> "KnowledgeSettings":
+        if self.overlap_tokens * 2 > self.chunk_tokens:
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be at most half of chunk_tokens "
+                             f"({self.chunk_tokens})")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -346,6 +370,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     guard: RailsSettings = Field(default_factory=RailsSettings)
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )
@@ -373,6 +398,10 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    @property
+    def knowledge_dir(self) -> Path:
+        return self.home / "knowledge"
 
     @property
     def cache_dir(self) -> Path:

@@ -285,7 +285,7 @@ def inspect(
     count, unit = _token_counter(tokenizer)
     reports: list[FileReport] = []
     seen: set[str] = set()
-    for path in _expand(paths):
+    for path in expand_paths(paths):
         try:
             data = _read_file(path)
         except DataError as error:
@@ -332,7 +332,7 @@ def prepare(
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    for path in _expand(paths):
+    for path in expand_paths(paths):
         if path.resolve() in written:
             continue
         data = _read_file(path)
@@ -398,7 +398,7 @@ def meta_path(out: str | Path) -> Path:
 # --- Finding and reading files ----------------------------------------------------------------------
 
 
-def _expand(paths: Iterable[str | Path] | str | Path) -> list[Path]:
+def expand_paths(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     """Files named, and every file under folders named, sorted by path so runs are reproducible."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -427,16 +427,12 @@ def _read_file(path: Path) -> _File:
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
     if suffix in (".txt", ".md", ".pdf", ".docx"):
-        text = {".pdf": _read_pdf, ".docx": _read_docx}.get(suffix, _read_text)(path)
+        text = {".pdf": _read_pdf, ".docx": _read_docx}.get(suffix, read_text)(path)
         if suffix in (".txt", ".md") and _is_transcript(text):
             return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text))
         return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text))
 
-    readers: dict[str, Callable[[Path], _Table]] = {
-        ".csv": lambda p: _read_csv(p, ","), ".tsv": lambda p: _read_csv(p, "\t"),
-        ".json": _read_json, ".jsonl": _read_jsonl, ".xlsx": _read_xlsx, ".parquet": _read_parquet,
-    }
-    table = readers[suffix](path)
+    table = _TABLE_READERS[suffix](path)
     if table.columns is None and not any(isinstance(row, _Row) for row in table.rows):
         # Nothing to tell the format from: an empty JSON file, or one whose every line is bad.
         return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)])
@@ -455,7 +451,21 @@ def _read_file(path: Path) -> _File:
     return _File(path, container, fmt.name, fmt.kind, records, bad)
 
 
-def _read_text(path: Path) -> str:
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a table or JSON file as (label, values), label as in messages ('row 17',
+    'sheet "FAQ" row 17'); the first bad row raises. `forja knowledge` indexes each row as a record."""
+    suffix = path.suffix.lower()
+    if suffix not in _TABLE_READERS:
+        raise DataError(f"{path}: not a table or JSON file")
+    records = []
+    for row in _TABLE_READERS[suffix](path).rows:
+        if isinstance(row, BadRow):
+            raise DataError(row.message)
+        records.append((row.label, row.values))
+    return records
+
+
+def read_text(path: Path) -> str:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -468,7 +478,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_csv(path: Path, delimiter: str) -> _Table:
-    text = _read_text(path)
+    text = read_text(path)
     first_line = text.split("\n", 1)[0]
     if delimiter == "," and first_line.count(";") > first_line.count(","):
         delimiter = ";"  # spreadsheets set to Spanish and other European locales save CSV with semicolons
@@ -504,7 +514,7 @@ def _read_csv(path: Path, delimiter: str) -> _Table:
 def _read_jsonl(path: Path) -> _Table:
     rows: list[_Row | BadRow] = []
     # Split on "\n" only: JSON strings may hold other characters that str.splitlines() breaks on.
-    for number, line in enumerate(_read_text(path).split("\n"), 1):
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -518,7 +528,7 @@ def _read_jsonl(path: Path) -> _Table:
 
 def _read_json(path: Path) -> _Table:
     try:
-        value = json.loads(_read_text(path))
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
     if isinstance(value, dict):
@@ -579,29 +589,48 @@ def _read_parquet(path: Path) -> _Table:
     return _Table(columns, rows)
 
 
+_TABLE_READERS: dict[str, Callable[[Path], _Table]] = {
+    ".csv": lambda p: _read_csv(p, ","), ".tsv": lambda p: _read_csv(p, "\t"),
+    ".json": _read_json, ".jsonl": _read_jsonl, ".xlsx": _read_xlsx, ".parquet": _read_parquet,
+}
+
+
 def _read_pdf(path: Path) -> str:
+    return "\n\n".join(read_pdf_pages(path))
+
+
+def read_pdf_pages(path: Path) -> list[str]:
+    """The text of each page, in order (a page without a text layer gives "")."""
     import pypdf
 
     try:
-        return "\n\n".join(page.extract_text() or "" for page in pypdf.PdfReader(path).pages)
+        return [page.extract_text() or "" for page in pypdf.PdfReader(path).pages]
     except Exception as error:  # pypdf raises many error types for damaged or encrypted files
         raise DataError(f"{path}: cannot read as PDF ({_reason(error)})") from None
 
 
 def _read_docx(path: Path) -> str:
+    return "\n\n".join(text for _, text in read_docx_blocks(path))
+
+
+def read_docx_blocks(path: Path) -> list[tuple[int, str]]:
+    """Paragraphs and table rows in reading order as (heading level, text); level 0 is body text,
+    1-9 Word's "Heading N" styles ("Title" counts as 1)."""
     import docx
 
     try:
         document = docx.Document(str(path))
     except Exception as error:  # not a zip, or a zip without Word's parts
         raise DataError(f"{path}: cannot read as a Word .docx document ({_reason(error)})") from None
-    blocks = []
+    blocks: list[tuple[int, str]] = []
     for block in document.iter_inner_content():  # paragraphs and tables in reading order
         if isinstance(block, docx.table.Table):
-            blocks += [" | ".join(cell.text for cell in row.cells) for row in block.rows]
+            blocks += [(0, " | ".join(cell.text for cell in row.cells)) for row in block.rows]
         else:
-            blocks.append(block.text)
-    return "\n\n".join(blocks)
+            style = block.style.name if block.style is not None else ""
+            heading = re.fullmatch(r"Heading ([1-9])", style)
+            blocks.append((int(heading.group(1)) if heading else 1 if style == "Title" else 0, block.text))
+    return blocks
 
 
 def _reason(error: Exception) -> str:

@@ -1,0 +1,25 @@
+"""Knowledge collections: your files cut into chunks that remember their source, page, headings and span,
+found again by meaning (the bundled MiniLM vectors) and by words (SQLite FTS5), the two rankings fused.
+
+`forja knowledge add NAME PATH...` indexes files; `forja knowledge search NAME "query"` ranks chunks.
+Callers (the server's personas, next) use `search(settings, collection, query, top_k) -> list[Hit]`.
+"""
+
+from forja.knowledge.index import (
+    Collection,
+    FileInfo,
+    FileResult,
+    Hit,
+    KnowledgeError,
+    UnknownCollection,
+    add,
+    collections,
+    remove,
+    search,
+    show,
+)
+
+__all__ = [
+    "Collection", "FileInfo", "FileResult", "Hit", "KnowledgeError", "UnknownCollection",
+    "add", "collections", "remove", "search", "show",
+]

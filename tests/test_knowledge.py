@@ -1,0 +1,268 @@
+"""forja knowledge: files → chunks with sources → hybrid search, through the API and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from forja.cli import app
+from forja.config import KnowledgeSettings, load_settings
+from forja.data import read_pdf_pages
+from forja.embeddings import count_tokens
+from forja.knowledge import UnknownCollection, add, remove, search, show
+from forja.knowledge.chunks import read_document
+from forja.knowledge.index import db_path
+
+runner = CliRunner()
+
+FILLER = (
+    "Ferrovia Labs designs each part in its workshop by the river, tests it for a season and only then "
+    "writes it into this manual, so that what you read here matches what you hold in your hands. "
+)
+
+MANUAL = f"""# Zorblat 3000 manual
+
+The Zorblat 3000 is a countertop bread oven made by Ferrovia Labs. {FILLER}
+
+## Setup
+
+### Power
+
+Plug the Zorblat into a 230-volt socket. The green lamp blinks twice when it is ready to bake.
+
+### Water tank
+
+Fill the tank with 400 ml of filtered water before the first bake. {FILLER * 2}
+
+## Cleaning
+
+Descale the steam nozzle every 37 bakes with citric acid, then run one empty cycle.
+
+## Warranty
+
+Ferrovia Labs repairs a faulty Zorblat free of charge for 41 months from the day you purchased it.
+{FILLER}
+"""
+
+
+def pdf_pages_bytes(*pages: list[str]) -> bytes:
+    """A minimal valid PDF with one page per list of lines (Helvetica, ASCII only), written by hand."""
+    count = len(pages)
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
+                   b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(count)), count),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    for index, lines in enumerate(pages):
+        body = " ".join(f"({line}) Tj 0 -14 Td" for line in lines)
+        stream = f"BT /F1 12 Tf 72 720 Td {body} ET".encode()
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R "
+                       b"/Resources << /Font << /F1 3 0 R >> >> >>" % (5 + 2 * index))
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for number, obj in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return out
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "manual.md").write_text(MANUAL, encoding="utf-8")
+    (folder / "shop.pdf").write_bytes(pdf_pages_bytes(
+        ["The Ferrovia Labs shop opens on weekdays from nine to five."],
+        ["A spare heating coil for the Zorblat costs 88 euros.", "It ships from the Tarragona depot."],
+    ))
+    return folder
+
+
+def index_counts(home: Path) -> dict[str, tuple[int, int, int]]:
+    """Per file: (chunks the file row says, chunk rows, keyword rows), read straight from the database."""
+    db = sqlite3.connect(home / "knowledge" / "knowledge.db")
+    try:
+        rows = db.execute(
+            "SELECT f.path, f.chunks, count(c.id), "
+            "(SELECT count(*) FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE file_id = f.id)) "
+            "FROM files f LEFT JOIN chunks c ON c.file_id = f.id GROUP BY f.id").fetchall()
+        orphans = db.execute("SELECT count(*) FROM chunks_fts WHERE rowid NOT IN (SELECT id FROM chunks)").fetchone()[0]
+        orphans += db.execute("SELECT count(*) FROM chunks WHERE file_id NOT IN (SELECT id FROM files)").fetchone()[0]
+    finally:
+        db.close()
+    assert orphans == 0
+    return {Path(path).name: (n, chunks, keywords) for path, n, chunks, keywords in rows}
+
+
+def test_chunks_slice_the_document_keep_their_headings_and_fit_the_size():
+    settings = KnowledgeSettings(chunk_tokens=40, overlap_tokens=10)
+    path = Path("manual.md")
+    path.write_text(MANUAL, encoding="utf-8")
+    document = read_document(path, settings, count_tokens)
+    assert len(document.chunks) > 5
+    for chunk in document.chunks:
+        assert MANUAL[chunk.start:chunk.end] == chunk.text
+        assert chunk.tokens <= settings.chunk_tokens
+    by_text = {c.text.split("\n")[0]: c.headings for c in document.chunks}
+    assert by_text["### Power"] == ("Zorblat 3000 manual", "Setup", "Power")
+    assert by_text["## Warranty"] == ("Zorblat 3000 manual", "Warranty")
+    # A long section is cut between sentences, and the next chunk repeats the end of the one before.
+    tank = [c for c in document.chunks if c.headings[-1] == "Water tank"]
+    assert len(tank) > 1 and any(b.start < a.end for a, b in zip(tank, tank[1:]))
+
+
+def test_docx_headings_and_table_rows_become_sections(tmp_path):
+    import docx
+    import openpyxl
+
+    document = docx.Document()
+    document.add_heading("Bakery", level=1)
+    document.add_paragraph("We bake rye on Tuesdays.")
+    document.add_heading("Prices", level=2)
+    document.add_paragraph("A rye loaf costs 3 euros.")
+    document.save(tmp_path / "bakery.docx")
+    read = read_document(tmp_path / "bakery.docx", KnowledgeSettings(), count_tokens)
+    assert [(c.headings, c.text) for c in read.chunks] == [
+        (("Bakery",), "Bakery\n\nWe bake rye on Tuesdays."), (("Bakery", "Prices"), "Prices\n\nA rye loaf costs 3 euros.")]
+
+    book = openpyxl.Workbook()
+    book.active.append(["question", "answer"])
+    book.active.append(["When is rye baked?", "On Tuesdays."])
+    book.active.append(["Price of rye?", "3 euros."])
+    book.save(tmp_path / "faq.xlsx")
+    read = read_document(tmp_path / "faq.xlsx", KnowledgeSettings(), count_tokens)
+    assert [(c.headings, c.text) for c in read.chunks] == [
+        (("row 2",), "question: When is rye baked?\nanswer: On Tuesdays."),
+        (("row 3",), "question: Price of rye?\nanswer: 3 euros.")]
+    assert all(read.text[c.start:c.end] == c.text for c in read.chunks)
+
+
+def test_search_finds_the_chunk_by_keywords_and_by_paraphrase_with_its_exact_source(docs):
+    settings = load_settings()
+    results = add(settings, "zorblat", [docs])
+    assert sorted(r.status for r in results) == ["added", "added"]
+    manual = (docs / "manual.md").resolve()
+
+    hit = search(settings, "zorblat", "citric acid steam nozzle")[0]
+    assert (hit.source, hit.headings, hit.page) == (str(manual), ("Zorblat 3000 manual", "Cleaning"), None)
+    assert MANUAL[hit.start:hit.end] == hit.text and "37 bakes" in hit.text
+
+    hit = search(settings, "zorblat", "How long is the guarantee valid after buying?")[0]
+    assert "41 months" in hit.text and hit.headings[-1] == "Warranty"
+    assert MANUAL[hit.start:hit.end] == hit.text
+
+    hit = search(settings, "zorblat", "replacement coil price Tarragona")[0]
+    pdf = docs / "shop.pdf"
+    assert (hit.source, hit.page) == (str(pdf.resolve()), 2)
+    assert "\n\n".join(read_pdf_pages(pdf))[hit.start:hit.end] == hit.text and "88 euros" in hit.text
+
+    # Accents are folded: "calefaccion" finds "calefacción".
+    (docs / "nota.md").write_text("La calefacción del Zorblat tarda nueve minutos.", encoding="utf-8")
+    add(settings, "zorblat", [docs / "nota.md"])
+    assert "nueve" in search(settings, "zorblat", "calefaccion", top_k=1)[0].text
+
+
+def test_re_adding_skips_unchanged_files_and_replaces_changed_ones(docs, forja_home):
+    settings = load_settings()
+    add(settings, "zorblat", [docs])
+    before = index_counts(forja_home)
+    assert [r.status for r in add(settings, "zorblat", [docs])] == ["unchanged", "unchanged"]
+    assert index_counts(forja_home) == before
+
+    (docs / "manual.md").write_text(MANUAL.replace("41 months", "52 months"), encoding="utf-8")
+    statuses = {Path(r.path).name: r.status for r in add(settings, "zorblat", [docs])}
+    assert statuses == {"manual.md": "replaced", "shop.pdf": "unchanged"}
+    assert index_counts(forja_home) == before  # same cut, old chunks gone
+    texts = [h.text for h in search(settings, "zorblat", "warranty months", top_k=10)]
+    assert any("52 months" in t for t in texts) and not any("41 months" in t for t in texts)
+
+
+def test_remove_a_path_then_the_collection_and_show_counts(docs):
+    settings = load_settings()
+    add(settings, "zorblat", [docs])
+    collection = show(settings, "zorblat")
+    assert [Path(f.path).name for f in collection.files] == ["manual.md", "shop.pdf"]
+    assert collection.chunks == sum(f.chunks for f in collection.files) and collection.tokens > 0
+
+    assert remove(settings, "zorblat", [docs / "shop.pdf"]) == 1
+    assert [Path(f.path).name for f in show(settings, "zorblat").files] == ["manual.md"]
+    assert all(h.page is None for h in search(settings, "zorblat", "spare coil Tarragona", top_k=20))
+
+    result = runner.invoke(app, ["knowledge", "show", "zorblat"])
+    assert result.exit_code == 0 and "1 files" in result.output and "manual.md" in result.output
+    result = runner.invoke(app, ["knowledge", "remove", "zorblat"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(UnknownCollection):
+        show(settings, "zorblat")
+
+
+def test_cli_add_list_search(docs):
+    result = runner.invoke(app, ["knowledge", "add", "zorblat", str(docs)])
+    assert result.exit_code == 0, result.output
+    assert "added" in result.output and "manual.md" in result.output
+    result = runner.invoke(app, ["knowledge", "list"])
+    assert result.output.startswith("zorblat  2 files")
+    result = runner.invoke(app, ["knowledge", "search", "zorblat", "citric acid", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("1. ") and "Cleaning" in result.output.splitlines()[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["knowledge", "search", "nothing", "x"], "no knowledge collection named 'nothing'"),
+    (["knowledge", "show", "nothing"], "no knowledge collection named 'nothing'"),
+    (["knowledge", "add", "kb", "missing.md"], "missing.md: no such file or folder"),
+    (["knowledge", "add", "bad name", "."], "a collection name is letters"),
+])
+def test_cli_errors_are_one_line(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_killed_add_leaves_each_file_whole_or_absent_and_a_rerun_completes_it(tmp_path, forja_home):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for number in range(20):
+        (folder / f"note{number:02d}.md").write_text(f"# Note {number}\n\nFact {number}: {FILLER}", encoding="utf-8")
+    env = {**os.environ, "FORJA_HOME": str(forja_home),
+           "PYTHONPATH": str(Path(__file__).parent.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "forja.cli", "knowledge", "add", "many", str(folder)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    database = db_path(load_settings())
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if database.is_file():
+                try:
+                    db = sqlite3.connect(database)
+                    committed = db.execute("SELECT count(*) FROM files").fetchone()[0]
+                    db.close()
+                except sqlite3.OperationalError:  # the schema is still being created
+                    committed = 0
+                if committed:
+                    break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    counts = index_counts(forja_home)
+    assert 1 <= len(counts) < 20, "the add finished before it was killed"
+    assert all(n == chunks == keywords and n > 0 for n, chunks, keywords in counts.values())
+
+    results = add(load_settings(), "many", [folder])
+    assert sum(r.status == "unchanged" for r in results) == len(counts)
+    counts = index_counts(forja_home)
+    assert len(counts) == 20 and all(n == chunks == keywords for n, chunks, keywords in counts.values())
