@@ -166,3 +166,37 @@ def test_bench_serve_measures_server_and_bare_steps(tiny_model_dir, tmp_path):
     assert guard["same_answer"]  # the rails let an ordinary prompt through unchanged
     assert guard["cpu"]["input_ms"] > 0 and guard["cpu"]["output_ms"] > 0
     assert "guardrails on vs off" in result.stdout
+
+
+def test_bench_serve_measures_a_reference_server_side_by_side(tiny_model_dir, tmp_path):
+    """--reference-server starts the given binary with llama-server's arguments on the served GGUF file; a stand-in
+    that records them and runs `forja serve` on its port shows the measurement and the side-by-side table."""
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    called = tmp_path / "args.json"
+    fake = tmp_path / "llama-server"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+open({str(called)!r}, "w").write(json.dumps(args))
+port = args[args.index("--port") + 1]
+os.execv(sys.executable, [sys.executable, "-m", "forja.cli", "serve", "--model", {str(tiny_model_dir)!r},
+                          "--port", port, "--backend", "pytorch"])
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(app, ["bench", "serve", "--model", str(tiny_model_dir), "--max-tokens", "6",
+                                      "--clients", "2", "--no-compare", "--backend", "pytorch",
+                                      "--reference-server", str(fake), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    args = json.loads(called.read_text())
+    assert args[args.index("-m") + 1].endswith(".gguf") and args[args.index("-np") + 1] == "2"
+    assert "--kv-unified" in args and args[args.index("-c") + 1] == "8192"
+    reference = json.loads(out.read_text())["reference_server"]
+    assert reference["concurrent"]["errors"] == 0 and reference["concurrent"]["tokens"] > 0
+    assert reference["single"]["tokens"] == 6
+    assert "llama-server -np 2" in result.stdout and "2 streams: TTFT p50 / p95" in result.stdout
+    missing = CliRunner().invoke(app, ["bench", "serve", "--reference-server", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "is not an executable file" in missing.output

@@ -24,12 +24,13 @@ SERVE_TOPICS = ["a bakery in Madrid", "the history of bread", "a trip to Paris",
 
 def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8, max_tokens: int = 64,
                     compare_alone: bool = True, backends: list[str] | None = None,
-                    log: Any = print) -> dict[str, Any]:
+                    reference_server: Path | None = None, log: Any = print) -> dict[str, Any]:
     """Start `forja serve` on `model` once per backend (in a subprocess) and measure it: one stream,
     then `clients` concurrent streams, each ROUNDS times (medians). For scale, also: the plain decode
     loops (transformers' `model.generate`, forja's engine with one request, in process) and the bare model's decode step
     (PyTorch); llama-cpp-python's own `create_chat_completion` on the same GGUF file and the
-    memory-bandwidth bound (llama.cpp). Greedy throughout, so batched answers can be compared
+    memory-bandwidth bound (llama.cpp); with `reference_server` (a llama-server binary), llama.cpp's own
+    server on that file, measured the same way. Greedy throughout, so batched answers can be compared
     with the same prompt served alone."""
     from forja.engine import llamacpp
 
@@ -44,6 +45,9 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
             results.update(_llamacpp_baselines(settings, model, prompts[0], clients, max_tokens, log))
         results["backends"][backend] = _serve_figures(settings, model, backend, prompts, max_tokens, compare_alone, log)
     results["streaming_cost"] = streaming_cost(settings, model)
+    if reference_server:
+        results["reference_server"] = _reference_server_figures(settings, model, reference_server, prompts, max_tokens,
+                                                                compare_alone, log)
     return results
 
 
@@ -290,18 +294,86 @@ def _llamacpp_baselines(settings: Any, model: str, prompt: str, clients: int, ma
 def _bare_llamacpp_steps(engine: Any, rows: int, prompt_tokens: int = 40, steps: int = 20) -> dict[str, Any]:
     """Median llama_decode time of one token for 1 sequence and for `rows` sequences at once, each
     after a prompt of `prompt_tokens` (the engine thread is idle: nothing was submitted to it)."""
+    from forja.engine.llamacpp import Row
+
     figures: dict[str, Any] = {}
     for batch in (1, rows):
         for seq in range(batch):
-            engine._decode([(100 + i, i, seq) for i in range(prompt_tokens)], [prompt_tokens - 1])
+            engine._decode([Row(100 + i, i, [seq], logits=i == prompt_tokens - 1) for i in range(prompt_tokens)])
         times = []
         for k in range(steps):
             started = time.perf_counter()
-            engine._decode([(200, prompt_tokens + k, seq) for seq in range(batch)], list(range(batch)))
+            engine._decode([Row(200, prompt_tokens + k, [seq], logits=True) for seq in range(batch)])
             times.append(time.perf_counter() - started)
         engine.llama.llama_memory_clear(engine._memory, True)
         figures[f"step_ms_{batch}"] = round(statistics.median(times) * 1000, 1)
     figures["ratio"] = round(rows * figures["step_ms_1"] / figures[f"step_ms_{rows}"], 2)
+    return figures
+
+
+def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: list[str], max_tokens: int,
+                              compare_alone: bool, log: Any) -> dict[str, Any]:
+    """llama.cpp's own server (`binary`: llama-server) on the GGUF file forja's llama.cpp backend serves, set up
+    as that backend is: a slot per client (`-np`), one pool of serve.kv_tokens cells shared by all of them
+    (`--kv-unified`), the same threads, flash attention on. Measured as `_serve_figures` measures forja: one
+    stream ROUNDS times, then the clients together ROUNDS times, then each prompt alone."""
+    import tempfile
+
+    import httpx
+
+    from forja.export import served_gguf
+    from forja.models import common_prefix
+
+    path = served_gguf(settings, model, settings.serve.gguf_quant)
+    threads = str(settings.threads or os.cpu_count() or 1)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", str(len(prompts)),
+               "-c", str(settings.serve.kv_tokens), "--kv-unified", "-t", threads, "-tb", threads, "-fa", "on",
+               "--no-webui"]
+    log(f"starting {' '.join(command)} ...")
+    # its log goes to a file: llama-server writes lines per request, which would fill an unread pipe
+    with tempfile.TemporaryFile() as server_log:
+        server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
+        figures: dict[str, Any] = {"command": command}
+        try:
+            try:
+                _wait_ready(url, server, name="llama-server")
+            except RuntimeError as exc:
+                server_log.seek(0)
+                raise RuntimeError(f"{exc}: {server_log.read().decode(errors='replace')[-800:]}") from None
+            asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
+            log(f"llama-server: one stream, {ROUNDS} times ...")
+            single = [asyncio.run(_stream(url, model, prompts[0], max_tokens)) for _ in range(ROUNDS)]
+            middle = sorted(single, key=lambda run: run["rate"])[len(single) // 2]
+            figures["single"] = {"tokens": middle["tokens"], "ttft_s": round(middle["ttft"], 3),
+                                 "total_s": round(middle["total"], 3), "tokens_per_s": round(middle["rate"], 2),
+                                 "runs_tokens_per_s": [round(run["rate"], 2) for run in single]}
+            log(f"llama-server: {len(prompts)} concurrent streams, {ROUNDS} rounds ...")
+
+            async def together() -> tuple[list[Any], float]:
+                async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
+                    begin = time.perf_counter()
+                    answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
+                                                   return_exceptions=True)
+                    return answers, time.perf_counter() - begin
+
+            rounds = [asyncio.run(together()) for _ in range(ROUNDS)]
+            figures["concurrent"] = _concurrent_figures(rounds)
+            figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
+                                                         / max(figures["single"]["tokens_per_s"], 1e-9), 2)
+            answered = [(prompt, answer) for prompt, answer in zip(prompts, rounds[0][0]) if _answered(answer)]
+            if compare_alone and answered:
+                log("llama-server: each prompt alone, to compare the batched answers ...")
+                agree = []
+                for prompt, answer in answered:
+                    alone = asyncio.run(_stream(url, model, prompt, max_tokens))
+                    agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
+                figures["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
+                                                   "min_agreeing_share": round(min(agree), 3)}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     return figures
 
 
@@ -436,7 +508,32 @@ def render_serve(results: dict[str, Any]) -> str:
     rows += _streaming_cost_rows(results)
     width = max(len(r[0]) for r in rows)
     head = f"forja bench serve: {results['model']}, {results['max_tokens']} new tokens per answer, greedy"
-    return "\n".join([head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows])
+    lines = [head] + [f"{a:<{width}}  {b:<18} {c}".rstrip() for a, b, c in rows]
+    if "reference_server" in results:
+        lines += ["", _render_reference(results, n)]
+    return "\n".join(lines)
+
+
+def _render_reference(results: dict[str, Any], n: int) -> str:
+    """forja's llama.cpp backend and llama-server side by side (medians of the same measurement)."""
+    ref = results["reference_server"]
+    ours = results["backends"].get("llamacpp")
+    columns = [("forja llamacpp", ours), (f"llama-server -np {n}", ref)] if ours else [(f"llama-server -np {n}", ref)]
+    figures = [
+        ("1 stream: decode tokens/s", lambda f: f"{f['single']['tokens_per_s']:.1f}"),
+        ("1 stream: time to first token", lambda f: f"{f['single']['ttft_s']:.3f} s"),
+        (f"{n} streams: aggregate tokens/s", lambda f: f"{f['concurrent']['aggregate_tokens_per_s']:.1f}"),
+        (f"{n} streams: TTFT p50 / p95", lambda f: f"{f['concurrent']['ttft_p50_s']:.3f} / {f['concurrent']['ttft_p95_s']:.3f} s"),
+        (f"{n} streams: latency p50 / p95", lambda f: f"{f['concurrent']['latency_p50_s']:.2f} / {f['concurrent']['latency_p95_s']:.2f} s"),
+        (f"{n} streams: errors", lambda f: str(f["concurrent"]["errors"])),
+        ("batched answer == alone", lambda f: (f"{f['batched_equals_alone']['identical']}/{f['batched_equals_alone']['of']}"
+                                               if "batched_equals_alone" in f else "-")),
+    ]
+    width = max(len(label) for label, _ in figures)
+    lines = [f"{'same GGUF, same threads':<{width}}  " + "  ".join(f"{name:<20}" for name, _ in columns).rstrip()]
+    for label, cell in figures:
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{cell(f):<20}" for _, f in columns).rstrip())
+    return "\n".join(lines)
 
 
 STREAMED_ANSWER = ("¿Cuál es el horario de la panadería? Abrimos de lunes a sábado, de 7 a 14 h. 🥖☕\n"
@@ -537,18 +634,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 300, name: str = "forja serve") -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             said = server.stderr.read().decode()[-500:] if server.stderr else "(its output went to a log file)"
-            raise RuntimeError(f"forja serve exited: {said}")
+            raise RuntimeError(f"{name} exited: {said}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError("forja serve did not become ready in time")
+    raise RuntimeError(f"{name} did not become ready in time")

@@ -754,6 +754,7 @@ def bench_serve(
     compare: Annotated[bool, typer.Option(help="Also serve each prompt alone and compare with the batched answer.")] = True,
     backend: Annotated[Optional[list[str]], typer.Option(help="llamacpp and/or pytorch (repeat); default: both, when llama.cpp is installed.")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    reference_server: Annotated[Optional[Path], typer.Option(help="A llama-server binary: also measure llama.cpp's own server on the same GGUF (-np CLIENTS) and show it side by side.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Start the server on a model per backend; measure one stream, then concurrent streams (tokens/s, TTFT, latency)."""
@@ -763,8 +764,12 @@ def bench_serve(
     for name in backend or []:
         if name not in ("llamacpp", "pytorch"):
             raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
+    if reference_server and not (reference_server.is_file() and os.access(reference_server, os.X_OK)):
+        raise ConfigError(f"--reference-server {reference_server} is not an executable file "
+                          "(the path of a llama-server binary built from llama.cpp)")
     results = serve_benchmark(settings, settings.model, clients=clients, max_tokens=max_tokens, compare_alone=compare,
-                              backends=backend, log=lambda line: typer.echo(line, err=True))
+                              backends=backend, reference_server=reference_server,
+                              log=lambda line: typer.echo(line, err=True))
     typer.echo(render_serve(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2))

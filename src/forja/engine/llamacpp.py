@@ -10,7 +10,10 @@ streaming behave exactly as with the PyTorch engine.
 
 Prompts usually start alike (the chat template's system turn): one extra sequence keeps the KV cache
 of the longest prefix recent prompts shared, and a new request copies it (llama_memory_seq_cp shares
-the cells, nothing is recomputed) and prefills only the rest.
+the cells, nothing is recomputed) and prefills only the rest. Requests admitted together are prefilled
+together, the way llama.cpp's own server does: their tokens are packed into llama_batches of up to
+PREFILL_BATCH tokens, a token that several prompts share (same position, same tokens before it) is one
+row for all their sequences, and only each prompt's last token asks for logits.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from forja.engine.scheduler import Scheduler, Sequence
 from forja.models import common_prefix
 
 log = logging.getLogger("forja.engine")
-PREFILL_BATCH = 512  # most prompt tokens in one llama_decode
+PREFILL_BATCH = 512  # most prompt tokens in one llama_decode (llama-server's default ubatch)
 MIN_SHARED_PREFIX = 8  # a cached prompt prefix is reused when at least this many tokens match
 
 
@@ -61,7 +65,7 @@ class LlamaCppEngine(Scheduler):
     backend = "llamacpp"
 
     def __init__(self, gguf_path: Path, tokenizer: Any, *, name: str, max_batch_size: int = 8, max_queue: int = 64,
-                 kv_tokens: int = 8192, threads: int | None = None):
+                 kv_tokens: int = 8192, threads: int | None = None, prefill_batch: int = PREFILL_BATCH):
         import llama_cpp
 
         self.llama = llama_cpp
@@ -75,7 +79,8 @@ class LlamaCppEngine(Scheduler):
         threads = threads or os.cpu_count() or 1
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_tokens
-        params.n_batch = params.n_ubatch = PREFILL_BATCH
+        self.prefill_batch = prefill_batch
+        params.n_batch = params.n_ubatch = max(prefill_batch, max_batch_size)
         params.n_seq_max = max_batch_size + 1  # one sequence per request, and the shared prompt prefix
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one pool of KV cells, shared by whichever requests are running
@@ -87,7 +92,8 @@ class LlamaCppEngine(Scheduler):
             raise GenerationError(f"llama.cpp cannot create a context for {self.path} ({kv_tokens} KV tokens)")
         self.kv_tokens = llama_cpp.llama_n_ctx(self._ctx)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(max(PREFILL_BATCH, max_batch_size), 0, 1)
+        # a row may belong to every request's sequence and the prefix's (a prompt token they share)
+        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, params.n_seq_max)
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         if len(tokenizer) > self.n_vocab:
@@ -112,35 +118,84 @@ class LlamaCppEngine(Scheduler):
             self._drop_prefix()  # the cached prefix gives way to a request that needs its cells
         return self._reserved + need + len(self._prefix) <= self.kv_tokens
 
+    def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
+        """All admitted requests in one group: llama.cpp packs prompts of any lengths without padding."""
+        return [admitted] if admitted else []
+
     def _admit(self, group: list[Sequence]) -> None:
         for seq in group:
             if seq.stream.cancelled.is_set():
                 self._finish(seq, "cancelled")
         group = [seq for seq in group if not seq.done]
+        if not group:
+            return
         for seq in group:
             seq.extra["slot"] = self._free_slots.pop()
             seq.extra["cells"] = len(seq.prompt_ids) + seq.params.max_new_tokens
             self._reserved += seq.extra["cells"]
-        # one prompt at a time (PREFILL_BATCH tokens per decode), shortest first: each request streams its
-        # first token as soon as its own prompt is in, instead of after the whole group's
-        for seq in group:
-            ids, slot = seq.prompt_ids, seq.extra["slot"]
-            shared = self._shared_prefix(ids)
+        prompts = [seq.prompt_ids for seq in group]
+        starts = [self._shared_prefix(ids) for ids in prompts]
+        for seq, shared in zip(group, starts):
             if shared:
-                self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, slot, 0, shared)
+                self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, seq.extra["slot"], 0, shared)
                 self.prefix_hits += shared
-            for start in range(shared, len(ids), PREFILL_BATCH):
-                chunk = ids[start : start + PREFILL_BATCH]
-                self._decode([(token, start + i, slot) for i, token in enumerate(chunk)], [len(chunk) - 1])
-            self._keep_prefix(ids, slot, shared)
-            seq.length = len(ids)
-            self._active.append(seq)  # joins before its first token, so a request that ends at once is dropped normally
-            self._accept(seq, self._pick_logits(seq, self._logits(len(chunk) - 1)))
+        rows, paths = prefill_rows(prompts, starts, [seq.extra["slot"] for seq in group])
+        self._keep_prefix(prompts, starts, rows, paths)
+        self._prefill(group, rows, [path[-1] for path in paths])
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
+    def _prefill(self, group: list[Sequence], rows: list[Row], last_rows: list[int]) -> None:
+        """Decode `rows`, prefill_batch at a time; each request of `group` joins `_active` with its first token
+        right after the batch that holds its prompt's last token (last_rows[i] for group[i]). Requests already
+        running take their next token in the first of those batches (a mixed batch, as llama-server does):
+        they do not wait for the prefill, and the weights are read once for both."""
+        ending: dict[int, list[Sequence]] = {}
+        for seq, r in zip(group, last_rows):
+            rows[r].logits = True
+            ending.setdefault(r, []).append(seq)
+        running = [seq for seq in self._active if not seq.done]
+        waiting = list(group)
+        position = 0
+        while position < len(rows):
+            self._cancel_waiting(waiting, rows[position:])
+            stepping = [Row(seq.next_token, seq.length, [seq.extra["slot"]], logits=True) for seq in running]
+            batch: list[int] = []
+            while position < len(rows) and len(stepping) + len(batch) < self.prefill_batch:
+                if rows[position].slots:
+                    batch.append(position)
+                position += 1
+            if not batch and not stepping:
+                break
+            self._decode(stepping + [rows[r] for r in batch])
+            for index, seq in enumerate(running):
+                seq.length += 1
+                self._accept(seq, self._pick_logits(seq, self._logits(index)))
+            if running:
+                self.steps += 1
+                running = []
+            for index, r in enumerate(batch, start=len(stepping)):
+                for seq in ending.get(r, []):
+                    if seq.done:
+                        continue
+                    waiting.remove(seq)
+                    seq.length = len(seq.prompt_ids)
+                    self._active.append(seq)  # joins before its first token, so one that ends at once is dropped normally
+                    self._accept(seq, self._pick_logits(seq, self._logits(index)))
+
+    def _cancel_waiting(self, waiting: list[Sequence], rows: list[Row]) -> None:
+        """A request cancelled between two prefill batches ends now; its rows still to come are dropped."""
+        for seq in [seq for seq in waiting if seq.stream.cancelled.is_set()]:
+            slot = seq.extra["slot"]
+            for row in rows:
+                if slot in row.slots:
+                    row.slots.remove(slot)
+            waiting.remove(seq)
+            self._finish(seq, "cancelled")
+            self._forget(seq)
+
     def _step(self) -> None:
-        rows = [(seq.next_token, seq.length, seq.extra["slot"]) for seq in self._active]
-        self._decode(rows, list(range(len(rows))))
+        rows = [Row(seq.next_token, seq.length, [seq.extra["slot"]], logits=True) for seq in self._active]
+        self._decode(rows)
         if all(seq.sampler.plain for seq in self._active):  # greedy: argmax in place, no copies
             tokens = [int(self._logits(i).argmax()) for i in range(len(rows))]
         else:
@@ -157,10 +212,11 @@ class LlamaCppEngine(Scheduler):
                 self._forget(seq)
 
     def _reset(self) -> None:
-        for seq in self._active:
-            self._forget(seq)
+        # every slot comes back, also those of requests that failed before joining `_active`
         self._active = []
         self._prefix = []
+        self._free_slots = list(range(self.max_batch_size))
+        self._reserved = 0
         self.llama.llama_memory_clear(self._memory, True)
 
     def _shutdown(self) -> None:
@@ -175,15 +231,29 @@ class LlamaCppEngine(Scheduler):
         shared = common_prefix(ids[: len(ids) - 1], self._prefix)
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
-    def _keep_prefix(self, ids: list[int], slot: int, shared: int) -> None:
-        """Narrow the cached prefix to what this prompt shares with it, or start over from this prompt."""
-        if shared and shared < len(self._prefix):
-            self.llama.llama_memory_seq_rm(self._memory, self._prefix_slot, shared, -1)
-            self._prefix = self._prefix[:shared]
-        elif not shared and len(ids) > MIN_SHARED_PREFIX:
+    def _keep_prefix(self, prompts: list[list[int]], starts: list[int], rows: list[Row], paths: list[list[int]]) -> None:
+        """The cached prefix becomes the longest prefix two of these prompts share, or the longest prompt when
+        none share MIN_SHARED_PREFIX tokens (a prompt admitted alone): the cache is cut back to what it has in
+        common with that, and the prefix sequence joins this prefill's rows for the rest (computed once)."""
+        pairs = [(min(common_prefix(a, b), len(a) - 1, len(b) - 1), i)
+                 for i, a in enumerate(prompts) for b in prompts[i + 1 :]]
+        length, owner = max(pairs, default=(0, 0))
+        if length < MIN_SHARED_PREFIX:
+            owner = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+            length = len(prompts[owner]) - 1
+        if length < MIN_SHARED_PREFIX:
+            return  # too short to be worth keeping: the cache stays as it was
+        target = prompts[owner][:length]
+        kept = common_prefix(target, self._prefix)
+        if kept < MIN_SHARED_PREFIX:
             self._drop_prefix()
-            self.llama.llama_memory_seq_cp(self._memory, slot, self._prefix_slot, 0, len(ids) - 1)
-            self._prefix = ids[: len(ids) - 1]
+            kept = 0
+        elif kept < len(self._prefix):
+            self.llama.llama_memory_seq_rm(self._memory, self._prefix_slot, kept, -1)
+        # the owner's prefill starts where the cache stops matching it (`kept`), like every prompt sharing its rows
+        for position in range(kept, length):
+            rows[paths[owner][position - starts[owner]]].slots.append(self._prefix_slot)
+        self._prefix = target
 
     def _drop_prefix(self) -> None:
         self.llama.llama_memory_seq_rm(self._memory, self._prefix_slot, -1, -1)
@@ -198,17 +268,17 @@ class LlamaCppEngine(Scheduler):
             self._free_slots.append(slot)
             self._reserved -= seq.extra.pop("cells", 0)
 
-    def _decode(self, tokens: list[tuple[int, int, int]], wanted: list[int]) -> None:
-        """One llama_decode of (token, position, sequence) triples; logits kept for the `wanted` indices."""
+    def _decode(self, rows: list[Row]) -> None:
+        """One llama_decode of `rows`; logits kept for those that ask (read them with `_logits(index)`)."""
         batch = self._batch
-        want = set(wanted)
-        for i, (token, position, slot) in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = position
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = slot
-            batch.logits[i] = i in want
-        batch.n_tokens = len(tokens)
+        for i, row in enumerate(rows):
+            batch.token[i] = row.token
+            batch.pos[i] = row.position
+            batch.n_seq_id[i] = len(row.slots)
+            for k, slot in enumerate(row.slots):
+                batch.seq_id[i][k] = slot
+            batch.logits[i] = row.logits
+        batch.n_tokens = len(rows)
         status = self.llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise GenerationError(f"llama_decode failed with status {status} "
@@ -224,3 +294,37 @@ class LlamaCppEngine(Scheduler):
         if seq.sampler.plain:
             return int(logits.argmax())
         return self._pick_one(seq, torch.from_numpy(logits.copy()))
+
+
+@dataclass
+class Row:
+    """One token of a llama_batch: its position, the sequences (slots) it belongs to, whether to keep its logits."""
+
+    token: int
+    position: int
+    slots: list[int]
+    logits: bool = False
+
+
+def prefill_rows(prompts: list[list[int]], starts: list[int], slots: list[int]) -> tuple[list[Row], list[list[int]]]:
+    """The rows that prefill `prompts` (prompt i from position starts[i] on, in sequence slots[i]), and each
+    prompt's path: paths[i][p - starts[i]] is the row of its token at position p. Prompts that start at the
+    same place and have the same tokens up to p share that row (llama.cpp requires the sequences of a row to
+    hold the same cache before it). Prompts with the least left to prefill come first, so when the rows fill
+    several batches those get their first token soonest; a row always comes after the rows before it on each
+    of its prompts, as llama.cpp requires of one sequence's positions."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) - starts[i])
+    rows: list[Row] = []
+    paths: list[list[int]] = [[] for _ in prompts]
+    seen: dict[tuple[int, int], int] = {}  # (position, first prompt sharing it) -> row
+    for i in order:
+        ids = prompts[i]
+        common = [common_prefix(ids, other) for other in prompts]
+        for position in range(starts[i], len(ids)):
+            sharing = [j for j in order if starts[j] == starts[i] and position < common[j]]
+            key = (position, sharing[0])
+            if key not in seen:
+                seen[key] = len(rows)
+                rows.append(Row(ids[position], position, [slots[j] for j in sharing]))
+            paths[i].append(seen[key])
+    return rows, paths
