@@ -36,6 +36,32 @@ def test_generate_uses_config_defaults(tiny_model_dir, tmp_path):
     assert payload["usage"]["completion_tokens"] <= 3
 
 
+def test_generate_sampling_flags_reach_the_engine_over_the_config(tiny_model_dir, tmp_path, monkeypatch):
+    from forja import engine
+
+    seen = []
+    real_answer = engine.answer
+
+    def recording(running, prompt, params, on_text=None):
+        seen.append(params)
+        return real_answer(running, prompt, params, on_text)
+
+    monkeypatch.setattr(engine, "answer", recording)
+    (tmp_path / "forja.yaml").write_text(f"model: {tiny_model_dir}\ngenerate:\n  repetition_penalty: 1.3\n  top_k: 7\n")
+    result = forja("generate", "Hola", "--json", "--max-new-tokens", "4", "--repetition-penalty", "1.15",
+                   "--min-p", "0.05", "--frequency-penalty", "0.5", "--presence-penalty", "-0.25")
+    assert result.exit_code == 0, result.output
+    (params,) = seen
+    assert (params.repetition_penalty, params.top_k, params.min_p) == (1.15, 7, 0.05)
+    assert (params.frequency_penalty, params.presence_penalty, params.max_new_tokens) == (0.5, -0.25, 4)
+
+
+def test_generate_refuses_a_sampling_flag_out_of_range_in_one_line(tiny_model_dir):
+    result = forja("generate", "Hola", "--model", str(tiny_model_dir), "--repetition-penalty", "0")
+    assert result.exit_code == 1
+    assert "--repetition-penalty: Input should be greater than 0" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -75,15 +75,21 @@ def generate(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate.", min=1)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; higher = more varied.", min=0.0, max=2.0)] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens; 0 = off.", min=0)] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the top one; 0 = off.", min=0.0, max=1.0)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 makes tokens of the prompt and answer less likely (greedy too); 1 = off.", max=2.0)] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option(help="Minus this per earlier use of a token in the answer.", min=-2.0, max=2.0)] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option(help="Minus this once a token is in the answer.", min=-2.0, max=2.0)] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the version was trained with, else generate.system).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     backend: BackendOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a prompt with a local model, streaming tokens to the terminal."""
+    """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:)."""
     from forja import models
-    from forja.engine import SamplingParams, answer, make_engine, pick_backend
+    from forja.config import SAMPLERS
+    from forja.engine import SamplingParams, answer, make_engine
     from forja.engine.text import chat_messages
     import asyncio
 
@@ -91,13 +97,17 @@ def generate(
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     prompt = read_prompt(prompt, "prompt")
-    defaults = settings.generate
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens or defaults.max_new_tokens,
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
-        seed=defaults.seed if seed is None else seed,
-    )
+    flags = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+             "repetition_penalty": repetition_penalty, "frequency_penalty": frequency_penalty,
+             "presence_penalty": presence_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+    try:  # the flags are checked by generate:'s own rules, so a flag accepts what the config file does
+        defaults = settings.generate.model_validate(
+            {**settings.generate.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    params = SamplingParams(max_new_tokens=defaults.max_new_tokens, seed=defaults.seed,
+                            **{name: getattr(defaults, name) for name in SAMPLERS})
     models.resolve(settings.model, settings)  # a wrong name fails before anything loads
     system = system or models.trained_system(settings, settings.model) or defaults.system  # as eval and export
     started = time.perf_counter()
