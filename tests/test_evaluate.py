@@ -315,6 +315,20 @@ def test_second_run_computes_nothing_new_and_retraining_invalidates(tiny_model_d
     assert evaluate(["v1"], CASES, settings, max_new_tokens=6, progress=False).stats["answers_computed"] == 3
 
 
+def test_answers_take_generates_penalties_and_a_new_penalty_is_computed_again(varied_model_dir, monkeypatch):
+    settings = load_settings()
+    seen = []
+    real = ev.answer_all
+    monkeypatch.setattr(ev, "answer_all", lambda engine, prompts, params, done: seen.append(params) or real(engine, prompts, params, done))
+    evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False)
+    settings.generate.repetition_penalty, settings.generate.temperature = 1.3, 0.9
+    penalised = evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False)
+    assert penalised.stats["answers_computed"] == 3  # not the plain answers from the cache
+    assert [(p.repetition_penalty, p.temperature) for p in seen] == [(1.0, 0.0), (1.3, 0.0)]  # greedy still
+    settings.generate.repetition_penalty = 1.0
+    assert evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False).stats["answers_cached"] == 3
+
+
 def test_batched_answers_equal_answers_alone(varied_model_dir):
     settings = load_settings()
     together = evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False)

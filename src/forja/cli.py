@@ -752,7 +752,7 @@ def eval_(
     judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at that URL (default: the first it lists); key from FORJA_JUDGE_API_KEY or OPENAI_API_KEY.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default FORJA_HOME/evals/DATE-TIME).")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE (exact_match, token_f1, rouge_l, semantic, judge): exit 1 when the first model's mean is lower (repeatable).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy).", min=1)] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy, with generate:'s penalties).", min=1)] = 128,
     question_col: Annotated[str, typer.Option(help="Column holding the questions.")] = "question",
     answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,

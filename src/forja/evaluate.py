@@ -530,15 +530,31 @@ def _conversation(case: TestCase, target: _Target, personas: dict[str, Persona],
     return with_system(messages, system)
 
 
+PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def answer_sampling(settings: Settings, max_new_tokens: int) -> SamplingParams:
+    """How evaluated answers are decoded: greedy, so a score is reproducible, with the penalties of
+    `generate:`, which the server applies to greedy answers too (what is scored is what is served)."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                          **{name: getattr(settings.generate, name) for name in PENALTIES})
+
+
 def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: Settings, max_new_tokens: int, *,
                      cache: _Cache | None = None, kind: str = "answers", desc: str = "answers",
                      progress: bool = True, stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Greedy answers of one model to many conversations: cached ones read back, the others generated
-    together by the batching engine (the model is loaded only when something is missing)."""
+    together by the batching engine (the model is loaded only when something is missing). Answers
+    (kind "answers") take generate:'s penalties (answer_sampling); a judge's verdicts are plain greedy."""
     cache = cache or _Cache(settings)
     stats = stats if stats is not None else {}
     identity = model_identity(model, settings)
-    params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    sampling = (answer_sampling(settings, max_new_tokens) if kind == "answers"
+                else SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    off = SamplingParams()
+    params.update({name: getattr(sampling, name) for name in PENALTIES  # a penalty that is off keeps the old keys
+                   if getattr(sampling, name) != getattr(off, name)})
     keys = [cache.key(kind, identity, prompt, params) for prompt in prompts]
     results: list[dict[str, Any] | None] = [cache.get(kind, key) for key in keys]
     missing = [i for i, found in enumerate(results) if found is None]
@@ -557,7 +573,7 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
             bar.update(1)
 
         try:
-            _run_engine(model, [prompts[i] for i in missing], max_new_tokens, settings, done)
+            _run_engine(model, [prompts[i] for i in missing], sampling, settings, done)
         finally:
             bar.close()
             gc.collect()  # the model is no longer referenced: free it before the next one loads
@@ -565,9 +581,9 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
     return results  # type: ignore[return-value]
 
 
-def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, settings: Settings,
+def _run_engine(model: str, prompts: list[list[dict[str, str]]], sampling: SamplingParams, settings: Settings,
                 done: Callable[[int, dict[str, Any]], None]) -> None:
-    """Greedy answers from the engine `forja serve` would run (engine.make_engine), all submitted at once."""
+    """Answers from the engine `forja serve` would run (engine.make_engine), all submitted at once."""
     engine = make_engine(model, settings, max_queue=len(prompts) + 1)
 
     def finished(i: int, answer: Any) -> None:
@@ -577,7 +593,7 @@ def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens:
                  "completion_tokens": answer.usage.completion_tokens if answer.finish_reason != "error" else None})
 
     try:
-        answer_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), finished)
+        answer_all(engine, prompts, sampling, finished)
     finally:
         engine.close()
 
