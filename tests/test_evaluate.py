@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from forja import evaluate as ev
 from forja.cli import app
 from forja.config import load_settings
-from forja.metrics import exact_match, lcs_length, normalize, rouge_l, token_f1
+from forja.metrics import exact_match, lcs_length, normalize, repeated_phrase, rouge_l, token_f1
 from forja.evaluate import (
     EvalError,
     TestCase,
@@ -85,6 +85,17 @@ def test_rouge_l_hand_computed():
     assert rouge_l("Sí, los jueves y sábados hacemos espelta", "Los jueves y los sábados.") == pytest.approx(2 / 3)
     assert rouge_l("Un kilo.", "un KILO") == 1.0
     assert rouge_l("", "un kilo") == 0.0
+
+
+def test_repeated_phrase_finds_an_answer_looping_on_itself_and_not_a_normal_one():
+    loop = "La capital de Francia es París. " + "Es una ciudad muy bonita y grande. " * 3
+    assert repeated_phrase(loop) == "es ciudad muy bonita y grande"  # articles dropped as in every metric
+    assert repeated_phrase("Es una ciudad muy bonita y grande. " * 2) is None  # twice is not a loop
+    assert repeated_phrase("París, París y París.") is None  # a repeated word is not a 6-word phrase
+    assert repeated_phrase("uno dos tres cuatro cinco seis siete " * 3, words=6, times=3) == "uno dos tres cuatro cinco seis"
+    # overlapping windows of one long repeated word count once per six words, not once per word
+    assert repeated_phrase("ja " * 17) is None and repeated_phrase("ja " * 18) == "ja ja ja ja ja ja"
+    assert repeated_phrase("The capital of France is Paris. Paris is known for the Eiffel Tower.") is None
 
 
 def test_mean_interval_is_reproducible_and_contains_the_mean():
