@@ -102,3 +102,19 @@ def test_corrupt_gguf_through_the_real_command(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("forja: error: ") and "corrupt.gguf: not a valid GGUF file" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bench_repetition_answers_every_prompt_greedy_and_per_seed_at_each_penalty(varied_model_dir):
+    from forja.bench import REPETITION_PROMPTS, REPETITION_SEEDS
+
+    result = forja("bench", "repetition", "--model", str(varied_model_dir), "--backend", "pytorch", "--penalty", "1.0",
+                   "--penalty", "1.5", "--max-tokens", "6", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["sampling"], r["repetition_penalty"]) for r in rows] == [
+        ("greedy", 1.0), ("greedy", 1.5), ("temperature 0.3, top_p 0.9", 1.0), ("temperature 0.3, top_p 0.9", 1.5)]
+    assert [r["answers"] for r in rows] == [len(REPETITION_PROMPTS)] * 2 + [len(REPETITION_PROMPTS) * len(REPETITION_SEEDS)] * 2
+    assert all(len(r["looping_answers"]) == r["looping"] and r["mean_tokens"] <= 6 for r in rows)
+    table = forja("bench", "repetition", "--model", str(varied_model_dir), "--backend", "pytorch", "--penalty", "1.2",
+                  "--max-tokens", "4")
+    assert table.exit_code == 0 and "greedy" in table.stdout and "pytorch" in table.stdout

@@ -723,6 +723,32 @@ def bench_agreement(
     typer.echo(render_agreement(settings.model, rows))
 
 
+@bench_app.command("repetition")
+def bench_repetition(
+    model: ModelOpt = None,
+    penalty: Annotated[Optional[list[float]], typer.Option(help="Repetition penalties to try (repeat); default 1.0 1.1 1.2 1.3.", min=0.01, max=2.0)] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (the page's default is generate.max_new_tokens).", min=1)] = 256,
+    temperature: Annotated[float, typer.Option(help="Temperature of the sampled rows.", min=0.0, max=2.0)] = 0.3,
+    top_p: Annotated[float, typer.Option(help="top_p of the sampled rows.", min=0.01, max=1.0)] = 0.9,
+    backend: BackendOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows (with the looping answers) as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """How many answers loop (a 6-word phrase 3 times) per repetition penalty, greedy and sampled, on the served engine."""
+    from forja.bench import render_repetition, repetition_benchmark
+    from forja.evaluate import runs_on
+
+    settings = settings_from(config, model=model)
+    if backend is not None:
+        settings = _with_serve(settings, backend=backend)
+    rows = repetition_benchmark(settings, settings.model, penalty or [1.0, 1.1, 1.2, 1.3], max_tokens=max_tokens,
+                                temperature=temperature, top_p=top_p, log=lambda line: typer.echo(line, err=True))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    typer.echo(render_repetition(settings.model, runs_on(settings), max_tokens, rows))
+
+
 @bench_app.command("train")
 def bench_train(
     model: ModelOpt = None,
