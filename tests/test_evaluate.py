@@ -219,6 +219,16 @@ def test_example_testset_loads():
     assert conversation and conversation[0].messages[-1]["role"] == "user"
 
 
+def test_general_testset_loads_half_spanish_half_english_with_keywords_in_each_ground_truth():
+    path = REPO / "data" / "eval" / "general_es_en.jsonl"
+    cases = load_testset(path)
+    assert len(cases) == 20 and sum("es" in c.tags for c in cases) == sum("en" in c.tags for c in cases) == 10
+    # `keywords` is not read by forja eval: README's measurement counts an answer right when it says one
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for case, row in zip(cases, rows):
+        assert any(set(normalize(k)) <= set(normalize(case.answer)) for k in row["keywords"]), case.question
+
+
 def test_testsets_in_csv_jsonl_and_excel(tmp_path):
     (tmp_path / "t.csv").write_text("pregunta,respuesta,tags,persona\n¿Abrís?,No.,\"es, horario\",\n"
                                     "\"Varias\nlíneas\",Sí,,panadero\n", encoding="utf-8")
