@@ -111,10 +111,14 @@ def test_bench_repetition_answers_every_prompt_greedy_and_per_seed_at_each_penal
                    "--penalty", "1.5", "--max-tokens", "6", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert [(r["sampling"], r["repetition_penalty"]) for r in rows] == [
+    assert [(r["sampling"], r["value"]) for r in rows] == [
         ("greedy", 1.0), ("greedy", 1.5), ("temperature 0.3, top_p 0.9", 1.0), ("temperature 0.3, top_p 0.9", 1.5)]
+    assert {r["penalty"] for r in rows} == {"repetition_penalty"}
     assert [r["answers"] for r in rows] == [len(REPETITION_PROMPTS)] * 2 + [len(REPETITION_PROMPTS) * len(REPETITION_SEEDS)] * 2
     assert all(len(r["looping_answers"]) == r["looping"] and r["mean_tokens"] <= 6 for r in rows)
-    table = forja("bench", "repetition", "--model", str(varied_model_dir), "--backend", "pytorch", "--penalty", "1.2",
-                  "--max-tokens", "4")
-    assert table.exit_code == 0 and "greedy" in table.stdout and "pytorch" in table.stdout
+    table = forja("bench", "repetition", "--model", str(varied_model_dir), "--backend", "pytorch", "--kind", "frequency",
+                  "--penalty", "0.5", "--max-tokens", "4", "--no-sampled")
+    assert table.exit_code == 0, table.output
+    assert "greedy" in table.stdout and "frequency_penalty 0.5" in table.stdout and "temperature" not in table.stdout
+    refused = forja("bench", "repetition", "--model", str(varied_model_dir), "--penalty", "0")
+    assert refused.exit_code == 1 and "--penalty 0.0: Input should be greater than 0" in refused.stderr

@@ -381,11 +381,16 @@ REPETITION_PROMPTS = ["¿Cuál es la capital de Francia?", "¿Cuántos días tie
 REPETITION_SEEDS = (0, 1, 2)  # the sampled rows answer each prompt once per seed
 
 
-def repetition_benchmark(settings: Any, model: str, penalties: list[float], *, max_tokens: int = 256,
-                         temperature: float = 0.3, top_p: float = 0.9, log: Any = print) -> list[dict[str, Any]]:
-    """Answers to REPETITION_PROMPTS with the engine `forja serve` would run, greedy and sampled
-    (`temperature`, `top_p`, one answer per seed), at each repetition penalty: how many loop (say a
-    6-word phrase 3 times, metrics.repeated_phrase), how many run to `max_tokens`, and their mean length."""
+PENALTY_KINDS = {"repetition": (1.0, 1.1, 1.2, 1.3), "frequency": (0.0, 0.2, 0.5, 1.0), "presence": (0.0, 0.2, 0.5, 1.0)}
+
+
+def repetition_benchmark(settings: Any, model: str, penalties: list[float], *, kind: str = "repetition",
+                         max_tokens: int = 256, sampled: bool = True, temperature: float = 0.3, top_p: float = 0.9,
+                         log: Any = print) -> list[dict[str, Any]]:
+    """Answers to REPETITION_PROMPTS with the engine `forja serve` would run, greedy and (with `sampled`)
+    at `temperature` and `top_p`, one answer per seed, at each value of the `kind` penalty (the others
+    off): how many loop (say a 6-word phrase 3 times, metrics.repeated_phrase), how many run to
+    `max_tokens`, and their mean length."""
     from forja.engine import SamplingParams, answer_all, make_engine
     from forja.engine.text import chat_messages
     from forja.metrics import repeated_phrase
@@ -394,20 +399,21 @@ def repetition_benchmark(settings: Any, model: str, penalties: list[float], *, m
     prompts = [chat_messages(p, settings.generate.system) for p in REPETITION_PROMPTS]
     rows = []
     try:
-        for sampled in (False, True):
+        for sampling in (False, True) if sampled else (False,):
             for penalty in penalties:
-                log(f"{'sampled' if sampled else 'greedy'} answers at repetition_penalty {penalty} ...")
+                log(f"{'sampled' if sampling else 'greedy'} answers at {kind}_penalty {penalty} ...")
                 answers = []
-                for seed in REPETITION_SEEDS if sampled else (None,):
-                    params = SamplingParams(max_new_tokens=max_tokens, repetition_penalty=penalty, seed=seed,
-                                            temperature=temperature if sampled else 0.0, top_p=top_p if sampled else 1.0)
+                for seed in REPETITION_SEEDS if sampling else (None,):
+                    params = SamplingParams(max_new_tokens=max_tokens, seed=seed, **{f"{kind}_penalty": penalty},
+                                            temperature=temperature if sampling else 0.0, top_p=top_p if sampling else 1.0)
                     answers += answer_all(engine, prompts, params)
                 loops = [a.text for a in answers if repeated_phrase(a.text) is not None]
-                rows.append({"sampling": f"temperature {temperature}, top_p {top_p}" if sampled else "greedy",
-                             "repetition_penalty": penalty, "answers": len(answers), "looping": len(loops),
+                rows.append({"sampling": f"temperature {temperature}, top_p {top_p}" if sampling else "greedy",
+                             "penalty": f"{kind}_penalty", "value": penalty, "answers": len(answers), "looping": len(loops),
                              "cut": sum(a.finish_reason == "length" for a in answers),
                              "mean_tokens": round(statistics.mean(a.usage.completion_tokens for a in answers), 1),
                              "looping_answers": loops})
+                log(f"  {len(loops)}/{len(answers)} looping")
     finally:
         engine.close()
     return rows
@@ -416,9 +422,9 @@ def repetition_benchmark(settings: Any, model: str, penalties: list[float], *, m
 def render_repetition(model: str, backend: str, max_tokens: int, rows: list[dict[str, Any]]) -> str:
     lines = [f"forja bench repetition: {model} ({backend}), {len(REPETITION_PROMPTS)} prompts, at most {max_tokens} "
              "tokens; looping = a 6-word phrase said 3 times",
-             f"{'sampling':<28} {'penalty':>7}  {'looping':>8}  {'cut':>6}  mean tokens"]
+             f"{'sampling':<28} {'penalty':<26} {'looping':>8}  {'cut':>6}  mean tokens"]
     for row in rows:
-        lines.append(f"{row['sampling']:<28} {row['repetition_penalty']:>7}  {row['looping']:>3}/{row['answers']:<4} "
+        lines.append(f"{row['sampling']:<28} {row['penalty'] + ' ' + str(row['value']):<26} {row['looping']:>3}/{row['answers']:<4} "
                      f"{row['cut']:>3}/{row['answers']:<3} {row['mean_tokens']:>6}")
     return "\n".join(lines)
 

@@ -726,22 +726,33 @@ def bench_agreement(
 @bench_app.command("repetition")
 def bench_repetition(
     model: ModelOpt = None,
-    penalty: Annotated[Optional[list[float]], typer.Option(help="Repetition penalties to try (repeat); default 1.0 1.1 1.2 1.3.", min=0.01, max=2.0)] = None,
+    kind: Annotated[str, typer.Option(help="Which penalty: repetition (transformers', prompt and answer), frequency or presence (OpenAI's, answer only).")] = "repetition",
+    penalty: Annotated[Optional[list[float]], typer.Option(help="Values to try (repeat); default repetition 1.0 1.1 1.2 1.3, frequency and presence 0 0.2 0.5 1.0.", min=-2.0, max=2.0)] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (the page's default is generate.max_new_tokens).", min=1)] = 256,
+    sampled: Annotated[bool, typer.Option(help="Also sampled answers (3 seeds per prompt) after the greedy ones.")] = True,
     temperature: Annotated[float, typer.Option(help="Temperature of the sampled rows.", min=0.0, max=2.0)] = 0.3,
     top_p: Annotated[float, typer.Option(help="top_p of the sampled rows.", min=0.01, max=1.0)] = 0.9,
     backend: BackendOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows (with the looping answers) as JSON.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """How many answers loop (a 6-word phrase 3 times) per repetition penalty, greedy and sampled, on the served engine."""
-    from forja.bench import render_repetition, repetition_benchmark
+    """How many answers loop (a 6-word phrase 3 times) per penalty value, greedy and sampled, on the served engine."""
+    from forja.bench import PENALTY_KINDS, render_repetition, repetition_benchmark
+    from forja.config import GenerateSettings
     from forja.evaluate import runs_on
 
+    if kind not in PENALTY_KINDS:
+        raise ConfigError(f"--kind is {', '.join(PENALTY_KINDS)}, not {kind!r}")
+    values = penalty or list(PENALTY_KINDS[kind])
+    try:  # the values generate: itself accepts
+        for value in values:
+            GenerateSettings(**{f"{kind}_penalty": value})
+    except ValidationError as exc:
+        raise ConfigError(f"--penalty {exc.errors()[0]['input']}: {exc.errors()[0]['msg']} for {kind}_penalty") from None
     settings = settings_from(config, model=model)
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
-    rows = repetition_benchmark(settings, settings.model, penalty or [1.0, 1.1, 1.2, 1.3], max_tokens=max_tokens,
+    rows = repetition_benchmark(settings, settings.model, values, kind=kind, max_tokens=max_tokens, sampled=sampled,
                                 temperature=temperature, top_p=top_p, log=lambda line: typer.echo(line, err=True))
     if as_json:
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
