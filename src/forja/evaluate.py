@@ -482,7 +482,8 @@ def runs_on(settings: Settings) -> str:
     """What answers: the backend `forja serve` would use, with its GGUF quantization (llama.cpp) or dtype (PyTorch)."""
     backend = pick_backend(settings)
     if backend == "llamacpp":
-        shipped = ", .gguf files as shipped" if settings.serve.gguf_source == "original" else ""
+        shipped = {"original": ", .gguf files as shipped", "auto": ", a .gguf named as shipped",
+                   "export": ""}[settings.serve.gguf_source]
         return f"llamacpp {settings.serve.gguf_quant}{shipped}"
     return f"pytorch {pick_dtype(settings.dtype)}".replace("torch.", "")
 
