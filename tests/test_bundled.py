@@ -47,3 +47,34 @@ def test_first_load_converts_and_second_is_faster(tmp_path):
     t2 = json.loads(second.stdout)["timing"]["load_seconds"]
     assert "Paris" in json.loads(second.stdout)["text"]
     assert t2 * 2 < t1, (t1, t2)
+
+
+SPANISH_QUESTIONS = ["¿Cuál es la capital de Francia?", "¿Cuántos días tiene una semana?", "¿Qué idioma se habla en México?"]
+
+
+@pytest.mark.parametrize("backend", ["llamacpp", "pytorch"])
+def test_page_defaults_keep_spanish_answers_from_looping(bundled_home, monkeypatch, backend):
+    """What the chat page gets (it sends no sampling: generate:'s defaults) through the engine factory the
+    server uses; the same questions with the penalty off loop, so the check sees a looping answer."""
+    from forja.config import SAMPLERS, load_settings
+    from forja.engine import SamplingParams, answer_all, llamacpp, make_engine
+    from forja.engine.text import chat_messages
+    from forja.metrics import repeated_phrase
+
+    if backend == "llamacpp" and not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed")
+    monkeypatch.setenv("FORJA_HOME", str(bundled_home))
+    settings = load_settings()
+    defaults = settings.generate
+    page = SamplingParams(max_new_tokens=defaults.max_new_tokens, seed=0,
+                          **{name: getattr(defaults, name) for name in SAMPLERS})
+    plain = SamplingParams(max_new_tokens=defaults.max_new_tokens)
+    prompts = [chat_messages(q, defaults.system) for q in SPANISH_QUESTIONS]
+    engine = make_engine(settings.model, settings, backend=backend, max_batch_size=len(prompts))
+    try:
+        answers = [a.text for a in answer_all(engine, prompts, page)]
+        penalty_off = [a.text for a in answer_all(engine, prompts, plain)]
+    finally:
+        engine.close()
+    assert [repeated_phrase(text) for text in answers] == [None] * 3, answers
+    assert any(repeated_phrase(text) for text in penalty_off), penalty_off

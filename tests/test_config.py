@@ -56,3 +56,19 @@ def test_example_config_loads(monkeypatch):
     monkeypatch.setenv("FORJA_CONFIG", str(example))
     settings = load_settings()
     assert settings.generate.max_new_tokens > 0
+    # the example shows the measured defaults (README, Default sampling and the served file)
+    monkeypatch.delenv("FORJA_CONFIG")
+    defaults = load_settings()
+    assert settings.generate == defaults.generate
+    assert (settings.serve.gguf_source, settings.serve.gguf_quant) == (defaults.serve.gguf_source, defaults.serve.gguf_quant)
+
+
+def test_default_sampling_is_greedy_with_a_frequency_penalty_and_forja_config_shows_it(forja_home):
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    generate = load_settings().generate
+    assert (generate.temperature, generate.repetition_penalty, generate.frequency_penalty) == (0.0, 1.0, 0.5)
+    shown = CliRunner().invoke(app, ["config"]).stdout
+    assert "frequency_penalty: 0.5" in shown and "repetition_penalty: 1.0" in shown and "gguf_quant: f16" in shown

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from forja import evaluate as ev
 from forja.cli import app
 from forja.config import load_settings
-from forja.metrics import exact_match, lcs_length, normalize, rouge_l, token_f1
+from forja.metrics import exact_match, lcs_length, normalize, repeated_phrase, rouge_l, token_f1
 from forja.evaluate import (
     EvalError,
     TestCase,
@@ -85,6 +85,17 @@ def test_rouge_l_hand_computed():
     assert rouge_l("Sí, los jueves y sábados hacemos espelta", "Los jueves y los sábados.") == pytest.approx(2 / 3)
     assert rouge_l("Un kilo.", "un KILO") == 1.0
     assert rouge_l("", "un kilo") == 0.0
+
+
+def test_repeated_phrase_finds_an_answer_looping_on_itself_and_not_a_normal_one():
+    loop = "La capital de Francia es París. " + "Es una ciudad muy bonita y grande. " * 3
+    assert repeated_phrase(loop) == "es ciudad muy bonita y grande"  # articles dropped as in every metric
+    assert repeated_phrase("Es una ciudad muy bonita y grande. " * 2) is None  # twice is not a loop
+    assert repeated_phrase("París, París y París.") is None  # a repeated word is not a 6-word phrase
+    assert repeated_phrase("uno dos tres cuatro cinco seis siete " * 3, words=6, times=3) == "uno dos tres cuatro cinco seis"
+    # overlapping windows of one long repeated word count once per six words, not once per word
+    assert repeated_phrase("ja " * 17) is None and repeated_phrase("ja " * 18) == "ja ja ja ja ja ja"
+    assert repeated_phrase("The capital of France is Paris. Paris is known for the Eiffel Tower.") is None
 
 
 def test_mean_interval_is_reproducible_and_contains_the_mean():
@@ -209,6 +220,16 @@ def test_example_testset_loads():
     assert conversation and conversation[0].messages[-1]["role"] == "user"
 
 
+def test_general_testset_loads_half_spanish_half_english_with_keywords_in_each_ground_truth():
+    path = REPO / "data" / "eval" / "general_es_en.jsonl"
+    cases = load_testset(path)
+    assert len(cases) == 20 and sum("es" in c.tags for c in cases) == sum("en" in c.tags for c in cases) == 10
+    # `keywords` is not read by forja eval: README's measurement counts an answer right when it says one
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for case, row in zip(cases, rows):
+        assert any(set(normalize(k)) <= set(normalize(case.answer)) for k in row["keywords"]), case.question
+
+
 def test_testsets_in_csv_jsonl_and_excel(tmp_path):
     (tmp_path / "t.csv").write_text("pregunta,respuesta,tags,persona\n¿Abrís?,No.,\"es, horario\",\n"
                                     "\"Varias\nlíneas\",Sí,,panadero\n", encoding="utf-8")
@@ -314,6 +335,20 @@ def test_second_run_computes_nothing_new_and_retraining_invalidates(tiny_model_d
     assert evaluate([str(tiny_model_dir)], CASES, settings, max_new_tokens=5, progress=False).stats["answers_computed"] == 3
     (settings.versions_dir / "v1" / "version.json").write_text(json.dumps({"base": "smollm2-135m", "created_at": "t1"}))
     assert evaluate(["v1"], CASES, settings, max_new_tokens=6, progress=False).stats["answers_computed"] == 3
+
+
+def test_answers_take_generates_penalties_and_a_new_penalty_is_computed_again(varied_model_dir, monkeypatch):
+    settings = load_settings()
+    seen = []
+    real = ev.answer_all
+    monkeypatch.setattr(ev, "answer_all", lambda engine, prompts, params, done: seen.append(params) or real(engine, prompts, params, done))
+    evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False)
+    settings.generate.repetition_penalty, settings.generate.temperature = 1.3, 0.9
+    penalised = evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False)
+    assert penalised.stats["answers_computed"] == 3  # not the plain answers from the cache
+    assert [(p.repetition_penalty, p.temperature) for p in seen] == [(1.0, 0.0), (1.3, 0.0)]  # greedy still
+    settings.generate.repetition_penalty = 1.0
+    assert evaluate([str(varied_model_dir)], CASES, settings, max_new_tokens=8, progress=False).stats["answers_cached"] == 3
 
 
 def test_batched_answers_equal_answers_alone(varied_model_dir):

@@ -49,6 +49,24 @@ def test_gguf_file_has_the_architecture_tokenizer_template_and_tensors(tiny_mode
     assert meta["quant"] == "f16" and meta["fingerprint"].startswith(str(tiny_model_dir))
 
 
+def test_auto_source_exports_the_bundled_model_and_serves_a_named_gguf_as_it_is(tiny_model_dir, tmp_path, monkeypatch):
+    from forja import export
+
+    settings = load_settings()
+    assert (settings.serve.gguf_source, settings.serve.gguf_quant) == ("auto", "f16")
+    named = export_gguf(settings, str(tiny_model_dir), "f16", tmp_path / "mine.gguf")
+    exported = []
+    monkeypatch.setattr(export, "export_gguf", lambda s, name, quant, out: exported.append((name, quant)) or out.parent.mkdir(parents=True) or out.write_bytes(b"x"))
+    assert export.served_gguf(settings, str(named), "f16") == named and exported == []
+    bundled = export.served_gguf(settings, "smollm2-135m", "f16")
+    assert exported == [("smollm2-135m", "f16")] and bundled == export.cache_path(settings, "smollm2-135m", "f16")
+    settings.serve.gguf_source = "original"
+    assert export.served_gguf(settings, "smollm2-135m", "f16") == models.bundled_gguf("smollm2-135m")
+    assert [export.gguf_source(settings, kind) for kind in ("bundled", "gguf")] == ["original", "original"]
+    settings.serve.gguf_source = "export"
+    assert [export.gguf_source(settings, kind) for kind in ("bundled", "gguf")] == ["export", "export"]
+
+
 def test_rope_layout_reorders_each_head_into_interleaved_pairs():
     import torch
 

@@ -1,5 +1,6 @@
 """Benchmarks: `forja bench serve` measures the server (single stream, then concurrent streams);
-`forja bench agreement` compares llama.cpp's answers with PyTorch's. `forja bench train` lives in bench_train.py.
+`forja bench agreement` compares llama.cpp's answers with PyTorch's; `forja bench repetition` counts answers
+that loop per repetition penalty. `forja bench train` lives in bench_train.py.
 
 Each benchmark is one self-contained function returning a dict of figures; the CLI prints them.
 Speed is a ratio measured within one command, never an absolute target in a test.
@@ -444,6 +445,60 @@ def render_agreement(model: str, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append(f"{row['quant']:<10} {row['mib']:>7.1f}  {row['identical']}/{row['prompts']:<16} "
                      f"{row['mean_agreeing_share']:.0%}")
+    return "\n".join(lines)
+
+
+# Questions a small model tends to loop on (the first one did on the chat page), 3 Spanish and 3 English.
+REPETITION_PROMPTS = ["¿Cuál es la capital de Francia?", "¿Cuántos días tiene una semana?", "¿Qué idioma se habla en México?",
+                      "What is the capital of France?", "What is the capital of Italy?", "Tell me about the city of Paris."]
+REPETITION_SEEDS = (0, 1, 2)  # the sampled rows answer each prompt once per seed
+
+
+PENALTY_KINDS = {"repetition": (1.0, 1.1, 1.2, 1.3), "frequency": (0.0, 0.2, 0.5, 1.0), "presence": (0.0, 0.2, 0.5, 1.0)}
+
+
+def repetition_benchmark(settings: Any, model: str, penalties: list[float], *, kind: str = "repetition",
+                         max_tokens: int = 256, sampled: bool = True, temperature: float = 0.3, top_p: float = 0.9,
+                         log: Any = print) -> list[dict[str, Any]]:
+    """Answers to REPETITION_PROMPTS with the engine `forja serve` would run, greedy and (with `sampled`)
+    at `temperature` and `top_p`, one answer per seed, at each value of the `kind` penalty (the others
+    off): how many loop (say a 6-word phrase 3 times, metrics.repeated_phrase), how many run to
+    `max_tokens`, and their mean length."""
+    from forja.engine import SamplingParams, answer_all, make_engine
+    from forja.engine.text import chat_messages
+    from forja.metrics import repeated_phrase
+
+    engine = make_engine(model, settings, max_queue=len(REPETITION_PROMPTS) * len(REPETITION_SEEDS) + 1)
+    prompts = [chat_messages(p, settings.generate.system) for p in REPETITION_PROMPTS]
+    rows = []
+    try:
+        for sampling in (False, True) if sampled else (False,):
+            for penalty in penalties:
+                log(f"{'sampled' if sampling else 'greedy'} answers at {kind}_penalty {penalty} ...")
+                answers = []
+                for seed in REPETITION_SEEDS if sampling else (None,):
+                    params = SamplingParams(max_new_tokens=max_tokens, seed=seed, **{f"{kind}_penalty": penalty},
+                                            temperature=temperature if sampling else 0.0, top_p=top_p if sampling else 1.0)
+                    answers += answer_all(engine, prompts, params)
+                loops = [a.text for a in answers if repeated_phrase(a.text) is not None]
+                rows.append({"sampling": f"temperature {temperature}, top_p {top_p}" if sampling else "greedy",
+                             "penalty": f"{kind}_penalty", "value": penalty, "answers": len(answers), "looping": len(loops),
+                             "cut": sum(a.finish_reason == "length" for a in answers),
+                             "mean_tokens": round(statistics.mean(a.usage.completion_tokens for a in answers), 1),
+                             "looping_answers": loops})
+                log(f"  {len(loops)}/{len(answers)} looping")
+    finally:
+        engine.close()
+    return rows
+
+
+def render_repetition(model: str, backend: str, max_tokens: int, rows: list[dict[str, Any]]) -> str:
+    lines = [f"forja bench repetition: {model} ({backend}), {len(REPETITION_PROMPTS)} prompts, at most {max_tokens} "
+             "tokens; looping = a 6-word phrase said 3 times",
+             f"{'sampling':<28} {'penalty':<26} {'looping':>8}  {'cut':>6}  mean tokens"]
+    for row in rows:
+        lines.append(f"{row['sampling']:<28} {row['penalty'] + ' ' + str(row['value']):<26} {row['looping']:>3}/{row['answers']:<4} "
+                     f"{row['cut']:>3}/{row['answers']:<3} {row['mean_tokens']:>6}")
     return "\n".join(lines)
 
 

@@ -75,14 +75,20 @@ def generate(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate.", min=1)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy; higher = more varied.", min=0.0, max=2.0)] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens; 0 = off.", min=0)] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the top one; 0 = off.", min=0.0, max=1.0)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 makes tokens of the prompt and answer less likely (greedy too); 1 = off.", max=2.0)] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option(help="Minus this per earlier use of a token in the answer.", min=-2.0, max=2.0)] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option(help="Minus this once a token is in the answer.", min=-2.0, max=2.0)] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the version was trained with, else generate.system).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     backend: BackendOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a prompt with a local model, streaming tokens to the terminal."""
+    """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:)."""
     from forja import models
+    from forja.config import SAMPLERS
     from forja.engine import SamplingParams, answer, make_engine
     from forja.engine.text import chat_messages
     import asyncio
@@ -91,13 +97,17 @@ def generate(
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     prompt = read_prompt(prompt, "prompt")
-    defaults = settings.generate
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens or defaults.max_new_tokens,
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
-        seed=defaults.seed if seed is None else seed,
-    )
+    flags = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+             "repetition_penalty": repetition_penalty, "frequency_penalty": frequency_penalty,
+             "presence_penalty": presence_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+    try:  # the flags are checked by generate:'s own rules, so a flag accepts what the config file does
+        defaults = settings.generate.model_validate(
+            {**settings.generate.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    params = SamplingParams(max_new_tokens=defaults.max_new_tokens, seed=defaults.seed,
+                            **{name: getattr(defaults, name) for name in SAMPLERS})
     models.resolve(settings.model, settings)  # a wrong name fails before anything loads
     system = system or models.trained_system(settings, settings.model) or defaults.system  # as eval and export
     started = time.perf_counter()
@@ -805,6 +815,43 @@ def bench_agreement(
     typer.echo(render_agreement(settings.model, rows))
 
 
+@bench_app.command("repetition")
+def bench_repetition(
+    model: ModelOpt = None,
+    kind: Annotated[str, typer.Option(help="Which penalty: repetition (transformers', prompt and answer), frequency or presence (OpenAI's, answer only).")] = "repetition",
+    penalty: Annotated[Optional[list[float]], typer.Option(help="Values to try (repeat); default repetition 1.0 1.1 1.2 1.3, frequency and presence 0 0.2 0.5 1.0.", min=-2.0, max=2.0)] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (the page's default is generate.max_new_tokens).", min=1)] = 256,
+    sampled: Annotated[bool, typer.Option(help="Also sampled answers (3 seeds per prompt) after the greedy ones.")] = True,
+    temperature: Annotated[float, typer.Option(help="Temperature of the sampled rows.", min=0.0, max=2.0)] = 0.3,
+    top_p: Annotated[float, typer.Option(help="top_p of the sampled rows.", min=0.01, max=1.0)] = 0.9,
+    backend: BackendOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows (with the looping answers) as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """How many answers loop (a 6-word phrase 3 times) per penalty value, greedy and sampled, on the served engine."""
+    from forja.bench import PENALTY_KINDS, render_repetition, repetition_benchmark
+    from forja.config import GenerateSettings
+    from forja.evaluate import runs_on
+
+    if kind not in PENALTY_KINDS:
+        raise ConfigError(f"--kind is {', '.join(PENALTY_KINDS)}, not {kind!r}")
+    values = penalty or list(PENALTY_KINDS[kind])
+    try:  # the values generate: itself accepts
+        for value in values:
+            GenerateSettings(**{f"{kind}_penalty": value})
+    except ValidationError as exc:
+        raise ConfigError(f"--penalty {exc.errors()[0]['input']}: {exc.errors()[0]['msg']} for {kind}_penalty") from None
+    settings = settings_from(config, model=model)
+    if backend is not None:
+        settings = _with_serve(settings, backend=backend)
+    rows = repetition_benchmark(settings, settings.model, values, kind=kind, max_tokens=max_tokens, sampled=sampled,
+                                temperature=temperature, top_p=top_p, log=lambda line: typer.echo(line, err=True))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    typer.echo(render_repetition(settings.model, runs_on(settings), max_tokens, rows))
+
+
 @bench_app.command("train")
 def bench_train(
     model: ModelOpt = None,
@@ -834,7 +881,7 @@ def eval_(
     judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at that URL (default: the first it lists); key from FORJA_JUDGE_API_KEY or OPENAI_API_KEY.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default FORJA_HOME/evals/DATE-TIME).")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE (exact_match, token_f1, rouge_l, semantic, judge): exit 1 when the first model's mean is lower (repeatable).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy).", min=1)] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy, with generate:'s penalties).", min=1)] = 128,
     question_col: Annotated[str, typer.Option(help="Column holding the questions.")] = "question",
     answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,

@@ -35,7 +35,8 @@ SAMPLERS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "fre
 
 
 class GenerateSettings(BaseModel):
-    """Default sampling for `forja generate` (and later for the server)."""
+    """Default sampling for `forja generate` and the server (the chat page sends none of its own); `forja eval`
+    answers greedily with these penalties. The defaults are measured: README, *Measured*, Default sampling."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,7 +47,10 @@ class GenerateSettings(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the most likely one; 0 = off.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="transformers' rule: > 1 makes tokens already "
                                       "in the prompt or the answer less likely (greedy too); 1 = off.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this per earlier use of a token in the answer.")
+    frequency_penalty: float = Field(
+        0.5, ge=-2.0, le=2.0, description="OpenAI's: minus this per earlier use of a token in the answer (greedy "
+        "too); 0 = off. 0.5 keeps the bundled model's greedy answers from looping, where a repetition_penalty also "
+        "penalises the question and the end of turn.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this once a token is in the answer.")
     system: str | None = Field(None, description="System prompt; None: a version's trained one, else the chat "
                                "template's own default.")
@@ -260,11 +264,13 @@ class ServeSettings(BaseModel):
         "auto", description="Engine: llama.cpp (GGUF, fastest on CPU), PyTorch, or auto = llama.cpp on a CPU when installed."
     )
     gguf_quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
-        "q8_0", description="llama.cpp backend: quantization trained versions are exported at (the bundled model keeps its own file)."
+        "f16", description="llama.cpp backend: what trained versions (and, see gguf_source, the bundled model) are "
+        "exported at. f16 gives the float weights' answers; q8_0 and q4_k_m are smaller and faster for one stream."
     )
-    gguf_source: Literal["original", "export"] = Field(
-        "original", description="llama.cpp backend, for a model that is itself a GGUF (the bundled one): serve that file "
-        "(original) or re-export it at gguf_quant (export; e.g. q8_0 batches better than Q4_1 on AVX2 CPUs)."
+    gguf_source: Literal["auto", "original", "export"] = Field(
+        "auto", description="llama.cpp backend, for a model that is itself a GGUF: serve that file (original) or "
+        "re-export it at gguf_quant (export); auto: export the bundled model (its Q4_1 file answers worse than its "
+        "own weights), serve a .gguf you name as it is."
     )
     kv_tokens: int = Field(8192, ge=256, description="llama.cpp backend: KV-cache cells shared by all running requests.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together in one batch.")

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -498,7 +498,8 @@ def runs_on(settings: Settings) -> str:
     """What answers: the backend `forja serve` would use, with its GGUF quantization (llama.cpp) or dtype (PyTorch)."""
     backend = pick_backend(settings)
     if backend == "llamacpp":
-        shipped = ", .gguf files as shipped" if settings.serve.gguf_source == "original" else ""
+        shipped = {"original": ", .gguf files as shipped", "auto": ", a .gguf named as shipped",
+                   "export": ""}[settings.serve.gguf_source]
         return f"llamacpp {settings.serve.gguf_quant}{shipped}"
     return f"pytorch {pick_dtype(settings.dtype)}".replace("torch.", "")
 
@@ -546,17 +547,33 @@ def _conversation(case: TestCase, target: _Target, personas: dict[str, Persona],
     return with_system(messages, system)
 
 
+PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def answer_sampling(settings: Settings, max_new_tokens: int) -> SamplingParams:
+    """How evaluated answers are decoded: greedy, so a score is reproducible, with the penalties of
+    `generate:`, which the server applies to greedy answers too (what is scored is what is served)."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                          **{name: getattr(settings.generate, name) for name in PENALTIES})
+
+
 def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: Settings, max_new_tokens: int, *,
                      cache: _Cache | None = None, kind: str = "answers", desc: str = "answers",
                      progress: bool = True, stats: dict[str, int] | None = None,
                      schema: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Greedy answers of one model to many conversations: cached ones read back, the others generated
-    together by the batching engine (the model is loaded only when something is missing). With `schema`
-    every answer is JSON that validates against it (grammar-constrained decoding)."""
+    together by the batching engine (the model is loaded only when something is missing). Answers
+    (kind "answers") take generate:'s penalties (answer_sampling); a judge's verdicts are plain greedy. With
+    `schema` every answer is JSON that validates against it (grammar-constrained decoding)."""
     cache = cache or _Cache(settings)
     stats = stats if stats is not None else {}
     identity = model_identity(model, settings)
+    sampling = (answer_sampling(settings, max_new_tokens) if kind == "answers"
+                else SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    off = SamplingParams()
+    params.update({name: getattr(sampling, name) for name in PENALTIES  # a penalty that is off keeps the old keys
+                   if getattr(sampling, name) != getattr(off, name)})
     if schema is not None:
         params["schema"] = json.dumps(schema)  # as text: the key sorts dicts, and the order of properties counts
     keys = [cache.key(kind, identity, prompt, params) for prompt in prompts]
@@ -577,7 +594,7 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
             bar.update(1)
 
         try:
-            _run_engine(model, [prompts[i] for i in missing], max_new_tokens, settings, done, schema=schema)
+            _run_engine(model, [prompts[i] for i in missing], sampling, settings, done, schema=schema)
         finally:
             bar.close()
             gc.collect()  # the model is no longer referenced: free it before the next one loads
@@ -585,10 +602,10 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
     return results  # type: ignore[return-value]
 
 
-def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens: int, settings: Settings,
+def _run_engine(model: str, prompts: list[list[dict[str, str]]], sampling: SamplingParams, settings: Settings,
                 done: Callable[[int, dict[str, Any]], None], *, schema: dict[str, Any] | None = None) -> None:
-    """Greedy answers from the engine `forja serve` would run (engine.make_engine), all submitted at once;
-    with `schema`, held to it by a grammar compiled for that engine's tokenizer."""
+    """Answers from the engine `forja serve` would run (engine.make_engine), all submitted at once; with
+    `schema`, held to it by a grammar compiled for that engine's tokenizer."""
     from forja.engine.constrain import Grammar
 
     engine = make_engine(model, settings, max_queue=len(prompts) + 1)
@@ -602,8 +619,7 @@ def _run_engine(model: str, prompts: list[list[dict[str, str]]], max_new_tokens:
     try:
         grammar = (Grammar.json_schema(engine.tokenizer, schema, eos_token_ids=engine.eos_token_ids)
                    if schema is not None else None)
-        answer_all(engine, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, grammar=grammar),
-                   finished)
+        answer_all(engine, prompts, replace(sampling, grammar=grammar), finished)
     finally:
         engine.close()
 

@@ -42,11 +42,17 @@ def cache_path(settings: Settings, name: str, quant: str) -> Path:
     return settings.cache_dir / "gguf" / f"{stem}-{tag}-{quant}.gguf"
 
 
+def gguf_source(settings: Settings, kind: str) -> str:
+    """serve.gguf_source for a model of this kind: auto exports the bundled model and keeps a .gguf you name."""
+    source = settings.serve.gguf_source
+    return source if source != "auto" else "export" if kind == "bundled" else "original"
+
+
 def served_gguf(settings: Settings, name: str, quant: str) -> Path:
-    """The GGUF file the llama.cpp backend serves for a model reference: a bundled or local .gguf as
-    it is (unless serve.gguf_source is "export"), anything else exported (once, cached) at `quant`."""
+    """The GGUF file the llama.cpp backend serves for a model reference: a .gguf as it is unless
+    serve.gguf_source says to export it (gguf_source), anything else exported (once, cached) at `quant`."""
     ref = models.resolve(name, settings)
-    if ref.kind in ("bundled", "gguf") and settings.serve.gguf_source == "original":
+    if ref.kind in ("bundled", "gguf") and gguf_source(settings, ref.kind) == "original":
         assert ref.path is not None
         return ref.path
     path = cache_path(settings, name, quant)

@@ -61,3 +61,20 @@ def rouge_l(answer: str, truth: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def repeated_phrase(text: str, words: int = 6, times: int = 3) -> str | None:
+    """The first phrase of `words` normalised words that the text says `times` times or more without
+    overlap (an answer looping on itself), else None."""
+    tokens = normalize(text)
+    counts: Counter[tuple[str, ...]] = Counter()
+    last_start: dict[tuple[str, ...], int] = {}
+    for start in range(len(tokens) - words + 1):
+        phrase = tuple(tokens[start:start + words])
+        if phrase in last_start and start < last_start[phrase] + words:
+            continue  # overlaps the previous time it was said
+        last_start[phrase] = start
+        counts[phrase] += 1
+        if counts[phrase] >= times:
+            return " ".join(phrase)
+    return None
