@@ -113,8 +113,10 @@ def served_tokens(engine, prompt: str, tokens: int) -> str:
     return asyncio.run(run())
 
 
-def pytorch_text(loaded, prompt: str, tokens: int) -> str:
-    return answer_alone(loaded, chat_messages(prompt), SamplingParams(max_new_tokens=tokens)).text
+def pytorch_text(loaded, prompt: str, tokens: int, settings=None) -> str:
+    """PyTorch's answer, greedy; with `settings`, under its generate: penalties (what that server applies)."""
+    penalty = settings.generate.frequency_penalty if settings is not None else 0.0
+    return answer_alone(loaded, chat_messages(prompt), SamplingParams(max_new_tokens=tokens, frequency_penalty=penalty)).text
 
 
 @needs_llama
@@ -172,7 +174,7 @@ def test_llama_cpp_backend_behind_the_real_server(llama_server, varied_model_dir
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and chunks[-1].usage.completion_tokens == 16
     loaded = models.load(str(varied_model_dir), llama_server.settings, dtype="float32")
-    assert text == pytorch_text(loaded, "Hola", 16)  # f16 GGUF: the same greedy answer as PyTorch
+    assert text == pytorch_text(loaded, "Hola", 16, llama_server.settings)  # f16 GGUF: the same answer as PyTorch
     persona = client.chat.completions.create(model="pirate", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert persona.model == "pirate" and persona.usage.completion_tokens == 4
 

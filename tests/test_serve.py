@@ -68,7 +68,8 @@ def test_chat_completion_non_streaming(client, model_name, varied_model_dir):
 
     loaded = load(model_name, load_settings(), dtype="float32")
     ids = chat_prompt_ids(loaded.tokenizer, chat_messages("Hola"))
-    assert reply.choices[0].message.content == answer_alone(loaded, chat_messages("Hola"), SamplingParams(max_new_tokens=16)).text
+    served = SamplingParams(max_new_tokens=16, frequency_penalty=load_settings().generate.frequency_penalty)  # generate:'s
+    assert reply.choices[0].message.content == answer_alone(loaded, chat_messages("Hola"), served).text
     assert reply.usage.prompt_tokens == len(ids)
 
 
