@@ -32,8 +32,8 @@ def tokenizer(varied_model_dir):
     return models.load_tokenizer(str(varied_model_dir), load_settings())
 
 
-def make_engine(gguf_file, tokenizer, **kwargs):
-    return llamacpp.LlamaCppEngine(gguf_file, tokenizer, name="varied", kv_tokens=2048, **kwargs)
+def make_engine(gguf_file, tokenizer, kv_tokens=2048, **kwargs):
+    return llamacpp.LlamaCppEngine(gguf_file, tokenizer, name="varied", kv_tokens=kv_tokens, **kwargs)
 
 
 @pytest.fixture
@@ -202,6 +202,38 @@ def test_prompts_that_share_a_start_only_with_each_other_compute_it_once(engine,
     assert [text for text, _ in results] == [alone(c, 16) for c in conversations]
     assert len(engine._prefix) >= all_three
     assert idle(engine)
+
+
+def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(engine, alone):
+    """A finished request's cells stay in its slot: the same prompt again, or the conversation's next turn
+    (the previous prompt and answer, then a new question), takes that slot and prefills only the rest."""
+    turn = chat_messages("¿Abrís el domingo?", system=SYSTEM)
+    first = together(engine, [turn], 24)[0][0]
+    assert first == alone(turn, 24)
+    hits = engine.prefix_hits
+    assert together(engine, [turn], 24)[0][0] == first
+    assert engine.prefix_hits - hits == len(engine.tokenize(turn)) - 1  # all but the last token, to sample from
+    follow_up = turn + [{"role": "assistant", "content": first}, {"role": "user", "content": "¿Y el lunes?"}]
+    hits = engine.prefix_hits
+    assert together(engine, [follow_up], 24)[0][0] == alone(follow_up, 24)
+    assert engine.prefix_hits - hits >= len(engine.tokenize(turn))
+    assert idle(engine)
+
+
+def test_finished_requests_cells_give_way_when_the_cache_is_full(gguf_file, tokenizer, alone):
+    engine = make_engine(gguf_file, tokenizer, max_batch_size=2, kv_tokens=768)
+    engine_cells = engine.kv_tokens
+    try:
+        conversations = [chat_messages(f"{i} " + "pan y vino " * 12) for i in range(6)]
+        need = len(engine.tokenize(conversations[0])) + 100
+        assert 2 * need < engine_cells < 6 * need  # the kept answers cannot all stay
+        for conversation in conversations:
+            # without room made, the request would wait for cells forever
+            assert asyncio.run(asyncio.wait_for(ask(engine, conversation, 100), 60))[0] == alone(conversation, 100)
+            assert idle(engine)
+            assert sum(map(len, engine._kept.values())) + len(engine._prefix) <= engine_cells
+    finally:
+        engine.close()
 
 
 def test_cancelling_one_request_while_the_group_is_prefilled(gguf_file, tokenizer, alone):

@@ -10,7 +10,10 @@ streaming behave exactly as with the PyTorch engine.
 
 Prompts usually start alike (the chat template's system turn): one extra sequence keeps the KV cache
 of the longest prefix recent prompts shared, and a new request copies it (llama_memory_seq_cp shares
-the cells, nothing is recomputed) and prefills only the rest. Requests admitted together are prefilled
+the cells, nothing is recomputed) and prefills only the rest. A finished request's sequence keeps its
+cells too (its prompt and answer) until the slot or the cells are needed: the next turn of that
+conversation, or the same prompt again, takes that slot and prefills only what is new (llama-server
+keeps each slot's last prompt the same way). Requests admitted together are prefilled
 together, the way llama.cpp's own server does: their tokens are packed into llama_batches of up to
 PREFILL_BATCH tokens, a token that several prompts share (same position, same tokens before it) is one
 row for all their sequences, and only each prompt's last token asks for logits.
@@ -33,7 +36,12 @@ from forja.engine.scheduler import Scheduler, Sequence
 from forja.models import common_prefix
 
 log = logging.getLogger("forja.engine")
-PREFILL_BATCH = 512  # most prompt tokens in one llama_decode (llama-server's default ubatch)
+PREFILL_BATCH = 512  # most prompt tokens in one llama_decode
+# llama.cpp's CPU flash attention switches to another kernel, which rounds differently, at 64 query rows
+# (GGML_FA_TILE_Q): micro-batches below that give a prompt the same KV cache whatever else shares its
+# llama_decode, so a greedy answer does not depend on the other requests (measured: identical logits, and
+# prefill within the noise of 512-token micro-batches; the weights are read once per micro-batch)
+MICRO_BATCH = 63
 MIN_SHARED_PREFIX = 8  # a cached prompt prefix is reused when at least this many tokens match
 
 
@@ -80,7 +88,8 @@ class LlamaCppEngine(Scheduler):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_tokens
         self.prefill_batch = prefill_batch
-        params.n_batch = params.n_ubatch = max(prefill_batch, max_batch_size)
+        params.n_batch = max(prefill_batch, max_batch_size)
+        params.n_ubatch = min(MICRO_BATCH, params.n_batch)
         params.n_seq_max = max_batch_size + 1  # one sequence per request, and the shared prompt prefix
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one pool of KV cells, shared by whichever requests are running
@@ -102,7 +111,8 @@ class LlamaCppEngine(Scheduler):
         eos = {tokenizer.eos_token_id, llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)}
         eos = {int(t) for t in eos if t is not None and 0 <= int(t) < self.n_vocab}
         context = min(llama_cpp.llama_model_n_ctx_train(self._model), self.kv_tokens)
-        self._free_slots = list(range(max_batch_size))
+        self._free_slots = list(range(max_batch_size))  # the least recently freed first
+        self._kept: dict[int, list[int]] = {}  # a free slot -> the tokens its cells still hold (a finished request's)
         self._prefix_slot = max_batch_size
         self._prefix: list[int] = []  # the tokens whose KV the prefix sequence holds
         self.prefix_hits = 0  # prompt tokens not recomputed thanks to the prefix, for tests and the benchmark
@@ -112,11 +122,21 @@ class LlamaCppEngine(Scheduler):
     # ---------------------------------------------------------------- the Scheduler's hooks
 
     def _fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
-        """Every running request keeps room for its whole answer, so a decode never runs out of cells."""
+        """Every running request keeps room for its whole answer, so a decode never runs out of cells. Finished
+        requests' cells give way first (the least recently freed), then the cached prefix."""
         need = sum(len(s.prompt_ids) + s.params.max_new_tokens for s in [*admitted, seq])
-        if self._reserved + need + len(self._prefix) > self.kv_tokens and not self._active and self._prefix:
-            self._drop_prefix()  # the cached prefix gives way to a request that needs its cells
-        return self._reserved + need + len(self._prefix) <= self.kv_tokens
+
+        def used() -> int:
+            return self._reserved + need + len(self._prefix) + sum(map(len, self._kept.values()))
+
+        for slot in [s for s in self._free_slots if s in self._kept]:
+            if used() <= self.kv_tokens:
+                break
+            self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            del self._kept[slot]
+        if used() > self.kv_tokens and not self._active and self._prefix:
+            self._drop_prefix()
+        return used() <= self.kv_tokens
 
     def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
         """All admitted requests in one group: llama.cpp packs prompts of any lengths without padding."""
@@ -129,18 +149,18 @@ class LlamaCppEngine(Scheduler):
         group = [seq for seq in group if not seq.done]
         if not group:
             return
-        for seq in group:
-            seq.extra["slot"] = self._free_slots.pop()
-            seq.extra["cells"] = len(seq.prompt_ids) + seq.params.max_new_tokens
-            self._reserved += seq.extra["cells"]
         prompts = [seq.prompt_ids for seq in group]
-        starts = [self._shared_prefix(ids) for ids in prompts]
-        for seq, shared in zip(group, starts):
-            if shared:
-                self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, seq.extra["slot"], 0, shared)
-                self.prefix_hits += shared
-        rows, paths = prefill_rows(prompts, starts, [seq.extra["slot"] for seq in group])
-        self._keep_prefix(prompts, starts, rows, paths)
+        starts = []
+        for seq in group:
+            seq.extra["slot"], start = self._take_slot(seq.prompt_ids)
+            seq.extra["cells"] = len(seq.prompt_ids) + seq.params.max_new_tokens
+            seq.extra["tokens"] = list(seq.prompt_ids)  # what its cells hold, once prefilled
+            self._reserved += seq.extra["cells"]
+            self.prefix_hits += start
+            starts.append(start)
+        slots = [seq.extra["slot"] for seq in group]
+        rows, paths = prefill_rows(prompts, starts, slots)
+        self._keep_prefix(prompts, starts, slots, rows, paths)
         self._prefill(group, rows, [path[-1] for path in paths])
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
@@ -158,7 +178,7 @@ class LlamaCppEngine(Scheduler):
         position = 0
         while position < len(rows):
             self._cancel_waiting(waiting, rows[position:])
-            stepping = [Row(seq.next_token, seq.length, [seq.extra["slot"]], logits=True) for seq in running]
+            stepping = [self._step_row(seq) for seq in running]
             batch: list[int] = []
             while position < len(rows) and len(stepping) + len(batch) < self.prefill_batch:
                 if rows[position].slots:
@@ -194,7 +214,7 @@ class LlamaCppEngine(Scheduler):
             self._forget(seq)
 
     def _step(self) -> None:
-        rows = [Row(seq.next_token, seq.length, [seq.extra["slot"]], logits=True) for seq in self._active]
+        rows = [self._step_row(seq) for seq in self._active]
         self._decode(rows)
         if all(seq.sampler.plain for seq in self._active):  # greedy: argmax in place, no copies
             tokens = [int(self._logits(i).argmax()) for i in range(len(rows))]
@@ -205,17 +225,23 @@ class LlamaCppEngine(Scheduler):
             seq.length += 1
             self._accept(seq, token)
 
+    def _step_row(self, seq: Sequence) -> Row:
+        """The row that feeds a running request's last sampled token."""
+        seq.extra["tokens"].append(seq.next_token)
+        return Row(seq.next_token, seq.length, [seq.extra["slot"]], logits=True)
+
     def _release(self, keep: list[int]) -> None:
         kept = {id(self._active[i]) for i in keep}
         for seq in self._active:
             if id(seq) not in kept:
-                self._forget(seq)
+                self._forget(seq, keep_cells=True)
 
     def _reset(self) -> None:
         # every slot comes back, also those of requests that failed before joining `_active`
         self._active = []
         self._prefix = []
         self._free_slots = list(range(self.max_batch_size))
+        self._kept = {}
         self._reserved = 0
         self.llama.llama_memory_clear(self._memory, True)
 
@@ -226,12 +252,35 @@ class LlamaCppEngine(Scheduler):
 
     # ---------------------------------------------------------------- the shared prompt prefix
 
+    def _take_slot(self, ids: list[int]) -> tuple[int, int]:
+        """A free slot for a prompt, and how many of its leading tokens that slot already holds: the free slot
+        whose finished request shares the most of them (a conversation's previous turn, the same prompt again),
+        cut back to what it shares, when that beats the cached prefix; else an empty slot (the least recently
+        freed one if none is empty) with the cached prefix copied in."""
+        head = ids[: len(ids) - 1]  # at least one token is left to prefill: its logits give the first token
+        best = max(self._free_slots, key=lambda slot: common_prefix(head, self._kept.get(slot, ())))
+        reused = common_prefix(head, self._kept.get(best, ()))
+        shared = self._shared_prefix(ids)
+        if reused >= max(shared, MIN_SHARED_PREFIX):
+            self._free_slots.remove(best)
+            del self._kept[best]
+            self.llama.llama_memory_seq_rm(self._memory, best, reused, -1)
+            return best, reused
+        slot = next((slot for slot in self._free_slots if slot not in self._kept), self._free_slots[0])
+        self._free_slots.remove(slot)
+        if self._kept.pop(slot, None) is not None:
+            self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        if shared:
+            self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, slot, 0, shared)
+        return slot, shared
+
     def _shared_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` the prefix sequence holds (at least one token is left to prefill)."""
         shared = common_prefix(ids[: len(ids) - 1], self._prefix)
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
-    def _keep_prefix(self, prompts: list[list[int]], starts: list[int], rows: list[Row], paths: list[list[int]]) -> None:
+    def _keep_prefix(self, prompts: list[list[int]], starts: list[int], slots: list[int], rows: list[Row],
+                     paths: list[list[int]]) -> None:
         """The cached prefix becomes the longest prefix two of these prompts share, or the longest prompt when
         none share MIN_SHARED_PREFIX tokens (a prompt admitted alone): the cache is cut back to what it has in
         common with that, and the prefix sequence joins this prefill's rows for the rest (computed once)."""
@@ -250,9 +299,12 @@ class LlamaCppEngine(Scheduler):
             kept = 0
         elif kept < len(self._prefix):
             self.llama.llama_memory_seq_rm(self._memory, self._prefix_slot, kept, -1)
-        # the owner's prefill starts where the cache stops matching it (`kept`), like every prompt sharing its rows
-        for position in range(kept, length):
-            rows[paths[owner][position - starts[owner]]].slots.append(self._prefix_slot)
+        # the owner's slot holds its first starts[owner] tokens (>= kept): share those cells, then its rows
+        start = starts[owner]
+        if start > kept:
+            self.llama.llama_memory_seq_cp(self._memory, slots[owner], self._prefix_slot, kept, min(start, length))
+        for position in range(start, length):
+            rows[paths[owner][position - start]].slots.append(self._prefix_slot)
         self._prefix = target
 
     def _drop_prefix(self) -> None:
@@ -261,10 +313,15 @@ class LlamaCppEngine(Scheduler):
 
     # ---------------------------------------------------------------- llama.cpp calls
 
-    def _forget(self, seq: Sequence) -> None:
+    def _forget(self, seq: Sequence, keep_cells: bool = False) -> None:
+        """Free a request's slot; a finished one's cells stay there (`_kept`) for a prompt that starts the same."""
         slot = seq.extra.pop("slot", None)
         if slot is not None:
-            self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            tokens = seq.extra.pop("tokens")[: seq.length]
+            if keep_cells and len(tokens) >= MIN_SHARED_PREFIX:
+                self._kept[slot] = tokens
+            else:
+                self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
             self._reserved -= seq.extra.pop("cells", 0)
 
