@@ -56,7 +56,6 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
                    log: Any) -> dict[str, Any]:
     """One `forja serve --backend X` subprocess: single stream, with and without the guardrails, N concurrent
     streams, batched vs alone."""
-    from forja.models import common_prefix
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -102,17 +101,24 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
                                                      / max(figures["single"]["tokens_per_s"], 1e-9), 2)
         if compare_alone and ok:
             log(f"{backend}: each prompt alone, to compare the batched answers ...")
-            agree = []
-            for prompt, answer in zip(prompts, answers):
-                if _answered(answer):
-                    alone = asyncio.run(_stream(url, model, prompt, max_tokens))
-                    agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
-            figures["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
-                                               "min_agreeing_share": round(min(agree), 3)}
+            figures["batched_equals_alone"] = _batched_equals_alone(url, model, [
+                (prompt, answer) for prompt, answer in zip(prompts, answers) if _answered(answer)], max_tokens)
     finally:
         server.terminate()
         server.wait(timeout=30)
     return figures
+
+
+def _batched_equals_alone(url: str, model: str, answered: list[tuple[str, dict[str, Any]]],
+                          max_tokens: int) -> dict[str, Any]:
+    """Each prompt asked again alone: how many batched answers are identical, and the least shared share."""
+    from forja.models import common_prefix
+
+    agree = []
+    for prompt, answer in answered:
+        alone = asyncio.run(_stream(url, model, prompt, max_tokens))
+        agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
+    return {"identical": sum(a == 1.0 for a in agree), "of": len(agree), "min_agreeing_share": round(min(agree), 3)}
 
 
 UNGUARDED = "forja-bench-unguarded"
@@ -323,7 +329,6 @@ def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: 
     import httpx
 
     from forja.export import served_gguf
-    from forja.models import common_prefix
 
     path = served_gguf(settings, model, settings.serve.gguf_quant)
     threads = str(settings.threads or os.cpu_count() or 1)
@@ -366,12 +371,7 @@ def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: 
             answered = [(prompt, answer) for prompt, answer in zip(prompts, rounds[0][0]) if _answered(answer)]
             if compare_alone and answered:
                 log("llama-server: each prompt alone, to compare the batched answers ...")
-                agree = []
-                for prompt, answer in answered:
-                    alone = asyncio.run(_stream(url, model, prompt, max_tokens))
-                    agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
-                figures["batched_equals_alone"] = {"identical": sum(a == 1.0 for a in agree), "of": len(agree),
-                                                   "min_agreeing_share": round(min(agree), 3)}
+                figures["batched_equals_alone"] = _batched_equals_alone(url, model, answered, max_tokens)
         finally:
             server.terminate()
             server.wait(timeout=30)
