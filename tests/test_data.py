@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import pdf_pages_bytes
 
 from forja.data import DIALOGUE, KNOWLEDGE, DataError, inspect, meta_path, prepare, validation_path
 
@@ -80,26 +81,7 @@ def write_docx(path: Path, paragraphs: list[str], table: list[list[str]] | None 
 
 def pdf_bytes(*lines: str) -> bytes:
     """A minimal valid one-page PDF showing `lines` in Helvetica (ASCII only), written by hand."""
-    body = " ".join(f"({line}) Tj 0 -14 Td" for line in lines)
-    stream = f"BT /F1 12 Tf 72 720 Td {body} ET".encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = b"%PDF-1.4\n"
-    offsets = []
-    for number, obj in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return out
+    return pdf_pages_bytes(list(lines))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -75,23 +75,10 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
         for _ in range(ROUNDS):
             on.append(asyncio.run(_stream(url, model, prompts[0], max_tokens)))
             off.append(asyncio.run(_stream(url, UNGUARDED, prompts[0], max_tokens)))
-        middle = sorted(on, key=lambda run: run["rate"])[len(on) // 2]
-        figures["single"] = {"tokens": middle["tokens"], "ttft_s": round(middle["ttft"], 3),
-                             "total_s": round(middle["total"], 3), "tokens_per_s": round(middle["rate"], 2),
-                             "runs_tokens_per_s": [round(run["rate"], 2) for run in on]}
+        figures["single"] = _single_figures(on)
         figures["guardrails"] = _guardrail_latency(on, off)
         log(f"{backend}: {len(prompts)} concurrent streams, {ROUNDS} rounds ...")
-
-        async def together() -> tuple[list[dict[str, Any]], float]:
-            import httpx
-
-            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
-                begin = time.perf_counter()
-                answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
-                                               return_exceptions=True)
-                return answers, time.perf_counter() - begin
-
-        rounds = [asyncio.run(together()) for _ in range(ROUNDS)]
+        rounds = _concurrent_rounds(url, model, prompts, max_tokens)
         answers = rounds[0][0]
         ok = [a for a in answers if _answered(a)]
         if ok:
@@ -119,6 +106,27 @@ def _batched_equals_alone(url: str, model: str, answered: list[tuple[str, dict[s
         alone = asyncio.run(_stream(url, model, prompt, max_tokens))
         agree.append(common_prefix(answer["text"], alone["text"]) / max(len(alone["text"]), 1))
     return {"identical": sum(a == 1.0 for a in agree), "of": len(agree), "min_agreeing_share": round(min(agree), 3)}
+
+
+def _single_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stream, several runs: the median run's figures, and every run's rate."""
+    middle = sorted(runs, key=lambda run: run["rate"])[len(runs) // 2]
+    return {"tokens": middle["tokens"], "ttft_s": round(middle["ttft"], 3), "total_s": round(middle["total"], 3),
+            "tokens_per_s": round(middle["rate"], 2), "runs_tokens_per_s": [round(run["rate"], 2) for run in runs]}
+
+
+def _concurrent_rounds(url: str, model: str, prompts: list[str], max_tokens: int) -> list[tuple[list[Any], float]]:
+    """ROUNDS rounds of every prompt streamed at once over one client: each round's answers and wall time."""
+    import httpx
+
+    async def together() -> tuple[list[Any], float]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
+            begin = time.perf_counter()
+            answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
+                                           return_exceptions=True)
+            return answers, time.perf_counter() - begin
+
+    return [asyncio.run(together()) for _ in range(ROUNDS)]
 
 
 UNGUARDED = "forja-bench-unguarded"
@@ -326,8 +334,6 @@ def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: 
     stream ROUNDS times, then the clients together ROUNDS times, then each prompt alone."""
     import tempfile
 
-    import httpx
-
     from forja.export import served_gguf
 
     path = served_gguf(settings, model, settings.serve.gguf_quant)
@@ -351,20 +357,9 @@ def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: 
             asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
             log(f"llama-server: one stream, {ROUNDS} times ...")
             single = [asyncio.run(_stream(url, model, prompts[0], max_tokens)) for _ in range(ROUNDS)]
-            middle = sorted(single, key=lambda run: run["rate"])[len(single) // 2]
-            figures["single"] = {"tokens": middle["tokens"], "ttft_s": round(middle["ttft"], 3),
-                                 "total_s": round(middle["total"], 3), "tokens_per_s": round(middle["rate"], 2),
-                                 "runs_tokens_per_s": [round(run["rate"], 2) for run in single]}
+            figures["single"] = _single_figures(single)
             log(f"llama-server: {len(prompts)} concurrent streams, {ROUNDS} rounds ...")
-
-            async def together() -> tuple[list[Any], float]:
-                async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
-                    begin = time.perf_counter()
-                    answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
-                                                   return_exceptions=True)
-                    return answers, time.perf_counter() - begin
-
-            rounds = [asyncio.run(together()) for _ in range(ROUNDS)]
+            rounds = _concurrent_rounds(url, model, prompts, max_tokens)
             figures["concurrent"] = _concurrent_figures(rounds)
             figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
                                                          / max(figures["single"]["tokens_per_s"], 1e-9), 2)

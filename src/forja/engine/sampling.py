@@ -38,6 +38,7 @@ class Sampler:
         self.counts: torch.Tensor | None = None  # [vocab] how often each token was generated
         self.seen: torch.Tensor | None = None  # [vocab] in the prompt or the answer (repetition_penalty)
         self.pending: list[TokenLogprob] = []  # logprobs not yet handed to a delta
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values), made once
         self.plain = (params.temperature == 0 and not params.logprobs and self.constraint is None
                       and not _penalised(params) and not params.logit_bias)
 
@@ -52,9 +53,12 @@ class Sampler:
         raw = logits.float()
         scores = raw.clone()
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=scores.device)
-            valid = ids < scores.numel()
-            scores[ids[valid]] += torch.tensor(list(p.logit_bias.values()), device=scores.device)[valid]
+            if self.bias is None:
+                ids = torch.tensor(list(p.logit_bias), device=scores.device)
+                values = torch.tensor(list(p.logit_bias.values()), device=scores.device)
+                valid = ids < scores.numel()
+                self.bias = ids[valid], values[valid]
+            scores[self.bias[0]] += self.bias[1]
         if _penalised(p):
             self._penalise(scores)
         if self.constraint is not None:

@@ -69,17 +69,17 @@ class Answer:
     completion_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
     error: str | None = None
-    calls: ToolCallStream | None = None  # when the request has tools
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason != "cancelled"
+    calls: ToolCallStream | None = None  # when the request has tools: splits the streamed text as it comes
+    parsed: tuple[str | None, list[dict[str, Any]]] | None = None  # content and tool calls, once finished
 
     def content_and_calls(self) -> tuple[str | None, list[dict[str, Any]]]:
-        """The answer as OpenAI's message holds it: text, and the tool calls it made (if it has tools)."""
+        """The answer as OpenAI's message holds it: text, and the tool calls it made (if it has tools); parsed
+        once, so the calls keep their ids."""
         if self.calls is None:
             return self.text, []
-        return parse_tool_calls(self.text)
+        if self.parsed is None:
+            self.parsed = parse_tool_calls(self.text)
+        return self.parsed
 
 
 class Exchange:
@@ -330,14 +330,12 @@ async def _grammar(target: Target, options: Options) -> Grammar | None:
     loop (the first compile for a tokenizer takes about 0.2 s). A bad schema or tool is a 400."""
     if not options.tools and not options.response_format:
         return None
-    if options.tools and options.response_format and options.response_format.get("type") != "text":
-        spec = tool_call_spec(options.tools, options.tool_choice, options.parallel_tool_calls)
-        if spec is not None and spec.required:
-            raise ApiError(400, "tool_choice forces a tool call, which response_format cannot also constrain; "
-                           "send one of them", param="response_format", code="invalid_value")
     engine = target.engine
     try:
         spec = tool_call_spec(options.tools, options.tool_choice, options.parallel_tool_calls)
+        if spec is not None and spec.required and (options.response_format or {}).get("type", "text") != "text":
+            raise ApiError(400, "tool_choice forces a tool call, which response_format cannot also constrain; "
+                           "send one of them", param="response_format", code="invalid_value")
         if spec is not None:
             return await asyncio.to_thread(Grammar.tool_calls, engine.tokenizer, spec,
                                            eos_token_ids=set(engine.eos_token_ids))

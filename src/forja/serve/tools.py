@@ -166,7 +166,7 @@ def call_text(name: str, arguments: dict[str, Any]) -> str:
 class ToolCallStream:
     """Splits a streamed answer into content and tool calls as it arrives: content is passed on until a
     call block may be starting (a tail that could be the start of `<tool_call>` is held back), each call is
-    handed out whole once its block closes. `feed` and `finish` return (content, calls)."""
+    handed out whole once its block closes. `feed` returns (content, calls), `finish` the content left."""
 
     def __init__(self) -> None:
         self.buffer = ""
@@ -194,7 +194,7 @@ class ToolCallStream:
         self.calls += calls
         return content, calls
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+    def finish(self) -> str:
         """What is left: held-back text that was no call after all (an unfinished call block is dropped)."""
         rest, self.buffer = ("" if self.in_calls else self.buffer), ""
-        return rest, []
+        return rest

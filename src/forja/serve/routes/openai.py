@@ -200,8 +200,7 @@ async def chat_chunks(exchange: Exchange, created: int, include_usage: bool,
         else:
             content, calls = answer.calls.feed(delta.text) if delta.text else ("", [])
             if delta.finish_reason is not None:
-                rest, _ = answer.calls.finish()
-                content += rest
+                content += answer.calls.finish()
             if content:
                 pieces.append({"content": content})
             for call in calls:

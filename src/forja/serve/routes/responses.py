@@ -115,7 +115,7 @@ async def events(shape: Shape) -> AsyncIterator[str]:
         content, calls = (answer.calls.feed(delta.text) if answer.calls is not None
                           else (delta.text, [])) if delta.text else ("", [])
         if delta.finish_reason is not None and answer.calls is not None:
-            content += answer.calls.finish()[0]
+            content += answer.calls.finish()
         if content:
             if not message_open:
                 message_open = True
