@@ -752,7 +752,7 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 
-bench_app = _typer("Measure speed: bench serve (and bench train).")
+bench_app = _typer("Measure: bench serve, train, learn, agreement, repetition and tools.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -795,6 +795,30 @@ def bench_learn(
 
     report = learn_benchmark(data_dir or BENCH_DATA, out, log=lambda line: typer.echo(line, err=True))
     typer.echo(render_learn(report))
+
+
+@bench_app.command("tools")
+def bench_tools(
+    model: ModelOpt = None,
+    backend: Annotated[Optional[list[str]], typer.Option(help="llamacpp and/or pytorch (repeat); default: both, when llama.cpp is installed.")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds of the decode-rate comparison; medians count.", min=1)] = 5,
+    data: Annotated[Optional[Path], typer.Option(help="Prompts, one JSON object a line: prompt, lang, tool (or null), arguments (default: data/bench/tools_es_en.jsonl).")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write every answer and figure to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """How well the model calls tools (tool_choice required and auto) and follows a JSON schema through forja serve, and what the grammar costs per token."""
+    from forja.bench_tools import BENCH_DATA, render_tools, tools_benchmark
+
+    settings = settings_from(config, model=model)
+    for name in backend or []:
+        if name not in ("llamacpp", "pytorch"):
+            raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
+    report = tools_benchmark(settings.model, backends=backend, data=data or BENCH_DATA, rounds=rounds,
+                             extra_env={"FORJA_CONFIG": str(config)} if config else None,
+                             log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_tools(report))
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 @bench_app.command("agreement")
