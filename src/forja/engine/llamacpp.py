@@ -115,7 +115,7 @@ class LlamaCppEngine(Scheduler):
         self._kept: dict[int, list[int]] = {}  # a free slot -> the tokens its cells still hold (a finished request's)
         self._prefix_slot = max_batch_size
         self._prefix: list[int] = []  # the tokens whose KV the prefix sequence holds
-        self.prefix_hits = 0  # prompt tokens not recomputed thanks to the prefix, for tests and the benchmark
+        self.prefix_hits = 0  # prompt tokens not recomputed (cached prefix or a finished request's cells), for tests
         self._reserved = 0  # KV cells promised to admitted requests (prompt + max_new_tokens each)
         super().__init__(tokenizer, eos, context, "cpu", name=name, max_batch_size=max_batch_size, max_queue=max_queue)
 
