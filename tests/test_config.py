@@ -69,6 +69,6 @@ def test_default_sampling_is_greedy_with_a_frequency_penalty_and_forja_config_sh
     from forja.cli import app
 
     generate = load_settings().generate
-    assert (generate.temperature, generate.repetition_penalty, generate.frequency_penalty) == (0.0, 1.0, 0.5)
+    assert (generate.temperature, generate.repetition_penalty, generate.frequency_penalty) == (0.0, 1.0, 1.0)
     shown = CliRunner().invoke(app, ["config"]).stdout
-    assert "frequency_penalty: 0.5" in shown and "repetition_penalty: 1.0" in shown and "gguf_quant: f16" in shown
+    assert "frequency_penalty: 1.0" in shown and "repetition_penalty: 1.0" in shown and "gguf_quant: f16" in shown

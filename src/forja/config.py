@@ -48,9 +48,9 @@ class GenerateSettings(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="transformers' rule: > 1 makes tokens already "
                                       "in the prompt or the answer less likely (greedy too); 1 = off.")
     frequency_penalty: float = Field(
-        0.5, ge=-2.0, le=2.0, description="OpenAI's: minus this per earlier use of a token in the answer (greedy "
-        "too); 0 = off. 0.5 keeps the bundled model's greedy answers from looping, where a repetition_penalty also "
-        "penalises the question and the end of turn.")
+        1.0, ge=-2.0, le=2.0, description="OpenAI's: minus this per earlier use of a token in the answer (greedy "
+        "too); 0 = off. 1.0 keeps the bundled model's greedy answers from looping (0.5 still let one in three "
+        "Spanish ones loop), where a repetition_penalty also penalises the question and the end of turn.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this once a token is in the answer.")
     system: str | None = Field(None, description="System prompt; None: a version's trained one, else the chat "
                                "template's own default.")
