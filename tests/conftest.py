@@ -94,15 +94,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_home(tmp_path_factory) -> Path:
-    """A FORJA_HOME in which the bundled GGUF has been converted once for all slow tests."""
+    """A FORJA_HOME in which the bundled GGUF has been converted once for all slow tests, and exported
+    as llama.cpp serves it (serve.gguf_source auto: at serve.gguf_quant)."""
     from forja.config import load_settings
+    from forja.engine import llamacpp
+    from forja.export import served_gguf
     from forja.models import bundled_gguf, converted_dir
 
     home = tmp_path_factory.mktemp("bundled-home")
     previous = os.environ.get("FORJA_HOME")
     os.environ["FORJA_HOME"] = str(home)
     try:
-        converted_dir(bundled_gguf("smollm2-135m"), load_settings())
+        settings = load_settings()
+        converted_dir(bundled_gguf("smollm2-135m"), settings)
+        if llamacpp.available():
+            served_gguf(settings, "smollm2-135m", settings.serve.gguf_quant)
     finally:
         if previous is None:
             os.environ.pop("FORJA_HOME", None)
