@@ -2,7 +2,7 @@
 found again by meaning (the bundled MiniLM vectors) and by words (SQLite FTS5), the two rankings fused.
 
 `forja knowledge add NAME PATH...` indexes files; `forja knowledge search NAME "query"` ranks chunks.
-Callers (the server's personas, next) use `search(settings, collection, query, top_k) -> list[Hit]`.
+The server's personas use `retrieve(settings, collections, query, top_k, min_score) -> list[Hit]`.
 """
 
 from forja.knowledge.index import (
@@ -15,11 +15,12 @@ from forja.knowledge.index import (
     add,
     collections,
     remove,
+    retrieve,
     search,
     show,
 )
 
 __all__ = [
     "Collection", "FileInfo", "FileResult", "Hit", "KnowledgeError", "UnknownCollection",
-    "add", "collections", "remove", "search", "show",
+    "add", "collections", "remove", "retrieve", "search", "show",
 ]

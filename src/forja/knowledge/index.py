@@ -50,6 +50,12 @@ class Hit:
     headings: tuple[str, ...]
     start: int
     end: int
+    similarity: float = 0.0  # cosine between the query's vector and the chunk's (what retrieval.min_score limits)
+    collection: str = ""
+
+    @property
+    def filename(self) -> str:
+        return Path(self.source).name
 
 
 @dataclass
@@ -327,8 +333,16 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
                 f'SELECT c.id, c.text, f.path, c.page, c.headings, c.start, c."end" FROM chunks c '
                 f"JOIN files f ON f.id = c.file_id WHERE c.id IN ({','.join('?' * len(chosen))})", chosen)
         }
+    similar = {c: float(similarity[np.flatnonzero(ids == c)[0]]) for c in chosen}
     return [Hit(c, found[c][1], scores[c], found[c][2], found[c][3], tuple(json.loads(found[c][4])),
-                found[c][5], found[c][6]) for c in chosen]
+                found[c][5], found[c][6], similar[c], collection) for c in chosen]
+
+
+def retrieve(settings: Settings, names: Iterable[str], query: str, top_k: int, min_score: float) -> list[Hit]:
+    """The `top_k` chunks of all of `names` that best answer `query` (fused scores, which share one scale),
+    leaving out those whose vector is less similar to the query's than `min_score`."""
+    hits = [hit for name in names for hit in search(settings, name, query, top_k) if hit.similarity >= min_score]
+    return sorted(hits, key=lambda h: -h.score)[:top_k]
 
 
 def _folded(word: str) -> str:
