@@ -199,3 +199,63 @@ def test_correction_of_a_grounded_answer_trains_with_its_documents(client, serve
     row = next(p for p in pairs if p.exchange_id == reply.id).training_row()
     assert row["messages"][0]["role"] == "system" and "ZAFIRO-4417" in row["messages"][0]["content"]
     assert row["messages"][-1] == {"role": "assistant", "content": right}
+
+
+def test_chat_page_lists_the_sources_and_opens_the_quoted_passage(server, browser):
+    from conftest import ARTIFACTS
+
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#persona option[value='taller']", state="attached")
+    page.select_option("#persona", "taller")
+    page.fill("#prompt", WIFI)
+    page.click("#send")
+    page.wait_for_selector(".sources .source", timeout=30_000)
+    first = page.locator(".sources .source").first
+    assert first.locator("summary").inner_text() == "[1] taller.md, Taller Quilombo › Wifi"
+    assert not first.locator("blockquote").is_visible()
+    first.locator("summary").click()
+    assert first.locator("blockquote").is_visible()
+    assert "ZAFIRO-4417" in first.locator("blockquote").inner_text()
+    # the sources sit between the answer and its feedback bar
+    order = page.eval_on_selector_all(".message.assistant ~ *", "els => els.map(e => e.className)")
+    assert order.index("sources") < order.index("feedback")
+    page.screenshot(path=str(ARTIFACTS / "web-sources.png"))
+    page.close()
+
+
+def test_forja_ask_and_chat_print_the_sources(server):
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["ask", WIFI, "--model", "taller", "--url", server.url])
+    assert result.exit_code == 0, result.output
+    sources = result.output.split("Sources:\n", 1)[1]
+    assert sources.startswith('  [1] taller.md, Taller Quilombo > Wifi') and "ZAFIRO-4417" in sources.splitlines()[0]
+    as_json = runner.invoke(app, ["ask", WIFI, "--model", "taller", "--url", server.url, "--json"])
+    assert json.loads(as_json.output)["sources"][0]["file_citation"]["filename"] == "taller.md"
+    chatted = runner.invoke(app, ["chat", "--model", "taller", "--url", server.url], input=WIFI + "\n/exit\n")
+    assert chatted.exit_code == 0 and "Sources:\n  [1] taller.md" in chatted.output
+
+
+@pytest.mark.skipif(not __import__("forja.engine.llamacpp", fromlist=["available"]).available(),
+                    reason="llama-cpp-python is not installed")
+def test_grounding_on_the_llamacpp_backend(home, long_model_dir, start_server):
+    settings = load_settings(home=home, model=str(long_model_dir), dtype="float32",
+                             serve={"backend": "llamacpp", "gguf_quant": "f16", "kv_tokens": 8192, "personas": [
+                                 {"name": "taller", "knowledge": ["taller"], "max_tokens": 8}]})
+    live = start_server(create_app(settings, str(long_model_dir)))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="taller", messages=[{"role": "user", "content": WIFI}])
+        assert "ZAFIRO-4417" in annotations_of(reply)[0]["file_citation"]["quote"]
+        assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 100  # the documents were read
+        store = Store.open(settings)
+        try:
+            assert "ZAFIRO-4417" in store.exchange(reply.id).messages[0]["content"]
+        finally:
+            store.close()
+    finally:
+        live.stop()
