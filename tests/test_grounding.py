@@ -259,3 +259,23 @@ def test_grounding_on_the_llamacpp_backend(home, long_model_dir, start_server):
             store.close()
     finally:
         live.stop()
+
+
+def test_eval_answers_a_persona_from_its_knowledge_and_without_it(server, long_model_dir):
+    from forja.evaluate import NO_KNOWLEDGE, TestCase, evaluate
+
+    cases = [TestCase(WIFI, "La clave es ZAFIRO-4417.", fact="ZAFIRO-4417"),
+             TestCase("¿Qué día cierra el taller?", "Los martes.", fact="martes", persona="exigente")]
+    result = evaluate(["taller"], cases, server.settings, judge=str(long_model_dir), max_new_tokens=6,
+                      progress=False, without_knowledge=True)
+    assert result.models == ["taller", "taller" + NO_KNOWLEDGE]
+    rows = {(r["model"], r["case"]): r for r in result.rows}
+    grounded = rows[("taller", 1)]
+    assert grounded["sources"][0] == "taller.md > Wifi" and "ZAFIRO-4417" in grounded["documents"]
+    assert grounded["contains_fact"] in (0.0, 1.0) and 0.0 <= grounded["faithfulness"] <= 1.0
+    plain = rows[("taller" + NO_KNOWLEDGE, 1)]
+    assert plain["sources"] is None and plain["faithfulness"] is None and plain["contains_fact"] in (0.0, 1.0)
+    # the case's persona finds nothing as similar as 0.99: the server's "not found", not the model's answer
+    unknown = rows[("taller", 2)]
+    assert unknown["answer"] == DEFAULT_NOT_FOUND["es"] and unknown["completion_tokens"] == 0
+    assert "contains_fact" in result.metrics and "faithfulness" in result.metrics

@@ -904,26 +904,28 @@ def eval_(
     judge: Annotated[Optional[str], typer.Option(help="LLM judge: a model forja can load, or an OpenAI-compatible base URL (http://host/v1).")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at that URL (default: the first it lists); key from FORJA_JUDGE_API_KEY or OPENAI_API_KEY.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default FORJA_HOME/evals/DATE-TIME).")] = None,
-    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE (exact_match, token_f1, rouge_l, semantic, judge): exit 1 when the first model's mean is lower (repeatable).")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE (exact_match, token_f1, rouge_l, semantic, judge, contains_fact, faithfulness): exit 1 when the first model's mean is lower (repeatable).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy, with generate:'s penalties).", min=1)] = 128,
     question_col: Annotated[str, typer.Option(help="Column holding the questions.")] = "question",
     answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    without_knowledge: Annotated[bool, typer.Option("--without-knowledge", help="Also answer with each persona that has knowledge, without it (labelled 'NAME (no knowledge)').")] = False,
     backend: BackendOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity and a judge; write reports."""
+    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity, a judge and, for personas with knowledge, the fact and faithfulness; write reports."""
     from forja.evaluate import EvalError, check_thresholds, evaluate, load_testset, parse_thresholds, write_reports
 
     settings = settings_from(config, model=model)
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     thresholds = parse_thresholds(fail_under or [])
-    if "judge" in thresholds and not judge:
-        raise EvalError("--fail-under judge=... needs a judge: add --judge MODEL_OR_URL")
+    for needs_judge in ("judge", "faithfulness"):
+        if needs_judge in thresholds and not judge:
+            raise EvalError(f"--fail-under {needs_judge}=... needs a judge: add --judge MODEL_OR_URL")
     cases = load_testset(testset, question_col, answer_col)
     result = evaluate([settings.model, *(compare or [])], cases, settings, judge=judge, judge_model=judge_model,
-                      max_new_tokens=max_tokens, progress=not quiet)
+                      max_new_tokens=max_tokens, progress=not quiet, without_knowledge=without_knowledge)
     result.testset = str(testset)
     if out is None:
         out = settings.home / "evals" / time.strftime("%Y%m%d-%H%M%S")

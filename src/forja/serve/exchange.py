@@ -22,9 +22,10 @@ from forja.config import SAMPLERS
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
 from forja.engine.constrain import Grammar, GrammarError
 from forja.engine.text import chat_prompt_ids, has_tool_format
+from forja.knowledge import KnowledgeError
+from forja.knowledge.grounding import Grounding, ground, not_found, retrieval_settings, with_documents
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
-from forja.serve.grounding import Grounding, ground, not_found, retrieval_settings, with_documents
 from forja.serve.rails import CONTENT_FILTER, RequestRails
 from forja.serve.tools import (ToolCallStream, conversation_text, parse_tool_calls, render_tools_system,
                                response_format_grammar, tool_call_spec)
@@ -299,14 +300,19 @@ async def _grounded(state: ServerState, target: Target, rails: RequestRails, scr
                     ) -> tuple[list[Prompt], list[Grounding | None], list[tuple[str, str] | None]]:
     """Each screened prompt with its persona's documents (retrieved off the event loop), and the fixed answer
     (text, finish_reason) of those the engine does not answer: the input rails' refusal, or "not found"."""
-    settings = retrieval_settings(state, target)
+    settings = retrieval_settings(state.settings, target.persona)
     prompts: list[Prompt] = []
     groundings: list[Grounding | None] = []
     fixed: list[tuple[str, str] | None] = []
     for prompt, refusal in screened:
         grounding, answer = None, (refusal, CONTENT_FILTER) if refusal is not None else None
         if answer is None and settings is not None and isinstance(prompt, list):
-            grounding = await asyncio.to_thread(ground, state, target, prompt, rails.guard, settings)
+            try:
+                grounding = await asyncio.to_thread(ground, state.settings, target.persona.knowledge, prompt,
+                                                    rails.guard, settings)
+            except KnowledgeError as exc:  # a collection the persona names is missing: the server's config
+                raise ApiError(503, f"persona {target.name!r} cannot read its knowledge: {exc}", type="server_error",
+                               code="knowledge_unavailable") from None
             rails.record(grounding.findings)
             if grounding.hits:
                 prompt = with_documents(prompt, grounding, settings)

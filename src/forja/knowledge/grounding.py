@@ -1,10 +1,12 @@
-"""Knowledge in the request path: a persona with `knowledge` retrieves chunks for the user's question,
+"""Answers grounded in knowledge: a persona with `knowledge` retrieves chunks for the user's question,
 keeps out those the rails call an injection, puts the rest into the system prompt as numbered documents,
 and each answer carries them as citations (OpenAI's `annotations` of type `file_citation`, with forja's
 fields: the source's page, headings, span and the quoted text).
 
 When nothing relevant is found (no chunk as similar as `retrieval.min_score`) the persona says so without
 asking the model (`retrieval.when_none: say_unknown`), or answers without documents (`answer`).
+
+The server's request path and `forja eval` both ground here, so what is evaluated is what is served.
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from forja.config import RetrievalSettings
+from forja.config import Persona, RetrievalSettings, Settings
 from forja.guard import Finding
-from forja.knowledge import Hit, KnowledgeError, retrieve
-from forja.serve.deps import ApiError
+from forja.knowledge.index import Hit, retrieve
 
 if TYPE_CHECKING:
     from forja.guard import Guard
-    from forja.serve.deps import ServerState, Target
 
 QUOTE_CHARS = 400  # of a chunk, in a citation (the whole chunk is in the stored record)
 WORD = re.compile(r"\w+")
@@ -35,6 +35,10 @@ class Grounding:
     dropped: list[tuple[Hit, list[str]]] = field(default_factory=list)  # kept out by the rails, with their rules
     findings: list[Finding] = field(default_factory=list)
 
+    def documents(self) -> str:
+        """The chunks as the model reads them: numbered, each with its source."""
+        return "\n\n".join(f"[{n}] ({_where(hit)})\n{hit.text}" for n, hit in enumerate(self.hits, 1))
+
     def citations(self, answer: str = "") -> list[dict[str, Any]]:
         """The chunks given to the model, as OpenAI annotations; `cited` says whether the answer names [n]."""
         return [citation(number, hit, f"[{number}]" in answer) for number, hit in enumerate(self.hits, 1)]
@@ -46,15 +50,14 @@ class Grounding:
                 "dropped": [{**_stored(h), "rules": rules} for h, rules in self.dropped]}
 
 
-def retrieval_settings(state: "ServerState", target: "Target") -> RetrievalSettings | None:
+def retrieval_settings(settings: Settings, persona: Persona | None) -> RetrievalSettings | None:
     """The persona's retrieval settings over the config's, or None when it answers without knowledge."""
-    persona = target.persona
     if persona is None or not persona.knowledge:
         return None
-    settings = state.settings.knowledge.retrieval
+    retrieval = settings.knowledge.retrieval
     if persona.retrieval is not None:
-        settings = settings.model_copy(update=persona.retrieval.model_dump(exclude_unset=True))
-    return settings if settings.mode != "off" else None
+        retrieval = retrieval.model_copy(update=persona.retrieval.model_dump(exclude_unset=True))
+    return retrieval if retrieval.mode != "off" else None
 
 
 def query_of(messages: list[dict[str, Any]], follow_up_words: int) -> str:
@@ -67,18 +70,14 @@ def query_of(messages: list[dict[str, Any]], follow_up_words: int) -> str:
     return said[-1]
 
 
-def ground(state: "ServerState", target: "Target", messages: list[dict[str, Any]], guard: "Guard",
-           settings: RetrievalSettings) -> Grounding:
-    """Retrieve for one conversation (blocking: run it off the event loop)."""
-    grounding = Grounding(query_of(messages, settings.follow_up_words))
+def ground(settings: Settings, collections: list[str], messages: list[dict[str, Any]], guard: "Guard",
+           retrieval: RetrievalSettings) -> Grounding:
+    """Retrieve for one conversation (blocking: a server runs it off the event loop). A collection that does
+    not exist raises UnknownCollection."""
+    grounding = Grounding(query_of(messages, retrieval.follow_up_words))
     if not grounding.query.strip():
         return grounding
-    assert target.persona is not None
-    try:
-        hits = retrieve(state.settings, target.persona.knowledge, grounding.query, settings.top_k, settings.min_score)
-    except KnowledgeError as exc:  # the persona names a collection that is not there: the server's config
-        raise ApiError(503, f"persona {target.persona.name!r} cannot read its knowledge: {exc}", type="server_error",
-                       code="knowledge_unavailable") from None
+    hits = retrieve(settings, collections, grounding.query, retrieval.top_k, retrieval.min_score)
     for hit in hits:
         found = guard.check_document(hit.text)
         grounding.findings += found
@@ -91,8 +90,7 @@ def ground(state: "ServerState", target: "Target", messages: list[dict[str, Any]
 
 def with_documents(messages: list[dict[str, Any]], grounding: Grounding, settings: RetrievalSettings) -> list[dict[str, Any]]:
     """The conversation with the numbered chunks added to its system prompt (one is put first if none)."""
-    documents = "\n\n".join(f"[{n}] ({_where(hit)})\n{hit.text}" for n, hit in enumerate(grounding.hits, 1))
-    text = settings.template.replace("{documents}", documents)
+    text = settings.template.replace("{documents}", grounding.documents())
     if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
         return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
