@@ -692,7 +692,7 @@ def knowledge_add(name: CollectionArg, paths: PathsArg, config: ConfigOpt = None
         typer.echo(f"{result.status:>9}  {_shown(result.path)}{detail}")
 
     results = add(settings_from(config), name, paths, progress=report)
-    counts = {s: sum(r.status == s for r in results) for s in ("added", "replaced", "unchanged", "no text")}
+    counts = {s: sum(r.status == s for r in results) for s in ("added", "replaced", "unchanged", "no text", "removed")}
     typer.echo(f"{name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), err=True)
 
 

@@ -89,7 +89,7 @@ class Collection:
 
 @dataclass
 class FileResult:
-    """What `add` did with one file: "added", "replaced", "unchanged" or "no text"."""
+    """What `add` did with one file: "added", "replaced", "unchanged", "no text" or "removed" (gone from its folder)."""
 
     path: str
     status: str
@@ -193,7 +193,8 @@ def files_to_index(paths: Iterable[str | Path]) -> list[Path]:
 def add(settings: Settings, name: str, paths: Iterable[str | Path],
         progress: Callable[[FileResult], None] | None = None) -> list[FileResult]:
     """Index files into collection `name` (created if new): a new file is added, a changed one replaces its
-    chunks, an unchanged one (same content hash and chunk sizes) is skipped."""
+    chunks, an unchanged one (same content hash and chunk sizes) is skipped, and a file indexed from a folder
+    named here that the folder no longer holds is removed."""
     from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL, count_tokens, embed
 
     if not COLLECTION_NAME.fullmatch(name):
@@ -229,7 +230,28 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
             results.append(result)
             if progress is not None:
                 progress(result)
+        for result in _forget_gone(db, collection_id, paths, {str(p) for p in files}):
+            results.append(result)
+            if progress is not None:
+                progress(result)
     return results
+
+
+def _forget_gone(db: sqlite3.Connection, collection_id: int, paths: Iterable[str | Path], found: set[str]) -> list[FileResult]:
+    """A folder added again is its current content: files indexed from under it that it no longer holds (deleted,
+    renamed) leave the collection, each in its own transaction."""
+    gone = []
+    for folder in (Path(p).resolve() for p in paths):
+        if not folder.is_dir():
+            continue
+        prefix = str(folder).rstrip("/") + "/"
+        for file_id, path in db.execute("SELECT id, path FROM files WHERE collection_id = ? AND substr(path, 1, ?) = ?",
+                                        (collection_id, len(prefix), prefix)).fetchall():
+            if path not in found:
+                with _transaction(db):
+                    db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+                gone.append(FileResult(path, "removed"))
+    return gone
 
 
 def _write_file(db: sqlite3.Connection, collection_id: int, document: Document, digest: str, chunking: str,
