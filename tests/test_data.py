@@ -426,7 +426,10 @@ def test_text_that_is_not_utf8(tmp_path, name):
 def test_unknown_columns_list_the_accepted_formats(tmp_path):
     path = write(tmp_path / "data.csv", "foo,bar\n1,2\n")
     message = error_of(lambda: prepare(path, tmp_path / "out.jsonl"))
-    assert message.startswith(f"{path}: columns foo, bar match no known format; accepted: .csv")
+    assert message.startswith(
+        f"{path}: columns foo, bar match no known format; name yours with --map question=COLUMN,answer=COLUMN; "
+        "accepted: .csv"
+    )
     assert "question+answer" in message and "messages" in message and "Usuario:" in message
 
 

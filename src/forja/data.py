@@ -87,6 +87,125 @@ SEPARATOR_LINE = re.compile(r"-{3,}[ \t]*")
 # PDF and Word exports carry these; they are invisible and only waste tokens.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
+# What --map may name: the fields of a single-turn row (question, answer, optional system and context), of
+# a knowledge row (text), and of multi-turn rows (conversation, role, content: either one column holding a
+# list of turns with role/content keys, or one row per turn grouped by the conversation column).
+MAP_FIELDS = ("question", "answer", "system", "context", "text", "conversation", "role", "content")
+# Words in column names that --guess takes as a hint (accents folded, names split at non-letters).
+QUESTION_WORDS = {
+    "question", "pregunta", "consulta", "query", "prompt", "input", "user", "usuario", "cliente", "customer",
+    "client", "instruction", "ask", "q", "mensaje", "message", "human", "peticion", "duda", "entrada",
+}
+ANSWER_WORDS = {
+    "answer", "respuesta", "contestacion", "reply", "response", "output", "bot", "assistant", "asistente",
+    "agent", "agente", "a", "completion", "solucion", "gpt", "target", "salida", "replica",
+}
+SYSTEM_WORDS = {"system", "sistema", "instrucciones"}
+CONTEXT_WORDS = {"context", "contexto"}
+CONVERSATION_WORDS = {"conversation", "conversacion", "dialog", "dialogue", "dialogo", "chat", "session",
+                      "sesion", "thread", "hilo", "id", "ticket", "caso"}
+ROLE_WORDS = {"role", "rol", "speaker", "from", "author", "autor", "quien", "who", "sender", "emisor"}
+# Role values in one-row-per-turn tables, folded to lower case without accents.
+TURN_ROLES = {
+    "system": "system", "sistema": "system",
+    "user": "user", "usuario": "user", "human": "user", "cliente": "user", "customer": "user", "client": "user",
+    "assistant": "assistant", "asistente": "assistant", "gpt": "assistant", "bot": "assistant",
+    "agent": "assistant", "agente": "assistant", "model": "assistant", "modelo": "assistant",
+}
+GUESS_SAMPLE_ROWS = 200  # --guess looks at the values of this many rows
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a source where detection alone is not enough: the flags of `forja data`, or a source's
+    options in the config (`data.sources`)."""
+
+    map: dict[str, str] = field(default_factory=dict)  # field → the file's column: {"question": "Consulta"}
+    guess: bool = False  # no known format and no map: guess the mapping from names and contents
+    encoding: str | None = None  # None: detected
+    assistant: str | None = None  # chat exports: the participant who is the assistant
+    gap_hours: float | None = None  # chat exports: a longer pause starts a new conversation
+    split: str | None = None  # hf: datasets
+    subset: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A path (file, folder or hf:owner/name) with the options to read it."""
+
+    path: str
+    options: ReadOptions = field(default_factory=ReadOptions)
+
+
+def parse_map(text: str) -> dict[str, str]:
+    """`question=Consulta,answer=Contestación` → {"question": "Consulta", "answer": "Contestación"}."""
+    mapping: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, equals, column = part.partition("=")
+        name = name.strip().lower()
+        if not equals or not column.strip():
+            raise DataError(f'--map "{part}": write FIELD=COLUMN, e.g. --map question=Consulta,answer=Contestación')
+        if name not in MAP_FIELDS:
+            raise DataError(f'--map "{part}": unknown field "{name}"; fields are {", ".join(MAP_FIELDS)}')
+        mapping[name] = column.strip()
+    _check_map(mapping)
+    return mapping
+
+
+def _check_map(mapping: dict[str, str]) -> None:
+    fields = set(mapping)
+    if not fields:
+        return
+    unknown = fields - set(MAP_FIELDS)
+    if unknown:
+        raise DataError(f'map: unknown field "{sorted(unknown)[0]}"; fields are {", ".join(MAP_FIELDS)}')
+    single, multi = {"question", "answer", "system", "context"} & fields, {"conversation", "role", "content"} & fields
+    if sum(map(bool, (single, multi, "text" in fields))) > 1:
+        raise DataError(f"map {_map_text(mapping)}: map either question/answer (with system, context), or text, "
+                        "or conversation/role/content, not several of them")
+    if single and not {"question", "answer"} <= fields:
+        raise DataError(f"map {_map_text(mapping)}: map both question and answer")
+    if multi and "conversation" not in fields:
+        raise DataError(f"map {_map_text(mapping)}: map conversation too (the column of turns, or of conversation ids)")
+
+
+def _map_text(mapping: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in mapping.items())
+
+
+def sources(paths: Iterable[str | Path], configured: Iterable[Any] = (), **flags: Any) -> list[Source]:
+    """The sources `forja data` reads: each path with the options of the configured source it lies in
+    (`data.sources`: objects with path, map, encoding, ...), overridden by the flags that are not None;
+    with no paths, every configured source."""
+    configured = list(configured)
+    flags = {k: v for k, v in flags.items() if v is not None and v != {} and v is not False}
+    if "map" in flags:
+        _check_map(flags["map"])
+
+    def options(entry: Any) -> ReadOptions:
+        given = {name: getattr(entry, name) for name in ReadOptions.__dataclass_fields__} if entry else {}
+        given = {k: v for k, v in given.items() if v is not None}
+        _check_map(given.get("map", {}))
+        return ReadOptions(**{**given, **flags})
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        if not configured:
+            raise DataError("no files given: name files or folders, or list them under data.sources in forja.yaml")
+        return [Source(entry.path, options(entry)) for entry in configured]
+    chosen = []
+    for path in paths:
+        entry = next((e for e in configured if _inside(path, e.path)), None)
+        chosen.append(Source(path, options(entry)))
+    return chosen
+
+
+def _inside(path: str, source: str) -> bool:
+    if path.startswith("hf:") or source.startswith("hf:"):
+        return path == source
+    path_, source_ = Path(path).resolve(), Path(source).resolve()
+    return path_ == source_ or source_ in path_.parents
+
 
 class DataError(ForjaError):
     """A problem with the user's files, in one line naming the file, the row and the field."""
@@ -123,6 +242,7 @@ class _Row:
 class _Table:
     columns: list[str] | None  # the header, for CSV/TSV/Excel/Parquet; None where each JSON row has its own keys
     rows: list[_Row | BadRow]  # in file order, so the first problem reported is the first in the file
+    detail: str = ""  # how the bytes were read, for text files: 'cp1252, ";"-separated'
 
 
 @dataclass
@@ -140,6 +260,9 @@ class _File:
     kind: str
     records: list[_Record]
     bad: list[BadRow]
+    detail: str = ""  # how the bytes were read: 'cp1252, ";"-separated'
+    mapping: str = ""  # the --map used, 'question=consulta,answer=contestación'
+    notes: list[str] = field(default_factory=list)  # what the user should know: a guessed mapping, ...
 
 
 # --- Reports ---------------------------------------------------------------------------------------
@@ -162,6 +285,9 @@ class FileReport:
     bad_rows: list[str] = field(default_factory=list)  # rows `prepare` refuses (or skips with skip_bad)
     empty_fields: int = 0  # how many of bad_rows are refused for an empty field
     error: str | None = None  # why the file cannot be read at all
+    detail: str = ""  # how the bytes were read: 'cp1252, ";"-separated'
+    mapping: str = ""  # the --map used
+    notes: list[str] = field(default_factory=list)  # a guessed mapping, dropped messages, ...
 
     def render(self) -> str:
         if self.error:
@@ -173,11 +299,14 @@ class FileReport:
             found += f", {self.chunks} chunks"
         else:
             found = "no rows"
-        line = f"{self.path}: {self.container}, {found}, {self.tokens:,} tokens"
+        container = f"{self.container} ({self.detail})" if self.detail else self.container
+        mapped = f" by --map {self.mapping}" if self.mapping else ""
+        line = f"{self.path}: {container}, {found.replace(' → ', mapped + ' → ', 1)}, {self.tokens:,} tokens"
         notes = [f"{self.duplicates} duplicates"] if self.duplicates else []
         if self.bad_rows:
             notes.append(f"{len(self.bad_rows)} bad rows ({self.empty_fields} with an empty field)")
         lines = [line + (f" [{', '.join(notes)}]" if notes else "")]
+        lines += [f"    {note}" for note in self.notes]
         lines += [f"    {message}" for message in self.bad_rows[:5]]
         if len(self.bad_rows) > 5:
             lines.append(f"    … and {len(self.bad_rows) - 5} more")
@@ -264,6 +393,7 @@ class Summary:
             lines.append(f"  no row held out for validation: {self.train_rows} rows is small data (at most "
                          f"{SMALL_DATA_ROWS}), every row is trained; training validates on the training rows and "
                          "their rewordings (hold rows out with --val-fraction 0.1)")
+        lines += [f"  {f.path}: {note}" for f in self.files for note in f.notes]
         lines += [f"  skipped {message}" for message in self.skipped]
         return "\n".join(lines)
 
@@ -272,7 +402,10 @@ class Summary:
 
 
 def inspect(
-    paths: Iterable[str | Path] | str | Path, tokenizer: Any = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    paths: Iterable[str | Path | Source] | str | Path | Source,
+    tokenizer: Any = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    options: ReadOptions | None = None,
 ) -> Report:
     """Read files and folders and tell what they hold, without writing anything.
 
@@ -280,14 +413,15 @@ def inspect(
     bad rows with their messages, or why the file can't be read), totals and a length histogram.
     A file that cannot be read is reported, not raised; only a path that does not exist raises DataError.
     `tokenizer` is anything with `encode(text, add_special_tokens=False)`, e.g. a transformers tokenizer;
-    without one tokens are estimated from whitespace words and the report says so.
+    without one tokens are estimated from whitespace words and the report says so. `options` (the
+    mapping, encoding, ...) apply to every path given as a plain path; a Source carries its own.
     """
     count, unit = _token_counter(tokenizer)
     reports: list[FileReport] = []
     seen: set[str] = set()
-    for path in expand_paths(paths):
+    for path, read in _expand_sources(paths, options):
         try:
-            data = _read_file(path)
+            data = _read_file(path, read)
         except DataError as error:
             reports.append(FileReport(str(path), error=str(error)))
             continue
@@ -304,6 +438,7 @@ def prepare(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     tokenizer: Any = None,
     system: str | None = None,
+    options: ReadOptions | None = None,
 ) -> Summary:
     """Clean files and folders into one training JSONL, a validation JSONL beside it and a meta file.
 
@@ -316,7 +451,7 @@ def prepare(
     `val_fraction` None holds nothing out of small data (at most SMALL_DATA_ROWS rows: a FAQ whose every
     row is an answer to learn) and 0.1 of anything larger; the summary says which.
     Raises DataError (one line, print it as is) on the first bad row unless skip_bad, which leaves such
-    rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`.
+    rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`. `options` as in `inspect`.
     """
     out = Path(out)
     if val_fraction is not None and not 0 <= val_fraction < 1:
@@ -332,10 +467,10 @@ def prepare(
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    for path in expand_paths(paths):
-        if path.resolve() in written:
+    for path, read in _expand_sources(paths, options):
+        if isinstance(path, Path) and path.resolve() in written:
             continue
-        data = _read_file(path)
+        data = _read_file(path, read)
         if data.bad and not skip_bad:
             raise data.bad[0].error()
         skipped += [bad.message for bad in data.bad]
@@ -377,7 +512,9 @@ def prepare(
         "duplicates_removed": summary.duplicates_removed,
         "skipped": skipped,
         "sources": [
-            {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths)}
+            {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths),
+             **({"read": r.detail} if r.detail else {}), **({"map": r.mapping} if r.mapping else {}),
+             **({"notes": r.notes} if r.notes else {})}
             for r in reports
         ],
     }
@@ -420,35 +557,71 @@ def expand_paths(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     return files
 
 
-def _read_file(path: Path) -> _File:
-    """Read one file, detect its format and turn its rows into records; bad rows are collected, not raised."""
+def _expand_sources(
+    paths: Iterable[str | Path | Source] | str | Path | Source, options: ReadOptions | None
+) -> list[tuple[Path, ReadOptions]]:
+    """Each file to read with its options: folders expanded, plain paths given `options`."""
+    if isinstance(paths, (str, Path, Source)):
+        paths = [paths]
+    found = []
+    for item in paths:
+        source = item if isinstance(item, Source) else Source(str(item), options or ReadOptions())
+        found += [(path, source.options) for path in expand_paths(source.path)]
+    return found
+
+
+def _read_file(path: Path, options: ReadOptions | None = None) -> _File:
+    """Read one file, detect its format (or map its columns) and turn its rows into records; bad rows are
+    collected, not raised."""
+    options = options or ReadOptions()
     suffix = path.suffix.lower()
     container = CONTAINERS.get(suffix)
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
     if suffix in (".txt", ".md", ".pdf", ".docx"):
-        text = {".pdf": _read_pdf, ".docx": _read_docx}.get(suffix, read_text)(path)
+        text = _read_pdf(path) if suffix == ".pdf" else _read_docx(path) if suffix == ".docx" else read_text(
+            path, options.encoding)
         if suffix in (".txt", ".md") and _is_transcript(text):
             return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text))
         return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text))
 
-    table = _TABLE_READERS[suffix](path)
+    table = _TABLE_READERS[suffix](path, options.encoding)
+    return _from_table(path, container, table, "field" if suffix in (".json", ".jsonl") else "column", options)
+
+
+def _from_table(path: Path, container: str, table: _Table, word: str, options: ReadOptions) -> _File:
+    """Records of a table: by its detected format, or by the mapping given or guessed."""
     if table.columns is None and not any(isinstance(row, _Row) for row in table.rows):
         # Nothing to tell the format from: an empty JSON file, or one whose every line is bad.
-        return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)])
-    word = "field" if suffix in (".json", ".jsonl") else "column"
-    fmt = _detect(path, table, word)
-    records: list[_Record] = []
-    bad: list[BadRow] = []
-    for row in table.rows:
-        if isinstance(row, BadRow):
-            bad.append(row)
-            continue
-        try:
-            records.append(_record(path, row, fmt, word))
-        except _Bad as problem:
-            bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
-    return _File(path, container, fmt.name, fmt.kind, records, bad)
+        return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)], table.detail)
+    mapping, notes = dict(options.map), []
+    fmt = None if mapping else _detect(path, table, word, guessing=options.guess)
+    if fmt is None and not mapping:
+        mapping, reason = _guess(path, table, word)
+        notes.append(f"guessed --map {_map_text(mapping)}: {reason} (give --map to change it)")
+    names: dict[str, str] = {}
+    if mapping:
+        resolved = _resolve_map(path, table, mapping, word)
+        if resolved is None:  # the mapped columns are not there, but the file has a format of its own
+            fmt = _detect(path, table, word)
+            notes.append(f"--map {_map_text(mapping)} not applied: no such {word}s, and the file is {fmt.name}")
+            mapping = {}
+        else:
+            table, names = resolved
+            fmt = _mapped_format(mapping)
+    if fmt is CONVERSATION_ROWS:
+        records, bad = _turn_rows(path, table, names, word, options)
+    else:
+        records, bad = [], []
+        for row in table.rows:
+            if isinstance(row, BadRow):
+                bad.append(row)
+                continue
+            try:
+                records.append(_record(path, row, fmt, word, names, options))
+            except _Bad as problem:
+                bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
+    return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail, _map_text(mapping), notes)
 
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -458,14 +631,14 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if suffix not in _TABLE_READERS:
         raise DataError(f"{path}: not a table or JSON file")
     records = []
-    for row in _TABLE_READERS[suffix](path).rows:
+    for row in _TABLE_READERS[suffix](path, None).rows:
         if isinstance(row, BadRow):
             raise DataError(row.message)
         records.append((row.label, row.values))
     return records
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, encoding: str | None = None) -> str:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -477,8 +650,8 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_csv(path: Path, delimiter: str) -> _Table:
-    text = read_text(path)
+def _read_csv(path: Path, delimiter: str, encoding: str | None = None) -> _Table:
+    text = read_text(path, encoding)
     first_line = text.split("\n", 1)[0]
     if delimiter == "," and first_line.count(";") > first_line.count(","):
         delimiter = ";"  # spreadsheets set to Spanish and other European locales save CSV with semicolons
@@ -511,10 +684,10 @@ def _read_csv(path: Path, delimiter: str) -> _Table:
     return _Table(columns, rows)
 
 
-def _read_jsonl(path: Path) -> _Table:
+def _read_jsonl(path: Path, encoding: str | None = None) -> _Table:
     rows: list[_Row | BadRow] = []
     # Split on "\n" only: JSON strings may hold other characters that str.splitlines() breaks on.
-    for number, line in enumerate(read_text(path).split("\n"), 1):
+    for number, line in enumerate(read_text(path, encoding).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -526,9 +699,9 @@ def _read_jsonl(path: Path) -> _Table:
     return _Table(None, rows)
 
 
-def _read_json(path: Path) -> _Table:
+def _read_json(path: Path, encoding: str | None = None) -> _Table:
     try:
-        value = json.loads(read_text(path))
+        value = json.loads(read_text(path, encoding))
     except json.JSONDecodeError as error:
         raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
     if isinstance(value, dict):
@@ -589,9 +762,10 @@ def _read_parquet(path: Path) -> _Table:
     return _Table(columns, rows)
 
 
-_TABLE_READERS: dict[str, Callable[[Path], _Table]] = {
-    ".csv": lambda p: _read_csv(p, ","), ".tsv": lambda p: _read_csv(p, "\t"),
-    ".json": _read_json, ".jsonl": _read_jsonl, ".xlsx": _read_xlsx, ".parquet": _read_parquet,
+_TABLE_READERS: dict[str, Callable[[Path, str | None], _Table]] = {
+    ".csv": lambda p, e: _read_csv(p, ",", e), ".tsv": lambda p, e: _read_csv(p, "\t", e),
+    ".json": lambda p, e: _read_json(p, e), ".jsonl": lambda p, e: _read_jsonl(p, e),
+    ".xlsx": lambda p, e: _read_xlsx(p), ".parquet": lambda p, e: _read_parquet(p),
 }
 
 
@@ -649,8 +823,9 @@ def _matching(keys: Iterable[str]) -> list[Format]:
     return [f for f in COLUMN_FORMATS if keys.issuperset(f.keys)]
 
 
-def _detect(path: Path, table: _Table, word: str) -> Format:
-    """The one format of a table (by its header) or of a JSON file (by its rows' fields)."""
+def _detect(path: Path, table: _Table, word: str, guessing: bool = False) -> Format | None:
+    """The one format of a table (by its header) or of a JSON file (by its rows' fields); None where none
+    matches and `guessing` (the caller guesses a mapping)."""
     if table.columns is not None:
         candidates = [("header", table.columns)]
     else:
@@ -670,16 +845,98 @@ def _detect(path: Path, table: _Table, word: str) -> Format:
             "put each format in its own file"
         )
     if not found:
-        keys = ", ".join(k for k in candidates[0][1] if k) or "none"
-        raise DataError(f"{path}: {word}s {keys} match no known format; {ACCEPTED}")
+        if guessing:
+            return None
+        keys = ", ".join(k for k in _keys(table) if k) or "none"
+        try:
+            mapping, _ = _guess(path, table, word)
+            hint = f"try --map {_map_text(mapping)} (or --guess to read it so)"
+        except DataError:
+            hint = f"name yours with --map question={word.upper()},answer={word.upper()}"
+        raise DataError(f"{path}: {word}s {keys} match no known format; {hint}; {ACCEPTED}")
     return next(iter(found.values()))[0]
 
 
-def _record(path: Path, row: _Row, fmt: Format, word: str) -> _Record:
-    values = row.values
+def _keys(table: _Table) -> list[str]:
+    """A table's header, or every field found in its JSON rows, in order of appearance."""
+    if table.columns is not None:
+        return table.columns
+    return list(dict.fromkeys(k for row in table.rows if isinstance(row, _Row) for k in row.values))
+
+
+def _fold(text: str) -> str:
+    """Lower case without accents: "Contestación" → "contestacion"."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
+
+
+CONVERSATION_ROWS = Format("conversation", DIALOGUE, ("conversation", "role", "content"))  # only by a mapping
+
+
+def _mapped_format(mapping: dict[str, str]) -> Format:
+    if "conversation" in mapping:
+        return CONVERSATION_ROWS
+    if "text" in mapping:
+        return Format("text", KNOWLEDGE, ("text",))
+    return Format("question/answer", DIALOGUE, ("question", "answer"))
+
+
+def _resolve_map(
+    path: Path, table: _Table, mapping: dict[str, str], word: str
+) -> tuple[_Table, dict[str, str]] | None:
+    """The table with its mapped columns renamed to the fields (other columns dropped), and each field's
+    column name for messages; None where the columns are missing but the file has a known format itself."""
+    keys = [k for k in _keys(table) if k]
+    folded = {}
+    for key in keys:
+        folded.setdefault(_fold(key), key)
+    columns: dict[str, str] = {}
+    inner = {}  # conversation turns as lists: role= and content= name keys inside each turn
+    for name, column in mapping.items():
+        wanted = column.strip().lower()
+        found = wanted if wanted in keys else folded.get(_fold(wanted))
+        if found is None and name in ("role", "content") and "conversation" in mapping:
+            inner[name] = column  # checked against the turns, see _record
+            continue
+        if found is None:
+            try:
+                _detect(path, table, word)
+                return None
+            except DataError:
+                pass
+            import difflib
+
+            close = difflib.get_close_matches(wanted, keys, n=1, cutoff=0.5)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise DataError(
+                f'{path}: --map {name}={column}: no {word} "{column}"{hint}; the {word}s are {", ".join(keys) or "none"}'
+            )
+        columns[name] = found
+    rows: list[_Row | BadRow] = []
+    for row in table.rows:
+        if isinstance(row, _Row):
+            values = {name: row.values[column] for name, column in columns.items() if column in row.values}
+            values.update({f"{name} key": column for name, column in inner.items()})
+            row = _Row(row.label, row.ref, values)
+        rows.append(row)
+    renamed = _Table(list(columns) if table.columns is not None else None, rows, table.detail)
+    return renamed, {name: f'{word} "{column}"' for name, column in columns.items()}
+
+
+def _record(
+    path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str] | None = None, options: ReadOptions | None = None
+) -> _Record:
+    values, names = row.values, names or {}
     source = f"{path}:{row.ref}"
     if fmt.kind == KNOWLEDGE:
-        return _Record(source, text=_required(values, fmt.keys[0], word))
+        return _Record(source, text=_required(values, fmt.keys[0], word, names))
+    if fmt is CONVERSATION_ROWS:  # mapped: one column holding each row's list of turns
+        turns = values.get("conversation")
+        label = names.get("conversation", "conversation")
+        role_key, content_key = values.get("role key", "role"), values.get("content key", "content")
+        roles = _turn_roles(options)
+        messages = _turns(turns, label.split('"')[1] if '"' in label else label, role_key, content_key, roles,
+                          fold_keys=True)
+        return _Record(source, messages=messages)
     if fmt.name == "messages":
         messages = _turns(values["messages"], "messages", "role", "content", ROLES)
     elif fmt.name == "sharegpt":
@@ -693,20 +950,176 @@ def _record(path: Path, row: _Row, fmt: Format, word: str) -> _Record:
         ]
     else:
         ask, answer = fmt.keys
+        prompt = _required(values, ask, word, names)
+        # A context column (a passage the question is about) comes before the question, as a reader meets it.
+        context = _clean(_as_text(values.get("context"), names.get("context", f'{word} "context"')))
         messages = [
-            {"role": "user", "content": _required(values, ask, word)},
-            {"role": "assistant", "content": _required(values, answer, word)},
+            {"role": "user", "content": f"{context}\n\n{prompt}" if context else prompt},
+            {"role": "assistant", "content": _required(values, answer, word, names)},
         ]
+    system = _clean(_as_text(values.get("system"), names.get("system", f'{word} "system"')))
+    if system and messages[0]["role"] != "system":  # a system column: that row's system prompt
+        messages.insert(0, {"role": "system", "content": system})
     return _Record(source, messages=messages)
 
 
-def _required(values: dict[str, Any], key: str, word: str) -> str:
+def _required(values: dict[str, Any], key: str, word: str, names: dict[str, str] | None = None) -> str:
+    name = (names or {}).get(key, f'{word} "{key}"')
     if key not in values:
-        raise _Bad(f'{word} "{key}" is missing')
-    text = _clean(_as_text(values[key], f'{word} "{key}"'))
+        raise _Bad(f"{name} is missing")
+    text = _clean(_as_text(values[key], name))
     if not text:
-        raise _Bad(f'{word} "{key}" is empty', empty=True)
+        raise _Bad(f"{name} is empty", empty=True)
     return text
+
+
+def _turn_roles(options: ReadOptions | None) -> Callable[[Any], str | None]:
+    """A turn's role from its role value: the usual names in English and Spanish, or, with --assistant,
+    that name for the assistant and any other but "system" for the user."""
+    assistant = _fold(options.assistant) if options and options.assistant else None
+
+    def role(value: Any) -> str | None:
+        name = _fold(str(value or "").strip())
+        if assistant is not None:
+            return "assistant" if name == assistant else "system" if TURN_ROLES.get(name) == "system" else "user"
+        return TURN_ROLES.get(name)
+
+    return role
+
+
+def _turn_rows(
+    path: Path, table: _Table, names: dict[str, str], word: str, options: ReadOptions
+) -> tuple[list[_Record], list[BadRow]]:
+    """Mapped multi-turn rows: one column of conversation ids (a list of turns in it reads as one row each)."""
+    rows = [row for row in table.rows if isinstance(row, _Row)]
+    first = next((r.values.get("conversation") for r in rows if _filled(r.values.get("conversation"))), None)
+    if isinstance(first, list) or (isinstance(first, str) and first.lstrip().startswith("[")):
+        records, bad = [], [row for row in table.rows if isinstance(row, BadRow)]
+        for row in rows:
+            try:
+                records.append(_record(path, row, CONVERSATION_ROWS, word, names, options))
+            except _Bad as problem:
+                bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
+        return records, bad
+    for field_name in ("role", "content"):
+        if field_name not in names:
+            raise DataError(
+                f"{path}: with one {word} of conversation ids, map the {word}s of each turn's role and text too "
+                f"(--map conversation=..,role=..,content=..)"
+            )
+    bad = [row for row in table.rows if isinstance(row, BadRow)]
+    groups: dict[str, list[_Row]] = {}
+    for row in rows:
+        key = _clean(_as_text(row.values.get("conversation"), names["conversation"]))
+        if not key:
+            bad.append(BadRow(f'{path} {row.label}: {names["conversation"]} is empty', empty=True))
+            continue
+        groups.setdefault(key, []).append(row)
+    role_of = _turn_roles(options)
+    records = []
+    for key, turns in groups.items():
+        messages: list[dict[str, str]] = []
+        labels: list[str] = []
+        try:
+            for row in turns:
+                role = role_of(row.values.get("role"))
+                if role is None:
+                    found = _as_text(row.values.get("role"), names["role"])
+                    raise _Bad(f'{row.label}: {names["role"]} is "{found}", expected user, assistant or system '
+                               f"(or name the assistant with --assistant)")
+                try:
+                    text = _required(row.values, "content", word, names)
+                except _Bad as problem:
+                    raise _Bad(f"{row.label}: {problem}", problem.empty) from None
+                if messages and messages[-1]["role"] == role:  # one side speaking twice: one turn
+                    messages[-1]["content"] += "\n" + text
+                    continue
+                messages.append({"role": role, "content": text})
+                labels.append(row.label)
+            _check_turns(messages, labels, f'{turns[0].label}: conversation "{key}"')
+        except _Bad as problem:
+            bad.append(BadRow(f"{path} {problem}", problem.empty))
+            continue
+        records.append(_Record(f"{path}:{turns[0].ref}", messages=messages))
+    return records, bad
+
+
+def _guess(path: Path, table: _Table, word: str) -> tuple[dict[str, str], str]:
+    """A mapping read from the columns' names and values, and why; DataError when none fits."""
+    rows = [row for row in table.rows if isinstance(row, _Row)][:GUESS_SAMPLE_ROWS]
+    keys = [k for k in _keys(table) if k]
+    stats = {}
+    for key in keys:
+        values = [row.values.get(key) for row in rows]
+        lists = sum(isinstance(v, list) or (isinstance(v, str) and v.lstrip().startswith("[{")) for v in values)
+        texts = [str(v).strip() for v in values if _filled(v) and not isinstance(v, (list, dict))]
+        stats[key] = {
+            "words": set(re.split(r"[^a-z0-9]+", _fold(key))),
+            "lists": lists / max(len(rows), 1),
+            "filled": len(texts) / max(len(rows), 1),
+            "numeric": sum(bool(re.fullmatch(r"[\d\s.,:/+-]+", t)) for t in texts) / max(len(texts), 1),
+            "asks": sum(t.endswith("?") or t.startswith("¿") for t in texts),
+            "count": len(texts),
+            "length": sum(map(len, texts)) / max(len(texts), 1),
+            "distinct": {_fold(t) for t in texts},
+        }
+    found = ", ".join(keys) or "none"
+
+    def named(key: str, words: set[str]) -> bool:
+        return bool(stats[key]["words"] & words)
+
+    listed = [k for k in keys if stats[k]["lists"] > 0.5]
+    if listed:
+        key = max(listed, key=lambda k: stats[k]["lists"])
+        return {"conversation": key}, f'{word} "{key}" holds lists of turns'
+    text = [k for k in keys if stats[k]["filled"] >= 0.5 and stats[k]["numeric"] < 0.5]
+    roles = [k for k in text if stats[k]["distinct"] and stats[k]["distinct"] <= set(TURN_ROLES)
+             and len(stats[k]["distinct"]) >= 2]
+    if roles:
+        role = roles[0]
+        rest = [k for k in keys if k != role and stats[k]["filled"] >= 0.5]
+        ids = [k for k in rest if len(stats[k]["distinct"]) < stats[k]["count"]]
+        ids.sort(key=lambda k: (not named(k, CONVERSATION_WORDS), stats[k]["length"]))
+        contents = [k for k in text if k != role and k not in ids[:1]]
+        if ids and contents:
+            content = max(contents, key=lambda k: stats[k]["length"])
+            return (
+                {"conversation": ids[0], "role": role, "content": content},
+                f'{word} "{role}" holds roles, "{ids[0]}" repeats (conversation ids), "{content}" is the longest text',
+            )
+    if len(text) < 2:
+        if len(text) == 1:
+            return {"text": text[0]}, f'{word} "{text[0]}" is the only one holding text'
+        raise DataError(f"{path}: cannot guess which {word} is which ({word}s: {found}); name them with "
+                        f"--map question={word.upper()},answer={word.upper()}")
+
+    def ask_score(k: str) -> tuple:
+        st = stats[k]
+        return (2 * named(k, QUESTION_WORDS) - 2 * named(k, ANSWER_WORDS) + 1.5 * st["asks"] / max(st["count"], 1),
+                -st["length"])
+
+    plain = [k for k in text if not named(k, SYSTEM_WORDS | CONTEXT_WORDS)] or text
+    if len(plain) < 2:
+        plain = text
+    question = max(plain, key=ask_score)
+    others = [k for k in plain if k != question]
+    answer = max(others, key=lambda k: (2 * named(k, ANSWER_WORDS) - 2 * named(k, QUESTION_WORDS)
+                                        - stats[k]["asks"] / max(stats[k]["count"], 1), stats[k]["length"]))
+    mapping = {"question": question, "answer": answer}
+    for name, words in (("system", SYSTEM_WORDS), ("context", CONTEXT_WORDS)):
+        extra = next((k for k in text if k not in mapping.values() and named(k, words)), None)
+        if extra:
+            mapping[name] = extra
+
+    def why(k: str, words: set[str], shape: str) -> str:
+        reasons = ["its name"] if named(k, words) else []
+        if k == question and stats[k]["asks"]:
+            reasons.append(f'{stats[k]["asks"]} of {stats[k]["count"]} values end in "?"')
+        return " and ".join(reasons) or shape
+
+    reason = (f'"{question}" is the question ({why(question, QUESTION_WORDS, "the shorter text")}), '
+              f'"{answer}" the answer ({why(answer, ANSWER_WORDS, "the longer text")})')
+    return mapping, reason
 
 
 def _as_text(value: Any, name: str) -> str:
@@ -719,7 +1132,10 @@ def _as_text(value: Any, name: str) -> str:
     return str(value)
 
 
-def _turns(value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _turns(
+    value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str] | Callable[[Any], str | None],
+    fold_keys: bool = False,
+) -> list[dict[str, str]]:
     if isinstance(value, str):  # a CSV or Excel cell holding the list as JSON
         try:
             value = json.loads(value)
@@ -732,10 +1148,15 @@ def _turns(value: Any, name: str, role_key: str, content_key: str, roles: dict[s
         label = f'"{name}" turn {number}'
         if not isinstance(turn, dict):
             raise _Bad(f'{label} must be an object with "{role_key}" and "{content_key}"')
-        role = roles.get(str(turn.get(role_key, "")).strip().lower())
+        if fold_keys:  # mapped keys match whatever their case
+            wanted = {_fold(role_key): role_key, _fold(content_key): content_key}
+            turn = {wanted.get(_fold(str(k)), k): v for k, v in turn.items()}
+        role = roles(turn.get(role_key)) if callable(roles) else roles.get(str(turn.get(role_key, "")).strip().lower())
         if role is None:
             found = json.dumps(turn[role_key], ensure_ascii=False) if role_key in turn else "missing"
-            raise _Bad(f'{label}: "{role_key}" is {found}, expected one of {", ".join(roles)}')
+            expected = "user, assistant or system (or name the assistant with --assistant)" if callable(roles) else (
+                "one of " + ", ".join(roles))
+            raise _Bad(f'{label}: "{role_key}" is {found}, expected {expected}')
         content = turn.get(content_key)
         if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
             if any(not isinstance(p, dict) or p.get("type", "text") != "text" for p in content):
@@ -863,7 +1284,8 @@ def _survey(
 ) -> tuple[FileReport, list[dict[str, Any]]]:
     """A file's report and its training rows, less those already in `seen` (which it extends)."""
     report = FileReport(
-        str(data.path), data.container, data.format, data.kind,
+        str(data.path), data.container, data.format, data.kind, detail=data.detail, mapping=data.mapping,
+        notes=data.notes,
         rows=len(data.records),
         turns=sum(len(r.messages or ()) for r in data.records),
         bad_rows=[b.message for b in data.bad],

@@ -1,0 +1,203 @@
+"""Tests for reading data as people have it: column mapping and --guess, encodings and CSV dialects,
+chat exports (WhatsApp, Telegram) and Hugging Face datasets, each on real files written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_data import error_of, pair, prepared_rows, read_jsonl, write, write_jsonl
+from typer.testing import CliRunner
+
+from forja.cli import app
+from forja.data import ReadOptions, Source, inspect, parse_map, prepare
+
+runner = CliRunner()
+
+
+def forja(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def mapped(**fields: str) -> ReadOptions:
+    return ReadOptions(map=fields)
+
+
+# --- Column mapping ----------------------------------------------------------------------------------
+
+BOT_CSV = 'user_message,bot_reply\n¿Abrís los lunes?,"No, los lunes cerramos."\n¿Hacéis envíos?,Sí.\n'
+
+
+def test_unknown_columns_name_the_columns_and_the_mapping_to_try(tmp_path):
+    path = write(tmp_path / "chat.csv", BOT_CSV)
+    message = error_of(lambda: prepare(path, tmp_path / "out.jsonl"))
+    assert message.startswith(
+        f"{path}: columns user_message, bot_reply match no known format; "
+        "try --map question=user_message,answer=bot_reply (or --guess to read it so); accepted:"
+    )
+
+
+def test_a_map_names_which_column_is_which(tmp_path):
+    path = write(tmp_path / "faq.csv", "Consulta;Contestación\n¿Abrís los lunes?;No, los lunes cerramos.\n")
+    options = ReadOptions(map=parse_map("question=Consulta,answer=Contestación"))
+    assert prepared_rows(tmp_path, path, options=options) == [
+        {"messages": pair("¿Abrís los lunes?", "No, los lunes cerramos.")}
+    ]
+    (report,) = inspect(path, options=options).files
+    assert (report.format, report.mapping) == ("question/answer", "question=Consulta,answer=Contestación")
+
+
+def test_a_map_matches_columns_whatever_their_case_and_accents(tmp_path):
+    path = write(tmp_path / "faq.csv", "CONSULTA,Contestación\n¿Abrís?,Sí.\n")
+    assert prepared_rows(tmp_path, path, options=mapped(question="consulta", answer="contestacion")) == [
+        {"messages": pair("¿Abrís?", "Sí.")}
+    ]
+
+
+def test_system_and_context_columns_go_into_the_conversation(tmp_path):
+    path = write(tmp_path / "faq.csv", "p,r,tono,ficha\n¿Cuánto cuesta?,12 €.,Sé breve.,Martillo de carpintero\n")
+    options = mapped(question="p", answer="r", system="tono", context="ficha")
+    assert prepared_rows(tmp_path, path, options=options) == [{"messages": [
+        {"role": "system", "content": "Sé breve."},
+        {"role": "user", "content": "Martillo de carpintero\n\n¿Cuánto cuesta?"},
+        {"role": "assistant", "content": "12 €."},
+    ]}]
+
+
+def test_an_empty_mapped_column_is_named_by_the_users_name(tmp_path):
+    path = write(tmp_path / "faq.csv", "Consulta,Contestación\n¿Abrís?,\n")
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=mapped(question="Consulta", answer="Contestación"))) == (
+        f'{path} row 2: column "contestación" is empty (use --skip-bad to skip such rows)'
+    )
+
+
+def test_a_mapped_column_that_is_not_there_says_which_are(tmp_path):
+    path = write(tmp_path / "faq.csv", BOT_CSV)
+    options = mapped(question="user_message", answer="bot_replies")
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=options)) == (
+        f'{path}: --map answer=bot_replies: no column "bot_replies" (did you mean "bot_reply"?); '
+        "the columns are user_message, bot_reply"
+    )
+    assert inspect(path, options=options).files[0].error.startswith(f"{path}: --map answer=bot_replies")
+
+
+def test_a_bad_map_is_refused_in_one_line():
+    assert error_of(lambda: parse_map("pregunta=Consulta")) == (
+        '--map "pregunta=Consulta": unknown field "pregunta"; fields are question, answer, system, context, text, '
+        "conversation, role, content"
+    )
+    assert error_of(lambda: parse_map("question")).startswith('--map "question": write FIELD=COLUMN')
+    assert error_of(lambda: parse_map("question=a")) == "map question=a: map both question and answer"
+
+
+def test_a_file_of_a_known_format_ignores_a_map_for_other_files(tmp_path):
+    write(tmp_path / "in" / "a.csv", BOT_CSV)
+    write(tmp_path / "in" / "b.csv", "question,answer\n¿Y los martes?,Abrimos.\n")
+    options = mapped(question="user_message", answer="bot_reply")
+    report = inspect(tmp_path / "in", options=options)
+    assert [f.rows for f in report.files] == [2, 1]
+    assert report.files[1].notes == [
+        "--map question=user_message,answer=bot_reply not applied: no such columns, and the file is question/answer"
+    ]
+
+
+def test_multi_turn_rows_are_grouped_by_conversation(tmp_path):
+    path = write(tmp_path / "tickets.csv", (
+        "ticket,quien,texto\n"
+        "7,cliente,Hola\n7,cliente,¿Tenéis tacos del 8?\n7,agente,Sí, de nylon.\n"
+        "9,cliente,¿Abrís el sábado?\n7,cliente,¿Cuánto valen?\n7,agente,3 € la caja.\n9,agente,Hasta las 14.\n"
+    ).replace("Sí, de nylon.", '"Sí, de nylon."'))
+    rows = prepared_rows(tmp_path, path, options=mapped(conversation="ticket", role="quien", content="texto"))
+    assert rows == [
+        {"messages": pair("Hola\n¿Tenéis tacos del 8?", "Sí, de nylon.") + pair("¿Cuánto valen?", "3 € la caja.")},
+        {"messages": pair("¿Abrís el sábado?", "Hasta las 14.")},
+    ]
+
+
+def test_multi_turn_rows_with_names_as_roles_need_the_assistant(tmp_path):
+    path = write(tmp_path / "chat.csv", "id,de,mensaje\n1,Ana,¿Abrís?\n1,Ferretería Sol,Sí.\n")
+    options = mapped(conversation="id", role="de", content="mensaje")
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=options)) == (
+        f'{path} row 2: column "de" is "Ana", expected user, assistant or system (or name the assistant with '
+        "--assistant) (use --skip-bad to skip such rows)"
+    )
+    options = ReadOptions(map=options.map, assistant="ferreteria sol")
+    assert prepared_rows(tmp_path, path, options=options) == [{"messages": pair("¿Abrís?", "Sí.")}]
+
+
+def test_a_field_of_turn_lists_maps_its_keys(tmp_path):
+    turns = [{"Quien": "usuario", "Texto": "¿Abrís?"}, {"Quien": "asistente", "Texto": "Sí."}]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"dialogo": turns, "id": 1}])
+    options = mapped(conversation="dialogo", role="quien", content="texto")
+    assert prepared_rows(tmp_path, path, options=options) == [{"messages": pair("¿Abrís?", "Sí.")}]
+
+
+# --- --guess -----------------------------------------------------------------------------------------
+
+
+def test_guess_takes_the_column_whose_values_end_in_a_question_mark(tmp_path):
+    path = write(tmp_path / "faq.csv", (
+        "campo1,campo2,id\n"
+        "Cerramos los lunes.,¿Abrís los lunes?,1\nEn el pasillo 3.,¿Dónde están los tornillos?,2\n"
+    ))
+    (report,) = inspect(path, options=ReadOptions(guess=True)).files
+    assert report.mapping == "question=campo2,answer=campo1" and report.rows == 2
+    assert report.notes == ['guessed --map question=campo2,answer=campo1: "campo2" is the question '
+                            '(2 of 2 values end in "?"), "campo1" the answer (the longer text) (give --map to change it)']
+    assert prepared_rows(tmp_path, path, options=ReadOptions(guess=True))[0] == {
+        "messages": pair("¿Abrís los lunes?", "Cerramos los lunes.")
+    }
+
+
+def test_guess_reads_names_and_multi_turn_tables(tmp_path):
+    path = write(tmp_path / "log.csv", "sesion,rol,mensaje\na,user,Hola\na,assistant,Buenas\n")
+    (report,) = inspect(path, options=ReadOptions(guess=True)).files
+    assert report.mapping == "conversation=sesion,role=rol,content=mensaje"
+    assert report.rows == 1 and report.turns == 2
+
+
+def test_forja_data_inspect_guess_says_the_mapping_and_prepare_uses_it(tmp_path):
+    write(tmp_path / "chat.csv", BOT_CSV)
+    result = forja("data", "inspect", "chat.csv", "--guess", "--estimate")
+    assert result.exit_code == 0, result.output
+    assert "chat.csv: CSV" in result.stdout and "question/answer by --map question=user_message,answer=bot_reply" in result.stdout
+    assert "guessed --map question=user_message,answer=bot_reply" in result.stdout
+    result = forja("data", "prepare", "chat.csv", "--out", "out/train.jsonl", "--guess", "--estimate")
+    assert result.exit_code == 0, result.output
+    assert "chat.csv: guessed --map question=user_message,answer=bot_reply" in result.stdout
+    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 2
+    meta = json.loads((tmp_path / "out" / "train.meta.json").read_text())
+    assert meta["sources"][0]["map"] == "question=user_message,answer=bot_reply"
+
+
+def test_forja_data_map_flag_and_its_errors_in_one_line(tmp_path):
+    write(tmp_path / "chat.csv", BOT_CSV)
+    result = forja("data", "prepare", "chat.csv", "-o", "t.jsonl", "--estimate", "--map", "question=user_message,answer=bot_reply")
+    assert result.exit_code == 0, result.output
+    result = forja("data", "prepare", "chat.csv", "-o", "t.jsonl", "--estimate", "--map", "question=user_message,answer=nope")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().startswith('forja: error: chat.csv: --map answer=nope: no column "nope"')
+
+
+def test_the_config_gives_a_source_its_map(tmp_path):
+    write(tmp_path / "data" / "chat.csv", BOT_CSV)
+    write(tmp_path / "forja.yaml", "data:\n  sources:\n    - path: data\n      map: {question: user_message, answer: bot_reply}\n")
+    for args in ([], ["data/chat.csv"], ["data"]):
+        result = forja("data", "prepare", *args, "--out", "out.jsonl", "--estimate")
+        assert result.exit_code == 0, (args, result.output)
+        assert [row["messages"][1]["content"] for row in read_jsonl(tmp_path / "out.jsonl")] == [
+            "No, los lunes cerramos.", "Sí."]
+    write(tmp_path / "forja.yaml", "")
+    result = forja("data", "inspect", "--estimate")
+    assert result.exit_code == 1 and "list them under data.sources" in result.stderr
+
+
+def test_sources_flags_override_the_config(tmp_path):
+    from forja.config import DataSource
+    from forja.data import sources
+
+    configured = [DataSource(path="data", map={"question": "a", "answer": "b"}, encoding="cp1252")]
+    (source,) = sources(["data/x.csv"], configured, map={"question": "c", "answer": "d"})
+    assert source == Source("data/x.csv", ReadOptions(map={"question": "c", "answer": "d"}, encoding="cp1252"))
+    (other,) = sources(["elsewhere.csv"], configured)
+    assert other.options == ReadOptions()
