@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_data import error_of, pair, prepared_rows, read_jsonl, write, write_jsonl
+import pytest
+from test_data import error_of, pair, prepared_rows, read_jsonl, write, write_bytes, write_jsonl
 from typer.testing import CliRunner
 
 from forja.cli import app
@@ -201,3 +202,87 @@ def test_sources_flags_override_the_config(tmp_path):
     assert source == Source("data/x.csv", ReadOptions(map={"question": "c", "answer": "d"}, encoding="cp1252"))
     (other,) = sources(["elsewhere.csv"], configured)
     assert other.options == ReadOptions()
+
+
+# --- Encodings and CSV dialects ----------------------------------------------------------------------
+
+EXCEL_ES = 'Consulta;Contestación\n¿Abrís los lunes?;"No, cerramos; sólo martes – 5 €"\n¿Tenéis piñones?;Sí, a 3 €.\n'
+EXCEL_ES_ROWS = [
+    {"messages": pair("¿Abrís los lunes?", "No, cerramos; sólo martes – 5 €")},
+    {"messages": pair("¿Tenéis piñones?", "Sí, a 3 €.")},
+]
+ES_MAP = ReadOptions(map={"question": "Consulta", "answer": "Contestación"})
+
+
+def test_a_windows_1252_semicolon_csv_from_excel_imports_with_its_accents(tmp_path):
+    path = write_bytes(tmp_path / "faq.csv", EXCEL_ES.replace("\n", "\r\n").encode("cp1252"))
+    assert prepared_rows(tmp_path, path, options=ES_MAP) == EXCEL_ES_ROWS
+    (report,) = inspect(path, options=ES_MAP).files
+    assert report.detail == 'Windows-1252, ";"-separated'
+    assert f'{path}: CSV (Windows-1252, ";"-separated), question/answer by --map' in report.render()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "content", "detected"),
+    [
+        ("utf-8-sig", EXCEL_ES, 'UTF-8 with BOM, ";"-separated'),
+        ("utf-16", EXCEL_ES.replace(";", "\t"), "UTF-16 LE, tab-separated"),  # Excel's "Unicode text"
+        ("utf-16-be", EXCEL_ES, 'UTF-16 BE, ";"-separated'),  # no byte order mark
+        ("latin-1", EXCEL_ES.replace("–", "-").replace("€", "EUR"), 'Latin-1, ";"-separated'),
+    ],
+)
+def test_encodings_are_detected(tmp_path, encoding, content, detected):
+    path = write_bytes(tmp_path / "faq.csv", content.encode(encoding))
+    (report,) = inspect(path, options=ES_MAP).files
+    assert report.error is None and report.rows == 2
+    # Latin-1 and Windows-1252 agree on every letter here; either is right.
+    assert report.detail == detected or (encoding == "latin-1" and report.detail == 'Windows-1252, ";"-separated')
+    rows = prepared_rows(tmp_path, path, options=ES_MAP)
+    assert rows[0]["messages"][0]["content"] == "¿Abrís los lunes?"
+    assert rows[1]["messages"][1]["content"] == ("Sí, a 3 EUR." if encoding == "latin-1" else "Sí, a 3 €.")
+
+
+def test_a_text_file_in_windows_1252_is_read(tmp_path):
+    path = write_bytes(tmp_path / "notas.txt", "Usuario: ¿Abrís?\nAsistente: Sí, señor.\n".encode("cp1252"))
+    assert prepared_rows(tmp_path, path) == [{"messages": pair("¿Abrís?", "Sí, señor.")}]
+
+
+def test_encoding_forces_one(tmp_path):
+    path = write_bytes(tmp_path / "faq.csv", "question,answer\nPiñón?,Sí\n".encode("cp850"))
+    assert prepared_rows(tmp_path, path, options=ReadOptions(encoding="cp850")) == [{"messages": pair("Piñón?", "Sí")}]
+    assert error_of(lambda: inspect(path, options=ReadOptions(encoding="klingon")).files[0].error and
+                    prepare(path, tmp_path / "o.jsonl", options=ReadOptions(encoding="klingon"))) == (
+        f"{path}: unknown encoding 'klingon'; give one such as utf-8, cp1252, latin-1 or utf-16"
+    )
+
+
+def test_binary_bytes_are_not_taken_for_text(tmp_path):
+    path = write_bytes(tmp_path / "faq.csv", bytes(range(256)) * 4)
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl")) == (
+        f"{path}: cannot tell the text encoding (not UTF-8, UTF-16 or a Western one such as Windows-1252; binary?); "
+        "save it as UTF-8, or give its encoding with --encoding"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        ('question\tanswer\n¿Abrís?\t"Sí, a las 9; hasta las 14"\n', 'UTF-8, tab-separated'),
+        ("question|answer\n¿Abrís?|Sí, a las 9\n", 'UTF-8, "|"-separated'),
+        ("question,answer\n'¿Abrís, o no?','Sí; a las 9'\n", "UTF-8, \",\"-separated, quoted with '"),
+    ],
+)
+def test_csv_dialects_are_sniffed(tmp_path, content, detail):
+    path = write(tmp_path / "faq.csv", content)
+    (report,) = inspect(path).files
+    assert (report.detail, report.rows, report.bad_rows) == (detail, 1, [])
+
+
+def test_forja_data_inspect_says_the_encoding_and_takes_encoding(tmp_path):
+    write_bytes(tmp_path / "faq.csv", EXCEL_ES.encode("cp1252"))
+    result = forja("data", "inspect", "faq.csv", "--map", "question=Consulta,answer=Contestación", "--estimate")
+    assert result.exit_code == 0, result.output
+    assert 'faq.csv: CSV (Windows-1252, ";"-separated)' in result.stdout
+    result = forja("data", "inspect", "faq.csv", "--map", "question=Consulta,answer=Contestación", "--estimate",
+                   "--encoding", "latin-1")
+    assert 'faq.csv: CSV (Latin-1, ";"-separated)' in result.stdout

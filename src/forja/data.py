@@ -6,6 +6,7 @@ writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.met
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -112,7 +113,26 @@ TURN_ROLES = {
     "assistant": "assistant", "asistente": "assistant", "gpt": "assistant", "bot": "assistant",
     "agent": "assistant", "agente": "assistant", "model": "assistant", "modelo": "assistant",
 }
-GUESS_SAMPLE_ROWS = 200  # --guess looks at the values of this many rows
+GUESS_SAMPLE_ROWS = 200
+
+# Byte order marks, longest first (UTF-32's LE mark starts with UTF-16's), with what `inspect` calls them.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32 BE"),
+    (codecs.BOM_UTF8, "utf-8", "UTF-8 with BOM"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16 LE"), (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16 BE"),
+)
+# The single-byte encodings charset-normalizer chooses among (its names), and what `inspect` calls them.
+SINGLE_BYTE_ENCODINGS = {
+    "cp1252": "Windows-1252", "latin_1": "Latin-1", "iso8859_15": "Latin-9", "cp850": "DOS Latin-1 (cp850)",
+    "mac_roman": "Mac Roman",
+}
+ENCODING_NAMES = {  # codecs' names of forced encodings
+    "utf-8": "UTF-8", "utf-16": "UTF-16", "utf-16-le": "UTF-16 LE", "utf-16-be": "UTF-16 BE", "cp1252": "Windows-1252",
+    "latin-1": "Latin-1", "iso8859-1": "Latin-1", "iso8859-15": "Latin-9", "cp850": "DOS Latin-1 (cp850)",
+    "mac-roman": "Mac Roman",
+}
+CSV_DELIMITERS = (",", ";", "\t", "|")
+CSV_SNIFF_LINES = 20  # the sniffer reads this many lines  # --guess looks at the values of this many rows
 
 
 @dataclass(frozen=True)
@@ -579,11 +599,13 @@ def _read_file(path: Path, options: ReadOptions | None = None) -> _File:
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
     if suffix in (".txt", ".md", ".pdf", ".docx"):
-        text = _read_pdf(path) if suffix == ".pdf" else _read_docx(path) if suffix == ".docx" else read_text(
-            path, options.encoding)
+        if suffix in (".pdf", ".docx"):
+            text, detail = (_read_pdf(path) if suffix == ".pdf" else _read_docx(path)), ""
+        else:
+            text, detail = decode(path, path.read_bytes(), options.encoding)
         if suffix in (".txt", ".md") and _is_transcript(text):
-            return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text))
-        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text))
+            return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text), detail)
+        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text), detail)
 
     table = _TABLE_READERS[suffix](path, options.encoding)
     return _from_table(path, container, table, "field" if suffix in (".json", ".jsonl") else "column", options)
@@ -639,24 +661,96 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_text(path: Path, encoding: str | None = None) -> str:
-    data = path.read_bytes()
+    """A text file's content with "\n" line ends, in `encoding` or the one detected (see `decode`)."""
+    return decode(path, path.read_bytes(), encoding)[0]
+
+
+def decode(path: Path, data: bytes, encoding: str | None = None) -> tuple[str, str]:
+    """The text of `data` with "\n" line ends, and the name of the encoding read ("UTF-8", "Windows-1252").
+
+    A byte order mark decides first, then UTF-8 (what nearly every tool writes today), then UTF-16 without
+    a mark (every other byte zero), then charset-normalizer among the Western single-byte encodings a
+    Spanish or English spreadsheet is saved in. Left free, it takes Central European ones for short
+    Spanish text (ñ is ń in cp1250), so it only chooses among these."""
+    if encoding is not None:
+        try:
+            codec = codecs.lookup(encoding)
+        except LookupError:
+            raise DataError(f"{path}: unknown encoding {encoding!r}; give one such as utf-8, cp1252, latin-1 or utf-16") from None
+        try:
+            text = data.decode(codec.name)
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise DataError(
+                f"{path} line {line}: not {encoding} text (byte 0x{data[error.start]:02x}); give the file's encoding "
+                "with --encoding, or leave it out to detect it"
+            ) from None
+        return _lines(text.removeprefix("\ufeff")), ENCODING_NAMES.get(codec.name, codec.name)
+    for bom, codec_name, name in BOMS:
+        if data.startswith(bom):
+            try:
+                return _lines(data[len(bom):].decode(codec_name)), name
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}: starts as {name} but byte {error.start + len(bom)} is not; save it again "
+                                "as UTF-8, or give its encoding with --encoding") from None
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
-        ) from None
+        return _lines(data.decode("utf-8")), "UTF-8"
+    except UnicodeDecodeError:
+        pass
+    zeros_even, zeros_odd = data[0::2].count(0), data[1::2].count(0)
+    if len(data) >= 4 and max(zeros_even, zeros_odd) > len(data) / 4:
+        codec_name = "utf-16-be" if zeros_even > zeros_odd else "utf-16-le"
+        try:
+            return _lines(data.decode(codec_name)), ENCODING_NAMES[codec_name]
+        except UnicodeDecodeError:
+            pass
+    import charset_normalizer  # here so that only files that are not UTF-8 pay for loading it
+
+    best = charset_normalizer.from_bytes(data, cp_isolation=list(SINGLE_BYTE_ENCODINGS)).best()
+    if best is None or b"\x00" in data:
+        raise DataError(f"{path}: cannot tell the text encoding (not UTF-8, UTF-16 or a Western one such as "
+                        "Windows-1252; binary?); save it as UTF-8, or give its encoding with --encoding")
+    return _lines(str(best)), SINGLE_BYTE_ENCODINGS.get(best.encoding, best.encoding)
+
+
+def _lines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _sniff(path: Path, text: str, delimiter: str) -> csv.Dialect | type[csv.Dialect]:
+    """The dialect of a CSV: the standard sniffer on its first lines, among , ; tab and |; where it cannot
+    tell, or picks a separator the header lacks, the one the header holds most of (`delimiter` on a tie)."""
+    sample = "\n".join(text.split("\n", CSV_SNIFF_LINES)[:CSV_SNIFF_LINES])
+    header = sample.split("\n", 1)[0]
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters="".join(CSV_DELIMITERS))
+    except csv.Error:
+        dialect = None
+    if dialect is None or dialect.delimiter not in header:
+        best = max(CSV_DELIMITERS, key=lambda d: (header.count(d), d == delimiter))
+        chosen = best if header.count(best) else delimiter
+
+        class Counted(csv.excel):
+            delimiter = chosen
+
+        return Counted
+    # The sniffer says doublequote False when its sample has no "" in it; files escape quotes that way anyway.
+    dialect.doublequote = True
+    if dialect.quotechar not in "\"'":
+        dialect.quotechar = '"'
+    return dialect
+
+
 def _read_csv(path: Path, delimiter: str, encoding: str | None = None) -> _Table:
-    text = read_text(path, encoding)
-    first_line = text.split("\n", 1)[0]
-    if delimiter == "," and first_line.count(";") > first_line.count(","):
-        delimiter = ";"  # spreadsheets set to Spanish and other European locales save CSV with semicolons
+    """A CSV (its dialect sniffed, `delimiter` preferred on a tie) or, with delimiter tab, a TSV."""
+    text, encoding_name = decode(path, path.read_bytes(), encoding)
+    # Spreadsheets set to Spanish and other European locales save CSV with semicolons.
+    dialect = _sniff(path, text, delimiter) if delimiter != "\t" else csv.excel_tab
+    delimiter = dialect.delimiter
+    shown = "tab" if delimiter == "\t" else f'"{delimiter}"'
+    detail = f"{encoding_name}, {shown}-separated" + (", quoted with '" if dialect.quotechar == "'" else "")
     csv.field_size_limit(2**31 - 1)  # a whole document in a "text" cell outgrows the 128 KiB default
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), dialect, strict=True)
     start = 1
     try:
         header = next(reader, None)
@@ -681,13 +775,14 @@ def _read_csv(path: Path, delimiter: str, encoding: str | None = None) -> _Table
     except csv.Error as error:
         kind = "TSV" if delimiter == "\t" else "CSV"
         raise DataError(f"{path} row {start}: cannot read as {kind} ({error})") from None
-    return _Table(columns, rows)
+    return _Table(columns, rows, detail)
 
 
 def _read_jsonl(path: Path, encoding: str | None = None) -> _Table:
     rows: list[_Row | BadRow] = []
     # Split on "\n" only: JSON strings may hold other characters that str.splitlines() breaks on.
-    for number, line in enumerate(read_text(path, encoding).split("\n"), 1):
+    text, encoding_name = decode(path, path.read_bytes(), encoding)
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -696,19 +791,20 @@ def _read_jsonl(path: Path, encoding: str | None = None) -> _Table:
             rows.append(BadRow(f"{path} row {number}: invalid JSON ({error.msg} at column {error.colno})"))
             continue
         rows.append(_json_row(path, number, value))
-    return _Table(None, rows)
+    return _Table(None, rows, encoding_name)
 
 
 def _read_json(path: Path, encoding: str | None = None) -> _Table:
+    text, encoding_name = decode(path, path.read_bytes(), encoding)
     try:
-        value = json.loads(read_text(path, encoding))
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
     if isinstance(value, dict):
         value = [value]  # a file holding one conversation
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a list of objects, found {type(value).__name__}")
-    return _Table(None, [_json_row(path, number, item) for number, item in enumerate(value, 1)])
+    return _Table(None, [_json_row(path, number, item) for number, item in enumerate(value, 1)], encoding_name)
 
 
 def _json_row(path: Path, number: int, value: Any) -> _Row | BadRow:
