@@ -286,3 +286,19 @@ def test_forja_data_inspect_says_the_encoding_and_takes_encoding(tmp_path):
     result = forja("data", "inspect", "faq.csv", "--map", "question=Consulta,answer=Contestación", "--estimate",
                    "--encoding", "latin-1")
     assert 'faq.csv: CSV (Latin-1, ";"-separated)' in result.stdout
+
+
+# --- forja data inspect's exit code ------------------------------------------------------------------
+
+
+def test_forja_data_inspect_exits_non_zero_when_a_file_cannot_be_read(tmp_path):
+    write(tmp_path / "in" / "faq.csv", "question,answer\n¿Abrís?,Sí\n")
+    write_bytes(tmp_path / "in" / "book.xlsx", b"not a workbook")
+    write_bytes(tmp_path / "in" / "setup.exe", b"MZ")
+    result = forja("data", "inspect", "in", "--estimate")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "faq.csv: CSV (UTF-8" in result.stdout and "unreadable files: 2" in result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("forja: error: in/book.xlsx: cannot read as an Excel .xlsx workbook (")
+    assert line.endswith("(1 more unreadable files above)")
+    assert forja("data", "inspect", "in/faq.csv", "--estimate").exit_code == 0

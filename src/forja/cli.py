@@ -208,6 +208,12 @@ def data_inspect(paths: PathsArg = None, map_: MapOpt = None, guess: GuessOpt = 
     chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
     report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
     typer.echo(report.render())
+    unreadable = [f.error for f in report.files if f.error]
+    if unreadable:  # the report says why each failed; the exit code lets a script stop here
+        from forja.data import DataError
+
+        more = f" ({len(unreadable) - 1} more unreadable files above)" if len(unreadable) > 1 else ""
+        raise DataError(unreadable[0] + more)
 
 
 @data_app.command("prepare")
