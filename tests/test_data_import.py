@@ -302,3 +302,144 @@ def test_forja_data_inspect_exits_non_zero_when_a_file_cannot_be_read(tmp_path):
     assert line.startswith("forja: error: in/book.xlsx: cannot read as an Excel .xlsx workbook (")
     assert line.endswith("(1 more unreadable files above)")
     assert forja("data", "inspect", "in/faq.csv", "--estimate").exit_code == 0
+
+
+# --- Chat exports ------------------------------------------------------------------------------------
+
+LRM = "\u200e"
+WHATSAPP_IOS = f"""\
+[12/03/24 10:15:00] Ferretería Sol: {LRM}Los mensajes y las llamadas están cifrados de extremo a extremo.
+[12/03/24 10:15:00] Ana López: Hola
+[12/03/24 10:15:30] Ana López: ¿Tenéis tacos
+del 8?
+[12/03/24 10:16:02] Ferretería Sol: Sí, de nylon.
+Cajas de 100.
+[12/03/24 10:16:40] Ana López: {LRM}image omitted
+[12/03/24 10:17:00] Ana López: ¿Y este?
+[12/03/24 10:20:00] Ferretería Sol: Ese también <This message was edited>
+[14/03/24 09:00:00] Ferretería Sol: ¡Ofertas esta semana!
+[14/03/24 09:30:00] Ana López: ¿Abrís el sábado?
+[14/03/24 09:35:00] Ferretería Sol: Hasta las 14.
+[14/03/24 09:36:00] Ana López: Gracias
+"""
+WHATSAPP_ANDROID = """\
+12/3/24, 10:15 - Los mensajes y las llamadas están cifrados de extremo a extremo. Toca para obtener más información.
+12/3/24, 10:15 - Ana López: Hola
+12/3/24, 10:15 - Ana López: ¿Tenéis tacos
+del 8?
+12/3/24, 10:16 - Ferretería Sol: Sí, de nylon.
+Cajas de 100.
+12/3/24, 10:16 - Ana López: <Multimedia omitido>
+12/3/24, 10:17 - Ana López: ¿Y este?
+12/3/24, 10:20 - Ferretería Sol: Ese también <Se editó este mensaje.>
+14/3/24, 9:00 - Ferretería Sol: ¡Ofertas esta semana!
+14/3/24, 9:30 - Ana López: ¿Abrís el sábado?
+14/3/24, 9:35 - Ferretería Sol: Hasta las 14.
+14/3/24, 9:36 - Ana López: Gracias
+"""
+CHAT_ROWS = [
+    {"messages": pair("Hola\n¿Tenéis tacos\ndel 8?", "Sí, de nylon.\nCajas de 100.") + pair("¿Y este?", "Ese también")},
+    {"messages": pair("¿Abrís el sábado?", "Hasta las 14.")},
+]
+SOL = ReadOptions(assistant="Ferretería Sol")
+
+
+@pytest.mark.parametrize("export", [WHATSAPP_IOS, WHATSAPP_ANDROID], ids=["ios", "android"])
+def test_a_whatsapp_export_becomes_conversations(tmp_path, export):
+    path = write(tmp_path / "Chat de WhatsApp con Ana López.txt", export)
+    assert prepared_rows(tmp_path, path, options=SOL) == CHAT_ROWS
+    (report,) = inspect(path, options=SOL).files
+    assert (report.container, report.format, report.rows, report.turns) == ("text", "whatsapp", 2, 6)
+    assert report.notes[:2] == [
+        "assistant: Ferretería Sol; user: Ana López; a pause over 6 h starts a new conversation",
+        "1 media or deleted messages dropped",
+    ]
+    rows = read_jsonl(prepare(path, tmp_path / "o.jsonl", options=SOL).train_path)
+    assert [row["source"] for row in rows] == [f"{path}:2", f"{path}:11"]
+
+
+def test_a_shorter_gap_splits_more_conversations_and_a_longer_one_fewer(tmp_path):
+    path = write(tmp_path / "chat.txt", WHATSAPP_ANDROID)
+    # 3 minutes or more apart: "Ese también", the offer, the Saturday question and its answer stand alone.
+    short = ReadOptions(assistant="ferreteria sol", gap_hours=0.04)
+    assert prepared_rows(tmp_path, path, options=short) == [
+        {"messages": pair("Hola\n¿Tenéis tacos\ndel 8?", "Sí, de nylon.\nCajas de 100.")}
+    ]
+    assert "4 stretches without both sides left out" in inspect(path, options=short).files[0].notes
+    joined = prepared_rows(tmp_path, path, options=ReadOptions(assistant="Ferretería Sol", gap_hours=72))
+    assert joined == [{"messages": pair("Hola\n¿Tenéis tacos\ndel 8?", "Sí, de nylon.\nCajas de 100.")
+                       + pair("¿Y este?", "Ese también\n¡Ofertas esta semana!") + pair("¿Abrís el sábado?", "Hasta las 14.")}]
+
+
+def test_whatsapp_12_hour_clock_and_month_first_dates(tmp_path):
+    path = write(tmp_path / "chat.txt", (
+        "[3/13/24, 9:15:00 PM] Ana: ¿Abrís?\n[3/13/24, 9:16:00 PM] Sol: Sí.\n"
+        "[3/14/24, 8:00:00 AM] Ana: ¿Y hoy?\n[3/14/24, 8:01:00 AM] Sol: También.\n"
+    ))
+    assert len(prepared_rows(tmp_path, path, options=ReadOptions(assistant="Sol"))) == 2  # 10 h 44 min apart
+
+
+def test_the_assistant_must_be_someone_in_the_chat(tmp_path):
+    path = write(tmp_path / "chat.txt", WHATSAPP_ANDROID)
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=ReadOptions(assistant="Ferretería"))) == (
+        f'{path}: --assistant "Ferretería" names nobody in the chat; the participants are "Ana López", "Ferretería Sol"'
+    )
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl")) == (
+        f'{path}: a WhatsApp chat of "Ana López", "Ferretería Sol"; say which one is the assistant with --assistant NAME'
+    )
+
+
+TELEGRAM = {
+    "name": "Ana López", "type": "personal_chat", "id": 42,
+    "messages": [
+        {"id": 1, "type": "service", "date": "2024-03-12T10:00:00", "actor": "Ana López", "action": "phone_call"},
+        {"id": 2, "type": "message", "date": "2024-03-12T10:15:00", "from": "Ana López", "from_id": "user1",
+         "text": ["¿Tenéis tacos del ", {"type": "bold", "text": "8"}, "?"]},
+        {"id": 3, "type": "message", "date": "2024-03-12T10:15:20", "from": "Ana López", "from_id": "user1",
+         "photo": "photos/photo_1.jpg", "text": ""},
+        {"id": 4, "type": "message", "date": "2024-03-12T10:16:00", "from": "Ferretería Sol", "from_id": "user2",
+         "text": "Sí, de nylon."},
+        {"id": 5, "type": "message", "date": "2024-03-12T10:16:30", "from": "Ferretería Sol", "from_id": "user2",
+         "text": [{"type": "link", "text": "https://sol.example/tacos"}]},
+        {"id": 6, "type": "message", "date": "2024-03-13T09:00:00", "from": "Ana López", "from_id": "user1",
+         "text": "¿Abrís el sábado?"},
+        {"id": 7, "type": "message", "date": "2024-03-13T09:01:00", "from": "Ferretería Sol", "from_id": "user2",
+         "text": "Hasta las 14."},
+    ],
+}
+
+
+def test_a_telegram_export_becomes_conversations(tmp_path):
+    path = write(tmp_path / "result.json", json.dumps(TELEGRAM, ensure_ascii=False))
+    assert prepared_rows(tmp_path, path, options=SOL) == [
+        {"messages": pair("¿Tenéis tacos del 8?", "Sí, de nylon.\nhttps://sol.example/tacos")},
+        {"messages": pair("¿Abrís el sábado?", "Hasta las 14.")},
+    ]
+    (report,) = inspect(path, options=SOL).files
+    assert (report.container, report.format) == ("JSON", "telegram")
+    assert "1 messages without text (media) dropped" in report.notes
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=ReadOptions(assistant="Bob"))).endswith(
+        'the participants are "Ana López", "Ferretería Sol"'
+    )
+
+
+def test_a_whole_telegram_account_export_reads_each_chat_apart(tmp_path):
+    other = {**TELEGRAM, "name": "Luis", "messages": [
+        {"id": 1, "type": "message", "date": "2024-03-12T10:16:10", "from": "Luis", "text": "¿Y tornillos?"},
+        {"id": 2, "type": "message", "date": "2024-03-12T10:17:00", "from": "Ferretería Sol", "text": "También."},
+    ]}
+    path = write(tmp_path / "result.json", json.dumps({"about": "...", "chats": {"list": [TELEGRAM, other]}}))
+    rows = prepared_rows(tmp_path, path, options=SOL)
+    assert len(rows) == 3 and rows[2] == {"messages": pair("¿Y tornillos?", "También.")}
+
+
+def test_forja_data_prepare_assistant_flag(tmp_path):
+    write(tmp_path / "chat.txt", WHATSAPP_IOS)
+    result = forja("data", "prepare", "chat.txt", "--assistant", "Ferretería Sol", "--gap-hours", "6", "-o", "t.jsonl",
+                   "--estimate")
+    assert result.exit_code == 0, result.output
+    assert "chat.txt: assistant: Ferretería Sol; user: Ana López" in result.stdout
+    result = forja("data", "inspect", "chat.txt", "--assistant", "Pepe", "--estimate")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ('forja: error: chat.txt: --assistant "Pepe" names nobody in the chat; the '
+                                     'participants are "Ana López", "Ferretería Sol"')

@@ -72,7 +72,8 @@ ACCEPTED = (
     "accepted: " + " ".join(CONTAINERS) + "; tables and JSON with columns or fields "
     + " | ".join("+".join(f.keys) for f in COLUMN_FORMATS)
     + ' (alpaca may add input); text files of "User:"/"Assistant:" ("Usuario:"/"Asistente:") turns are dialogue, '
-    "other text, .pdf and .docx are knowledge"
+    "other text, .pdf and .docx are knowledge; WhatsApp .txt and Telegram result.json exports are dialogue "
+    "(with --assistant NAME); other columns with --map"
 )
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -603,11 +604,24 @@ def _read_file(path: Path, options: ReadOptions | None = None) -> _File:
             text, detail = (_read_pdf(path) if suffix == ".pdf" else _read_docx(path)), ""
         else:
             text, detail = decode(path, path.read_bytes(), options.encoding)
+        if suffix == ".txt":
+            from forja.data import chats
+
+            if chats.is_whatsapp(text):
+                return chats.whatsapp(path, text, options, container, detail)
         if suffix in (".txt", ".md") and _is_transcript(text):
             return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text), detail)
         return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text), detail)
 
-    table = _TABLE_READERS[suffix](path, options.encoding)
+    if suffix == ".json":
+        from forja.data import chats
+
+        value, detail = _json_value(path, options.encoding)
+        if chats.is_telegram(value):
+            return chats.telegram(path, value, options, container, detail)
+        table = _json_table(path, value, detail)
+    else:
+        table = _TABLE_READERS[suffix](path, options.encoding)
     return _from_table(path, container, table, "field" if suffix in (".json", ".jsonl") else "column", options)
 
 
@@ -795,11 +809,18 @@ def _read_jsonl(path: Path, encoding: str | None = None) -> _Table:
 
 
 def _read_json(path: Path, encoding: str | None = None) -> _Table:
+    return _json_table(path, *_json_value(path, encoding))
+
+
+def _json_value(path: Path, encoding: str | None) -> tuple[Any, str]:
     text, encoding_name = decode(path, path.read_bytes(), encoding)
     try:
-        value = json.loads(text)
+        return json.loads(text), encoding_name
     except json.JSONDecodeError as error:
         raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _json_table(path: Path, value: Any, encoding_name: str) -> _Table:
     if isinstance(value, dict):
         value = [value]  # a file holding one conversation
     if not isinstance(value, list):
