@@ -443,3 +443,75 @@ def test_forja_data_prepare_assistant_flag(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.strip() == ('forja: error: chat.txt: --assistant "Pepe" names nobody in the chat; the '
                                      'participants are "Ana López", "Ferretería Sol"')
+
+
+# --- Hugging Face datasets ---------------------------------------------------------------------------
+
+HUB_COLUMNS = {"Consulta": ["¿Abrís los lunes?", "¿Hacéis envíos?"], "Contestación": ["No.", "Sí, en 24 h."]}
+
+
+def hub_layout(folder: Path) -> Path:
+    """A dataset folder as the hub lays one out: data/<split>-00000-of-00001.parquet per split."""
+    import pyarrow
+    import pyarrow.parquet
+
+    (folder / "data").mkdir(parents=True)
+    pyarrow.parquet.write_table(pyarrow.table(HUB_COLUMNS), folder / "data" / "train-00000-of-00001.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({k: v[:1] for k, v in HUB_COLUMNS.items()}),
+                                folder / "data" / "test-00000-of-00001.parquet")
+    return folder
+
+
+def test_a_dataset_in_the_hubs_layout_loads_with_its_split_and_the_mapping(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = hub_layout(tmp_path / "faq-dataset")
+    ref = f"hf:{folder}"
+    options = ReadOptions(map={"question": "Consulta", "answer": "Contestación"})
+    assert prepared_rows(tmp_path, Source(ref, options)) == [
+        {"messages": pair("¿Abrís los lunes?", "No.")}, {"messages": pair("¿Hacéis envíos?", "Sí, en 24 h.")}
+    ]
+    test_split = ReadOptions(map=options.map, split="test")
+    (report,) = inspect(Source(ref, test_split)).files
+    assert (report.container, report.detail, report.rows) == ("Hugging Face dataset", 'split "test"', 1)
+    message = error_of(lambda: prepare(Source(ref, ReadOptions(map=options.map, split="validation")), tmp_path / "o.jsonl"))
+    assert message.startswith(f'{ref}: Unknown split "validation". Should be one of [') and message.endswith("(give it with --split)")
+    assert error_of(lambda: prepare(Source(ref), tmp_path / "o.jsonl")).startswith(
+        f"{ref}: columns consulta, contestación match no known format; try --map question=consulta,answer=contestación"
+    )
+
+
+def test_a_dataset_saved_to_disk_loads(tmp_path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"question": ["¿Abrís?"], "answer": ["Sí."]})}).save_to_disk(folder)
+    assert prepared_rows(tmp_path, Source(f"hf:{folder}")) == [{"messages": pair("¿Abrís?", "Sí.")}]
+    assert error_of(lambda: prepare(Source(f"hf:{folder}", ReadOptions(split="test")), tmp_path / "o.jsonl")) == (
+        f'hf:{folder}: no split "test"; the splits are train (give one with --split)'
+    )
+
+
+def test_a_hub_id_offline_fails_at_once_and_says_what_to_do(tmp_path):
+    import time
+
+    start = time.monotonic()  # conftest points HF_ENDPOINT at a closed local port
+    message = error_of(lambda: prepare("hf:ImadSaddik/BoDmaghDataset", tmp_path / "o.jsonl"))
+    assert time.monotonic() - start < 5
+    assert message.startswith("hf:ImadSaddik/BoDmaghDataset: cannot reach the Hugging Face hub at http://127.0.0.1:9 (")
+    assert message.endswith("connect to the network, or set HF_HUB_OFFLINE=1 to use a copy in the cache, or give a "
+                            "folder as hf:./folder")
+    assert error_of(lambda: inspect("hf:not an id").files[0].error and prepare("hf:not an id", tmp_path / "o.jsonl")) == (
+        "hf:not an id: neither a folder nor a hub id owner/name (e.g. hf:ImadSaddik/BoDmaghDataset)"
+    )
+
+
+def test_forja_data_prepare_reads_hf_with_split_and_map(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    hub_layout(tmp_path / "ds")
+    result = forja("data", "prepare", "hf:./ds", "--split", "test", "--map", "question=Consulta,answer=Contestación",
+                   "-o", "t.jsonl", "--estimate")
+    assert result.exit_code == 0, result.output
+    assert [row["source"] for row in read_jsonl(tmp_path / "t.jsonl")] == ["hf:./ds:1"]
+    result = forja("data", "inspect", "hf:someone/missing", "--estimate")
+    assert result.exit_code == 1 and "cannot reach the Hugging Face hub" in result.stderr

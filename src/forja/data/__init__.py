@@ -275,7 +275,7 @@ class _Record:
 
 @dataclass
 class _File:
-    path: Path
+    path: Path | str  # a file, or an "hf:" dataset
     container: str  # "CSV", "Excel", "PDF", ...
     format: str  # a Format name, TRANSCRIPT or DOCUMENT
     kind: str
@@ -580,21 +580,28 @@ def expand_paths(paths: Iterable[str | Path] | str | Path) -> list[Path]:
 
 def _expand_sources(
     paths: Iterable[str | Path | Source] | str | Path | Source, options: ReadOptions | None
-) -> list[tuple[Path, ReadOptions]]:
-    """Each file to read with its options: folders expanded, plain paths given `options`."""
+) -> list[tuple[Path | str, ReadOptions]]:
+    """Each file (or "hf:" dataset) to read with its options: folders expanded, plain paths given `options`."""
     if isinstance(paths, (str, Path, Source)):
         paths = [paths]
     found = []
     for item in paths:
         source = item if isinstance(item, Source) else Source(str(item), options or ReadOptions())
-        found += [(path, source.options) for path in expand_paths(source.path)]
+        if source.path.startswith("hf:"):  # a Hugging Face dataset, read by forja.data.hub
+            found.append((source.path, source.options))
+        else:
+            found += [(path, source.options) for path in expand_paths(source.path)]
     return found
 
 
-def _read_file(path: Path, options: ReadOptions | None = None) -> _File:
-    """Read one file, detect its format (or map its columns) and turn its rows into records; bad rows are
-    collected, not raised."""
+def _read_file(path: Path | str, options: ReadOptions | None = None) -> _File:
+    """Read one file (or "hf:" dataset), detect its format (or map its columns) and turn its rows into
+    records; bad rows are collected, not raised."""
     options = options or ReadOptions()
+    if isinstance(path, str):
+        from forja.data import hub
+
+        return _from_table(path, "Hugging Face dataset", hub.read(path, options), "column", options)  # type: ignore[arg-type]
     suffix = path.suffix.lower()
     container = CONTAINERS.get(suffix)
     if container is None:
