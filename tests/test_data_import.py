@@ -11,7 +11,8 @@ from test_data import error_of, pair, prepared_rows, read_jsonl, write, write_by
 from typer.testing import CliRunner
 
 from forja.cli import app
-from forja.data import ReadOptions, Source, inspect, parse_map, prepare
+from forja.data import ReadOptions, Source, inspect, prepare
+from forja.data.mapping import parse_map
 
 runner = CliRunner()
 

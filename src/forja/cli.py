@@ -176,7 +176,8 @@ SubsetOpt = Annotated[Optional[str], typer.Option(help="hf: datasets: the subset
 def data_sources(settings: Settings, paths: list[str] | None, map_: str | None, guess: bool, encoding: str | None,
                  assistant: str | None, gap_hours: float | None, split: str | None, subset: str | None):
     """The paths with their reading options: the config's data.sources, overridden by the flags."""
-    from forja.data import parse_map, sources
+    from forja.data import sources
+    from forja.data.mapping import parse_map
 
     return sources(paths or [], settings.data.sources, map=parse_map(map_) if map_ else None, guess=guess,
                    encoding=encoding, assistant=assistant, gap_hours=gap_hours, split=split, subset=subset)

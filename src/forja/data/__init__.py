@@ -89,32 +89,6 @@ SEPARATOR_LINE = re.compile(r"-{3,}[ \t]*")
 # PDF and Word exports carry these; they are invisible and only waste tokens.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
-# What --map may name: the fields of a single-turn row (question, answer, optional system and context), of
-# a knowledge row (text), and of multi-turn rows (conversation, role, content: either one column holding a
-# list of turns with role/content keys, or one row per turn grouped by the conversation column).
-MAP_FIELDS = ("question", "answer", "system", "context", "text", "conversation", "role", "content")
-# Words in column names that --guess takes as a hint (accents folded, names split at non-letters).
-QUESTION_WORDS = {
-    "question", "pregunta", "consulta", "query", "prompt", "input", "user", "usuario", "cliente", "customer",
-    "client", "instruction", "ask", "q", "mensaje", "message", "human", "peticion", "duda", "entrada",
-}
-ANSWER_WORDS = {
-    "answer", "respuesta", "contestacion", "reply", "response", "output", "bot", "assistant", "asistente",
-    "agent", "agente", "a", "completion", "solucion", "gpt", "target", "salida", "replica",
-}
-SYSTEM_WORDS = {"system", "sistema", "instrucciones"}
-CONTEXT_WORDS = {"context", "contexto"}
-CONVERSATION_WORDS = {"conversation", "conversacion", "dialog", "dialogue", "dialogo", "chat", "session",
-                      "sesion", "thread", "hilo", "id", "ticket", "caso"}
-ROLE_WORDS = {"role", "rol", "speaker", "from", "author", "autor", "quien", "who", "sender", "emisor"}
-# Role values in one-row-per-turn tables, folded to lower case without accents.
-TURN_ROLES = {
-    "system": "system", "sistema": "system",
-    "user": "user", "usuario": "user", "human": "user", "cliente": "user", "customer": "user", "client": "user",
-    "assistant": "assistant", "asistente": "assistant", "gpt": "assistant", "bot": "assistant",
-    "agent": "assistant", "agente": "assistant", "model": "assistant", "modelo": "assistant",
-}
-GUESS_SAMPLE_ROWS = 200
 
 # Byte order marks, longest first (UTF-32's LE mark starts with UTF-16's), with what `inspect` calls them.
 BOMS = (
@@ -133,7 +107,7 @@ ENCODING_NAMES = {  # codecs' names of forced encodings
     "mac-roman": "Mac Roman",
 }
 CSV_DELIMITERS = (",", ";", "\t", "|")
-CSV_SNIFF_LINES = 20  # the sniffer reads this many lines  # --guess looks at the values of this many rows
+CSV_SNIFF_LINES = 20  # the sniffer reads this many lines
 
 
 @dataclass(frozen=True)
@@ -158,55 +132,21 @@ class Source:
     options: ReadOptions = field(default_factory=ReadOptions)
 
 
-def parse_map(text: str) -> dict[str, str]:
-    """`question=Consulta,answer=Contestación` → {"question": "Consulta", "answer": "Contestación"}."""
-    mapping: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, equals, column = part.partition("=")
-        name = name.strip().lower()
-        if not equals or not column.strip():
-            raise DataError(f'--map "{part}": write FIELD=COLUMN, e.g. --map question=Consulta,answer=Contestación')
-        if name not in MAP_FIELDS:
-            raise DataError(f'--map "{part}": unknown field "{name}"; fields are {", ".join(MAP_FIELDS)}')
-        mapping[name] = column.strip()
-    _check_map(mapping)
-    return mapping
-
-
-def _check_map(mapping: dict[str, str]) -> None:
-    fields = set(mapping)
-    if not fields:
-        return
-    unknown = fields - set(MAP_FIELDS)
-    if unknown:
-        raise DataError(f'map: unknown field "{sorted(unknown)[0]}"; fields are {", ".join(MAP_FIELDS)}')
-    single, multi = {"question", "answer", "system", "context"} & fields, {"conversation", "role", "content"} & fields
-    if sum(map(bool, (single, multi, "text" in fields))) > 1:
-        raise DataError(f"map {_map_text(mapping)}: map either question/answer (with system, context), or text, "
-                        "or conversation/role/content, not several of them")
-    if single and not {"question", "answer"} <= fields:
-        raise DataError(f"map {_map_text(mapping)}: map both question and answer")
-    if multi and "conversation" not in fields:
-        raise DataError(f"map {_map_text(mapping)}: map conversation too (the column of turns, or of conversation ids)")
-
-
-def _map_text(mapping: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in mapping.items())
-
-
 def sources(paths: Iterable[str | Path], configured: Iterable[Any] = (), **flags: Any) -> list[Source]:
     """The sources `forja data` reads: each path with the options of the configured source it lies in
     (`data.sources`: objects with path, map, encoding, ...), overridden by the flags that are not None;
     with no paths, every configured source."""
     configured = list(configured)
     flags = {k: v for k, v in flags.items() if v is not None and v != {} and v is not False}
+    from forja.data.mapping import check_map
+
     if "map" in flags:
-        _check_map(flags["map"])
+        check_map(flags["map"])
 
     def options(entry: Any) -> ReadOptions:
         given = {name: getattr(entry, name) for name in ReadOptions.__dataclass_fields__} if entry else {}
         given = {k: v for k, v in given.items() if v is not None}
-        _check_map(given.get("map", {}))
+        check_map(given.get("map", {}))
         return ReadOptions(**{**given, **flags})
 
     paths = [str(p) for p in paths]
@@ -633,38 +573,41 @@ def _read_file(path: Path | str, options: ReadOptions | None = None) -> _File:
 
 
 def _from_table(path: Path, container: str, table: _Table, word: str, options: ReadOptions) -> _File:
-    """Records of a table: by its detected format, or by the mapping given or guessed."""
+    """Records of a table: by its detected format, or by the mapping given or guessed (forja.data.mapping)."""
     if table.columns is None and not any(isinstance(row, _Row) for row in table.rows):
         # Nothing to tell the format from: an empty JSON file, or one whose every line is bad.
         return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)], table.detail)
-    mapping, notes = dict(options.map), []
+    mapping, notes, names = dict(options.map), [], {}
     fmt = None if mapping else _detect(path, table, word, guessing=options.guess)
-    if fmt is None and not mapping:
-        mapping, reason = _guess(path, table, word)
-        notes.append(f"guessed --map {_map_text(mapping)}: {reason} (give --map to change it)")
-    names: dict[str, str] = {}
-    if mapping:
-        resolved = _resolve_map(path, table, mapping, word)
+    if fmt is None:  # a mapping given, or --guess where no format matched
+        from forja.data import mapping as mapped
+
+        if not mapping:
+            mapping, reason = mapped.guess(path, table, word)
+            notes.append(f"guessed --map {mapped.map_text(mapping)}: {reason} (give --map to change it)")
+        resolved = mapped.resolve_map(path, table, mapping, word)
         if resolved is None:  # the mapped columns are not there, but the file has a format of its own
             fmt = _detect(path, table, word)
-            notes.append(f"--map {_map_text(mapping)} not applied: no such {word}s, and the file is {fmt.name}")
+            notes.append(f"--map {mapped.map_text(mapping)} not applied: no such {word}s, and the file is {fmt.name}")
             mapping = {}
         else:
             table, names = resolved
-            fmt = _mapped_format(mapping)
-    if fmt is CONVERSATION_ROWS:
-        records, bad = _turn_rows(path, table, names, word, options)
-    else:
-        records, bad = [], []
-        for row in table.rows:
-            if isinstance(row, BadRow):
-                bad.append(row)
-                continue
-            try:
-                records.append(_record(path, row, fmt, word, names, options))
-            except _Bad as problem:
-                bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
-    return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail, _map_text(mapping), notes)
+            fmt = mapped.mapped_format(mapping)
+            if fmt is mapped.CONVERSATION_ROWS:
+                records, bad = mapped.turn_rows(path, table, names, word, options)
+                return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail,
+                             mapped.map_text(mapping), notes)
+    records, bad = [], []
+    for row in table.rows:
+        if isinstance(row, BadRow):
+            bad.append(row)
+            continue
+        try:
+            records.append(_record(path, row, fmt, word, names))
+        except _Bad as problem:
+            bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
+    return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail,
+                 ",".join(f"{k}={v}" for k, v in mapping.items()), notes)
 
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -972,9 +915,11 @@ def _detect(path: Path, table: _Table, word: str, guessing: bool = False) -> For
         if guessing:
             return None
         keys = ", ".join(k for k in _keys(table) if k) or "none"
+        from forja.data.mapping import guess, map_text
+
         try:
-            mapping, _ = _guess(path, table, word)
-            hint = f"try --map {_map_text(mapping)} (or --guess to read it so)"
+            mapping, _ = guess(path, table, word)
+            hint = f"try --map {map_text(mapping)} (or --guess to read it so)"
         except DataError:
             hint = f"name yours with --map question={word.upper()},answer={word.upper()}"
         raise DataError(f"{path}: {word}s {keys} match no known format; {hint}; {ACCEPTED}")
@@ -993,74 +938,12 @@ def _fold(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
 
 
-CONVERSATION_ROWS = Format("conversation", DIALOGUE, ("conversation", "role", "content"))  # only by a mapping
-
-
-def _mapped_format(mapping: dict[str, str]) -> Format:
-    if "conversation" in mapping:
-        return CONVERSATION_ROWS
-    if "text" in mapping:
-        return Format("text", KNOWLEDGE, ("text",))
-    return Format("question/answer", DIALOGUE, ("question", "answer"))
-
-
-def _resolve_map(
-    path: Path, table: _Table, mapping: dict[str, str], word: str
-) -> tuple[_Table, dict[str, str]] | None:
-    """The table with its mapped columns renamed to the fields (other columns dropped), and each field's
-    column name for messages; None where the columns are missing but the file has a known format itself."""
-    keys = [k for k in _keys(table) if k]
-    folded = {}
-    for key in keys:
-        folded.setdefault(_fold(key), key)
-    columns: dict[str, str] = {}
-    inner = {}  # conversation turns as lists: role= and content= name keys inside each turn
-    for name, column in mapping.items():
-        wanted = column.strip().lower()
-        found = wanted if wanted in keys else folded.get(_fold(wanted))
-        if found is None and name in ("role", "content") and "conversation" in mapping:
-            inner[name] = column  # checked against the turns, see _record
-            continue
-        if found is None:
-            try:
-                _detect(path, table, word)
-                return None
-            except DataError:
-                pass
-            import difflib
-
-            close = difflib.get_close_matches(wanted, keys, n=1, cutoff=0.5)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            raise DataError(
-                f'{path}: --map {name}={column}: no {word} "{column}"{hint}; the {word}s are {", ".join(keys) or "none"}'
-            )
-        columns[name] = found
-    rows: list[_Row | BadRow] = []
-    for row in table.rows:
-        if isinstance(row, _Row):
-            values = {name: row.values[column] for name, column in columns.items() if column in row.values}
-            values.update({f"{name} key": column for name, column in inner.items()})
-            row = _Row(row.label, row.ref, values)
-        rows.append(row)
-    renamed = _Table(list(columns) if table.columns is not None else None, rows, table.detail)
-    return renamed, {name: f'{word} "{column}"' for name, column in columns.items()}
-
-
-def _record(
-    path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str] | None = None, options: ReadOptions | None = None
-) -> _Record:
+def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str] | None = None) -> _Record:
+    """A row of a known format as a record; `names` are the user's names of mapped fields, for messages."""
     values, names = row.values, names or {}
     source = f"{path}:{row.ref}"
     if fmt.kind == KNOWLEDGE:
         return _Record(source, text=_required(values, fmt.keys[0], word, names))
-    if fmt is CONVERSATION_ROWS:  # mapped: one column holding each row's list of turns
-        turns = values.get("conversation")
-        label = names.get("conversation", "conversation")
-        role_key, content_key = values.get("role key", "role"), values.get("content key", "content")
-        roles = _turn_roles(options)
-        messages = _turns(turns, label.split('"')[1] if '"' in label else label, role_key, content_key, roles,
-                          fold_keys=True)
-        return _Record(source, messages=messages)
     if fmt.name == "messages":
         messages = _turns(values["messages"], "messages", "role", "content", ROLES)
     elif fmt.name == "sharegpt":
@@ -1095,155 +978,6 @@ def _required(values: dict[str, Any], key: str, word: str, names: dict[str, str]
     if not text:
         raise _Bad(f"{name} is empty", empty=True)
     return text
-
-
-def _turn_roles(options: ReadOptions | None) -> Callable[[Any], str | None]:
-    """A turn's role from its role value: the usual names in English and Spanish, or, with --assistant,
-    that name for the assistant and any other but "system" for the user."""
-    assistant = _fold(options.assistant) if options and options.assistant else None
-
-    def role(value: Any) -> str | None:
-        name = _fold(str(value or "").strip())
-        if assistant is not None:
-            return "assistant" if name == assistant else "system" if TURN_ROLES.get(name) == "system" else "user"
-        return TURN_ROLES.get(name)
-
-    return role
-
-
-def _turn_rows(
-    path: Path, table: _Table, names: dict[str, str], word: str, options: ReadOptions
-) -> tuple[list[_Record], list[BadRow]]:
-    """Mapped multi-turn rows: one column of conversation ids (a list of turns in it reads as one row each)."""
-    rows = [row for row in table.rows if isinstance(row, _Row)]
-    first = next((r.values.get("conversation") for r in rows if _filled(r.values.get("conversation"))), None)
-    if isinstance(first, list) or (isinstance(first, str) and first.lstrip().startswith("[")):
-        records, bad = [], [row for row in table.rows if isinstance(row, BadRow)]
-        for row in rows:
-            try:
-                records.append(_record(path, row, CONVERSATION_ROWS, word, names, options))
-            except _Bad as problem:
-                bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
-        return records, bad
-    for field_name in ("role", "content"):
-        if field_name not in names:
-            raise DataError(
-                f"{path}: with one {word} of conversation ids, map the {word}s of each turn's role and text too "
-                f"(--map conversation=..,role=..,content=..)"
-            )
-    bad = [row for row in table.rows if isinstance(row, BadRow)]
-    groups: dict[str, list[_Row]] = {}
-    for row in rows:
-        key = _clean(_as_text(row.values.get("conversation"), names["conversation"]))
-        if not key:
-            bad.append(BadRow(f'{path} {row.label}: {names["conversation"]} is empty', empty=True))
-            continue
-        groups.setdefault(key, []).append(row)
-    role_of = _turn_roles(options)
-    records = []
-    for key, turns in groups.items():
-        messages: list[dict[str, str]] = []
-        labels: list[str] = []
-        try:
-            for row in turns:
-                role = role_of(row.values.get("role"))
-                if role is None:
-                    found = _as_text(row.values.get("role"), names["role"])
-                    raise _Bad(f'{row.label}: {names["role"]} is "{found}", expected user, assistant or system '
-                               f"(or name the assistant with --assistant)")
-                try:
-                    text = _required(row.values, "content", word, names)
-                except _Bad as problem:
-                    raise _Bad(f"{row.label}: {problem}", problem.empty) from None
-                if messages and messages[-1]["role"] == role:  # one side speaking twice: one turn
-                    messages[-1]["content"] += "\n" + text
-                    continue
-                messages.append({"role": role, "content": text})
-                labels.append(row.label)
-            _check_turns(messages, labels, f'{turns[0].label}: conversation "{key}"')
-        except _Bad as problem:
-            bad.append(BadRow(f"{path} {problem}", problem.empty))
-            continue
-        records.append(_Record(f"{path}:{turns[0].ref}", messages=messages))
-    return records, bad
-
-
-def _guess(path: Path, table: _Table, word: str) -> tuple[dict[str, str], str]:
-    """A mapping read from the columns' names and values, and why; DataError when none fits."""
-    rows = [row for row in table.rows if isinstance(row, _Row)][:GUESS_SAMPLE_ROWS]
-    keys = [k for k in _keys(table) if k]
-    stats = {}
-    for key in keys:
-        values = [row.values.get(key) for row in rows]
-        lists = sum(isinstance(v, list) or (isinstance(v, str) and v.lstrip().startswith("[{")) for v in values)
-        texts = [str(v).strip() for v in values if _filled(v) and not isinstance(v, (list, dict))]
-        stats[key] = {
-            "words": set(re.split(r"[^a-z0-9]+", _fold(key))),
-            "lists": lists / max(len(rows), 1),
-            "filled": len(texts) / max(len(rows), 1),
-            "numeric": sum(bool(re.fullmatch(r"[\d\s.,:/+-]+", t)) for t in texts) / max(len(texts), 1),
-            "asks": sum(t.endswith("?") or t.startswith("¿") for t in texts),
-            "count": len(texts),
-            "length": sum(map(len, texts)) / max(len(texts), 1),
-            "distinct": {_fold(t) for t in texts},
-        }
-    found = ", ".join(keys) or "none"
-
-    def named(key: str, words: set[str]) -> bool:
-        return bool(stats[key]["words"] & words)
-
-    listed = [k for k in keys if stats[k]["lists"] > 0.5]
-    if listed:
-        key = max(listed, key=lambda k: stats[k]["lists"])
-        return {"conversation": key}, f'{word} "{key}" holds lists of turns'
-    text = [k for k in keys if stats[k]["filled"] >= 0.5 and stats[k]["numeric"] < 0.5]
-    roles = [k for k in text if stats[k]["distinct"] and stats[k]["distinct"] <= set(TURN_ROLES)
-             and len(stats[k]["distinct"]) >= 2]
-    if roles:
-        role = roles[0]
-        rest = [k for k in keys if k != role and stats[k]["filled"] >= 0.5]
-        ids = [k for k in rest if len(stats[k]["distinct"]) < stats[k]["count"]]
-        ids.sort(key=lambda k: (not named(k, CONVERSATION_WORDS), stats[k]["length"]))
-        contents = [k for k in text if k != role and k not in ids[:1]]
-        if ids and contents:
-            content = max(contents, key=lambda k: stats[k]["length"])
-            return (
-                {"conversation": ids[0], "role": role, "content": content},
-                f'{word} "{role}" holds roles, "{ids[0]}" repeats (conversation ids), "{content}" is the longest text',
-            )
-    if len(text) < 2:
-        if len(text) == 1:
-            return {"text": text[0]}, f'{word} "{text[0]}" is the only one holding text'
-        raise DataError(f"{path}: cannot guess which {word} is which ({word}s: {found}); name them with "
-                        f"--map question={word.upper()},answer={word.upper()}")
-
-    def ask_score(k: str) -> tuple:
-        st = stats[k]
-        return (2 * named(k, QUESTION_WORDS) - 2 * named(k, ANSWER_WORDS) + 1.5 * st["asks"] / max(st["count"], 1),
-                -st["length"])
-
-    plain = [k for k in text if not named(k, SYSTEM_WORDS | CONTEXT_WORDS)] or text
-    if len(plain) < 2:
-        plain = text
-    question = max(plain, key=ask_score)
-    others = [k for k in plain if k != question]
-    answer = max(others, key=lambda k: (2 * named(k, ANSWER_WORDS) - 2 * named(k, QUESTION_WORDS)
-                                        - stats[k]["asks"] / max(stats[k]["count"], 1), stats[k]["length"]))
-    mapping = {"question": question, "answer": answer}
-    for name, words in (("system", SYSTEM_WORDS), ("context", CONTEXT_WORDS)):
-        extra = next((k for k in text if k not in mapping.values() and named(k, words)), None)
-        if extra:
-            mapping[name] = extra
-
-    def why(k: str, words: set[str], shape: str) -> str:
-        reasons = ["its name"] if named(k, words) else []
-        if k == question and stats[k]["asks"]:
-            reasons.append(f'{stats[k]["asks"]} of {stats[k]["count"]} values end in "?"')
-        return " and ".join(reasons) or shape
-
-    reason = (f'"{question}" is the question ({why(question, QUESTION_WORDS, "the shorter text")}), '
-              f'"{answer}" the answer ({why(answer, ANSWER_WORDS, "the longer text")})')
-    return mapping, reason
 
 
 def _as_text(value: Any, name: str) -> str:
