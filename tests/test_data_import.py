@@ -130,7 +130,7 @@ def test_multi_turn_rows_with_names_as_roles_need_the_assistant(tmp_path):
 def test_a_field_of_turn_lists_maps_its_keys(tmp_path):
     turns = [{"Quien": "usuario", "Texto": "¿Abrís?"}, {"Quien": "asistente", "Texto": "Sí."}]
     path = write_jsonl(tmp_path / "chats.jsonl", [{"dialogo": turns, "id": 1}])
-    options = mapped(conversation="dialogo", role="quien", content="texto")
+    options = mapped(role="quien", content="texto", conversation="dialogo")  # in any order
     assert prepared_rows(tmp_path, path, options=options) == [{"messages": pair("¿Abrís?", "Sí.")}]
 
 
@@ -516,3 +516,19 @@ def test_forja_data_prepare_reads_hf_with_split_and_map(tmp_path, monkeypatch):
     assert [row["source"] for row in read_jsonl(tmp_path / "t.jsonl")] == ["hf:./ds:1"]
     result = forja("data", "inspect", "hf:someone/missing", "--estimate")
     assert result.exit_code == 1 and "cannot reach the Hugging Face hub" in result.stderr
+
+
+def test_guess_finds_the_keys_inside_lists_of_turns(tmp_path):
+    turns = [{"speaker": "human", "words": "¿Abrís?"}, {"speaker": "bot", "words": "Sí."}]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"dialog": turns}])
+    (report,) = inspect(path, options=ReadOptions(guess=True)).files
+    assert report.mapping == "conversation=dialog,role=speaker,content=words"
+    assert prepared_rows(tmp_path, path, options=ReadOptions(guess=True)) == [{"messages": pair("¿Abrís?", "Sí.")}]
+
+
+def test_a_mistyped_role_column_is_named(tmp_path):
+    path = write(tmp_path / "log.csv", "sesion,rol,mensaje\na,user,Hola\na,assistant,Buenas\n")
+    options = mapped(conversation="sesion", role="roll", content="mensaje")
+    assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=options)) == (
+        f'{path}: --map role=roll: no column "roll" (did you mean "rol"?); the columns are sesion, rol, mensaje'
+    )

@@ -8,6 +8,7 @@ columns are no known format (forja.data detects those by name).
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -104,11 +105,11 @@ def resolve_map(
         folded.setdefault(_fold(key), key)
     columns: dict[str, str] = {}
     inner = {}  # conversation turns as lists: role= and content= name keys inside each turn
-    for name, column in mapping.items():
+    for name, column in sorted(mapping.items(), key=lambda item: item[0] != "conversation"):  # conversation first
         wanted = column.strip().lower()
         found = wanted if wanted in keys else folded.get(_fold(wanted))
-        if found is None and name in ("role", "content") and "conversation" in mapping:
-            inner[name] = column  # checked against the turns, see _record
+        if found is None and name in ("role", "content") and _holds_lists(table, columns.get("conversation")):
+            inner[name] = column  # a key inside each turn, see turn_rows
             continue
         if found is None:
             try:
@@ -133,6 +134,11 @@ def resolve_map(
     return renamed, {name: f'{word} "{column}"' for name, column in columns.items()}
 
 
+def _holds_lists(table: _Table, column: str | None) -> bool:
+    first = next((r.values[column] for r in table.rows if isinstance(r, _Row) and _filled(r.values.get(column))), None)
+    return isinstance(first, list) or (isinstance(first, str) and first.lstrip().startswith("["))
+
+
 def turn_roles(options: ReadOptions | None) -> Callable[[Any], str | None]:
     """A turn's role from its role value: the usual names in English and Spanish, or, with --assistant,
     that name for the assistant and any other but "system" for the user."""
@@ -152,8 +158,7 @@ def turn_rows(
 ) -> tuple[list[_Record], list[BadRow]]:
     """Mapped multi-turn rows: one column of conversation ids (a list of turns in it reads as one row each)."""
     rows = [row for row in table.rows if isinstance(row, _Row)]
-    first = next((r.values.get("conversation") for r in rows if _filled(r.values.get("conversation"))), None)
-    if isinstance(first, list) or (isinstance(first, str) and first.lstrip().startswith("[")):
+    if _holds_lists(table, "conversation"):
         records, bad = [], [row for row in table.rows if isinstance(row, BadRow)]
         for row in rows:
             # Keys inside the turns: role= and content= as mapped (whatever their case), else role and content.
@@ -209,6 +214,30 @@ def turn_rows(
     return records, bad
 
 
+def _turn_keys(rows: list[_Row], key: str) -> dict[str, str]:
+    """role= and content= for lists of turns whose keys are not "role" and "content": the key whose values
+    are roles, and the one with the longest text."""
+    turns = []
+    for row in rows:
+        value = row.values.get(key)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+        turns += [t for t in value if isinstance(t, dict)] if isinstance(value, list) else []
+    keys = list(dict.fromkeys(str(k) for turn in turns for k in turn))
+    if not turns or {"role", "content"} <= set(keys):
+        return {}
+    values = {k: [str(t.get(k, "")) for t in turns] for k in keys}
+    role = next((k for k in keys if {_fold(v) for v in values[k]} <= set(TURN_ROLES)), None)
+    rest = [k for k in keys if k != role]
+    if role is None or not rest:
+        return {}
+    content = max(rest, key=lambda k: sum(map(len, values[k])))
+    return {"role": role, "content": content}
+
+
 def guess(path: Path, table: _Table, word: str) -> tuple[dict[str, str], str]:
     """A mapping read from the columns' names and values, and why; DataError when none fits."""
     rows = [row for row in table.rows if isinstance(row, _Row)][:GUESS_SAMPLE_ROWS]
@@ -236,7 +265,7 @@ def guess(path: Path, table: _Table, word: str) -> tuple[dict[str, str], str]:
     listed = [k for k in keys if stats[k]["lists"] > 0.5]
     if listed:
         key = max(listed, key=lambda k: stats[k]["lists"])
-        return {"conversation": key}, f'{word} "{key}" holds lists of turns'
+        return {"conversation": key, **_turn_keys(rows, key)}, f'{word} "{key}" holds lists of turns'
     text = [k for k in keys if stats[k]["filled"] >= 0.5 and stats[k]["numeric"] < 0.5]
     roles = [k for k in text if stats[k]["distinct"] and stats[k]["distinct"] <= set(TURN_ROLES)
              and len(stats[k]["distinct"]) >= 2]
