@@ -2,6 +2,8 @@
 
 `forja data inspect PATH...` shows what Forja finds in your files; `forja data prepare PATH... --out FILE.jsonl`
 writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.meta.json (counts, sources, hash).
+Here: reading files (encodings, CSV dialects), detecting formats by name, rows into conversations, reports,
+chunks and the split; beside it `mapping` (--map, --guess), `chats` (WhatsApp, Telegram) and `hub` (hf: datasets).
 """
 
 from __future__ import annotations
@@ -88,8 +90,6 @@ SPEAKER_LINE = re.compile(r"(" + "|".join(SPEAKERS) + r")[ \t]*:[ \t]?(.*)", re.
 SEPARATOR_LINE = re.compile(r"-{3,}[ \t]*")
 # PDF and Word exports carry these; they are invisible and only waste tokens.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
-
-
 # Byte order marks, longest first (UTF-32's LE mark starts with UTF-16's), with what `inspect` calls them.
 BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32 BE"),
@@ -136,10 +136,10 @@ def sources(paths: Iterable[str | Path], configured: Iterable[Any] = (), **flags
     """The sources `forja data` reads: each path with the options of the configured source it lies in
     (`data.sources`: objects with path, map, encoding, ...), overridden by the flags that are not None;
     with no paths, every configured source."""
-    configured = list(configured)
-    flags = {k: v for k, v in flags.items() if v is not None and v != {} and v is not False}
     from forja.data.mapping import check_map
 
+    configured = list(configured)
+    flags = {k: v for k, v in flags.items() if v is not None and v != {} and v is not False}
     if "map" in flags:
         check_map(flags["map"])
 
@@ -391,7 +391,7 @@ def inspect(
 
 
 def prepare(
-    paths: Iterable[str | Path] | str | Path,
+    paths: Iterable[str | Path | Source] | str | Path | Source,
     out: str | Path,
     val_fraction: float | None = None,
     seed: int = 0,
