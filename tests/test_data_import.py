@@ -532,3 +532,17 @@ def test_a_mistyped_role_column_is_named(tmp_path):
     assert error_of(lambda: prepare(path, tmp_path / "o.jsonl", options=options)) == (
         f'{path}: --map role=roll: no column "roll" (did you mean "rol"?); the columns are sesion, rol, mensaje'
     )
+
+
+def test_a_two_column_chat_csv_of_any_names_reads_by_the_mapping(tmp_path):
+    path = write(tmp_path / "chat.csv", "Cliente,Ferretería Sol\n¿Abrís?,Sí.\nThis message was deleted.,x\n")
+    options = mapped(question="Cliente", answer="Ferretería Sol")
+    assert prepared_rows(tmp_path, path, options=options)[0] == {"messages": pair("¿Abrís?", "Sí.")}
+
+
+def test_deleted_and_media_messages_with_a_full_stop_are_dropped(tmp_path):
+    path = write(tmp_path / "chat.txt", (
+        "12/3/24, 10:15 - Ana: ¿Abrís?\n12/3/24, 10:15 - Ana: Eliminaste este mensaje.\n"
+        "12/3/24, 10:16 - Sol: Sí.\n12/3/24, 10:16 - Sol: IMG-20240312-WA0001.jpg (archivo adjunto)\n"
+    ))
+    assert prepared_rows(tmp_path, path, options=ReadOptions(assistant="Sol")) == [{"messages": pair("¿Abrís?", "Sí.")}]

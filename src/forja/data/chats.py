@@ -30,7 +30,7 @@ MEDIA = re.compile(
     r"v[ií]deo omitido|audio omitted|audio omitido|sticker omitted|sticker omitido|gif omitted|gif omitido|"
     r"document omitted|documento omitido|contact card omitted|tarjeta de contacto omitida|null|"
     r"this message was deleted|you deleted this message|este mensaje fue eliminado|se elimin[oó] este mensaje|"
-    r"eliminaste este mensaje|attached: .*|adjunto: .*|.* \((?:archivo adjunto|file attached)\))>?",
+    r"eliminaste este mensaje|attached: .*|adjunto: .*|.* \((?:archivo adjunto|file attached)\))>?\.?",
     re.IGNORECASE,
 )
 EDITED = re.compile(r"\s*<(?:this message was edited|se edit[oó] este mensaje\.?)>\s*$", re.IGNORECASE)
