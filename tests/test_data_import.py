@@ -386,7 +386,8 @@ def test_the_assistant_must_be_someone_in_the_chat(tmp_path):
         f'{path}: --assistant "Ferretería" names nobody in the chat; the participants are "Ana López", "Ferretería Sol"'
     )
     assert error_of(lambda: prepare(path, tmp_path / "o.jsonl")) == (
-        f'{path}: a WhatsApp chat of "Ana López", "Ferretería Sol"; say which one is the assistant with --assistant NAME'
+        f'{path}: a WhatsApp chat of "Ana López" (5 messages), "Ferretería Sol" (4 messages); say which one is the '
+        "assistant with --assistant NAME"
     )
 
 
@@ -546,3 +547,20 @@ def test_deleted_and_media_messages_with_a_full_stop_are_dropped(tmp_path):
         "12/3/24, 10:16 - Sol: Sí.\n12/3/24, 10:16 - Sol: IMG-20240312-WA0001.jpg (archivo adjunto)\n"
     ))
     assert prepared_rows(tmp_path, path, options=ReadOptions(assistant="Sol")) == [{"messages": pair("¿Abrís?", "Sí.")}]
+
+
+def test_an_ios_whatsapp_zip_is_read_from_its_chat(tmp_path):
+    import zipfile
+
+    path = tmp_path / "WhatsApp Chat - Ana López.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("_chat.txt", WHATSAPP_IOS)
+        archive.writestr("00000012-PHOTO-2024-03-12-10-16-40.jpg", b"\xff\xd8")
+    assert prepared_rows(tmp_path, path, options=SOL) == CHAT_ROWS
+    assert inspect(path, options=SOL).files[0].container == "WhatsApp zip"
+    other = tmp_path / "photos.zip"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("a.jpg", b"\xff\xd8")
+    assert error_of(lambda: prepare(other, tmp_path / "o.jsonl")) == (
+        f"{other}: a zip without a WhatsApp chat (_chat.txt) in it; forja reads a zip only as a WhatsApp export"
+    )

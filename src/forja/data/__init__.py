@@ -74,7 +74,7 @@ ACCEPTED = (
     "accepted: " + " ".join(CONTAINERS) + "; tables and JSON with columns or fields "
     + " | ".join("+".join(f.keys) for f in COLUMN_FORMATS)
     + ' (alpaca may add input); text files of "User:"/"Assistant:" ("Usuario:"/"Asistente:") turns are dialogue, '
-    "other text, .pdf and .docx are knowledge; WhatsApp .txt and Telegram result.json exports are dialogue "
+    "other text, .pdf and .docx are knowledge; WhatsApp .txt (or .zip) and Telegram result.json exports are dialogue "
     "(with --assistant NAME); other columns with --map"
 )
 
@@ -544,6 +544,10 @@ def _read_file(path: Path | str, options: ReadOptions | None = None) -> _File:
         return _from_table(path, "Hugging Face dataset", hub.read(path, options), "column", options)  # type: ignore[arg-type]
     suffix = path.suffix.lower()
     container = CONTAINERS.get(suffix)
+    if suffix == ".zip":  # iOS exports a WhatsApp chat as a zip of _chat.txt and its media
+        from forja.data import chats
+
+        return chats.whatsapp_zip(path, options)
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
     if suffix in (".txt", ".md", ".pdf", ".docx"):

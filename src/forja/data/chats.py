@@ -8,6 +8,7 @@ assistant, everyone else as the user; one side's messages in a row are one turn,
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +94,28 @@ def whatsapp(path: Path, text: str, options: ReadOptions, container: str, detail
     return _conversations(path, [messages], options, container, "whatsapp", detail, notes, "WhatsApp chat")
 
 
+def whatsapp_zip(path: Path, options: ReadOptions) -> _File:
+    """The chat in a WhatsApp export zip (iOS: _chat.txt beside the media files)."""
+    import zipfile
+
+    from forja.data import decode
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.lower().endswith(".txt") and not n.startswith("__MACOSX")]
+            name = next((n for n in names if Path(n).name == "_chat.txt"), names[0] if len(names) == 1 else None)
+            if name is None:
+                raise DataError(f"{path}: a zip without a WhatsApp chat (_chat.txt) in it; forja reads a zip only as a "
+                                "WhatsApp export")
+            data = archive.read(name)
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{path}: cannot read as a zip ({error})") from None
+    text, detail = decode(path, data, options.encoding)
+    if not is_whatsapp(text):
+        raise DataError(f"{path}: {name} in the zip is not a WhatsApp chat (its first line has no date and time)")
+    return whatsapp(path, text, options, "WhatsApp zip", detail)
+
+
 def _day_first(dates: list[str]) -> bool:
     """Whether dates read day/month (most of the world) or month/day (the US), from one > 12 in either place."""
     for date in dates:
@@ -175,7 +198,9 @@ def _conversations(
     participants = list(dict.fromkeys(m.author for thread in threads for m in thread))
     named = ", ".join(f'"{p}"' for p in participants) or "none"
     if not options.assistant:
-        raise DataError(f"{path}: a {what} of {named}; say which one is the assistant with --assistant NAME")
+        counts = Counter(m.author for thread in threads for m in thread)
+        sizes = ", ".join(f'"{p}" ({counts[p]} messages)' for p in participants) or "nobody"
+        raise DataError(f"{path}: a {what} of {sizes}; say which one is the assistant with --assistant NAME")
     assistant = _fold(options.assistant.strip())
     if not any(_fold(p) == assistant for p in participants):
         raise DataError(f'{path}: --assistant "{options.assistant}" names nobody in the chat; the participants are '
