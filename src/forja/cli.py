@@ -160,7 +160,27 @@ def models_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--jso
     Console().print(table)
 
 
-PathsArg = Annotated[list[Path], typer.Argument(help="Files or folders (a folder is read whole).")]
+PathsArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Files, folders (read whole) or hf:owner/name datasets (default: data.sources of the config).", show_default=False)]
+MapOpt = Annotated[Optional[str], typer.Option(
+    "--map", help="Which column is which: question=Consulta,answer=Contestación (also system=, context=, text=; "
+    "multi-turn conversation=, role=, content=).")]
+GuessOpt = Annotated[bool, typer.Option("--guess", help="Where no known format matches, guess the mapping from the columns' names and values (and say it).")]
+EncodingOpt = Annotated[Optional[str], typer.Option(help="Read text files in this encoding (e.g. cp1252, utf-16) instead of detecting it.")]
+AssistantOpt = Annotated[Optional[str], typer.Option(help="Chat exports (WhatsApp, Telegram): the participant who is the assistant.")]
+GapOpt = Annotated[Optional[float], typer.Option("--gap-hours", help="Chat exports: a pause this long starts a new conversation (default 6).", min=0.01)]
+SplitOpt = Annotated[Optional[str], typer.Option(help="hf: datasets: the split (default: train).")]
+SubsetOpt = Annotated[Optional[str], typer.Option(help="hf: datasets: the subset (configuration).")]
+
+
+def data_sources(settings: Settings, paths: list[str] | None, map_: str | None, guess: bool, encoding: str | None,
+                 assistant: str | None, gap_hours: float | None, split: str | None, subset: str | None):
+    """The paths with their reading options: the config's data.sources, overridden by the flags."""
+    from forja.data import sources
+    from forja.data.mapping import parse_map
+
+    return sources(paths or [], settings.data.sources, map=parse_map(map_) if map_ else None, guess=guess,
+                   encoding=encoding, assistant=assistant, gap_hours=gap_hours, split=split, subset=subset)
 TokenizerOpt = Annotated[
     Optional[str], typer.Option("--tokenizer", help="Count tokens with this model's tokenizer (default: the configured model).")
 ]
@@ -177,21 +197,30 @@ def data_tokenizer(settings: Settings, name: str | None, estimate: bool):
 
 
 @data_app.command("inspect")
-def data_inspect(paths: PathsArg, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
+def data_inspect(paths: PathsArg = None, map_: MapOpt = None, guess: GuessOpt = False, encoding: EncodingOpt = None,
+                 assistant: AssistantOpt = None, gap_hours: GapOpt = None, split: SplitOpt = None,
+                 subset: SubsetOpt = None, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
                  chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
                  config: ConfigOpt = None) -> None:
-    """Say what is in your files: format, rows, turns, tokens, length histogram, duplicates, bad rows."""
+    """Say what is in your files: format, encoding, rows, turns, tokens, length histogram, duplicates, bad rows."""
     from forja.data import inspect
 
     settings = settings_from(config)
-    report = inspect(paths, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
+    chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
+    report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
     typer.echo(report.render())
+    unreadable = [f.error for f in report.files if f.error]
+    if unreadable:  # the report says why each failed; the exit code lets a script stop here
+        from forja.data import DataError
+
+        more = f" ({len(unreadable) - 1} more unreadable files above)" if len(unreadable) > 1 else ""
+        raise DataError(unreadable[0] + more)
 
 
 @data_app.command("prepare")
 def data_prepare(
-    paths: PathsArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Training JSONL to write (.val.jsonl and .meta.json beside it).")],
+    paths: PathsArg = None,
     val_fraction: Annotated[Optional[float], typer.Option(help="Share of rows kept for validation (default: none of small data, up to 300 rows; else 0.1).", min=0.0, max=0.9)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip bad rows instead of stopping.")] = False,
@@ -199,14 +228,22 @@ def data_prepare(
     tokenizer: TokenizerOpt = None,
     estimate: EstimateOpt = False,
     system: Annotated[Optional[str], typer.Option(help="System prompt put first in every conversation that has none.")] = None,
+    map_: MapOpt = None,
+    guess: GuessOpt = False,
+    encoding: EncodingOpt = None,
+    assistant: AssistantOpt = None,
+    gap_hours: GapOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
     from forja.data import prepare
 
     settings = settings_from(config)
+    chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
     summary = prepare(
-        paths, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
+        chosen, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
         tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system,
     )
     typer.echo(summary.render())

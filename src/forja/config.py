@@ -404,6 +404,32 @@ class KnowledgeSettings(BaseModel):
         return self
 
 
+class DataSource(BaseModel):
+    """A file, folder or `hf:owner/name` dataset that `forja data` reads with options of its own (the same as
+    the flags of `forja data inspect`/`prepare`, which override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="File, folder or hf:owner/name; a path given on the command line inside it gets these options.")
+    map: dict[str, str] = Field(
+        default_factory=dict, description="Which column is which: {question: Consulta, answer: Contestación} "
+        "(also system, context, text; multi-turn conversation, role, content).")
+    guess: bool = Field(False, description="Where no known format matches and map is empty, guess the mapping.")
+    encoding: str | None = Field(None, description="Text encoding (e.g. cp1252); None = detected.")
+    assistant: str | None = Field(None, description="Chat exports: the participant who is the assistant.")
+    gap_hours: float | None = Field(None, gt=0, description="Chat exports: a pause this long starts a new conversation (default 6).")
+    split: str | None = Field(None, description="hf: datasets: the split to read (default: train).")
+    subset: str | None = Field(None, description="hf: datasets: the subset (configuration) to read.")
+
+
+class DataSettings(BaseModel):
+    """What `forja data` reads when given no paths, and how to read each source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[DataSource] = Field(default_factory=list, description="Sources with their reading options.")
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -423,6 +449,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     guard: RailsSettings = Field(default_factory=RailsSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )
