@@ -358,6 +358,14 @@ class KnowledgeSettings(BaseModel):
         return self
 
 
+class FilesSettings(BaseModel):
+    """Uploads through `POST /v1/files` (stored under FORJA_HOME/files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(100_000_000, ge=1, description="Largest file one upload may hold; beyond this 413.")
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -377,6 +385,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     guard: RailsSettings = Field(default_factory=RailsSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    files: FilesSettings = Field(default_factory=FilesSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )
@@ -408,6 +417,10 @@ class Settings(BaseSettings):
     @property
     def knowledge_dir(self) -> Path:
         return self.home / "knowledge"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
 
     @property
     def cache_dir(self) -> Path:

@@ -680,6 +680,8 @@ def _record(path: Path, row: _Row, fmt: Format, word: str) -> _Record:
     source = f"{path}:{row.ref}"
     if fmt.kind == KNOWLEDGE:
         return _Record(source, text=_required(values, fmt.keys[0], word))
+    if fmt.name in ("messages", "sharegpt") and fmt.keys[0] not in values:  # a JSON row of other fields
+        raise _Bad(f'{word} "{fmt.keys[0]}" is missing')
     if fmt.name == "messages":
         messages = _turns(values["messages"], "messages", "role", "content", ROLES)
     elif fmt.name == "sharegpt":
