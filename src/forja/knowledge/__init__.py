@@ -15,11 +15,12 @@ from forja.knowledge.index import (
     add,
     collections,
     remove,
+    rename,
     search,
     show,
 )
 
 __all__ = [
     "Collection", "FileInfo", "FileResult", "Hit", "KnowledgeError", "UnknownCollection",
-    "add", "collections", "remove", "search", "show",
+    "add", "collections", "remove", "rename", "search", "show",
 ]

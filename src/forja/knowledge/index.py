@@ -270,6 +270,18 @@ def remove(settings: Settings, name: str, paths: Iterable[str | Path] | None = N
             return removed
 
 
+def rename(settings: Settings, name: str, new_name: str) -> None:
+    """Give collection `name` another name; its files and chunks stay as they are."""
+    if not COLLECTION_NAME.fullmatch(new_name):
+        raise KnowledgeError(f"{new_name!r}: a collection name is letters, digits, _ . and - only")
+    with _open(settings) as db:
+        collection_id = _collection_id(db, name)
+        with _transaction(db):
+            if db.execute("SELECT 1 FROM collections WHERE name = ? AND id != ?", (new_name, collection_id)).fetchone():
+                raise KnowledgeError(f"a knowledge collection named {new_name!r} exists already")
+            db.execute("UPDATE collections SET name = ? WHERE id = ?", (new_name, collection_id))
+
+
 # --- Reading ------------------------------------------------------------------------------------------
 
 
@@ -358,7 +370,8 @@ def _vectors(db: sqlite3.Connection, settings: Settings, collection_id: int) -> 
     rows = db.execute("SELECT c.id, c.vector FROM chunks c JOIN files f ON f.id = c.file_id "
                       "WHERE f.collection_id = ?", (collection_id,)).fetchall()
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    matrix = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1) if rows
+              else np.zeros((0, 0), dtype=np.float32))  # every file removed: numpy cannot infer the width
     _vector_cache[key] = (version, ids, matrix)
     return ids, matrix
 
