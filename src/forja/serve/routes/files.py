@@ -89,21 +89,21 @@ async def list_files(state: StateDep, _: AdminIfKeysDep,
                     has_more=more)
 
 
-@router.get("/files/{file_id}", responses=responses(401, 403, 404, 409))
+@router.get("/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_file(file_id: str, state: StateDep, _: AdminIfKeysDep) -> FileObject:
     return file_object(await asyncio.to_thread(found, state, file_id))
 
 
 @router.get("/files/{file_id}/content", response_class=FileResponse, responses={
     200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-          "description": "The file's bytes, as uploaded"}, **responses(401, 403, 404, 409)})
+          "description": "The file's bytes, as uploaded"}, **responses(401, 403, 404, 409, 422)})
 async def file_content(file_id: str, state: StateDep, _: AdminIfKeysDep) -> FileResponse:
     stored = await asyncio.to_thread(found, state, file_id)
     return FileResponse(files.path_of(state.settings, stored), media_type="application/octet-stream",
                         filename=stored.filename)
 
 
-@router.delete("/files/{file_id}", responses=responses(401, 403, 404, 409))
+@router.delete("/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
 async def delete_file(file_id: str, state: StateDep, _: AdminIfKeysDep) -> FileDeleted:
     """Delete the file and take it out of every vector store."""
     try:

@@ -88,7 +88,7 @@ async def list_vector_stores(state: StateDep, _: AdminIfKeysDep,
                            has_more=more)
 
 
-@router.get("/{vector_store_id}", responses=responses(401, 403, 404, 409))
+@router.get("/{vector_store_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_vector_store(vector_store_id: str, state: StateDep, _: AdminIfKeysDep) -> VectorStoreObject:
     return vector_store_object(await run(vector_stores.get, state.settings, store_of(state), vector_store_id))
 
@@ -104,7 +104,7 @@ async def modify_vector_store(vector_store_id: str, body: VectorStoreUpdate, sta
     return vector_store_object(await run(vector_stores.rename, settings, store, vector_store_id, body.name))
 
 
-@router.delete("/{vector_store_id}", responses=responses(401, 403, 404, 409))
+@router.delete("/{vector_store_id}", responses=responses(401, 403, 404, 409, 422))
 async def delete_vector_store(vector_store_id: str, state: StateDep, _: AdminIfKeysDep) -> VectorStoreDeleted:
     """The collection and its chunks; uploaded files stay in /v1/files."""
     await run(vector_stores.delete, state.settings, store_of(state), vector_store_id)
@@ -137,7 +137,7 @@ async def list_files(vector_store_id: str, state: StateDep, _: AdminIfKeysDep,
                                last_id=data[-1].id if data else None, has_more=more)
 
 
-@router.get("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409))
+@router.get("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_file(vector_store_id: str, file_id: str, response: Response, state: StateDep,
                         _: AdminIfKeysDep) -> VectorStoreFileObject:
     found = await run(vector_stores.store_file, state.settings, store_of(state), vector_store_id, file_id)
@@ -146,7 +146,7 @@ async def retrieve_file(vector_store_id: str, file_id: str, response: Response, 
     return file_object(found)
 
 
-@router.delete("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409))
+@router.delete("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
 async def detach_file(vector_store_id: str, file_id: str, state: StateDep,
                       _: AdminIfKeysDep) -> VectorStoreFileDeleted:
     """Take the file's chunks out of the collection; the uploaded file stays in /v1/files."""
