@@ -44,6 +44,16 @@ class VectorStoreExists(index.KnowledgeError):
     """A collection has the name asked for already."""
 
 
+class BadName(index.KnowledgeError):
+    """A name that cannot be a collection's."""
+
+
+def _check_name(name: str) -> None:
+    if not index.COLLECTION_NAME.fullmatch(name):
+        raise BadName(f"{name!r}: a vector store's name is a knowledge collection name: letters, digits, _ . and - "
+                      "only")
+
+
 @dataclass
 class StoreFile:
     """A file of a vector store: indexed (completed), being indexed, or failed with `last_error`."""
@@ -178,9 +188,7 @@ def _vector_store(settings: Settings, collection: index.Collection, rows: dict, 
 def create(settings: Settings, store: Store, name: str | None, file_ids: list[str]) -> VectorStore:
     """A new, empty collection (named `store-<hex>` when no name is given), then each file attached."""
     name = name or f"store-{uuid.uuid4().hex[:8]}"
-    if not index.COLLECTION_NAME.fullmatch(name):
-        raise index.KnowledgeError(f"{name!r}: a vector store's name is a knowledge collection name: letters, "
-                                   "digits, _ . and - only")
+    _check_name(name)
     if any(c.name == name for c in index.collections(settings)):
         raise VectorStoreExists(f"a vector store named {name!r} exists already ({ID_PREFIX}{name}); attach files "
                                 "to it or pick another name")
@@ -199,9 +207,7 @@ def rename(settings: Settings, store: Store, vector_store_id: str, new_name: str
     name = collection_of(vector_store_id)
     get(settings, store, vector_store_id)
     if new_name != name:
-        if not index.COLLECTION_NAME.fullmatch(new_name):
-            raise index.KnowledgeError(f"{new_name!r}: a vector store's name is a knowledge collection name: "
-                                       "letters, digits, _ . and - only")
+        _check_name(new_name)
         if any(c.name == new_name for c in index.collections(settings)):
             raise VectorStoreExists(f"a vector store named {new_name!r} exists already ({ID_PREFIX}{new_name})")
         index.rename(settings, name, new_name)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Response
 
 from forja import files
 from forja.config import ForjaError
-from forja.knowledge import index, vector_stores
+from forja.knowledge import vector_stores
 from forja.knowledge.vector_stores import StoreFile, VectorStore
 from forja.serve.deps import ApiError, StateDep
 from forja.serve.routes.files import AdminIfKeysDep, store_of
@@ -55,8 +55,8 @@ async def run(function, *args):
         raise ApiError(409, str(exc), param="name", code="vector_store_exists") from None
     except files.FileError as exc:
         raise ApiError(400, str(exc), param="file_id", code="invalid_file") from None
-    except index.KnowledgeError as exc:
-        raise ApiError(400, str(exc), param="name" if "name" in str(exc) else None, code="invalid_value") from None
+    except vector_stores.BadName as exc:
+        raise ApiError(400, str(exc), param="name", code="invalid_value") from None
     except ForjaError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
 
