@@ -157,7 +157,7 @@ class VectorStoreFileObject(BaseModel):
     status: Literal["in_progress", "completed", "failed", "cancelled"]
     usage_bytes: int
     last_error: LastError | None = None
-    attributes: dict[str, str | float | bool] = Field(default_factory=dict)
+    attributes: dict[str, str | bool | int | float] = Field(default_factory=dict)
     chunking_strategy: dict[str, Any] = Field(default_factory=lambda: {"type": "other"})
 
 
@@ -177,7 +177,7 @@ class VectorStoreFileDeleted(BaseModel):
 
 class VectorStoreFileCreate(_Body):
     file_id: str = Field(..., description="An uploaded file (POST /v1/files).")
-    attributes: dict[str, str | float | bool] | None = Field(None, description="Yours; returned with search results.")
+    attributes: dict[str, str | bool | int | float] | None = Field(None, description="Yours; returned with search results.")
     chunking_strategy: dict[str, Any] | None = None
 
 
@@ -203,7 +203,7 @@ class SearchResult(BaseModel):
     file_id: str
     filename: str
     score: float = Field(..., description="1 = ranked first both by meaning and by words")
-    attributes: dict[str, str | float | bool]
+    attributes: dict[str, str | bool | int | float]
     content: list[SearchContent]
 
 
