@@ -30,6 +30,7 @@ log = logging.getLogger("forja.knowledge")
 # One file indexed at a time: embedding takes every core, two at once would only split them.
 worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-indexing")
 _pending: set[tuple[str, str]] = set()  # (collection, file id) queued or being indexed in this process
+_deleted: set[str] = set()  # collections deleted while a file of theirs was being indexed
 
 
 class UnknownVectorStore(index.KnowledgeError):
@@ -194,6 +195,7 @@ def create(settings: Settings, store: Store, name: str | None, file_ids: list[st
                                 "to it or pick another name")
     for file_id in file_ids:
         _attachable(settings, store, file_id)
+    _deleted.discard(name)
     index.add(settings, name, [])
     with store.engine.begin() as conn:  # rows left by a collection of this name removed with the CLI
         conn.execute(rows_table.delete().where(rows_table.c.collection == name))
@@ -221,6 +223,8 @@ def delete(settings: Settings, store: Store, vector_store_id: str) -> None:
     """The collection with all its chunks (the uploaded files themselves stay in /v1/files)."""
     name = collection_of(vector_store_id)
     get(settings, store, vector_store_id)
+    if any(owner == name for owner, _ in list(_pending)):
+        _deleted.add(name)  # knowledge.add would make it again: the worker removes it once it is done
     with store.engine.begin() as conn:
         conn.execute(rows_table.delete().where(rows_table.c.collection == name))
     index.remove(settings, name)
@@ -241,6 +245,7 @@ def attach(settings: Settings, store: Store, vector_store_id: str, file_id: str,
     name = collection_of(vector_store_id)
     get(settings, store, vector_store_id)
     upload = _attachable(settings, store, file_id)
+    _deleted.discard(name)  # a store of this name exists again
     row = {"collection": name, "file_id": file_id, "created_at": time.time(), "status": "in_progress",
            "last_error": None, "attributes": json.dumps(attributes or {}, ensure_ascii=False)}
     with store.engine.begin() as conn:
@@ -258,10 +263,13 @@ def _index(settings: Settings, store: Store, name: str, file_id: str) -> None:
     try:
         upload = files.get(store, file_id)
         path = files.path_of(settings, upload)
-        if not any(c.name == name for c in index.collections(settings)):
+        if name in _deleted or not any(c.name == name for c in index.collections(settings)):
             return  # the vector store was deleted while the file waited
         result = index.add(settings, name, [path])[0]
-        if not _still_attached(store, name, file_id):  # detached (or the store deleted) while it was indexed
+        if name in _deleted:  # the store was deleted while the file was indexed
+            index.remove(settings, name)
+            return
+        if not _still_attached(store, name, file_id):  # detached while it was indexed
             index.remove(settings, name, [path])
             return
         if result.status == "no text":
@@ -277,6 +285,8 @@ def _index(settings: Settings, store: Store, name: str, file_id: str) -> None:
         _finish(store, name, file_id, "failed", {"code": "server_error", "message": f"{type(exc).__name__}: {exc}"})
     finally:
         _pending.discard((name, file_id))
+        if not any(owner == name for owner, _ in list(_pending)):
+            _deleted.discard(name)
 
 
 def _still_attached(store: Store, name: str, file_id: str) -> bool:

@@ -67,8 +67,9 @@ async def upload_file(request: Request, state: StateDep, key_name: AdminIfKeysDe
         if upload.path is None or upload.filename is None:
             raise ApiError(400, "file is missing: send the file as the form part named 'file'", param="file",
                            code="missing_required_parameter")
-        await asyncio.to_thread(files.check, upload.path, purpose, upload.filename)
-        stored = await asyncio.to_thread(files.keep, settings, store, file_id, upload.filename, purpose, key_name)
+        filename = files.safe_filename(upload.filename)  # "C:\\docs\\faq.csv" and "../faq.csv" are "faq.csv"
+        await asyncio.to_thread(files.check, upload.path, purpose, filename)
+        stored = await asyncio.to_thread(files.keep, settings, store, file_id, filename, purpose, key_name)
     except files.FileError as exc:
         raise ApiError(400, str(exc), param="file", code="invalid_file") from None
     finally:
@@ -99,8 +100,11 @@ async def retrieve_file(file_id: str, state: StateDep, _: AdminIfKeysDep) -> Fil
           "description": "The file's bytes, as uploaded"}, **responses(401, 403, 404, 409, 422)})
 async def file_content(file_id: str, state: StateDep, _: AdminIfKeysDep) -> FileResponse:
     stored = await asyncio.to_thread(found, state, file_id)
-    return FileResponse(files.path_of(state.settings, stored), media_type="application/octet-stream",
-                        filename=stored.filename)
+    path = files.path_of(state.settings, stored)
+    if not path.is_file():
+        raise ApiError(404, f"the bytes of file {file_id!r} are no longer in {state.settings.files_dir.name}/; "
+                       "upload it again", param="file_id", code="file_not_found")
+    return FileResponse(path, media_type="application/octet-stream", filename=stored.filename)
 
 
 @router.delete("/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
