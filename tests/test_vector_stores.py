@@ -222,6 +222,9 @@ def test_a_fine_tune_file_is_read_as_forja_data_reads_it_and_a_bad_row_is_named(
     assert raised.value.param == "file" and raised.value.code == "invalid_file"
     assert raised.value.body["message"].startswith("train.jsonl row 2:") and "assistant" in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
+        client.files.create(file=("train.jsonl", bad.split(b"\n")[0] + b'\n{"prompt_text": "Hi"}\n'), purpose="fine-tune")
+    assert raised.value.body["message"].startswith('train.jsonl row 2: field "messages" is missing')
+    with pytest.raises(openai.BadRequestError) as raised:
         client.files.create(file=("faq.csv", good + b"Any parking?,\n"), purpose="fine-tune")
     assert 'faq.csv row 4: column "answer" is empty' in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
@@ -308,6 +311,15 @@ def test_the_multipart_reader_gives_the_same_parts_in_chunks_of_any_size(tmp_pat
     parser.finish()
     assert parser.upload.fields == {"purpose": "assistants"} and parser.upload.filename == "../../etc/x.md"
     assert parser.upload.path.read_bytes() == content and parser.upload.size == len(content)
+
+
+def test_the_multipart_reader_takes_an_rfc_5987_filename(tmp_path):
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.md"; '
+            b"filename*=UTF-8''na%C3%AFve%20notes.md\r\nContent-Type: text/markdown\r\n\r\n# Hi\r\n--b--")
+    parser = _Parser(b"--b", "file", lambda name: tmp_path / name, 100, ApiError(413, "too big"))
+    parser.feed(body)
+    parser.finish()
+    assert parser.upload.filename == "naïve notes.md" and parser.upload.path.read_bytes() == b"# Hi"
 
 
 def test_the_multipart_reader_stops_at_the_limit_and_refuses_a_body_without_its_end(tmp_path):

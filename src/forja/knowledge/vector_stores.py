@@ -194,7 +194,7 @@ def create(settings: Settings, store: Store, name: str | None, file_ids: list[st
         raise VectorStoreExists(f"a vector store named {name!r} exists already ({ID_PREFIX}{name}); attach files "
                                 "to it or pick another name")
     for file_id in file_ids:
-        _attachable(settings, store, file_id)
+        attachable(settings, store, file_id)
     _deleted.discard(name)
     index.add(settings, name, [])
     with store.engine.begin() as conn:  # rows left by a collection of this name removed with the CLI
@@ -230,7 +230,8 @@ def delete(settings: Settings, store: Store, vector_store_id: str) -> None:
     index.remove(settings, name)
 
 
-def _attachable(settings: Settings, store: Store, file_id: str) -> files.StoredFile:
+def attachable(settings: Settings, store: Store, file_id: str) -> files.StoredFile:
+    """The uploaded file, if forja knowledge reads its type (UnknownFile, FileError otherwise)."""
     upload = files.get(store, file_id)
     suffix = Path(upload.filename).suffix.lower()
     if suffix not in SUFFIXES:
@@ -244,7 +245,7 @@ def attach(settings: Settings, store: Store, vector_store_id: str, file_id: str,
     """Queue an uploaded file for indexing into the collection; returns it in progress."""
     name = collection_of(vector_store_id)
     get(settings, store, vector_store_id)
-    upload = _attachable(settings, store, file_id)
+    upload = attachable(settings, store, file_id)
     _deleted.discard(name)  # a store of this name exists again
     row = {"collection": name, "file_id": file_id, "created_at": time.time(), "status": "in_progress",
            "last_error": None, "attributes": json.dumps(attributes or {}, ensure_ascii=False)}

@@ -5,6 +5,7 @@ python-multipart and reads the whole body (to a spooled temp file) before a rout
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -19,7 +20,8 @@ MAX_HEADER_BYTES = 16 * 1024  # the headers of one part
 MAX_PARTS = 16
 MAX_DRAIN_BYTES = 4 * 1024 * 1024  # what is read past a file over the limit before the connection is dropped
 BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;,]{1,200}))', re.IGNORECASE)
-PARAM = re.compile(r'''(?:^|;)\s*(name|filename)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))''', re.IGNORECASE)
+PARAM = re.compile(r'''(?:^|;)\s*(name|filename\*?)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))''', re.IGNORECASE)
+EXTENDED = re.compile(r"([\w!#$%&+^`{}~-]+)'[^']*'(.*)")  # RFC 5987: UTF-8''na%C3%AFve.md
 
 
 @dataclass
@@ -172,6 +174,10 @@ class _Parser:
             if self.upload.path is not None:
                 raise bad_form(f"the form has more than one {self.file_field!r} part")
             filename = found.get("filename")
+            extended = EXTENDED.fullmatch(found.get("filename*") or "")
+            if extended:  # filename*= wins over filename= (RFC 7578 clients send both)
+                latin = extended.group(1).lower() in ("iso-8859-1", "latin-1")  # the one other charset RFC 5987 names
+                filename = unquote(extended.group(2), encoding="latin-1" if latin else "utf-8", errors="replace")
             if filename is None:
                 raise bad_form(f"the {self.file_field!r} part is not a file (it has no filename)")
             self.upload.file_field, self.upload.filename = self.name, filename.replace('\\"', '"')

@@ -67,9 +67,11 @@ async def create_vector_store(body: VectorStoreCreate, state: StateDep, _: Admin
     check_unsupported(body, metadata=(None, {}), expires_after=(None,), chunking_strategy=AUTO_CHUNKING)
     for position, file_id in enumerate(body.file_ids):
         try:
-            await asyncio.to_thread(files.get, store_of(state), file_id)
+            await asyncio.to_thread(vector_stores.attachable, state.settings, store_of(state), file_id)
         except files.UnknownFile as exc:
             raise ApiError(404, str(exc), param=f"file_ids.{position}", code="file_not_found") from None
+        except files.FileError as exc:
+            raise ApiError(400, str(exc), param=f"file_ids.{position}", code="invalid_file") from None
     return vector_store_object(await run(vector_stores.create, state.settings, store_of(state), body.name,
                                          body.file_ids))
 
