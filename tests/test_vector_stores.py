@@ -142,6 +142,27 @@ def test_create_and_poll_attaches_an_uploaded_file_and_attributes_come_back_with
     assert client.files.retrieve(uploaded.id).id == uploaded.id
 
 
+def test_a_file_batch_uploads_and_indexes_several_files_and_is_polled_to_the_end(client):
+    store = client.vector_stores.create(name="batch")
+    done = client.vector_stores.file_batches.upload_and_poll(
+        store.id, files=[("oven.md", b"# Oven\n\nThe Pelmar oven heats to 260 degrees."),
+                         ("mixer.txt", b"The Grunwald mixer has nine speeds.")])
+    assert (done.status, done.file_counts.completed, done.file_counts.total) == ("completed", 2, 2)
+    assert done.id.startswith("vsfb_") and done.vector_store_id == store.id
+    listed = client.vector_stores.file_batches.list_files(done.id, vector_store_id=store.id)
+    assert len(listed.data) == 2 and {f.status for f in listed.data} == {"completed"}
+    assert client.vector_stores.file_batches.retrieve(done.id, vector_store_id=store.id).status == "completed"
+    assert client.vector_stores.file_batches.cancel(done.id, vector_store_id=store.id).status == "completed"
+    hit = client.vector_stores.search(store.id, query="how many speeds has the mixer?").data[0]
+    assert hit.filename == "mixer.txt"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.vector_stores.file_batches.retrieve("vsfb_nope", vector_store_id=store.id)
+    assert raised.value.param == "batch_id"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.vector_stores.file_batches.create(store.id, file_ids=[listed.data[0].id, "file-nope"])
+    assert raised.value.param == "file_ids.1"
+
+
 def test_a_collection_made_with_the_cli_is_a_vector_store_and_the_other_way_round(client, served, tmp_path):
     notes = write(tmp_path, "press-notes.md", "# Press\n\nThe Ostrava press runs on 400 volt three-phase power.\n")
     runner = CliRunner()

@@ -123,6 +123,15 @@ vector_store_files = sa.Table(
     sa.Column("attributes", sa.Text, nullable=False, default="{}"),  # JSON, the client's own
 )
 
+vector_store_file_batches = sa.Table(
+    "vector_store_file_batches", metadata,  # files attached together (POST /v1/vector_stores/{id}/file_batches)
+    sa.Column("id", sa.String(64), primary_key=True),  # vsfb_<hex>
+    sa.Column("collection", sa.String(200), nullable=False, index=True),
+    sa.Column("file_ids", sa.Text, nullable=False),  # JSON list
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
+)
+
 
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
@@ -137,7 +146,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0002_feedback_used", _create(feedback_used)),
     ("0003_guard_events", _create(guard_events)),
     ("0004_feedback_reviews", _create(feedback_reviews)),
-    ("0006_files", _create(files, vector_store_files)),
+    ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
 ]
 
 

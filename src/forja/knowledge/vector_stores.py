@@ -22,9 +22,10 @@ from forja import files
 from forja.config import ForjaError, Settings
 from forja.knowledge import index
 from forja.knowledge.chunks import SUFFIXES
-from forja.store import Store, vector_store_files as rows_table
+from forja.store import Store, vector_store_file_batches as batches_table, vector_store_files as rows_table
 
 ID_PREFIX = "vs_"
+BATCH_PREFIX = "vsfb_"
 LOCAL_FILE_PREFIX = "kfile-"  # a file added with `forja knowledge add`, named by the hash of its path
 log = logging.getLogger("forja.knowledge")
 # One file indexed at a time: embedding takes every core, two at once would only split them.
@@ -39,6 +40,10 @@ class UnknownVectorStore(index.KnowledgeError):
 
 class UnknownVectorStoreFile(index.KnowledgeError):
     """The vector store has no such file."""
+
+
+class UnknownFileBatch(index.KnowledgeError):
+    """The vector store has no such file batch."""
 
 
 class VectorStoreExists(index.KnowledgeError):
@@ -93,6 +98,31 @@ class VectorStore:
     @property
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files if f.status == "completed")
+
+
+@dataclass
+class FileBatch:
+    """Files attached together; `files` are those of them the store still has."""
+
+    id: str
+    collection: str
+    created_at: float
+    file_ids: list[str]
+    files: list[StoreFile]
+    cancelled: bool
+
+    @property
+    def status(self) -> str:
+        if any(f.status == "in_progress" for f in self.files):
+            return "in_progress"
+        return "cancelled" if self.cancelled else "completed"
+
+    def counts(self) -> dict[str, int]:
+        counts = {"in_progress": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        for f in self.files:
+            counts[f.status] += 1
+        counts["cancelled"] += len(self.file_ids) - len(self.files)  # detached before they were indexed
+        return {**counts, "total": len(self.file_ids)}
 
 
 @dataclass(frozen=True)
@@ -199,6 +229,7 @@ def create(settings: Settings, store: Store, name: str | None, file_ids: list[st
     index.add(settings, name, [])
     with store.engine.begin() as conn:  # rows left by a collection of this name removed with the CLI
         conn.execute(rows_table.delete().where(rows_table.c.collection == name))
+        conn.execute(batches_table.delete().where(batches_table.c.collection == name))
     for file_id in file_ids:
         attach(settings, store, ID_PREFIX + name, file_id)
     return get(settings, store, ID_PREFIX + name)
@@ -216,6 +247,8 @@ def rename(settings: Settings, store: Store, vector_store_id: str, new_name: str
         with store.engine.begin() as conn:
             conn.execute(rows_table.delete().where(rows_table.c.collection == new_name))
             conn.execute(rows_table.update().where(rows_table.c.collection == name).values(collection=new_name))
+            conn.execute(batches_table.delete().where(batches_table.c.collection == new_name))
+            conn.execute(batches_table.update().where(batches_table.c.collection == name).values(collection=new_name))
     return get(settings, store, ID_PREFIX + new_name)
 
 
@@ -227,6 +260,7 @@ def delete(settings: Settings, store: Store, vector_store_id: str) -> None:
         _deleted.add(name)  # knowledge.add would make it again: the worker removes it once it is done
     with store.engine.begin() as conn:
         conn.execute(rows_table.delete().where(rows_table.c.collection == name))
+        conn.execute(batches_table.delete().where(batches_table.c.collection == name))
     index.remove(settings, name)
 
 
@@ -264,8 +298,8 @@ def _index(settings: Settings, store: Store, name: str, file_id: str) -> None:
     try:
         upload = files.get(store, file_id)
         path = files.path_of(settings, upload)
-        if name in _deleted or not any(c.name == name for c in index.collections(settings)):
-            return  # the vector store was deleted while the file waited
+        if name in _deleted or not _still_attached(store, name, file_id):
+            return  # the vector store was deleted, or the file detached (a batch cancelled), while it waited
         result = index.add(settings, name, [path])[0]
         if name in _deleted:  # the store was deleted while the file was indexed
             index.remove(settings, name)
@@ -322,6 +356,49 @@ def delete_upload(settings: Settings, store: Store, file_id: str) -> None:
             if files.id_of_path(settings, info.path) == file_id:
                 index.remove(settings, collection.name, [info.path])
     files.delete(settings, store, file_id)  # its attachment rows go with it (ON DELETE CASCADE)
+
+
+def create_batch(settings: Settings, store: Store, vector_store_id: str,
+                 items: list[tuple[str, dict[str, Any] | None]]) -> FileBatch:
+    """Attach several uploaded files (file id, attributes) at once; every one is checked before any is queued."""
+    name = collection_of(vector_store_id)
+    get(settings, store, vector_store_id)
+    for file_id, _ in items:
+        attachable(settings, store, file_id)
+    batch_id = BATCH_PREFIX + uuid.uuid4().hex[:24]
+    file_ids = list(dict.fromkeys(file_id for file_id, _ in items))
+    with store.engine.begin() as conn:
+        conn.execute(batches_table.insert().values(id=batch_id, collection=name, file_ids=json.dumps(file_ids),
+                                                   created_at=time.time(), cancelled=False))
+    for file_id, attributes in items:
+        attach(settings, store, vector_store_id, file_id, attributes)
+    return batch(settings, store, vector_store_id, batch_id)
+
+
+def batch(settings: Settings, store: Store, vector_store_id: str, batch_id: str) -> FileBatch:
+    name = collection_of(vector_store_id)
+    vector_store = get(settings, store, vector_store_id)
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(batches_table).where(batches_table.c.id == batch_id,
+                                                          batches_table.c.collection == name)).first()
+    if row is None:
+        raise UnknownFileBatch(f"vector store {vector_store_id!r} has no file batch {batch_id!r}")
+    file_ids = json.loads(row.file_ids)
+    members = [f for f in vector_store.files if f.id in set(file_ids)]
+    return FileBatch(row.id, name, row.created_at, file_ids, members, row.cancelled)
+
+
+def cancel_batch(settings: Settings, store: Store, vector_store_id: str, batch_id: str) -> FileBatch:
+    """Detach the batch's files not indexed yet (the one being indexed is taken out once it is done)."""
+    found = batch(settings, store, vector_store_id, batch_id)
+    waiting = [f.id for f in found.files if f.status == "in_progress"]
+    if not waiting:
+        return found  # all done already: nothing to cancel
+    with store.engine.begin() as conn:
+        conn.execute(rows_table.delete().where(rows_table.c.collection == found.collection,
+                                               rows_table.c.file_id.in_(waiting)))
+        conn.execute(batches_table.update().where(batches_table.c.id == batch_id).values(cancelled=True))
+    return batch(settings, store, vector_store_id, batch_id)
 
 
 # --- Searching ----------------------------------------------------------------------------------------

@@ -181,6 +181,28 @@ class VectorStoreFileCreate(_Body):
     chunking_strategy: dict[str, Any] | None = None
 
 
+class FileBatchObject(BaseModel):
+    id: str
+    object: Literal["vector_store.files_batch"] = "vector_store.files_batch"
+    created_at: int
+    vector_store_id: str
+    status: Literal["in_progress", "completed", "cancelled", "failed"]
+    file_counts: FileCounts
+
+
+class BatchFile(_Body):
+    file_id: str
+    attributes: dict[str, str | bool | int | float] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+
+class FileBatchCreate(_Body):
+    file_ids: list[str] | None = Field(None, description="Uploaded files to index, with `attributes` for each.")
+    files: list[BatchFile] | None = Field(None, description="Or each file with its own attributes.")
+    attributes: dict[str, str | bool | int | float] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+
 class RankingOptions(_Body):
     ranker: str | None = None
     score_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)

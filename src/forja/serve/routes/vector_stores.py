@@ -1,6 +1,6 @@
 """`/v1/vector_stores` as OpenAI has it, over knowledge collections (forja.knowledge.vector_stores): create,
-list, retrieve, rename, delete; attach an uploaded file (indexed in the background: poll it, as the openai
-client's create_and_poll and upload_and_poll do), list, retrieve, detach; search. With API keys configured,
+list, retrieve, rename, delete; attach an uploaded file, or a batch of them (indexed in the background: poll
+them, as the openai client's create_and_poll and upload_and_poll do), list, retrieve, detach; search. With API keys configured,
 every route needs an admin key."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from fastapi import APIRouter, Query, Response
 from forja import files
 from forja.config import ForjaError
 from forja.knowledge import vector_stores
-from forja.knowledge.vector_stores import StoreFile, VectorStore
+from forja.knowledge.vector_stores import FileBatch, StoreFile, VectorStore
 from forja.serve.deps import ApiError, StateDep
 from forja.serve.routes.files import AdminIfKeysDep, store_of
-from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileCounts, LastError, SearchContent, SearchPage,
+from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate, FileBatchObject, FileCounts, LastError, SearchContent, SearchPage,
                                        SearchRequest, SearchResult, VectorStoreCreate, VectorStoreDeleted,
                                        VectorStoreFileCreate, VectorStoreFileDeleted, VectorStoreFileList,
                                        VectorStoreFileObject, VectorStoreList, VectorStoreObject, VectorStoreUpdate,
@@ -41,12 +41,29 @@ def file_object(found: StoreFile) -> VectorStoreFileObject:
                                  last_error=LastError(**found.last_error) if found.last_error else None)
 
 
+def batch_object(found: FileBatch) -> FileBatchObject:
+    return FileBatchObject(id=found.id, created_at=int(found.created_at),
+                           vector_store_id=vector_stores.ID_PREFIX + found.collection, status=found.status,
+                           file_counts=FileCounts(**found.counts()))
+
+
+def file_page(found: list[StoreFile], after: str | None, limit: int, order: str,
+              status: str | None) -> VectorStoreFileList:
+    found = [f for f in found if status is None or f.status == status]
+    page, more = cursor_page(found, [f.id for f in found], after, limit, order)
+    data = [file_object(f) for f in page]
+    return VectorStoreFileList(data=data, first_id=data[0].id if data else None,
+                               last_id=data[-1].id if data else None, has_more=more)
+
+
 async def run(function, *args):
     """A call into the knowledge and file stores off the event loop, its errors as API errors."""
     try:
         return await asyncio.to_thread(function, *args)
     except vector_stores.UnknownVectorStore as exc:
         raise ApiError(404, str(exc), param="vector_store_id", code="vector_store_not_found") from None
+    except vector_stores.UnknownFileBatch as exc:
+        raise ApiError(404, str(exc), param="batch_id", code="file_batch_not_found") from None
     except vector_stores.UnknownVectorStoreFile as exc:
         raise ApiError(404, str(exc), param="file_id", code="file_not_found") from None
     except files.UnknownFile as exc:
@@ -131,12 +148,8 @@ async def list_files(vector_store_id: str, state: StateDep, _: AdminIfKeysDep,
                      order: Literal["asc", "desc"] = Query("desc", description="By creation time."),
                      filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = Query(
                          None, description="Only files with this status.")) -> VectorStoreFileList:
-    found = (await run(vector_stores.get, state.settings, store_of(state), vector_store_id)).files
-    found = [f for f in found if filter is None or f.status == filter]
-    page, more = cursor_page(found, [f.id for f in found], after, limit, order)
-    data = [file_object(f) for f in page]
-    return VectorStoreFileList(data=data, first_id=data[0].id if data else None,
-                               last_id=data[-1].id if data else None, has_more=more)
+    found = await run(vector_stores.get, state.settings, store_of(state), vector_store_id)
+    return file_page(found.files, after, limit, order, filter)
 
 
 @router.get("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
@@ -154,6 +167,64 @@ async def detach_file(vector_store_id: str, file_id: str, state: StateDep,
     """Take the file's chunks out of the collection; the uploaded file stays in /v1/files."""
     await run(vector_stores.detach, state.settings, store_of(state), vector_store_id, file_id)
     return VectorStoreFileDeleted(id=file_id)
+
+
+@router.post("/{vector_store_id}/file_batches", responses=responses(400, 401, 403, 404, 409, 413, 422))
+async def create_file_batch(vector_store_id: str, body: FileBatchCreate, response: Response, state: StateDep,
+                            _: AdminIfKeysDep) -> FileBatchObject:
+    """Attach several uploaded files at once (`file_ids`, or `files` each with its attributes); poll the batch."""
+    check_unsupported(body, chunking_strategy=AUTO_CHUNKING)
+    if (body.file_ids is None) == (body.files is None):
+        raise ApiError(400, "send file_ids or files (one of them)", param="file_ids", code="invalid_value")
+    if body.file_ids is not None:
+        items, field = [(file_id, body.attributes) for file_id in body.file_ids], "file_ids"
+    else:
+        for one in body.files or []:
+            check_unsupported(one, chunking_strategy=AUTO_CHUNKING)
+        items, field = [(one.file_id, one.attributes) for one in body.files or []], "files"
+    if not items:
+        raise ApiError(400, f"{field} is empty; name at least one uploaded file", param=field, code="invalid_value")
+    settings, store = state.settings, store_of(state)
+    await run(vector_stores.get, settings, store, vector_store_id)
+    for position, (file_id, _attributes) in enumerate(items):
+        param = f"{field}.{position}" + ("" if field == "file_ids" else ".file_id")
+        try:
+            await asyncio.to_thread(vector_stores.attachable, settings, store, file_id)
+        except files.UnknownFile as exc:
+            raise ApiError(404, str(exc), param=param, code="file_not_found") from None
+        except files.FileError as exc:
+            raise ApiError(400, str(exc), param=param, code="invalid_file") from None
+    found = await run(vector_stores.create_batch, settings, store, vector_store_id, items)
+    response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
+    return batch_object(found)
+
+
+@router.get("/{vector_store_id}/file_batches/{batch_id}", responses=responses(401, 403, 404, 409, 422))
+async def retrieve_file_batch(vector_store_id: str, batch_id: str, response: Response, state: StateDep,
+                              _: AdminIfKeysDep) -> FileBatchObject:
+    found = await run(vector_stores.batch, state.settings, store_of(state), vector_store_id, batch_id)
+    if found.status == "in_progress":
+        response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
+    return batch_object(found)
+
+
+@router.post("/{vector_store_id}/file_batches/{batch_id}/cancel", responses=responses(401, 403, 404, 409, 422))
+async def cancel_file_batch(vector_store_id: str, batch_id: str, state: StateDep,
+                            _: AdminIfKeysDep) -> FileBatchObject:
+    """Detach the batch's files not indexed yet; those already indexed stay."""
+    return batch_object(await run(vector_stores.cancel_batch, state.settings, store_of(state), vector_store_id,
+                                  batch_id))
+
+
+@router.get("/{vector_store_id}/file_batches/{batch_id}/files", responses=responses(400, 401, 403, 404, 409, 422))
+async def list_batch_files(vector_store_id: str, batch_id: str, state: StateDep, _: AdminIfKeysDep,
+                           after: str | None = Query(None, description="The id of the last file of the page before."),
+                           limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
+                           order: Literal["asc", "desc"] = Query("desc", description="By creation time."),
+                           filter: Literal["in_progress", "completed", "failed", "cancelled"] | None = Query(
+                               None, description="Only files with this status.")) -> VectorStoreFileList:
+    found = await run(vector_stores.batch, state.settings, store_of(state), vector_store_id, batch_id)
+    return file_page(found.files, after, limit, order, filter)
 
 
 @router.post("/{vector_store_id}/search", responses=responses(400, 401, 403, 404, 409, 413, 422))
