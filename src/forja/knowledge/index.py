@@ -217,7 +217,7 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
                     result = FileResult(str(path), "no text")
                 else:
                     vectors = embed([embedding_text(c) for c in document.chunks]).numpy().astype(np.float32)
-                    _write_file(db, collection_id, document, digest, chunking, vectors)
+                    _write_file(db, name, collection_id, document, digest, chunking, vectors)
                     result = FileResult(str(path), "added" if old is None else "replaced",
                                         len(document.chunks), sum(c.tokens for c in document.chunks))
             results.append(result)
@@ -226,10 +226,13 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
     return results
 
 
-def _write_file(db: sqlite3.Connection, collection_id: int, document: Document, digest: str, chunking: str,
-                vectors: np.ndarray) -> None:
+def _write_file(db: sqlite3.Connection, name: str, collection_id: int, document: Document, digest: str,
+                chunking: str, vectors: np.ndarray) -> None:
     """One transaction: the file's old chunks out, the new ones in, or (if interrupted) nothing changed."""
     with _transaction(db):
+        # A collection removed while its files were read must stay removed; its id may even be another's now.
+        if db.execute("SELECT name FROM collections WHERE id = ?", (collection_id,)).fetchone() != (name,):
+            raise UnknownCollection(f"collection {name!r} was removed while its files were being added")
         db.execute("DELETE FROM files WHERE collection_id = ? AND path = ?", (collection_id, str(document.path)))
         file_id = db.execute(
             "INSERT INTO files (collection_id, path, sha256, chunking, chunks, tokens, indexed_at) "

@@ -50,6 +50,10 @@ class VectorStoreExists(index.KnowledgeError):
     """A collection has the name asked for already."""
 
 
+class VectorStoreBusy(index.KnowledgeError):
+    """The change must wait until the files being indexed are done."""
+
+
 class BadName(index.KnowledgeError):
     """A name that cannot be a collection's."""
 
@@ -241,6 +245,9 @@ def rename(settings: Settings, store: Store, vector_store_id: str, new_name: str
     get(settings, store, vector_store_id)
     if new_name != name:
         _check_name(new_name)
+        if any(owner == name for owner, _ in list(_pending)):  # the worker writes under the old name
+            raise VectorStoreBusy(f"vector store {vector_store_id!r} has files being indexed; rename it once its "
+                                  "status is completed")
         if any(c.name == new_name for c in index.collections(settings)):
             raise VectorStoreExists(f"a vector store named {new_name!r} exists already ({ID_PREFIX}{new_name})")
         index.rename(settings, name, new_name)

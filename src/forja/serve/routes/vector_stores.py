@@ -68,6 +68,8 @@ async def run(function, *args):
         raise ApiError(404, str(exc), param="file_id", code="file_not_found") from None
     except files.UnknownFile as exc:
         raise ApiError(404, str(exc), param="file_id", code="file_not_found") from None
+    except vector_stores.VectorStoreBusy as exc:
+        raise ApiError(409, str(exc), code="vector_store_busy") from None
     except vector_stores.VectorStoreExists as exc:
         raise ApiError(409, str(exc), param="name", code="vector_store_exists") from None
     except files.FileError as exc:
