@@ -93,7 +93,8 @@ def test_an_uploaded_fact_is_found_first_with_its_filename_and_gone_once_the_fil
     assert store.id == "vs_zentrix" and store.name == "zentrix" and store.file_counts.total == 1
     attached = client.vector_stores.files.poll(uploaded.id, vector_store_id=store.id)
     assert attached.status == "completed" and attached.last_error is None
-    shop = client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=write(tmp_path, "shop.md", SHOP).open("rb"))
+    shop = client.vector_stores.files.upload_and_poll(vector_store_id=store.id,
+                                                      file=write(tmp_path, "shop.md", SHOP).open("rb"))
     assert shop.status == "completed"
     store = client.vector_stores.retrieve(store.id)
     assert (store.status, store.file_counts.completed, store.file_counts.total) == ("completed", 2, 2)
@@ -104,7 +105,8 @@ def test_an_uploaded_fact_is_found_first_with_its_filename_and_gone_once_the_fil
     assert (best.file_id, best.filename) == (uploaded.id, "zentrix-manual.md")
     assert "613 operating hours" in best.content[0].text and best.content[0].type == "text"
     assert best.attributes["headings"] == "Zentrix 9 service manual > Valves"
-    assert MANUAL[int(best.attributes["start"]):int(best.attributes["end"])] == best.content[0].text  # the client reads floats
+    start, end = int(best.attributes["start"]), int(best.attributes["end"])  # the client reads numbers as floats
+    assert MANUAL[start:end] == best.content[0].text
     assert 0 < best.score <= 1 and best.score >= max(r.score for r in results)
     assert str(served.settings.home) not in str(results)  # sources are named by the uploaded filename
 
@@ -243,7 +245,8 @@ def test_a_fine_tune_file_is_read_as_forja_data_reads_it_and_a_bad_row_is_named(
     assert raised.value.param == "file" and raised.value.code == "invalid_file"
     assert raised.value.body["message"].startswith("train.jsonl row 2:") and "assistant" in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
-        client.files.create(file=("train.jsonl", bad.split(b"\n")[0] + b'\n{"prompt_text": "Hi"}\n'), purpose="fine-tune")
+        client.files.create(file=("train.jsonl", bad.split(b"\n")[0] + b'\n{"prompt_text": "Hi"}\n'),
+                            purpose="fine-tune")
     assert raised.value.body["message"].startswith('train.jsonl row 2: field "messages" is missing')
     with pytest.raises(openai.BadRequestError) as raised:
         client.files.create(file=("faq.csv", good + b"Any parking?,\n"), purpose="fine-tune")
@@ -275,7 +278,8 @@ def test_unknown_ids_are_404s_naming_the_field(client):
                         (lambda: client.vector_stores.retrieve("vs_nope"), "vector_store_id"),
                         (lambda: client.vector_stores.retrieve("nope"), "vector_store_id"),
                         (lambda: client.vector_stores.search("vs_nope", query="x"), "vector_store_id"),
-                        (lambda: client.vector_stores.files.create(vector_store_id="vs_nope", file_id="file-nope"), "vector_store_id"),
+                        (lambda: client.vector_stores.files.create(vector_store_id="vs_nope", file_id="file-nope"),
+                         "vector_store_id"),
                         (lambda: client.vector_stores.create(name="never", file_ids=["file-nope"]), "file_ids.0")]:
         with pytest.raises(openai.NotFoundError) as raised:
             call()

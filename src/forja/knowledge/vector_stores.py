@@ -141,10 +141,11 @@ class Result:
 
 
 def collection_of(vector_store_id: str) -> str:
-    if not vector_store_id.startswith(ID_PREFIX) or not index.COLLECTION_NAME.fullmatch(vector_store_id[len(ID_PREFIX):]):
+    name = vector_store_id[len(ID_PREFIX):]
+    if not vector_store_id.startswith(ID_PREFIX) or not index.COLLECTION_NAME.fullmatch(name):
         raise UnknownVectorStore(f"no vector store with id {vector_store_id!r} (ids are vs_ and a knowledge "
                                  "collection's name; GET /v1/vector_stores lists them)")
-    return vector_store_id[len(ID_PREFIX):]
+    return name
 
 
 def _local_id(path: str) -> str:
@@ -167,7 +168,8 @@ def get(settings: Settings, store: Store, vector_store_id: str) -> VectorStore:
     try:
         collection = index.show(settings, name)
     except index.UnknownCollection:
-        raise UnknownVectorStore(f"no vector store with id {vector_store_id!r} (GET /v1/vector_stores lists them)") from None
+        raise UnknownVectorStore(f"no vector store with id {vector_store_id!r} "
+                                 "(GET /v1/vector_stores lists them)") from None
     return _vector_store(settings, collection, _rows(store, name), {f.id: f for f in files.listing(store)})
 
 

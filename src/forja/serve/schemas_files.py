@@ -177,7 +177,8 @@ class VectorStoreFileDeleted(BaseModel):
 
 class VectorStoreFileCreate(_Body):
     file_id: str = Field(..., description="An uploaded file (POST /v1/files).")
-    attributes: dict[str, str | bool | int | float] | None = Field(None, description="Yours; returned with search results.")
+    attributes: dict[str, str | bool | int | float] | None = Field(
+        None, description="Yours; returned with search results.")
     chunking_strategy: dict[str, Any] | None = None
 
 
@@ -242,7 +243,8 @@ class SearchPage(BaseModel):
 Item = TypeVar("Item")
 
 
-def cursor_page(items: list[Item], ids: list[str], after: str | None, limit: int, order: str) -> tuple[list[Item], bool]:
+def cursor_page(items: list[Item], ids: list[str], after: str | None, limit: int,
+                order: str) -> tuple[list[Item], bool]:
     """One page of `items` (oldest first, with their `ids`) in `order`, after the item with id `after`."""
     pairs = list(zip(ids, items))
     if order == "desc":

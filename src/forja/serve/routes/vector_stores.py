@@ -1,7 +1,7 @@
 """`/v1/vector_stores` as OpenAI has it, over knowledge collections (forja.knowledge.vector_stores): create,
 list, retrieve, rename, delete; attach an uploaded file, or a batch of them (indexed in the background: poll
-them, as the openai client's create_and_poll and upload_and_poll do), list, retrieve, detach; search. With API keys configured,
-every route needs an admin key."""
+them, as the openai client's create_and_poll and upload_and_poll do), list, retrieve, detach; search.
+With API keys configured, every route needs an admin key."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from forja.knowledge import vector_stores
 from forja.knowledge.vector_stores import FileBatch, StoreFile, VectorStore
 from forja.serve.deps import ApiError, StateDep
 from forja.serve.routes.files import AdminIfKeysDep, store_of
-from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate, FileBatchObject, FileCounts, LastError, SearchContent, SearchPage,
-                                       SearchRequest, SearchResult, VectorStoreCreate, VectorStoreDeleted,
-                                       VectorStoreFileCreate, VectorStoreFileDeleted, VectorStoreFileList,
-                                       VectorStoreFileObject, VectorStoreList, VectorStoreObject, VectorStoreUpdate,
-                                       check_unsupported, cursor_page, responses)
+from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate, FileBatchObject, FileCounts,
+                                       LastError, SearchContent, SearchPage, SearchRequest, SearchResult,
+                                       VectorStoreCreate, VectorStoreDeleted, VectorStoreFileCreate,
+                                       VectorStoreFileDeleted, VectorStoreFileList, VectorStoreFileObject,
+                                       VectorStoreList, VectorStoreObject, VectorStoreUpdate, check_unsupported,
+                                       cursor_page, responses)
 
 POLL_AFTER_MS = "250"  # the openai client's pollers wait this long between looks at a file in progress
 DEFAULT_PAGE = 20
@@ -97,7 +98,8 @@ async def create_vector_store(body: VectorStoreCreate, state: StateDep, _: Admin
 
 @router.get("", responses=responses(400, 401, 403, 409, 422))
 async def list_vector_stores(state: StateDep, _: AdminIfKeysDep,
-                             after: str | None = Query(None, description="The id of the last store of the page before."),
+                             after: str | None = Query(None, description="The id of the last store of the page "
+                                                       "before."),
                              limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
                              order: Literal["asc", "desc"] = Query("desc", description="By creation time.")
                              ) -> VectorStoreList:
