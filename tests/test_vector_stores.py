@@ -136,6 +136,13 @@ def test_create_and_poll_attaches_an_uploaded_file_and_attributes_come_back_with
     assert attached.status == "completed" and attached.vector_store_id == store.id
     hit = client.vector_stores.search(store.id, query="Brallin gasket torque").data[0]
     assert hit.filename == "valves.txt" and hit.attributes["team"] == "maintenance"
+    updated = client.vector_stores.files.update(uploaded.id, vector_store_id=store.id, attributes={"team": "night"})
+    assert updated.attributes == {"team": "night"}
+    assert client.vector_stores.search(store.id, query="Brallin gasket").data[0].attributes["team"] == "night"
+    with pytest.raises(openai.UnprocessableEntityError) as raised:
+        client.vector_stores.files.update(uploaded.id, vector_store_id=store.id,
+                                          attributes={f"k{i}": i for i in range(17)})
+    assert raised.value.param == "attributes"
     renamed = client.vector_stores.update(store.id, name="seals")
     assert (renamed.id, renamed.name, renamed.file_counts.completed) == ("vs_seals", "seals", 1)
     with pytest.raises(openai.NotFoundError):
@@ -222,6 +229,17 @@ def test_a_file_that_cannot_be_read_fails_with_its_name_and_leaves_no_chunk(clie
     assert (store.status, store.file_counts.failed, store.file_counts.completed) == ("completed", 1, 0)
     assert chunk_rows(served, broken.id) == 0
     assert [f.status for f in client.vector_stores.files.list(store.id, filter="failed")] == ["failed"]
+
+    # a file left in progress by a server that stopped is reported failed, never in progress forever
+    from forja.store import vector_store_files
+
+    stale = client.files.create(file=("stale.md", b"# Stale"), purpose="assistants")
+    with served.app.state.forja.store.engine.begin() as conn:
+        conn.execute(vector_store_files.insert().values(collection="broken", file_id=stale.id, created_at=time.time(),
+                                                        status="in_progress", attributes="{}"))
+    left = client.vector_stores.files.retrieve(stale.id, vector_store_id=store.id)
+    assert left.status == "failed" and "restarted" in left.last_error.message
+    assert client.vector_stores.retrieve(store.id).status == "completed"
 
 
 def test_an_upload_over_files_max_bytes_is_a_413_and_leaves_nothing_behind(client, served):

@@ -345,6 +345,24 @@ def _finish(store: Store, name: str, file_id: str, status: str, error: dict[str,
                      .values(status=status, last_error=json.dumps(error) if error else None))
 
 
+def set_attributes(settings: Settings, store: Store, vector_store_id: str, file_id: str,
+                   attributes: dict[str, Any]) -> StoreFile:
+    """Replace the client's attributes of an attached upload (a file added with the CLI has none to set)."""
+    name = collection_of(vector_store_id)
+    found = store_file(settings, store, vector_store_id, file_id)
+    if found.id.startswith(LOCAL_FILE_PREFIX):
+        raise files.FileError(f"{found.filename} was added with forja knowledge add, not uploaded: it has no "
+                              "attributes to set")
+    values = json.dumps(attributes, ensure_ascii=False)
+    with store.engine.begin() as conn:
+        changed = conn.execute(rows_table.update().where(rows_table.c.collection == name,
+                                                         rows_table.c.file_id == file_id).values(attributes=values))
+        if changed.rowcount == 0:  # indexed, its row gone (attached before the row was kept): keep one now
+            conn.execute(rows_table.insert().values(collection=name, file_id=file_id, created_at=found.created_at,
+                                                    status="completed", last_error=None, attributes=values))
+    return store_file(settings, store, vector_store_id, file_id)
+
+
 def detach(settings: Settings, store: Store, vector_store_id: str, file_id: str) -> None:
     """Take a file's chunks out of the collection (the uploaded file stays in /v1/files)."""
     name = collection_of(vector_store_id)

@@ -3,7 +3,7 @@ vector_stores resources read them), and the cursor pages their lists answer (`af
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -175,11 +175,19 @@ class VectorStoreFileDeleted(BaseModel):
     deleted: bool = True
 
 
+Attributes = Annotated[dict[Annotated[str, Field(max_length=64)], str | bool | int | float],
+                       Field(max_length=16, description="Yours (at most 16, as OpenAI); returned with search "
+                             "results, beside the chunk's page, headings, start and end.")]
+
+
 class VectorStoreFileCreate(_Body):
     file_id: str = Field(..., description="An uploaded file (POST /v1/files).")
-    attributes: dict[str, str | bool | int | float] | None = Field(
-        None, description="Yours; returned with search results.")
+    attributes: Attributes | None = None
     chunking_strategy: dict[str, Any] | None = None
+
+
+class VectorStoreFileUpdate(_Body):
+    attributes: Attributes | None = None
 
 
 class FileBatchObject(BaseModel):
@@ -193,14 +201,14 @@ class FileBatchObject(BaseModel):
 
 class BatchFile(_Body):
     file_id: str
-    attributes: dict[str, str | bool | int | float] | None = None
+    attributes: Attributes | None = None
     chunking_strategy: dict[str, Any] | None = None
 
 
 class FileBatchCreate(_Body):
     file_ids: list[str] | None = Field(None, description="Uploaded files to index, with `attributes` for each.")
     files: list[BatchFile] | None = Field(None, description="Or each file with its own attributes.")
-    attributes: dict[str, str | bool | int | float] | None = None
+    attributes: Attributes | None = None
     chunking_strategy: dict[str, Any] | None = None
 
 

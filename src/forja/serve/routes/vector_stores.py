@@ -20,8 +20,8 @@ from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate,
                                        LastError, SearchContent, SearchPage, SearchRequest, SearchResult,
                                        VectorStoreCreate, VectorStoreDeleted, VectorStoreFileCreate,
                                        VectorStoreFileDeleted, VectorStoreFileList, VectorStoreFileObject,
-                                       VectorStoreList, VectorStoreObject, VectorStoreUpdate, check_unsupported,
-                                       cursor_page, responses)
+                                       VectorStoreFileUpdate, VectorStoreList, VectorStoreObject, VectorStoreUpdate,
+                                       check_unsupported, cursor_page, responses)
 
 POLL_AFTER_MS = "250"  # the openai client's pollers wait this long between looks at a file in progress
 DEFAULT_PAGE = 20
@@ -163,6 +163,14 @@ async def retrieve_file(vector_store_id: str, file_id: str, response: Response, 
     if found.status == "in_progress":
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
     return file_object(found)
+
+
+@router.post("/{vector_store_id}/files/{file_id}", responses=responses(400, 401, 403, 404, 409, 413, 422))
+async def update_file(vector_store_id: str, file_id: str, body: VectorStoreFileUpdate, state: StateDep,
+                      _: AdminIfKeysDep) -> VectorStoreFileObject:
+    """Replace the file's attributes (returned with every search result from it)."""
+    return file_object(await run(vector_stores.set_attributes, state.settings, store_of(state), vector_store_id,
+                                 file_id, body.attributes or {}))
 
 
 @router.delete("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
