@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import pdf_pages_bytes
 
-from forja.data import DIALOGUE, KNOWLEDGE, DataError, inspect, meta_path, prepare, validation_path
+from forja.data import DIALOGUE, KNOWLEDGE, DataError, ReadOptions, inspect, meta_path, prepare, validation_path
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -415,18 +415,22 @@ def test_corrupt_binary_files(tmp_path, name, content, start):
 
 
 @pytest.mark.parametrize("name", ["faq.csv", "notes.txt", "chat.jsonl"])
-def test_text_that_is_not_utf8(tmp_path, name):
+def test_text_that_is_not_the_encoding_forced(tmp_path, name):
     path = tmp_path / name
     path.write_bytes("question,answer\n¿Abrís?,Sí\n".encode("latin-1"))
-    assert error_of(lambda: prepare(path, tmp_path / "out.jsonl")) == (
-        f"{path} line 2: not UTF-8 text (byte 0xbf); save the file as UTF-8"
+    assert error_of(lambda: prepare(path, tmp_path / "out.jsonl", options=ReadOptions(encoding="utf-8"))) == (
+        f"{path} line 2: not utf-8 text (byte 0xbf); give the file's encoding with --encoding, or leave it out to "
+        "detect it"
     )
 
 
 def test_unknown_columns_list_the_accepted_formats(tmp_path):
     path = write(tmp_path / "data.csv", "foo,bar\n1,2\n")
     message = error_of(lambda: prepare(path, tmp_path / "out.jsonl"))
-    assert message.startswith(f"{path}: columns foo, bar match no known format; accepted: .csv")
+    assert message.startswith(
+        f"{path}: columns foo, bar match no known format; name yours with --map question=COLUMN,answer=COLUMN; "
+        "accepted: .csv"
+    )
     assert "question+answer" in message and "messages" in message and "Usuario:" in message
 
 

@@ -165,6 +165,19 @@ def test_re_adding_skips_unchanged_files_and_replaces_changed_ones(docs, forja_h
     assert any("52 months" in t for t in texts) and not any("41 months" in t for t in texts)
 
 
+def test_re_adding_a_folder_forgets_the_files_it_no_longer_holds(docs, forja_home):
+    settings = load_settings()
+    add(settings, "zorblat", [docs])
+    (docs / "shop.pdf").unlink()
+    other = docs.parent / "elsewhere.md"
+    other.write_text("# Elsewhere\n\nA note kept outside the folder.", encoding="utf-8")
+    add(settings, "zorblat", [other])
+    statuses = {Path(r.path).name: r.status for r in add(settings, "zorblat", [docs])}
+    assert statuses == {"manual.md": "unchanged", "shop.pdf": "removed"}
+    assert set(index_counts(forja_home)) == {"manual.md", "elsewhere.md"}  # a file added by name stays
+    assert not any("heating coil" in h.text for h in search(settings, "zorblat", "heating coil price", top_k=10))
+
+
 def test_remove_a_path_then_the_collection_and_show_counts(docs):
     settings = load_settings()
     add(settings, "zorblat", [docs])

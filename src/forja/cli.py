@@ -160,7 +160,27 @@ def models_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--jso
     Console().print(table)
 
 
-PathsArg = Annotated[list[Path], typer.Argument(help="Files or folders (a folder is read whole).")]
+PathsArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Files, folders (read whole) or hf:owner/name datasets (default: data.sources of the config).", show_default=False)]
+MapOpt = Annotated[Optional[str], typer.Option(
+    "--map", help="Which column is which: question=Consulta,answer=Contestación (also system=, context=, text=; "
+    "multi-turn conversation=, role=, content=).")]
+GuessOpt = Annotated[bool, typer.Option("--guess", help="Where no known format matches, guess the mapping from the columns' names and values (and say it).")]
+EncodingOpt = Annotated[Optional[str], typer.Option(help="Read text files in this encoding (e.g. cp1252, utf-16) instead of detecting it.")]
+AssistantOpt = Annotated[Optional[str], typer.Option(help="Chat exports (WhatsApp, Telegram): the participant who is the assistant.")]
+GapOpt = Annotated[Optional[float], typer.Option("--gap-hours", help="Chat exports: a pause this long starts a new conversation (default 6).", min=0.01)]
+SplitOpt = Annotated[Optional[str], typer.Option(help="hf: datasets: the split (default: train).")]
+SubsetOpt = Annotated[Optional[str], typer.Option(help="hf: datasets: the subset (configuration).")]
+
+
+def data_sources(settings: Settings, paths: list[str] | None, map_: str | None, guess: bool, encoding: str | None,
+                 assistant: str | None, gap_hours: float | None, split: str | None, subset: str | None):
+    """The paths with their reading options: the config's data.sources, overridden by the flags."""
+    from forja.data import sources
+    from forja.data.mapping import parse_map
+
+    return sources(paths or [], settings.data.sources, map=parse_map(map_) if map_ else None, guess=guess,
+                   encoding=encoding, assistant=assistant, gap_hours=gap_hours, split=split, subset=subset)
 TokenizerOpt = Annotated[
     Optional[str], typer.Option("--tokenizer", help="Count tokens with this model's tokenizer (default: the configured model).")
 ]
@@ -177,21 +197,30 @@ def data_tokenizer(settings: Settings, name: str | None, estimate: bool):
 
 
 @data_app.command("inspect")
-def data_inspect(paths: PathsArg, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
+def data_inspect(paths: PathsArg = None, map_: MapOpt = None, guess: GuessOpt = False, encoding: EncodingOpt = None,
+                 assistant: AssistantOpt = None, gap_hours: GapOpt = None, split: SplitOpt = None,
+                 subset: SubsetOpt = None, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
                  chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
                  config: ConfigOpt = None) -> None:
-    """Say what is in your files: format, rows, turns, tokens, length histogram, duplicates, bad rows."""
+    """Say what is in your files: format, encoding, rows, turns, tokens, length histogram, duplicates, bad rows."""
     from forja.data import inspect
 
     settings = settings_from(config)
-    report = inspect(paths, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
+    chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
+    report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
     typer.echo(report.render())
+    unreadable = [f.error for f in report.files if f.error]
+    if unreadable:  # the report says why each failed; the exit code lets a script stop here
+        from forja.data import DataError
+
+        more = f" ({len(unreadable) - 1} more unreadable files above)" if len(unreadable) > 1 else ""
+        raise DataError(unreadable[0] + more)
 
 
 @data_app.command("prepare")
 def data_prepare(
-    paths: PathsArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Training JSONL to write (.val.jsonl and .meta.json beside it).")],
+    paths: PathsArg = None,
     val_fraction: Annotated[Optional[float], typer.Option(help="Share of rows kept for validation (default: none of small data, up to 300 rows; else 0.1).", min=0.0, max=0.9)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report and skip bad rows instead of stopping.")] = False,
@@ -199,14 +228,22 @@ def data_prepare(
     tokenizer: TokenizerOpt = None,
     estimate: EstimateOpt = False,
     system: Annotated[Optional[str], typer.Option(help="System prompt put first in every conversation that has none.")] = None,
+    map_: MapOpt = None,
+    guess: GuessOpt = False,
+    encoding: EncodingOpt = None,
+    assistant: AssistantOpt = None,
+    gap_hours: GapOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
     from forja.data import prepare
 
     settings = settings_from(config)
+    chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
     summary = prepare(
-        paths, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
+        chosen, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
         tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system,
     )
     typer.echo(summary.render())
@@ -692,7 +729,7 @@ def knowledge_add(name: CollectionArg, paths: PathsArg, config: ConfigOpt = None
         typer.echo(f"{result.status:>9}  {_shown(result.path)}{detail}")
 
     results = add(settings_from(config), name, paths, progress=report)
-    counts = {s: sum(r.status == s for r in results) for s in ("added", "replaced", "unchanged", "no text")}
+    counts = {s: sum(r.status == s for r in results) for s in ("added", "replaced", "unchanged", "no text", "removed")}
     typer.echo(f"{name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), err=True)
 
 
@@ -904,26 +941,28 @@ def eval_(
     judge: Annotated[Optional[str], typer.Option(help="LLM judge: a model forja can load, or an OpenAI-compatible base URL (http://host/v1).")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at that URL (default: the first it lists); key from FORJA_JUDGE_API_KEY or OPENAI_API_KEY.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default FORJA_HOME/evals/DATE-TIME).")] = None,
-    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE (exact_match, token_f1, rouge_l, semantic, judge): exit 1 when the first model's mean is lower (repeatable).")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="METRIC=VALUE (exact_match, token_f1, rouge_l, semantic, judge, contains_fact, faithfulness): exit 1 when the first model's mean is lower (repeatable).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer (greedy, with generate:'s penalties).", min=1)] = 128,
     question_col: Annotated[str, typer.Option(help="Column holding the questions.")] = "question",
     answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    without_knowledge: Annotated[bool, typer.Option("--without-knowledge", help="Also answer with each persona that has knowledge, without it (labelled 'NAME (no knowledge)').")] = False,
     backend: BackendOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity and a judge; write reports."""
+    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity, a judge and, for personas with knowledge, the fact and faithfulness; write reports."""
     from forja.evaluate import EvalError, check_thresholds, evaluate, load_testset, parse_thresholds, write_reports
 
     settings = settings_from(config, model=model)
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     thresholds = parse_thresholds(fail_under or [])
-    if "judge" in thresholds and not judge:
-        raise EvalError("--fail-under judge=... needs a judge: add --judge MODEL_OR_URL")
+    for needs_judge in ("judge", "faithfulness"):
+        if needs_judge in thresholds and not judge:
+            raise EvalError(f"--fail-under {needs_judge}=... needs a judge: add --judge MODEL_OR_URL")
     cases = load_testset(testset, question_col, answer_col)
     result = evaluate([settings.model, *(compare or [])], cases, settings, judge=judge, judge_model=judge_model,
-                      max_new_tokens=max_tokens, progress=not quiet)
+                      max_new_tokens=max_tokens, progress=not quiet, without_knowledge=without_knowledge)
     result.testset = str(testset)
     if out is None:
         out = settings.home / "evals" / time.strftime("%Y%m%d-%H%M%S")

@@ -30,10 +30,26 @@ class Answer:
     model: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)  # a persona with knowledge: its file citations
 
     def as_dict(self) -> dict[str, Any]:
         return {"text": self.text, "id": self.id, "model": self.model, "finish_reason": self.finish_reason,
-                "usage": self.usage}
+                "usage": self.usage, "sources": self.sources}
+
+    def sources_text(self) -> str:
+        """The sources as `forja ask` and `forja chat` print them under the answer."""
+        lines = []
+        for note in self.sources:
+            cite = note.get("file_citation") or {}
+            where = [str(cite.get("filename"))]
+            if cite.get("page") is not None:
+                where.append(f"p. {cite['page']}")
+            if cite.get("headings"):
+                where.append(" > ".join(cite["headings"]))
+            quote = " ".join(str(cite.get("quote", "")).split())
+            lines.append(f"  [{cite.get('index')}] {', '.join(where)}{' (cited)' if cite.get('cited') else ''}: "
+                         f"\"{quote[:160]}{'…' if len(quote) > 160 else ''}\"")
+        return "Sources:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 class Client:
@@ -52,7 +68,8 @@ class Client:
         body = {"messages": messages, **({"model": model} if model else {}), **_present(sampling)}
         reply = self._call("POST", "/v1/chat/completions", json=body).json()
         choice = reply["choices"][0]
-        return Answer(choice["message"]["content"], reply["id"], reply["model"], choice["finish_reason"], reply["usage"])
+        return Answer(choice["message"]["content"], reply["id"], reply["model"], choice["finish_reason"], reply["usage"],
+                      choice["message"].get("annotations") or [])
 
     def stream_chat(self, messages: list[dict[str, str]], answer: Answer, *, model: str | None = None,
                     **sampling: Any) -> Iterator[str]:
@@ -79,6 +96,7 @@ class Client:
                             answer.text += text
                             yield text
                         answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+                        answer.sources = choice["delta"].get("annotations") or answer.sources
         except httpx.TransportError as exc:
             raise ClientError(self._unreachable(exc)) from None
 
@@ -123,7 +141,7 @@ def ask(client: Client, question: str, *, model: str | None, system: str | None,
     for delta in client.stream_chat(messages, answer, model=model, **sampling):
         out.write(delta)
         out.flush()
-    out.write("\n")
+    out.write("\n" + answer.sources_text())
     return answer
 
 
@@ -240,7 +258,7 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
             history.pop()
             out.write(f"\nerror: {exc}\n")
             continue
-        out.write("\n")
+        out.write("\n" + answer.sources_text())
         history.append({"role": "assistant", "content": answer.text})
         last = answer
     out.write("bye\n")

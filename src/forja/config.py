@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_HOME = Path("~/.forja").expanduser()
@@ -232,6 +232,46 @@ class RailsSettings(BaseModel):
         return self
 
 
+DEFAULT_CONTEXT_TEMPLATE = (
+    "Answer from these documents, and cite the ones you use by their number, like [1].\n\n{documents}")
+DEFAULT_NOT_FOUND = {
+    "es": "No encuentro esa información en mis documentos, así que no puedo responderte con seguridad.",
+    "en": "I can't find that in my documents, so I can't answer it reliably.",
+}
+
+
+class RetrievalSettings(BaseModel):
+    """How a persona with `knowledge` grounds its answers; `knowledge.retrieval` holds the defaults and a
+    persona's own `retrieval` is laid over them (only the fields it sets)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(3, ge=1, le=20, description="Chunks put into the prompt (the best of all the persona's collections).")
+    min_score: float = Field(
+        0.3, ge=-1.0, le=1.0, description="Least cosine similarity between the question and a chunk's vector for "
+        "the chunk to count as relevant. The bundled MiniLM is an English model: Spanish questions score 0.4-0.8 "
+        "against related and unrelated chunks alike, so only clearly unrelated questions fall below 0.3.")
+    mode: Literal["always", "off"] = Field(
+        "always", description="always: retrieve for every chat request; off: answer without the collections.")
+    when_none: Literal["say_unknown", "answer"] = Field(
+        "say_unknown", description="No relevant chunk: say so (not_found, in the user's language) without asking "
+        "the model, or let the model answer without documents.")
+    not_found: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_NOT_FOUND),
+                                      description="What say_unknown answers, by language (es, en).")
+    template: str = Field(DEFAULT_CONTEXT_TEMPLATE, description="Added to the system prompt; {documents} becomes "
+                          "the numbered chunks, each with its source.")
+    follow_up_words: int = Field(
+        6, ge=0, description="A last user message of fewer words than this is a follow-up: the one before it joins "
+        "the query (\"¿y los domingos?\" after \"¿qué horario tenéis?\").")
+
+    @field_validator("template")
+    @classmethod
+    def _has_documents(cls, value: str) -> str:
+        if "{documents}" not in value:
+            raise ValueError("the template must contain {documents}, where the chunks go")
+        return value
+
+
 class Persona(BaseModel):
     """A named assistant: a system prompt and default sampling on a model; selectable as `model`."""
 
@@ -251,6 +291,10 @@ class Persona(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
     guard: RailsSettings | None = Field(
         None, description="Guardrail settings laid over the top-level `guard` (a list given here replaces the top-level one).")
+    knowledge: list[str] = Field(default_factory=list, description="Knowledge collections the persona answers "
+                                 "from (forja knowledge add NAME ...); its answers cite the chunks they were given.")
+    retrieval: RetrievalSettings | None = Field(
+        None, description="Retrieval settings laid over `knowledge.retrieval` (only the fields given here).")
 
 
 class ServeSettings(BaseModel):
@@ -349,6 +393,8 @@ class KnowledgeSettings(BaseModel):
     candidates: int = Field(50, ge=1, description="Chunks each retriever (vectors, keywords) ranks before fusion.")
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: a chunk scores the sum of "
                        "1 / (rrf_k + rank) over the retrievers that found it.")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings,
+                                         description="How personas with knowledge ground their answers.")
 
     @model_validator(mode="after")
     def _overlap_below_half(self) -> "KnowledgeSettings":
@@ -356,6 +402,32 @@ class KnowledgeSettings(BaseModel):
             raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be at most half of chunk_tokens "
                              f"({self.chunk_tokens})")
         return self
+
+
+class DataSource(BaseModel):
+    """A file, folder or `hf:owner/name` dataset that `forja data` reads with options of its own (the same as
+    the flags of `forja data inspect`/`prepare`, which override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="File, folder or hf:owner/name; a path given on the command line inside it gets these options.")
+    map: dict[str, str] = Field(
+        default_factory=dict, description="Which column is which: {question: Consulta, answer: Contestación} "
+        "(also system, context, text; multi-turn conversation, role, content).")
+    guess: bool = Field(False, description="Where no known format matches and map is empty, guess the mapping.")
+    encoding: str | None = Field(None, description="Text encoding (e.g. cp1252); None = detected.")
+    assistant: str | None = Field(None, description="Chat exports: the participant who is the assistant.")
+    gap_hours: float | None = Field(None, gt=0, description="Chat exports: a pause this long starts a new conversation (default 6).")
+    split: str | None = Field(None, description="hf: datasets: the split to read (default: train).")
+    subset: str | None = Field(None, description="hf: datasets: the subset (configuration) to read.")
+
+
+class DataSettings(BaseModel):
+    """What `forja data` reads when given no paths, and how to read each source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[DataSource] = Field(default_factory=list, description="Sources with their reading options.")
 
 
 class FilesSettings(BaseModel):
@@ -385,6 +457,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     guard: RailsSettings = Field(default_factory=RailsSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."

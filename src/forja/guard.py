@@ -247,6 +247,7 @@ INJECTION_RULES = {
         r"\bahora eres\b.{0,30}\b(dan|libre|sin (reglas|restricciones|limites))\b",
     ),
 }
+CHAT_TOKENS = re.compile(r"<\|[a-z_]{2,30}\|>|\[/?inst\]|<</?sys>>", re.I)  # in documents ("Sistema:" is a word there)
 TEMPLATE_TOKENS = re.compile(r"<\|[a-z_]{2,30}\|>|</?s>|\[/?inst\]|<</?sys>>|^\s*(system|sistema)\s*:", re.I | re.M)
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
 
@@ -463,7 +464,7 @@ class Guard:
             return Verdict(texts[-1] if texts else "", texts=texts)
         findings: list[Finding] = []
         redacted = []
-        language = self._language(" ".join(texts[-1:]))
+        language = self.language(" ".join(texts[-1:]))
         if self.input_chars(conversation) > self.rails.max_input_chars:
             findings.append(Finding("input", "length", "length", "block"))
         for text in texts:
@@ -495,15 +496,27 @@ class Guard:
         return [m if m.get("role") == "system" or not isinstance(m.get("content"), str) else {**m, "content": next(redacted)}
                 for m in conversation]
 
+    def check_document(self, text: str) -> list[Finding]:
+        """A retrieved chunk is text no user sent and no rail has seen: an instruction hidden in a document (the
+        injection rules, chat-template tokens) is an injection. With guard.injection at block the chunk is kept
+        out of the prompt (the finding says "block"); at flag it is kept and recorded."""
+        if not self.rails.enabled or self.rails.injection == "off":
+            return []
+        norm, action = normalize(text), self.rails.injection
+        found = [Finding("retrieval", rule, "injection", action) for rule, rx in INJECTION_RULES.items() if rx.search(norm)]
+        if CHAT_TOKENS.search(text):
+            found.append(Finding("retrieval", "characters.template_tokens", "injection", action))
+        return found
+
     def check_output(self, text: str, conversation: list[dict[str, str]] | None = None, language: str | None = None) -> Verdict:
         """Check a whole answer (refusals in the user's language, else the answer's)."""
-        stream = self.output_filter(conversation, language or self._language(_last_user(conversation) or text))
+        stream = self.output_filter(conversation, language or self.language(_last_user(conversation) or text))
         released = stream.feed(text) + stream.finish()
         return Verdict(released if not stream.verdict.blocked else stream.verdict.refusal or "", stream.verdict.findings,
                        stream.verdict.refusal)
 
     def output_filter(self, conversation: list[dict[str, str]] | None = None, language: str | None = None) -> "OutputFilter":
-        return OutputFilter(self, conversation or [], language or self._language(_last_user(conversation)))
+        return OutputFilter(self, conversation or [], language or self.language(_last_user(conversation)))
 
     # -------------------------------------------------------------- the rules
 
@@ -569,7 +582,8 @@ class Guard:
         text = next(builtin[key] for key in keys if key in builtin)
         return text.format(entity=ENTITY_NAMES[language].get(entity, ""))
 
-    def _language(self, text: str) -> str:
+    def language(self, text: str) -> str:
+        """The language answers and refusals use for `text`: guard.language, or detected (es or en)."""
         return self.rails.language if self.rails.language != "auto" else language_of(text)
 
 

@@ -29,6 +29,15 @@ def exact_match(answer: str, truth: str) -> float:
     return float(normalize(answer) == normalize(truth))
 
 
+def contains_fact(answer: str, fact: str) -> float:
+    """1 when the fact's normalised tokens appear in the answer one after another ("3,80 €" in "cuesta
+    3.80 €"), else 0."""
+    have, want = normalize(answer), normalize(fact)
+    if not want:
+        return 1.0
+    return float(any(have[i:i + len(want)] == want for i in range(len(have) - len(want) + 1)))
+
+
 def token_f1(answer: str, truth: str) -> float:
     """Harmonic mean of token precision and recall (bag of normalised tokens, as SQuAD)."""
     pred, gold = normalize(answer), normalize(truth)

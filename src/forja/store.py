@@ -54,6 +54,7 @@ exchanges = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False, default=0.0),
     sa.Column("finish_reason", sa.String(20)),
     sa.Column("api_key_name", sa.String(200)),
+    sa.Column("retrieval", sa.Text),  # JSON: the knowledge chunks retrieved for the prompt(s), or NULL
 )
 
 feedback = sa.Table(
@@ -140,12 +141,22 @@ def _create(*tables: sa.Table):
     return step
 
 
+def _add_column(table: sa.Table, name: str):
+    """A column added to a table that 0001 created; a database created since has it already."""
+    def step(conn: Connection) -> None:
+        if name not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
+            column = table.c[name]
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(conn.dialect)}"))
+    return step
+
+
 # Ordered, never edited once released: a new column or table is a new entry at the end.
 MIGRATIONS: list[tuple[str, Any]] = [
     ("0001_exchanges_and_feedback", _create(exchanges, feedback)),
     ("0002_feedback_used", _create(feedback_used)),
     ("0003_guard_events", _create(guard_events)),
     ("0004_feedback_reviews", _create(feedback_reviews)),
+    ("0005_exchange_retrieval", _add_column(exchanges, "retrieval")),
     ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
 ]
 
@@ -165,6 +176,7 @@ class Exchange:
     latency_ms: float
     finish_reason: str | None
     api_key_name: str | None
+    retrieval: Any = None
 
     @property
     def answer(self) -> str:
@@ -215,7 +227,7 @@ class Store:
     def log_exchange(self, *, id: str, route: str, model: str, persona: str | None, messages: Any,
                      answers: list[str], params: dict[str, Any], prompt_tokens: int, completion_tokens: int,
                      latency_ms: float, finish_reason: str | None, api_key_name: str | None,
-                     guard_events: Sequence[dict[str, Any]] = ()) -> None:
+                     retrieval: Any = None, guard_events: Sequence[dict[str, Any]] = ()) -> None:
         """One exchange and the guardrail decisions taken on it, in one transaction."""
         with self.engine.begin() as conn:
             self._insert_guard_events(conn, guard_events)
@@ -225,6 +237,7 @@ class Store:
                 params=json.dumps(params, ensure_ascii=False), prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
                 api_key_name=api_key_name,
+                retrieval=None if retrieval is None else json.dumps(retrieval, ensure_ascii=False),
             ))
 
     def log_guard_events(self, events: list[dict[str, Any]]) -> None:
@@ -428,6 +441,7 @@ def _exchange(row: Any) -> Exchange:
     data = dict(row._mapping)
     for key in ("messages", "answers", "params"):
         data[key] = json.loads(data[key])
+    data["retrieval"] = json.loads(data["retrieval"]) if data.get("retrieval") else None
     return Exchange(**data)
 
 

@@ -2,7 +2,7 @@
 found again by meaning (the bundled MiniLM vectors) and by words (SQLite FTS5), the two rankings fused.
 
 `forja knowledge add NAME PATH...` indexes files; `forja knowledge search NAME "query"` ranks chunks.
-Callers (the server's personas, next) use `search(settings, collection, query, top_k) -> list[Hit]`.
+The server's personas use `retrieve(settings, collections, query, top_k, min_score) -> list[Hit]`.
 """
 
 from forja.knowledge.index import (
@@ -16,6 +16,7 @@ from forja.knowledge.index import (
     collections,
     remove,
     rename,
+    retrieve,
     search,
     show,
 )
@@ -23,4 +24,5 @@ from forja.knowledge.index import (
 __all__ = [
     "Collection", "FileInfo", "FileResult", "Hit", "KnowledgeError", "UnknownCollection",
     "add", "collections", "remove", "rename", "search", "show",
+    "add", "collections", "remove", "retrieve", "search", "show",
 ]

@@ -50,6 +50,12 @@ class Hit:
     headings: tuple[str, ...]
     start: int
     end: int
+    similarity: float = 0.0  # cosine between the query's vector and the chunk's (what retrieval.min_score limits)
+    collection: str = ""
+
+    @property
+    def filename(self) -> str:
+        return Path(self.source).name
 
 
 @dataclass
@@ -83,7 +89,7 @@ class Collection:
 
 @dataclass
 class FileResult:
-    """What `add` did with one file: "added", "replaced", "unchanged" or "no text"."""
+    """What `add` did with one file: "added", "replaced", "unchanged", "no text" or "removed" (gone from its folder)."""
 
     path: str
     status: str
@@ -187,7 +193,8 @@ def files_to_index(paths: Iterable[str | Path]) -> list[Path]:
 def add(settings: Settings, name: str, paths: Iterable[str | Path],
         progress: Callable[[FileResult], None] | None = None) -> list[FileResult]:
     """Index files into collection `name` (created if new): a new file is added, a changed one replaces its
-    chunks, an unchanged one (same content hash and chunk sizes) is skipped."""
+    chunks, an unchanged one (same content hash and chunk sizes) is skipped, and a file indexed from a folder
+    named here that the folder no longer holds is removed."""
     from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL, count_tokens, embed
 
     if not COLLECTION_NAME.fullmatch(name):
@@ -223,7 +230,28 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
             results.append(result)
             if progress is not None:
                 progress(result)
+        for result in _forget_gone(db, collection_id, paths, {str(p) for p in files}):
+            results.append(result)
+            if progress is not None:
+                progress(result)
     return results
+
+
+def _forget_gone(db: sqlite3.Connection, collection_id: int, paths: Iterable[str | Path], found: set[str]) -> list[FileResult]:
+    """A folder added again is its current content: files indexed from under it that it no longer holds (deleted,
+    renamed) leave the collection, each in its own transaction."""
+    gone = []
+    for folder in (Path(p).resolve() for p in paths):
+        if not folder.is_dir():
+            continue
+        prefix = str(folder).rstrip("/") + "/"
+        for file_id, path in db.execute("SELECT id, path FROM files WHERE collection_id = ? AND substr(path, 1, ?) = ?",
+                                        (collection_id, len(prefix), prefix)).fetchall():
+            if path not in found:
+                with _transaction(db):
+                    db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+                gone.append(FileResult(path, "removed"))
+    return gone
 
 
 def _write_file(db: sqlite3.Connection, name: str, collection_id: int, document: Document, digest: str,
@@ -342,8 +370,16 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
                 f'SELECT c.id, c.text, f.path, c.page, c.headings, c.start, c."end" FROM chunks c '
                 f"JOIN files f ON f.id = c.file_id WHERE c.id IN ({','.join('?' * len(chosen))})", chosen)
         }
+    similar = {c: float(similarity[np.flatnonzero(ids == c)[0]]) for c in chosen}
     return [Hit(c, found[c][1], scores[c], found[c][2], found[c][3], tuple(json.loads(found[c][4])),
-                found[c][5], found[c][6]) for c in chosen]
+                found[c][5], found[c][6], similar[c], collection) for c in chosen]
+
+
+def retrieve(settings: Settings, names: Iterable[str], query: str, top_k: int, min_score: float) -> list[Hit]:
+    """The `top_k` chunks of all of `names` that best answer `query` (fused scores, which share one scale),
+    leaving out those whose vector is less similar to the query's than `min_score`."""
+    hits = [hit for name in names for hit in search(settings, name, query, top_k) if hit.similarity >= min_score]
+    return sorted(hits, key=lambda h: -h.score)[:top_k]
 
 
 def _folded(word: str) -> str:

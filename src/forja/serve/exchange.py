@@ -22,9 +22,11 @@ from forja.config import SAMPLERS
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
 from forja.engine.constrain import Grammar, GrammarError
 from forja.engine.text import chat_prompt_ids, has_tool_format
+from forja.knowledge import KnowledgeError
+from forja.knowledge.grounding import Grounding, ground, not_found, retrieval_settings, with_documents
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
-from forja.serve.rails import RequestRails
+from forja.serve.rails import CONTENT_FILTER, RequestRails
 from forja.serve.tools import (ToolCallStream, conversation_text, parse_tool_calls, render_tools_system,
                                response_format_grammar, tool_call_spec)
 
@@ -71,6 +73,15 @@ class Answer:
     error: str | None = None
     calls: ToolCallStream | None = None  # when the request has tools: splits the streamed text as it comes
     parsed: tuple[str | None, list[dict[str, Any]]] | None = None  # content and tool calls, once finished
+    grounding: Grounding | None = None  # the persona's knowledge this answer was given
+
+    def citations(self) -> list[dict[str, Any]]:
+        """The chunks the answer was given, as OpenAI annotations (empty without knowledge)."""
+        return self.grounding.citations(self.text) if self.grounding is not None else []
+
+    def sources(self) -> list[dict[str, Any]]:
+        """The same citations as flat objects (the Responses API's file_citation shape, /predict's sources)."""
+        return [{"type": c["type"], **c["file_citation"]} for c in self.citations()]
 
     def content_and_calls(self) -> tuple[str | None, list[dict[str, Any]]]:
         """The answer as OpenAI's message holds it: text, and the tool calls it made (if it has tools); parsed
@@ -86,9 +97,9 @@ class Exchange:
     """One request: build it with `await Exchange.open(...)`, then `events()` (streaming) or `collect()`."""
 
     def __init__(self, state: ServerState, request: Request, rid: str, route: str, target: Target,
-                 rails: RequestRails, prompts: list[Prompt], options: Options):
+                 rails: RequestRails, prompts: list[Prompt], options: Options, groundings: list[Grounding | None]):
         self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
-        self.prompts, self.options = prompts, options
+        self.prompts, self.options, self.groundings = prompts, options, groundings
         self.answers: list[Answer] = []
         self.params: dict[str, Any] = {}
         self.key_name = getattr(request.state, "api_key_name", None)
@@ -117,11 +128,12 @@ class Exchange:
             screened = await asyncio.to_thread(rails.screen, prompts)
         else:
             screened = rails.screen(prompts)
-        exchange = cls(state, request, rid, route, target, rails, [p for p, _ in screened], options)
-        jobs: list[tuple[int, list[int] | None, SamplingParams | None, str | None]] = []
-        for index, (prompt, refusal) in enumerate(screened):
-            if refusal is not None:
-                jobs += [(index, None, None, refusal)] * n
+        prompts, groundings, fixed = await _grounded(state, target, rails, screened)
+        exchange = cls(state, request, rid, route, target, rails, prompts, options, groundings)
+        jobs: list[tuple[int, list[int] | None, SamplingParams | None, tuple[str, str] | None]] = []
+        for index, prompt in enumerate(prompts):
+            if fixed[index] is not None:
+                jobs += [(index, None, None, fixed[index])] * n
                 continue
             if native:  # the template writes the tools its own way (the grammar keeps the calls in ours)
                 ids = await asyncio.to_thread(chat_prompt_ids, target.engine.tokenizer, prompt, options.tools)
@@ -133,16 +145,17 @@ class Exchange:
         exchange._submit(jobs)
         return exchange
 
-    def _submit(self, jobs: list[tuple[int, list[int] | None, SamplingParams | None, str | None]]) -> None:
+    def _submit(self, jobs: list[tuple[int, list[int] | None, SamplingParams | None, tuple[str, str] | None]]) -> None:
         submitted: list[Stream] = []
         try:
-            for index, ids, params, refusal in jobs:
+            for index, ids, params, fixed in jobs:
                 stream = self.target.engine.submit(ids, params) if ids is not None and params is not None else None
                 if stream is not None:
                     submitted.append(stream)
                     self.params = self.params or _stored_params(params, self.rails)
-                self.answers.append(Answer(len(self.answers), index, self.rails.answer(index, refusal, stream),
-                                           calls=ToolCallStream() if self.options.tools else None))
+                self.answers.append(Answer(len(self.answers), index, self.rails.answer(index, fixed, stream),
+                                           calls=ToolCallStream() if self.options.tools else None,
+                                           grounding=self.groundings[index]))
         except QueueFull as exc:
             for stream in submitted:
                 stream.cancel()
@@ -234,12 +247,14 @@ class Exchange:
 
     def _row(self) -> dict[str, Any]:
         usage = self.usage()
+        retrieval = [g.record() if g is not None else None for g in self.groundings]
         return dict(id=self.rid, route=self.route, model=self.target.engine.name,
                     persona=self.target.persona.name if self.target.persona else None, messages=self.stored_prompt(),
                     answers=self.rails.guard.redact([a.text for a in self.answers]), params=self.params,
                     prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
                     latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
-                    finish_reason=self.answers[0].finish_reason if self.answers else None, api_key_name=self.key_name)
+                    finish_reason=self.answers[0].finish_reason if self.answers else None, api_key_name=self.key_name,
+                    retrieval=None if not any(retrieval) else retrieval[0] if len(retrieval) == 1 else retrieval)
 
     async def save(self) -> None:
         if self.saved:
@@ -279,6 +294,34 @@ class Exchange:
 
 
 # ------------------------------------------------------------------------------------------------ assembling
+
+
+async def _grounded(state: ServerState, target: Target, rails: RequestRails, screened: list[tuple[Prompt, str | None]]
+                    ) -> tuple[list[Prompt], list[Grounding | None], list[tuple[str, str] | None]]:
+    """Each screened prompt with its persona's documents (retrieved off the event loop), and the fixed answer
+    (text, finish_reason) of those the engine does not answer: the input rails' refusal, or "not found"."""
+    settings = retrieval_settings(state.settings, target.persona)
+    prompts: list[Prompt] = []
+    groundings: list[Grounding | None] = []
+    fixed: list[tuple[str, str] | None] = []
+    for prompt, refusal in screened:
+        grounding, answer = None, (refusal, CONTENT_FILTER) if refusal is not None else None
+        if answer is None and settings is not None and isinstance(prompt, list):
+            try:
+                grounding = await asyncio.to_thread(ground, state.settings, target.persona.knowledge, prompt,
+                                                    rails.guard, settings)
+            except KnowledgeError as exc:  # a collection the persona names is missing: the server's config
+                raise ApiError(503, f"persona {target.name!r} cannot read its knowledge: {exc}", type="server_error",
+                               code="knowledge_unavailable") from None
+            rails.record(grounding.findings)
+            if grounding.hits:
+                prompt = with_documents(prompt, grounding, settings)
+            elif settings.when_none == "say_unknown":
+                answer = (not_found(settings, rails.guard.language(grounding.query)), "stop")
+        prompts.append(prompt)
+        groundings.append(grounding)
+        fixed.append(answer)
+    return prompts, groundings, fixed
 
 
 def sampling(target: Target, state: ServerState, options: Options, *, prompt_tokens: int, param: str,

@@ -52,11 +52,12 @@ class RequestRails:
                            f"{rails.max_input_chars} (guard.max_input_chars): shorten it", param=param,
                            code="input_too_long")
 
-    def answer(self, index: int, refusal: str | None, submitted: Stream | None) -> Stream:
-        """The stream of one answer to prompt `index`: the refusal for a blocked prompt, else the engine's
-        stream behind the output rails."""
-        if refusal is not None or submitted is None:
-            return RefusalStream(refusal or "")
+    def answer(self, index: int, fixed: tuple[str, str] | None, submitted: Stream | None) -> Stream:
+        """The stream of one answer to prompt `index`: a fixed answer (text, finish_reason: the refusal of a
+        blocked prompt, a persona's "not found") the engine is not asked for, else the engine's stream behind
+        the output rails."""
+        if fixed is not None or submitted is None:
+            return FixedStream(*(fixed or ("", CONTENT_FILTER)))
         return GuardedStream(submitted, self.guard.output_filter(self.conversations[index]), self)
 
     def record(self, findings: list[Finding]) -> None:
@@ -65,15 +66,15 @@ class RequestRails:
             self.state.metrics.guard_actions.labels(finding.stage, finding.category, finding.action).inc()
 
 
-class RefusalStream(Stream):
-    """The answer to a blocked prompt: the refusal, then finish_reason content_filter."""
+class FixedStream(Stream):
+    """An answer the engine is not asked for: its text, then its finish_reason (content_filter for a refusal)."""
 
-    def __init__(self, refusal: str):
-        self.refusal = refusal
+    def __init__(self, text: str, finish_reason: str):
+        self.text, self.finish_reason = text, finish_reason
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
-        yield Delta(text=self.refusal)
-        yield Delta(finish_reason=CONTENT_FILTER, usage=Usage())
+        yield Delta(text=self.text)
+        yield Delta(finish_reason=self.finish_reason, usage=Usage())
 
     def cancel(self) -> None:
         pass

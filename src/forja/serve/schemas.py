@@ -288,6 +288,8 @@ class PredictResponse(BaseModel):
     generated_text: str
     id: str
     finish_reason: str | None = Field(None, description="content_filter when the guardrails refused (else left out).")
+    sources: list[dict[str, Any]] | None = Field(
+        None, description="A persona with knowledge: the chunks the answer was given (file_citation objects).")
 
 
 MAX_FEEDBACK_CHARS = 20_000

@@ -31,8 +31,8 @@ async def predict(body: PredictRequest, request: Request, state: StateDep, _: Ap
                                    param="max_length", n_param="num_return_sequences", input_param="prompt")
     answers = await exchange.collect(request)
     replies = [PredictResponse(generated_text=a.text, id=rid if len(answers) == 1 else f"{rid}-{a.index}",
-                               finish_reason=a.finish_reason if a.finish_reason == CONTENT_FILTER else None
-                               ).model_dump(exclude_none=True) for a in answers]
+                               finish_reason=a.finish_reason if a.finish_reason == CONTENT_FILTER else None,
+                               sources=a.sources() if a.grounding is not None else None).model_dump(exclude_none=True) for a in answers]
     return JSONResponse(replies[0] if len(replies) == 1 else replies)
 
 

@@ -120,6 +120,8 @@ def chat_choice(answer: Answer, tokenizer: Any) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
+    if answer.grounding is not None:
+        message["annotations"] = answer.citations()
     return {"index": answer.index, "message": message, "finish_reason": answer.finish_reason,
             "logprobs": chat_logprobs(answer.logprobs, tokenizer)}
 
@@ -179,7 +181,8 @@ async def chat_chunks(exchange: Exchange, created: int, include_usage: bool,
                       tokenizer: Any) -> AsyncIterator[dict[str, Any]]:
     """OpenAI's chat chunks: a role chunk per choice, content deltas, tool calls as OpenAI streams them (each
     call with its index, id, name and arguments, handed out when the model has written it whole), a finish
-    chunk per choice and, when asked, a last chunk with the usage."""
+    chunk per choice (with the citations of a persona with knowledge) and, when asked, a last chunk with
+    the usage."""
     head = {"id": exchange.rid, "object": "chat.completion.chunk", "created": created, "model": exchange.target.name}
 
     def chunk(answer: Answer, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
@@ -210,8 +213,9 @@ async def chat_chunks(exchange: Exchange, created: int, include_usage: bool,
             yield chunk(answer, piece, logprobs=delta.logprobs if i == 0 else None)
         if not pieces and delta.logprobs:
             yield chunk(answer, {}, logprobs=delta.logprobs)
-        if delta.finish_reason is not None:
-            yield chunk(answer, {}, delta.finish_reason)
+        if delta.finish_reason is not None:  # the citations come last: they say which [n] the answer cites
+            yield chunk(answer, {"annotations": answer.citations()} if answer.grounding is not None else {},
+                        delta.finish_reason)
     if include_usage:
         yield {**head, "choices": [], "usage": exchange.usage()}
 

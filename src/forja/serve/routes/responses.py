@@ -72,8 +72,16 @@ class Shape:
         return items + [function_call(call) for call in calls]
 
     def message(self, text: str | None, status: str = "completed") -> dict[str, Any]:
-        parts = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
+        parts = [] if text is None else [self.part(text, self.annotations() if status == "completed" else [])]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": parts}
+
+    @staticmethod
+    def part(text: str, annotations: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": annotations}
+
+    def annotations(self) -> list[dict[str, Any]]:
+        """The answer's citations as the Responses API puts them: flat file_citation objects."""
+        return self.exchange.answers[0].sources()
 
 
 def function_call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
@@ -97,10 +105,10 @@ async def events(shape: Shape) -> AsyncIterator[str]:
     def open_message() -> list[str]:
         return [event("response.output_item.added", output_index=index, item=shape.message(None, "in_progress")),
                 event("response.content_part.added", item_id=shape.message_id, output_index=index, content_index=0,
-                      part={"type": "output_text", "text": "", "annotations": []})]
+                      part=shape.part("", []))]
 
     def close_message() -> list[str]:
-        part = {"type": "output_text", "text": text, "annotations": []}
+        part = shape.part(text, shape.annotations())
         return [event("response.output_text.done", item_id=shape.message_id, output_index=index, content_index=0,
                       text=text),
                 event("response.content_part.done", item_id=shape.message_id, output_index=index, content_index=0,

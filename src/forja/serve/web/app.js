@@ -1,7 +1,8 @@
 // The chat page: keeps the conversation, streams answers from /v1/chat/completions (server-sent
 // events), persona selector, stop button, and under each answer thumbs up/down and an "improve this
-// answer" box that send feedback to /v1/feedback. Text from the user or the model is only ever set
-// with textContent, never innerHTML.
+// answer" box that send feedback to /v1/feedback; a persona with knowledge lists the sources under its
+// answer, each opening the quoted passage on click. Text from the user, the documents or the model is
+// only ever set with textContent, never innerHTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -117,6 +118,35 @@ function feedbackBar(bubble, id, turn) {
   bubble.after(bar, box);
 }
 
+function where(cite) {
+  const parts = [cite.filename];
+  if (cite.page !== null && cite.page !== undefined) parts.push("p. " + cite.page);
+  if (cite.headings && cite.headings.length) parts.push(cite.headings.join(" › "));
+  return parts.join(", ");
+}
+
+function sourcesList(annotations) {
+  const box = document.createElement("div");
+  box.className = "sources";
+  const title = document.createElement("span");
+  title.className = "sources-title";
+  title.textContent = "Sources";
+  box.append(title);
+  for (const note of annotations) {
+    const cite = note.file_citation;
+    const item = document.createElement("details");
+    item.className = "source" + (cite.cited ? " cited" : "");
+    const summary = document.createElement("summary");
+    summary.textContent = "[" + cite.index + "] " + where(cite);
+    summary.title = cite.cited ? "cited in the answer" : "given to the model";
+    const quote = document.createElement("blockquote");
+    quote.textContent = cite.quote;
+    item.append(summary, quote);
+    box.append(item);
+  }
+  return box;
+}
+
 function busy(on) {
   $("send").disabled = on;
   $("stop").disabled = !on;
@@ -133,6 +163,7 @@ async function ask(text) {
   let answer = "";
   let finish = null;
   let responseId = null;
+  let annotations = [];
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
@@ -161,6 +192,7 @@ async function ask(text) {
             bubble.textContent = answer;
             bubble.scrollIntoView({ block: "end" });
           }
+          if (choice.delta && choice.delta.annotations) annotations = choice.delta.annotations;
           if (choice.finish_reason) finish = choice.finish_reason;
         }
       }
@@ -173,6 +205,7 @@ async function ask(text) {
     if (!answer && finish !== "stopped") bubble.classList.add("empty");
     if (answer) state.history.push({ role: "assistant", content: answer });
     if (answer && responseId && finish !== "stopped") feedbackBar(bubble, responseId, state.history.length - 1);
+    if (annotations.length) bubble.after(sourcesList(annotations)); // between the answer and its feedback bar
     const notes = { stopped: "(stopped)", length: "(cut at the length limit)",
                     content_filter: "(refused by the guardrails; rate it ✗ Bad if it should have answered)" };
     if (notes[finish]) {

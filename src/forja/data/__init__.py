@@ -2,10 +2,13 @@
 
 `forja data inspect PATH...` shows what Forja finds in your files; `forja data prepare PATH... --out FILE.jsonl`
 writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.meta.json (counts, sources, hash).
+Here: reading files (encodings, CSV dialects), detecting formats by name, rows into conversations, reports,
+chunks and the split; beside it `mapping` (--map, --guess), `chats` (WhatsApp, Telegram) and `hub` (hf: datasets).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -71,7 +74,8 @@ ACCEPTED = (
     "accepted: " + " ".join(CONTAINERS) + "; tables and JSON with columns or fields "
     + " | ".join("+".join(f.keys) for f in COLUMN_FORMATS)
     + ' (alpaca may add input); text files of "User:"/"Assistant:" ("Usuario:"/"Asistente:") turns are dialogue, '
-    "other text, .pdf and .docx are knowledge"
+    "other text, .pdf and .docx are knowledge; WhatsApp .txt (or .zip) and Telegram result.json exports are dialogue "
+    "(with --assistant NAME); other columns with --map"
 )
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -86,6 +90,82 @@ SPEAKER_LINE = re.compile(r"(" + "|".join(SPEAKERS) + r")[ \t]*:[ \t]?(.*)", re.
 SEPARATOR_LINE = re.compile(r"-{3,}[ \t]*")
 # PDF and Word exports carry these; they are invisible and only waste tokens.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+# Byte order marks, longest first (UTF-32's LE mark starts with UTF-16's), with what `inspect` calls them.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 LE"), (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32 BE"),
+    (codecs.BOM_UTF8, "utf-8", "UTF-8 with BOM"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16 LE"), (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16 BE"),
+)
+# The single-byte encodings charset-normalizer chooses among (its names), and what `inspect` calls them.
+SINGLE_BYTE_ENCODINGS = {
+    "cp1252": "Windows-1252", "latin_1": "Latin-1", "iso8859_15": "Latin-9", "cp850": "DOS Latin-1 (cp850)",
+    "mac_roman": "Mac Roman",
+}
+ENCODING_NAMES = {  # codecs' names of forced encodings
+    "utf-8": "UTF-8", "utf-16": "UTF-16", "utf-16-le": "UTF-16 LE", "utf-16-be": "UTF-16 BE", "cp1252": "Windows-1252",
+    "latin-1": "Latin-1", "iso8859-1": "Latin-1", "iso8859-15": "Latin-9", "cp850": "DOS Latin-1 (cp850)",
+    "mac-roman": "Mac Roman",
+}
+CSV_DELIMITERS = (",", ";", "\t", "|")
+CSV_SNIFF_LINES = 20  # the sniffer reads this many lines
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a source where detection alone is not enough: the flags of `forja data`, or a source's
+    options in the config (`data.sources`)."""
+
+    map: dict[str, str] = field(default_factory=dict)  # field → the file's column: {"question": "Consulta"}
+    guess: bool = False  # no known format and no map: guess the mapping from names and contents
+    encoding: str | None = None  # None: detected
+    assistant: str | None = None  # chat exports: the participant who is the assistant
+    gap_hours: float | None = None  # chat exports: a longer pause starts a new conversation
+    split: str | None = None  # hf: datasets
+    subset: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A path (file, folder or hf:owner/name) with the options to read it."""
+
+    path: str
+    options: ReadOptions = field(default_factory=ReadOptions)
+
+
+def sources(paths: Iterable[str | Path], configured: Iterable[Any] = (), **flags: Any) -> list[Source]:
+    """The sources `forja data` reads: each path with the options of the configured source it lies in
+    (`data.sources`: objects with path, map, encoding, ...), overridden by the flags that are not None;
+    with no paths, every configured source."""
+    from forja.data.mapping import check_map
+
+    configured = list(configured)
+    flags = {k: v for k, v in flags.items() if v is not None and v != {} and v is not False}
+    if "map" in flags:
+        check_map(flags["map"])
+
+    def options(entry: Any) -> ReadOptions:
+        given = {name: getattr(entry, name) for name in ReadOptions.__dataclass_fields__} if entry else {}
+        given = {k: v for k, v in given.items() if v is not None}
+        check_map(given.get("map", {}))
+        return ReadOptions(**{**given, **flags})
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        if not configured:
+            raise DataError("no files given: name files or folders, or list them under data.sources in forja.yaml")
+        return [Source(entry.path, options(entry)) for entry in configured]
+    chosen = []
+    for path in paths:
+        entry = next((e for e in configured if _inside(path, e.path)), None)
+        chosen.append(Source(path, options(entry)))
+    return chosen
+
+
+def _inside(path: str, source: str) -> bool:
+    if path.startswith("hf:") or source.startswith("hf:"):
+        return path == source
+    path_, source_ = Path(path).resolve(), Path(source).resolve()
+    return path_ == source_ or source_ in path_.parents
 
 
 class DataError(ForjaError):
@@ -123,6 +203,7 @@ class _Row:
 class _Table:
     columns: list[str] | None  # the header, for CSV/TSV/Excel/Parquet; None where each JSON row has its own keys
     rows: list[_Row | BadRow]  # in file order, so the first problem reported is the first in the file
+    detail: str = ""  # how the bytes were read, for text files: 'cp1252, ";"-separated'
 
 
 @dataclass
@@ -134,12 +215,15 @@ class _Record:
 
 @dataclass
 class _File:
-    path: Path
+    path: Path | str  # a file, or an "hf:" dataset
     container: str  # "CSV", "Excel", "PDF", ...
     format: str  # a Format name, TRANSCRIPT or DOCUMENT
     kind: str
     records: list[_Record]
     bad: list[BadRow]
+    detail: str = ""  # how the bytes were read: 'cp1252, ";"-separated'
+    mapping: str = ""  # the --map used, 'question=consulta,answer=contestación'
+    notes: list[str] = field(default_factory=list)  # what the user should know: a guessed mapping, ...
 
 
 # --- Reports ---------------------------------------------------------------------------------------
@@ -162,6 +246,9 @@ class FileReport:
     bad_rows: list[str] = field(default_factory=list)  # rows `prepare` refuses (or skips with skip_bad)
     empty_fields: int = 0  # how many of bad_rows are refused for an empty field
     error: str | None = None  # why the file cannot be read at all
+    detail: str = ""  # how the bytes were read: 'cp1252, ";"-separated'
+    mapping: str = ""  # the --map used
+    notes: list[str] = field(default_factory=list)  # a guessed mapping, dropped messages, ...
 
     def render(self) -> str:
         if self.error:
@@ -173,11 +260,14 @@ class FileReport:
             found += f", {self.chunks} chunks"
         else:
             found = "no rows"
-        line = f"{self.path}: {self.container}, {found}, {self.tokens:,} tokens"
+        container = f"{self.container} ({self.detail})" if self.detail else self.container
+        mapped = f" by --map {self.mapping}" if self.mapping else ""
+        line = f"{self.path}: {container}, {found.replace(' → ', mapped + ' → ', 1)}, {self.tokens:,} tokens"
         notes = [f"{self.duplicates} duplicates"] if self.duplicates else []
         if self.bad_rows:
             notes.append(f"{len(self.bad_rows)} bad rows ({self.empty_fields} with an empty field)")
         lines = [line + (f" [{', '.join(notes)}]" if notes else "")]
+        lines += [f"    {note}" for note in self.notes]
         lines += [f"    {message}" for message in self.bad_rows[:5]]
         if len(self.bad_rows) > 5:
             lines.append(f"    … and {len(self.bad_rows) - 5} more")
@@ -264,6 +354,7 @@ class Summary:
             lines.append(f"  no row held out for validation: {self.train_rows} rows is small data (at most "
                          f"{SMALL_DATA_ROWS}), every row is trained; training validates on the training rows and "
                          "their rewordings (hold rows out with --val-fraction 0.1)")
+        lines += [f"  {f.path}: {note}" for f in self.files for note in f.notes]
         lines += [f"  skipped {message}" for message in self.skipped]
         return "\n".join(lines)
 
@@ -272,7 +363,10 @@ class Summary:
 
 
 def inspect(
-    paths: Iterable[str | Path] | str | Path, tokenizer: Any = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    paths: Iterable[str | Path | Source] | str | Path | Source,
+    tokenizer: Any = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    options: ReadOptions | None = None,
 ) -> Report:
     """Read files and folders and tell what they hold, without writing anything.
 
@@ -280,14 +374,15 @@ def inspect(
     bad rows with their messages, or why the file can't be read), totals and a length histogram.
     A file that cannot be read is reported, not raised; only a path that does not exist raises DataError.
     `tokenizer` is anything with `encode(text, add_special_tokens=False)`, e.g. a transformers tokenizer;
-    without one tokens are estimated from whitespace words and the report says so.
+    without one tokens are estimated from whitespace words and the report says so. `options` (the
+    mapping, encoding, ...) apply to every path given as a plain path; a Source carries its own.
     """
     count, unit = _token_counter(tokenizer)
     reports: list[FileReport] = []
     seen: set[str] = set()
-    for path in expand_paths(paths):
+    for path, read in _expand_sources(paths, options):
         try:
-            data = _read_file(path)
+            data = _read_file(path, read)
         except DataError as error:
             reports.append(FileReport(str(path), error=str(error)))
             continue
@@ -296,7 +391,7 @@ def inspect(
 
 
 def prepare(
-    paths: Iterable[str | Path] | str | Path,
+    paths: Iterable[str | Path | Source] | str | Path | Source,
     out: str | Path,
     val_fraction: float | None = None,
     seed: int = 0,
@@ -304,6 +399,7 @@ def prepare(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     tokenizer: Any = None,
     system: str | None = None,
+    options: ReadOptions | None = None,
 ) -> Summary:
     """Clean files and folders into one training JSONL, a validation JSONL beside it and a meta file.
 
@@ -316,7 +412,7 @@ def prepare(
     `val_fraction` None holds nothing out of small data (at most SMALL_DATA_ROWS rows: a FAQ whose every
     row is an answer to learn) and 0.1 of anything larger; the summary says which.
     Raises DataError (one line, print it as is) on the first bad row unless skip_bad, which leaves such
-    rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`.
+    rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`. `options` as in `inspect`.
     """
     out = Path(out)
     if val_fraction is not None and not 0 <= val_fraction < 1:
@@ -332,10 +428,10 @@ def prepare(
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    for path in expand_paths(paths):
-        if path.resolve() in written:
+    for path, read in _expand_sources(paths, options):
+        if isinstance(path, Path) and path.resolve() in written:
             continue
-        data = _read_file(path)
+        data = _read_file(path, read)
         if data.bad and not skip_bad:
             raise data.bad[0].error()
         skipped += [bad.message for bad in data.bad]
@@ -377,7 +473,9 @@ def prepare(
         "duplicates_removed": summary.duplicates_removed,
         "skipped": skipped,
         "sources": [
-            {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths)}
+            {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths),
+             **({"read": r.detail} if r.detail else {}), **({"map": r.mapping} if r.mapping else {}),
+             **({"notes": r.notes} if r.notes else {})}
             for r in reports
         ],
     }
@@ -420,35 +518,100 @@ def expand_paths(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     return files
 
 
-def _read_file(path: Path) -> _File:
-    """Read one file, detect its format and turn its rows into records; bad rows are collected, not raised."""
+def _expand_sources(
+    paths: Iterable[str | Path | Source] | str | Path | Source, options: ReadOptions | None
+) -> list[tuple[Path | str, ReadOptions]]:
+    """Each file (or "hf:" dataset) to read with its options: folders expanded, plain paths given `options`."""
+    if isinstance(paths, (str, Path, Source)):
+        paths = [paths]
+    found = []
+    for item in paths:
+        source = item if isinstance(item, Source) else Source(str(item), options or ReadOptions())
+        if source.path.startswith("hf:"):  # a Hugging Face dataset, read by forja.data.hub
+            found.append((source.path, source.options))
+        else:
+            found += [(path, source.options) for path in expand_paths(source.path)]
+    return found
+
+
+def _read_file(path: Path | str, options: ReadOptions | None = None) -> _File:
+    """Read one file (or "hf:" dataset), detect its format (or map its columns) and turn its rows into
+    records; bad rows are collected, not raised."""
+    options = options or ReadOptions()
+    if isinstance(path, str):
+        from forja.data import hub
+
+        return _from_table(path, "Hugging Face dataset", hub.read(path, options), "column", options)  # type: ignore[arg-type]
     suffix = path.suffix.lower()
     container = CONTAINERS.get(suffix)
+    if suffix == ".zip":  # iOS exports a WhatsApp chat as a zip of _chat.txt and its media
+        from forja.data import chats
+
+        return chats.whatsapp_zip(path, options)
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
     if suffix in (".txt", ".md", ".pdf", ".docx"):
-        text = {".pdf": _read_pdf, ".docx": _read_docx}.get(suffix, read_text)(path)
-        if suffix in (".txt", ".md") and _is_transcript(text):
-            return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text))
-        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text))
+        if suffix in (".pdf", ".docx"):
+            text, detail = (_read_pdf(path) if suffix == ".pdf" else _read_docx(path)), ""
+        else:
+            text, detail = decode(path, path.read_bytes(), options.encoding)
+        if suffix == ".txt":
+            from forja.data import chats
 
-    table = _TABLE_READERS[suffix](path)
+            if chats.is_whatsapp(text):
+                return chats.whatsapp(path, text, options, container, detail)
+        if suffix in (".txt", ".md") and _is_transcript(text):
+            return _File(path, container, TRANSCRIPT, DIALOGUE, *_transcript(path, text), detail)
+        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, text), detail)
+
+    if suffix == ".json":
+        from forja.data import chats
+
+        value, detail = _json_value(path, options.encoding)
+        if chats.is_telegram(value):
+            return chats.telegram(path, value, options, container, detail)
+        table = _json_table(path, value, detail)
+    else:
+        table = _TABLE_READERS[suffix](path, options.encoding)
+    return _from_table(path, container, table, "field" if suffix in (".json", ".jsonl") else "column", options)
+
+
+def _from_table(path: Path, container: str, table: _Table, word: str, options: ReadOptions) -> _File:
+    """Records of a table: by its detected format, or by the mapping given or guessed (forja.data.mapping)."""
     if table.columns is None and not any(isinstance(row, _Row) for row in table.rows):
         # Nothing to tell the format from: an empty JSON file, or one whose every line is bad.
-        return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)])
-    word = "field" if suffix in (".json", ".jsonl") else "column"
-    fmt = _detect(path, table, word)
-    records: list[_Record] = []
-    bad: list[BadRow] = []
+        return _File(path, container, "", "", [], [row for row in table.rows if isinstance(row, BadRow)], table.detail)
+    mapping, notes, names = dict(options.map), [], {}
+    fmt = None if mapping else _detect(path, table, word, guessing=options.guess)
+    if fmt is None:  # a mapping given, or --guess where no format matched
+        from forja.data import mapping as mapped
+
+        if not mapping:
+            mapping, reason = mapped.guess(path, table, word)
+            notes.append(f"guessed --map {mapped.map_text(mapping)}: {reason} (give --map to change it)")
+        resolved = mapped.resolve_map(path, table, mapping, word)
+        if resolved is None:  # the mapped columns are not there, but the file has a format of its own
+            fmt = _detect(path, table, word)
+            notes.append(f"--map {mapped.map_text(mapping)} not applied: no such {word}s, and the file is {fmt.name}")
+            mapping = {}
+        else:
+            table, names = resolved
+            fmt = mapped.mapped_format(mapping)
+            if fmt is mapped.CONVERSATION_ROWS:
+                records, bad = mapped.turn_rows(path, table, names, word, options)
+                return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail,
+                             mapped.map_text(mapping), notes)
+    records, bad = [], []
     for row in table.rows:
         if isinstance(row, BadRow):
             bad.append(row)
             continue
         try:
-            records.append(_record(path, row, fmt, word))
+            records.append(_record(path, row, fmt, word, names))
         except _Bad as problem:
             bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
-    return _File(path, container, fmt.name, fmt.kind, records, bad)
+    return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail,
+                 ",".join(f"{k}={v}" for k, v in mapping.items()), notes)
 
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -458,32 +621,104 @@ def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if suffix not in _TABLE_READERS:
         raise DataError(f"{path}: not a table or JSON file")
     records = []
-    for row in _TABLE_READERS[suffix](path).rows:
+    for row in _TABLE_READERS[suffix](path, None).rows:
         if isinstance(row, BadRow):
             raise DataError(row.message)
         records.append((row.label, row.values))
     return records
 
 
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
+def read_text(path: Path, encoding: str | None = None) -> str:
+    """A text file's content with "\n" line ends, in `encoding` or the one detected (see `decode`)."""
+    return decode(path, path.read_bytes(), encoding)[0]
+
+
+def decode(path: Path, data: bytes, encoding: str | None = None) -> tuple[str, str]:
+    """The text of `data` with "\n" line ends, and the name of the encoding read ("UTF-8", "Windows-1252").
+
+    A byte order mark decides first, then UTF-8 (what nearly every tool writes today), then UTF-16 without
+    a mark (every other byte zero), then charset-normalizer among the Western single-byte encodings a
+    Spanish or English spreadsheet is saved in. Left free, it takes Central European ones for short
+    Spanish text (ñ is ń in cp1250), so it only chooses among these."""
+    if encoding is not None:
+        try:
+            codec = codecs.lookup(encoding)
+        except LookupError:
+            raise DataError(f"{path}: unknown encoding {encoding!r}; give one such as utf-8, cp1252, latin-1 or utf-16") from None
+        try:
+            text = data.decode(codec.name)
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise DataError(
+                f"{path} line {line}: not {encoding} text (byte 0x{data[error.start]:02x}); give the file's encoding "
+                "with --encoding, or leave it out to detect it"
+            ) from None
+        return _lines(text.removeprefix("\ufeff")), ENCODING_NAMES.get(codec.name, codec.name)
+    for bom, codec_name, name in BOMS:
+        if data.startswith(bom):
+            try:
+                return _lines(data[len(bom):].decode(codec_name)), name
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}: starts as {name} but byte {error.start + len(bom)} is not; save it again "
+                                "as UTF-8, or give its encoding with --encoding") from None
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
-        ) from None
+        return _lines(data.decode("utf-8")), "UTF-8"
+    except UnicodeDecodeError:
+        pass
+    zeros_even, zeros_odd = data[0::2].count(0), data[1::2].count(0)
+    if len(data) >= 4 and max(zeros_even, zeros_odd) > len(data) / 4:
+        codec_name = "utf-16-be" if zeros_even > zeros_odd else "utf-16-le"
+        try:
+            return _lines(data.decode(codec_name)), ENCODING_NAMES[codec_name]
+        except UnicodeDecodeError:
+            pass
+    import charset_normalizer  # here so that only files that are not UTF-8 pay for loading it
+
+    best = charset_normalizer.from_bytes(data, cp_isolation=list(SINGLE_BYTE_ENCODINGS)).best()
+    if best is None or b"\x00" in data:
+        raise DataError(f"{path}: cannot tell the text encoding (not UTF-8, UTF-16 or a Western one such as "
+                        "Windows-1252; binary?); save it as UTF-8, or give its encoding with --encoding")
+    return _lines(str(best)), SINGLE_BYTE_ENCODINGS.get(best.encoding, best.encoding)
+
+
+def _lines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_csv(path: Path, delimiter: str) -> _Table:
-    text = read_text(path)
-    first_line = text.split("\n", 1)[0]
-    if delimiter == "," and first_line.count(";") > first_line.count(","):
-        delimiter = ";"  # spreadsheets set to Spanish and other European locales save CSV with semicolons
+def _sniff(path: Path, text: str, delimiter: str) -> csv.Dialect | type[csv.Dialect]:
+    """The dialect of a CSV: the standard sniffer on its first lines, among , ; tab and |; where it cannot
+    tell, or picks a separator the header lacks, the one the header holds most of (`delimiter` on a tie)."""
+    sample = "\n".join(text.split("\n", CSV_SNIFF_LINES)[:CSV_SNIFF_LINES])
+    header = sample.split("\n", 1)[0]
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters="".join(CSV_DELIMITERS))
+    except csv.Error:
+        dialect = None
+    if dialect is None or dialect.delimiter not in header:
+        best = max(CSV_DELIMITERS, key=lambda d: (header.count(d), d == delimiter))
+        chosen = best if header.count(best) else delimiter
+
+        class Counted(csv.excel):
+            delimiter = chosen
+
+        return Counted
+    # The sniffer says doublequote False when its sample has no "" in it; files escape quotes that way anyway.
+    dialect.doublequote = True
+    if dialect.quotechar not in "\"'":
+        dialect.quotechar = '"'
+    return dialect
+
+
+def _read_csv(path: Path, delimiter: str, encoding: str | None = None) -> _Table:
+    """A CSV (its dialect sniffed, `delimiter` preferred on a tie) or, with delimiter tab, a TSV."""
+    text, encoding_name = decode(path, path.read_bytes(), encoding)
+    # Spreadsheets set to Spanish and other European locales save CSV with semicolons.
+    dialect = _sniff(path, text, delimiter) if delimiter != "\t" else csv.excel_tab
+    delimiter = dialect.delimiter
+    shown = "tab" if delimiter == "\t" else f'"{delimiter}"'
+    detail = f"{encoding_name}, {shown}-separated" + (", quoted with '" if dialect.quotechar == "'" else "")
     csv.field_size_limit(2**31 - 1)  # a whole document in a "text" cell outgrows the 128 KiB default
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), dialect, strict=True)
     start = 1
     try:
         header = next(reader, None)
@@ -508,13 +743,14 @@ def _read_csv(path: Path, delimiter: str) -> _Table:
     except csv.Error as error:
         kind = "TSV" if delimiter == "\t" else "CSV"
         raise DataError(f"{path} row {start}: cannot read as {kind} ({error})") from None
-    return _Table(columns, rows)
+    return _Table(columns, rows, detail)
 
 
-def _read_jsonl(path: Path) -> _Table:
+def _read_jsonl(path: Path, encoding: str | None = None) -> _Table:
     rows: list[_Row | BadRow] = []
     # Split on "\n" only: JSON strings may hold other characters that str.splitlines() breaks on.
-    for number, line in enumerate(read_text(path).split("\n"), 1):
+    text, encoding_name = decode(path, path.read_bytes(), encoding)
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -523,19 +759,27 @@ def _read_jsonl(path: Path) -> _Table:
             rows.append(BadRow(f"{path} row {number}: invalid JSON ({error.msg} at column {error.colno})"))
             continue
         rows.append(_json_row(path, number, value))
-    return _Table(None, rows)
+    return _Table(None, rows, encoding_name)
 
 
-def _read_json(path: Path) -> _Table:
+def _read_json(path: Path, encoding: str | None = None) -> _Table:
+    return _json_table(path, *_json_value(path, encoding))
+
+
+def _json_value(path: Path, encoding: str | None) -> tuple[Any, str]:
+    text, encoding_name = decode(path, path.read_bytes(), encoding)
     try:
-        value = json.loads(read_text(path))
+        return json.loads(text), encoding_name
     except json.JSONDecodeError as error:
         raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _json_table(path: Path, value: Any, encoding_name: str) -> _Table:
     if isinstance(value, dict):
         value = [value]  # a file holding one conversation
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a list of objects, found {type(value).__name__}")
-    return _Table(None, [_json_row(path, number, item) for number, item in enumerate(value, 1)])
+    return _Table(None, [_json_row(path, number, item) for number, item in enumerate(value, 1)], encoding_name)
 
 
 def _json_row(path: Path, number: int, value: Any) -> _Row | BadRow:
@@ -589,9 +833,10 @@ def _read_parquet(path: Path) -> _Table:
     return _Table(columns, rows)
 
 
-_TABLE_READERS: dict[str, Callable[[Path], _Table]] = {
-    ".csv": lambda p: _read_csv(p, ","), ".tsv": lambda p: _read_csv(p, "\t"),
-    ".json": _read_json, ".jsonl": _read_jsonl, ".xlsx": _read_xlsx, ".parquet": _read_parquet,
+_TABLE_READERS: dict[str, Callable[[Path, str | None], _Table]] = {
+    ".csv": lambda p, e: _read_csv(p, ",", e), ".tsv": lambda p, e: _read_csv(p, "\t", e),
+    ".json": lambda p, e: _read_json(p, e), ".jsonl": lambda p, e: _read_jsonl(p, e),
+    ".xlsx": lambda p, e: _read_xlsx(p), ".parquet": lambda p, e: _read_parquet(p),
 }
 
 
@@ -649,8 +894,9 @@ def _matching(keys: Iterable[str]) -> list[Format]:
     return [f for f in COLUMN_FORMATS if keys.issuperset(f.keys)]
 
 
-def _detect(path: Path, table: _Table, word: str) -> Format:
-    """The one format of a table (by its header) or of a JSON file (by its rows' fields)."""
+def _detect(path: Path, table: _Table, word: str, guessing: bool = False) -> Format | None:
+    """The one format of a table (by its header) or of a JSON file (by its rows' fields); None where none
+    matches and `guessing` (the caller guesses a mapping)."""
     if table.columns is not None:
         candidates = [("header", table.columns)]
     else:
@@ -670,18 +916,41 @@ def _detect(path: Path, table: _Table, word: str) -> Format:
             "put each format in its own file"
         )
     if not found:
-        keys = ", ".join(k for k in candidates[0][1] if k) or "none"
-        raise DataError(f"{path}: {word}s {keys} match no known format; {ACCEPTED}")
+        if guessing:
+            return None
+        keys = ", ".join(k for k in _keys(table) if k) or "none"
+        from forja.data.mapping import guess, map_text
+
+        try:
+            mapping, _ = guess(path, table, word)
+            hint = f"try --map {map_text(mapping)} (or --guess to read it so)"
+        except DataError:
+            hint = f"name yours with --map question={word.upper()},answer={word.upper()}"
+        raise DataError(f"{path}: {word}s {keys} match no known format; {hint}; {ACCEPTED}")
     return next(iter(found.values()))[0]
 
 
-def _record(path: Path, row: _Row, fmt: Format, word: str) -> _Record:
-    values = row.values
+def _keys(table: _Table) -> list[str]:
+    """A table's header, or every field found in its JSON rows, in order of appearance."""
+    if table.columns is not None:
+        return table.columns
+    return list(dict.fromkeys(k for row in table.rows if isinstance(row, _Row) for k in row.values))
+
+
+def _fold(text: str) -> str:
+    """Lower case without accents: "Contestación" → "contestacion"."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
+
+
+def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str] | None = None) -> _Record:
+    """A row of a known format as a record; `names` are the user's names of mapped fields, for messages."""
+    values, names = row.values, names or {}
     source = f"{path}:{row.ref}"
     if fmt.kind == KNOWLEDGE:
-        return _Record(source, text=_required(values, fmt.keys[0], word))
+        return _Record(source, text=_required(values, fmt.keys[0], word, names))
     if fmt.name in ("messages", "sharegpt") and fmt.keys[0] not in values:  # a JSON row of other fields
-        raise _Bad(f'{word} "{fmt.keys[0]}" is missing')
+        default = f'{word} "{fmt.keys[0]}"'
+        raise _Bad(f"{names.get(fmt.keys[0], default)} is missing")
     if fmt.name == "messages":
         messages = _turns(values["messages"], "messages", "role", "content", ROLES)
     elif fmt.name == "sharegpt":
@@ -695,19 +964,26 @@ def _record(path: Path, row: _Row, fmt: Format, word: str) -> _Record:
         ]
     else:
         ask, answer = fmt.keys
+        prompt = _required(values, ask, word, names)
+        # A context column (a passage the question is about) comes before the question, as a reader meets it.
+        context = _clean(_as_text(values.get("context"), names.get("context", f'{word} "context"')))
         messages = [
-            {"role": "user", "content": _required(values, ask, word)},
-            {"role": "assistant", "content": _required(values, answer, word)},
+            {"role": "user", "content": f"{context}\n\n{prompt}" if context else prompt},
+            {"role": "assistant", "content": _required(values, answer, word, names)},
         ]
+    system = _clean(_as_text(values.get("system"), names.get("system", f'{word} "system"')))
+    if system and messages[0]["role"] != "system":  # a system column: that row's system prompt
+        messages.insert(0, {"role": "system", "content": system})
     return _Record(source, messages=messages)
 
 
-def _required(values: dict[str, Any], key: str, word: str) -> str:
+def _required(values: dict[str, Any], key: str, word: str, names: dict[str, str] | None = None) -> str:
+    name = (names or {}).get(key, f'{word} "{key}"')
     if key not in values:
-        raise _Bad(f'{word} "{key}" is missing')
-    text = _clean(_as_text(values[key], f'{word} "{key}"'))
+        raise _Bad(f"{name} is missing")
+    text = _clean(_as_text(values[key], name))
     if not text:
-        raise _Bad(f'{word} "{key}" is empty', empty=True)
+        raise _Bad(f"{name} is empty", empty=True)
     return text
 
 
@@ -721,7 +997,10 @@ def _as_text(value: Any, name: str) -> str:
     return str(value)
 
 
-def _turns(value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _turns(
+    value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str] | Callable[[Any], str | None],
+    fold_keys: bool = False,
+) -> list[dict[str, str]]:
     if isinstance(value, str):  # a CSV or Excel cell holding the list as JSON
         try:
             value = json.loads(value)
@@ -734,10 +1013,15 @@ def _turns(value: Any, name: str, role_key: str, content_key: str, roles: dict[s
         label = f'"{name}" turn {number}'
         if not isinstance(turn, dict):
             raise _Bad(f'{label} must be an object with "{role_key}" and "{content_key}"')
-        role = roles.get(str(turn.get(role_key, "")).strip().lower())
+        if fold_keys:  # mapped keys match whatever their case
+            wanted = {_fold(role_key): role_key, _fold(content_key): content_key}
+            turn = {wanted.get(_fold(str(k)), k): v for k, v in turn.items()}
+        role = roles(turn.get(role_key)) if callable(roles) else roles.get(str(turn.get(role_key, "")).strip().lower())
         if role is None:
             found = json.dumps(turn[role_key], ensure_ascii=False) if role_key in turn else "missing"
-            raise _Bad(f'{label}: "{role_key}" is {found}, expected one of {", ".join(roles)}')
+            expected = "user, assistant or system (or name the assistant with --assistant)" if callable(roles) else (
+                "one of " + ", ".join(roles))
+            raise _Bad(f'{label}: "{role_key}" is {found}, expected {expected}')
         content = turn.get(content_key)
         if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
             if any(not isinstance(p, dict) or p.get("type", "text") != "text" for p in content):
@@ -865,7 +1149,8 @@ def _survey(
 ) -> tuple[FileReport, list[dict[str, Any]]]:
     """A file's report and its training rows, less those already in `seen` (which it extends)."""
     report = FileReport(
-        str(data.path), data.container, data.format, data.kind,
+        str(data.path), data.container, data.format, data.kind, detail=data.detail, mapping=data.mapping,
+        notes=data.notes,
         rows=len(data.records),
         turns=sum(len(r.messages or ()) for r in data.records),
         bad_rows=[b.message for b in data.bad],
