@@ -23,6 +23,7 @@ from forja.serve.uploads import _Parser
 ADMIN_KEY = "admin-key-0123456789abcdef"
 USER_KEY = "user-key-0123456789abcdef"
 MAX_BYTES = 100_000
+MAX_BODY_BYTES = 16_384  # serve.max_body_bytes, far below files.max_bytes: uploads are held to the latter only
 
 FILLER = ("The workshop keeps every manual in a grey binder by the door, and the binder is checked each spring "
           "so that the pages match the machines on the floor. ")
@@ -46,7 +47,7 @@ def served(tiny_model_dir, tmp_path_factory, start_server):
     home = tmp_path_factory.mktemp("vector-stores-home")
     keys = [{"name": "ana", "key": USER_KEY}, {"name": "root", "key": ADMIN_KEY, "admin": True}]
     settings = load_settings(home=home, model=str(tiny_model_dir), dtype="float32", files={"max_bytes": MAX_BYTES},
-                             serve={"api_keys": keys})
+                             serve={"api_keys": keys, "max_body_bytes": MAX_BODY_BYTES})
     server = start_server(create_app(settings, str(tiny_model_dir)))
     server.settings = settings
     return server
@@ -251,6 +252,26 @@ def test_an_upload_over_files_max_bytes_is_a_413_and_leaves_nothing_behind(clien
     assert client.files.create(file=("fits.txt", b"x" * MAX_BYTES), purpose="assistants").bytes == MAX_BYTES
     assert not any((served.settings.files_dir / ".incoming").iterdir())
     assert "big.txt" not in [f.filename for f in client.files.list()]
+
+
+def test_a_chunked_upload_without_a_length_is_streamed_to_disk_and_stopped_at_the_limit(served):
+    def body(size: int):  # a generator: httpx sends it chunked, with no Content-Length
+        yield b'--xyz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="long.txt"\r\n\r\n'
+        for start in range(0, size, 7000):
+            yield b"y" * min(7000, size - start)
+        yield b"\r\n--xyz--\r\n"
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "multipart/form-data; boundary=xyz"}
+    fits = httpx.post(served.url + "/v1/files", headers=headers, content=body(MAX_BYTES), timeout=60)
+    assert fits.status_code == 200 and fits.json()["bytes"] == MAX_BYTES > MAX_BODY_BYTES
+    over = httpx.post(served.url + "/v1/files", headers=headers, content=body(MAX_BYTES + 1), timeout=60)
+    assert over.status_code == 413 and over.json()["error"]["code"] == "file_too_large"
+    assert not any((served.settings.files_dir / ".incoming").iterdir())
+    # every other route keeps serve.max_body_bytes
+    search = httpx.post(served.url + "/v1/vector_stores/vs_x/search", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                        json={"query": "x" * MAX_BODY_BYTES})
+    assert search.status_code == 413 and "serve.max_body_bytes" in search.json()["error"]["message"]
 
 
 def test_a_fine_tune_file_is_read_as_forja_data_reads_it_and_a_bad_row_is_named(client):
