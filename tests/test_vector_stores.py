@@ -243,6 +243,24 @@ def test_a_file_that_cannot_be_read_fails_with_its_name_and_leaves_no_chunk(clie
     assert client.vector_stores.retrieve(store.id).status == "completed"
 
 
+def test_a_crash_while_indexing_fails_the_file_with_a_server_error_and_indexes_nothing(client, served, monkeypatch):
+    from forja import embeddings
+
+    def broken(texts):
+        raise RuntimeError("the embedder ran out of memory")
+
+    uploaded = client.files.create(file=("notes.md", b"# Notes\n\nThe Tovik lathe runs at 900 rpm."),
+                                   purpose="assistants")
+    store = client.vector_stores.create(name="crash")
+    monkeypatch.setattr(embeddings, "embed", broken)
+    attached = client.vector_stores.files.create_and_poll(uploaded.id, vector_store_id=store.id)
+    assert (attached.status, attached.last_error.code) == ("failed", "server_error")
+    assert "ran out of memory" in attached.last_error.message and chunk_rows(served, uploaded.id) == 0
+    monkeypatch.undo()
+    again = client.vector_stores.files.create_and_poll(uploaded.id, vector_store_id=store.id)
+    assert again.status == "completed" and client.vector_stores.retrieve(store.id).file_counts.failed == 0
+
+
 def test_an_upload_over_files_max_bytes_is_a_413_and_leaves_nothing_behind(client, served):
     for size in (MAX_BYTES + 1, MAX_BYTES * 20):  # read until it passes the limit; refused by its length
         with pytest.raises(openai.APIStatusError) as raised:
