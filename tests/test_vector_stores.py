@@ -108,6 +108,8 @@ def test_an_uploaded_fact_is_found_first_with_its_filename_and_gone_once_the_fil
     assert best.attributes["headings"] == "Zentrix 9 service manual > Valves"
     start, end = int(best.attributes["start"]), int(best.attributes["end"])  # the client reads numbers as floats
     assert MANUAL[start:end] == best.content[0].text
+    read = client.vector_stores.files.content(uploaded.id, vector_store_id=store.id).data
+    assert [(part.type, part.text) for part in read] == [("text", MANUAL)]
     assert 0 < best.score <= 1 and best.score >= max(r.score for r in results)
     assert str(served.settings.home) not in str(results)  # sources are named by the uploaded filename
 

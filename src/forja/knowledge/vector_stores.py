@@ -345,6 +345,21 @@ def _finish(store: Store, name: str, file_id: str, status: str, error: dict[str,
                      .values(status=status, last_error=json.dumps(error) if error else None))
 
 
+def content(settings: Settings, store: Store, vector_store_id: str, file_id: str) -> str:
+    """The text forja read from an indexed file (what its chunks' start and end index into)."""
+    from forja.embeddings import count_tokens
+    from forja.knowledge.chunks import read_document
+
+    found = store_file(settings, store, vector_store_id, file_id)
+    for info in index.show(settings, found.collection).files:
+        if (files.id_of_path(settings, info.path) or _local_id(info.path)) == file_id and Path(info.path).is_file():
+            return read_document(Path(info.path), settings.knowledge, count_tokens).text
+    if found.status != "completed":
+        raise UnknownVectorStoreFile(f"file {file_id!r} of vector store {vector_store_id!r} is {found.status}: "
+                                     "it has no indexed content to show")
+    raise UnknownVectorStoreFile(f"the bytes of file {file_id!r} are no longer on disk")
+
+
 def set_attributes(settings: Settings, store: Store, vector_store_id: str, file_id: str,
                    attributes: dict[str, Any]) -> StoreFile:
     """Replace the client's attributes of an attached upload (a file added with the CLI has none to set)."""

@@ -230,6 +230,13 @@ class SearchContent(BaseModel):
     text: str
 
 
+class FileContentPage(BaseModel):
+    object: Literal["vector_store.file_content.page"] = "vector_store.file_content.page"
+    data: list[SearchContent]
+    has_more: bool = False
+    next_page: str | None = None
+
+
 class SearchResult(BaseModel):
     file_id: str
     filename: str

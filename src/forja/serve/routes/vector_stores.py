@@ -16,8 +16,8 @@ from forja.knowledge import vector_stores
 from forja.knowledge.vector_stores import FileBatch, StoreFile, VectorStore
 from forja.serve.deps import ApiError, StateDep
 from forja.serve.routes.files import AdminIfKeysDep, store_of
-from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate, FileBatchObject, FileCounts,
-                                       LastError, SearchContent, SearchPage, SearchRequest, SearchResult,
+from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate, FileBatchObject, FileContentPage,
+                                       FileCounts, LastError, SearchContent, SearchPage, SearchRequest, SearchResult,
                                        VectorStoreCreate, VectorStoreDeleted, VectorStoreFileCreate,
                                        VectorStoreFileDeleted, VectorStoreFileList, VectorStoreFileObject,
                                        VectorStoreFileUpdate, VectorStoreList, VectorStoreObject, VectorStoreUpdate,
@@ -163,6 +163,13 @@ async def retrieve_file(vector_store_id: str, file_id: str, response: Response, 
     if found.status == "in_progress":
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
     return file_object(found)
+
+
+@router.get("/{vector_store_id}/files/{file_id}/content", responses=responses(400, 401, 403, 404, 409, 422))
+async def file_content(vector_store_id: str, file_id: str, state: StateDep, _: AdminIfKeysDep) -> FileContentPage:
+    """The text forja read from the file: the attributes start and end of its search results index into it."""
+    text = await run(vector_stores.content, state.settings, store_of(state), vector_store_id, file_id)
+    return FileContentPage(data=[SearchContent(text=text)])
 
 
 @router.post("/{vector_store_id}/files/{file_id}", responses=responses(400, 401, 403, 404, 409, 413, 422))
