@@ -5,6 +5,7 @@ multipart reader fed in chunks of every size."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -269,6 +270,9 @@ def test_an_upload_over_files_max_bytes_is_a_413_and_leaves_nothing_behind(clien
             client.files.create(file=("big.txt", b"x" * size), purpose="assistants")
         assert raised.value.status_code == 413 and raised.value.code == "file_too_large"
         assert "files.max_bytes" in raised.value.message
+    left = served.settings.files_dir / ".incoming" / "file-left-by-a-killed-server"
+    left.mkdir(parents=True)
+    os.utime(left, (time.time() - 2 * 24 * 3600,) * 2)
     assert client.files.create(file=("fits.txt", b"x" * MAX_BYTES), purpose="assistants").bytes == MAX_BYTES
     assert not any((served.settings.files_dir / ".incoming").iterdir())
     assert "big.txt" not in [f.filename for f in client.files.list()]

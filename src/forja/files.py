@@ -23,6 +23,7 @@ PURPOSES = ("fine-tune", "batch", "assistants")
 ID_PREFIX = "file-"
 MAX_FILENAME_CHARS = 200
 INCOMING = ".incoming"  # uploads still arriving or being checked; a folder `forja data` never lists
+STALE_UPLOAD_SECONDS = 24 * 3600  # an upload folder this old in INCOMING was left by a killed server
 
 
 class FileError(ForjaError):
@@ -142,6 +143,19 @@ def keep(settings: Settings, store: Store, file_id: str, filename: str, purpose:
 
 def discard(settings: Settings, file_id: str) -> None:
     shutil.rmtree(incoming_dir(settings, file_id), ignore_errors=True)
+
+
+def sweep_incoming(settings: Settings, older_than: float = STALE_UPLOAD_SECONDS) -> None:
+    """Remove what uploads left half-written when the server was killed in the middle of one."""
+    folder = settings.files_dir / INCOMING
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            try:
+                stale = time.time() - entry.stat().st_mtime > older_than
+            except OSError:  # removed meanwhile by its own upload
+                continue
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def get(store: Store, file_id: str) -> StoredFile:

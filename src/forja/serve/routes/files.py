@@ -53,6 +53,7 @@ async def upload_file(request: Request, state: StateDep, key_name: AdminIfKeysDe
     if length.isdigit() and int(length) > limit + MULTIPART_SLACK:
         raise ApiError(413, f"the file is larger than {limit} bytes (files.max_bytes)", param="file",
                        code="file_too_large")
+    await asyncio.to_thread(files.sweep_incoming, settings)
     file_id = files.new_file_id()
     try:
         upload = await read_upload(request, "file", lambda name: files.incoming_dir(settings, file_id) /
