@@ -314,6 +314,11 @@ def test_a_fine_tune_file_is_read_as_forja_data_reads_it_and_a_bad_row_is_named(
     with pytest.raises(openai.BadRequestError) as raised:
         client.files.create(file=("faq.csv", good + b"Any parking?,\n"), purpose="fine-tune")
     assert 'faq.csv row 4: column "answer" is empty' in raised.value.message
+    batch = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+    assert client.files.create(file=("requests.jsonl", batch), purpose="batch").purpose == "batch"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.files.create(file=("requests.jsonl", batch + b"[1, 2]\n"), purpose="batch")
+    assert "requests.jsonl line 2: a request is a JSON object" in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
         client.files.create(file=("notes.rtf", b"{\\rtf1 hi}"), purpose="assistants")
     assert "notes.rtf: unknown file type .rtf" in raised.value.message
