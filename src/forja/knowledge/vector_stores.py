@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ log = logging.getLogger("forja.knowledge")
 # One file indexed at a time: embedding takes every core, two at once would only split them.
 worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-indexing")
 _pending: set[tuple[str, str]] = set()  # (collection, file id) queued or being indexed in this process
+_queued: dict[Future, tuple[str, str]] = {}  # what the worker was given: a stopping server drops what it has not begun
+_queue_lock = threading.Lock()  # attaching runs in the request threads
 _deleted: set[str] = set()  # collections deleted while a file of theirs was being indexed
 
 
@@ -212,7 +215,7 @@ def _vector_store(settings: Settings, collection: index.Collection, rows: dict, 
         error = json.loads(row["last_error"]) if row["last_error"] else None
         if status == "in_progress" and (name, file_id) not in _pending:
             status, error = "failed", {"code": "server_error", "message": "indexing stopped before it finished "
-                                       "(the server was restarted); attach the file again"}
+                                       "(the server was stopped or restarted); attach the file again"}
         found.append(StoreFile(file_id, name, status, row["created_at"], uploads[file_id].bytes,
                                uploads[file_id].filename, error, json.loads(row["attributes"])))
     found.sort(key=lambda f: (f.created_at, f.id))
@@ -296,7 +299,10 @@ def attach(settings: Settings, store: Store, vector_store_id: str, file_id: str,
         conn.execute(rows_table.delete().where(rows_table.c.collection == name, rows_table.c.file_id == file_id))
         conn.execute(rows_table.insert().values(**row))
     _pending.add((name, file_id))
-    worker.submit(_index, settings, store, name, file_id)
+    with _queue_lock:
+        for done in [f for f in _queued if f.done()]:
+            del _queued[done]
+        _queued[worker.submit(_index, settings, store, name, file_id)] = (name, file_id)
     return StoreFile(file_id, name, "in_progress", row["created_at"], upload.bytes, upload.filename,
                      attributes=attributes or {})
 
@@ -331,6 +337,16 @@ def _index(settings: Settings, store: Store, name: str, file_id: str) -> None:
         _pending.discard((name, file_id))
         if not any(owner == name for owner, _ in list(_pending)):
             _deleted.discard(name)
+
+
+def drop_queued() -> None:
+    """When the server stops: files not begun are left in progress (read as failed once it is back, to be
+    attached again) instead of keeping the process alive until all of them are indexed."""
+    with _queue_lock:
+        for future, key in _queued.items():
+            if future.cancel():
+                _pending.discard(key)
+        _queued.clear()
 
 
 def _still_attached(store: Store, name: str, file_id: str) -> bool:

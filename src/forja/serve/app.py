@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forja.config import Settings
 from forja.engine import Engine, make_engine
+from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
 from forja.serve.routes import admin, classic, embeddings, files, monitoring, openai, responses, vector_stores
@@ -50,6 +51,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
         finally:
             if loader is not None:
                 loader.cancel()
+            drop_queued_indexing()  # files waiting to be indexed would keep the process alive
             state.close()
 
     app = FastAPI(title="Forja", summary="OpenAI-compatible API over your own model", lifespan=lifespan)
