@@ -209,6 +209,27 @@ def test_a_store_deleted_or_a_file_detached_while_it_is_indexed_leaves_nothing_b
     assert client.vector_stores.files.list(kept.id).data == [] and chunk_rows(served, uploaded.id) == 0
 
 
+def test_files_still_queued_when_the_server_stops_are_dropped_and_read_failed(client):
+    import threading
+
+    from forja.knowledge import vector_stores
+
+    uploaded = client.files.create(file=("queued.md", b"# Queued\n\nThe Harvik drill idles at 300 rpm."),
+                                   purpose="assistants")
+    store = client.vector_stores.create(name="queued")
+    gate = threading.Event()
+    busy = vector_stores.worker.submit(gate.wait, 30)  # the worker is busy with a long file
+    try:
+        assert client.vector_stores.files.create(vector_store_id=store.id, file_id=uploaded.id).status == "in_progress"
+        vector_stores.drop_queued()  # what the app's lifespan does when the server stops
+    finally:
+        gate.set()
+        busy.result()
+    left = client.vector_stores.files.retrieve(uploaded.id, vector_store_id=store.id)
+    assert left.status == "failed" and "attach the file again" in left.last_error.message
+    assert client.vector_stores.files.create_and_poll(uploaded.id, vector_store_id=store.id).status == "completed"
+
+
 def test_lists_are_cursor_pages(client):
     for name in ("page-a", "page-b", "page-c"):
         client.vector_stores.create(name=name)
