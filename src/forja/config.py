@@ -430,6 +430,14 @@ class DataSettings(BaseModel):
     sources: list[DataSource] = Field(default_factory=list, description="Sources with their reading options.")
 
 
+class FilesSettings(BaseModel):
+    """Uploads through `POST /v1/files` (stored under FORJA_HOME/files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(100_000_000, ge=1, description="Largest file one upload may hold; beyond this 413.")
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -450,6 +458,7 @@ class Settings(BaseSettings):
     guard: RailsSettings = Field(default_factory=RailsSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    files: FilesSettings = Field(default_factory=FilesSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )
@@ -481,6 +490,10 @@ class Settings(BaseSettings):
     @property
     def knowledge_dir(self) -> Path:
         return self.home / "knowledge"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
 
     @property
     def cache_dir(self) -> Path:

@@ -103,6 +103,37 @@ guard_events = sa.Table(
 )
 
 
+files = sa.Table(
+    "files", metadata,  # uploads of POST /v1/files; the bytes are in FORJA_HOME/files/<id>/<filename>
+    sa.Column("id", sa.String(64), primary_key=True),  # file-<hex>, as the API returned it
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("filename", sa.String(500), nullable=False),  # as uploaded
+    sa.Column("purpose", sa.String(40), nullable=False, index=True),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("api_key_name", sa.String(200)),  # who uploaded it, never the key
+)
+
+vector_store_files = sa.Table(
+    "vector_store_files", metadata,  # a file attached to a knowledge collection through /v1/vector_stores
+    sa.Column("collection", sa.String(200), primary_key=True),
+    sa.Column("file_id", sa.String(64), sa.ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # in_progress, completed, failed
+    sa.Column("last_error", sa.Text),  # JSON {"code", "message"} when failed
+    sa.Column("attributes", sa.Text, nullable=False, default="{}"),  # JSON, the client's own
+)
+
+vector_store_file_batches = sa.Table(
+    "vector_store_file_batches", metadata,  # files attached together (POST /v1/vector_stores/{id}/file_batches)
+    sa.Column("id", sa.String(64), primary_key=True),  # vsfb_<hex>
+    sa.Column("collection", sa.String(200), nullable=False, index=True),
+    sa.Column("file_ids", sa.Text, nullable=False),  # JSON list
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
+)
+
+
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
         for table in tables:
@@ -126,6 +157,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0003_guard_events", _create(guard_events)),
     ("0004_feedback_reviews", _create(feedback_reviews)),
     ("0005_exchange_retrieval", _add_column(exchanges, "retrieval")),
+    ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
 ]
 
 

@@ -948,6 +948,9 @@ def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str]
     source = f"{path}:{row.ref}"
     if fmt.kind == KNOWLEDGE:
         return _Record(source, text=_required(values, fmt.keys[0], word, names))
+    if fmt.name in ("messages", "sharegpt") and fmt.keys[0] not in values:  # a JSON row of other fields
+        default = f'{word} "{fmt.keys[0]}"'
+        raise _Bad(f"{names.get(fmt.keys[0], default)} is missing")
     if fmt.name == "messages":
         messages = _turns(values["messages"], "messages", "role", "content", ROLES)
     elif fmt.name == "sharegpt":

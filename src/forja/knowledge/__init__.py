@@ -15,6 +15,7 @@ from forja.knowledge.index import (
     add,
     collections,
     remove,
+    rename,
     retrieve,
     search,
     show,
@@ -22,5 +23,6 @@ from forja.knowledge.index import (
 
 __all__ = [
     "Collection", "FileInfo", "FileResult", "Hit", "KnowledgeError", "UnknownCollection",
+    "add", "collections", "remove", "rename", "search", "show",
     "add", "collections", "remove", "retrieve", "search", "show",
 ]

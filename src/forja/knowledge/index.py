@@ -224,7 +224,7 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
                     result = FileResult(str(path), "no text")
                 else:
                     vectors = embed([embedding_text(c) for c in document.chunks]).numpy().astype(np.float32)
-                    _write_file(db, collection_id, document, digest, chunking, vectors)
+                    _write_file(db, name, collection_id, document, digest, chunking, vectors)
                     result = FileResult(str(path), "added" if old is None else "replaced",
                                         len(document.chunks), sum(c.tokens for c in document.chunks))
             results.append(result)
@@ -254,10 +254,13 @@ def _forget_gone(db: sqlite3.Connection, collection_id: int, paths: Iterable[str
     return gone
 
 
-def _write_file(db: sqlite3.Connection, collection_id: int, document: Document, digest: str, chunking: str,
-                vectors: np.ndarray) -> None:
+def _write_file(db: sqlite3.Connection, name: str, collection_id: int, document: Document, digest: str,
+                chunking: str, vectors: np.ndarray) -> None:
     """One transaction: the file's old chunks out, the new ones in, or (if interrupted) nothing changed."""
     with _transaction(db):
+        # A collection removed while its files were read must stay removed; its id may even be another's now.
+        if db.execute("SELECT name FROM collections WHERE id = ?", (collection_id,)).fetchone() != (name,):
+            raise UnknownCollection(f"collection {name!r} was removed while its files were being added")
         db.execute("DELETE FROM files WHERE collection_id = ? AND path = ?", (collection_id, str(document.path)))
         file_id = db.execute(
             "INSERT INTO files (collection_id, path, sha256, chunking, chunks, tokens, indexed_at) "
@@ -296,6 +299,18 @@ def remove(settings: Settings, name: str, paths: Iterable[str | Path] | None = N
                                          f"(forja knowledge show {name} lists them)")
                 removed += cursor.rowcount
             return removed
+
+
+def rename(settings: Settings, name: str, new_name: str) -> None:
+    """Give collection `name` another name; its files and chunks stay as they are."""
+    if not COLLECTION_NAME.fullmatch(new_name):
+        raise KnowledgeError(f"{new_name!r}: a collection name is letters, digits, _ . and - only")
+    with _open(settings) as db:
+        collection_id = _collection_id(db, name)
+        with _transaction(db):
+            if db.execute("SELECT 1 FROM collections WHERE name = ? AND id != ?", (new_name, collection_id)).fetchone():
+                raise KnowledgeError(f"a knowledge collection named {new_name!r} exists already")
+            db.execute("UPDATE collections SET name = ? WHERE id = ?", (new_name, collection_id))
 
 
 # --- Reading ------------------------------------------------------------------------------------------
@@ -394,7 +409,8 @@ def _vectors(db: sqlite3.Connection, settings: Settings, collection_id: int) -> 
     rows = db.execute("SELECT c.id, c.vector FROM chunks c JOIN files f ON f.id = c.file_id "
                       "WHERE f.collection_id = ?", (collection_id,)).fetchall()
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    matrix = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1) if rows
+              else np.zeros((0, 0), dtype=np.float32))  # every file removed: numpy cannot infer the width
     _vector_cache[key] = (version, ids, matrix)
     return ids, matrix
 

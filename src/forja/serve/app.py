@@ -20,9 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forja.config import Settings
 from forja.engine import Engine, make_engine
+from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
-from forja.serve.routes import admin, classic, embeddings, monitoring, openai, responses
+from forja.serve.routes import admin, classic, embeddings, files, monitoring, openai, responses, vector_stores
 from forja.serve.schemas import BAD_REQUEST_ERRORS
 from forja.store import Store
 
@@ -50,6 +51,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
         finally:
             if loader is not None:
                 loader.cancel()
+            drop_queued_indexing()  # files waiting to be indexed would keep the process alive
             state.close()
 
     app = FastAPI(title="Forja", summary="OpenAI-compatible API over your own model", lifespan=lifespan)
@@ -59,6 +61,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.include_router(embeddings.router)
     app.include_router(classic.router)
     app.include_router(admin.router)
+    app.include_router(files.router)
+    app.include_router(vector_stores.router)
     app.include_router(monitoring.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
@@ -89,7 +93,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
         # bearer keys travel in a header, never in cookies: credentials stay off, so "*" is never combined with them
         app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes)
+    # uploads are streamed to disk by their route, which holds them to files.max_bytes as they arrive
+    app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes, streamed=(("POST", "/v1/files"),))
     # outermost: counts (and logs) 413s too
     app.add_middleware(CountRequests, metrics=state.metrics, log=log if serve.log_requests else None)
     return app
@@ -120,11 +125,11 @@ def validation_error(exc: RequestValidationError) -> ApiError:
 class BodyLimit:
     """413 for a body over `max_bytes`, by its Content-Length or, when chunked, while it arrives."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed: tuple[tuple[str, str], ...] = ()):
+        self.app, self.max_bytes, self.streamed = app, max_bytes, streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.streamed:
             return await self.app(scope, receive, send)
         too_big = ApiError(413, f"the request body is larger than {self.max_bytes} bytes (serve.max_body_bytes)",
                            code="request_too_large")
