@@ -99,6 +99,7 @@ def test_chat_answer_cites_the_chunk_it_was_given(client, server):
     assert first["type"] == "file_citation"
     cite = first["file_citation"]
     assert cite["index"] == 1 and cite["filename"] == "taller.md" and cite["collection"] == "taller"
+    assert cite["file_id"].startswith("kfile-")  # the id GET /v1/vector_stores/vs_taller/files gives it
     assert "ZAFIRO-4417" in cite["quote"] and cite["headings"][-1] == "Wifi"
     assert MANUAL[cite["start"]:cite["end"]].strip() in MANUAL and "ZAFIRO" in MANUAL[cite["start"]:cite["end"]]
     assert isinstance(cite["cited"], bool) and 0 < cite["similarity"] <= 1

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from forja.config import Persona, RetrievalSettings, Settings
 from forja.guard import Finding
 from forja.knowledge.index import Hit, retrieve
+from forja.knowledge.vector_stores import file_id
 
 if TYPE_CHECKING:
     from forja.guard import Guard
@@ -34,6 +35,7 @@ class Grounding:
     hits: list[Hit] = field(default_factory=list)  # in the prompt, numbered from 1
     dropped: list[tuple[Hit, list[str]]] = field(default_factory=list)  # kept out by the rails, with their rules
     findings: list[Finding] = field(default_factory=list)
+    file_ids: dict[str, str] = field(default_factory=dict)  # source path → the file's id over REST
 
     def documents(self) -> str:
         """The chunks as the model reads them: numbered, each with its source."""
@@ -41,7 +43,8 @@ class Grounding:
 
     def citations(self, answer: str = "") -> list[dict[str, Any]]:
         """The chunks given to the model, as OpenAI annotations; `cited` says whether the answer names [n]."""
-        return [citation(number, hit, f"[{number}]" in answer) for number, hit in enumerate(self.hits, 1)]
+        return [citation(number, hit, self.file_ids.get(hit.source), f"[{number}]" in answer)
+                for number, hit in enumerate(self.hits, 1)]
 
     def record(self) -> dict[str, Any]:
         """For the stored exchange: the query and every chunk retrieved, with what the rails did."""
@@ -85,6 +88,7 @@ def ground(settings: Settings, collections: list[str], messages: list[dict[str, 
             grounding.dropped.append((hit, [f.rule for f in found]))
         else:
             grounding.hits.append(hit)
+    grounding.file_ids = {hit.source: file_id(settings, hit.source) for hit in grounding.hits}
     return grounding
 
 
@@ -100,10 +104,10 @@ def not_found(settings: RetrievalSettings, language: str) -> str:
     return settings.not_found.get(language) or settings.not_found.get("en") or next(iter(settings.not_found.values()), "")
 
 
-def citation(number: int, hit: Hit, cited: bool) -> dict[str, Any]:
+def citation(number: int, hit: Hit, file_id: str | None, cited: bool) -> dict[str, Any]:
     quote = hit.text if len(hit.text) <= QUOTE_CHARS else hit.text[:QUOTE_CHARS].rsplit(" ", 1)[0] + " …"
     return {"type": "file_citation",
-            "file_citation": {"index": number, "filename": hit.filename, "collection": hit.collection,
+            "file_citation": {"index": number, "file_id": file_id, "filename": hit.filename, "collection": hit.collection,
                               "chunk_id": hit.chunk_id, "page": hit.page, "headings": list(hit.headings),
                               "start": hit.start, "end": hit.end, "quote": quote, "score": round(hit.score, 6),
                               "similarity": round(hit.similarity, 4), "cited": cited}}

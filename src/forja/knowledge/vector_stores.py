@@ -155,6 +155,11 @@ def _local_id(path: str) -> str:
     return LOCAL_FILE_PREFIX + hashlib.sha256(path.encode()).hexdigest()[:24]
 
 
+def file_id(settings: Settings, path: str) -> str:
+    """The id a collection's file has over REST: its upload's, else one made from its path."""
+    return files.id_of_path(settings, path) or _local_id(path)
+
+
 # --- Reading ------------------------------------------------------------------------------------------
 
 
