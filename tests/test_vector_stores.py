@@ -418,7 +418,7 @@ def form(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> bytes:
 def test_the_multipart_reader_gives_the_same_parts_in_chunks_of_any_size(tmp_path, size):
     content = b"line one\r\n--not-the-boundary\r\n\r\n" + bytes(range(256)) * 4 + b"\r\n--bound"
     body = form("bound4ry", [("purpose", None, b"assistants"), ("file", "../../etc/x.md", content)])
-    parser = _Parser(b"--bound4ry", "file", lambda name: tmp_path / str(size) / Path(name).name, 10_000,
+    parser = _Parser(b"bound4ry", "file", lambda name: tmp_path / str(size) / Path(name).name, 10_000,
                      ApiError(413, "too big"))
     for start in range(0, len(body), size):
         parser.feed(body[start:start + size])
@@ -430,19 +430,88 @@ def test_the_multipart_reader_gives_the_same_parts_in_chunks_of_any_size(tmp_pat
 def test_the_multipart_reader_takes_an_rfc_5987_filename(tmp_path):
     body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.md"; '
             b"filename*=UTF-8''na%C3%AFve%20notes.md\r\nContent-Type: text/markdown\r\n\r\n# Hi\r\n--b--")
-    parser = _Parser(b"--b", "file", lambda name: tmp_path / name, 100, ApiError(413, "too big"))
+    parser = _Parser(b"b", "file", lambda name: tmp_path / name, 100, ApiError(413, "too big"))
     parser.feed(body)
     parser.finish()
     assert parser.upload.filename == "naïve notes.md" and parser.upload.path.read_bytes() == b"# Hi"
 
 
 def test_the_multipart_reader_stops_at_the_limit_and_refuses_a_body_without_its_end(tmp_path):
-    parser = _Parser(b"--b", "file", lambda name: tmp_path / name, 10, ApiError(413, "too big"))
+    parser = _Parser(b"b", "file", lambda name: tmp_path / name, 10, ApiError(413, "too big"))
     with pytest.raises(ApiError) as raised:
         parser.feed(form("b", [("file", "a.txt", b"x" * 11)]))
     assert raised.value.status == 413
-    parser = _Parser(b"--b", "file", lambda name: tmp_path / name, 10, ApiError(413, "too big"))
+    parser = _Parser(b"b", "file", lambda name: tmp_path / name, 10, ApiError(413, "too big"))
     parser.feed(form("b", [("file", "a.txt", b"x")])[:-10])
     with pytest.raises(ApiError) as raised:
         parser.finish()
     assert raised.value.status == 400
+
+
+def parse(tmp_path, body: bytes, boundary: bytes = b"b", max_bytes: int = 100, size: int | None = None) -> _Parser:
+    parser = _Parser(boundary, "file", lambda name: tmp_path / "out" / Path(name).name, max_bytes,
+                     ApiError(413, "too big"))
+    try:
+        for start in range(0, len(body), size or len(body) or 1):
+            parser.feed(body[start:start + (size or len(body))])
+        parser.finish()
+    finally:
+        parser.close()
+    return parser
+
+
+@pytest.mark.parametrize("disposition, filename", [
+    (b"filename*=UTF-8''%E6%96%87%E4%BB%B6.md", "文件.md"),  # filename*= alone, as urllib3 1.x sent it
+    (b"filename*=ISO-8859-1'en'na%EFve.md; filename=\"x.md\"", "naïve.md"),  # Latin-1, filename*= first
+    ("filename=\"文件 naïve.md\"".encode(), "文件 naïve.md"),  # raw UTF-8, as httpx and browsers send it
+    (b'filename="say \\"hi\\".md"', 'say "hi".md'),
+    (b"filename*=nocharset; filename=\"plain.md\"", "plain.md"),  # an unusable filename*= is passed over
+])
+def test_the_multipart_reader_takes_filenames_as_clients_send_them(tmp_path, disposition, filename):
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; ' + disposition + b"\r\n\r\n# Hi\r\n--b--\r\n"
+    parser = parse(tmp_path, body)
+    assert parser.upload.filename == filename and parser.upload.path.read_bytes() == b"# Hi"
+
+
+@pytest.mark.parametrize("size", [1, 5, 11, 4096])
+def test_the_multipart_reader_stops_at_the_limit_in_chunks_of_any_size(tmp_path, size):
+    assert parse(tmp_path, form("b", [("file", "a.txt", b"x" * 10)]), max_bytes=10, size=size).upload.size == 10
+    with pytest.raises(ApiError) as raised:
+        parse(tmp_path, form("b", [("file", "a.txt", b"x" * 11)]), max_bytes=10, size=size)
+    assert raised.value.status == 413
+
+
+@pytest.mark.parametrize("body, message", [
+    (form("b", [(f"f{i}", None, b"v") for i in range(17)]), "more than 16 parts"),
+    (b'--b\r\nContent-Disposition: form-data; filename="a.md"\r\n\r\nx\r\n--b--\r\n', "has no name"),
+    (b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n", "no Content-Disposition: form-data"),
+    (form("b", [("file", None, b"x")]), "'file' part is not a file (it has no filename)"),
+    (form("b", [("file", "a.md", b"x"), ("file", "b.md", b"y")]), "more than one 'file' part"),
+    (form("b", [("purpose", None, b"\xff")]), "'purpose' is not UTF-8 text"),
+    (form("b", [("purpose", None, b"x" * (64 * 1024 + 1))]), "'purpose' is longer than 65536 bytes"),
+    (b"--b\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(20)) + b"\r\nx\r\n--b--\r\n",
+     "headers of a form part are longer than 16384 bytes"),
+    (b"--b junk\r\n", "malformed"),
+    (form("b", [("purpose", None, b"x")])[:-8], "ends before its closing boundary"),
+    (b"", "ends before its closing boundary"),
+])
+def test_the_multipart_reader_refuses_a_bad_form_with_a_400_naming_why(tmp_path, body, message):
+    for size in (1, len(body) or 1):
+        with pytest.raises(ApiError) as raised:
+            parse(tmp_path, body, size=size)
+        assert (raised.value.status, raised.value.code) == (400, "invalid_form") and message in raised.value.message
+
+
+def test_a_form_without_a_boundary_or_not_multipart_is_a_400_and_a_utf_8_filename_comes_back(served):
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for content_type, message in [("multipart/form-data", "names no multipart boundary"),
+                                  ('multipart/form-data; boundary=""', "names no multipart boundary"),
+                                  ("text/plain; boundary=b", "the body is text/plain, not multipart/form-data")]:
+        reply = httpx.post(served.url + "/v1/files", headers={**headers, "Content-Type": content_type},
+                           content=form("b", [("purpose", None, b"assistants"), ("file", "a.md", b"# A")]))
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_form"
+        assert message in reply.json()["error"]["message"]
+    reply = httpx.post(served.url + "/v1/files", headers=headers, files={"file": ("naïve 文件.md", b"# A")},
+                       data={"purpose": "assistants"})
+    assert reply.status_code == 200 and reply.json()["filename"] == "naïve 文件.md"
+    assert not any((served.settings.files_dir / ".incoming").iterdir())

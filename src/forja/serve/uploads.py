@@ -1,27 +1,30 @@
 """A multipart/form-data body read as it arrives: text fields into memory (small), the one file part
-straight to disk, stopped with a 413 the moment it passes the limit. Starlette's own form parser needs
-python-multipart and reads the whole body (to a spooled temp file) before a route sees a byte of it."""
+straight to disk, stopped with a 413 the moment it passes the limit. The body is split by python-multipart's
+streaming MultipartParser (the parser Starlette's own form reading uses): its callbacks hand over each part's
+bytes as they arrive, so the file is written as it comes and refused at the limit. Starlette's `request.form()`
+would read the whole body (to a spooled temp file) before a route sees a byte of it."""
 
 from __future__ import annotations
 
-import re
-from urllib.parse import unquote
 from dataclasses import dataclass, field
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from fastapi import Request
+from python_multipart import MultipartParser
+from python_multipart.multipart import parse_options_header
+from python_multipart.exceptions import FormParserError
 from starlette.requests import ClientDisconnect
 
 from forja.serve.deps import ApiError
 
 MAX_FIELD_BYTES = 64 * 1024  # a text field (purpose)
 MAX_HEADER_BYTES = 16 * 1024  # the headers of one part
+MAX_HEADER_COUNT = 64  # headers in one part (a client sends two: Content-Disposition and Content-Type)
 MAX_PARTS = 16
 MAX_DRAIN_BYTES = 4 * 1024 * 1024  # what is read past a file over the limit before the connection is dropped
-BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;,]{1,200}))', re.IGNORECASE)
-PARAM = re.compile(r'''(?:^|;)\s*(name|filename\*?)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))''', re.IGNORECASE)
-EXTENDED = re.compile(r"([\w!#$%&+^`{}~-]+)'[^']*'(.*)")  # RFC 5987: UTF-8''na%C3%AFve.md
 
 
 @dataclass
@@ -45,15 +48,15 @@ async def read_upload(request: Request, file_field: str, destination: Callable[[
     """Read a multipart body; the part named `file_field` is written to `destination(filename)` (a path
     whose folder this creates). More than `max_bytes` in it → 413 naming `limit_name`."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
         raise bad_form(f"the body is {content_type.split(';')[0] or 'not typed'}, not multipart/form-data")
-    match = BOUNDARY.search(content_type)
-    if match is None:
+    boundary = options.get(b"boundary")
+    if not boundary:
         raise bad_form("the content-type names no multipart boundary")
     too_big = ApiError(413, f"the file is larger than {max_bytes} bytes ({limit_name})", param=file_field,
                        code="file_too_large")
-    parser = _Parser(("--" + (match.group(1) or match.group(2))).encode("latin-1"), file_field, destination,
-                     max_bytes, too_big)
+    parser = _Parser(boundary, file_field, destination, max_bytes, too_big)
     try:
         async for chunk in request.stream():
             parser.feed(chunk)
@@ -65,7 +68,7 @@ async def read_upload(request: Request, file_field: str, destination: Callable[[
             await _drain(request)
         raise
     finally:
-        parser.close()
+        parser.close()  # a file left half-written is removed by the caller (files.discard of its folder)
     return parser.upload
 
 
@@ -81,122 +84,127 @@ async def _drain(request: Request) -> None:
         return
 
 
+def _text(value: bytes | None) -> str | None:
+    """A Content-Disposition parameter: parse_options_header reads the header as Latin-1, so the bytes come
+    back as sent; clients (httpx, browsers) send non-ASCII names as raw UTF-8."""
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _extended_filename(disposition: bytes) -> str | None:
+    """filename*= (RFC 5987/2231: UTF-8''na%C3%AFve.md, Latin-1 or any charset Python knows, continuations
+    too), read with the standard library's email parameters. python-multipart drops it, as RFC 7578 asks of
+    form-data, but some clients still send it (urllib3 1.x sent only it); with both, filename*= wins."""
+    if b"filename*" not in disposition.lower():
+        return None
+    header = Message()
+    header["content-disposition"] = disposition.decode("latin-1")
+    for key, value in header.get_params(failobj=[], header="content-disposition")[1:]:
+        if key == "filename" and isinstance(value, tuple) and value[0]:  # (charset, language, text)
+            return collapse_rfc2231_value(value, errors="replace")
+    return None
+
+
 class _Parser:
-    """preamble → (headers → body)* → epilogue, fed in chunks of any size."""
+    """python-multipart's MultipartParser, its callbacks keeping the text fields and writing the file part."""
 
     def __init__(self, boundary: bytes, file_field: str, destination: Callable[[str], Path], max_bytes: int,
                  too_big: ApiError):
-        self.delimiter = b"\r\n" + boundary  # what ends a part's body
-        self.buffer = b"\r\n"  # so the first boundary, at the very start, reads as a delimiter too
-        self.state = "preamble"
         self.file_field, self.destination, self.max_bytes, self.too_big = file_field, destination, max_bytes, too_big
         self.upload = Upload()
         self.parts = 0
+        self.ended = False
         self.name: str | None = None
         self.value = bytearray()
         self.stream: BinaryIO | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.header_field, self.header_value = bytearray(), bytearray()
+        self.header_bytes = 0
+        try:
+            self.parser = MultipartParser(boundary, {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._begin,
+                "on_part_data": self._data,
+                "on_part_end": self._end,
+                "on_end": self._ended,
+            }, max_header_count=MAX_HEADER_COUNT, max_header_size=MAX_HEADER_BYTES)
+        except FormParserError as error:  # a boundary longer than 256 bytes
+            raise bad_form(f"the multipart boundary is not usable: {error}") from None
 
     def feed(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        while self._step():
-            pass
+        try:
+            self.parser.write(chunk)
+        except FormParserError as error:  # what the callbacks raise (ApiError) goes through as it is
+            raise bad_form(f"the multipart body is malformed: {error}") from None
 
-    def _step(self) -> bool:
-        """Move on as far as the buffer allows; False when it needs more bytes."""
-        if self.state == "preamble":
-            at = self.buffer.find(self.delimiter)
-            if at < 0:
-                self.buffer = self.buffer[-len(self.delimiter):]
-                return False
-            self.buffer = self.buffer[at + len(self.delimiter):]
-            self.state = "after-delimiter"
-            return True
-        if self.state == "after-delimiter":
-            if len(self.buffer) < 2:
-                return False
-            if self.buffer.startswith(b"--"):
-                self.state, self.buffer = "epilogue", b""
-                return False
-            end = self.buffer.find(b"\r\n")  # transport padding may sit before the line break
-            if end < 0:
-                if len(self.buffer) > 256:
-                    raise bad_form("a multipart boundary line does not end")
-                return False
-            if self.buffer[:end].strip(b" \t"):
-                raise bad_form("a multipart boundary is followed by something other than a line break")
-            self.buffer = self.buffer[end + 2:]
-            self.state = "headers"
-            return True
-        if self.state == "headers":
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEADER_BYTES:
-                    raise bad_form(f"the headers of a form part are longer than {MAX_HEADER_BYTES} bytes")
-                return False
-            self._begin(self.buffer[:end])
-            self.buffer = self.buffer[end + 4:]
-            self.state = "body"
-            return True
-        if self.state == "body":
-            at = self.buffer.find(self.delimiter)
-            if at < 0:
-                keep = len(self.delimiter) - 1  # the start of a delimiter split across two chunks
-                if len(self.buffer) > keep:
-                    self._data(self.buffer[:-keep])
-                    self.buffer = self.buffer[-keep:]
-                return False
-            self._data(self.buffer[:at])
-            self._end()
-            self.buffer = self.buffer[at + len(self.delimiter):]
-            self.state = "after-delimiter"
-            return True
-        self.buffer = b""  # the epilogue is ignored
-        return False
+    def finish(self) -> None:
+        self.parser.finalize()  # checks nothing (python-multipart 0.0.34): whether it ended is on_end's
+        if not self.ended:
+            raise bad_form("the multipart body ends before its closing boundary")
 
-    def _begin(self, raw: bytes) -> None:
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    # ---------------------------------------------------------------------------------------- callbacks
+
+    def _part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
             raise bad_form(f"the form has more than {MAX_PARTS} parts")
-        disposition = ""
-        for line in raw.decode("utf-8", "replace").split("\r\n"):
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "content-disposition":
-                disposition = value
-        kind, _, params = disposition.strip().partition(";")
-        if kind.strip().lower() != "form-data":
+        self.headers, self.header_bytes, self.name = {}, 0, None
+
+    def _count_header(self, size: int) -> None:
+        self.header_bytes += size
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise bad_form(f"the headers of a form part are longer than {MAX_HEADER_BYTES} bytes")
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self.header_field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self.header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self.headers[bytes(self.header_field).lower()] = bytes(self.header_value)
+        self.header_field, self.header_value = bytearray(), bytearray()
+
+    def _begin(self) -> None:
+        disposition = self.headers.get(b"content-disposition", b"")
+        kind, params = parse_options_header(disposition)
+        if kind != b"form-data":
             raise bad_form("a form part has no Content-Disposition: form-data header")
-        found = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-                 for m in PARAM.finditer(";" + params)}
-        self.name = found.get("name")
+        self.name = _text(params.get(b"name"))
         if not self.name:
             raise bad_form("a form part has no name")
         if self.name == self.file_field:
             if self.upload.path is not None:
                 raise bad_form(f"the form has more than one {self.file_field!r} part")
-            filename = found.get("filename")
-            extended = EXTENDED.fullmatch(found.get("filename*") or "")
-            if extended:  # filename*= wins over filename= (RFC 7578 clients send both)
-                latin = extended.group(1).lower() in ("iso-8859-1", "latin-1")  # the one other charset RFC 5987 names
-                filename = unquote(extended.group(2), encoding="latin-1" if latin else "utf-8", errors="replace")
+            filename = _extended_filename(disposition) or _text(params.get(b"filename"))
             if filename is None:
                 raise bad_form(f"the {self.file_field!r} part is not a file (it has no filename)")
-            self.upload.file_field, self.upload.filename = self.name, filename.replace('\\"', '"')
-            self.upload.path = self.destination(self.upload.filename)
+            self.upload.file_field, self.upload.filename = self.name, filename
+            self.upload.path = self.destination(filename)
             self.upload.path.parent.mkdir(parents=True, exist_ok=True)
             self.stream = self.upload.path.open("wb")
         else:
             self.value = bytearray()
 
-    def _data(self, data: bytes) -> None:
-        if not data:
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if start >= end:
             return
         if self.stream is not None:
-            self.upload.size += len(data)
+            self.upload.size += end - start
             if self.upload.size > self.max_bytes:
                 raise self.too_big
-            self.stream.write(data)
+            self.stream.write(memoryview(data)[start:end])
         else:
-            self.value += data
+            self.value += data[start:end]
             if len(self.value) > MAX_FIELD_BYTES:
                 raise bad_form(f"the form field {self.name!r} is longer than {MAX_FIELD_BYTES} bytes")
 
@@ -210,10 +218,5 @@ class _Parser:
             except UnicodeDecodeError:
                 raise bad_form(f"the form field {self.name!r} is not UTF-8 text") from None
 
-    def finish(self) -> None:
-        if self.state != "epilogue":
-            raise bad_form("the multipart body ends before its closing boundary")
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
+    def _ended(self) -> None:
+        self.ended = True
