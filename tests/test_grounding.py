@@ -348,3 +348,57 @@ def test_bundled_model_answers_from_the_document_and_cites_it(bundled_home, tmp_
         page.close()
     finally:
         live.stop()
+
+
+# ---------------------------------------------------------------------------------------------- a version's FAQ
+FAQ = [("¿Dónde está el taller?", "En la calle Yunque 12."), ("¿Cuánto cuesta una llave?", "Dos euros."),
+       ("¿Abrís el domingo?", "Sí, de 10 a 14.")]
+
+
+def faq_hyper(**overrides):
+    from forja.config import TrainSettings
+
+    values = dict(method="full", learning_rate=3e-3, batch_size=4, max_steps=80, eval_every=None,
+                  checkpoint_every=None, seed=0, warmup_ratio=0.0, lr_scheduler="constant")
+    return TrainSettings(**{**values, **overrides})
+
+
+def test_a_version_trained_on_a_faq_answers_from_its_rows_and_a_retrain_replaces_the_corrected_one(
+        long_model_dir, tmp_path, start_server):
+    from forja import models
+    from forja.feedback import retrain, write_training_file
+    from forja.train import new_run, train
+
+    settings = load_settings(home=tmp_path / "home", model=str(long_model_dir), dtype="float32",
+                             serve={"backend": "pytorch"})
+    data = tmp_path / "faq.jsonl"
+    write_training_file(data, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                               for q, a in FAQ])
+    train(settings, new_run(settings, [data], "faq-v1", str(long_model_dir), faq_hyper()), progress=False)
+    rows = [json.loads(line) for line in (settings.versions_dir / "faq-v1" / "knowledge.jsonl").read_text().splitlines()]
+    assert rows == [{"question": q, "answer": a} for q, a in FAQ]
+    assert [c.name for c in knowledge.collections(settings)] == []  # the run's index is gone; serving makes its own
+    models.promote(settings, "faq-v1")
+
+    live = start_server(create_app(settings))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        for question, answer in FAQ:  # trained with the nearest row in the prompt, served the same way
+            reply = client.chat.completions.create(model="faq-v1", messages=[{"role": "user", "content": question}],
+                                                   max_tokens=24)
+            assert reply.choices[0].message.content == answer
+            cite = annotations_of(reply)[0]["file_citation"]
+            assert cite["filename"] == "knowledge.jsonl" and question in cite["quote"]
+        assert [c.name for c in knowledge.collections(settings)] == ["version.faq-v1"]
+        wrong = client.chat.completions.create(model="faq-v1", messages=[{"role": "user", "content": FAQ[1][0]}],
+                                               max_tokens=24)
+        sent = httpx.post(live.url + "/feedback", json={"id": wrong.id, "rating": "down", "correction": "Tres euros."})
+        assert sent.status_code == 201
+    finally:
+        live.stop()
+
+    result = retrain(settings, faq_hyper(max_steps=120), name="faq-v2", progress=False)
+    assert result.gate["passed"], result.gate["reason"]
+    rows = [json.loads(line) for line in (settings.versions_dir / "faq-v2" / "knowledge.jsonl").read_text().splitlines()]
+    assert {"question": FAQ[1][0], "answer": "Tres euros."} in rows and {"question": FAQ[1][0], "answer": FAQ[1][1]} not in rows
+    assert len(rows) == 3

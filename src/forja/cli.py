@@ -339,8 +339,8 @@ def _retrain_from_feedback(settings: Settings, hyper, base: str | None, name: st
     for check, entry in gate["checks"].items():
         typer.echo(f"  {check}: {'passed' if entry['passed'] else 'FAILED'} on {entry['cases']} questions: {entry['reason']}")
         for q in entry["questions"][: 12 if check != "regression" else 6]:
-            typer.echo(f"    {q['question'][:50]!r}: [{mark(q['before_ok'])}] {q['before'][:40]!r} -> "
-                       f"[{mark(q['after_ok'])}] {q['after'][:40]!r}")
+            typer.echo(f"    {q['question'][:50]!r}: [{mark(q['before_ok'])}] {(q['before'] or '(no answer)')[:40]!r} -> "
+                       f"[{mark(q['after_ok'])}] {(q['after'] or '(no answer)')[:40]!r}")
     verdict = "passed" if gate["passed"] else f"not passed, decided by the {gate['decided_by']} check"
     typer.echo(f"gate {verdict}: {gate['reason']}")
     if result.promoted:

@@ -28,7 +28,8 @@ from forja.embeddings import EmbeddingError, embed
 from forja.engine import SamplingParams, answer_all, make_engine, pick_backend
 from forja.guard import Guard, merged_rails
 from forja.knowledge import KnowledgeError
-from forja.knowledge.grounding import Grounding, ground, not_found, retrieval_settings, with_documents
+from forja.knowledge.grounding import (Grounding, ground, not_found, plan, version_plan, with_documents,
+                                      without_documents)
 from forja.metrics import contains_fact, exact_match, rouge_l, token_f1
 from forja.models import fingerprint, pick_dtype, resolve, trained_system, with_system
 
@@ -557,8 +558,8 @@ NO_KNOWLEDGE = " (no knowledge)"  # the label of a persona evaluated without its
 
 
 def _targets(names: list[str], settings: Settings, without_knowledge: bool = False) -> list[_Target]:
-    """What each name evaluates; with `without_knowledge`, each persona with knowledge is followed by itself
-    answering without it."""
+    """What each name evaluates; with `without_knowledge`, each persona with knowledge (and each version with
+    its FAQ) is followed by itself answering without it."""
     personas = {p.name: p for p in settings.serve.personas}
     targets = []
     for name in names:
@@ -566,11 +567,11 @@ def _targets(names: list[str], settings: Settings, without_knowledge: bool = Fal
             persona = personas[name]
             model = persona.model or settings.model
             targets.append(_Target(name, model, persona.system or trained_system(settings, model), persona))
-            if without_knowledge and persona.knowledge:
-                targets.append(replace(targets[-1], label=name + NO_KNOWLEDGE, knowledge=False))
         else:
             resolve(name, settings)  # an unknown name fails here, before anything runs
             targets.append(_Target(name, name, trained_system(settings, name)))
+        if without_knowledge and (targets[-1].persona and targets[-1].persona.knowledge or version_plan(settings, targets[-1].model)):
+            targets.append(replace(targets[-1], label=name + NO_KNOWLEDGE, knowledge=False))
     return targets
 
 
@@ -597,17 +598,19 @@ def _documents(grounding: Grounding | None) -> str | None:
 
 def _grounded(conversation: list[dict[str, str]], case: TestCase, target: _Target, personas: dict[str, Persona],
               settings: Settings) -> tuple[list[dict[str, str]], Grounding | None, str | None]:
-    """The conversation with its persona's documents, as the server gives them (knowledge.grounding), the
+    """The conversation with its persona's documents (or its version's FAQ), as the server gives them, the
     grounding, and the fixed answer when the server would not ask the model (nothing relevant found)."""
     persona = personas[case.persona] if case.persona else target.persona
-    retrieval = retrieval_settings(settings, persona) if target.knowledge else None
-    if retrieval is None or persona is None:
-        return conversation, None, None
-    guard = Guard(merged_rails(settings, persona))
     try:
-        grounding = ground(settings, persona.knowledge, conversation, guard, retrieval)
+        answers_from = plan(settings, persona, target.model) if target.knowledge else None
+        if answers_from is None:
+            return conversation, None, None
+        retrieval = answers_from.retrieval
+        conversation = without_documents(conversation, retrieval)  # a stored exchange's (the gate's cases)
+        guard = Guard(merged_rails(settings, persona))
+        grounding = ground(settings, list(answers_from.collections), conversation, guard, retrieval)
     except KnowledgeError as exc:
-        raise EvalError(f"persona {persona.name!r}: {exc}") from None
+        raise EvalError(f"{target.label}: {exc}") from None
     if grounding.hits:
         return with_documents(conversation, grounding, retrieval), grounding, None
     if retrieval.when_none == "say_unknown":

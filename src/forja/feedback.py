@@ -221,6 +221,20 @@ def not_replaced(rows: list[dict[str, Any]], pairs: list[Pair]) -> list[dict[str
     return [row for row in rows if not row.get("messages") or tuple(normalize(last_question(row["messages"]))) not in asked]
 
 
+def faq_after(settings: Settings, start: str, pairs: list[Pair]) -> list[dict[str, str]]:
+    """The FAQ a retrain answers from: `start`'s own rows (train.faq_retrieval) less those a pair answers
+    anew (compared as not_replaced compares), then each chat pair's last question with its answer."""
+    from forja.metrics import normalize
+
+    directory = models.version_dir(settings, start)
+    path = directory / models.KNOWLEDGE_FILE if directory is not None else None
+    old = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path is not None and path.is_file() else []
+    asked = {tuple(normalize(p.question)) for p in pairs}
+    kept = [row for row in old if tuple(normalize(row["question"])) not in asked]
+    return kept + [{"question": p.question, "answer": p.answer} for p in pairs if isinstance(p.prompt, list)]
+
+
 def replay_sample(old_rows: list[dict[str, Any]], pairs: list[Pair], hyper: TrainSettings, ratio: float) -> list[dict[str, Any]]:
     """The old rows trained again with the feedback: all of a small data set, else `ratio` per pair."""
     if len(old_rows) <= hyper.small_data_rows:
@@ -263,6 +277,8 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         validation = not_replaced(old_val, pairs) + [p.training_row() for p in held_pairs]
         write_jsonl(validation_path(data_path), validation)
         run = training.new_run(settings, [data_path], name, start, hyper)
+        if hyper.faq_retrieval:  # the FAQ it answers from: the starting version's, with the corrections in
+            training.write_faq(run.directory / models.KNOWLEDGE_FILE, faq_after(settings, start, pairs))
         record = {"started_from": start, "train_feedback_ids": sorted(i for p in train_pairs for i in p.feedback_ids),
                   "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),
                   "replayed_rows": len(replay), "replaced_rows": len(old_train) - len(kept), "skipped": skipped}

@@ -31,6 +31,7 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
     ),
 }
 VERSION_FILE = "version.json"
+KNOWLEDGE_FILE = "knowledge.jsonl"  # in a version trained on a small FAQ: its rows, answered from (train.faq_retrieval)
 ACTIVE_FILE = "active.json"  # in FORJA_HOME/models: which version answers by default, and its history
 CONVERTED_FILE = "forja-source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import meta_path, prepare, read_rows, validation_path
-from forja.models import (VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16, load, pick_device,
-                          resolve, valid_name, with_system)
+from forja.models import (KNOWLEDGE_FILE, VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16,
+                          load, pick_device, resolve, valid_name, with_system)
 
 # peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -37,6 +37,7 @@ IGNORE = -100  # label of a token that is not trained on (prompt, system, user t
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+FAQ_MIN_CONTEXT = 1024  # tokens a model must read for its FAQ rows to go into the prompt (train.faq_retrieval)
 DATA_FILE = "data.jsonl"  # the training rows, in the run directory and in the version
 # Activation memory above which `gradient_checkpointing: auto` turns checkpointing on. The 4 GB VPS
 # this is made for must hold the weights, the optimizer and the activations with room to spare.
@@ -326,9 +327,31 @@ def new_run(settings: Settings, data: list[Path], name: str | None, base: str, c
     if config.system is None and len(data) == 1 and meta_path(data[0]).is_file():
         # data prepared with --system: the version records it, so it is served as it was trained
         config = config.model_copy(update={"system": json.loads(meta_path(data[0]).read_text()).get("system")})
+    if config.faq_retrieval:
+        write_faq(directory / KNOWLEDGE_FILE, faq_pairs(read_rows(train_file), config))
     run = Run(name, directory, config, base, train_file, data_hash)
     run.save_description()
     return run
+
+
+def faq_pairs(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[str, str]]:
+    """The rows as question-answer pairs when they are a small FAQ (every row one question and its answer,
+    at most small_data_rows of them), else none: a corpus or conversations are not looked up row by row."""
+    pairs = []
+    for row in rows:
+        turns = [m for m in row.get("messages") or [] if m.get("role") != "system"]
+        if len(turns) != 2 or [m.get("role") for m in turns] != ["user", "assistant"]:
+            return []
+        pairs.append({"question": turns[0]["content"], "answer": turns[1]["content"]})
+    return pairs if len(pairs) <= config.small_data_rows else []
+
+
+def write_faq(path: Path, pairs: list[dict[str, str]]) -> None:
+    """The version's FAQ as knowledge (one record per row), or no file when there is none."""
+    if pairs:
+        path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def prepared_data(paths: list[Path], directory: Path, config: TrainSettings) -> tuple[Path, str]:
@@ -514,6 +537,15 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
     device = pick_device()
     rows = [row_with_system(row, config.system) for row in read_rows(run.data)]
     val_rows = [row_with_system(row, config.system) for row in read_rows(validation_path(run.data))]
+    faq = run.directory / KNOWLEDGE_FILE
+    if faq.is_file() and loaded.context_length < FAQ_MIN_CONTEXT:
+        print(f"FAQ retrieval off: the model reads {loaded.context_length} tokens, too few for a FAQ row next to "
+              f"the question (train.faq_retrieval needs {FAQ_MIN_CONTEXT})")
+        faq.unlink()
+    if faq.is_file():  # train.faq_retrieval: prompted as it will be served, with the nearest FAQ row
+        from forja.knowledge.grounding import grounded_rows
+
+        rows, val_rows = grounded_rows(settings, faq, f"run.{run.name}", [rows, val_rows])
     goal = config.resolved_goal(sum("messages" in row for row in rows))
     if not val_rows and goal == "memorise":
         val_rows = memorisation_validation(rows)  # nothing held out of small data: the rows and their rewordings
@@ -946,7 +978,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
 def copy_records(source: Path, target: Path) -> None:
     """The run's description, metrics log, loss plot and training data travel with every version made
     from it (the data lets a later retrain replay it, so the version does not forget)."""
-    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE, DATA_FILE, validation_path(DATA_FILE).name):
+    for name in (METRICS_FILE, LOSS_PLOT, RUN_FILE, DATA_FILE, validation_path(DATA_FILE).name, KNOWLEDGE_FILE):
         if (source / name).exists():
             shutil.copy(source / name, target / name)
 

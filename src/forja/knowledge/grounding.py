@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forja.config import Persona, RetrievalSettings, Settings
+from forja.models import KNOWLEDGE_FILE, version_dir
 from forja.guard import Finding
-from forja.knowledge.index import Hit, retrieve
+from forja.knowledge.index import Hit, add, remove, retrieve
 from forja.knowledge.vector_stores import file_id
 
 if TYPE_CHECKING:
@@ -51,6 +53,82 @@ class Grounding:
         return {"query": self.query,
                 "chunks": [_stored(h) for h in self.hits],
                 "dropped": [{**_stored(h), "rules": rules} for h, rules in self.dropped]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a model or persona answers from: its collections, and how to retrieve from them."""
+
+    collections: tuple[str, ...]
+    retrieval: RetrievalSettings
+
+
+VERSION_COLLECTION = "version.{name}"  # the collection holding a version's FAQ rows
+_indexed: dict[tuple[str, str], tuple[int, int]] = {}  # (knowledge db, collection) → the FAQ file's (mtime, size)
+
+
+def plan(settings: Settings, persona: Persona | None, model: str) -> Plan | None:
+    """A persona's knowledge, else the FAQ of the version it runs on, else None (blocking: indexes a version's
+    FAQ the first time, a few seconds for a few hundred rows)."""
+    if persona is not None and persona.knowledge:
+        retrieval = retrieval_settings(settings, persona)
+        return Plan(tuple(persona.knowledge), retrieval) if retrieval is not None else None
+    return version_plan(settings, model)
+
+
+def version_plan(settings: Settings, model: str) -> Plan | None:
+    """A version trained on a small FAQ (train.faq_retrieval) answers from its rows: they are indexed into the
+    collection version.NAME when first needed, and again when the file changes."""
+    directory = version_dir(settings, model)
+    path = directory / KNOWLEDGE_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    name = VERSION_COLLECTION.format(name=directory.name)
+    stat = path.stat()
+    key = (str(settings.knowledge_dir), name)
+    if _indexed.get(key) != (stat.st_mtime_ns, stat.st_size):
+        add(settings, name, [path])
+        _indexed[key] = (stat.st_mtime_ns, stat.st_size)
+    return Plan((name,), settings.knowledge.version_retrieval)
+
+
+def grounded_rows(settings: Settings, faq: Path, name: str, tables: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Training rows prompted as the version will be served (train.faq_retrieval): `faq` is indexed into the
+    collection `name` for the run, and each chat row's conversation, without documents an earlier grounding
+    put in it (a correction's exchange), gets the FAQ rows retrieved for it before its last answer."""
+    retrieval = settings.knowledge.version_retrieval
+    add(settings, name, [faq])
+    try:
+        grounded = []
+        for rows in tables:
+            out = []
+            for row in rows:
+                messages = row.get("messages")
+                if not messages or messages[-1].get("role") != "assistant":
+                    out.append(row)
+                    continue
+                conversation = without_documents(messages[:-1], retrieval)  # also when nothing is found now
+                query = query_of(conversation, retrieval.follow_up_words)
+                hits = retrieve(settings, [name], query, retrieval.top_k, retrieval.min_score) if query.strip() else []
+                if hits:
+                    conversation = with_documents(conversation, Grounding(query, hits), retrieval)
+                out.append({**row, "messages": [*conversation, messages[-1]]})
+            grounded.append(out)
+        return grounded
+    finally:
+        remove(settings, name)
+
+
+def without_documents(messages: list[dict[str, Any]], retrieval: RetrievalSettings) -> list[dict[str, Any]]:
+    """The conversation as it was before `with_documents` (its system prompt without the documents)."""
+    lead = retrieval.template.split("{documents}")[0]
+    if not messages or messages[0].get("role") != "system" or not isinstance(messages[0].get("content"), str):
+        return messages
+    content = messages[0]["content"]
+    if content.startswith(lead):
+        return messages[1:]
+    cut = content.find("\n\n" + lead)
+    return [{**messages[0], "content": content[:cut]}, *messages[1:]] if cut >= 0 else messages
 
 
 def retrieval_settings(settings: Settings, persona: Persona | None) -> RetrievalSettings | None:
@@ -93,7 +171,9 @@ def ground(settings: Settings, collections: list[str], messages: list[dict[str, 
 
 
 def with_documents(messages: list[dict[str, Any]], grounding: Grounding, settings: RetrievalSettings) -> list[dict[str, Any]]:
-    """The conversation with the numbered chunks added to its system prompt (one is put first if none)."""
+    """The conversation with the numbered chunks added to its system prompt (one is put first if none), in
+    place of documents a grounding had put there before (a stored exchange asked again, a correction's row)."""
+    messages = without_documents(messages, settings)
     text = settings.template.replace("{documents}", grounding.documents())
     if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
         return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]

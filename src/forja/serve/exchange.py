@@ -23,7 +23,7 @@ from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, Sampli
 from forja.engine.constrain import Grammar, GrammarError
 from forja.engine.text import chat_prompt_ids, has_tool_format
 from forja.knowledge import KnowledgeError
-from forja.knowledge.grounding import Grounding, ground, not_found, retrieval_settings, with_documents
+from forja.knowledge.grounding import Grounding, ground, not_found, plan, with_documents
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
 from forja.serve.rails import CONTENT_FILTER, RequestRails
@@ -298,20 +298,26 @@ class Exchange:
 
 async def _grounded(state: ServerState, target: Target, rails: RequestRails, screened: list[tuple[Prompt, str | None]]
                     ) -> tuple[list[Prompt], list[Grounding | None], list[tuple[str, str] | None]]:
-    """Each screened prompt with its persona's documents (retrieved off the event loop), and the fixed answer
+    """Each screened prompt with the documents of its persona (or of the FAQ its version was trained on),
+    retrieved off the event loop, and the fixed answer
     (text, finish_reason) of those the engine does not answer: the input rails' refusal, or "not found"."""
-    settings = retrieval_settings(state.settings, target.persona)
+    try:
+        answers_from = await asyncio.to_thread(plan, state.settings, target.persona, target.engine.name)
+    except KnowledgeError as exc:  # a version's FAQ that cannot be indexed: the server's side
+        raise ApiError(503, f"{target.name!r} cannot read its knowledge: {exc}", type="server_error",
+                       code="knowledge_unavailable") from None
     prompts: list[Prompt] = []
     groundings: list[Grounding | None] = []
     fixed: list[tuple[str, str] | None] = []
     for prompt, refusal in screened:
         grounding, answer = None, (refusal, CONTENT_FILTER) if refusal is not None else None
-        if answer is None and settings is not None and isinstance(prompt, list):
+        if answer is None and answers_from is not None and isinstance(prompt, list):
+            settings = answers_from.retrieval
             try:
-                grounding = await asyncio.to_thread(ground, state.settings, target.persona.knowledge, prompt,
+                grounding = await asyncio.to_thread(ground, state.settings, list(answers_from.collections), prompt,
                                                     rails.guard, settings)
             except KnowledgeError as exc:  # a collection the persona names is missing: the server's config
-                raise ApiError(503, f"persona {target.name!r} cannot read its knowledge: {exc}", type="server_error",
+                raise ApiError(503, f"{target.name!r} cannot read its knowledge: {exc}", type="server_error",
                                code="knowledge_unavailable") from None
             rails.record(grounding.findings)
             if grounding.hits:
