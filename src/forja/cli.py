@@ -89,8 +89,9 @@ def generate(
     """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:)."""
     from forja import models
     from forja.config import SAMPLERS
-    from forja.engine import SamplingParams, answer, make_engine
+    from forja.engine import Answer, SamplingParams, Usage, answer, make_engine
     from forja.engine.text import chat_messages
+    from forja.knowledge.grounding import prompt_for
     import asyncio
 
     settings = settings_from(config, model=model)
@@ -120,7 +121,12 @@ def generate(
 
     try:
         started = time.perf_counter()
-        reply = asyncio.run(answer(engine, chat_messages(prompt, system), params, None if as_json else show))
+        # as served: a version trained on a small FAQ reads its nearest row (train.faq_retrieval)
+        messages, _, fixed = prompt_for(settings, None, settings.model, chat_messages(prompt, system))
+        reply = (Answer(fixed, "stop", Usage()) if fixed is not None else
+                 asyncio.run(answer(engine, messages, params, None if as_json else show)))
+        if fixed is not None and not as_json:
+            show(fixed)
         seconds = time.perf_counter() - started
     finally:
         engine.close()

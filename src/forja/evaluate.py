@@ -26,10 +26,8 @@ from typing import Any, Callable
 from forja.config import ForjaError, Persona, Settings
 from forja.embeddings import EmbeddingError, embed
 from forja.engine import SamplingParams, answer_all, make_engine, pick_backend
-from forja.guard import Guard, merged_rails
 from forja.knowledge import KnowledgeError
-from forja.knowledge.grounding import (Grounding, ground, not_found, plan, version_plan, with_documents,
-                                      without_documents)
+from forja.knowledge.grounding import Grounding, prompt_for, version_plan
 from forja.metrics import contains_fact, exact_match, rouge_l, token_f1
 from forja.models import fingerprint, pick_dtype, resolve, trained_system, with_system
 
@@ -601,21 +599,12 @@ def _grounded(conversation: list[dict[str, str]], case: TestCase, target: _Targe
     """The conversation with its persona's documents (or its version's FAQ), as the server gives them, the
     grounding, and the fixed answer when the server would not ask the model (nothing relevant found)."""
     persona = personas[case.persona] if case.persona else target.persona
+    if not target.knowledge:
+        return conversation, None, None
     try:
-        answers_from = plan(settings, persona, target.model) if target.knowledge else None
-        if answers_from is None:
-            return conversation, None, None
-        retrieval = answers_from.retrieval
-        conversation = without_documents(conversation, retrieval)  # a stored exchange's (the gate's cases)
-        guard = Guard(merged_rails(settings, persona))
-        grounding = ground(settings, list(answers_from.collections), conversation, guard, retrieval)
+        return prompt_for(settings, persona, target.model, conversation)
     except KnowledgeError as exc:
         raise EvalError(f"{target.label}: {exc}") from None
-    if grounding.hits:
-        return with_documents(conversation, grounding, retrieval), grounding, None
-    if retrieval.when_none == "say_unknown":
-        return conversation, grounding, not_found(retrieval, guard.language(grounding.query))
-    return conversation, grounding, None
 
 
 PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")

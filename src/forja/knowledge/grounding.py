@@ -76,6 +76,27 @@ def plan(settings: Settings, persona: Persona | None, model: str) -> Plan | None
     return version_plan(settings, model)
 
 
+def prompt_for(settings: Settings, persona: Persona | None, model: str, messages: list[dict[str, Any]]
+               ) -> tuple[list[dict[str, Any]], Grounding | None, str | None]:
+    """The conversation a model answers, with the documents the server would give it (a persona's knowledge,
+    else its version's FAQ), the grounding, and the fixed answer when the server would not ask the model
+    (nothing relevant, say_unknown). For callers outside the server: `forja eval`, the gate, `forja generate`."""
+    from forja.guard import Guard, merged_rails
+
+    answers_from = plan(settings, persona, model)
+    if answers_from is None:
+        return messages, None, None
+    retrieval = answers_from.retrieval
+    messages = without_documents(messages, retrieval)  # a stored exchange asked again (the gate's cases)
+    guard = Guard(merged_rails(settings, persona))
+    grounding = ground(settings, list(answers_from.collections), messages, guard, retrieval)
+    if grounding.hits:
+        return with_documents(messages, grounding, retrieval), grounding, None
+    if retrieval.when_none == "say_unknown":
+        return messages, grounding, not_found(retrieval, guard.language(grounding.query))
+    return messages, grounding, None
+
+
 def version_plan(settings: Settings, model: str) -> Plan | None:
     """A version trained on a small FAQ (train.faq_retrieval) answers from its rows: they are indexed into the
     collection version.NAME when first needed, and again when the file changes."""
