@@ -48,7 +48,7 @@ ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML settings file (default: ./forja.yaml if present).")
 ]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, version, directory, .gguf or hub id.")]
-BackendOpt = Annotated[Optional[str], typer.Option(help="auto, llamacpp or pytorch (default from serve.backend: auto, as forja serve).")]
+BackendOpt = Annotated[Optional[str], typer.Option(help="auto, llamacpp, pytorch or openai (serve.upstream_url) (default from serve.backend: auto, as forja serve).")]
 
 
 def read_prompt(text: str | None, what: str) -> str:
@@ -89,7 +89,7 @@ def generate(
     """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:)."""
     from forja import models
     from forja.config import SAMPLERS
-    from forja.engine import SamplingParams, answer, make_engine
+    from forja.engine import SamplingParams, answer, make_engine, pick_backend
     from forja.engine.text import chat_messages
     import asyncio
 
@@ -108,7 +108,8 @@ def generate(
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     params = SamplingParams(max_new_tokens=defaults.max_new_tokens, seed=defaults.seed,
                             **{name: getattr(defaults, name) for name in SAMPLERS})
-    models.resolve(settings.model, settings)  # a wrong name fails before anything loads
+    if pick_backend(settings) != "openai":  # an upstream knows its own models
+        models.resolve(settings.model, settings)  # a wrong name fails before anything loads
     system = system or models.trained_system(settings, settings.model) or defaults.system  # as eval and export
     started = time.perf_counter()
     engine = make_engine(settings.model, settings, max_queue=1, max_batch_size=1)
@@ -408,7 +409,8 @@ def serve(
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     shown = model or models.active_model(settings)  # without --model: the active version, following promotions
-    models.resolve(shown, settings)  # a wrong name fails here, before the server starts
+    if pick_backend(settings) != "openai":  # an upstream knows its own models
+        models.resolve(shown, settings)  # a wrong name fails here, before the server starts
     host, port = host or settings.serve.host, port or settings.serve.port
     keys = len(settings.serve.api_keys)
     typer.echo(f"forja serve: {shown} ({pick_backend(settings)}) on http://{host}:{port}  (chat page /, OpenAI API /v1, "

@@ -280,7 +280,8 @@ class Persona(BaseModel):
     name: str = Field(..., pattern=r"^[\w.-]+$", description="What clients put in `model` (letters, digits, _ . -).")
     description: str = Field("", description="One line shown in the web page and /v1/models.")
     system: str | None = Field(None, description="System prompt put before the conversation.")
-    model: str | None = Field(None, description="A trained version or other model; None = the served base model.")
+    model: str | None = Field(None, description="A trained version or other model; None = the served base model. "
+                              "With serve.backend openai: the upstream's model name (a LoRA adapter vLLM serves, say).")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature (a request may override).")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p.")
     top_k: int | None = Field(None, ge=0, description="Default top_k (0 = off).")
@@ -304,9 +305,29 @@ class ServeSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 = every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
-    backend: Literal["auto", "pytorch", "llamacpp"] = Field(
-        "auto", description="Engine: llama.cpp (GGUF, fastest on CPU), PyTorch, or auto = llama.cpp on a CPU when installed."
+    backend: Literal["auto", "pytorch", "llamacpp", "openai"] = Field(
+        "auto", description="Engine: llama.cpp (GGUF, fastest on CPU), PyTorch, auto = llama.cpp on a CPU when installed, "
+        "or openai = an OpenAI-compatible upstream (vLLM, llama-server, Ollama, a hosted API) at upstream_url."
     )
+    upstream_url: str | None = Field(
+        None, description="backend openai: the upstream's base URL, /v1 included (http://gpu-box:8000/v1).")
+    upstream_model: str | None = Field(
+        None, description="backend openai: the upstream's name for the served base model; None = forja's model name "
+        "as it is. Other models (a persona's `model`, a version) are sent under their own names.")
+    upstream_api_key_env: str | None = Field(
+        None, description="backend openai: the environment variable holding the upstream's API key (OPENAI_API_KEY); "
+        "None = no key sent.")
+    upstream_timeout: float = Field(
+        60.0, gt=0, description="backend openai: seconds to wait for the upstream to connect, answer or send the next "
+        "piece of a stream; past it the request is a 504.")
+    upstream_max_retries: int = Field(
+        2, ge=0, le=10, description="backend openai: retries (the openai SDK's, with exponential backoff) of a request "
+        "the upstream refused with 408/409/429/5xx or could not be reached for, before any answer came.")
+    upstream_sampling: dict[Literal["top_k", "min_p", "repetition_penalty"], str] = Field(
+        default_factory=dict, description="backend openai: the sampling settings beyond OpenAI's that the upstream "
+        "takes, and its name for each (sent in the body): vLLM {top_k: top_k, min_p: min_p, repetition_penalty: "
+        "repetition_penalty}; llama.cpp's servers {top_k: top_k, min_p: min_p, repetition_penalty: repeat_penalty}; "
+        "empty for OpenAI. A request that sets one the upstream does not take is a 400.")
     gguf_quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
         "f16", description="llama.cpp backend: what trained versions (and, see gguf_source, the bundled model) are "
         "exported at. f16 gives the float weights' answers; q8_0 and q4_k_m are smaller and faster for one stream."
@@ -337,6 +358,13 @@ class ServeSettings(BaseModel):
     log_exchanges: bool = Field(
         True, description="Store every exchange (messages, answer, model, timing) in the database so users can rate and correct it."
     )
+
+    @model_validator(mode="after")
+    def _upstream(self) -> "ServeSettings":
+        if self.backend == "openai" and not self.upstream_url:
+            raise ValueError("serve.backend openai needs serve.upstream_url (the upstream's base URL, e.g. "
+                             "http://127.0.0.1:8080/v1)")
+        return self
 
     @model_validator(mode="after")
     def _unique_personas(self) -> "ServeSettings":

@@ -524,6 +524,8 @@ class _Cache:
 def runs_on(settings: Settings) -> str:
     """What answers: the backend `forja serve` would use, with its GGUF quantization (llama.cpp) or dtype (PyTorch)."""
     backend = pick_backend(settings)
+    if backend == "openai":
+        return f"openai {settings.serve.upstream_url}"
     if backend == "llamacpp":
         shipped = {"original": ", .gguf files as shipped", "auto": ", a .gguf named as shipped",
                    "export": ""}[settings.serve.gguf_source]
@@ -534,6 +536,10 @@ def runs_on(settings: Settings) -> str:
 def model_identity(name: str, settings: Settings) -> str:
     """What cached answers of a model depend on: its files (models.fingerprint: a retrained version
     changes them) and what runs them (`runs_on`)."""
+    if pick_backend(settings) == "openai":  # the upstream's name for it is all that is known here
+        from forja.engine.upstream import UpstreamEngine
+
+        return f"{UpstreamEngine.from_settings(name, settings).remote}:{runs_on(settings)}"
     return f"{fingerprint(name, settings)}:{runs_on(settings)}"
 
 
@@ -569,7 +575,8 @@ def _targets(names: list[str], settings: Settings, without_knowledge: bool = Fal
             if without_knowledge and persona.knowledge:
                 targets.append(replace(targets[-1], label=name + NO_KNOWLEDGE, knowledge=False))
         else:
-            resolve(name, settings)  # an unknown name fails here, before anything runs
+            if pick_backend(settings) != "openai":  # an upstream knows its own models
+                resolve(name, settings)  # an unknown name fails here, before anything runs
             targets.append(_Target(name, name, trained_system(settings, name)))
     return targets
 
