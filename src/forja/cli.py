@@ -791,7 +791,7 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 
-bench_app = _typer("Measure: bench serve, train, learn, agreement, repetition and tools.")
+bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition and tools.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -822,6 +822,24 @@ def bench_serve(
     typer.echo(render_serve(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("upstream")
+def bench_upstream(
+    url: Annotated[str, typer.Option("--url", help="The upstream's base URL (http://127.0.0.1:8080/v1), already running.")],
+    clients: Annotated[int, typer.Option(help="Requests sent at once in the concurrent part (1: none; llama-cpp-python's server takes one at a time).", min=1)] = 4,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.", min=2)] = 64,
+    rounds: Annotated[int, typer.Option(help="Alternated rounds (medians).", min=1)] = 5,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """What forja adds in front of an OpenAI-compatible upstream: the same requests sent directly and through forja serve --backend openai."""
+    from forja.bench import render_upstream, upstream_benchmark
+
+    figures = upstream_benchmark(url, clients=clients, max_tokens=max_tokens, rounds=rounds,
+                                 log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_upstream(figures))
+    if as_json:
+        as_json.write_text(json.dumps(figures, indent=2))
 
 
 @bench_app.command("learn")
