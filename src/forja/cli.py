@@ -432,13 +432,13 @@ def _with_serve(settings: Settings, **values) -> Settings:
 @app.command("export")
 def export_model(
     model: ModelOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="gguf, or ollama (GGUF plus a Modelfile).")] = "gguf",
+    fmt: Annotated[str, typer.Option("--format", help="gguf, ollama (GGUF plus a Modelfile), or hf (a merged Hugging Face directory, for vLLM).")] = "gguf",
     quant: Annotated[str, typer.Option("--quant", help="f32, f16, q8_0 or q4_k_m.")] = "q8_0",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")] = Path("export"),
     persona: Annotated[Optional[str], typer.Option(help="ollama: the persona whose system prompt and sampling go in the Modelfile.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Export a model or trained version as GGUF (llama.cpp, Ollama, LM Studio), LoRA merged."""
+    """Export a model or trained version as GGUF (llama.cpp, Ollama, LM Studio) or a Hugging Face directory (vLLM), LoRA merged."""
     from forja.export import export
 
     settings = settings_from(config)
@@ -447,6 +447,9 @@ def export_model(
         typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)" if path.suffix == ".gguf" else f"wrote {path}")
     if fmt == "ollama":
         typer.echo(f"then: cd {out} && ollama create NAME -f Modelfile")
+    if fmt == "hf":
+        typer.echo(f"then: vllm serve {written[0]} --served-model-name NAME, and forja serve --backend openai with "
+                   "serve.upstream_url http://HOST:8000/v1")
 
 
 @app.command()
