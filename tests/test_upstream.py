@@ -305,3 +305,55 @@ def test_forja_generate_and_eval_answer_through_the_upstream(upstream, direct, t
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 2 and all(row["answer"] for row in rows) and rows[0]["model"] == "tiny-upstream"
+
+
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"enum": ["Europe/Madrid", "UTC"]}},
+                   "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_tools_go_to_the_upstreams_own_constrained_decoding(client):
+    """llama-cpp-python holds a named tool's arguments to its schema with a grammar of its own; forja passes the
+    tools through (no grammar of ours: it has no tokenizer for the upstream) and hands the calls back."""
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    reply = client.chat.completions.create(model="tiny-upstream", messages=USER, tools=[TIME], tool_choice=choice,
+                                           max_tokens=40)
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
+    assert json.loads(call.function.arguments)["zone"] in ("Europe/Madrid", "UTC")
+    streamed = list(client.chat.completions.create(model="tiny-upstream", messages=USER, tools=[TIME],
+                                                   tool_choice=choice, max_tokens=40, stream=True))
+    calls = [c for chunk in streamed for ch in chunk.choices for c in ch.delta.tool_calls or []]
+    assert [c.function.name for c in calls] == ["get_time"]
+    assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)
+
+
+@pytest.mark.slow
+def test_the_bundled_model_behind_llama_cpp_server_answers_a_persona_through_forja(tmp_path, start_server):
+    """The bundled GGUF as shipped, served by llama-cpp-python's server; forja in front with a persona: the
+    streamed answer is the one the upstream gives the persona's conversation directly, the usage of a whole
+    answer is the upstream's (the system prompt counted), and /v1/responses answers the same."""
+    from forja.models import bundled_gguf
+
+    system = "Eres el asistente de la Panadería San Blas. Responde en español, breve y amable."
+    question = [{"role": "user", "content": "¿Qué vendéis?"}]
+    real = LlamaServer(bundled_gguf("smollm2-135m"), tmp_path / "bundled.log")
+    try:
+        server = start_server(create_app(upstream_settings(tmp_path / "home", real.url, personas=[
+            {"name": "panadero", "system": system}])))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        direct = openai.OpenAI(base_url=real.url, api_key="unused", max_retries=0)
+        expected = direct.chat.completions.create(model="x", messages=[{"role": "system", "content": system}, *question],
+                                                  max_tokens=48, **same_as_forja())
+        streamed = client.chat.completions.create(model="panadero", messages=question, max_tokens=48, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == expected.choices[0].message.content and len(text) > 20
+        whole = client.chat.completions.create(model="panadero", messages=question, max_tokens=48)
+        bare = client.chat.completions.create(model="tiny-upstream", messages=question, max_tokens=48)
+        # the bare conversation gets the template's own default system turn: shorter than the persona's
+        assert whole.usage.prompt_tokens == expected.usage.prompt_tokens > bare.usage.prompt_tokens
+        response = client.responses.create(model="panadero", input="¿Qué vendéis?", max_output_tokens=48)
+        assert response.output_text == text
+    finally:
+        real.stop()

@@ -291,7 +291,8 @@ def _chunk_text(choice: Any, calls: dict[int, dict[str, str]]) -> tuple[str, lis
         index = getattr(call, "index", None)  # a stream's pieces say which call they belong to
         entry = calls.setdefault(position if index is None else index, {"name": "", "arguments": ""})
         if call.function is not None:
-            entry["name"] += call.function.name or ""
+            # the name comes whole in a call's first piece (llama-cpp-python repeats it in every piece)
+            entry["name"] = entry["name"] or call.function.name or ""
             entry["arguments"] += call.function.arguments or ""
     logprobs = None
     if choice.logprobs is not None and choice.logprobs.content:
