@@ -357,3 +357,8 @@ def test_the_bundled_model_behind_llama_cpp_server_answers_a_persona_through_for
         assert response.output_text == text
     finally:
         real.stop()
+
+
+def test_the_openai_backend_without_an_upstream_url_says_what_to_set():
+    result = CliRunner().invoke(cli, ["generate", "Hola", "--backend", "openai"])
+    assert result.exit_code == 1 and "serve.backend openai needs serve.upstream_url" in result.output

@@ -425,6 +425,8 @@ def _with_serve(settings: Settings, **values) -> Settings:
         serve = settings.serve.model_validate({**settings.serve.model_dump(), **values})
     except ValidationError as exc:
         err = exc.errors()[0]
+        if not err["loc"]:  # a check of several fields (backend openai without serve.upstream_url)
+            raise ConfigError(f"--{'/--'.join(values).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     return settings.model_copy(update={"serve": serve})
 
