@@ -362,3 +362,43 @@ def test_the_bundled_model_behind_llama_cpp_server_answers_a_persona_through_for
 def test_the_openai_backend_without_an_upstream_url_says_what_to_set():
     result = CliRunner().invoke(cli, ["generate", "Hola", "--backend", "openai"])
     assert result.exit_code == 1 and "serve.backend openai needs serve.upstream_url" in result.output
+
+
+def test_an_upstream_that_stalls_mid_answer_ends_the_stream_with_a_504_error(tmp_path, start_server):
+    """Headers and one piece, then nothing: the stream ends with an error event saying so (the read timeout
+    holds between pieces too) instead of hanging."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    piece = json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": "Hola"}, "finish_reason": None}]})
+    body = f"data: {piece}\n\n".encode()
+    connections = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + f"{len(body):x}\r\n".encode() + body + b"\r\n")  # and then silence
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        server = start_server(create_app(upstream_settings(tmp_path / "home", url, upstream_timeout=1)))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        started = time.perf_counter()
+        text = ""
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in client.chat.completions.create(model="tiny-upstream", messages=USER, max_tokens=8, stream=True):
+                text += "".join(c.delta.content or "" for c in chunk.choices)
+        assert "did not answer within 1 s" in str(caught.value)  # (the rails still held "Hola" back)
+        assert time.perf_counter() - started < 10
+    finally:
+        listener.close()
+        for conn in connections:
+            conn.close()

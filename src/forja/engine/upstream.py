@@ -220,7 +220,8 @@ class UpstreamStream(Stream):
                         usage = Usage(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
                     for choice in chunk.choices:
                         text, logprobs = _chunk_text(choice, calls)
-                        pieces += 1 if text or logprobs or getattr(getattr(choice, "delta", None), "tool_calls", None) else 0
+                        if text or logprobs or getattr(getattr(choice, "delta", None), "tool_calls", None):
+                            pieces += 1  # a token, for an upstream that sends no usage
                         if choice.finish_reason:
                             finish = FINISH_REASONS.get(choice.finish_reason, choice.finish_reason)
                         if text or logprobs:

@@ -154,7 +154,8 @@ class Exchange:
             jobs += [(index, ids, replace(params, seed=None if params.seed is None else params.seed + i), None)
                      for i in range(n)]
         exchange._submit(jobs)
-        await exchange._opened()
+        if options.stream:  # a whole answer is collected, and its failure answered, by collect()
+            await exchange._opened()
         return exchange
 
     def _submit(self, jobs: list[tuple[int, Prompt | None, SamplingParams | None, tuple[str, str] | None]]) -> None:
@@ -186,7 +187,8 @@ class Exchange:
 
     async def _opened(self) -> None:
         """Every submitted answer taken by its engine: an upstream that refuses the request, cannot be reached
-        or does not answer in time is the request's error status (all or none), before any answer is sent."""
+        or does not answer in time is the request's error status (all or none), before a stream is sent. (A
+        whole answer's request runs inside collect(), which notices a client that leaves.)"""
         results = await asyncio.gather(*(stream.opened() for stream in self.submitted), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -246,7 +248,7 @@ class Exchange:
         async def consume() -> None:
             async for answer, delta in self.events():
                 if delta.finish_reason == "error":
-                    if answer.status is not None:  # an upstream that failed mid-answer: 502 or 504
+                    if answer.status is not None:  # an upstream's refusal or failure: its status
                         raise upstream_error(UpstreamError(answer.status, answer.error or "no answer"))
                     raise ApiError(500, f"generation failed: {answer.error}", type="server_error",
                                    code="generation_failed")
