@@ -402,3 +402,11 @@ def test_an_upstream_that_stalls_mid_answer_ends_the_stream_with_a_504_error(tmp
         listener.close()
         for conn in connections:
             conn.close()
+
+
+def test_bench_upstream_compares_direct_and_through_forja(upstream):
+    from forja.bench import render_upstream, upstream_benchmark
+
+    figures = upstream_benchmark(upstream.url, clients=1, max_tokens=4, rounds=1, log=lambda line: None)
+    assert figures["same_answers"] == "1/1" and figures["forja"]["total_s"] > 0 and figures["ratio_total_s"] > 0
+    assert "| one request: whole answer, s |" in render_upstream(figures)
