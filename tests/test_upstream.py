@@ -410,3 +410,13 @@ def test_bench_upstream_compares_direct_and_through_forja(upstream):
     figures = upstream_benchmark(upstream.url, clients=1, max_tokens=4, rounds=1, log=lambda line: None)
     assert figures["same_answers"] == "1/1" and figures["forja"]["total_s"] > 0 and figures["ratio_total_s"] > 0
     assert "| one request: whole answer, s |" in render_upstream(figures)
+
+
+def test_logprobs_are_the_upstreams_tokens(client, direct):
+    reply = client.chat.completions.create(model="tiny-upstream", messages=USER, max_tokens=6, logprobs=True,
+                                           top_logprobs=2)
+    plain = direct.chat.completions.create(model="x", messages=USER, max_tokens=6, logprobs=True, top_logprobs=2,
+                                           **same_as_forja())
+    ours, theirs = reply.choices[0].logprobs.content, plain.choices[0].logprobs.content
+    assert [(e.token, round(e.logprob, 4)) for e in ours] == [(e.token, round(e.logprob, 4)) for e in theirs]
+    assert all(len(e.top_logprobs) == 2 for e in ours)
