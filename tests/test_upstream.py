@@ -223,6 +223,7 @@ def test_a_setting_the_upstream_cannot_take_is_a_400(upstream, tmp_path, start_s
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny-upstream", messages=USER, max_tokens=4, extra_body={"top_k": 40})
     assert caught.value.body["param"] == "top_k" and "serve.upstream_sampling" in caught.value.body["message"]
+    assert caught.value.body["code"] == "unsupported_parameter"
     # what OpenAI's API takes goes through, response_format to the upstream's own constrained decoding; its
     # failures come back with its message (llama-cpp-python answers a json_schema format with a 500: a 502 here)
     assert client.chat.completions.create(model="tiny-upstream", messages=USER, max_tokens=4).choices

@@ -95,8 +95,8 @@ class UpstreamError(GenerationError):
     """An upstream server refused or failed a request: `status` is the HTTP status forja answers with (the
     upstream's own 4xx; 502 for its 5xx or when it cannot be reached; 504 when it took too long)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
-        self.status, self.param = status, param
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        self.status, self.param, self.code = status, param, code
         super().__init__(message)
 
 

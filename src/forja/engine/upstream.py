@@ -95,7 +95,8 @@ class UpstreamEngine(Engine):
         """Checks what the upstream can be asked (a setting it does not take is an UpstreamError 400 at once);
         the request itself starts when the stream is opened or read."""
         if isinstance(prompt, list) and prompt and all(isinstance(item, int) for item in prompt):
-            raise UpstreamError(400, f"{self.where} takes messages or text, not token ids")
+            raise UpstreamError(400, f"{self.where} takes messages or text, not token ids",
+                                code="unsupported_parameter")
         return UpstreamStream(self, prompt, self.body(prompt, params))
 
     def body(self, prompt: Prompt, params: SamplingParams) -> dict[str, Any]:
@@ -129,7 +130,8 @@ class UpstreamEngine(Engine):
                 if getattr(params, name) is not None:
                     body[name] = getattr(params, name)
         elif params.tools or params.response_format:
-            raise UpstreamError(400, "tools and response_format need messages (/v1/chat/completions)")
+            raise UpstreamError(400, "tools and response_format need messages (/v1/chat/completions)",
+                                code="unsupported_parameter")
         extra = {}
         for name, off in EXTRA_SAMPLING.items():
             value = getattr(params, name)
@@ -139,7 +141,7 @@ class UpstreamEngine(Engine):
                 raise UpstreamError(400, f"{name} is {value}, but {self.where} is not configured to take {name} "
                                     f"(serve.upstream_sampling lists the settings beyond OpenAI's it takes): leave it "
                                     f"out of the request (and of the persona), or add it there if the upstream "
-                                    f"takes it", param=name)
+                                    f"takes it", param=name, code="unsupported_parameter")
         body.update(extra)
         return body
 

@@ -359,7 +359,7 @@ async def _grounded(state: ServerState, target: Target, rails: RequestRails, scr
 def upstream_error(exc: UpstreamError) -> ApiError:
     """An upstream's refusal or failure as this server's error: its 4xx as it is, 502 or 504 as a server error."""
     if exc.status < 500:
-        return ApiError(exc.status, str(exc), param=exc.param, code="upstream_refused")
+        return ApiError(exc.status, str(exc), param=exc.param, code=exc.code or "upstream_refused")
     code = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
     return ApiError(exc.status, str(exc), type="server_error", code=code)
 
