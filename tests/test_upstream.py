@@ -421,3 +421,29 @@ def test_logprobs_are_the_upstreams_tokens(client, direct):
     ours, theirs = reply.choices[0].logprobs.content, plain.choices[0].logprobs.content
     assert [(e.token, round(e.logprob, 4)) for e in ours] == [(e.token, round(e.logprob, 4)) for e in theirs]
     assert all(len(e.top_logprobs) == 2 for e in ours)
+
+
+def test_a_persona_of_a_local_model_can_have_an_upstream_of_its_own(upstream, direct, tiny_model_dir, tmp_path,
+                                                                    start_server):
+    """The base served by PyTorch here, one persona answered by the upstream (a hosted API, say): the persona's
+    answer is the upstream's to its conversation, the base's is the local model's; eval scores both."""
+    personas = [{"name": "remoto", "system": PIRATE, "model": "tiny-remote", "upstream_url": upstream.url,
+                 "max_tokens": 8}]
+    settings = load_settings(home=tmp_path / "home", model=str(tiny_model_dir), dtype="float32", serve={
+        "backend": "pytorch", "upstream_sampling": LLAMA_SAMPLING, "upstream_max_retries": 0, "personas": personas})
+    server = start_server(create_app(settings, str(tiny_model_dir)))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="remoto", messages=USER)
+    expected = direct.chat.completions.create(model="x", messages=[{"role": "system", "content": PIRATE}, *USER],
+                                              max_tokens=8, **same_as_forja())
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+    assert httpx.get(server.url + "/health").json()["backend"] == "pytorch"
+    local = client.chat.completions.create(model=str(tiny_model_dir), messages=USER, max_tokens=8)
+    assert local.usage.prompt_tokens > 0  # counted by forja's own tokenizer
+
+    from forja.evaluate import evaluate, load_testset
+
+    testset = tmp_path / "t.csv"
+    testset.write_text("question,answer\n¿Cuál es la capital de Francia?,París\n", encoding="utf-8")
+    result = evaluate(["remoto"], load_testset(testset), settings, max_new_tokens=8, progress=False)
+    assert result.rows[0]["answer"] == expected.choices[0].message.content

@@ -290,12 +290,25 @@ class Persona(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default frequency penalty.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default presence penalty.")
     max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
+    upstream_url: str | None = Field(
+        None, description="An OpenAI-compatible upstream of this persona's own (a hosted API, another vLLM), whatever "
+        "serve.backend is; `model` is its name for the model there. serve.upstream_timeout, _max_retries and "
+        "_sampling apply.")
+    upstream_api_key_env: str | None = Field(
+        None, description="With upstream_url: the environment variable holding that upstream's key; None = "
+        "serve.upstream_api_key_env.")
     guard: RailsSettings | None = Field(
         None, description="Guardrail settings laid over the top-level `guard` (a list given here replaces the top-level one).")
     knowledge: list[str] = Field(default_factory=list, description="Knowledge collections the persona answers "
                                  "from (forja knowledge add NAME ...); its answers cite the chunks they were given.")
     retrieval: RetrievalSettings | None = Field(
         None, description="Retrieval settings laid over `knowledge.retrieval` (only the fields given here).")
+
+    @model_validator(mode="after")
+    def _upstream_model(self) -> "Persona":
+        if self.upstream_url and not self.model:
+            raise ValueError(f"persona {self.name!r}: with upstream_url, `model` names the upstream's model")
+        return self
 
 
 class ServeSettings(BaseModel):

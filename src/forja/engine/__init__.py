@@ -178,16 +178,21 @@ def pick_backend(settings: "Settings", backend: str | None = None) -> str:
 
 
 def make_engine(model: str, settings: "Settings", *, backend: str | None = None, max_queue: int | None = None,
-                max_batch_size: int | None = None, dtype: str | None = None) -> Engine:
+                max_batch_size: int | None = None, dtype: str | None = None, persona: Any = None) -> Engine:
     """The engine for `model` with the backend `forja serve` would use (serve.backend, or `backend`): a
     trained version is exported to GGUF once for llama.cpp (cached); under auto, a model llama.cpp cannot
-    take is served by PyTorch; openai sends it to serve.upstream_url. `dtype` applies to PyTorch only."""
+    take is served by PyTorch; openai sends it to serve.upstream_url. `dtype` applies to PyTorch only. A
+    `persona` with an upstream_url of its own is answered there, whatever the backend."""
     from forja import models
 
     serve = settings.serve
     batch = max_batch_size or serve.max_batch_size
     queue = max_queue or serve.max_queue
     chosen = backend or serve.backend
+    if persona is not None and persona.upstream_url:
+        from forja.engine.upstream import UpstreamEngine
+
+        return UpstreamEngine.for_persona(persona, settings)
     if pick_backend(settings, backend) == "openai":
         from forja.engine.upstream import UpstreamEngine
 

@@ -65,13 +65,17 @@ class UpstreamEngine(Engine):
                              "e.g. http://127.0.0.1:8080/v1)")
         named = version_dir(settings, model) is not None or any(p.model == model for p in serve.personas)
         remote = model if named or not serve.upstream_model else serve.upstream_model
-        key = None
-        if serve.upstream_api_key_env:
-            key = os.environ.get(serve.upstream_api_key_env)
-            if not key:
-                raise ModelError(f"serve.upstream_api_key_env names {serve.upstream_api_key_env}, which is not set "
-                                 "in the environment: export it with the upstream's API key")
-        return cls(model, serve.upstream_url, remote, api_key=key, timeout=serve.upstream_timeout,
+        return cls(model, serve.upstream_url, remote, api_key=_api_key(serve.upstream_api_key_env, "serve"),
+                   timeout=serve.upstream_timeout, max_retries=serve.upstream_max_retries,
+                   sampling=serve.upstream_sampling)
+
+    @classmethod
+    def for_persona(cls, persona: Any, settings: "Settings") -> "UpstreamEngine":
+        """A persona's own upstream (`persona.upstream_url`), its `model` the name there."""
+        serve = settings.serve
+        env = persona.upstream_api_key_env or serve.upstream_api_key_env
+        return cls(persona.model, persona.upstream_url, persona.model,
+                   api_key=_api_key(env, f"persona {persona.name}"), timeout=serve.upstream_timeout,
                    max_retries=serve.upstream_max_retries, sampling=serve.upstream_sampling)
 
     @property
@@ -147,6 +151,19 @@ class UpstreamEngine(Engine):
 
     def close(self) -> None:
         self._clients.clear()
+
+
+def _api_key(env: str | None, owner: str) -> str | None:
+    """The key in the environment variable `env` (None: no variable named, no key)."""
+    from forja.models import ModelError
+
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ModelError(f"{owner}: upstream_api_key_env names {env}, which is not set in the environment: export "
+                         "it with the upstream's API key")
+    return key
 
 
 class UpstreamStream(Stream):
