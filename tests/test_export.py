@@ -80,7 +80,7 @@ def test_export_refuses_what_it_cannot_do(tiny_model_dir):
     result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--quant", "q3"])
     assert result.exit_code == 1 and "unknown quantization 'q3'" in result.output
     result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--format", "onnx"])
-    assert result.exit_code == 1 and "choose gguf or ollama" in result.output
+    assert result.exit_code == 1 and "choose gguf, ollama or hf" in result.output
 
 
 def test_ollama_modelfile_has_template_stops_parameters_and_persona(tiny_model_dir, tmp_path):
@@ -234,3 +234,20 @@ def test_bench_agreement_measures_each_quantization_and_models_lists_it(varied_m
     listed = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
     exports = [row for row in listed if row["kind"] == "gguf"]
     assert len(exports) == 2 and all("greedy answers equal to PyTorch" in row["detail"] for row in exports)
+
+
+def test_hf_export_is_a_directory_vllm_loads_with_the_same_weights(tiny_model_dir, tmp_path):
+    """`forja export --format hf`: what `vllm serve DIR` takes (safetensors, config, tokenizer and its chat
+    template), the same weights as the model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--format", "hf", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    directory = tmp_path / tiny_model_dir.name
+    assert (directory / "model.safetensors").is_file() and "vllm serve" in result.output
+    exported = AutoModelForCausalLM.from_pretrained(directory)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for (name, a), (_, b) in zip(exported.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert AutoTokenizer.from_pretrained(directory).chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template

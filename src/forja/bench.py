@@ -96,6 +96,80 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
     return figures
 
 
+def upstream_benchmark(upstream_url: str, *, model: str = "upstream", clients: int = 4, max_tokens: int = 64,
+                       rounds: int = 5, log: Any = print) -> dict[str, Any]:
+    """What forja adds in front of an OpenAI-compatible upstream: the same greedy streamed requests sent to the
+    upstream directly and through a `forja serve --backend openai` subprocess (its rails on, the penalty off so
+    both ask the same), alternated, `rounds` times: one request alone, then (when `clients` > 1, for an upstream
+    that serves several at once: not llama-cpp-python's, which interrupts one stream for the next) `clients`
+    at once. Medians."""
+    base = upstream_url.rstrip("/").removesuffix("/v1")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FORJA_SERVE__BACKEND": "openai", "FORJA_SERVE__UPSTREAM_URL": base + "/v1",
+           "FORJA_GENERATE__FREQUENCY_PENALTY": "0"}
+    log(f"starting forja serve --backend openai on {url} in front of {base} ...")
+    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+    single: dict[str, list[dict[str, Any]]] = {"direct": [], "forja": []}
+    together: dict[str, list[float]] = {"direct": [], "forja": []}
+    try:
+        _wait_ready(url, server)
+        for target in (base, url):  # warm-up
+            asyncio.run(_stream(target, model, prompts[0], 8))
+        for index in range(rounds):
+            log(f"round {index + 1}/{rounds}: one request{f', then {clients} at once' if clients > 1 else ''}, "
+                "direct and through forja ...")
+            for name, target in (("direct", base), ("forja", url)):
+                single[name].append(asyncio.run(_stream(target, model, prompts[0], max_tokens)))
+            for name, target in (("direct", base), ("forja", url)) if clients > 1 else ():
+                answers, wall = _concurrent_rounds_once(target, model, prompts, max_tokens)
+                if not all(_answered(a) for a in answers):
+                    raise RuntimeError(f"{name}: a request failed: {answers}")
+                together[name].append(wall)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    same = sum(a["text"] == b["text"] for a, b in zip(single["direct"], single["forja"]))
+    figures: dict[str, Any] = {"upstream": base, "clients": clients, "max_tokens": max_tokens, "rounds": rounds,
+                               "same_answers": f"{same}/{rounds}"}
+    for name in ("direct", "forja"):
+        runs = single[name]
+        figures[name] = {"ttft_s": round(statistics.median(r["ttft"] for r in runs), 4),
+                         "total_s": round(statistics.median(r["total"] for r in runs), 4)}
+        if together[name]:
+            figures[name]["together_wall_s"] = round(statistics.median(together[name]), 4)
+    for key in figures["direct"]:
+        figures[f"ratio_{key}"] = round(figures["forja"][key] / max(figures["direct"][key], 1e-9), 3)
+    return figures
+
+
+def render_upstream(figures: dict[str, Any]) -> str:
+    lines = [f"forja in front of {figures['upstream']}: greedy, {figures['max_tokens']} new tokens, medians of "
+             f"{figures['rounds']} alternated rounds; same answer both ways {figures['same_answers']}",
+             "", "| | direct | through forja | ratio |", "|---|---|---|---|"]
+    for key, label in (("ttft_s", "one request: first token, s"), ("total_s", "one request: whole answer, s"),
+                       ("together_wall_s", f"{figures['clients']} at once: wall time, s")):
+        if key in figures["direct"]:
+            lines.append(f"| {label} | {figures['direct'][key]} | {figures['forja'][key]} | {figures[f'ratio_{key}']} |")
+    return "\n".join(lines)
+
+
+def _concurrent_rounds_once(url: str, model: str, prompts: list[str], max_tokens: int) -> tuple[list[Any], float]:
+    """Every prompt streamed at once over one client: the answers and the wall time."""
+    import httpx
+
+    async def together() -> tuple[list[Any], float]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
+            begin = time.perf_counter()
+            answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
+                                           return_exceptions=True)
+            return answers, time.perf_counter() - begin
+
+    return asyncio.run(together())
+
+
 def _batched_equals_alone(url: str, model: str, answered: list[tuple[str, dict[str, Any]]],
                           max_tokens: int) -> dict[str, Any]:
     """Each prompt asked again alone: how many batched answers are identical, and the least shared share."""
@@ -117,16 +191,7 @@ def _single_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _concurrent_rounds(url: str, model: str, prompts: list[str], max_tokens: int) -> list[tuple[list[Any], float]]:
     """ROUNDS rounds of every prompt streamed at once over one client: each round's answers and wall time."""
-    import httpx
-
-    async def together() -> tuple[list[Any], float]:
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
-            begin = time.perf_counter()
-            answers = await asyncio.gather(*[_stream(url, model, p, max_tokens, http) for p in prompts],
-                                           return_exceptions=True)
-            return answers, time.perf_counter() - begin
-
-    return [asyncio.run(together()) for _ in range(ROUNDS)]
+    return [_concurrent_rounds_once(url, model, prompts, max_tokens) for _ in range(ROUNDS)]
 
 
 UNGUARDED = "forja-bench-unguarded"

@@ -48,7 +48,7 @@ ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML settings file (default: ./forja.yaml if present).")
 ]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, version, directory, .gguf or hub id.")]
-BackendOpt = Annotated[Optional[str], typer.Option(help="auto, llamacpp or pytorch (default from serve.backend: auto, as forja serve).")]
+BackendOpt = Annotated[Optional[str], typer.Option(help="auto, llamacpp, pytorch or openai (serve.upstream_url) (default from serve.backend: auto, as forja serve).")]
 
 
 def read_prompt(text: str | None, what: str) -> str:
@@ -89,7 +89,7 @@ def generate(
     """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:)."""
     from forja import models
     from forja.config import SAMPLERS
-    from forja.engine import Answer, SamplingParams, Usage, answer, make_engine
+    from forja.engine import Answer, SamplingParams, Usage, answer, make_engine, pick_backend
     from forja.engine.text import chat_messages
     from forja.knowledge.grounding import prompt_for
     import asyncio
@@ -109,7 +109,8 @@ def generate(
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     params = SamplingParams(max_new_tokens=defaults.max_new_tokens, seed=defaults.seed,
                             **{name: getattr(defaults, name) for name in SAMPLERS})
-    models.resolve(settings.model, settings)  # a wrong name fails before anything loads
+    if pick_backend(settings) != "openai":  # an upstream knows its own models
+        models.resolve(settings.model, settings)  # a wrong name fails before anything loads
     system = system or models.trained_system(settings, settings.model) or defaults.system  # as eval and export
     started = time.perf_counter()
     engine = make_engine(settings.model, settings, max_queue=1, max_batch_size=1)
@@ -414,7 +415,8 @@ def serve(
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     shown = model or models.active_model(settings)  # without --model: the active version, following promotions
-    models.resolve(shown, settings)  # a wrong name fails here, before the server starts
+    if pick_backend(settings) != "openai":  # an upstream knows its own models
+        models.resolve(shown, settings)  # a wrong name fails here, before the server starts
     host, port = host or settings.serve.host, port or settings.serve.port
     keys = len(settings.serve.api_keys)
     typer.echo(f"forja serve: {shown} ({pick_backend(settings)}) on http://{host}:{port}  (chat page /, OpenAI API /v1, "
@@ -429,6 +431,8 @@ def _with_serve(settings: Settings, **values) -> Settings:
         serve = settings.serve.model_validate({**settings.serve.model_dump(), **values})
     except ValidationError as exc:
         err = exc.errors()[0]
+        if not err["loc"]:  # a check of several fields (backend openai without serve.upstream_url)
+            raise ConfigError(f"--{'/--'.join(values).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     return settings.model_copy(update={"serve": serve})
 
@@ -436,13 +440,13 @@ def _with_serve(settings: Settings, **values) -> Settings:
 @app.command("export")
 def export_model(
     model: ModelOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="gguf, or ollama (GGUF plus a Modelfile).")] = "gguf",
+    fmt: Annotated[str, typer.Option("--format", help="gguf, ollama (GGUF plus a Modelfile), or hf (a merged Hugging Face directory, for vLLM).")] = "gguf",
     quant: Annotated[str, typer.Option("--quant", help="f32, f16, q8_0 or q4_k_m.")] = "q8_0",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")] = Path("export"),
     persona: Annotated[Optional[str], typer.Option(help="ollama: the persona whose system prompt and sampling go in the Modelfile.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Export a model or trained version as GGUF (llama.cpp, Ollama, LM Studio), LoRA merged."""
+    """Export a model or trained version as GGUF (llama.cpp, Ollama, LM Studio) or a Hugging Face directory (vLLM), LoRA merged."""
     from forja.export import export
 
     settings = settings_from(config)
@@ -451,6 +455,9 @@ def export_model(
         typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)" if path.suffix == ".gguf" else f"wrote {path}")
     if fmt == "ollama":
         typer.echo(f"then: cd {out} && ollama create NAME -f Modelfile")
+    if fmt == "hf":
+        typer.echo(f"then: vllm serve {written[0]} --served-model-name NAME, and forja serve --backend openai with "
+                   "serve.upstream_url http://HOST:8000/v1")
 
 
 @app.command()
@@ -795,7 +802,7 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 
-bench_app = _typer("Measure: bench serve, train, learn, agreement, repetition and tools.")
+bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition and tools.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -826,6 +833,24 @@ def bench_serve(
     typer.echo(render_serve(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("upstream")
+def bench_upstream(
+    url: Annotated[str, typer.Option("--url", help="The upstream's base URL (http://127.0.0.1:8080/v1), already running.")],
+    clients: Annotated[int, typer.Option(help="Requests sent at once in the concurrent part (1: none; llama-cpp-python's server takes one at a time).", min=1)] = 4,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.", min=2)] = 64,
+    rounds: Annotated[int, typer.Option(help="Alternated rounds (medians).", min=1)] = 5,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """What forja adds in front of an OpenAI-compatible upstream: the same requests sent directly and through forja serve --backend openai."""
+    from forja.bench import render_upstream, upstream_benchmark
+
+    figures = upstream_benchmark(url, clients=clients, max_tokens=max_tokens, rounds=rounds,
+                                 log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_upstream(figures))
+    if as_json:
+        as_json.write_text(json.dumps(figures, indent=2))
 
 
 @bench_app.command("learn")

@@ -285,7 +285,8 @@ class Persona(BaseModel):
     name: str = Field(..., pattern=r"^[\w.-]+$", description="What clients put in `model` (letters, digits, _ . -).")
     description: str = Field("", description="One line shown in the web page and /v1/models.")
     system: str | None = Field(None, description="System prompt put before the conversation.")
-    model: str | None = Field(None, description="A trained version or other model; None = the served base model.")
+    model: str | None = Field(None, description="A trained version or other model; None = the served base model. "
+                              "With serve.backend openai: the upstream's model name (a LoRA adapter vLLM serves, say).")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature (a request may override).")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p.")
     top_k: int | None = Field(None, ge=0, description="Default top_k (0 = off).")
@@ -294,12 +295,25 @@ class Persona(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default frequency penalty.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Default presence penalty.")
     max_tokens: int | None = Field(None, ge=1, description="Default answer length in tokens.")
+    upstream_url: str | None = Field(
+        None, description="An OpenAI-compatible upstream of this persona's own (a hosted API, another vLLM), whatever "
+        "serve.backend is; `model` is its name for the model there. serve.upstream_timeout, _max_retries and "
+        "_sampling apply.")
+    upstream_api_key_env: str | None = Field(
+        None, description="With upstream_url: the environment variable holding that upstream's key; None = "
+        "serve.upstream_api_key_env.")
     guard: RailsSettings | None = Field(
         None, description="Guardrail settings laid over the top-level `guard` (a list given here replaces the top-level one).")
     knowledge: list[str] = Field(default_factory=list, description="Knowledge collections the persona answers "
                                  "from (forja knowledge add NAME ...); its answers cite the chunks they were given.")
     retrieval: RetrievalSettings | None = Field(
         None, description="Retrieval settings laid over `knowledge.retrieval` (only the fields given here).")
+
+    @model_validator(mode="after")
+    def _upstream_model(self) -> "Persona":
+        if self.upstream_url and not self.model:
+            raise ValueError(f"persona {self.name!r}: with upstream_url, `model` names the upstream's model")
+        return self
 
 
 class ServeSettings(BaseModel):
@@ -309,9 +323,29 @@ class ServeSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 = every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
-    backend: Literal["auto", "pytorch", "llamacpp"] = Field(
-        "auto", description="Engine: llama.cpp (GGUF, fastest on CPU), PyTorch, or auto = llama.cpp on a CPU when installed."
+    backend: Literal["auto", "pytorch", "llamacpp", "openai"] = Field(
+        "auto", description="Engine: llama.cpp (GGUF, fastest on CPU), PyTorch, auto = llama.cpp on a CPU when installed, "
+        "or openai = an OpenAI-compatible upstream (vLLM, llama-server, Ollama, a hosted API) at upstream_url."
     )
+    upstream_url: str | None = Field(
+        None, description="backend openai: the upstream's base URL, /v1 included (http://gpu-box:8000/v1).")
+    upstream_model: str | None = Field(
+        None, description="backend openai: the upstream's name for the served base model; None = forja's model name "
+        "as it is. Other models (a persona's `model`, a version) are sent under their own names.")
+    upstream_api_key_env: str | None = Field(
+        None, description="backend openai: the environment variable holding the upstream's API key (OPENAI_API_KEY); "
+        "None = no key sent.")
+    upstream_timeout: float = Field(
+        60.0, gt=0, description="backend openai: seconds to wait for the upstream to connect, answer or send the next "
+        "piece of a stream; past it the request is a 504.")
+    upstream_max_retries: int = Field(
+        2, ge=0, le=10, description="backend openai: retries (the openai SDK's, with exponential backoff) of a request "
+        "the upstream refused with 408/409/429/5xx or could not be reached for, before any answer came.")
+    upstream_sampling: dict[Literal["top_k", "min_p", "repetition_penalty"], str] = Field(
+        default_factory=dict, description="backend openai: the sampling settings beyond OpenAI's that the upstream "
+        "takes, and its name for each (sent in the body): vLLM {top_k: top_k, min_p: min_p, repetition_penalty: "
+        "repetition_penalty}; llama.cpp's servers {top_k: top_k, min_p: min_p, repetition_penalty: repeat_penalty}; "
+        "empty for OpenAI. A request that sets one the upstream does not take is a 400.")
     gguf_quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
         "f16", description="llama.cpp backend: what trained versions (and, see gguf_source, the bundled model) are "
         "exported at. f16 gives the float weights' answers; q8_0 and q4_k_m are smaller and faster for one stream."
@@ -342,6 +376,13 @@ class ServeSettings(BaseModel):
     log_exchanges: bool = Field(
         True, description="Store every exchange (messages, answer, model, timing) in the database so users can rate and correct it."
     )
+
+    @model_validator(mode="after")
+    def _upstream(self) -> "ServeSettings":
+        if self.backend == "openai" and not self.upstream_url:
+            raise ValueError("serve.backend openai needs serve.upstream_url (the upstream's base URL, e.g. "
+                             "http://127.0.0.1:8080/v1)")
+        return self
 
     @model_validator(mode="after")
     def _unique_personas(self) -> "ServeSettings":

@@ -523,6 +523,8 @@ class _Cache:
 def runs_on(settings: Settings) -> str:
     """What answers: the backend `forja serve` would use, with its GGUF quantization (llama.cpp) or dtype (PyTorch)."""
     backend = pick_backend(settings)
+    if backend == "openai":
+        return f"openai {settings.serve.upstream_url}"
     if backend == "llamacpp":
         shipped = {"original": ", .gguf files as shipped", "auto": ", a .gguf named as shipped",
                    "export": ""}[settings.serve.gguf_source]
@@ -533,6 +535,10 @@ def runs_on(settings: Settings) -> str:
 def model_identity(name: str, settings: Settings) -> str:
     """What cached answers of a model depend on: its files (models.fingerprint: a retrained version
     changes them) and what runs them (`runs_on`)."""
+    if pick_backend(settings) == "openai":  # the upstream's name for it is all that is known here
+        from forja.engine.upstream import UpstreamEngine
+
+        return f"{UpstreamEngine.from_settings(name, settings).remote}:{runs_on(settings)}"
     return f"{fingerprint(name, settings)}:{runs_on(settings)}"
 
 
@@ -566,7 +572,8 @@ def _targets(names: list[str], settings: Settings, without_knowledge: bool = Fal
             model = persona.model or settings.model
             targets.append(_Target(name, model, persona.system or trained_system(settings, model), persona))
         else:
-            resolve(name, settings)  # an unknown name fails here, before anything runs
+            if pick_backend(settings) != "openai":  # an upstream knows its own models
+                resolve(name, settings)  # an unknown name fails here, before anything runs
             targets.append(_Target(name, name, trained_system(settings, name)))
         if without_knowledge and (targets[-1].persona and targets[-1].persona.knowledge or version_plan(settings, targets[-1].model)):
             targets.append(replace(targets[-1], label=name + NO_KNOWLEDGE, knowledge=False))
@@ -620,14 +627,16 @@ def answer_sampling(settings: Settings, max_new_tokens: int) -> SamplingParams:
 def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: Settings, max_new_tokens: int, *,
                      cache: _Cache | None = None, kind: str = "answers", desc: str = "answers",
                      progress: bool = True, stats: dict[str, int] | None = None,
-                     schema: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                     schema: dict[str, Any] | None = None, persona: Persona | None = None) -> list[dict[str, Any]]:
     """Greedy answers of one model to many conversations: cached ones read back, the others generated
     together by the batching engine (the model is loaded only when something is missing). Answers
     (kind "answers") take generate:'s penalties (answer_sampling); a judge's verdicts are plain greedy. With
-    `schema` every answer is JSON that validates against it (grammar-constrained decoding)."""
+    `schema` every answer is JSON that validates against it (grammar-constrained decoding). A `persona` with
+    an upstream_url of its own is answered there."""
     cache = cache or _Cache(settings)
     stats = stats if stats is not None else {}
-    identity = model_identity(model, settings)
+    upstream = persona if persona is not None and persona.upstream_url else None
+    identity = f"{model}:openai {upstream.upstream_url}" if upstream else model_identity(model, settings)
     sampling = (answer_sampling(settings, max_new_tokens) if kind == "answers"
                 else SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     params: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
@@ -654,7 +663,8 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
             bar.update(1)
 
         try:
-            _run_engine(model, [prompts[i] for i in missing], sampling, settings, done, schema=schema)
+            _run_engine(model, [prompts[i] for i in missing], sampling, settings, done, schema=schema,
+                        persona=upstream)
         finally:
             bar.close()
             gc.collect()  # the model is no longer referenced: free it before the next one loads
@@ -663,12 +673,13 @@ def generate_answers(model: str, prompts: list[list[dict[str, str]]], settings: 
 
 
 def _run_engine(model: str, prompts: list[list[dict[str, str]]], sampling: SamplingParams, settings: Settings,
-                done: Callable[[int, dict[str, Any]], None], *, schema: dict[str, Any] | None = None) -> None:
+                done: Callable[[int, dict[str, Any]], None], *, schema: dict[str, Any] | None = None,
+                persona: Persona | None = None) -> None:
     """Answers from the engine `forja serve` would run (engine.make_engine), all submitted at once; with
     `schema`, held to it by a grammar compiled for that engine's tokenizer."""
     from forja.engine.constrain import Grammar
 
-    engine = make_engine(model, settings, max_queue=len(prompts) + 1)
+    engine = make_engine(model, settings, max_queue=len(prompts) + 1, persona=persona)
 
     def finished(i: int, answer: Any) -> None:
         done(i, {"text": None if answer.finish_reason == "error" else answer.text,
@@ -677,8 +688,11 @@ def _run_engine(model: str, prompts: list[list[dict[str, str]]], sampling: Sampl
                  "completion_tokens": answer.usage.completion_tokens if answer.finish_reason != "error" else None})
 
     try:
+        if schema is not None and not engine.takes_ids:  # an upstream holds its answers to the schema itself
+            sampling = replace(sampling, response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "answer", "schema": schema}})
         grammar = (Grammar.json_schema(engine.tokenizer, schema, eos_token_ids=engine.eos_token_ids)
-                   if schema is not None else None)
+                   if schema is not None and engine.takes_ids else None)
         answer_all(engine, prompts, replace(sampling, grammar=grammar), finished)
     finally:
         engine.close()
@@ -874,7 +888,8 @@ def evaluate(models: list[str], cases: list[TestCase], settings: Settings, *, ju
                     for case in cases]
         asked = [i for i, (_, _, fixed) in enumerate(grounded) if fixed is None]
         generated = generate_answers(target.model, [grounded[i][0] for i in asked], settings, max_new_tokens,
-                                     cache=cache, desc=f"answers {target.label}", progress=progress, stats=stats)
+                                     cache=cache, desc=f"answers {target.label}", progress=progress, stats=stats,
+                                     persona=target.persona)
         answers = [{"text": fixed, "finish_reason": "stop", "completion_tokens": 0} for _, _, fixed in grounded]
         for i, answer in zip(asked, generated):
             answers[i] = answer

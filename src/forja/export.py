@@ -1,5 +1,5 @@
 """Model versions → files other tools run: GGUF for llama.cpp / Ollama / LM Studio, quantized with
-llama.cpp's own quantizer, and an Ollama Modelfile.
+llama.cpp's own quantizer, an Ollama Modelfile, and a merged Hugging Face directory (vLLM, TGI, SGLang).
 
 The GGUF is written from the version's merged weights with the `gguf` package's writer and its
 tensor-name table (HF `model.layers.3.self_attn.q_proj` → `blk.3.attn_q`), so the file carries the
@@ -87,6 +87,24 @@ def export_gguf(settings: Settings, name: str, quant: str = "q8_0", out: Path | 
     meta = {"model": name, "fingerprint": models.fingerprint(name, settings), "quant": quant,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "bytes": out.stat().st_size}
     Path(str(out) + META_SUFFIX).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def export_hf(settings: Settings, name: str, out: Path) -> Path:
+    """`name` as a Hugging Face directory (safetensors, config, tokenizer, chat template), a LoRA version
+    merged into its base, for servers that load those (`vllm serve DIR`). A version trained with a system
+    prompt gets it as its template's default, as in the GGUF. Float32, as trained on a CPU: a server casts it
+    (vLLM's --dtype)."""
+    loaded = models.load(name, settings, dtype="float32", merge_adapter=True)
+    system = models.trained_system(settings, name)
+    if system and loaded.tokenizer.chat_template:
+        loaded.tokenizer.chat_template = template_with_system(loaded.tokenizer.chat_template, system)
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.model.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return out
 
 
@@ -347,11 +365,13 @@ def write_modelfile(settings: Settings, gguf_file: Path, name: str, persona: str
 
 
 def export(settings: Settings, name: str, fmt: str, quant: str, out_dir: Path, persona: str | None = None) -> list[Path]:
-    """`forja export`: the GGUF (and for `ollama` its Modelfile) in out_dir."""
-    if fmt not in ("gguf", "ollama"):
-        raise ExportError(f"unknown format {fmt!r}; choose gguf or ollama")
+    """`forja export`: the GGUF (and for `ollama` its Modelfile), or the merged `hf` directory, in out_dir."""
+    if fmt not in ("gguf", "ollama", "hf"):
+        raise ExportError(f"unknown format {fmt!r}; choose gguf, ollama or hf")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", Path(name).name.removesuffix(".gguf"))
+    if fmt == "hf":
+        return [export_hf(settings, name, out_dir / stem)]
     target = out_dir / f"{stem}-{quant}.gguf"
     cached = cache_path(settings, name, quant)
     if not cached.is_file():

@@ -4,7 +4,8 @@ This file holds the one engine interface and the one factory every caller uses (
 `generate`, `eval`, the promotion gate, the guard classifier, `forja bench`), so that what is evaluated
 is what is served. `scheduler.py` is the backend-neutral continuous-batching scheduler, `sampling.py`
 picks tokens from logits, `text.py` renders prompts and streams text; `pytorch.py` and `llamacpp.py` are
-the two backends.
+the two local backends, `upstream.py` sends requests to an OpenAI-compatible server (vLLM, llama-server,
+Ollama, a hosted API) instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import concurrent.futures
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from forja.config import ForjaError
@@ -47,6 +48,15 @@ class SamplingParams:
     logprobs: bool = False  # each token's log-probability rides on the deltas
     top_logprobs: int = 0  # with logprobs: this many most likely tokens per step
     grammar: Any = None  # an engine.constrain.Grammar the answer must follow (JSON schema, tool calls)
+    # For an engine that constrains its own decoding (an upstream, `Engine.takes_ids` False): what the
+    # request asked, in OpenAI's shape, instead of a grammar. Local engines get `grammar` built from them.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    # Whether the caller reads the answer as it comes. False: only the whole answer is wanted, so an upstream
+    # is asked without streaming (servers that send no usage in a stream, llama-cpp-python's, then give theirs).
+    stream: bool = True
 
 
 @dataclass
@@ -81,6 +91,15 @@ class QueueFull(GenerationError):
     """More requests are waiting than the engine's queue holds; the caller should retry later."""
 
 
+class UpstreamError(GenerationError):
+    """An upstream server refused or failed a request: `status` is the HTTP status forja answers with (the
+    upstream's own 4xx; 502 for its 5xx or when it cannot be reached; 504 when it took too long)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        self.status, self.param, self.code = status, param, code
+        super().__init__(message)
+
+
 # A prompt is chat messages (rendered with the model's chat template), raw text, or the token ids of either
 # (`Engine.tokenize`): callers that count tokens first submit the ids they counted.
 Prompt = str | list[dict[str, str]] | list[int]
@@ -95,6 +114,7 @@ class Delta:
     usage: Usage | None = None
     error: str | None = None
     logprobs: list[Any] | None = None  # sampling.TokenLogprob of the tokens since the last delta, when asked
+    status: int | None = None  # with an error: the HTTP status it maps to (an upstream's; None = 500)
 
 
 class Stream(ABC):
@@ -106,16 +126,23 @@ class Stream(ABC):
     @abstractmethod
     def cancel(self) -> None: ...
 
+    async def opened(self) -> None:
+        """Wait until the engine has taken the request: at once for a local engine; an upstream has answered
+        (its status and headers), so a refusal is an UpstreamError here, before anything is sent to the client."""
+
 
 class Engine(ABC):
     """Owns a model and serves many requests at once. The server talks only to this interface, so a
     llama.cpp backend or a remote OpenAI-compatible upstream can replace the PyTorch one."""
 
     name: str
-    backend: str  # "pytorch", "llamacpp": what /health reports
+    backend: str  # "pytorch", "llamacpp", "openai": what /health reports
     context_length: int
     tokenizer: Any  # the Hugging Face tokenizer whose ids the engine decodes (grammars and logprobs use it)
     eos_token_ids: set[int]
+    # Local engines decode token ids the request path counted (`tokenize`); an upstream takes the messages
+    # or text themselves, counts its own tokens and constrains its own decoding (no tokenizer, no grammar).
+    takes_ids: bool = True
 
     @abstractmethod
     def submit(self, prompt: Prompt, params: SamplingParams) -> Stream:
@@ -133,14 +160,14 @@ class Engine(ABC):
 # The factory
 
 
-BACKENDS = ("auto", "llamacpp", "pytorch")
+BACKENDS = ("auto", "llamacpp", "pytorch", "openai")
 
 
 def pick_backend(settings: "Settings", backend: str | None = None) -> str:
     """`backend`, else serve.backend; auto: llama.cpp when it is installed and there is no GPU for PyTorch."""
     choice = backend or settings.serve.backend
     if choice not in BACKENDS:
-        raise ForjaError(f"the backend is auto, llamacpp or pytorch, not {choice!r}")
+        raise ForjaError(f"the backend is auto, llamacpp, pytorch or openai, not {choice!r}")
     if choice != "auto":
         return choice
     import torch
@@ -151,16 +178,25 @@ def pick_backend(settings: "Settings", backend: str | None = None) -> str:
 
 
 def make_engine(model: str, settings: "Settings", *, backend: str | None = None, max_queue: int | None = None,
-                max_batch_size: int | None = None, dtype: str | None = None) -> Engine:
+                max_batch_size: int | None = None, dtype: str | None = None, persona: Any = None) -> Engine:
     """The engine for `model` with the backend `forja serve` would use (serve.backend, or `backend`): a
     trained version is exported to GGUF once for llama.cpp (cached); under auto, a model llama.cpp cannot
-    take is served by PyTorch. `dtype` applies to PyTorch only."""
+    take is served by PyTorch; openai sends it to serve.upstream_url. `dtype` applies to PyTorch only. A
+    `persona` with an upstream_url of its own is answered there, whatever the backend."""
     from forja import models
 
     serve = settings.serve
     batch = max_batch_size or serve.max_batch_size
     queue = max_queue or serve.max_queue
     chosen = backend or serve.backend
+    if persona is not None and persona.upstream_url:
+        from forja.engine.upstream import UpstreamEngine
+
+        return UpstreamEngine.for_persona(persona, settings)
+    if pick_backend(settings, backend) == "openai":
+        from forja.engine.upstream import UpstreamEngine
+
+        return UpstreamEngine.from_settings(model, settings)
     if pick_backend(settings, backend) == "llamacpp":
         from forja.engine import llamacpp
         from forja.export import ExportError, served_gguf
@@ -199,8 +235,11 @@ async def answer(engine: Engine, prompt: Prompt, params: SamplingParams,
                  on_text: Callable[[str], None] | None = None) -> Answer:
     """One whole answer; `on_text` sees each piece as it streams. A request the engine refuses (too long a
     prompt) is an answer with finish_reason "error"."""
+    if on_text is None:
+        params = replace(params, stream=False)
     try:
         stream = engine.submit(prompt, params)
+        await stream.opened()
     except GenerationError as exc:
         return Answer("", "error", Usage(), str(exc))
     parts: list[str] = []

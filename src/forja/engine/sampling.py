@@ -19,11 +19,11 @@ MIN_MASS = 1e-6  # top_p and min_p below this would keep no token at all: the to
 @dataclass
 class TokenLogprob:
     """A generated token with its log-probability under the model (before temperature and penalties) and,
-    when asked, the most likely tokens at that step."""
+    when asked, the most likely tokens at that step. An upstream's tokens are their text (it has no ids here)."""
 
-    token: int
+    token: int | str
     logprob: float
-    top: list[tuple[int, float]]
+    top: list[tuple[int | str, float]]
 
 
 class Sampler:

@@ -123,10 +123,12 @@ class WindowDecoder:
         return text[len(before):]
 
 
-def token_piece(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+def token_piece(tokenizer: Any, token: int | str) -> tuple[str, list[int]]:
     """A token's own text and its UTF-8 bytes, as OpenAI's logprobs give them. A byte-level BPE token that
     holds part of a character has bytes that are no text alone: its text then shows U+FFFD, its bytes are
-    exact."""
+    exact. An upstream's token is its text already (engine/upstream.py)."""
+    if isinstance(token, str):
+        return token, list(token.encode("utf-8"))
     piece = tokenizer.convert_ids_to_tokens(token)
     table = _byte_level_table()
     if isinstance(piece, str) and piece and all(c in table for c in piece) and _byte_level(tokenizer):

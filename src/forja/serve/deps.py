@@ -140,7 +140,7 @@ class ServerState:
             known = ", ".join(dict.fromkeys([active, self.base, *self.personas, *self.versions()]))
             raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
                            param="model", code="model_not_found")
-        engine = await self.engine(model)
+        engine = await self.engine(model, persona if persona is not None and persona.upstream_url else None)
         return Target(name, engine, persona, (persona.system if persona else None) or self.system_of(model),
                       self.published_of(model))
 
@@ -158,18 +158,20 @@ class ServerState:
             self._published[model] = published_pii(rows)
         return self._published[model]
 
-    async def engine(self, model: str) -> Engine:
-        if model in self.engines:
-            return self.engines[model]
+    async def engine(self, model: str, persona: Persona | None = None) -> Engine:
+        """The engine for `model`, made once; a persona with an upstream of its own gets its own."""
+        key = f"{model}@{persona.upstream_url}" if persona is not None else model
+        if key in self.engines:
+            return self.engines[key]
         async with self._lock:  # two first requests for a version load it once
-            if model not in self.engines:
-                log.info("loading %s", model)
+            if key not in self.engines:
+                log.info("loading %s", key)
                 try:
-                    self.engines[model] = await asyncio.to_thread(make_engine, model, self.settings)
+                    self.engines[key] = await asyncio.to_thread(make_engine, model, self.settings, persona=persona)
                 except Exception as exc:  # ModelError and friends: say which model, keep serving the others
                     raise ApiError(500, f"cannot load the model {model}: {exc}", type="server_error",
                                    code="model_load_failed") from None
-        return self.engines[model]
+        return self.engines[key]
 
     def close(self) -> None:
         for engine in self.engines.values():

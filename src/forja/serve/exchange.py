@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Request
 
 from forja.config import SAMPLERS
-from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream
+from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream, UpstreamError
 from forja.engine.constrain import Grammar, GrammarError
 from forja.engine.text import chat_prompt_ids, has_tool_format
 from forja.knowledge import KnowledgeError
@@ -56,6 +56,7 @@ class Options:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    stream: bool = True  # the client reads the answers as they come (False lets an upstream answer whole)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Answer:
     completion_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
     error: str | None = None
+    status: int | None = None  # the HTTP status of a failed answer (an upstream's; None = 500)
     calls: ToolCallStream | None = None  # when the request has tools: splits the streamed text as it comes
     parsed: tuple[str | None, list[dict[str, Any]]] | None = None  # content and tool calls, once finished
     grounding: Grounding | None = None  # the persona's knowledge this answer was given
@@ -101,6 +103,7 @@ class Exchange:
         self.state, self.rid, self.route, self.target, self.rails = state, rid, route, target, rails
         self.prompts, self.options, self.groundings = prompts, options, groundings
         self.answers: list[Answer] = []
+        self.submitted: list[Stream] = []
         self.params: dict[str, Any] = {}
         self.key_name = getattr(request.state, "api_key_name", None)
         self.started = time.perf_counter()
@@ -120,9 +123,13 @@ class Exchange:
                            code="invalid_value")
         check_fits_queue(state, len(prompts), n, n_param)
         rails = RequestRails(state, target, input_param)  # the field too long an input is named by
-        grammar = await _grammar(target, options)
-        native = bool(options.tools) and options.tool_choice != "none" and has_tool_format(target.engine.tokenizer)
-        prompts = [_with_tools(target, p, options, native) if isinstance(p, list) else p for p in prompts]
+        # an upstream takes the conversation itself (tools and response_format too: it constrains its own
+        # decoding); a local engine decodes the ids counted here, held to our grammar
+        upstream = not target.engine.takes_ids
+        grammar = None if upstream else await _grammar(target, options)
+        native = upstream or (bool(options.tools) and options.tool_choice != "none"
+                              and has_tool_format(target.engine.tokenizer))
+        prompts = [_with_tools(target, p, options, native, upstream) if isinstance(p, list) else p for p in prompts]
         # the input rails: regexes take microseconds; a safety classifier (HTTP or a model) runs off the loop
         if rails.guard.classifier is not None:
             screened = await asyncio.to_thread(rails.screen, prompts)
@@ -130,23 +137,29 @@ class Exchange:
             screened = rails.screen(prompts)
         prompts, groundings, fixed = await _grounded(state, target, rails, screened)
         exchange = cls(state, request, rid, route, target, rails, prompts, options, groundings)
-        jobs: list[tuple[int, list[int] | None, SamplingParams | None, tuple[str, str] | None]] = []
+        jobs: list[tuple[int, Prompt | None, SamplingParams | None, tuple[str, str] | None]] = []
         for index, prompt in enumerate(prompts):
             if fixed[index] is not None:
                 jobs += [(index, None, None, fixed[index])] * n
                 continue
-            if native:  # the template writes the tools its own way (the grammar keeps the calls in ours)
+            if upstream:  # the upstream counts the tokens (its usage) and checks its own context
+                ids, counted = prompt, None
+            elif native:  # the template writes the tools its own way (the grammar keeps the calls in ours)
                 ids = await asyncio.to_thread(chat_prompt_ids, target.engine.tokenizer, prompt, options.tools)
+                counted = len(ids)
             else:  # tokenized once: these ids are the ones decoded
                 ids = await asyncio.to_thread(target.engine.tokenize, prompt)
-            params = sampling(target, state, options, prompt_tokens=len(ids), param=param, grammar=grammar)
+                counted = len(ids)
+            params = sampling(target, state, options, prompt_tokens=counted, param=param, grammar=grammar)
             jobs += [(index, ids, replace(params, seed=None if params.seed is None else params.seed + i), None)
                      for i in range(n)]
         exchange._submit(jobs)
+        if options.stream:  # a whole answer is collected, and its failure answered, by collect()
+            await exchange._opened()
         return exchange
 
-    def _submit(self, jobs: list[tuple[int, list[int] | None, SamplingParams | None, tuple[str, str] | None]]) -> None:
-        submitted: list[Stream] = []
+    def _submit(self, jobs: list[tuple[int, Prompt | None, SamplingParams | None, tuple[str, str] | None]]) -> None:
+        submitted = self.submitted
         try:
             for index, ids, params, fixed in jobs:
                 stream = self.target.engine.submit(ids, params) if ids is not None and params is not None else None
@@ -165,8 +178,25 @@ class Exchange:
             for stream in submitted:
                 stream.cancel()
             raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        except UpstreamError as exc:  # a setting the upstream does not take
+            for stream in submitted:
+                stream.cancel()
+            raise upstream_error(exc) from None
         if self.state.settings.serve.log_prompts:
             log.info("%s prompt %s", self.rid, json.dumps(self.stored_prompt(), ensure_ascii=False))
+
+    async def _opened(self) -> None:
+        """Every submitted answer taken by its engine: an upstream that refuses the request, cannot be reached
+        or does not answer in time is the request's error status (all or none), before a stream is sent. (A
+        whole answer's request runs inside collect(), which notices a client that leaves.)"""
+        results = await asyncio.gather(*(stream.opened() for stream in self.submitted), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for stream in self.submitted:
+                stream.cancel()
+            if isinstance(failures[0], UpstreamError):
+                raise upstream_error(failures[0])
+            raise failures[0]
 
     # ------------------------------------------------------------------------------------------------
 
@@ -196,7 +226,7 @@ class Exchange:
                     answer.logprobs += item.logprobs
                 if item.finish_reason is not None:
                     open_answers -= 1
-                    answer.finish_reason, answer.error = item.finish_reason, item.error
+                    answer.finish_reason, answer.error, answer.status = item.finish_reason, item.error, item.status
                     if item.usage is not None:
                         answer.prompt_tokens, answer.completion_tokens = item.usage.prompt_tokens, item.usage.completion_tokens
                     if answer.calls is not None and answer.content_and_calls()[1] and item.finish_reason == "stop":
@@ -218,6 +248,8 @@ class Exchange:
         async def consume() -> None:
             async for answer, delta in self.events():
                 if delta.finish_reason == "error":
+                    if answer.status is not None:  # an upstream's refusal or failure: its status
+                        raise upstream_error(UpstreamError(answer.status, answer.error or "no answer"))
                     raise ApiError(500, f"generation failed: {answer.error}", type="server_error",
                                    code="generation_failed")
 
@@ -330,13 +362,25 @@ async def _grounded(state: ServerState, target: Target, rails: RequestRails, scr
     return prompts, groundings, fixed
 
 
-def sampling(target: Target, state: ServerState, options: Options, *, prompt_tokens: int, param: str,
+def upstream_error(exc: UpstreamError) -> ApiError:
+    """An upstream's refusal or failure as this server's error: its 4xx as it is, 502 or 504 as a server error."""
+    if exc.status < 500:
+        return ApiError(exc.status, str(exc), param=exc.param, code=exc.code or "upstream_refused")
+    code = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+    return ApiError(exc.status, str(exc), type="server_error", code=code)
+
+
+def sampling(target: Target, state: ServerState, options: Options, *, prompt_tokens: int | None, param: str,
              grammar: Grammar | None = None) -> SamplingParams:
-    """Request values, else the persona's, else `generate:`'s; checks the answer fits in the context."""
+    """Request values, else the persona's, else `generate:`'s; checks the answer fits in the context (unless
+    `prompt_tokens` is None: an upstream checks its own, and its 400 is passed on)."""
     defaults, persona = state.settings.generate, target.persona
     context = target.engine.context_length
-    room, max_tokens = context - prompt_tokens, options.max_tokens
-    if max_tokens is None:
+    max_tokens = options.max_tokens
+    if prompt_tokens is None:
+        max_tokens = max_tokens or (persona and persona.max_tokens) or defaults.max_new_tokens
+    elif max_tokens is None:
+        room = context - prompt_tokens
         max_tokens = min((persona and persona.max_tokens) or defaults.max_new_tokens, room)
         if max_tokens < 1:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens, which leaves no room to answer in the "
@@ -352,9 +396,13 @@ def sampling(target: Target, state: ServerState, options: Options, *, prompt_tok
         if value is None and persona is not None:
             value = getattr(persona, name)
         chosen[name] = value if value is not None else getattr(defaults, name)
+    if not target.engine.takes_ids:  # an upstream constrains its own decoding
+        chosen.update(tools=options.tools, tool_choice=options.tool_choice,
+                      parallel_tool_calls=options.parallel_tool_calls, response_format=options.response_format)
     return SamplingParams(max_new_tokens=max_tokens, seed=options.seed if options.seed is not None else defaults.seed,
                           stop=options.stop or [], logit_bias=_logit_bias(target, options.logit_bias),
-                          logprobs=options.logprobs, top_logprobs=options.top_logprobs, grammar=grammar, **chosen)
+                          logprobs=options.logprobs, top_logprobs=options.top_logprobs, grammar=grammar,
+                          stream=options.stream, **chosen)
 
 
 def _logit_bias(target: Target, bias: dict[str, float] | None) -> dict[int, float]:
@@ -364,12 +412,14 @@ def _logit_bias(target: Target, bias: dict[str, float] | None) -> dict[int, floa
     if len(bias) > MAX_LOGIT_BIAS:
         raise ApiError(400, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias",
                        code="invalid_value")
-    vocabulary = len(target.engine.tokenizer)
+    # an upstream's vocabulary is not known here: it checks the ids itself
+    vocabulary = len(target.engine.tokenizer) if target.engine.tokenizer is not None else None
     checked = {}
     for key, value in bias.items():
-        if not key.isdigit() or int(key) >= vocabulary:
-            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocabulary - 1})",
-                           param="logit_bias", code="invalid_value")
+        if not key.isdigit() or (vocabulary is not None and int(key) >= vocabulary):
+            known = f" of this model (0 to {vocabulary - 1})" if vocabulary is not None else ""
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id{known}", param="logit_bias",
+                           code="invalid_value")
         checked[int(key)] = float(value)
     return checked
 
@@ -395,10 +445,14 @@ async def _grammar(target: Target, options: Options) -> Grammar | None:
         raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
 
 
-def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options, native: bool) -> list[dict[str, Any]]:
+def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options, native: bool,
+                upstream: bool = False) -> list[dict[str, Any]]:
     """The conversation the model reads, the system prompt first (the client's, else the persona's or the
-    trained one). A chat template with a tool format (`native`) takes OpenAI's messages and the tools as
-    they are; otherwise tool turns become text and the tools are described in the system prompt."""
+    trained one). An upstream takes OpenAI's messages as they are; a chat template with a tool format
+    (`native`) takes them with call arguments as objects; otherwise tool turns become text and the tools
+    are described in the system prompt."""
+    if upstream:
+        return target.messages(messages)
     if native:
         return target.messages([_native_turn(m) for m in messages])
     try:

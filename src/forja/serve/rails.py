@@ -129,7 +129,8 @@ class GuardedStream(Stream):
                 yield Delta(text=text, logprobs=logprobs)
                 logprobs = None
             if delta.finish_reason is not None:
-                yield Delta(finish_reason=delta.finish_reason, usage=delta.usage, error=delta.error, logprobs=logprobs)
+                yield Delta(finish_reason=delta.finish_reason, usage=delta.usage, error=delta.error, logprobs=logprobs,
+                            status=delta.status)
                 return
         refusal = self.output.verdict.refusal or ""
         yield Delta(text=("\n\n" if sent else "") + refusal)

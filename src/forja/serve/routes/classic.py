@@ -27,7 +27,8 @@ async def predict(body: PredictRequest, request: Request, state: StateDep, _: Ap
     rid = new_response_id("pred")
     exchange = await Exchange.open(state, request, rid=rid, route="predict", model=body.model,
                                    prompts=[[{"role": "user", "content": body.prompt}]], n=body.num_return_sequences,
-                                   options=Options(max_tokens=body.max_length, temperature=body.temperature, seed=body.seed),
+                                   options=Options(max_tokens=body.max_length, temperature=body.temperature, seed=body.seed,
+                                                   stream=False),
                                    param="max_length", n_param="num_return_sequences", input_param="prompt")
     answers = await exchange.collect(request)
     replies = [PredictResponse(generated_text=a.text, id=rid if len(answers) == 1 else f"{rid}-{a.index}",

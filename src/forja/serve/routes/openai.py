@@ -71,7 +71,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     exchange = await Exchange.open(state, request, rid=rid, route="chat", model=body.model,
                                    prompts=[[m.as_dict() for m in body.messages]], n=body.n, options=options_of(body),
                                    param="messages")
-    tokenizer = exchange.target.engine.tokenizer if body.logprobs else None
+    tokenizer = logprob_tokens(exchange, bool(body.logprobs))
     if body.stream:
         return sse(chat_chunks(exchange, created, body.include_usage, tokenizer))
     answers = await exchange.collect(request)
@@ -85,7 +85,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     exchange = await Exchange.open(state, request, rid=rid, route="completion", model=body.model, prompts=prompts,
                                    n=body.n, options=options_of(body), param="prompt")
-    tokenizer = exchange.target.engine.tokenizer if body.logprobs is not None else None
+    tokenizer = logprob_tokens(exchange, body.logprobs is not None)
     if body.stream:
         return sse(completion_chunks(exchange, created, body.include_usage, tokenizer))
     answers = await exchange.collect(request)
@@ -93,6 +93,14 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
             "choices": [{"index": a.index, "text": a.text, "finish_reason": a.finish_reason,
                          "logprobs": completion_logprobs(a.logprobs, tokenizer, 0)} for a in answers],
             "usage": exchange.usage()}
+
+
+def logprob_tokens(exchange: Exchange, asked: bool) -> Any:
+    """What the logprobs' tokens are rendered with (None: none asked): the engine's tokenizer, or True for an
+    upstream, whose tokens come as text (engine.text.token_piece takes them as they are)."""
+    if not asked:
+        return None
+    return exchange.target.engine.tokenizer if exchange.target.engine.takes_ids else True
 
 
 def options_of(body: ChatCompletionRequest | CompletionRequest) -> Options:
@@ -108,7 +116,7 @@ def options_of(body: ChatCompletionRequest | CompletionRequest) -> Options:
         logprobs=logprobs, top_logprobs=top,
         response_format=body.response_format.as_dict() if chat and body.response_format else None,
         tools=body.tools if chat else None, tool_choice=body.tool_choice if chat else None,
-        parallel_tool_calls=body.parallel_tool_calls if chat else None,
+        parallel_tool_calls=body.parallel_tool_calls if chat else None, stream=bool(body.stream),
     )
 
 

@@ -27,7 +27,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: State
     options = Options(
         max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
         response_format=body.response_format(), tools=body.chat_tools(), tool_choice=body.chat_tool_choice(),
-        parallel_tool_calls=body.parallel_tool_calls)
+        parallel_tool_calls=body.parallel_tool_calls, stream=bool(body.stream))
     exchange = await Exchange.open(state, request, rid=rid, route="responses", model=body.model,
                                    prompts=[body.messages()], n=1, options=options, param="input")
     shape = Shape(body, exchange, created)
