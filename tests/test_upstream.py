@@ -6,7 +6,6 @@ hangs, a cancelled stream and settings the upstream cannot take."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
