@@ -726,6 +726,7 @@ def knowledge_add(name: CollectionArg, paths: PathsArg, config: ConfigOpt = None
 
     def report(result) -> None:
         detail = f" ({result.chunks} chunks, {result.tokens} tokens)" if result.status in ("added", "replaced") else ""
+        detail += f": {result.note}" if result.note else ""
         typer.echo(f"{result.status:>9}  {_shown(result.path)}{detail}")
 
     results = add(settings_from(config), name, paths, progress=report)

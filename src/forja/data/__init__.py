@@ -3,7 +3,8 @@
 `forja data inspect PATH...` shows what Forja finds in your files; `forja data prepare PATH... --out FILE.jsonl`
 writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.meta.json (counts, sources, hash).
 Here: reading files (encodings, CSV dialects), detecting formats by name, rows into conversations, reports,
-chunks and the split; beside it `mapping` (--map, --guess), `chats` (WhatsApp, Telegram) and `hub` (hf: datasets).
+chunks and the split; beside it `mapping` (--map, --guess), `chats` (WhatsApp, Telegram), `hub` (hf: datasets)
+and `documents` (HTML, PowerPoint, EPUB).
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ LENGTH_BINS = (32, 64, 128, 256, 512, 1024, 2048)
 CONTAINERS = {
     ".csv": "CSV", ".tsv": "TSV", ".json": "JSON", ".jsonl": "JSONL", ".xlsx": "Excel", ".parquet": "Parquet",
     ".txt": "text", ".md": "Markdown", ".pdf": "PDF", ".docx": "Word",
+    ".html": "HTML", ".htm": "HTML", ".pptx": "PowerPoint", ".epub": "EPUB",
 }
+# Documents read as blocks with headings (forja.data.documents); every one of them is knowledge.
+BLOCK_DOCUMENTS = (".html", ".htm", ".pptx", ".epub")
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,13 @@ COLUMN_FORMATS = (
     Format("texto", KNOWLEDGE, ("texto",)),
 )
 TRANSCRIPT = "transcript"  # a .txt/.md of User:/Assistant: turns
-DOCUMENT = "document"  # any other .txt/.md, or a .pdf/.docx
+DOCUMENT = "document"  # any other .txt/.md, or a .pdf/.docx/.html/.pptx/.epub
 
 ACCEPTED = (
     "accepted: " + " ".join(CONTAINERS) + "; tables and JSON with columns or fields "
     + " | ".join("+".join(f.keys) for f in COLUMN_FORMATS)
     + ' (alpaca may add input); text files of "User:"/"Assistant:" ("Usuario:"/"Asistente:") turns are dialogue, '
-    "other text, .pdf and .docx are knowledge; WhatsApp .txt (or .zip) and Telegram result.json exports are dialogue "
+    "other text, .pdf .docx .html .pptx and .epub are knowledge; WhatsApp .txt (or .zip) and Telegram result.json exports are dialogue "
     "(with --assistant NAME); other columns with --map"
 )
 
@@ -107,6 +111,8 @@ ENCODING_NAMES = {  # codecs' names of forced encodings
     "mac-roman": "Mac Roman",
 }
 CSV_DELIMITERS = (",", ";", "\t", "|")
+# What a PDF of page images (a scan) is told; `forja knowledge add` says the same.
+NO_TEXT_LAYER = "has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf)"
 CSV_SNIFF_LINES = 20  # the sniffer reads this many lines
 
 
@@ -550,6 +556,14 @@ def _read_file(path: Path | str, options: ReadOptions | None = None) -> _File:
         return chats.whatsapp_zip(path, options)
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
+    if suffix in BLOCK_DOCUMENTS:
+        from forja.data import documents
+
+        if suffix in (".html", ".htm"):
+            blocks, detail = documents.read_html(path, options.encoding)
+        else:
+            blocks, detail = (documents.read_pptx(path) if suffix == ".pptx" else documents.read_epub(path)), ""
+        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, documents.blocks_text(blocks)), detail)
     if suffix in (".txt", ".md", ".pdf", ".docx"):
         if suffix in (".pdf", ".docx"):
             text, detail = (_read_pdf(path) if suffix == ".pdf" else _read_docx(path)), ""
@@ -1113,8 +1127,8 @@ def _transcript(path: Path, text: str) -> tuple[list[_Record], list[BadRow]]:
 def _document(path: Path, text: str) -> tuple[list[_Record], list[BadRow]]:
     text = _clean(text)
     if not text:
-        hint = " (a scanned PDF needs OCR first)" if path.suffix.lower() == ".pdf" else ""
-        return [], [BadRow(f"{path}: no text found{hint}", empty=True, unit="files")]
+        found = f"{path}: " + (NO_TEXT_LAYER if path.suffix.lower() == ".pdf" else "no text found")
+        return [], [BadRow(found, empty=True, unit="files")]
     return [_Record(str(path), text=text)], []
 
 
