@@ -201,14 +201,22 @@ def data_inspect(paths: PathsArg = None, map_: MapOpt = None, guess: GuessOpt = 
                  assistant: AssistantOpt = None, gap_hours: GapOpt = None, split: SplitOpt = None,
                  subset: SubsetOpt = None, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
                  chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
+                 context: Annotated[Optional[int], typer.Option(help="Report conversations longer than this many tokens (default: train.max_seq_length).", min=16)] = None,
+                 html: Annotated[Optional[Path], typer.Option("--html", help="Also write the report as a self-contained page with the token-length histogram.")] = None,
                  config: ConfigOpt = None) -> None:
-    """Say what is in your files: format, encoding, rows, turns, tokens, length histogram, duplicates, bad rows."""
+    """Say what is in your files: format, encoding, rows, tokens, histogram, duplicates, bad rows, and a quality report."""
     from forja.data import inspect
 
     settings = settings_from(config)
     chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
-    report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
+    report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens,
+                     context=context or settings.train.max_seq_length, allow=settings.guard.pii.allow)
     typer.echo(report.render())
+    if html is not None:
+        from forja.data.quality import write_html
+
+        write_html(html, report)
+        typer.echo(f"wrote {html}")
     unreadable = [f.error for f in report.files if f.error]
     if unreadable:  # the report says why each failed; the exit code lets a script stop here
         from forja.data import DataError
@@ -235,6 +243,7 @@ def data_prepare(
     gap_hours: GapOpt = None,
     split: SplitOpt = None,
     subset: SubsetOpt = None,
+    redact: Annotated[bool, typer.Option("--redact", help="Replace the personal data the guard finds (emails, phones, IDs, cards, IBANs) with [EMAIL], [PHONE], ... (guard.pii.allow values are kept).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
@@ -244,7 +253,8 @@ def data_prepare(
     chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
     summary = prepare(
         chosen, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
-        tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system,
+        tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system, redact=redact,
+        allow=settings.guard.pii.allow,
     )
     typer.echo(summary.render())
 

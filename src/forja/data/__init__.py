@@ -29,6 +29,9 @@ DIALOGUE = "dialogue"
 KNOWLEDGE = "knowledge"
 
 DEFAULT_CHUNK_TOKENS = 512
+# Conversations longer than this are reported by `inspect` (the CLI passes train.max_seq_length: what
+# training keeps; a longer conversation is left out of the run).
+DEFAULT_CONTEXT = 512
 # Up to this many rows nothing is held out by default: in a small FAQ every row is an answer the model
 # must learn (train.small_data_rows decides the same for the training goal).
 SMALL_DATA_ROWS = 300
@@ -298,6 +301,7 @@ class Report:
     files: list[FileReport]
     token_unit: str  # how tokens were counted: with a tokenizer, or estimated from words
     chunk_tokens: int
+    quality: Any = None  # forja.data.quality.Quality of the training rows read
 
     @property
     def lengths(self) -> list[int]:
@@ -326,6 +330,8 @@ class Report:
             "Tokens per training row:",
             *_histogram(self.lengths),
         ]
+        if self.quality is not None:
+            lines += self.quality.render()
         return "\n".join(lines)
 
 
@@ -345,6 +351,7 @@ class Summary:
     token_unit: str
     hash: str  # sha256 of the rows without their "source", training then validation
     small_data: bool = False  # nothing held out because the data is small
+    redacted: int = 0  # rows whose personal data `redact` replaced
 
 
     def render(self) -> str:
@@ -356,6 +363,8 @@ class Summary:
             f"{len(self.skipped)} bad rows skipped",
             f"  hash {self.hash} (details in {self.meta_path})",
         ]
+        if self.redacted:
+            lines.append(f"  personal data redacted in {self.redacted} rows ([EMAIL], [PHONE], [NATIONAL_ID], ...)")
         if self.small_data:
             lines.append(f"  no row held out for validation: {self.train_rows} rows is small data (at most "
                          f"{SMALL_DATA_ROWS}), every row is trained; training validates on the training rows and "
@@ -373,6 +382,8 @@ def inspect(
     tokenizer: Any = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     options: ReadOptions | None = None,
+    context: int = DEFAULT_CONTEXT,
+    allow: Iterable[str] = (),
 ) -> Report:
     """Read files and folders and tell what they hold, without writing anything.
 
@@ -382,9 +393,15 @@ def inspect(
     `tokenizer` is anything with `encode(text, add_special_tokens=False)`, e.g. a transformers tokenizer;
     without one tokens are estimated from whitespace words and the report says so. `options` (the
     mapping, encoding, ...) apply to every path given as a plain path; a Source carries its own.
+    The report ends with the quality report (forja.data.quality): near-duplicate questions, answer lengths,
+    languages, personal data (not counting the values in `allow`), conversations over `context` tokens and
+    each source's share.
     """
+    from forja.data import quality
+
     count, unit = _token_counter(tokenizer)
     reports: list[FileReport] = []
+    rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for path, read in _expand_sources(paths, options):
         try:
@@ -392,8 +409,10 @@ def inspect(
         except DataError as error:
             reports.append(FileReport(str(path), error=str(error)))
             continue
-        reports.append(_survey(data, chunk_tokens, count, seen)[0])
-    return Report(reports, unit, chunk_tokens)
+        report, kept = _survey(data, chunk_tokens, count, seen)
+        reports.append(report)
+        rows += kept
+    return Report(reports, unit, chunk_tokens, quality.assess(rows, count, context, reports, allow))
 
 
 def prepare(
@@ -406,6 +425,8 @@ def prepare(
     tokenizer: Any = None,
     system: str | None = None,
     options: ReadOptions | None = None,
+    redact: bool = False,
+    allow: Iterable[str] = (),
 ) -> Summary:
     """Clean files and folders into one training JSONL, a validation JSONL beside it and a meta file.
 
@@ -419,6 +440,8 @@ def prepare(
     row is an answer to learn) and 0.1 of anything larger; the summary says which.
     Raises DataError (one line, print it as is) on the first bad row unless skip_bad, which leaves such
     rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`. `options` as in `inspect`.
+    With `redact`, the personal data the guard's detectors find in every turn and text (but the values in
+    `allow`) is replaced by [EMAIL], [PHONE], ... before anything is written.
     """
     out = Path(out)
     if val_fraction is not None and not 0 <= val_fraction < 1:
@@ -447,6 +470,15 @@ def prepare(
     if not rows:
         raise DataError("no rows to write: " + ("every row was bad" if skipped else "the files are empty"))
     rows = [{**row, "messages": with_system(row["messages"], system)} if "messages" in row else row for row in rows]
+    redacted = 0
+    if redact:
+        from forja.guard import redact_messages
+        from forja.guard import redact as redact_text
+
+        cleaned = [{**row, "messages": redact_messages(row["messages"], allow)} if "messages" in row
+                   else {**row, "text": redact_text(row["text"], allow)} for row in rows]
+        redacted = sum(a != b for a, b in zip(rows, cleaned))
+        rows = cleaned
 
     chosen_split = val_fraction
     if val_fraction is None:
@@ -463,7 +495,7 @@ def prepare(
         train_rows=len(train), val_rows=len(val), kinds=kinds,
         duplicates_removed=sum(r.duplicates for r in reports), skipped=skipped,
         files=reports, token_unit=unit, hash=digest,
-        small_data=chosen_split is None and val_fraction == 0,
+        small_data=chosen_split is None and val_fraction == 0, redacted=redacted,
     )
     meta = {
         "hash": digest,
@@ -477,6 +509,7 @@ def prepare(
         "system": system,
         "tokens": unit,
         "duplicates_removed": summary.duplicates_removed,
+        "redacted": redacted if redact else None,
         "skipped": skipped,
         "sources": [
             {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths),
