@@ -259,6 +259,33 @@ def data_prepare(
     typer.echo(summary.render())
 
 
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL of question–answer conversations to write (.synth.json beside it).")],
+    paths: PathsArg = None,
+    model: Annotated[Optional[str], typer.Option(help="Model that writes the pairs (default: the configured model).")] = None,
+    questions: Annotated[int, typer.Option(help="Questions asked of each chunk, at most.", min=1, max=10)] = 3,
+    paraphrase: Annotated[int, typer.Option(help="Also reword each question of the dialogue files given this many times.", min=0, max=10)] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).", min=0.0)] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens of each answer (default: what the JSON's longest strings take).", min=8)] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Engine backend: auto, llamacpp or pytorch (default: serve.backend).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write question–answer pairs from your documents (answers the chunk does not support are dropped), and paraphrases."""
+    from forja.synth import synth
+
+    settings = settings_from(config)
+    if not paths:
+        from forja.data import DataError
+
+        raise DataError("no files given: name the documents (and, with --paraphrase, dialogue files) to write pairs from")
+    report = synth(settings, paths, out, model=model, questions=questions, paraphrase=paraphrase,
+                   temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, backend=backend,
+                   progress=lambda done, total: typer.echo(f"\r  {done}/{total} prompts answered", nl=done == total, err=True))
+    typer.echo(report.render())
+
+
 @app.command()
 def train(
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Prepared JSONL, or files/folders to prepare.")] = None,

@@ -661,6 +661,25 @@ def _from_table(path: Path, container: str, table: _Table, word: str, options: R
                  ",".join(f"{k}={v}" for k, v in mapping.items()), notes)
 
 
+def sort_by_kind(
+    paths: Iterable[str | Path | Source] | str | Path | Source, options: ReadOptions | None = None
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The conversations of the dialogue files among `paths` (training rows {"messages", "source"}), and the
+    knowledge files, in order; the first bad row raises, as in `prepare`. `forja data synth` reads its
+    inputs so."""
+    conversations: list[dict[str, Any]] = []
+    documents: list[Path] = []
+    for path, read in _expand_sources(paths, options):
+        found = _read_file(path, read)
+        if found.bad:
+            raise found.bad[0].error()
+        if found.kind == DIALOGUE:
+            conversations += [{"messages": r.messages, "source": r.source} for r in found.records]
+        elif found.kind == KNOWLEDGE and isinstance(path, Path):
+            documents.append(path)
+    return conversations, documents
+
+
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """The rows of a table or JSON file as (label, values), label as in messages ('row 17',
     'sheet "FAQ" row 17'); the first bad row raises. `forja knowledge` indexes each row as a record."""
@@ -993,6 +1012,9 @@ def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str]
     """A row of a known format as a record; `names` are the user's names of mapped fields, for messages."""
     values, names = row.values, names or {}
     source = f"{path}:{row.ref}"
+    if isinstance(values.get("source"), str) and values["source"].strip():
+        # a row that says where it came from (`forja data synth`, an earlier `prepare`) keeps saying it
+        source += f" from {values['source'].strip()}"
     if fmt.kind == KNOWLEDGE:
         return _Record(source, text=_required(values, fmt.keys[0], word, names))
     if fmt.name == "messages":
