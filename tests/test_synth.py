@@ -82,6 +82,8 @@ def test_support_is_the_share_of_the_answers_content_words_in_the_chunk():
     assert check_pair("¿Cuánto cuesta?", "Unos 12 dólares americanos", chunk, set()) == "unsupported"
     assert check_pair("¿Cuánto cuesta?", "3 euros", chunk, {"cuanto cuesta"}) == "duplicate"
     assert check_pair("¿?", "3 euros", chunk, set()) == "empty"
+    looping = "La hogaza de centeno cuesta 3 euros. La hogaza de centeno cuesta 3 euros."
+    assert support(looping, chunk) == 1.0 and check_pair("¿Precio?", looping, chunk, set()) == "repetitive"
 
 
 def test_synth_keeps_supported_pairs_and_drops_and_counts_the_rest(tmp_path, tokenizer):

@@ -266,7 +266,7 @@ def data_synth(
     model: Annotated[Optional[str], typer.Option(help="Model that writes the pairs (default: the configured model).")] = None,
     questions: Annotated[int, typer.Option(help="Questions asked of each chunk, at most.", min=1, max=10)] = 3,
     paraphrase: Annotated[int, typer.Option(help="Also reword each question of the dialogue files given this many times.", min=0, max=10)] = 0,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).", min=0.0)] = 0.0,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: generate.temperature, 0: greedy).", min=0.0)] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens of each answer (default: what the JSON's longest strings take).", min=8)] = None,
     backend: Annotated[Optional[str], typer.Option(help="Engine backend: auto, llamacpp or pytorch (default: serve.backend).")] = None,

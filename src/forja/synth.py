@@ -29,7 +29,9 @@ DEFAULT_QUESTIONS = 3  # per chunk
 # under 0.5.
 SUPPORT_OVERLAP = 0.6
 MAX_QUESTION_CHARS = 200
-MAX_ANSWER_CHARS = 400
+MAX_ANSWER_CHARS = 300
+# An answer that says the same run of this many words twice is looping, however well its words match.
+REPEATED_WORDS = 6
 # Rough tokens per character of the JSON the grammar allows (strings and keys), for max_new_tokens.
 TOKENS_PER_CHAR = 0.4
 
@@ -104,13 +106,22 @@ def support(answer: str, chunk: str) -> float:
     return sum(w in found for w in content) / len(content)
 
 
+def repeats(text: str, size: int = REPEATED_WORDS) -> bool:
+    """Whether some run of `size` words comes twice in `text`."""
+    found = words(text)
+    runs = [tuple(found[i:i + size]) for i in range(len(found) - size + 1)]
+    return len(set(runs)) < len(runs)
+
+
 def check_pair(question: str, answer: str, chunk: str, seen: set[str]) -> str | None:
-    """Why a generated pair is dropped ("empty", "duplicate", "unsupported"), or None to keep it."""
+    """Why a generated pair is dropped ("empty", "duplicate", "repetitive", "unsupported"), or None to keep it."""
     key = " ".join(words(question))
     if not key or not words(answer) or key == " ".join(words(answer)):
         return "empty"
     if key in seen:
         return "duplicate"
+    if repeats(answer):
+        return "repetitive"
     if support(answer, chunk) < SUPPORT_OVERLAP:
         return "unsupported"
     seen.add(key)
@@ -133,7 +144,8 @@ def chunk_prompt(chunk: Any, n: int) -> list[dict[str, str]]:
     excerpt = (f"Section: {where}\n" if where else "") + chunk.text
     return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"Excerpt:\n{excerpt}\n\nWrite up to {n} questions a customer would ask "
-                                        "that this excerpt answers, each with its answer from the excerpt. "
+                                        "that this excerpt answers, each a different question, with its answer from the excerpt in one "
+                                        "or two sentences. "
                                         'Reply in JSON: {"pairs": [{"question": ..., "answer": ...}]}'}]
 
 
@@ -144,14 +156,15 @@ def paraphrase_prompt(question: str, n: int) -> list[dict[str, str]]:
 
 
 def synth(settings: Settings, paths: list[str], out: str | Path, *, model: str | None = None,
-          questions: int = DEFAULT_QUESTIONS, paraphrase: int = 0, temperature: float = 0.0, seed: int = 0,
+          questions: int = DEFAULT_QUESTIONS, paraphrase: int = 0, temperature: float | None = None, seed: int = 0,
           max_new_tokens: int | None = None, backend: str | None = None, engine: Engine | None = None,
           progress: Callable[[int, int], None] | None = None) -> SynthReport:
     """Write OUT (a JSONL of {"messages", "source"} rows) and OUT.synth.json (model, sources, counts).
 
     Knowledge files among `paths` are cut into chunks as `forja knowledge add` cuts them; each chunk is asked
     for up to `questions` pairs. With `paraphrase` N, each first user question of the dialogue files among
-    them gets N rewordings, answered as the original. `max_new_tokens` bounds each answer (default: what the
+    them gets N rewordings, answered as the original. Sampling is `generate:`'s (its penalties; `temperature`
+    overrides its temperature), as `forja generate` and the server sample. `max_new_tokens` bounds each answer (default: what the
     schema's longest JSON takes, and what the context leaves). `engine` replaces the one made for `model`."""
     from forja.engine.constrain import Grammar
     from forja.knowledge.chunks import read_document
@@ -184,7 +197,7 @@ def synth(settings: Settings, paths: list[str], out: str | Path, *, model: str |
         if chunks:
             grammar = Grammar.json_schema(engine.tokenizer, pairs_schema(questions), eos_token_ids=engine.eos_token_ids)
             budget = max_new_tokens or _budget(questions * (MAX_QUESTION_CHARS + MAX_ANSWER_CHARS))
-            params = SamplingParams(max_new_tokens=budget, temperature=temperature, seed=seed, grammar=grammar)
+            params = _sampling(settings, budget, temperature, seed, grammar)
             prompts = [chunk_prompt(c, questions) for _, _, c in chunks]
             answers = _answers(engine, prompts, _fitted(engine, prompts, params, [f"{p}#{n}" for p, n, _ in chunks]),
                                progress)
@@ -208,20 +221,31 @@ def synth(settings: Settings, paths: list[str], out: str | Path, *, model: str |
                                  "support": round(support(reply, chunk.text), 2)})
             report.kept = len(rows)
         if paraphrase and conversations:
-            rows += _paraphrases(engine, conversations, paraphrase, temperature, seed, max_new_tokens, report, progress)
+            rows += _paraphrases(engine, conversations, paraphrase, settings, temperature, seed, max_new_tokens, report,
+                                 progress)
     finally:
         if own_engine:
             engine.close()
     report.examples = rows[:3]
     data.write_jsonl(out, rows)
     meta = {"model": name, "questions_per_chunk": questions, "paraphrases_per_question": paraphrase,
-            "temperature": temperature, "seed": seed, "support_overlap": SUPPORT_OVERLAP,
+            "temperature": settings.generate.temperature if temperature is None else temperature, "seed": seed, "support_overlap": SUPPORT_OVERLAP,
             "documents": [str(p) for p in documents], "chunks": len(chunks), "generated": report.generated,
             "kept": report.kept, "dropped": dict(report.dropped), "paraphrased": report.paraphrased,
             "paraphrases": report.paraphrases, "paraphrases_dropped": dict(report.paraphrases_dropped),
             "sources": dict(Counter(r["source"] for r in rows))}
     report.meta.write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _sampling(settings: Settings, max_new_tokens: int, temperature: float | None, seed: int,
+              grammar: Any) -> SamplingParams:
+    from forja.config import SAMPLERS
+
+    samplers = {name: getattr(settings.generate, name) for name in SAMPLERS}
+    if temperature is not None:
+        samplers["temperature"] = temperature
+    return SamplingParams(max_new_tokens=max_new_tokens, seed=seed, grammar=grammar, **samplers)
 
 
 def _budget(chars: int) -> int:
@@ -257,14 +281,14 @@ def _answers(engine: Engine, prompts: list[Any], params: SamplingParams,
     return answer_all(engine, prompts, params, done=tick)
 
 
-def _paraphrases(engine: Engine, conversations: list[dict[str, Any]], n: int, temperature: float, seed: int,
+def _paraphrases(engine: Engine, conversations: list[dict[str, Any]], n: int, settings: Settings,
+                 temperature: float | None, seed: int,
                  max_new_tokens: int | None, report: SynthReport,
                  progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
     from forja.engine.constrain import Grammar
 
     grammar = Grammar.json_schema(engine.tokenizer, paraphrases_schema(n), eos_token_ids=engine.eos_token_ids)
-    params = SamplingParams(max_new_tokens=max_new_tokens or _budget(n * MAX_QUESTION_CHARS), temperature=temperature, seed=seed,
-                            grammar=grammar)
+    params = _sampling(settings, max_new_tokens or _budget(n * MAX_QUESTION_CHARS), temperature, seed, grammar)
     firsts = [next(i for i, m in enumerate(row["messages"]) if m["role"] == "user") for row in conversations]
     questions = [row["messages"][i]["content"] for row, i in zip(conversations, firsts)]
     prompts = [paraphrase_prompt(q, n) for q in questions]
