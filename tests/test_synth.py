@@ -134,6 +134,7 @@ def test_bad_inputs_are_one_line_and_exit_non_zero(tmp_path):
         ([str(faq)], f"{faq}: the files hold conversations only; add --paraphrase N to reword their questions"),
         ([str(tmp_path / "nada.md")], f"{tmp_path / 'nada.md'}: no such file or folder"),
         ([], "no files given: name the documents"),
+        ([str(write(tmp_path / "doc.md", DOC)), "--model", "nope"], "unknown model 'nope': not a bundled model"),
     ):
         result = runner.invoke(app, ["data", "synth", *args, "--out", str(tmp_path / "qa.jsonl")])
         assert result.exit_code != 0 and "Traceback" not in result.output

@@ -32,6 +32,7 @@ MAX_QUESTION_CHARS = 200
 MAX_ANSWER_CHARS = 300
 # An answer that says the same run of this many words twice is looping, however well its words match.
 REPEATED_WORDS = 6
+DROPPED_SHOWN = 5  # dropped pairs of each reason kept in OUT.synth.json, to see why
 # Rough tokens per character of the JSON the grammar allows (strings and keys), for max_new_tokens.
 TOKENS_PER_CHAR = 0.4
 
@@ -72,6 +73,7 @@ class SynthReport:
     paraphrases: int = 0  # rewordings kept
     paraphrases_dropped: Counter = field(default_factory=Counter)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    dropped_examples: list[dict[str, Any]] = field(default_factory=list)  # the first few of each reason
 
     def render(self) -> str:
         lines = [f"Wrote {self.kept + self.paraphrases} rows to {self.out} (sources and counts in {self.meta})"]
@@ -214,6 +216,10 @@ def synth(settings: Settings, paths: list[str], out: str | Path, *, model: str |
                     reason = check_pair(question, reply, chunk.text, seen)
                     if reason:
                         report.dropped[reason] += 1
+                        if report.dropped[reason] <= DROPPED_SHOWN:
+                            report.dropped_examples.append({"reason": reason, "question": question, "answer": reply,
+                                                            "support": round(support(reply, chunk.text), 2),
+                                                            "source": source})
                         continue
                     rows.append({"messages": [{"role": "user", "content": question},
                                               {"role": "assistant", "content": reply}],
@@ -233,6 +239,7 @@ def synth(settings: Settings, paths: list[str], out: str | Path, *, model: str |
             "documents": [str(p) for p in documents], "chunks": len(chunks), "generated": report.generated,
             "kept": report.kept, "dropped": dict(report.dropped), "paraphrased": report.paraphrased,
             "paraphrases": report.paraphrases, "paraphrases_dropped": dict(report.paraphrases_dropped),
+            "dropped_examples": report.dropped_examples,
             "sources": dict(Counter(r["source"] for r in rows))}
     report.meta.write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return report
