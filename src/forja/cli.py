@@ -41,7 +41,7 @@ app = _typer("Forja: fine-tune a small language model on your own data, serve it
 models_app = _typer("List models; promote, roll back and merge versions.", invoke_without_command=True)
 models_app.info.no_args_is_help = False
 app.add_typer(models_app, name="models")
-data_app = _typer("Inspect your files and prepare them as training data.")
+data_app = _typer("Inspect your files, prepare them as training data, or write training data from your documents.")
 app.add_typer(data_app, name="data")
 
 ConfigOpt = Annotated[
