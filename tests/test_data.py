@@ -460,10 +460,11 @@ def test_a_pdf_without_text_is_a_bad_file(tmp_path):
     empty.write_bytes(pdf_bytes())
     good = write(tmp_path / "notes.md", "El horno es de leña.")
     assert error_of(lambda: prepare(tmp_path, tmp_path / "out" / "data.jsonl")) == (
-        f"{empty}: no text found (a scanned PDF needs OCR first) (use --skip-bad to skip such files)"
+        f"{empty}: has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf) "
+        "(use --skip-bad to skip such files)"
     )
     summary = prepare([empty, good], tmp_path / "out.jsonl", skip_bad=True)
-    assert summary.skipped == [f"{empty}: no text found (a scanned PDF needs OCR first)"]
+    assert summary.skipped == [f"{empty}: has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf)"]
     assert summary.kinds == {DIALOGUE: 0, KNOWLEDGE: 1}
 
 

@@ -57,6 +57,24 @@ def test_every_pii_entity_is_found_with_its_checksum_and_redacted():
     assert redact("escribe a soporte@forja.es", allow=["soporte@forja.es"]) == "escribe a soporte@forja.es"
 
 
+def test_latin_american_ids_and_phones_are_redacted_next_to_an_email():
+    text = "Soy DNI 30.123.456, escribime a ana@example.com o al +54 9 341 555 0192."
+    assert redact(text) == "Soy DNI [NATIONAL_ID], escribime a [EMAIL] o al [PHONE]."
+    for value in ("CUIT 20-30123456-3", "CURP BOXW310820HNERXN09", "RFC GODE561231GR8", "RUT 12.345.678-5",
+                  "C.C. 1.020.304.050", "cédula 79.123.456"):
+        assert redact(value).endswith(" [NATIONAL_ID]"), value
+    phones = "0341 15-555-0192, +52 55 1234 5678, +56 9 6123 4567, +57 310 555 1234 y 55 1234 5678"
+    assert redact(phones) == "[PHONE], [PHONE], [PHONE], [PHONE] y [PHONE]"
+
+
+def test_a_wrong_check_digit_is_not_flagged_and_an_unnamed_number_is_not_a_dni():
+    for value in ("CUIT 20-30123456-4", "CURP BOXW310820HNERXN08", "RFC GODE561231GR9", "RUT 12.345.678-4"):
+        assert find_pii(value) == [], value
+    # no check digit: the Argentine DNI and the Colombian cédula only after the word that names them
+    assert find_pii("total 30.123.456 pesos, 1.020.304.050 visitas") == []
+    assert find_pii("pedido 1234567890 y 341 555") == []
+
+
 def test_pii_actions_per_entity_block_redact_allow_and_the_refusal_never_echoes():
     guard = Guard(RailsSettings(pii={"credit_card": "block", "email": "allow"}))
     blocked = guard.check_input(user(f"my card is {PII['credit_card']}"))

@@ -41,7 +41,7 @@ app = _typer("Forja: fine-tune a small language model on your own data, serve it
 models_app = _typer("List models; promote, roll back and merge versions.", invoke_without_command=True)
 models_app.info.no_args_is_help = False
 app.add_typer(models_app, name="models")
-data_app = _typer("Inspect your files and prepare them as training data.")
+data_app = _typer("Inspect your files, prepare them as training data, or write training data from your documents.")
 app.add_typer(data_app, name="data")
 
 ConfigOpt = Annotated[
@@ -208,14 +208,22 @@ def data_inspect(paths: PathsArg = None, map_: MapOpt = None, guess: GuessOpt = 
                  assistant: AssistantOpt = None, gap_hours: GapOpt = None, split: SplitOpt = None,
                  subset: SubsetOpt = None, tokenizer: TokenizerOpt = None, estimate: EstimateOpt = False,
                  chunk_tokens: Annotated[int, typer.Option(help="Knowledge chunk size in tokens.", min=16)] = 512,
+                 context: Annotated[Optional[int], typer.Option(help="Report conversations longer than this many tokens (default: train.max_seq_length).", min=16)] = None,
+                 html: Annotated[Optional[Path], typer.Option("--html", help="Also write the report as a self-contained page with the token-length histogram.")] = None,
                  config: ConfigOpt = None) -> None:
-    """Say what is in your files: format, encoding, rows, turns, tokens, length histogram, duplicates, bad rows."""
+    """Say what is in your files: format, encoding, rows, tokens, histogram, duplicates, bad rows, and a quality report."""
     from forja.data import inspect
 
     settings = settings_from(config)
     chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
-    report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens)
+    report = inspect(chosen, tokenizer=data_tokenizer(settings, tokenizer, estimate), chunk_tokens=chunk_tokens,
+                     context=context or settings.train.max_seq_length, allow=settings.guard.pii.allow)
     typer.echo(report.render())
+    if html is not None:
+        from forja.data.quality import write_html
+
+        write_html(html, report)
+        typer.echo(f"wrote {html}")
     unreadable = [f.error for f in report.files if f.error]
     if unreadable:  # the report says why each failed; the exit code lets a script stop here
         from forja.data import DataError
@@ -242,6 +250,7 @@ def data_prepare(
     gap_hours: GapOpt = None,
     split: SplitOpt = None,
     subset: SubsetOpt = None,
+    redact: Annotated[bool, typer.Option("--redact", help="Replace the personal data the guard finds (emails, phones, IDs, cards, IBANs) with [EMAIL], [PHONE], ... (guard.pii.allow values are kept).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Write one normalised JSONL ({"messages"} / {"text"} rows) with a reproducible split and a content hash."""
@@ -251,9 +260,37 @@ def data_prepare(
     chosen = data_sources(settings, paths, map_, guess, encoding, assistant, gap_hours, split, subset)
     summary = prepare(
         chosen, out, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad, chunk_tokens=chunk_tokens,
-        tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system,
+        tokenizer=data_tokenizer(settings, tokenizer, estimate), system=system, redact=redact,
+        allow=settings.guard.pii.allow,
     )
     typer.echo(summary.render())
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL of question–answer conversations to write (.synth.json beside it).")],
+    paths: PathsArg = None,
+    model: Annotated[Optional[str], typer.Option(help="Model that writes the pairs (default: the configured model).")] = None,
+    questions: Annotated[int, typer.Option(help="Questions asked of each chunk, at most.", min=1, max=10)] = 3,
+    paraphrase: Annotated[int, typer.Option(help="Also reword each question of the dialogue files given this many times.", min=0, max=10)] = 0,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: generate.temperature, 0: greedy).", min=0.0)] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens of each answer (default: what the JSON's longest strings take).", min=8)] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Engine backend: auto, llamacpp or pytorch (default: serve.backend).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write question–answer pairs from your documents (answers the chunk does not support are dropped), and paraphrases."""
+    from forja.synth import synth
+
+    settings = settings_from(config)
+    if not paths:
+        from forja.data import DataError
+
+        raise DataError("no files given: name the documents (and, with --paraphrase, dialogue files) to write pairs from")
+    report = synth(settings, paths, out, model=model, questions=questions, paraphrase=paraphrase,
+                   temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, backend=backend,
+                   progress=lambda done, total: typer.echo(f"\r  {done}/{total} prompts answered", nl=done == total, err=True))
+    typer.echo(report.render())
 
 
 @app.command()
@@ -739,6 +776,7 @@ def knowledge_add(name: CollectionArg, paths: PathsArg, config: ConfigOpt = None
 
     def report(result) -> None:
         detail = f" ({result.chunks} chunks, {result.tokens} tokens)" if result.status in ("added", "replaced") else ""
+        detail += f": {result.note}" if result.note else ""
         typer.echo(f"{result.status:>9}  {_shown(result.path)}{detail}")
 
     results = add(settings_from(config), name, paths, progress=report)

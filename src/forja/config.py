@@ -172,7 +172,7 @@ class PiiSettings(BaseModel):
     phone: PiiAction = "redact"
     credit_card: PiiAction = Field("redact", description="Card numbers that pass the Luhn check.")
     iban: PiiAction = Field("redact", description="IBANs that pass the mod-97 check.")
-    national_id: PiiAction = Field("redact", description="Spanish DNI/NIE with a valid check letter.")
+    national_id: PiiAction = Field("redact", description="Spanish DNI/NIE with a valid check letter; Argentine DNI and CUIT, Mexican CURP and RFC, Chilean RUT, Colombian cédula (check digits where they have one).")
     ip_address: PiiAction = "redact"
     allow: list[str] = Field(default_factory=list, description="Values never treated as PII (your support address or phone).")
 

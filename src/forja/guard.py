@@ -8,8 +8,10 @@ The rails, in the order they run:
   Spanish heuristics); on the output side, an answer that quotes the system prompt;
 - blocklist: words and regular expressions from the config;
 - topics: built-in phrase rules for blatant requests in the Llama Guard 3 categories (S1-S14);
-- pii: emails, phone numbers, card numbers (Luhn), IBANs (mod 97), Spanish DNI/NIE (check letter) and
-  IP addresses, each blocked, redacted or allowed as the config says;
+- pii: emails, phone numbers (and Argentina's, Mexico's, Chile's and Colombia's by phonenumbers), card
+  numbers (Luhn), IBANs (mod 97), Spanish DNI/NIE (check letter), Argentine DNI and CUIT, Mexican CURP and
+  RFC, Chilean RUT, Colombian cédula (python-stdnum's check digits) and IP addresses, each blocked,
+  redacted or allowed as the config says;
 - safety: a classifier asked the Llama Guard 3 question, a model forja loads or an OpenAI-compatible
   endpoint, answering `safe` or `unsafe` and the categories.
 
@@ -163,20 +165,102 @@ PII_ENTITIES: dict[str, tuple[re.Pattern[str], Callable[[str], bool], str]] = {
 }
 
 
+# The formats of Spanish-speaking countries beyond Spain, each confirmed by its check digit where it has one
+# (python-stdnum): Argentine CUIT/CUIL (mod 11), Mexican CURP and RFC (their check characters), Chilean RUT
+# (mod 11, written with its dash), and, having no check digit, the Argentine DNI and the Colombian cédula
+# only after the word that names them ("DNI 30.123.456", "C.C. 1.020.304.050"). Phone numbers of
+# Argentina, Mexico, Chile and Colombia are those phonenumbers takes as valid numbers of the country:
+# international (+54 9 341 555 0192) or national with separators (0341 15-555-0192, 55 1234 5678).
+_ID_WORD_NUMBER = r"(?:\s*(?:n[°º.o]*|nro\.?|num(?:ero)?\.?|#))?\s*:?\s*"
+_LATAM_IDS: list[tuple[re.Pattern[str], Callable[[str], bool]]] = []
+_LATAM_PHONE_CANDIDATE = re.compile(r"(?<![\w+.,/-])(?:\+\d{2}|\(?0)?[ .-]?\(?\d[\d ().-]{6,16}\d(?![\w]|[.,-]\d)")
+LATAM_PHONE_REGIONS = ("AR", "MX", "CL", "CO")
+
+
+def _latam_ids() -> list[tuple[re.Pattern[str], Callable[[str], bool]]]:
+    if not _LATAM_IDS:
+        from stdnum.ar import cuit, dni
+        from stdnum.cl import rut
+        from stdnum.mx import curp, rfc
+
+        _LATAM_IDS.extend([
+            (re.compile(r"(?<![\w.-])(?:20|23|24|27|30|33|34)[ -]?\d{8}[ -]?\d(?![\w-])"), cuit.is_valid),
+            (re.compile(r"(?<!\w)[A-Z]{4}\d{6}[HMX][A-Z]{5}[A-Z\d]\d(?!\w)", re.I), lambda v: curp.is_valid(v.upper())),
+            (re.compile(r"(?<![\w&])[A-ZÑ&]{3,4}[ -]?\d{6}[ -]?[A-Z\d]{3}(?!\w)", re.I),
+             lambda v: rfc.is_valid(v.upper(), validate_check_digits=True)),
+            (re.compile(r"(?<![\w.-])\d{1,2}\.?\d{3}\.?\d{3}-[\dk](?![\w-])", re.I), rut.is_valid),
+            (re.compile(r"\b(?:DNI|D\.N\.I\.?|documento(?: nacional)?(?: de identidad)?)" + _ID_WORD_NUMBER
+                        + r"(?P<value>\d{1,2}\.?\d{3}\.?\d{3})(?![\w-]|[.,]\d)", re.I), dni.is_valid),
+            (re.compile(r"(?:\bc[ée]dula(?: de ciudadan[íi]a)?|\bC\.\s?C\.?|\bCC)" + _ID_WORD_NUMBER
+                        + r"(?P<value>\d{1,3}(?:\.?\d{3}){1,3})(?![\w-]|[.,]\d)", re.I),
+             lambda v: 6 <= len(_digits(v)) <= 10),
+        ])
+    return _LATAM_IDS
+
+
+def latam_id_spans(text: str) -> Iterable[tuple[int, int]]:
+    """Spans of valid Argentine, Mexican, Chilean and Colombian ID numbers in `text`."""
+    for pattern, valid in _latam_ids():
+        for m in pattern.finditer(text):
+            group = "value" if "value" in pattern.groupindex else 0
+            if valid(m.group(group)):
+                yield m.span(group)
+
+
+def latam_phone_spans(text: str) -> Iterable[tuple[int, int]]:
+    """Spans of valid Argentine, Mexican, Chilean and Colombian phone numbers: international ones, and
+    national ones of at least 9 digits written with separators (a bare run of digits is an order number)."""
+    if not any(c.isdigit() for c in text):
+        return
+    import phonenumbers
+
+    for m in _LATAM_PHONE_CANDIDATE.finditer(text):
+        value = m.group().strip(" .-")
+        start = m.start() + m.group().index(value)
+        if value.startswith("+"):
+            regions: tuple[str | None, ...] = (None,)
+        elif len(_digits(value)) >= 9 and re.search(r"[ ().-]", value):
+            regions = LATAM_PHONE_REGIONS
+        else:
+            continue
+        for region in regions:
+            try:
+                number = phonenumbers.parse(value, region)
+            except phonenumbers.NumberParseException:
+                continue
+            if (phonenumbers.is_valid_number(number)
+                    and phonenumbers.region_code_for_number(number) in LATAM_PHONE_REGIONS):
+                yield start, start + len(value)
+                break
+
+
+MORE_PII_FORMATS: dict[str, tuple[Callable[[str], Iterable[tuple[int, int]]], ...]] = {
+    "national_id": (latam_id_spans,),
+    "phone": (latam_phone_spans,),
+}
+
+
 def find_pii(text: str, allow: Iterable[str] = ()) -> list[tuple[str, int, int]]:
-    """(entity, start, end) of every PII entity in `text`, earlier entities in PII_ENTITIES winning overlaps."""
+    """(entity, start, end) of every PII entity in `text`, earlier entities in PII_ENTITIES winning overlaps
+    (within an entity, its pattern before its MORE_PII_FORMATS)."""
     allowed = {a.casefold() for a in allow}
     found: list[tuple[str, int, int]] = []
+
+    def take(entity: str, start: int, end: int) -> None:
+        if text[start:end].casefold() in allowed or any(s < end and start < e for _, s, e in found):
+            return
+        found.append((entity, start, end))
+
     for entity, (pattern, valid, _) in PII_ENTITIES.items():
         for m in pattern.finditer(text):
             start, value = m.start(), m.group()
             while not valid(value) and entity == "iban" and " " in value:  # a word after it read as its last group
                 value = value.rsplit(" ", 1)[0]
-            if value.casefold() in allowed or not valid(value):
-                continue
-            if any(s < start + len(value) and start < e for _, s, e in found):
-                continue
-            found.append((entity, start, start + len(value)))
+            if valid(value):
+                take(entity, start, start + len(value))
+        for finder in MORE_PII_FORMATS.get(entity, ()):
+            for start, end in finder(text):
+                take(entity, start, end)
     return sorted(found, key=lambda f: f[1])
 
 

@@ -3,7 +3,8 @@
 `forja data inspect PATH...` shows what Forja finds in your files; `forja data prepare PATH... --out FILE.jsonl`
 writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.meta.json (counts, sources, hash).
 Here: reading files (encodings, CSV dialects), detecting formats by name, rows into conversations, reports,
-chunks and the split; beside it `mapping` (--map, --guess), `chats` (WhatsApp, Telegram) and `hub` (hf: datasets).
+chunks and the split; beside it `mapping` (--map, --guess), `chats` (WhatsApp, Telegram), `hub` (hf: datasets)
+and `documents` (HTML, PowerPoint, EPUB).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ DIALOGUE = "dialogue"
 KNOWLEDGE = "knowledge"
 
 DEFAULT_CHUNK_TOKENS = 512
+# Conversations longer than this are reported by `inspect` (the CLI passes train.max_seq_length: what
+# training keeps; a longer conversation is left out of the run).
+DEFAULT_CONTEXT = 512
 # Up to this many rows nothing is held out by default: in a small FAQ every row is an answer the model
 # must learn (train.small_data_rows decides the same for the training goal).
 SMALL_DATA_ROWS = 300
@@ -44,7 +48,10 @@ LENGTH_BINS = (32, 64, 128, 256, 512, 1024, 2048)
 CONTAINERS = {
     ".csv": "CSV", ".tsv": "TSV", ".json": "JSON", ".jsonl": "JSONL", ".xlsx": "Excel", ".parquet": "Parquet",
     ".txt": "text", ".md": "Markdown", ".pdf": "PDF", ".docx": "Word",
+    ".html": "HTML", ".htm": "HTML", ".pptx": "PowerPoint", ".epub": "EPUB",
 }
+# Documents read as blocks with headings (forja.data.documents); every one of them is knowledge.
+BLOCK_DOCUMENTS = (".html", ".htm", ".pptx", ".epub")
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,13 @@ COLUMN_FORMATS = (
     Format("texto", KNOWLEDGE, ("texto",)),
 )
 TRANSCRIPT = "transcript"  # a .txt/.md of User:/Assistant: turns
-DOCUMENT = "document"  # any other .txt/.md, or a .pdf/.docx
+DOCUMENT = "document"  # any other .txt/.md, or a .pdf/.docx/.html/.pptx/.epub
 
 ACCEPTED = (
     "accepted: " + " ".join(CONTAINERS) + "; tables and JSON with columns or fields "
     + " | ".join("+".join(f.keys) for f in COLUMN_FORMATS)
     + ' (alpaca may add input); text files of "User:"/"Assistant:" ("Usuario:"/"Asistente:") turns are dialogue, '
-    "other text, .pdf and .docx are knowledge; WhatsApp .txt (or .zip) and Telegram result.json exports are dialogue "
+    "other text, .pdf .docx .html .pptx and .epub are knowledge; WhatsApp .txt (or .zip) and Telegram result.json exports are dialogue "
     "(with --assistant NAME); other columns with --map"
 )
 
@@ -107,6 +114,8 @@ ENCODING_NAMES = {  # codecs' names of forced encodings
     "mac-roman": "Mac Roman",
 }
 CSV_DELIMITERS = (",", ";", "\t", "|")
+# What a PDF of page images (a scan) is told; `forja knowledge add` says the same.
+NO_TEXT_LAYER = "has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf)"
 CSV_SNIFF_LINES = 20  # the sniffer reads this many lines
 
 
@@ -292,6 +301,7 @@ class Report:
     files: list[FileReport]
     token_unit: str  # how tokens were counted: with a tokenizer, or estimated from words
     chunk_tokens: int
+    quality: Any = None  # forja.data.quality.Quality of the training rows read
 
     @property
     def lengths(self) -> list[int]:
@@ -320,6 +330,8 @@ class Report:
             "Tokens per training row:",
             *_histogram(self.lengths),
         ]
+        if self.quality is not None:
+            lines += self.quality.render()
         return "\n".join(lines)
 
 
@@ -339,6 +351,7 @@ class Summary:
     token_unit: str
     hash: str  # sha256 of the rows without their "source", training then validation
     small_data: bool = False  # nothing held out because the data is small
+    redacted: int = 0  # rows whose personal data `redact` replaced
 
 
     def render(self) -> str:
@@ -350,6 +363,8 @@ class Summary:
             f"{len(self.skipped)} bad rows skipped",
             f"  hash {self.hash} (details in {self.meta_path})",
         ]
+        if self.redacted:
+            lines.append(f"  personal data redacted in {self.redacted} rows ([EMAIL], [PHONE], [NATIONAL_ID], ...)")
         if self.small_data:
             lines.append(f"  no row held out for validation: {self.train_rows} rows is small data (at most "
                          f"{SMALL_DATA_ROWS}), every row is trained; training validates on the training rows and "
@@ -367,6 +382,8 @@ def inspect(
     tokenizer: Any = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     options: ReadOptions | None = None,
+    context: int = DEFAULT_CONTEXT,
+    allow: Iterable[str] = (),
 ) -> Report:
     """Read files and folders and tell what they hold, without writing anything.
 
@@ -376,9 +393,15 @@ def inspect(
     `tokenizer` is anything with `encode(text, add_special_tokens=False)`, e.g. a transformers tokenizer;
     without one tokens are estimated from whitespace words and the report says so. `options` (the
     mapping, encoding, ...) apply to every path given as a plain path; a Source carries its own.
+    The report ends with the quality report (forja.data.quality): near-duplicate questions, answer lengths,
+    languages, personal data (not counting the values in `allow`), conversations over `context` tokens and
+    each source's share.
     """
+    from forja.data import quality
+
     count, unit = _token_counter(tokenizer)
     reports: list[FileReport] = []
+    rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for path, read in _expand_sources(paths, options):
         try:
@@ -386,8 +409,10 @@ def inspect(
         except DataError as error:
             reports.append(FileReport(str(path), error=str(error)))
             continue
-        reports.append(_survey(data, chunk_tokens, count, seen)[0])
-    return Report(reports, unit, chunk_tokens)
+        report, kept = _survey(data, chunk_tokens, count, seen)
+        reports.append(report)
+        rows += kept
+    return Report(reports, unit, chunk_tokens, quality.assess(rows, count, context, reports, allow))
 
 
 def prepare(
@@ -400,6 +425,8 @@ def prepare(
     tokenizer: Any = None,
     system: str | None = None,
     options: ReadOptions | None = None,
+    redact: bool = False,
+    allow: Iterable[str] = (),
 ) -> Summary:
     """Clean files and folders into one training JSONL, a validation JSONL beside it and a meta file.
 
@@ -413,6 +440,8 @@ def prepare(
     row is an answer to learn) and 0.1 of anything larger; the summary says which.
     Raises DataError (one line, print it as is) on the first bad row unless skip_bad, which leaves such
     rows out and lists them in `summary.skipped`. The CLI prints `summary.render()`. `options` as in `inspect`.
+    With `redact`, the personal data the guard's detectors find in every turn and text (but the values in
+    `allow`) is replaced by [EMAIL], [PHONE], ... before anything is written.
     """
     out = Path(out)
     if val_fraction is not None and not 0 <= val_fraction < 1:
@@ -441,6 +470,15 @@ def prepare(
     if not rows:
         raise DataError("no rows to write: " + ("every row was bad" if skipped else "the files are empty"))
     rows = [{**row, "messages": with_system(row["messages"], system)} if "messages" in row else row for row in rows]
+    redacted = 0
+    if redact:
+        from forja.guard import redact_messages
+        from forja.guard import redact as redact_text
+
+        cleaned = [{**row, "messages": redact_messages(row["messages"], allow)} if "messages" in row
+                   else {**row, "text": redact_text(row["text"], allow)} for row in rows]
+        redacted = sum(a != b for a, b in zip(rows, cleaned))
+        rows = cleaned
 
     chosen_split = val_fraction
     if val_fraction is None:
@@ -457,7 +495,7 @@ def prepare(
         train_rows=len(train), val_rows=len(val), kinds=kinds,
         duplicates_removed=sum(r.duplicates for r in reports), skipped=skipped,
         files=reports, token_unit=unit, hash=digest,
-        small_data=chosen_split is None and val_fraction == 0,
+        small_data=chosen_split is None and val_fraction == 0, redacted=redacted,
     )
     meta = {
         "hash": digest,
@@ -471,6 +509,7 @@ def prepare(
         "system": system,
         "tokens": unit,
         "duplicates_removed": summary.duplicates_removed,
+        "redacted": redacted if redact else None,
         "skipped": skipped,
         "sources": [
             {"path": r.path, "format": r.format, "kind": r.kind, "rows": r.rows, "training_rows": len(r.lengths),
@@ -550,6 +589,14 @@ def _read_file(path: Path | str, options: ReadOptions | None = None) -> _File:
         return chats.whatsapp_zip(path, options)
     if container is None:
         raise DataError(f"{path}: unknown file type {suffix or '(no extension)'}; {ACCEPTED}")
+    if suffix in BLOCK_DOCUMENTS:
+        from forja.data import documents
+
+        if suffix in (".html", ".htm"):
+            blocks, detail = documents.read_html(path, options.encoding)
+        else:
+            blocks, detail = (documents.read_pptx(path) if suffix == ".pptx" else documents.read_epub(path)), ""
+        return _File(path, container, DOCUMENT, KNOWLEDGE, *_document(path, documents.blocks_text(blocks)), detail)
     if suffix in (".txt", ".md", ".pdf", ".docx"):
         if suffix in (".pdf", ".docx"):
             text, detail = (_read_pdf(path) if suffix == ".pdf" else _read_docx(path)), ""
@@ -612,6 +659,25 @@ def _from_table(path: Path, container: str, table: _Table, word: str, options: R
             bad.append(BadRow(f"{path} {row.label}: {problem}", problem.empty))
     return _File(path, container, fmt.name, fmt.kind, records, bad, table.detail,
                  ",".join(f"{k}={v}" for k, v in mapping.items()), notes)
+
+
+def sort_by_kind(
+    paths: Iterable[str | Path | Source] | str | Path | Source, options: ReadOptions | None = None
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The conversations of the dialogue files among `paths` (training rows {"messages", "source"}), and the
+    knowledge files, in order; the first bad row raises, as in `prepare`. `forja data synth` reads its
+    inputs so."""
+    conversations: list[dict[str, Any]] = []
+    documents: list[Path] = []
+    for path, read in _expand_sources(paths, options):
+        found = _read_file(path, read)
+        if found.bad:
+            raise found.bad[0].error()
+        if found.kind == DIALOGUE:
+            conversations += [{"messages": r.messages, "source": r.source} for r in found.records]
+        elif found.kind == KNOWLEDGE and isinstance(path, Path):
+            documents.append(path)
+    return conversations, documents
 
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -946,6 +1012,9 @@ def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str]
     """A row of a known format as a record; `names` are the user's names of mapped fields, for messages."""
     values, names = row.values, names or {}
     source = f"{path}:{row.ref}"
+    if isinstance(values.get("source"), str) and values["source"].strip():
+        # a row that says where it came from (`forja data synth`, an earlier `prepare`) keeps saying it
+        source += f" from {values['source'].strip()}"
     if fmt.kind == KNOWLEDGE:
         return _Record(source, text=_required(values, fmt.keys[0], word, names))
     if fmt.name in ("messages", "sharegpt") and fmt.keys[0] not in values:  # a JSON row of other fields
@@ -1116,8 +1185,8 @@ def _transcript(path: Path, text: str) -> tuple[list[_Record], list[BadRow]]:
 def _document(path: Path, text: str) -> tuple[list[_Record], list[BadRow]]:
     text = _clean(text)
     if not text:
-        hint = " (a scanned PDF needs OCR first)" if path.suffix.lower() == ".pdf" else ""
-        return [], [BadRow(f"{path}: no text found{hint}", empty=True, unit="files")]
+        found = f"{path}: " + (NO_TEXT_LAYER if path.suffix.lower() == ".pdf" else "no text found")
+        return [], [BadRow(found, empty=True, unit="files")]
     return [_Record(str(path), text=text)], []
 
 

@@ -1,5 +1,6 @@
-"""Files → documents → chunks: each chunk a span of the document's text with its page (PDF) and heading
-path (Markdown and Word headings; a table's row label), cut by tokens of the embedding model on heading,
+"""Files → documents → chunks: each chunk a span of the document's text with its page (PDF, a slide's number)
+and heading path (Markdown, Word and HTML headings, a slide's title, an EPUB chapter's headings; a table's row
+label), cut by tokens of the embedding model on heading,
 page and paragraph boundaries first. `forja knowledge add` calls `read_document` for every file."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from forja import data
 from forja.config import KnowledgeSettings
+from forja.data import documents
 
 TEXT_SUFFIXES = (".txt", ".md")
 MARKDOWN_SUFFIXES = (".md",)
@@ -30,7 +32,7 @@ class Chunk:
     text: str
     start: int
     end: int
-    page: int | None  # 1-based, PDF only
+    page: int | None  # 1-based: a PDF's page, a presentation's slide
     headings: tuple[str, ...]  # ("Oven", "Lighting"); a table row's label ("row 17")
     tokens: int  # embedding-model tokens, [CLS] and [SEP] not counted
 
@@ -85,7 +87,13 @@ def _read_blocks(path: Path) -> tuple[str, list[_Block]]:
             blocks += _paragraphs(text, offset, len(text), number, (), opens_first=True)
         return text, blocks
     if suffix == ".docx":
-        return _joined([(text, level) for level, text in data.read_docx_blocks(path)])
+        return _joined([documents.Block(text, level) for level, text in data.read_docx_blocks(path)])
+    if suffix in (".html", ".htm"):
+        return _joined(documents.read_html(path)[0])
+    if suffix == ".pptx":
+        return _joined(documents.read_pptx(path))
+    if suffix == ".epub":
+        return _joined(documents.read_epub(path))
     # Tables and JSON: each row is a record of "column: value" lines under its label.
     parts = []
     for label, values in data.read_records(path):
@@ -160,19 +168,24 @@ def _markdown_blocks(text: str) -> list[_Block]:
     return blocks
 
 
-def _joined(parts: list[tuple[str, int]]) -> tuple[str, list[_Block]]:
-    """Word's paragraphs joined by blank lines; a heading style opens a section under its path."""
+def _joined(parts: list[documents.Block]) -> tuple[str, list[_Block]]:
+    """Paragraphs (Word's, a page's, a slide's) joined by blank lines; a heading opens a section under its
+    path, and so does a new slide or chapter, whose path starts afresh."""
     text, blocks = "", []
     stack: list[tuple[int, str]] = []
-    for part, level in parts:
-        if not part.strip():
+    part_number = None
+    for part in parts:
+        if not part.text.strip():
             continue
         if text:
             text += "\n\n"
-        if level:
-            stack = [(lv, t) for lv, t in stack if lv < level] + [(level, part.strip())]
-        blocks.append(_Block(len(text), len(text) + len(part), None, tuple(t for _, t in stack), bool(level)))
-        text += part
+        opens = bool(part.level) or part.part != part_number
+        if part.part != part_number:
+            stack, part_number = [], part.part
+        if part.level:
+            stack = [(lv, t) for lv, t in stack if lv < part.level] + [(part.level, part.text.strip())]
+        blocks.append(_Block(len(text), len(text) + len(part.text), part.page, tuple(t for _, t in stack), opens))
+        text += part.text
     return text, blocks
 
 

@@ -95,6 +95,7 @@ class FileResult:
     status: str
     chunks: int = 0
     tokens: int = 0
+    note: str = ""  # why a file gave no text, where forja can tell: a PDF without a text layer
 
 
 # --- The database -------------------------------------------------------------------------------------
@@ -221,7 +222,8 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
             else:
                 document = read_document(path, settings.knowledge, count_tokens)
                 if not document.chunks:
-                    result = FileResult(str(path), "no text")
+                    note = data.NO_TEXT_LAYER if path.suffix.lower() == ".pdf" else ""
+                    result = FileResult(str(path), "no text", note=note)
                 else:
                     vectors = embed([embedding_text(c) for c in document.chunks]).numpy().astype(np.float32)
                     _write_file(db, name, collection_id, document, digest, chunking, vectors)
