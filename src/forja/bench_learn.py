@@ -22,6 +22,7 @@ from typing import Any
 
 from forja.bench import _free_port, _wait_ready
 from forja.data import read_rows
+from forja.models import cpu_line
 from forja.metrics import normalize
 
 BENCH_DATA = Path(__file__).resolve().parents[2] / "data" / "bench"
@@ -40,7 +41,7 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
     faq = read_rows(data_dir / "faq_es.jsonl")
     corrections = read_rows(data_dir / "corrections_es.jsonl")
     controls = read_rows(data_dir / "controls_es.jsonl")
-    report: dict[str, Any] = {"cpu": _cpu(), "rows": len(faq), "corrections": len(corrections)}
+    report: dict[str, Any] = {"cpu": cpu_line(), "rows": len(faq), "corrections": len(corrections)}
     with tempfile.TemporaryDirectory(prefix="forja-bench-learn-") as tmp:
         home = Path(tmp) / "home"
         env = {**os.environ, "FORJA_HOME": str(home), **(extra_env or {})}
@@ -216,14 +217,3 @@ def _health_active(url: str) -> str | None:
 def _gate(home: Path, version: str) -> dict[str, Any]:
     path = home / "models" / "versions" / version / "gate.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(shown)}"

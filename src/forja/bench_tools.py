@@ -20,6 +20,7 @@ from typing import Any
 from forja.bench import _decode_rate, _free_port, _wait_ready
 from forja.config import ForjaError
 from forja.data import read_rows
+from forja.models import cpu_line
 
 BENCH_DATA = Path(__file__).resolve().parents[2] / "data" / "bench" / "tools_es_en.jsonl"
 
@@ -66,7 +67,7 @@ def tools_benchmark(model: str, *, backends: list[str] | None = None, data: Path
         raise ForjaError(f"{data}: no prompts (one JSON object a line: prompt, lang, tool or null, arguments)")
     backends = backends or (["llamacpp", "pytorch"] if llamacpp.available() else ["pytorch"])
     env = {**os.environ, **(extra_env or {})}
-    report: dict[str, Any] = {"model": model, "cpu": cpu(), "prompts": len(rows),
+    report: dict[str, Any] = {"model": model, "cpu": cpu_line(), "prompts": len(rows),
                               "expect_a_tool": sum(bool(r.get("tool")) for r in rows),
                               "languages": {lang: sum(r.get("lang") == lang for r in rows) for lang in ("es", "en")},
                               "rounds": rounds, "target_ratio": TARGET_RATIO,
@@ -352,15 +353,3 @@ def render_tools(report: dict[str, Any]) -> str:
             lines.append(f"{backend}, required, another tool: " + "; ".join(
                 f"{r['prompt']!r} -> {r['calls'][0]['name'] if r['calls'] else 'none'}" for r in missed[:6]))
     return "\n".join(lines)
-
-
-def cpu() -> str:
-    """The CPU's name, core count and the vector flags that decide its speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(shown) or 'no AVX2'}"

@@ -177,16 +177,11 @@ def _measure_matmul(machine: dict[str, Any], config: Any, tokens: int) -> None:
 
 
 def _cpu_info() -> dict[str, Any]:
-    from forja.models import cpu_has_fast_bf16
+    from forja.models import cpu_has_fast_bf16, cpu_info
 
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    field = lambda name: next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(name)), "")
-    flags = set(field("flags").split())
-    return {"cpu": field("model name") or "unknown", "cores": os.cpu_count(),
-            "flags": {flag: flag in flags for flag in CPU_FLAGS}, "native_bf16": cpu_has_fast_bf16()}
+    name, flags = cpu_info()
+    return {"cpu": name, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in CPU_FLAGS},
+            "native_bf16": cpu_has_fast_bf16()}
 
 
 def matmul_speed(config: Any, tokens: int, dtype: Any, repeats: int = 10) -> dict[str, Any]:

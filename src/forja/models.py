@@ -284,11 +284,25 @@ def pick_dtype(setting: str) -> Any:
 
 
 @lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags from /proc/cpuinfo ("unknown CPU" and none where it cannot be read)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return "unknown CPU", frozenset()
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(key)), "")  # noqa: E731
+    return field("model name") or "unknown CPU", frozenset(field("flags").split())
+
+
+def cpu_line() -> str:
+    """The CPU as the benchmarks print it: name, cores and the flags that decide its speed."""
+    name, flags = cpu_info()
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(shown) or 'no AVX2'}"
+
+
+def cpu_has_fast_bf16() -> bool:
+    flags = cpu_info()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
