@@ -6,7 +6,10 @@ fields: the source's page, headings, span and the quoted text).
 When nothing relevant is found (no chunk as similar as `retrieval.min_score`) the persona says so without
 asking the model (`retrieval.when_none: say_unknown`), or answers without documents (`answer`).
 
-The server's request path and `forja eval` both ground here, so what is evaluated is what is served.
+A version trained on a small FAQ (train.faq_retrieval) answers from its own rows the same way: it is
+trained with the nearest row in the prompt (`grounded_rows`) and served, evaluated and gated so (`plan`).
+The server's request path, `forja eval`, the gate and `forja generate` all ground here, so what is
+evaluated is what is served.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forja.config import Persona, RetrievalSettings, Settings
-from forja.models import KNOWLEDGE_FILE, version_dir
 from forja.guard import Finding
 from forja.knowledge.index import Hit, add, remove, retrieve
 from forja.knowledge.vector_stores import file_id
+from forja.models import KNOWLEDGE_FILE, version_dir
 
 if TYPE_CHECKING:
     from forja.guard import Guard
@@ -31,7 +34,7 @@ WORD = re.compile(r"\w+")
 
 @dataclass
 class Grounding:
-    """What one prompt was given from the persona's knowledge."""
+    """What one prompt was given from a persona's knowledge or a version's FAQ."""
 
     query: str
     hits: list[Hit] = field(default_factory=list)  # in the prompt, numbered from 1
