@@ -752,7 +752,7 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 
-bench_app = _typer("Measure: bench serve, train, learn, agreement, repetition and tools.")
+bench_app = _typer("Measure: bench serve, train, learn, agreement, repetition, tools and knowledge.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -817,6 +817,24 @@ def bench_tools(
                              extra_env={"FORJA_CONFIG": str(config)} if config else None,
                              log=lambda line: typer.echo(line, err=True))
     typer.echo(render_tools(report))
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+@bench_app.command("knowledge")
+def bench_knowledge(
+    sizes: Annotated[str, typer.Option(help="Collection sizes in chunks, comma-separated (1k = 1000).")] = "1k,10k,100k",
+    chunk_tokens: Annotated[int, typer.Option(help="knowledge.chunk_tokens of the generated collections (one catalogue paragraph a chunk at 48).", min=16, max=254)] = 48,
+    queries: Annotated[int, typer.Option(help="Known-answer questions searched per size.", min=1)] = 100,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Index generated Spanish and English catalogues at each size; chunks/s against embedding alone, disk, peak RSS, query p50/p95, hit@1/5."""
+    from forja.bench_knowledge import knowledge_benchmark, parse_sizes, render_knowledge
+
+    report = knowledge_benchmark(settings_from(config), parse_sizes(sizes), chunk_tokens=chunk_tokens,
+                                 queries=queries, log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_knowledge(report))
     if as_json:
         as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 

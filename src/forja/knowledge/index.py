@@ -298,9 +298,14 @@ def _collection(db: sqlite3.Connection, name: str) -> Collection:
     return Collection(name, model, created, files)
 
 
-def search(settings: Settings, collection: str, query: str, top_k: int | None = None) -> list[Hit]:
-    """The chunks of `collection` that best answer `query`, best first: vector and keyword rankings fused."""
+def search(settings: Settings, collection: str, query: str, top_k: int | None = None, *,
+           timings: dict[str, float] | None = None) -> list[Hit]:
+    """The chunks of `collection` that best answer `query`, best first: vector and keyword rankings fused.
+    `timings`, when given, gets the milliseconds spent embedding the query, ranking the vectors (reading them
+    first when they are not cached) and ranking the keywords."""
     from forja.embeddings import EMBEDDING_MODEL, embed
+
+    clock = time.perf_counter
 
     knowledge = settings.knowledge
     top_k = top_k or knowledge.top_k
@@ -310,13 +315,21 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
         if model != EMBEDDING_MODEL:
             raise KnowledgeError(f"collection {collection!r} was indexed with {model}, not {EMBEDDING_MODEL}; "
                                  "remove it and add its files again")
+        started = clock()
         ids, matrix = _vectors(db, settings, collection_id)
         if not len(ids):
             return []
-        similarity = matrix @ embed([query]).numpy()[0].astype(np.float32)
+        read = clock()
+        vector = embed([query]).numpy()[0].astype(np.float32)
+        embedded = clock()
+        similarity = matrix @ vector
         best = np.argpartition(-similarity, min(knowledge.candidates, len(ids)) - 1)[: knowledge.candidates]
         best = best[np.argsort(-similarity[best])]
+        ranked = clock()
         rankings = [[int(ids[i]) for i in best], _keyword_ranking(db, collection_id, query, knowledge.candidates)]
+        if timings is not None:
+            timings.update(embed_ms=(embedded - read) * 1000, vectors_ms=(read - started + ranked - embedded) * 1000,
+                           keywords_ms=(clock() - ranked) * 1000)
         scores: dict[int, float] = {}
         for ranking in rankings:
             for rank, chunk_id in enumerate(ranking, 1):
