@@ -928,12 +928,17 @@ def eval_(
     answer_col: Annotated[str, typer.Option(help="Column holding the ground-truth answers.")] = "answer",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     backend: BackendOpt = None,
+    knowledge: Annotated[Optional[str], typer.Option("--knowledge", help="Score retrieval from this knowledge collection instead of answers (rows: question, source, optional page, heading, fact); also chosen when the rows name a source.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity and a judge; write reports."""
+    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity and a judge; write reports. With sources: score retrieval (hit@k, MRR)."""
     from forja.evaluate import EvalError, check_thresholds, evaluate, load_testset, parse_thresholds, write_reports
+    from forja.evaluate_retrieval import is_retrieval_testset
 
     settings = settings_from(config, model=model)
+    if knowledge or is_retrieval_testset(testset):
+        _eval_retrieval(settings, testset, knowledge, out, fail_under or [], question_col)
+        return
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     thresholds = parse_thresholds(fail_under or [])
@@ -962,6 +967,38 @@ def eval_(
                + f"; {stats['seconds']:.1f}s")
     typer.echo(f"reports: {paths['html']} (and rows.csv, rows.jsonl, summary.md in {out})")
     failures = check_thresholds(result, thresholds)
+    if failures:
+        raise EvalError(f"--fail-under: {'; '.join(failures)}")
+
+
+def _eval_retrieval(settings: Settings, testset: Path, knowledge: str | None, out: Path | None,
+                    fail_under: list[str], question_col: str) -> None:
+    """forja eval on a test set of sources: where each question's chunk ranks in its collection."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from forja.evaluate import EvalError
+    from forja.evaluate_retrieval import (METRIC_LABELS, RETRIEVAL_METRICS, check_retrieval_thresholds,
+                                          evaluate_retrieval, load_retrieval_testset, parse_retrieval_thresholds,
+                                          write_retrieval_reports)
+
+    thresholds = parse_retrieval_thresholds(fail_under)
+    cases = load_retrieval_testset(testset, knowledge, question_col)
+    result = evaluate_retrieval(cases, settings)
+    result.testset = str(testset)
+    out = out or settings.home / "evals" / time.strftime("%Y%m%d-%H%M%S")
+    paths = write_retrieval_reports(result, out)
+    table = Table("metric", "mean [95% interval]", title=f"{len(cases)} questions, retrieval")
+    for metric in RETRIEVAL_METRICS:
+        low, high = result.intervals[metric]
+        table.add_row(METRIC_LABELS[metric], f"{result.means[metric]:.3f} [{low:.3f}, {high:.3f}]")
+    Console().print(table)
+    for row in result.rows:
+        top = row["hits"][0] if row["hits"] else None
+        found = (Path(top["source"]).name + (f" › {top['headings'][-1]}" if top["headings"] else "")) if top else "nothing"
+        typer.echo(f"{row['case']:>3}. rank {row['rank'] or '-':>2}  {row['question'][:60]}  (first: {found[:70]})")
+    typer.echo(f"{result.stats['seconds']:.1f}s; reports: {paths['html']} (and rows.csv, rows.jsonl, summary.md in {out})")
+    failures = check_retrieval_thresholds(result, thresholds)
     if failures:
         raise EvalError(f"--fail-under: {'; '.join(failures)}")
 
