@@ -322,7 +322,9 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
         read = clock()
         vector = embed([query]).numpy()[0].astype(np.float32)
         embedded = clock()
-        similarity = matrix @ vector
+        # einsum's own loop, on this thread: `matrix @ vector` goes to OpenBLAS, whose second thread waits
+        # for a core whenever another job holds one (at 100k chunks on 2 shared cores, p95 34 ms against 17).
+        similarity = np.einsum("ij,j->i", matrix, vector)
         best = np.argpartition(-similarity, min(knowledge.candidates, len(ids)) - 1)[: knowledge.candidates]
         best = best[np.argsort(-similarity[best])]
         ranked = clock()
