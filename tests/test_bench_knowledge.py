@@ -41,3 +41,14 @@ def test_sizes_read_k_and_plain_numbers_and_refuse_words():
     assert parse_sizes("1k, 10k,100000") == [1000, 10000, 100000]
     result = runner.invoke(app, ["bench", "knowledge", "--sizes", "ten"])
     assert result.exit_code == 1 and "'ten' is not a chunk count" in result.output
+
+
+def test_random_vectors_measure_the_index_and_search_without_an_embedding_alone(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "knowledge", "--sizes", "60", "--queries", "10", "--random-vectors",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM chunk vectors" in result.output
+    size = json.loads(out.read_text())["sizes"][0]
+    assert size["index_over_embed"] is None and size["embed_seconds"] is None
+    assert size["query_ms_p95"] > 0 and size["hit_at_5"] >= 0.5  # the keywords alone still find most
