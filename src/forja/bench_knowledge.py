@@ -200,8 +200,8 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
             embed_seconds += time.perf_counter() - started
         texts += alone
         if number % 50 == 0:
-            log(f"{size} chunks: {number}/{len(files)} files, {len(texts)} chunks; indexing {index_seconds:.0f}s, "
-                f"embedding alone {embed_seconds:.0f}s")
+            log(f"{size} chunks: {number}/{len(files)} files, {len(texts)} chunks; indexing {index_seconds:.0f}s"
+                + ("" if random_vectors else f", embedding alone {embed_seconds:.0f}s"))
     index_peak = _peak_rss()
     disk = sum(p.stat().st_size for p in db_path(local).parent.iterdir() if p.name.startswith(db_path(local).name))
 
