@@ -827,6 +827,7 @@ def bench_knowledge(
     chunk_tokens: Annotated[int, typer.Option(help="knowledge.chunk_tokens of the generated collections (one catalogue paragraph a chunk at 48).", min=16, max=254)] = 48,
     queries: Annotated[int, typer.Option(help="Known-answer questions searched per size.", min=1)] = 100,
     threads: Annotated[int, typer.Option(help="torch threads: 1 as forja serve beside llama.cpp; 0 = torch's default (one per core).", min=0)] = 1,
+    alone_every: Annotated[int, typer.Option(help="Embed alone only every n-th file (the ratio is theirs): 10 saves most of the comparison's time at 100k.", min=1)] = 1,
     random_vectors: Annotated[bool, typer.Option("--random-vectors", help="Random chunk vectors instead of MiniLM's (queries still embedded): the index and search at sizes whose embedding takes hours; no embedding-alone figure.")] = False,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
     config: ConfigOpt = None,
@@ -836,7 +837,7 @@ def bench_knowledge(
 
     report = knowledge_benchmark(settings_from(config), parse_sizes(sizes), chunk_tokens=chunk_tokens,
                                  queries=queries, threads=threads or None,
-                                 random_vectors=random_vectors, log=lambda line: typer.echo(line, err=True))
+                                 random_vectors=random_vectors, alone_every=alone_every, log=lambda line: typer.echo(line, err=True))
     typer.echo(render_knowledge(report))
     if as_json:
         as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
