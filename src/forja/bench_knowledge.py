@@ -184,7 +184,8 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
     answers = write_catalogues(tmp / "docs", size)
     files = sorted((tmp / "docs").iterdir())
     log(f"{size} chunks: indexing {len(files)} catalogues"
-        + (", random vectors ..." if random_vectors else ", each then embedded alone ..."))
+        + (", random vectors ..." if random_vectors else ", each then embedded alone ..." if alone_every == 1
+           else f", every {alone_every}th then embedded alone ..."))
     # File by file, each indexed and then its chunks embedded alone, so that both see the same load from
     # whatever else runs on the machine; the sums are compared.
     _reset_peak_rss()
