@@ -160,7 +160,8 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
     try:
         embed(["warm-up: load the embedding model before anything is timed"])
         report: dict[str, Any] = {"cpu": cpu(), "torch_threads": torch.get_num_threads(), "chunk_tokens": chunk_tokens,
-                                  "top_k": TOP_K, "random_vectors": random_vectors, "alone_every": alone_every, "target_p95_ms": TARGET_P95_MS, "target_ratio": TARGET_RATIO,
+                                  "top_k": TOP_K, "random_vectors": random_vectors, "alone_every": alone_every,
+                                  "target_p95_ms": TARGET_P95_MS, "target_ratio": TARGET_RATIO,
                                   "load_average": [os.getloadavg()[0]], "sizes": []}
         for size in sizes or SIZES:
             with tempfile.TemporaryDirectory(prefix="forja-bench-knowledge-") as tmp:
@@ -194,7 +195,7 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
     compared = 0  # chunks of the files also embedded alone
     for number, path in enumerate(files, 1):
         started = time.perf_counter()
-        with _random_chunk_vectors(random_vectors):
+        with _random_chunk_vectors(random_vectors, seed=number):
             add(local, "bench", [path])
         took = time.perf_counter() - started
         index_seconds += took
@@ -246,7 +247,7 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
 
 
 @contextmanager
-def _random_chunk_vectors(on: bool) -> Iterator[None]:
+def _random_chunk_vectors(on: bool, seed: int) -> Iterator[None]:
     """While `add` runs: random unit vectors for its chunks instead of MiniLM's (`add` looks up
     forja.embeddings.embed when called); the query's embedding, after, is the real one."""
     if not on:
@@ -257,7 +258,7 @@ def _random_chunk_vectors(on: bool) -> Iterator[None]:
 
     from forja import embeddings
 
-    real, rng = embeddings.embed, np.random.default_rng(0)
+    real, rng = embeddings.embed, np.random.default_rng(seed)
 
     def random_embed(texts: list[str], batch_size: int = 32) -> Any:
         vectors = rng.standard_normal((len(texts), embeddings.EMBEDDING_DIMENSIONS)).astype(np.float32)
