@@ -109,6 +109,8 @@ def test_a_source_the_collection_lacks_or_a_row_without_collection_is_one_line(c
         load_retrieval_testset(wrong)
     result = runner.invoke(app, ["eval", "--testset", str(wrong), "--knowledge", "nope"])
     assert result.exit_code == 1 and "no knowledge collection named 'nope'" in result.output
+    result = runner.invoke(app, ["eval", "--testset", str(wrong), "--knowledge", collection, "--judge", "m"])
+    assert result.exit_code == 1 and "--judge is for answers" in result.output
 
 
 def test_the_bench_faq_test_set_finds_most_reworded_questions(tmp_path):

@@ -941,6 +941,9 @@ def eval_(
 
     settings = settings_from(config, model=model)
     if knowledge or is_retrieval_testset(testset):
+        if compare or judge:
+            raise EvalError(f"{'--compare' if compare else '--judge'} is for answers; this test set scores "
+                            "retrieval (--knowledge, or rows with a source), which no model answers")
         _eval_retrieval(settings, testset, knowledge, out, fail_under or [], question_col)
         return
     if backend is not None:
