@@ -840,7 +840,7 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 
-bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition and tools.")
+bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition, tools and knowledge.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -923,6 +923,28 @@ def bench_tools(
                              extra_env={"FORJA_CONFIG": str(config)} if config else None,
                              log=lambda line: typer.echo(line, err=True))
     typer.echo(render_tools(report))
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+@bench_app.command("knowledge")
+def bench_knowledge(
+    sizes: Annotated[str, typer.Option(help="Collection sizes in chunks, comma-separated (1k = 1000).")] = "1k,10k,100k",
+    chunk_tokens: Annotated[int, typer.Option(help="knowledge.chunk_tokens of the generated collections (one catalogue paragraph a chunk at 48).", min=16, max=254)] = 48,
+    queries: Annotated[int, typer.Option(help="Known-answer questions searched per size.", min=1)] = 100,
+    threads: Annotated[int, typer.Option(help="torch threads: 1 as forja serve beside llama.cpp; 0 = torch's default (one per core).", min=0)] = 1,
+    alone_every: Annotated[int, typer.Option(help="Embed alone only every n-th file (the ratio is theirs): 10 saves most of the comparison's time at 100k.", min=1)] = 1,
+    random_vectors: Annotated[bool, typer.Option("--random-vectors", help="Random chunk vectors instead of MiniLM's (queries still embedded): the index and search at sizes whose embedding takes hours; no embedding-alone figure.")] = False,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Index generated Spanish and English catalogues at each size; chunks/s against embedding alone, disk, peak RSS, query p50/p95, hit@1/5."""
+    from forja.bench_knowledge import knowledge_benchmark, parse_sizes, render_knowledge
+
+    report = knowledge_benchmark(settings_from(config), parse_sizes(sizes), chunk_tokens=chunk_tokens,
+                                 queries=queries, threads=threads or None,
+                                 random_vectors=random_vectors, alone_every=alone_every, log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_knowledge(report))
     if as_json:
         as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
@@ -1017,12 +1039,20 @@ def eval_(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     without_knowledge: Annotated[bool, typer.Option("--without-knowledge", help="Also answer with each persona that has knowledge, without it (labelled 'NAME (no knowledge)').")] = False,
     backend: BackendOpt = None,
+    knowledge: Annotated[Optional[str], typer.Option("--knowledge", help="Score retrieval from this knowledge collection instead of answers (rows: question, source, optional page, heading, fact); also chosen when the rows name a source.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity, a judge and, for personas with knowledge, the fact and faithfulness; write reports."""
+    """Answer a test set with one or more models; score exact match, F1, ROUGE-L, similarity, a judge and, for personas with knowledge, the fact and faithfulness; write reports. With sources: score retrieval (hit@k, MRR)."""
     from forja.evaluate import EvalError, check_thresholds, evaluate, load_testset, parse_thresholds, write_reports
+    from forja.evaluate_retrieval import is_retrieval_testset
 
     settings = settings_from(config, model=model)
+    if knowledge or is_retrieval_testset(testset):
+        if compare or judge:
+            raise EvalError(f"{'--compare' if compare else '--judge'} is for answers; this test set scores "
+                            "retrieval (--knowledge, or rows with a source), which no model answers")
+        _eval_retrieval(settings, testset, knowledge, out, fail_under or [], question_col)
+        return
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
     thresholds = parse_thresholds(fail_under or [])
@@ -1052,6 +1082,38 @@ def eval_(
                + f"; {stats['seconds']:.1f}s")
     typer.echo(f"reports: {paths['html']} (and rows.csv, rows.jsonl, summary.md in {out})")
     failures = check_thresholds(result, thresholds)
+    if failures:
+        raise EvalError(f"--fail-under: {'; '.join(failures)}")
+
+
+def _eval_retrieval(settings: Settings, testset: Path, knowledge: str | None, out: Path | None,
+                    fail_under: list[str], question_col: str) -> None:
+    """forja eval on a test set of sources: where each question's chunk ranks in its collection."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from forja.evaluate import EvalError
+    from forja.evaluate_retrieval import (METRIC_LABELS, RETRIEVAL_METRICS, check_retrieval_thresholds,
+                                          evaluate_retrieval, load_retrieval_testset, parse_retrieval_thresholds,
+                                          write_retrieval_reports)
+
+    thresholds = parse_retrieval_thresholds(fail_under)
+    cases = load_retrieval_testset(testset, knowledge, question_col)
+    result = evaluate_retrieval(cases, settings)
+    result.testset = str(testset)
+    out = out or settings.home / "evals" / time.strftime("%Y%m%d-%H%M%S")
+    paths = write_retrieval_reports(result, out)
+    table = Table("metric", "mean [95% interval]", title=f"{len(cases)} questions, retrieval")
+    for metric in RETRIEVAL_METRICS:
+        low, high = result.intervals[metric]
+        table.add_row(METRIC_LABELS[metric], f"{result.means[metric]:.3f} [{low:.3f}, {high:.3f}]")
+    Console().print(table)
+    for row in result.rows:
+        top = row["hits"][0] if row["hits"] else None
+        found = (Path(top["source"]).name + (f" › {top['headings'][-1]}" if top["headings"] else "")) if top else "nothing"
+        typer.echo(f"{row['case']:>3}. rank {row['rank'] or '-':>2}  {row['question'][:60]}  (first: {found[:70]})")
+    typer.echo(f"{result.stats['seconds']:.1f}s; reports: {paths['html']} (and rows.csv, rows.jsonl, summary.md in {out})")
+    failures = check_retrieval_thresholds(result, thresholds)
     if failures:
         raise EvalError(f"--fail-under: {'; '.join(failures)}")
 

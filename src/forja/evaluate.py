@@ -136,9 +136,10 @@ class EvalResult:
 # Test sets
 
 
-def load_testset(path: str | Path, question_col: str = "question", answer_col: str = "answer") -> list[TestCase]:
-    """Read a CSV, JSONL or Excel test set; a bad row stops it with an EvalError naming file, row and field."""
-    from forja.data import BadRow, DataError, _read_csv, _read_jsonl, _read_xlsx  # the readers of `forja data`
+def read_testset_table(path: str | Path) -> Any:
+    """The rows of a CSV, JSONL or Excel test set as `forja data` reads them (`.columns`, None for JSONL, and
+    `.rows`, each with `.values` and `.label`, or a BadRow); a missing file or another type is an EvalError."""
+    from forja.data import DataError, _read_csv, _read_jsonl, _read_xlsx  # the readers of `forja data`
 
     path = Path(path)
     if not path.is_file():
@@ -146,12 +147,20 @@ def load_testset(path: str | Path, question_col: str = "question", answer_col: s
     suffix = path.suffix.lower()
     if suffix not in TESTSET_SUFFIXES:
         raise EvalError(f"{path}: a test set is a .csv, .jsonl or .xlsx file, not {suffix or 'a file without extension'}")
-    question_col, answer_col = question_col.strip().lower(), answer_col.strip().lower()
     try:
-        table = {".csv": lambda: _read_csv(path, ","), ".jsonl": lambda: _read_jsonl(path),
-                 ".xlsx": lambda: _read_xlsx(path)}[suffix]()
+        return {".csv": lambda: _read_csv(path, ","), ".jsonl": lambda: _read_jsonl(path),
+                ".xlsx": lambda: _read_xlsx(path)}[suffix]()
     except DataError as exc:
         raise EvalError(str(exc)) from None
+
+
+def load_testset(path: str | Path, question_col: str = "question", answer_col: str = "answer") -> list[TestCase]:
+    """Read a CSV, JSONL or Excel test set; a bad row stops it with an EvalError naming file, row and field."""
+    from forja.data import BadRow
+
+    path = Path(path)
+    table = read_testset_table(path)
+    question_col, answer_col = question_col.strip().lower(), answer_col.strip().lower()
     if table.columns is not None:
         for column, flag in ((question_col, "--question-col"), (answer_col, "--answer-col")):
             if column not in table.columns and not (column == question_col and "messages" in table.columns):
