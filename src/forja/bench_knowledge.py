@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forja.bench_tools import cpu
+from forja.models import cpu_line
 from forja.config import ConfigError, Settings
 
 SIZES = (1_000, 10_000, 100_000)
@@ -159,7 +159,7 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
         torch.set_num_threads(threads)
     try:
         embed(["warm-up: load the embedding model before anything is timed"])
-        report: dict[str, Any] = {"cpu": cpu(), "torch_threads": torch.get_num_threads(), "chunk_tokens": chunk_tokens,
+        report: dict[str, Any] = {"cpu": cpu_line(), "torch_threads": torch.get_num_threads(), "chunk_tokens": chunk_tokens,
                                   "top_k": TOP_K, "random_vectors": random_vectors, "alone_every": alone_every,
                                   "target_p95_ms": TARGET_P95_MS, "target_ratio": TARGET_RATIO,
                                   "load_average": [os.getloadavg()[0]], "sizes": []}
