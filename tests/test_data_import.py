@@ -564,3 +564,27 @@ def test_an_ios_whatsapp_zip_is_read_from_its_chat(tmp_path):
     assert error_of(lambda: prepare(other, tmp_path / "o.jsonl")) == (
         f"{other}: a zip without a WhatsApp chat (_chat.txt) in it; forja reads a zip only as a WhatsApp export"
     )
+
+
+def test_forja_train_reads_files_as_forja_data_does(tmp_path, tiny_model_dir, monkeypatch):
+    """--map and --encoding on forja train, and data.sources from the config: the same rows as prepare."""
+    csv_bytes = "Consulta;Contestación\r\n¿Abrís el sábado?;Sí, de 9 a 14.\r\n¿Dónde estáis?;En la plaza Mayor.\r\n"
+    data = tmp_path / "consultas.csv"
+    data.write_bytes(csv_bytes.encode("cp1252"))
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    common = ["--max-steps", "1", "--eval-every", "1000", "--checkpoint-every", "1000", "--quiet"]
+    refused = runner.invoke(app, ["train", "--data", str(data), "--name", "m0", *common])
+    assert refused.exit_code == 1 and "--map" in refused.output and "Traceback" not in refused.output
+    done = runner.invoke(app, ["train", "--data", str(data), "--map", "question=Consulta,answer=Contestación",
+                               "--name", "m1", *common])
+    assert done.exit_code == 0, done.output
+    from forja.config import load_settings
+
+    rows = read_jsonl(load_settings().versions_dir / "m1" / "data.jsonl")
+    assert {r["messages"][-1]["content"] for r in rows} == {"Sí, de 9 a 14.", "En la plaza Mayor."}
+    config = tmp_path / "forja.yaml"
+    config.write_text(f"data:\n  sources:\n    - path: {data}\n      map: {{question: Consulta, answer: Contestación}}\n",
+                      encoding="utf-8")
+    from_config = runner.invoke(app, ["train", "--config", str(config), "--name", "m2", *common])
+    assert from_config.exit_code == 0, from_config.output
+    assert read_jsonl(load_settings().versions_dir / "m2" / "data.jsonl") == rows

@@ -315,9 +315,16 @@ def train(
     from_feedback: Annotated[bool, typer.Option("--from-feedback", help="Learn from the unused feedback, starting from the active version (or --base); promote the result only if it does not regress.")] = False,
     promote: Annotated[bool, typer.Option("--promote/--no-promote", help="With --from-feedback: promote the new version when it passes the gate.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    map_: MapOpt = None,
+    guess: GuessOpt = False,
+    encoding: EncodingOpt = None,
+    assistant: AssistantOpt = None,
+    gap_hours: GapOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Fine-tune a model on your data (LoRA or full) and publish it as a model version."""
+    """Fine-tune a model on your data (LoRA or full) and publish it as a model version; files are read as `forja data prepare` reads them (--map, --encoding, --assistant, data.sources)."""
     from forja import train as training
 
     settings = settings_from(config)
@@ -326,8 +333,9 @@ def train(
     if resume:
         run = training.open_run(settings, resume)
     else:
-        if not data and not from_feedback:
-            raise ConfigError("give the training data with --data PATH (or continue a run with --resume NAME)")
+        if not data and not from_feedback and not settings.data.sources:
+            raise ConfigError("give the training data with --data PATH, or list it under data.sources in forja.yaml "
+                              "(or continue a run with --resume NAME)")
         flags = {
             "method": method, "goal": goal, "system": system, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
             "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
@@ -341,7 +349,9 @@ def train(
             raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
         if from_feedback:
             return _retrain_from_feedback(settings, hyper, base, name, promote, quiet)
-        run = training.new_run(settings, data, name, base or settings.model, hyper)
+        paths = data_sources(settings, [str(p) for p in data or []], map_, guess, encoding, assistant, gap_hours,
+                             split, subset)
+        run = training.new_run(settings, paths, name, base or settings.model, hyper)
     version = training.train(settings, run, progress=not quiet)
     if resume:  # a resumed feedback run still records which feedback it learned from
         from forja.feedback import record_version

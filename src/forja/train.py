@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
-from forja.data import meta_path, prepare, read_rows, validation_path
+from forja.data import Source, meta_path, prepare, read_rows, validation_path
 from forja.models import (KNOWLEDGE_FILE, VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16,
                           load, pick_device, resolve, valid_name, with_system)
 
@@ -313,7 +313,9 @@ def check_name(name: str, flag: str) -> None:
                          "(starting with a letter or digit), not a path")
 
 
-def new_run(settings: Settings, data: list[Path], name: str | None, base: str, config: TrainSettings) -> Run:
+def new_run(settings: Settings, data: list[Path | Source], name: str | None, base: str, config: TrainSettings) -> Run:
+    """A run directory with its prepared data; `data` are prepared JSONL, or files, folders and `hf:` datasets
+    (with the options `forja data` reads them with: data.sources)."""
     name = name or f"{Path(base).name.removesuffix('.gguf')}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name, "--name")
     if (settings.versions_dir / name / VERSION_FILE).exists():
@@ -324,9 +326,10 @@ def new_run(settings: Settings, data: list[Path], name: str | None, base: str, c
     resolve(base, settings)  # fail before preparing data when the base is wrong
     directory.mkdir(parents=True, exist_ok=True)
     train_file, data_hash = prepared_data(data, directory, config)
-    if config.system is None and len(data) == 1 and meta_path(data[0]).is_file():
+    first = Path(data[0].path if isinstance(data[0], Source) else data[0])
+    if config.system is None and len(data) == 1 and meta_path(first).is_file():
         # data prepared with --system: the version records it, so it is served as it was trained
-        config = config.model_copy(update={"system": json.loads(meta_path(data[0]).read_text()).get("system")})
+        config = config.model_copy(update={"system": json.loads(meta_path(first).read_text()).get("system")})
     if config.faq_retrieval:
         write_faq(directory / KNOWLEDGE_FILE, faq_pairs(read_rows(train_file), config))
     run = Run(name, directory, config, base, train_file, data_hash)
@@ -354,14 +357,15 @@ def write_faq(path: Path, pairs: list[dict[str, str]]) -> None:
         path.unlink(missing_ok=True)
 
 
-def prepared_data(paths: list[Path], directory: Path, config: TrainSettings) -> tuple[Path, str]:
+def prepared_data(paths: list[Path | Source], directory: Path, config: TrainSettings) -> tuple[Path, str]:
     """Use a JSONL written by `forja data prepare` as it is; prepare anything else into the run directory."""
-    if len(paths) == 1 and paths[0].suffix == ".jsonl" and meta_path(paths[0]).is_file():
-        meta = json.loads(meta_path(paths[0]).read_text())
+    first = Path(paths[0].path if isinstance(paths[0], Source) else paths[0])
+    if len(paths) == 1 and first.suffix == ".jsonl" and meta_path(first).is_file():
+        meta = json.loads(meta_path(first).read_text())
         local = directory / DATA_FILE
-        shutil.copy(paths[0], local)
-        if validation_path(paths[0]).is_file():
-            shutil.copy(validation_path(paths[0]), validation_path(local))
+        shutil.copy(first, local)
+        if validation_path(first).is_file():
+            shutil.copy(validation_path(first), validation_path(local))
         return local, meta["hash"]
     summary = prepare(paths, directory / DATA_FILE, val_fraction=config.val_fraction, seed=config.seed)
     if summary.small_data:
