@@ -132,6 +132,15 @@ def test_types_are_strict(hostile, field, value):
     error(post(hostile, "/v1/chat/completions", body), 422, "invalid_value", field)
 
 
+@pytest.mark.parametrize("tools", [-9498067, "get_weather", {"type": "function"}])
+def test_tools_that_are_not_a_list_are_a_422_on_every_route(hostile, tools):
+    """(schemathesis found a 500: /v1/responses' own check iterated whatever tools was)"""
+    error(post(hostile, "/v1/responses", {"input": "hi", "tools": tools, "max_output_tokens": 2}), 422,
+          "invalid_value", "tools")
+    error(post(hostile, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": tools,
+                                                 "max_tokens": 2}), 422, "invalid_value", "tools")
+
+
 def test_an_integer_temperature_is_still_a_number(hostile):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 1, "top_p": 1}
     assert post(hostile, "/v1/chat/completions", body).status_code == 200

@@ -576,7 +576,8 @@ class ResponsesRequest(_Body):
                 if field in data and not is_default(data[field], defaults):
                     raise refused("unsupported_parameter", field, "forja's /v1/responses is stateless and does not "
                                   "support this parameter; leave it out")
-            for i, tool in enumerate(data.get("tools") or []):
+            tools = data.get("tools")
+            for i, tool in enumerate(tools if isinstance(tools, list) else []):  # not a list: the field's own 422
                 if isinstance(tool, dict) and tool.get("type") != "function":
                     raise refused("unsupported_parameter", f"tools.{i}.type",
                                   f"only function tools are supported, not {tool.get('type')!r}")
