@@ -91,8 +91,7 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
             figures["batched_equals_alone"] = _batched_equals_alone(url, model, [
                 (prompt, answer) for prompt, answer in zip(prompts, answers) if _answered(answer)], max_tokens)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     return figures
 
 
@@ -129,8 +128,7 @@ def upstream_benchmark(upstream_url: str, *, model: str = "upstream", clients: i
                     raise RuntimeError(f"{name}: a request failed: {answers}")
                 together[name].append(wall)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     same = sum(a["text"] == b["text"] for a, b in zip(single["direct"], single["forja"]))
     figures: dict[str, Any] = {"upstream": base, "clients": clients, "max_tokens": max_tokens, "rounds": rounds,
                                "same_answers": f"{same}/{rounds}"}
@@ -433,9 +431,18 @@ def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: 
                 log("llama-server: each prompt alone, to compare the batched answers ...")
                 figures["batched_equals_alone"] = _batched_equals_alone(url, model, answered, max_tokens)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
     return figures
+
+
+def stop(process: Any, timeout: float = 30) -> None:
+    """End a server a benchmark started: SIGTERM, then SIGKILL when it has not exited after `timeout` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

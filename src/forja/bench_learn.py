@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forja.bench import _free_port, _wait_ready
+from forja.bench import _free_port, _wait_ready, stop
 from forja.data import read_rows
 from forja.models import cpu_line
 from forja.metrics import normalize
@@ -91,11 +91,7 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
             report["bad_gate"] = _gate(home, "faq-bad")
             report["bad_promoted"] = _health_active(url) == "faq-bad"
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
             server_log.close()
             said = (Path(tmp) / "serve.log").read_text(errors="replace")
             report["server_log"] = said[:2000] + ("\n...\n" + said[-2000:] if len(said) > 4000 else said[2000:])

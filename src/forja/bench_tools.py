@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from forja.bench import _decode_rate, _free_port, _wait_ready
+from forja.bench import _decode_rate, _free_port, _wait_ready, stop
 from forja.config import ForjaError
 from forja.data import read_rows
 from forja.models import cpu_line
@@ -106,11 +106,7 @@ def _served(model: str, backend: str, extra_env: dict[str, str] | None, log: Any
                 raise ForjaError(f"{exc}; its output ends: {output.read()[-1500:]}") from None
             yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
 
 
 # ------------------------------------------------------------------------------------------------ quality

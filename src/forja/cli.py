@@ -850,6 +850,16 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 
+BenchBackendsOpt = Annotated[Optional[list[str]], typer.Option(
+    help="llamacpp and/or pytorch (repeat); default: both, when llama.cpp is installed.")]
+
+
+def check_bench_backends(names: list[str] | None) -> None:
+    for name in names or []:
+        if name not in ("llamacpp", "pytorch"):
+            raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
+
+
 bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition, tools and knowledge.")
 app.add_typer(bench_app, name="bench")
 
@@ -860,7 +870,7 @@ def bench_serve(
     clients: Annotated[int, typer.Option(help="Concurrent streaming clients.", min=1)] = 8,
     max_tokens: Annotated[int, typer.Option(help="New tokens per answer.", min=2)] = 64,
     compare: Annotated[bool, typer.Option(help="Also serve each prompt alone and compare with the batched answer.")] = True,
-    backend: Annotated[Optional[list[str]], typer.Option(help="llamacpp and/or pytorch (repeat); default: both, when llama.cpp is installed.")] = None,
+    backend: BenchBackendsOpt = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     reference_server: Annotated[Optional[Path], typer.Option(help="A llama-server binary: also measure llama.cpp's own server on the same GGUF (-np CLIENTS) and show it side by side.")] = None,
     config: ConfigOpt = None,
@@ -869,9 +879,7 @@ def bench_serve(
     from forja.bench import render_serve, serve_benchmark
 
     settings = settings_from(config, model=model)
-    for name in backend or []:
-        if name not in ("llamacpp", "pytorch"):
-            raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
+    check_bench_backends(backend)
     if reference_server and not (reference_server.is_file() and os.access(reference_server, os.X_OK)):
         raise ConfigError(f"--reference-server {reference_server} is not an executable file "
                           "(the path of a llama-server binary built from llama.cpp)")
@@ -916,7 +924,7 @@ def bench_learn(
 @bench_app.command("tools")
 def bench_tools(
     model: ModelOpt = None,
-    backend: Annotated[Optional[list[str]], typer.Option(help="llamacpp and/or pytorch (repeat); default: both, when llama.cpp is installed.")] = None,
+    backend: BenchBackendsOpt = None,
     rounds: Annotated[int, typer.Option(help="Rounds of the decode-rate comparison; medians count.", min=1)] = 5,
     data: Annotated[Optional[Path], typer.Option(help="Prompts, one JSON object a line: prompt, lang, tool (or null), arguments (default: data/bench/tools_es_en.jsonl).")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write every answer and figure to this JSON file.")] = None,
@@ -926,9 +934,7 @@ def bench_tools(
     from forja.bench_tools import BENCH_DATA, render_tools, tools_benchmark
 
     settings = settings_from(config, model=model)
-    for name in backend or []:
-        if name not in ("llamacpp", "pytorch"):
-            raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
+    check_bench_backends(backend)
     report = tools_benchmark(settings.model, backends=backend, data=data or BENCH_DATA, rounds=rounds,
                              extra_env={"FORJA_CONFIG": str(config)} if config else None,
                              log=lambda line: typer.echo(line, err=True))
