@@ -274,13 +274,12 @@ def _block(text: str) -> str:
 def judge_messages(question: str, truth: str, answer: str,
                    context: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
     """The judge's prompt; `context` is the conversation before the question, when there is one."""
-    block = _block
     earlier = ""
     if context:
         turns = "\n".join(f"{m['role']}: {m['content']}" for m in context if m["role"] != "system")
-        earlier = f"CONVERSATION SO FAR:\n<<<\n{block(turns)}\n>>>\n\n" if turns else ""
-    user = (f"{earlier}QUESTION:\n<<<\n{block(question)}\n>>>\n\nGROUND TRUTH:\n<<<\n{block(truth)}\n>>>\n\n"
-            f"ANSWER:\n<<<\n{block(answer)}\n>>>\n\nYour JSON verdict:")
+        earlier = f"CONVERSATION SO FAR:\n<<<\n{_block(turns)}\n>>>\n\n" if turns else ""
+    user = (f"{earlier}QUESTION:\n<<<\n{_block(question)}\n>>>\n\nGROUND TRUTH:\n<<<\n{_block(truth)}\n>>>\n\n"
+            f"ANSWER:\n<<<\n{_block(answer)}\n>>>\n\nYour JSON verdict:")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -296,9 +295,8 @@ FAITHFULNESS_SYSTEM = (
 
 def faithfulness_messages(question: str, documents: str, answer: str) -> list[dict[str, str]]:
     """The judge's prompt for faithfulness: is the answer supported by the documents it was given?"""
-    block = _block
-    user = (f"DOCUMENTS:\n<<<\n{block(documents)}\n>>>\n\nQUESTION:\n<<<\n{block(question)}\n>>>\n\n"
-            f"ANSWER:\n<<<\n{block(answer)}\n>>>\n\nYour JSON verdict:")
+    user = (f"DOCUMENTS:\n<<<\n{_block(documents)}\n>>>\n\nQUESTION:\n<<<\n{_block(question)}\n>>>\n\n"
+            f"ANSWER:\n<<<\n{_block(answer)}\n>>>\n\nYour JSON verdict:")
     return [{"role": "system", "content": FAITHFULNESS_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -584,7 +582,8 @@ def _targets(names: list[str], settings: Settings, without_knowledge: bool = Fal
             if pick_backend(settings) != "openai":  # an upstream knows its own models
                 resolve(name, settings)  # an unknown name fails here, before anything runs
             targets.append(_Target(name, name, trained_system(settings, name)))
-        if without_knowledge and (targets[-1].persona and targets[-1].persona.knowledge or version_plan(settings, targets[-1].model)):
+        grounded = targets[-1].persona and targets[-1].persona.knowledge or version_plan(settings, targets[-1].model)
+        if without_knowledge and grounded:
             targets.append(replace(targets[-1], label=name + NO_KNOWLEDGE, knowledge=False))
     return targets
 

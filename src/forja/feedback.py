@@ -223,13 +223,15 @@ def not_replaced(rows: list[dict[str, Any]], pairs: list[Pair]) -> list[dict[str
 
 def faq_after(settings: Settings, start: str, pairs: list[Pair]) -> list[dict[str, str]]:
     """The FAQ a retrain answers from: `start`'s own rows (train.faq_retrieval) less those a pair answers
-    anew (compared as not_replaced compares), then each chat pair's last question with its answer."""
+    anew (compared as not_replaced compares), then each chat pair's last question with its answer. None
+    when `start` is a version without a FAQ; only the corrections when it is a base model."""
     from forja.metrics import normalize
 
     directory = models.version_dir(settings, start)
     path = directory / models.KNOWLEDGE_FILE if directory is not None else None
-    old = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path is not None and path.is_file() else []
+    if path is not None and not path.is_file():
+        return []  # a version trained on other data (a corpus, conversations) or with faq_retrieval off: as it was
+    old = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path else []
     asked = {tuple(normalize(p.question)) for p in pairs}
     kept = [row for row in old if tuple(normalize(row["question"])) not in asked]
     return kept + [{"question": p.question, "answer": p.answer} for p in pairs if isinstance(p.prompt, list)]
