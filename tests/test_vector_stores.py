@@ -209,7 +209,7 @@ def test_a_store_deleted_or_a_file_detached_while_it_is_indexed_leaves_nothing_b
     assert client.vector_stores.files.list(kept.id).data == [] and chunk_rows(served, uploaded.id) == 0
 
 
-def test_files_still_queued_when_the_server_stops_are_dropped_and_read_failed(client):
+def test_files_still_queued_when_the_server_stops_are_dropped_and_read_failed(client, served):
     import threading
 
     from forja.knowledge import vector_stores
@@ -221,7 +221,7 @@ def test_files_still_queued_when_the_server_stops_are_dropped_and_read_failed(cl
     busy = vector_stores.worker.submit(gate.wait, 30)  # the worker is busy with a long file
     try:
         assert client.vector_stores.files.create(vector_store_id=store.id, file_id=uploaded.id).status == "in_progress"
-        vector_stores.drop_queued()  # what the app's lifespan does when the server stops
+        vector_stores.drop_queued(served.settings)  # what the app's lifespan does when the server stops
     finally:
         gate.set()
         busy.result()

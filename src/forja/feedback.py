@@ -24,7 +24,7 @@ from typing import Any
 
 from forja import models
 from forja.config import ForjaError, Settings, TrainSettings
-from forja.data import meta_path, validation_path, write_jsonl
+from forja.data import meta_path, read_rows, validation_path, write_jsonl
 from forja.guard import Guards, refused_characters
 from forja.store import Store
 
@@ -231,7 +231,7 @@ def faq_after(settings: Settings, start: str, pairs: list[Pair]) -> list[dict[st
     path = directory / models.KNOWLEDGE_FILE if directory is not None else None
     if path is not None and not path.is_file():
         return []  # a version trained on other data (a corpus, conversations) or with faq_retrieval off: as it was
-    old = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path else []
+    old = read_rows(path) if path else []
     asked = {tuple(normalize(p.question)) for p in pairs}
     kept = [row for row in old if tuple(normalize(row["question"])) not in asked]
     return kept + [{"question": p.question, "answer": p.answer} for p in pairs if isinstance(p.prompt, list)]
@@ -278,9 +278,9 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         write_training_file(data_path, rows)
         validation = not_replaced(old_val, pairs) + [p.training_row() for p in held_pairs]
         write_jsonl(validation_path(data_path), validation)
-        run = training.new_run(settings, [data_path], name, start, hyper)
-        if hyper.faq_retrieval:  # the FAQ it answers from: the starting version's, with the corrections in
-            training.write_faq(run.directory / models.KNOWLEDGE_FILE, faq_after(settings, start, pairs))
+        # the FAQ it answers from: the starting version's, with the corrections in
+        run = training.new_run(settings, [data_path], name, start, hyper,
+                               faq=faq_after(settings, start, pairs) if hyper.faq_retrieval else None)
         record = {"started_from": start, "train_feedback_ids": sorted(i for p in train_pairs for i in p.feedback_ids),
                   "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),
                   "replayed_rows": len(replay), "replaced_rows": len(old_train) - len(kept), "skipped": skipped}

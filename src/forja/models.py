@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import warnings
 import re
 import shutil
 import socket
@@ -215,6 +216,8 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # peft still calls an attribute transformers 5 deprecates (loading or merging any LoRA version)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def converted_dir(gguf_path: Path, settings: Settings) -> Path:

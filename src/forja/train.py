@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,6 @@ from forja.data import Source, meta_path, prepare, read_rows, validation_path
 from forja.models import (KNOWLEDGE_FILE, VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16,
                           load, pick_device, resolve, valid_name, with_system)
 
-# peft still calls a transformers attribute that transformers 5 deprecates; the warning is not the user's business
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 IGNORE = -100  # label of a token that is not trained on (prompt, system, user turns, padding)
 RUN_FILE = "run.json"
@@ -313,9 +310,11 @@ def check_name(name: str, flag: str) -> None:
                          "(starting with a letter or digit), not a path")
 
 
-def new_run(settings: Settings, data: list[Path | Source], name: str | None, base: str, config: TrainSettings) -> Run:
+def new_run(settings: Settings, data: list[Path | Source], name: str | None, base: str, config: TrainSettings,
+            faq: list[dict[str, str]] | None = None) -> Run:
     """A run directory with its prepared data; `data` are prepared JSONL, or files, folders and `hf:` datasets
-    (with the options `forja data` reads them with: data.sources)."""
+    (with the options `forja data` reads them with: data.sources). With train.faq_retrieval, the FAQ it answers
+    from: `faq` when given (a retrain's), else the data's own rows when they are a small FAQ."""
     name = name or f"{Path(base).name.removesuffix('.gguf')}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name, "--name")
     if (settings.versions_dir / name / VERSION_FILE).exists():
@@ -331,7 +330,7 @@ def new_run(settings: Settings, data: list[Path | Source], name: str | None, bas
         # data prepared with --system: the version records it, so it is served as it was trained
         config = config.model_copy(update={"system": json.loads(meta_path(first).read_text()).get("system")})
     if config.faq_retrieval:
-        write_faq(directory / KNOWLEDGE_FILE, faq_pairs(read_rows(train_file), config))
+        write_faq(directory / KNOWLEDGE_FILE, faq if faq is not None else faq_pairs(read_rows(train_file), config))
     run = Run(name, directory, config, base, train_file, data_hash)
     run.save_description()
     return run
@@ -546,17 +545,17 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
         print(f"FAQ retrieval off: the model reads {loaded.context_length} tokens, too few for a FAQ row next to "
               f"the question (train.faq_retrieval needs {FAQ_MIN_CONTEXT})")
         faq.unlink()
-    if faq.is_file():  # train.faq_retrieval: prompted as it will be served, with the nearest FAQ row
-        from forja.knowledge.grounding import grounded_rows
-
-        rows, val_rows = grounded_rows(settings, faq, f"run.{run.name}", [rows, val_rows])
     goal = config.resolved_goal(sum("messages" in row for row in rows))
     if not val_rows and goal == "memorise":
         val_rows = memorisation_validation(rows)  # nothing held out of small data: the rows and their rewordings
+    augmented = reworded_rows(rows, config.augment_rewordings) if goal == "memorise" and config.augment_rewordings else []
+    if faq.is_file():  # train.faq_retrieval: each row (and rewording) prompted as served, with its nearest FAQ row
+        from forja.knowledge.grounding import grounded_rows
+
+        rows, val_rows, augmented = grounded_rows(settings, faq, f"run.{run.name}", [rows, val_rows, augmented])
     check_rows = learn_rows(rows, config) if config.stop_when_learned else []
     data_rows = len(rows)
-    if goal == "memorise" and config.augment_rewordings:
-        rows = rows + reworded_rows(rows, config.augment_rewordings)
+    rows = rows + augmented
     train_examples, too_long = build_examples(tokenizer, rows, config.max_seq_length)
     val_examples, _ = build_examples(tokenizer, val_rows, config.max_seq_length)
     if too_long:

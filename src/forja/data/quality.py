@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from forja.data import _fold
 
 # Two questions are near duplicates when the character trigrams of their normalised text (lower case, no
 # accents or punctuation) have a Jaccard similarity of at least this: next to "¿Abrís los lunes?",
@@ -111,11 +112,6 @@ def _quote(text: str, width: int = 60) -> str:
 
 def _sources(found: list[str]) -> str:
     return ", ".join(found[:SHOWN]) + (f", … and {len(found) - SHOWN} more" if len(found) > SHOWN else "")
-
-
-def _fold(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text.casefold())
-    return "".join(c for c in text if not unicodedata.combining(c))
 
 
 def _words(text: str) -> list[str]:

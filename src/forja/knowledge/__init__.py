@@ -23,6 +23,5 @@ from forja.knowledge.index import (
 
 __all__ = [
     "Collection", "FileInfo", "FileResult", "Hit", "KnowledgeError", "UnknownCollection",
-    "add", "collections", "remove", "rename", "search", "show",
-    "add", "collections", "remove", "retrieve", "search", "show",
+    "add", "collections", "remove", "rename", "retrieve", "search", "show",
 ]

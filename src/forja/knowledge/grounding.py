@@ -89,9 +89,15 @@ def prompt_for(settings: Settings, persona: Persona | None, model: str, messages
     answers_from = plan(settings, persona, model)
     if answers_from is None:
         return messages, None, None
+    return apply_plan(settings, answers_from, messages, Guard(merged_rails(settings, persona)))
+
+
+def apply_plan(settings: Settings, answers_from: Plan, messages: list[dict[str, Any]], guard: "Guard"
+               ) -> tuple[list[dict[str, Any]], Grounding, str | None]:
+    """One conversation grounded by `answers_from` (blocking): the messages with the documents, the grounding,
+    and the fixed answer when nothing is relevant and the plan says so. The server passes its request's rails."""
     retrieval = answers_from.retrieval
     messages = without_documents(messages, retrieval)  # a stored exchange asked again (the gate's cases)
-    guard = Guard(merged_rails(settings, persona))
     grounding = ground(settings, list(answers_from.collections), messages, guard, retrieval)
     if grounding.hits:
         return with_documents(messages, grounding, retrieval), grounding, None
@@ -119,8 +125,12 @@ def version_plan(settings: Settings, model: str) -> Plan | None:
 def grounded_rows(settings: Settings, faq: Path, name: str, tables: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
     """Training rows prompted as the version will be served (train.faq_retrieval): `faq` is indexed into the
     collection `name` for the run, and each chat row's conversation, without documents an earlier grounding
-    put in it (a correction's exchange), gets the FAQ rows retrieved for it before its last answer."""
-    retrieval = settings.knowledge.version_retrieval
+    put in it (a correction's exchange), is grounded as `apply_plan` grounds a served one (the rails on the
+    rows included) before its last answer."""
+    from forja.guard import Guard, merged_rails
+
+    answers_from = Plan((name,), settings.knowledge.version_retrieval)
+    guard = Guard(merged_rails(settings))
     add(settings, name, [faq])
     try:
         grounded = []
@@ -131,11 +141,7 @@ def grounded_rows(settings: Settings, faq: Path, name: str, tables: list[list[di
                 if not messages or messages[-1].get("role") != "assistant":
                     out.append(row)
                     continue
-                conversation = without_documents(messages[:-1], retrieval)  # also when nothing is found now
-                query = query_of(conversation, retrieval.follow_up_words)
-                hits = retrieve(settings, [name], query, retrieval.top_k, retrieval.min_score) if query.strip() else []
-                if hits:
-                    conversation = with_documents(conversation, Grounding(query, hits), retrieval)
+                conversation, _, _ = apply_plan(settings, answers_from, messages[:-1], guard)
                 out.append({**row, "messages": [*conversation, messages[-1]]})
             grounded.append(out)
         return grounded

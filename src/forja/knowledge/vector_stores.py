@@ -32,7 +32,9 @@ log = logging.getLogger("forja.knowledge")
 # One file indexed at a time: embedding takes every core, two at once would only split them.
 worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-indexing")
 _pending: set[tuple[str, str]] = set()  # (collection, file id) queued or being indexed in this process
-_queued: dict[Future, tuple[str, str]] = {}  # what the worker was given: a stopping server drops what it has not begun
+# what the worker was given, and for which FORJA_HOME: a stopping server drops what it has not begun (only its
+# own: two servers in one process, as in the tests, share the worker)
+_queued: dict[Future, tuple[tuple[str, str], str]] = {}
 _queue_lock = threading.Lock()  # attaching runs in the request threads
 _deleted: set[str] = set()  # collections deleted while a file of theirs was being indexed
 
@@ -158,6 +160,9 @@ def _local_id(path: str) -> str:
 def file_id(settings: Settings, path: str) -> str:
     """The id a collection's file has over REST: its upload's, else one made from its path."""
     return files.id_of_path(settings, path) or _local_id(path)
+
+
+_id_of = file_id  # for the functions whose parameter is named file_id
 
 
 # --- Reading ------------------------------------------------------------------------------------------
@@ -307,7 +312,7 @@ def attach(settings: Settings, store: Store, vector_store_id: str, file_id: str,
     with _queue_lock:
         for done in [f for f in _queued if f.done()]:
             del _queued[done]
-        _queued[worker.submit(_index, settings, store, name, file_id)] = (name, file_id)
+        _queued[worker.submit(_index, settings, store, name, file_id)] = ((name, file_id), str(settings.home))
     return StoreFile(file_id, name, "in_progress", row["created_at"], upload.bytes, upload.filename,
                      attributes=attributes or {})
 
@@ -344,14 +349,15 @@ def _index(settings: Settings, store: Store, name: str, file_id: str) -> None:
             _deleted.discard(name)
 
 
-def drop_queued() -> None:
+def drop_queued(settings: Settings) -> None:
     """When the server stops: files not begun are left in progress (read as failed once it is back, to be
     attached again) instead of keeping the process alive until all of them are indexed."""
     with _queue_lock:
-        for future, key in _queued.items():
-            if future.cancel():
-                _pending.discard(key)
-        _queued.clear()
+        for future, (key, home) in list(_queued.items()):
+            if home == str(settings.home):
+                if future.cancel():
+                    _pending.discard(key)
+                del _queued[future]
 
 
 def _still_attached(store: Store, name: str, file_id: str) -> bool:
@@ -373,7 +379,7 @@ def content(settings: Settings, store: Store, vector_store_id: str, file_id: str
 
     found = store_file(settings, store, vector_store_id, file_id)
     for info in index.show(settings, found.collection).files:
-        if (files.id_of_path(settings, info.path) or _local_id(info.path)) == file_id and Path(info.path).is_file():
+        if _id_of(settings, info.path) == file_id and Path(info.path).is_file():
             return read_document(Path(info.path), settings.knowledge, count_tokens).text
     if found.status != "completed":
         raise UnknownVectorStoreFile(f"file {file_id!r} of vector store {vector_store_id!r} is {found.status}: "
@@ -407,7 +413,7 @@ def detach(settings: Settings, store: Store, vector_store_id: str, file_id: str)
         conn.execute(rows_table.delete().where(rows_table.c.collection == name, rows_table.c.file_id == file_id))
     if found.status == "completed":
         for info in index.show(settings, name).files:
-            if (files.id_of_path(settings, info.path) or _local_id(info.path)) == file_id:
+            if _id_of(settings, info.path) == file_id:
                 index.remove(settings, name, [info.path])
 
 

@@ -51,7 +51,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
         finally:
             if loader is not None:
                 loader.cancel()
-            drop_queued_indexing()  # files waiting to be indexed would keep the process alive
+            drop_queued_indexing(settings)  # files waiting to be indexed would keep the process alive
             state.close()
 
     app = FastAPI(title="Forja", summary="OpenAI-compatible API over your own model", lifespan=lifespan)

@@ -23,7 +23,7 @@ from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, Sampli
 from forja.engine.constrain import Grammar, GrammarError
 from forja.engine.text import chat_prompt_ids, has_tool_format
 from forja.knowledge import KnowledgeError
-from forja.knowledge.grounding import Grounding, ground, not_found, plan, with_documents
+from forja.knowledge.grounding import Grounding, apply_plan, plan
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
 from forja.serve.rails import CONTENT_FILTER, RequestRails
@@ -333,8 +333,10 @@ async def _grounded(state: ServerState, target: Target, rails: RequestRails, scr
     """Each screened prompt with the documents of its persona (or of the FAQ its version was trained on),
     retrieved off the event loop, and the fixed answer
     (text, finish_reason) of those the engine does not answer: the input rails' refusal, or "not found"."""
-    try:
-        answers_from = await asyncio.to_thread(plan, state.settings, target.persona, target.engine.name)
+    answers_from = None
+    try:  # only chat prompts the rails let through are grounded (a text completion is the client's own prompt)
+        if any(refusal is None and isinstance(prompt, list) for prompt, refusal in screened):
+            answers_from = await asyncio.to_thread(plan, state.settings, target.persona, target.engine.name)
     except KnowledgeError as exc:  # a version's FAQ that cannot be indexed: the server's side
         raise ApiError(503, f"{target.name!r} cannot read its knowledge: {exc}", type="server_error",
                        code="knowledge_unavailable") from None
@@ -344,18 +346,14 @@ async def _grounded(state: ServerState, target: Target, rails: RequestRails, scr
     for prompt, refusal in screened:
         grounding, answer = None, (refusal, CONTENT_FILTER) if refusal is not None else None
         if answer is None and answers_from is not None and isinstance(prompt, list):
-            settings = answers_from.retrieval
             try:
-                grounding = await asyncio.to_thread(ground, state.settings, list(answers_from.collections), prompt,
-                                                    rails.guard, settings)
+                prompt, grounding, unknown = await asyncio.to_thread(apply_plan, state.settings, answers_from, prompt,
+                                                                     rails.guard)
             except KnowledgeError as exc:  # a collection the persona names is missing: the server's config
                 raise ApiError(503, f"{target.name!r} cannot read its knowledge: {exc}", type="server_error",
                                code="knowledge_unavailable") from None
             rails.record(grounding.findings)
-            if grounding.hits:
-                prompt = with_documents(prompt, grounding, settings)
-            elif settings.when_none == "say_unknown":
-                answer = (not_found(settings, rails.guard.language(grounding.query)), "stop")
+            answer = (unknown, "stop") if unknown is not None else None
         prompts.append(prompt)
         groundings.append(grounding)
         fixed.append(answer)

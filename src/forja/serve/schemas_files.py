@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
 from forja.serve.deps import ApiError
-from forja.serve.schemas import ERROR_STATUSES, ErrorResponse, StrictInt, lone_surrogate, refused
+from forja.serve.schemas import ERROR_STATUSES, ErrorResponse, StrictInt, _Body
 
 MAX_PAGE = 100  # items in one page of a list, as OpenAI
 MAX_SEARCH_RESULTS = 50  # as OpenAI's max_num_results
@@ -24,21 +24,6 @@ STATUSES = {**ERROR_STATUSES,
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": STATUSES[status]} for status in statuses}
-
-
-class _Body(BaseModel):
-    """OpenAI's clients send fields forja has no use for: accepted and ignored, unless `refuse` lists them."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _real_text(cls, data: Any) -> Any:
-        where = lone_surrogate(data)
-        if where is not None:
-            raise refused("invalid_text", where, "holds a lone UTF-16 surrogate, which is not a character; "
-                          "send valid Unicode text")
-        return data
 
 
 def check_unsupported(body: BaseModel, **defaults: tuple[Any, ...]) -> None:
