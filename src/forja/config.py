@@ -74,6 +74,9 @@ class TrainSettings(BaseModel):
     learning_rate: float | None = Field(
         None, gt=0, description="Peak learning rate; None = by goal and method: memorise 1e-3 (LoRA) / 5e-5 (full), "
         "adapt 2e-4 / 2e-5.")
+    learning_rate_multiplier: float = Field(
+        1.0, gt=0, le=100, description="Times the learning rate by goal and method (a fine-tuning job's "
+        "learning_rate_multiplier); ignored when learning_rate is set.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -129,8 +132,8 @@ class TrainSettings(BaseModel):
     def learning_rate_for(self, goal: str) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return {("memorise", "lora"): 1e-3, ("memorise", "full"): 5e-5,
-                ("adapt", "lora"): 2e-4, ("adapt", "full"): 2e-5}[goal, self.method]
+        return self.learning_rate_multiplier * {("memorise", "lora"): 1e-3, ("memorise", "full"): 5e-5,
+                                                ("adapt", "lora"): 2e-4, ("adapt", "full"): 2e-5}[goal, self.method]
 
     def epochs_for(self, goal: str) -> float:
         return self.epochs if self.epochs is not None else (30.0 if goal == "memorise" else 3.0)
@@ -145,7 +148,14 @@ class ApiKey(BaseModel):
     name: str = Field(..., min_length=1, description="Who holds the key; shown in logs, never the key itself.")
     key: SecretStr | None = Field(None, min_length=16, description="The key itself (at least 16 characters); printed masked.")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="Hex SHA-256 of the key instead of the key.")
-    admin: bool = Field(False, description="May also call the /admin routes (switch the active model).")
+    admin: bool = Field(False, description="May do everything: every scope, the /admin routes, and see every "
+                        "client's files and jobs.")
+    scopes: list[Literal["chat", "train"]] = Field(
+        default_factory=lambda: ["chat"], description="What the key may do: chat (the chat, completion, embedding "
+        "and /predict routes), train (upload files, fine-tuning and batch jobs: its own, unless admin).")
+
+    def may(self, scope: str) -> bool:
+        return self.admin or scope in self.scopes
 
     @model_validator(mode="after")
     def _one_of(self) -> "ApiKey":
@@ -488,6 +498,23 @@ class FilesSettings(BaseModel):
     max_bytes: int = Field(100_000_000, ge=1, description="Largest file one upload may hold; beyond this 413.")
 
 
+class JobsSettings(BaseModel):
+    """Fine-tuning and batch jobs (`/v1/fine_tuning/jobs`, `/v1/batches`): rows in the store, run by a worker
+    (in the server, or `forja worker` on any machine sharing the store and FORJA_HOME) as `forja` processes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_in_server: bool = Field(True, description="`forja serve` runs a worker too; off when `forja worker` runs "
+                                "them elsewhere.")
+    concurrency: int = Field(1, ge=1, le=16, description="Jobs one worker runs at the same time.")
+    poll_seconds: float = Field(1.0, gt=0, le=60, description="How often a worker looks for jobs and cancellations.")
+    stale_seconds: float = Field(
+        60.0, ge=5, description="A running job whose worker has not been heard from for this long is taken over by "
+        "another worker and resumed from its last checkpoint (a worker on the same machine sees a dead one at once).")
+    cancel_seconds: float = Field(20.0, gt=0, description="A cancelled job's process is asked to stop (saving a "
+                                  "checkpoint), and killed if it has not after this long.")
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -509,6 +536,7 @@ class Settings(BaseSettings):
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )
@@ -544,6 +572,10 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.home / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
 
     @property
     def cache_dir(self) -> Path:
