@@ -296,6 +296,7 @@ def data_synth(
 @app.command()
 def train(
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Prepared JSONL, or files/folders to prepare.")] = None,
+    validation: Annotated[Optional[Path], typer.Option(help="A file of validation rows (read as --data is); nothing is then held out of --data.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Model to start from (default: the configured model).")] = None,
     method: Annotated[Optional[str], typer.Option(help="lora or full.")] = None,
     goal: Annotated[Optional[str], typer.Option(help="memorise (answers word for word: a FAQ), adapt (tone and style of a larger corpus) or auto (by the data's size).")] = None,
@@ -328,8 +329,11 @@ def train(
     from forja import train as training
 
     settings = settings_from(config)
-    if from_feedback and (data or resume):
-        raise ConfigError("--from-feedback takes its data from the feedback store; leave out --data and --resume")
+    if from_feedback and (data or resume or validation):
+        raise ConfigError("--from-feedback takes its data from the feedback store; leave out --data, --validation and "
+                          "--resume")
+    if resume and validation:
+        raise ConfigError("--resume continues a run with the data it started with; leave out --validation")
     if resume:
         run = training.open_run(settings, resume)
     else:
@@ -351,7 +355,9 @@ def train(
             return _retrain_from_feedback(settings, hyper, base, name, promote, quiet)
         paths = data_sources(settings, [str(p) for p in data or []], map_, guess, encoding, assistant, gap_hours,
                              split, subset)
-        run = training.new_run(settings, paths, name, base or settings.model, hyper)
+        held = data_sources(settings, [str(validation)], map_, guess, encoding, assistant, gap_hours, None,
+                            subset)[0] if validation else None
+        run = training.new_run(settings, paths, name, base or settings.model, hyper, validation=held)
     version = training.train(settings, run, progress=not quiet)
     if resume:  # a resumed feedback run still records which feedback it learned from
         from forja.feedback import record_version
@@ -436,6 +442,81 @@ def models_rollback(config: ConfigOpt = None) -> None:
     current = models.active_model(settings)
     now = models.rollback(settings)
     typer.echo(f"rolled back from {current}; {now} is active again")
+
+
+jobs_app = _typer("Fine-tuning and batch jobs (the /v1/fine_tuning/jobs and /v1/batches API): list, show, cancel.",
+                  invoke_without_command=True)
+jobs_app.info.no_args_is_help = False
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command()
+def worker(once: Annotated[bool, typer.Option("--once", help="Run the waiting jobs, then exit.")] = False,
+           config: ConfigOpt = None) -> None:
+    """Run fine-tuning and batch jobs from the store (on this or another machine sharing the store and FORJA_HOME)."""
+    from forja.jobs.worker import Worker
+
+    settings = settings_from(config)
+    runner = Worker(settings)
+    typer.echo(f"forja worker {runner.id}: running jobs from {settings.home} (Ctrl-C stops; a running job keeps "
+               "its checkpoint and resumes on the next start)", err=True)
+    try:
+        runner.drain(timeout=float("inf")) if once else runner.run()
+    except KeyboardInterrupt:
+        typer.echo("stopping: running jobs save a checkpoint and go back to the queue", err=True)
+    finally:
+        runner.stop(settings.jobs.cancel_seconds + 5)
+
+
+@jobs_app.callback()
+def jobs_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+              config: ConfigOpt = None) -> None:
+    """List the jobs, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from forja import jobs
+
+    def read(store):
+        return [job for kind in (jobs.FINE_TUNE, jobs.BATCH) for job in jobs.listing(store, kind, limit=10_000)[0]]
+
+    found = sorted(_read_store(config, read), key=lambda job: -job.created_at)
+    if as_json:
+        return _json_lines([{"id": j.id, "kind": j.kind, "status": j.status, "created_at": j.created_at,
+                             "owner": j.api_key_name, "result": j.result, "error": j.error} for j in found])
+    if not found:
+        typer.echo("no jobs (POST /v1/fine_tuning/jobs or /v1/batches create them)")
+    for job in found:
+        made = job.result.get("fine_tuned_model") or job.result.get("output_file_id") or ""
+        typer.echo(f"{job.id}  {job.kind:9}  {job.status:16} {_when(job.created_at)}  {made}")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="The job's id.")], config: ConfigOpt = None) -> None:
+    """A job's status and its events, oldest first."""
+    from forja import jobs
+
+    job, events = _read_store(config, lambda store: (jobs.get(store, job_id),
+                                                     jobs.events(store, job_id, limit=100_000, oldest_first=True)[0]))
+    typer.echo(f"{job.id} ({job.kind}): {job.status}" + (f": {job.error['message']}" if job.error else ""))
+    for event in events:
+        typer.echo(f"  {time.strftime('%H:%M:%S', time.localtime(event.created_at))} {event.message}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")], config: ConfigOpt = None) -> None:
+    """Cancel a job: at once when it waits; a running one is stopped by its worker, keeping its checkpoints."""
+    from forja import jobs
+
+    job = _read_store(config, lambda store: jobs.cancel(store, job_id, jobs.get(store, job_id).kind))
+    typer.echo(f"{job.id} is {job.status}")
+
+
+@jobs_app.command("run-batch", hidden=True)
+def jobs_run_batch(job_id: str, worker_name: Annotated[str, typer.Option("--worker")], config: ConfigOpt = None) -> None:
+    """(The worker runs this) answer a batch job's requests, counting them in the job."""
+    from forja.jobs.worker import run_batch_job
+
+    run_batch_job(settings_from(config), job_id, worker_name)
 
 
 UrlOpt = Annotated[str, typer.Option("--url", help="The forja server.", envvar="FORJA_URL")]

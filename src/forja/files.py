@@ -19,7 +19,8 @@ from forja import data
 from forja.config import ForjaError, Settings
 from forja.store import Store, files
 
-PURPOSES = ("fine-tune", "batch", "assistants")
+PURPOSES = ("fine-tune", "batch", "assistants")  # what a client may upload
+OUTPUT_PURPOSES = ("batch_output",)  # what forja writes: a batch's answers and errors
 ID_PREFIX = "file-"
 MAX_FILENAME_CHARS = 200
 INCOMING = ".incoming"  # uploads still arriving or being checked; a folder `forja data` never lists
@@ -42,6 +43,7 @@ class StoredFile:
     bytes: int
     created_at: float
     sha256: str
+    owner: str | None = None  # the name of the API key that uploaded it (None: a server without keys)
 
 
 def new_file_id() -> str:
@@ -126,7 +128,8 @@ def keep(settings: Settings, store: Store, file_id: str, filename: str, purpose:
     with source.open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
-    stored = StoredFile(file_id, filename, purpose, source.stat().st_size, time.time(), digest.hexdigest())
+    stored = StoredFile(file_id, filename, purpose, source.stat().st_size, time.time(), digest.hexdigest(),
+                        api_key_name)
     target = file_dir(settings, file_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     source.parent.rename(target)
@@ -166,11 +169,14 @@ def get(store: Store, file_id: str) -> StoredFile:
     return _stored(row)
 
 
-def listing(store: Store, purpose: str | None = None) -> list[StoredFile]:
-    """Every uploaded file, oldest first."""
+def listing(store: Store, purpose: str | None = None, owner: str | None = None,
+            everyone: bool = True) -> list[StoredFile]:
+    """Every uploaded file (or, unless `everyone`, those `owner` uploaded), oldest first."""
     query = sa.select(files).order_by(files.c.created_at, files.c.id)
     if purpose:
         query = query.where(files.c.purpose == purpose)
+    if not everyone:
+        query = query.where(files.c.api_key_name == owner)
     with store.engine.connect() as conn:
         return [_stored(row) for row in conn.execute(query)]
 
@@ -184,4 +190,4 @@ def delete(settings: Settings, store: Store, file_id: str) -> None:
 
 
 def _stored(row: sa.Row) -> StoredFile:
-    return StoredFile(row.id, row.filename, row.purpose, row.bytes, row.created_at, row.sha256)
+    return StoredFile(row.id, row.filename, row.purpose, row.bytes, row.created_at, row.sha256, row.api_key_name)

@@ -6,6 +6,8 @@ a local HF-format directory, a local `.gguf` file, or a Hugging Face hub id. `fo
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -34,6 +36,9 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
 VERSION_FILE = "version.json"
 KNOWLEDGE_FILE = "knowledge.jsonl"  # in a version trained on a small FAQ: its rows, answered from (train.faq_retrieval)
 ACTIVE_FILE = "active.json"  # in FORJA_HOME/models: which version answers by default, and its history
+RUN_FILE = "run.json"  # in FORJA_HOME/runs/<name>: what a training run needs to continue
+METRICS_FILE = "metrics.jsonl"  # in a run (and its version): one line per step, evaluation and answer check
+CHECKPOINTS_DIR = "checkpoints"  # in a run: step-NNNNNN/ folders, the last keep_checkpoints of them
 CONVERTED_FILE = "forja-source.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -131,6 +136,47 @@ def valid_name(name: str) -> bool:
     """A version or run name (`--name`, `--resume`): letters, digits, '-', '_' and '.', starting with a letter
     or digit, so it is one folder inside FORJA_HOME and never a path (no '/', no '..', not absolute)."""
     return re.fullmatch(r"\w[\w.-]*", name) is not None
+
+
+class RunBusy(ModelError):
+    """A training run another process is training (a job's worker, or a `forja train` in another shell)."""
+
+
+RUN_LOCK = ".lock"  # in a run: held (flock) by the process training it
+
+
+@contextlib.contextmanager
+def hold_run(directory: Path, name: str):
+    """Hold a run for this process while it trains, so two processes never train (or resume) one run at once;
+    the lock goes with the process, however it ends (a kill -9 included)."""
+    handle = (directory / RUN_LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise RunBusy(f"run {name!r} is being trained by {holder}; wait for it to stop (or stop it)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def run_held(directory: Path) -> bool:
+    """Whether a process is training this run now (holds its lock)."""
+    try:
+        with (directory / RUN_LOCK).open("a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def version_dir(settings: Settings, name: str) -> Path | None:

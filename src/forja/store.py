@@ -133,6 +133,34 @@ vector_store_file_batches = sa.Table(
     sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
 )
 
+jobs = sa.Table(
+    "jobs", metadata,  # fine-tuning and batch jobs (forja.jobs): what was asked, where it stands, what it made
+    sa.Column("id", sa.String(64), primary_key=True),  # ftjob-<hex> or batch_<hex>, as the API returned it
+    sa.Column("kind", sa.String(20), nullable=False, index=True),  # fine_tune or batch
+    sa.Column("status", sa.String(20), nullable=False, index=True),  # as OpenAI names them for the kind
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("api_key_name", sa.String(200)),  # whose job it is, never the key
+    sa.Column("request", sa.Text, nullable=False),  # JSON: the job as created (checked)
+    sa.Column("result", sa.Text, nullable=False, default="{}"),  # JSON: what it made (model, tokens, files, counts)
+    sa.Column("error", sa.Text),  # JSON {"code", "message", "param"} when failed
+    sa.Column("worker", sa.String(200)),  # host:pid:tag of the worker running it; NULL = waiting for one
+    sa.Column("heartbeat_at", sa.Float),  # the last time that worker said it is alive
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),  # times a worker started (or resumed) it
+)
+
+job_events = sa.Table(
+    "job_events", metadata,  # a job's progress as OpenAI lists it: messages and metrics, newest first
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("level", sa.String(10), nullable=False),  # info, warn, error
+    sa.Column("type", sa.String(20), nullable=False),  # message, metrics, checkpoint
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", sa.Text),  # JSON: step, losses, tokens/s, ETA; a checkpoint's step and metrics
+)
+
 
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
@@ -158,6 +186,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0004_feedback_reviews", _create(feedback_reviews)),
     ("0005_exchange_retrieval", _add_column(exchanges, "retrieval")),
     ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
+    ("0007_jobs", _create(jobs, job_events)),
 ]
 
 

@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import Source, meta_path, prepare, read_rows, validation_path
-from forja.models import (KNOWLEDGE_FILE, VERSION_FILE, LoadedModel, ModelError, common_prefix, cpu_has_fast_bf16,
-                          load, pick_device, resolve, valid_name, with_system)
+from forja.models import (CHECKPOINTS_DIR, KNOWLEDGE_FILE, METRICS_FILE, RUN_FILE, VERSION_FILE, LoadedModel,
+                          ModelError, common_prefix, cpu_has_fast_bf16, hold_run, load, pick_device, resolve, valid_name,
+                          with_system)
 
 
 IGNORE = -100  # label of a token that is not trained on (prompt, system, user turns, padding)
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 FAQ_MIN_CONTEXT = 1024  # tokens a model must read for its FAQ rows to go into the prompt (train.faq_retrieval)
 DATA_FILE = "data.jsonl"  # the training rows, in the run directory and in the version
@@ -268,7 +267,7 @@ class Run:
 
     @property
     def checkpoints(self) -> Path:
-        return self.directory / "checkpoints"
+        return self.directory / CHECKPOINTS_DIR
 
     def last_checkpoint(self) -> Path | None:
         # a "step-N.tmp" directory is a checkpoint that was being written when the process died
@@ -311,10 +310,11 @@ def check_name(name: str, flag: str) -> None:
 
 
 def new_run(settings: Settings, data: list[Path | Source], name: str | None, base: str, config: TrainSettings,
-            faq: list[dict[str, str]] | None = None) -> Run:
+            faq: list[dict[str, str]] | None = None, validation: Path | Source | None = None) -> Run:
     """A run directory with its prepared data; `data` are prepared JSONL, or files, folders and `hf:` datasets
     (with the options `forja data` reads them with: data.sources). With train.faq_retrieval, the FAQ it answers
-    from: `faq` when given (a retrain's), else the data's own rows when they are a small FAQ."""
+    from: `faq` when given (a retrain's), else the data's own rows when they are a small FAQ. `validation`, a
+    file of its own, is the validation set (then nothing is held out of `data`)."""
     name = name or f"{Path(base).name.removesuffix('.gguf')}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name, "--name")
     if (settings.versions_dir / name / VERSION_FILE).exists():
@@ -324,7 +324,12 @@ def new_run(settings: Settings, data: list[Path | Source], name: str | None, bas
         raise TrainError(f"a run named {name!r} exists in {directory}; continue it with --resume {name} or choose another --name")
     resolve(base, settings)  # fail before preparing data when the base is wrong
     directory.mkdir(parents=True, exist_ok=True)
+    if validation is not None:
+        config = config.model_copy(update={"val_fraction": 0.0})
     train_file, data_hash = prepared_data(data, directory, config)
+    if validation is not None:
+        held = prepare([validation], directory / "validation-rows.jsonl", val_fraction=0.0, seed=config.seed)
+        held.train_path.replace(validation_path(train_file))
     first = Path(data[0].path if isinstance(data[0], Source) else data[0])
     if config.system is None and len(data) == 1 and meta_path(first).is_file():
         # data prepared with --system: the version records it, so it is served as it was trained
@@ -527,7 +532,13 @@ def wants_checkpointing(loaded: LoadedModel, config: TrainSettings, longest: int
 
 
 def train(settings: Settings, run: Run, progress: bool = True) -> Path:
-    """Train (or continue) the run to its end and publish it as a model version; returns the version dir."""
+    """Train (or continue) the run to its end and publish it as a model version; returns the version dir.
+    The run is held by this process meanwhile (a second `forja train --resume` of it is refused)."""
+    with hold_run(run.directory, run.name):
+        return _train(settings, run, progress)
+
+
+def _train(settings: Settings, run: Run, progress: bool) -> Path:
     config = run.config
     torch.manual_seed(config.seed)
     if settings.threads:
@@ -621,7 +632,7 @@ def train(settings: Settings, run: Run, progress: bool = True) -> Path:
                 record = {
                     "step": state["step"], "epoch": state["epoch"], "loss": total_loss / labelled,
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": real_tokens,
-                    "tokens_per_second": real_tokens / elapsed,
+                    "tokens_per_second": real_tokens / elapsed, "total_steps": total_steps,
                 }
                 if config.eval_every and val_examples and state["step"] % config.eval_every == 0:
                     record["val_loss"] = evaluate(model, val_examples, config, device, autocast)

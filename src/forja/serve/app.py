@@ -23,7 +23,8 @@ from forja.engine import Engine, make_engine
 from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
-from forja.serve.routes import admin, classic, embeddings, files, monitoring, openai, responses, vector_stores
+from forja.serve.routes import (admin, batches, classic, embeddings, files, fine_tuning, monitoring, openai,
+                                responses, vector_stores)
 from forja.serve.schemas import BAD_REQUEST_ERRORS
 from forja.store import Store
 
@@ -41,16 +42,23 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = None
+        loader = worker = None
         if engine is not None:
             state.engines[state.base] = engine
         else:
             loader = asyncio.create_task(load_base(state))
+        if settings.jobs.run_in_server and state.store is not None:
+            from forja.jobs.worker import Worker
+
+            worker = Worker(settings, state.store)  # jobs run as processes of their own; this only watches them
+            worker.start()
         try:
             yield
         finally:
             if loader is not None:
                 loader.cancel()
+            if worker is not None:  # a running job saves a checkpoint and waits for the next start
+                await asyncio.to_thread(worker.stop, settings.jobs.cancel_seconds + 5)
             drop_queued_indexing(settings)  # files waiting to be indexed would keep the process alive
             state.close()
 
@@ -62,6 +70,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.include_router(classic.router)
     app.include_router(admin.router)
     app.include_router(files.router)
+    app.include_router(fine_tuning.router)
+    app.include_router(batches.router)
     app.include_router(vector_stores.router)
     app.include_router(monitoring.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

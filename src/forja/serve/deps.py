@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from forja.config import Persona, Settings
+from forja.config import ApiKey, Persona, Settings
 from forja.engine import Engine, make_engine
 from forja.data import read_rows
 from forja.guard import Guards, published_pii
@@ -195,8 +195,20 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.forja
 
 
-def check_api_key(request: Request) -> str | None:
-    """When keys are configured, demand `Authorization: Bearer KEY`; returns the key's name."""
+@dataclass(frozen=True)
+class Caller:
+    """Who calls a route that keeps things per client (files, jobs): the key's name (None on a server
+    without keys) and whether it sees everyone's."""
+
+    name: str | None
+    admin: bool
+
+    def owns(self, owner: str | None) -> bool:
+        return self.admin or owner == self.name
+
+
+def _key_holder(request: Request) -> ApiKey | None:
+    """When keys are configured, demand `Authorization: Bearer KEY` and return the matching key."""
     keys = get_state(request).settings.serve.api_keys
     if not keys:
         return None
@@ -208,22 +220,43 @@ def check_api_key(request: Request) -> str | None:
     holder = None
     for key in keys:  # look at every key so the time taken says nothing about which one matched
         if hmac.compare_digest(digest, key.digest):
-            holder = key.name
+            holder = key
     if holder is None:
         raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
-    request.state.api_key_name = holder
+    request.state.api_key_name = holder.name
     return holder
+
+
+def _scoped(request: Request, scope: str, what: str) -> ApiKey | None:
+    holder = _key_holder(request)
+    if holder is not None and not holder.may(scope):
+        raise ApiError(403, f"the API key {holder.name!r} may not {what}: it needs the {scope!r} scope "
+                       f"(serve.api_keys: scopes: [{scope}], or admin: true)", type="permission_error",
+                       code="insufficient_scope")
+    return holder
+
+
+def check_api_key(request: Request) -> str | None:
+    """The chat routes: a key with the `chat` scope when keys are configured; returns the key's name."""
+    holder = _scoped(request, "chat", "call the chat, completion and embedding routes")
+    return holder.name if holder is not None else None
+
+
+def check_train_key(request: Request) -> Caller:
+    """Files, fine-tuning and batch jobs: a key with the `train` scope when keys are configured; it sees its
+    own files and jobs, an admin key everyone's (and so does everyone on a server without keys)."""
+    holder = _scoped(request, "train", "upload files or run fine-tuning and batch jobs")
+    return Caller(None, True) if holder is None else Caller(holder.name, holder.admin)
 
 
 def check_admin_key(request: Request) -> str:
     """The /admin routes need a configured key marked `admin: true`; returns its name."""
-    holder = check_api_key(request)
-    admins = {key.name for key in get_state(request).settings.serve.api_keys if key.admin}
-    if holder is None or holder not in admins:
+    holder = _key_holder(request)
+    if holder is None or not holder.admin:
         raise ApiError(403, "this route needs an admin API key (serve.api_keys entry with admin: true)",
                        type="permission_error", code="admin_key_required")
-    return holder
+    return holder.name
 
 
 def check_monitor_key(request: Request) -> str | None:
@@ -236,3 +269,4 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 ApiKeyDep = Annotated[str | None, Depends(check_api_key)]
 AdminKeyDep = Annotated[str, Depends(check_admin_key)]
 MonitorKeyDep = Annotated[str | None, Depends(check_monitor_key)]
+TrainKeyDep = Annotated[Caller, Depends(check_train_key)]

@@ -14,8 +14,8 @@ from forja import files
 from forja.config import ForjaError
 from forja.knowledge import vector_stores
 from forja.knowledge.vector_stores import FileBatch, StoreFile, VectorStore
-from forja.serve.deps import ApiError, StateDep
-from forja.serve.routes.files import AdminIfKeysDep, store_of
+from forja.serve.deps import ApiError, MonitorKeyDep, StateDep
+from forja.serve.routes.files import store_of
 from forja.serve.schemas_files import (AUTO_CHUNKING, MAX_PAGE, FileBatchCreate, FileBatchObject, FileContentPage,
                                        FileCounts, LastError, SearchContent, SearchPage, SearchRequest, SearchResult,
                                        VectorStoreCreate, VectorStoreDeleted, VectorStoreFileCreate,
@@ -82,7 +82,7 @@ async def run(function, *args):
 
 
 @router.post("", responses=responses(400, 401, 403, 404, 409, 413, 422))
-async def create_vector_store(body: VectorStoreCreate, state: StateDep, _: AdminIfKeysDep) -> VectorStoreObject:
+async def create_vector_store(body: VectorStoreCreate, state: StateDep, _: MonitorKeyDep) -> VectorStoreObject:
     """A new collection, with `file_ids` indexed into it in the background."""
     check_unsupported(body, metadata=(None, {}), expires_after=(None,), chunking_strategy=AUTO_CHUNKING)
     for position, file_id in enumerate(body.file_ids):
@@ -97,7 +97,7 @@ async def create_vector_store(body: VectorStoreCreate, state: StateDep, _: Admin
 
 
 @router.get("", responses=responses(400, 401, 403, 409, 422))
-async def list_vector_stores(state: StateDep, _: AdminIfKeysDep,
+async def list_vector_stores(state: StateDep, _: MonitorKeyDep,
                              after: str | None = Query(None, description="The id of the last store of the page "
                                                        "before."),
                              limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
@@ -112,13 +112,13 @@ async def list_vector_stores(state: StateDep, _: AdminIfKeysDep,
 
 
 @router.get("/{vector_store_id}", responses=responses(401, 403, 404, 409, 422))
-async def retrieve_vector_store(vector_store_id: str, state: StateDep, _: AdminIfKeysDep) -> VectorStoreObject:
+async def retrieve_vector_store(vector_store_id: str, state: StateDep, _: MonitorKeyDep) -> VectorStoreObject:
     return vector_store_object(await run(vector_stores.get, state.settings, store_of(state), vector_store_id))
 
 
 @router.post("/{vector_store_id}", responses=responses(400, 401, 403, 404, 409, 413, 422))
 async def modify_vector_store(vector_store_id: str, body: VectorStoreUpdate, state: StateDep,
-                              _: AdminIfKeysDep) -> VectorStoreObject:
+                              _: MonitorKeyDep) -> VectorStoreObject:
     """Rename: the collection takes the new name, and the id becomes vs_<new name>."""
     check_unsupported(body, metadata=(None, {}), expires_after=(None,))
     settings, store = state.settings, store_of(state)
@@ -128,7 +128,7 @@ async def modify_vector_store(vector_store_id: str, body: VectorStoreUpdate, sta
 
 
 @router.delete("/{vector_store_id}", responses=responses(401, 403, 404, 409, 422))
-async def delete_vector_store(vector_store_id: str, state: StateDep, _: AdminIfKeysDep) -> VectorStoreDeleted:
+async def delete_vector_store(vector_store_id: str, state: StateDep, _: MonitorKeyDep) -> VectorStoreDeleted:
     """The collection and its chunks; uploaded files stay in /v1/files."""
     await run(vector_stores.delete, state.settings, store_of(state), vector_store_id)
     return VectorStoreDeleted(id=vector_store_id)
@@ -136,7 +136,7 @@ async def delete_vector_store(vector_store_id: str, state: StateDep, _: AdminIfK
 
 @router.post("/{vector_store_id}/files", responses=responses(400, 401, 403, 404, 409, 413, 422))
 async def attach_file(vector_store_id: str, body: VectorStoreFileCreate, response: Response, state: StateDep,
-                      _: AdminIfKeysDep) -> VectorStoreFileObject:
+                      _: MonitorKeyDep) -> VectorStoreFileObject:
     """Index an uploaded file into the collection, in the background: poll GET …/files/{file_id}."""
     check_unsupported(body, chunking_strategy=AUTO_CHUNKING)
     found = await run(vector_stores.attach, state.settings, store_of(state), vector_store_id, body.file_id,
@@ -146,7 +146,7 @@ async def attach_file(vector_store_id: str, body: VectorStoreFileCreate, respons
 
 
 @router.get("/{vector_store_id}/files", responses=responses(400, 401, 403, 404, 409, 422))
-async def list_files(vector_store_id: str, state: StateDep, _: AdminIfKeysDep,
+async def list_files(vector_store_id: str, state: StateDep, _: MonitorKeyDep,
                      after: str | None = Query(None, description="The id of the last file of the page before."),
                      limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
                      order: Literal["asc", "desc"] = Query("desc", description="By creation time."),
@@ -158,7 +158,7 @@ async def list_files(vector_store_id: str, state: StateDep, _: AdminIfKeysDep,
 
 @router.get("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_file(vector_store_id: str, file_id: str, response: Response, state: StateDep,
-                        _: AdminIfKeysDep) -> VectorStoreFileObject:
+                        _: MonitorKeyDep) -> VectorStoreFileObject:
     found = await run(vector_stores.store_file, state.settings, store_of(state), vector_store_id, file_id)
     if found.status == "in_progress":
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
@@ -166,7 +166,7 @@ async def retrieve_file(vector_store_id: str, file_id: str, response: Response, 
 
 
 @router.get("/{vector_store_id}/files/{file_id}/content", responses=responses(400, 401, 403, 404, 409, 422))
-async def file_content(vector_store_id: str, file_id: str, state: StateDep, _: AdminIfKeysDep) -> FileContentPage:
+async def file_content(vector_store_id: str, file_id: str, state: StateDep, _: MonitorKeyDep) -> FileContentPage:
     """The text forja read from the file: the attributes start and end of its search results index into it."""
     text = await run(vector_stores.content, state.settings, store_of(state), vector_store_id, file_id)
     return FileContentPage(data=[SearchContent(text=text)])
@@ -174,7 +174,7 @@ async def file_content(vector_store_id: str, file_id: str, state: StateDep, _: A
 
 @router.post("/{vector_store_id}/files/{file_id}", responses=responses(400, 401, 403, 404, 409, 413, 422))
 async def update_file(vector_store_id: str, file_id: str, body: VectorStoreFileUpdate, state: StateDep,
-                      _: AdminIfKeysDep) -> VectorStoreFileObject:
+                      _: MonitorKeyDep) -> VectorStoreFileObject:
     """Replace the file's attributes (returned with every search result from it)."""
     return file_object(await run(vector_stores.set_attributes, state.settings, store_of(state), vector_store_id,
                                  file_id, body.attributes or {}))
@@ -182,7 +182,7 @@ async def update_file(vector_store_id: str, file_id: str, body: VectorStoreFileU
 
 @router.delete("/{vector_store_id}/files/{file_id}", responses=responses(401, 403, 404, 409, 422))
 async def detach_file(vector_store_id: str, file_id: str, state: StateDep,
-                      _: AdminIfKeysDep) -> VectorStoreFileDeleted:
+                      _: MonitorKeyDep) -> VectorStoreFileDeleted:
     """Take the file's chunks out of the collection; the uploaded file stays in /v1/files."""
     await run(vector_stores.detach, state.settings, store_of(state), vector_store_id, file_id)
     return VectorStoreFileDeleted(id=file_id)
@@ -190,7 +190,7 @@ async def detach_file(vector_store_id: str, file_id: str, state: StateDep,
 
 @router.post("/{vector_store_id}/file_batches", responses=responses(400, 401, 403, 404, 409, 413, 422))
 async def create_file_batch(vector_store_id: str, body: FileBatchCreate, response: Response, state: StateDep,
-                            _: AdminIfKeysDep) -> FileBatchObject:
+                            _: MonitorKeyDep) -> FileBatchObject:
     """Attach several uploaded files at once (`file_ids`, or `files` each with its attributes); poll the batch."""
     check_unsupported(body, chunking_strategy=AUTO_CHUNKING)
     if (body.file_ids is None) == (body.files is None):
@@ -220,7 +220,7 @@ async def create_file_batch(vector_store_id: str, body: FileBatchCreate, respons
 
 @router.get("/{vector_store_id}/file_batches/{batch_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_file_batch(vector_store_id: str, batch_id: str, response: Response, state: StateDep,
-                              _: AdminIfKeysDep) -> FileBatchObject:
+                              _: MonitorKeyDep) -> FileBatchObject:
     found = await run(vector_stores.batch, state.settings, store_of(state), vector_store_id, batch_id)
     if found.status == "in_progress":
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
@@ -229,14 +229,14 @@ async def retrieve_file_batch(vector_store_id: str, batch_id: str, response: Res
 
 @router.post("/{vector_store_id}/file_batches/{batch_id}/cancel", responses=responses(401, 403, 404, 409, 422))
 async def cancel_file_batch(vector_store_id: str, batch_id: str, state: StateDep,
-                            _: AdminIfKeysDep) -> FileBatchObject:
+                            _: MonitorKeyDep) -> FileBatchObject:
     """Detach the batch's files not indexed yet; those already indexed stay."""
     return batch_object(await run(vector_stores.cancel_batch, state.settings, store_of(state), vector_store_id,
                                   batch_id))
 
 
 @router.get("/{vector_store_id}/file_batches/{batch_id}/files", responses=responses(400, 401, 403, 404, 409, 422))
-async def list_batch_files(vector_store_id: str, batch_id: str, state: StateDep, _: AdminIfKeysDep,
+async def list_batch_files(vector_store_id: str, batch_id: str, state: StateDep, _: MonitorKeyDep,
                            after: str | None = Query(None, description="The id of the last file of the page before."),
                            limit: int = Query(DEFAULT_PAGE, ge=1, le=MAX_PAGE),
                            order: Literal["asc", "desc"] = Query("desc", description="By creation time."),
@@ -247,7 +247,7 @@ async def list_batch_files(vector_store_id: str, batch_id: str, state: StateDep,
 
 
 @router.post("/{vector_store_id}/search", responses=responses(400, 401, 403, 404, 409, 413, 422))
-async def search(vector_store_id: str, body: SearchRequest, state: StateDep, _: AdminIfKeysDep) -> SearchPage:
+async def search(vector_store_id: str, body: SearchRequest, state: StateDep, _: MonitorKeyDep) -> SearchPage:
     """The chunks that best answer `query`: vectors and keywords fused, each with its file's id and name,
     and its page, headings and span (start, end) in `attributes`."""
     check_unsupported(body, filters=(None,), rewrite_query=(None, False))
