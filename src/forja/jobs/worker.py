@@ -231,6 +231,10 @@ class Worker:
                 if spec["forja"].get("validation_path"):
                     command += ["--validation", spec["forja"]["validation_path"]]
             env = child_env(settings, {"FORJA_CONFIG": str(job_config(settings, job.id, spec["forja"]["train"]))})
+            if resume:  # what an earlier attempt reported is not reported twice
+                saved, _ = jobs.events(self.store, job.id, limit=100_000, type="checkpoint")
+                running.seen.update(step=(job.result.get("progress") or {}).get("step", 0),
+                                    checkpoints={(e.data or {}).get("step") for e in saved})
             code = self._supervise(running, command, env, job_dir(settings, job.id) / "train.log",
                                    on_poll=lambda r: self._progress(r, run_dir))
             self._progress(running, run_dir)

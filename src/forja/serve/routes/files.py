@@ -127,4 +127,5 @@ def found(state: ServerState, file_id: str, caller: Caller | None = None, param:
             raise files.UnknownFile(f"no file with id {file_id!r} (GET /v1/files lists them)")
         return stored
     except files.UnknownFile as exc:
-        raise ApiError(status, str(exc), param=param, code="file_not_found") from None
+        named = str(exc) if param == "file_id" else f"{param}: {exc}"
+        raise ApiError(status, named, param=param, code="file_not_found") from None
