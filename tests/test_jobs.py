@@ -281,3 +281,36 @@ def test_one_job_is_claimed_by_one_worker_and_a_dead_workers_job_is_taken_over(t
     with pytest.raises(jobs.UnknownJob):
         jobs.get(store, job.id, jobs.FINE_TUNE, owner="bob", admin=False)
     store.close()
+
+
+def test_a_feedback_job_retrains_with_the_gate_and_an_admin_promotes_and_rolls_back_over_rest(
+        tiny_model_dir, tmp_path, start_server):
+    settings = load_settings(home=tmp_path / "home", model=str(tiny_model_dir), dtype="float32", **FAST,
+                             serve={"api_keys": [{"name": "root", "key": ADMIN_KEY, "admin": True}]})
+    server = start_server(create_app(settings))  # no --model: follows the registry's active version
+    store = server.app.state.forja.store
+    store.log_exchange(id="chatcmpl-1", route="chat", model=str(tiny_model_dir), persona=None,
+                       messages=[{"role": "user", "content": "¿Quién fundó Forja?"}], answers=["No sé."], params={},
+                       prompt_tokens=5, completion_tokens=3, latency_ms=10.0, finish_reason="stop", api_key_name=None)
+    store.add_feedback("chatcmpl-1", rating="down", correction="Ana Herrera.")
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    job = api.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=None, extra_body={"forja": {
+        "source": "feedback", "train": {"max_steps": 1, "eval_every": None, "method": "full"}}})
+    done = wait_for(lambda: (j := api.fine_tuning.jobs.retrieve(job.id)).status in jobs.FINAL and j)
+    assert done.status == "succeeded", done.error  # the version was made; the gate decided not to promote it
+    gate = done.forja["gate"]
+    assert gate["passed"] is False and gate["promoted"] is False and gate["decided_by"] == "feedback"
+    assert any("not promoted" in e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100))
+    promoted = admin.post(f"/v1/fine_tuning/jobs/{job.id}/promote").json()
+    assert promoted["active"] == done.fine_tuned_model and promoted["changed"]
+
+    def answered_by() -> str:
+        return admin.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hola"}],
+                                                        "max_tokens": 2}).json()["model"]
+
+    assert answered_by() == done.fine_tuned_model
+    back = admin.post("/admin/models/rollback").json()
+    assert back == {"active": str(tiny_model_dir), "previous": done.fine_tuned_model, "changed": True}
+    assert answered_by() == str(tiny_model_dir)
+    assert admin.post("/admin/models/rollback").status_code == 409  # nothing left to roll back

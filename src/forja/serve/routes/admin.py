@@ -56,3 +56,16 @@ def check_activatable(state: ServerState, name: str) -> None:
     if name not in known:
         raise ApiError(404, f"no model named {name!r}; available: {', '.join(known)}", param="model",
                        code="model_not_found")
+
+
+@router.post("/models/rollback", responses=error_responses(401, 403, 409))
+async def rollback(state: StateDep, key_name: AdminKeyDep) -> dict:
+    """Go back to the version that was active before the current one (as `forja models rollback`)."""
+    previous = state.active
+    try:
+        now = await asyncio.to_thread(models.rollback, state.settings, f"rolled back through the API by {key_name}")
+    except models.ModelError as exc:
+        raise ApiError(409, str(exc), code="nothing_to_roll_back") from None
+    await state.engine(now)
+    state.activate(now)
+    return {"active": now, "previous": previous, "changed": now != previous}
