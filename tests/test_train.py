@@ -545,3 +545,28 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_at_once_with_the_fix(tiny
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert "this run needs about" in refused.output and "MB are available; use a smaller model" in refused.output
     assert not (load_settings().versions_dir / "too-big").exists()
+
+
+def test_a_validation_file_of_its_own_is_the_validation_set_and_a_held_run_is_refused(tiny_model_dir, tmp_path):
+    from forja.models import RunBusy, hold_run
+
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    held = tmp_path / "held.csv"
+    held.write_text("question,answer\n¿Abrís el domingo?,No.\n", encoding="utf-8")
+    result = runner.invoke(app, ["train", "--data", str(data), "--validation", str(held), "--base", str(tiny_model_dir),
+                                 "--name", "with-val", "--max-steps", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = settings.runs_dir / "with-val"
+    rows = [json.loads(line) for line in (run / "data.val.jsonl").read_text().splitlines()]
+    assert [r["messages"][-1]["content"] for r in rows] == ["No."]
+    assert len((run / "data.jsonl").read_text().splitlines()) == len(data.read_text().splitlines())  # none held out
+    assert "val_loss" in json.loads((settings.versions_dir / "with-val" / "version.json").read_text())["metrics"]
+
+    again = runner.invoke(app, ["train", "--data", str(data), "--base", str(tiny_model_dir), "--name", "busy",
+                                "--max-steps", "1", "--checkpoint-every", "1", "--quiet"])
+    assert again.exit_code == 0, again.output
+    (settings.versions_dir / "busy" / "version.json").unlink()  # as if it had not finished
+    with hold_run(settings.runs_dir / "busy", "busy"):
+        refused = runner.invoke(app, ["train", "--resume", "busy", "--quiet"])
+    assert refused.exit_code == 1 and "is being trained by pid" in refused.output
