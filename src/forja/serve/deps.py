@@ -243,6 +243,13 @@ def check_api_key(request: Request) -> str | None:
     return holder.name if holder is not None else None
 
 
+def check_chat_caller(request: Request) -> Caller:
+    """The chat routes, when they show more to an admin (the model list: trained versions): who calls.
+    On a server without keys everyone is an admin, as for files and jobs."""
+    holder = _scoped(request, "chat", "call the chat, completion and embedding routes")
+    return Caller(None, True) if holder is None else Caller(holder.name, holder.admin)
+
+
 def check_train_key(request: Request) -> Caller:
     """Files, fine-tuning and batch jobs: a key with the `train` scope when keys are configured; it sees its
     own files and jobs, an admin key everyone's (and so does everyone on a server without keys)."""
@@ -270,3 +277,4 @@ ApiKeyDep = Annotated[str | None, Depends(check_api_key)]
 AdminKeyDep = Annotated[str, Depends(check_admin_key)]
 MonitorKeyDep = Annotated[str | None, Depends(check_monitor_key)]
 TrainKeyDep = Annotated[Caller, Depends(check_train_key)]
+ChatCallerDep = Annotated[Caller, Depends(check_chat_caller)]
