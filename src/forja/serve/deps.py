@@ -245,9 +245,9 @@ def check_api_key(request: Request) -> str | None:
 
 def check_chat_caller(request: Request) -> Caller:
     """The chat routes, when they show more to an admin (the model list: trained versions): who calls.
-    On a server without keys everyone is an admin, as for files and jobs."""
+    On a server without keys nobody is an admin here: the public sees what customers see."""
     holder = _scoped(request, "chat", "call the chat, completion and embedding routes")
-    return Caller(None, True) if holder is None else Caller(holder.name, holder.admin)
+    return Caller(None, False) if holder is None else Caller(holder.name, holder.admin)
 
 
 def check_train_key(request: Request) -> Caller:
