@@ -209,6 +209,10 @@ class Caller:
 
 def _key_holder(request: Request) -> ApiKey | None:
     """When keys are configured, demand `Authorization: Bearer KEY` and return the matching key."""
+    signed_in = getattr(request.state, "console_key", None)  # a console user's session (forja.console sets it)
+    if signed_in is not None:
+        request.state.api_key_name = signed_in.name
+        return signed_in
     keys = get_state(request).settings.serve.api_keys
     if not keys:
         return None
