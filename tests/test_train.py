@@ -548,7 +548,7 @@ def test_a_run_that_would_not_fit_in_memory_is_refused_at_once_with_the_fix(tiny
 
 
 def test_a_validation_file_of_its_own_is_the_validation_set_and_a_held_run_is_refused(tiny_model_dir, tmp_path):
-    from forja.models import RunBusy, hold_run
+    from forja.models import hold_run
 
     settings = load_settings()
     data = write_pairs(tmp_path / "pairs.jsonl")

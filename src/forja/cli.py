@@ -511,6 +511,93 @@ def jobs_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")], co
     typer.echo(f"{job.id} is {job.status}")
 
 
+keys_app = _typer("API keys kept in the database (beside serve.api_keys): create, list, revoke, usage.",
+                  invoke_without_command=True)
+keys_app.info.no_args_is_help = False
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who holds the key (shown in usage and logs).")],
+    scope: Annotated[Optional[list[str]], typer.Option("--scope", help="chat (default) and/or train; repeat it.")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="May do everything, /admin included.")] = False,
+    rpm: Annotated[Optional[int], typer.Option("--rpm", help="Requests per minute at most.", min=1)] = None,
+    tokens_per_day: Annotated[Optional[int], typer.Option("--tokens-per-day", help="Tokens per UTC day at most.", min=1)] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Make a key; it is printed once (only its SHA-256 is kept). The first key turns keys on for the server."""
+    from forja import keys
+    from forja.config import KeyLimits
+
+    settings = settings_from(config)
+    limits = KeyLimits(requests_per_minute=rpm, tokens_per_day=tokens_per_day)
+
+    def make(store):
+        first = not settings.serve.api_keys and not keys.listing(store, revoked=True)
+        return keys.create(settings, store, name, scope or ["chat"], admin, limits), first
+
+    (stored, secret), first = _read_store(config, make)
+    typer.echo(secret)
+    typer.echo(f"key {stored.name} ({stored.id}): scopes {', '.join(stored.scopes) or '-'}"
+               f"{', admin' if stored.admin else ''}; shown only now, keep it", err=True)
+    if first:
+        typer.echo("this is the server's first key: from now on every route but /health and the page needs one",
+                   err=True)
+
+
+@keys_app.callback()
+def keys_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+              config: ConfigOpt = None) -> None:
+    """List the keys (the config's and the database's)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from forja import keys
+
+    settings = settings_from(config)
+    stored = _read_store(config, keys.listing)
+    rows = [{"name": k.name, "id": f"config:{k.name}", "scopes": sorted(k.scopes), "admin": k.admin,
+             "limits": k.limits.model_dump(), "source": "config"} for k in settings.serve.api_keys]
+    rows += [{"name": k.name, "id": k.id, "scopes": k.scopes, "admin": k.admin, "limits": k.limits.model_dump(),
+              "source": "database", "created_at": k.created_at} for k in stored]
+    if as_json:
+        return _json_lines(rows)
+    if not rows:
+        typer.echo("no keys: the server is open to anyone who can reach it (forja keys create NAME makes one)")
+    for row in rows:
+        limits = ", ".join(f"{k}={v}" for k, v in row["limits"].items() if v) or "no limits"
+        typer.echo(f"{row['name']:20} {row['id']:28} {','.join(row['scopes']) or '-':11} "
+                   f"{'admin ' if row['admin'] else ''}{limits} ({row['source']})")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name or id.")], config: ConfigOpt = None) -> None:
+    """Revoke a key made with forja keys create or the API: the next request with it is refused."""
+    from forja import keys
+
+    stored = _read_store(config, lambda store: keys.revoke(store, name))
+    typer.echo(f"key {stored.name} ({stored.id}) revoked")
+
+
+@keys_app.command("usage")
+def keys_usage(days: Annotated[int, typer.Option(help="The last N UTC days.", min=1, max=366)] = 7,
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+               config: ConfigOpt = None) -> None:
+    """Requests and tokens per key per day, and the estimated cost at serve.price_per_1k_tokens."""
+    from forja import keys
+
+    settings = settings_from(config)
+    rows = _read_store(config, lambda store: keys.usage_rows(settings, store, days))
+    if as_json:
+        return _json_lines(rows)
+    if not rows:
+        typer.echo(f"no requests in the last {days} days")
+    for row in rows:
+        cost = f"  ~{row['estimated_cost']:.4f}" if settings.serve.price_per_1k_tokens else ""
+        typer.echo(f"{row['day']}  {row['key']:20} {row['requests']:7} requests  {row['prompt_tokens']:9} prompt + "
+                   f"{row['completion_tokens']:9} completion tokens{cost}")
+
+
 @jobs_app.command("run-batch", hidden=True)
 def jobs_run_batch(job_id: str, worker_name: Annotated[str, typer.Option("--worker")], config: ConfigOpt = None) -> None:
     """(The worker runs this) answer a batch job's requests, counting them in the job."""
@@ -546,11 +633,26 @@ def serve(
     if pick_backend(settings) != "openai":  # an upstream knows its own models
         models.resolve(shown, settings)  # a wrong name fails here, before the server starts
     host, port = host or settings.serve.host, port or settings.serve.port
-    keys = len(settings.serve.api_keys)
+    keys = len(settings.serve.api_keys) + _database_keys(settings)
     typer.echo(f"forja serve: {shown} ({pick_backend(settings)}) on http://{host}:{port}  (chat page /, OpenAI API /v1, "
                f"{keys} API key{'s' if keys != 1 else ''}{'' if keys else ': open to anyone who can reach it'}); Ctrl-C stops",
                err=True)
     run_server(settings, model, host=host, port=port)
+
+
+def _database_keys(settings: Settings) -> int:
+    """How many keys `forja keys create` made (0 when the database cannot be read: serve says why later)."""
+    from forja import keys
+    from forja.store import Store, StoreError
+
+    try:
+        store = Store.open(settings)
+    except StoreError:
+        return 0
+    try:
+        return len(keys.listing(store))
+    finally:
+        store.close()
 
 
 def _with_serve(settings: Settings, **values) -> Settings:

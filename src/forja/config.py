@@ -139,6 +139,15 @@ class TrainSettings(BaseModel):
         return self.epochs if self.epochs is not None else (30.0 if goal == "memorise" else 3.0)
 
 
+class KeyLimits(BaseModel):
+    """What one key may use; beyond it the server answers 429 with Retry-After."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests in any 60 s (per server process).")
+    tokens_per_day: int | None = Field(None, ge=1, description="Prompt and completion tokens per UTC day.")
+
+
 class ApiKey(BaseModel):
     """A key a client may send as `Authorization: Bearer KEY`. Give `key` (e.g. from the environment)
     or, to keep the secret out of files, `sha256`: the hex SHA-256 of the key."""
@@ -153,6 +162,8 @@ class ApiKey(BaseModel):
     scopes: list[Literal["chat", "train"]] = Field(
         default_factory=lambda: ["chat"], description="What the key may do: chat (the chat, completion, embedding "
         "and /predict routes), train (upload files, fine-tuning and batch jobs: its own, unless admin).")
+
+    limits: KeyLimits = Field(default_factory=KeyLimits)
 
     def may(self, scope: str) -> bool:
         return self.admin or scope in self.scopes
@@ -386,6 +397,9 @@ class ServeSettings(BaseModel):
     log_exchanges: bool = Field(
         True, description="Store every exchange (messages, answer, model, timing) in the database so users can rate and correct it."
     )
+    price_per_1k_tokens: float = Field(
+        0.0, ge=0, description="What a hosted API would charge per 1000 tokens (prompt and completion), for the "
+        "estimated cost per key in GET /admin/usage and forja keys usage; 0 shows no cost.")
 
     @model_validator(mode="after")
     def _upstream(self) -> "ServeSettings":

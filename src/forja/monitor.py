@@ -45,12 +45,21 @@ class Metrics:
         self.prompt_tokens = Counter("forja_prompt_tokens", "Prompt tokens processed (each distinct prompt once).",
                                      ["model"], registry=r)
         self.generation_tokens = Counter("forja_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.key_requests = Counter("forja_key_requests", "Answered requests by API key name.", ["key"], registry=r)
+        self.key_tokens = Counter("forja_key_tokens", "Tokens by API key name and kind (prompt, completion).",
+                                  ["key", "kind"], registry=r)
         self.feedback = Counter("forja_feedback_ratings", "Ratings left on answers, by the version that answered.",
                                 ["version", "rating"], registry=r)
         self.guard_actions = Counter("forja_guard_actions", "Guardrail decisions by stage (input/output), category "
                                      "(pii, injection, S1-S14, ...) and action (block, redact, flag, allow).",
                                      ["stage", "category", "action"], registry=r)
         r.register(EngineLoad(engines))
+
+    def key_usage(self, key: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        name = key or "(anonymous)"
+        self.key_requests.labels(name).inc()
+        self.key_tokens.labels(name, "prompt").inc(prompt_tokens)
+        self.key_tokens.labels(name, "completion").inc(completion_tokens)
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)

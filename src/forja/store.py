@@ -161,6 +161,29 @@ job_events = sa.Table(
     sa.Column("data", sa.Text),  # JSON: step, losses, tokens/s, ETA; a checkpoint's step and metrics
 )
 
+api_keys = sa.Table(
+    "api_keys", metadata,  # keys made with POST /admin/keys or forja keys create; only their SHA-256 is kept
+    sa.Column("id", sa.String(64), primary_key=True),  # key_<hex>
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.Text, nullable=False),  # JSON list: chat, train
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("requests_per_minute", sa.Integer),
+    sa.Column("tokens_per_day", sa.Integer),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+usage = sa.Table(
+    "usage", metadata,  # requests and tokens per key name per UTC day, counted as answers are made
+    sa.Column("key_name", sa.String(200), primary_key=True),  # "(anonymous)" on a server without keys
+    sa.Column("day", sa.String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    sa.Column("requests", sa.Integer, nullable=False, default=0),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False, default=0),
+    sa.Column("last_at", sa.Float, nullable=False),
+)
+
 
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
@@ -187,6 +210,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0005_exchange_retrieval", _add_column(exchanges, "retrieval")),
     ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
     ("0007_jobs", _create(jobs, job_events)),
+    ("0008_api_keys", _create(api_keys, usage)),
 ]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from forja.config import ApiKey, Persona, Settings
 from forja.engine import Engine, make_engine
 from forja.data import read_rows
 from forja.guard import Guards, published_pii
+from forja.keys import KeyRing, Limited, count
 from forja.models import trained_system, version_dir, with_system
 from forja.monitor import Metrics
 from forja.store import Store
@@ -72,6 +72,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
     guards: Guards = field(init=False)
+    keyring: KeyRing = field(init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: str = ""
     _registry_stamp: float | None = None
@@ -81,6 +82,7 @@ class ServerState:
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engines)
         self.guards = Guards(self.settings)
+        self.keyring = KeyRing(self.settings, self.store)
         self._active = self.base
         self._registry_stamp = self._stamp()
 
@@ -181,6 +183,18 @@ class ServerState:
             self.store.close()
 
 
+def count_usage(state: ServerState, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+    """One answered request's tokens, for its key's usage and limits (forja.keys) and /metrics; never an error
+    for the request that was answered."""
+    state.keyring.counted(key_name, prompt_tokens + completion_tokens)
+    state.metrics.key_usage(key_name, prompt_tokens, completion_tokens)
+    if state.store is not None:
+        try:
+            count(state.store, key_name, prompt_tokens, completion_tokens)
+        except Exception as exc:
+            log.error("cannot count the usage of %s: %s", key_name, exc)
+
+
 def check_fits_queue(state: ServerState, prompts: int, n: int, param: str = "n") -> None:
     """A request is queued all or none: one needing more answers than the queue holds could never be
     answered (429 forever), so it is refused at once naming the limit."""
@@ -213,21 +227,22 @@ def _key_holder(request: Request) -> ApiKey | None:
     if signed_in is not None:
         request.state.api_key_name = signed_in.name
         return signed_in
-    keys = get_state(request).settings.serve.api_keys
-    if not keys:
+    ring = get_state(request).keyring
+    if not ring.configured:
         return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
                        type="authentication_error", code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
-    digest = hashlib.sha256(token.strip().encode()).hexdigest()
-    holder = None
-    for key in keys:  # look at every key so the time taken says nothing about which one matched
-        if hmac.compare_digest(digest, key.digest):
-            holder = key
+    holder = ring.find(hashlib.sha256(token.strip().encode()).hexdigest())
     if holder is None:
         raise ApiError(401, "invalid API key", type="authentication_error", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+    try:
+        ring.check(holder)
+    except Limited as exc:
+        raise ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
     request.state.api_key_name = holder.name
     return holder
 
@@ -273,7 +288,7 @@ def check_admin_key(request: Request) -> str:
 def check_monitor_key(request: Request) -> str | None:
     """/metrics, /admin/stats: the admin key when keys are configured (they show who uses the server
     and how much); open when the server has no keys at all."""
-    return check_admin_key(request) if get_state(request).settings.serve.api_keys else None
+    return check_admin_key(request) if get_state(request).keyring.configured else None
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]

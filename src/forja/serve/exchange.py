@@ -25,7 +25,7 @@ from forja.engine.text import chat_prompt_ids, has_tool_format
 from forja.knowledge import KnowledgeError
 from forja.knowledge.grounding import Grounding, apply_plan, plan
 from forja.monitor import AnswerTiming
-from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue
+from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue, count_usage
 from forja.serve.rails import CONTENT_FILTER, RequestRails
 from forja.serve.tools import (ToolCallStream, conversation_text, parse_tool_calls, render_tools_system,
                                response_format_grammar, tool_call_spec)
@@ -323,6 +323,7 @@ class Exchange:
                 self.state.store.log_guard_events(events)  # type: ignore[union-attr]
         except Exception as exc:  # the answer was given; a broken store must not turn it into an error
             log.error("cannot store exchange %s: %s", self.rid, exc)
+        count_usage(self.state, self.key_name, row["prompt_tokens"], row["completion_tokens"])
 
 
 # ------------------------------------------------------------------------------------------------ assembling

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from forja.config import KeyLimits
 from forja.guard import CONTROL_CHARS, refused_characters
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -341,6 +342,15 @@ class ActivateRequest(_Body):
 
     model: str = Field(..., min_length=1, description="A model name: a trained version, a bundled model or the "
                        "one the server was started with (never a path).")
+
+
+class KeyCreate(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, description="Who holds the key (shown in usage, never the key).")
+    scopes: list[Literal["chat", "train"]] = Field(default_factory=lambda: ["chat"])
+    admin: bool = False
+    limits: KeyLimits = Field(default_factory=KeyLimits)
 
 
 class Usage(BaseModel):

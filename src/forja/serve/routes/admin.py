@@ -1,14 +1,15 @@
-"""Admin routes (an API key with `admin: true`): which model answers by default, switched without a restart."""
+"""Admin routes (an API key with `admin: true`): which model answers by default, switched without a restart; API
+keys made and revoked without a restart, and the usage per key."""
 
 from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
-from forja import models
+from forja import keys, models
 from forja.serve.deps import AdminKeyDep, ApiError, ServerState, StateDep
-from forja.serve.schemas import ActivateRequest, error_responses
+from forja.serve.schemas import ActivateRequest, KeyCreate, error_responses
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -69,3 +70,63 @@ async def rollback(state: StateDep, key_name: AdminKeyDep) -> dict:
     await state.engine(now)
     state.activate(now)
     return {"active": now, "previous": previous, "changed": now != previous}
+
+
+@router.post("/keys", status_code=201, responses=error_responses(400, 401, 403, 409, 422))
+async def create_key(body: KeyCreate, state: StateDep, _: AdminKeyDep) -> dict:
+    """A new API key, answered once (only its SHA-256 is stored): its scopes, admin or not, and its limits."""
+    store = _store(state)
+    try:
+        stored, secret = await asyncio.to_thread(keys.create, state.settings, store, body.name, body.scopes,
+                                                 body.admin, body.limits)
+    except keys.ApiKeyError as exc:
+        raise ApiError(409, str(exc), param="name", code="key_exists") from None
+    state.keyring.refresh()
+    return {**key_object(stored), "key": secret}
+
+
+@router.get("/keys", responses=error_responses(401, 403, 409))
+async def list_keys(state: StateDep, _: AdminKeyDep) -> dict:
+    """Every key the server accepts: the config's (`source: config`) and those made here (`source: database`)."""
+    stored = await asyncio.to_thread(keys.listing, _store(state))
+    used = {row["key"]: row for row in await asyncio.to_thread(keys.usage_rows, state.settings, _store(state), 1)}
+    configured = [{"id": f"config:{key.name}", "name": key.name, "scopes": sorted(key.scopes), "admin": key.admin,
+                   "limits": key.limits.model_dump(), "created_at": None, "source": "config"}
+                  for key in state.settings.serve.api_keys]
+    data = configured + [key_object(k) for k in stored]
+    for item in data:
+        item["requests_today"] = used.get(item["name"], {}).get("requests", 0)
+    return {"object": "list", "data": data}
+
+
+@router.delete("/keys/{key_id}", responses=error_responses(401, 403, 404, 409))
+async def revoke_key(key_id: str, state: StateDep, _: AdminKeyDep) -> dict:
+    """Revoke a key made here (by id or name): the next request with it is a 401."""
+    if key_id.startswith("config:"):
+        raise ApiError(409, "a key in the config is removed from serve.api_keys (and the server restarted)",
+                       param="key_id", code="config_key")
+    try:
+        stored = await asyncio.to_thread(keys.revoke, _store(state), key_id)
+    except keys.ApiKeyError as exc:
+        raise ApiError(404, str(exc), param="key_id", code="key_not_found") from None
+    state.keyring.refresh()
+    return {"id": stored.id, "name": stored.name, "deleted": True}
+
+
+@router.get("/usage", responses=error_responses(401, 403, 409, 422))
+async def usage(state: StateDep, _: AdminKeyDep, days: int = Query(7, ge=1, le=366)) -> dict:
+    """Requests and tokens per key per UTC day, and what a hosted API would have cost (serve.price_per_1k_tokens)."""
+    rows = await asyncio.to_thread(keys.usage_rows, state.settings, _store(state), days)
+    return {"object": "list", "days": days, "price_per_1k_tokens": state.settings.serve.price_per_1k_tokens,
+            "data": rows}
+
+
+def key_object(stored: keys.StoredKey) -> dict:
+    return {"id": stored.id, "name": stored.name, "scopes": stored.scopes, "admin": stored.admin,
+            "limits": stored.limits.model_dump(), "created_at": int(stored.created_at), "source": "database"}
+
+
+def _store(state: ServerState):
+    if state.store is None:
+        raise ApiError(409, "this server has no database, so it keeps no keys", code="no_database")
+    return state.store

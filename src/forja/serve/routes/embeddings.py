@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from forja.embeddings import (EMBEDDING_DIMENSIONS, EMBEDDING_MAX_TOKENS, EMBEDDING_MODEL, EmbeddingError,
                               count_tokens, embed)
-from forja.serve.deps import ApiError, ApiKeyDep
+from forja.serve.deps import ApiError, ApiKeyDep, StateDep, count_usage
 from forja.serve.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage, error_responses
 
 MAX_EMBEDDING_INPUTS = 2048  # texts in one request, as OpenAI
@@ -22,12 +22,14 @@ worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-embeddings"
 
 
 @router.post("/embeddings", responses=error_responses(400, 401, 404, 413, 422, 500))
-async def create_embeddings(body: EmbeddingRequest, request: Request, _: ApiKeyDep) -> EmbeddingList:
+async def create_embeddings(body: EmbeddingRequest, request: Request, state: StateDep,
+                            key_name: ApiKeyDep) -> EmbeddingList:
     texts = checked_texts(body)
     names = ["input"] if isinstance(body.input, str) else [f"input.{i}" for i in range(len(texts))]
     request.state.model = EMBEDDING_MODEL  # for the request counter
     data, tokens = await asyncio.get_running_loop().run_in_executor(worker, embed_texts, texts, names,
                                                                     body.encoding_format)
+    await asyncio.to_thread(count_usage, state, key_name, tokens, 0)
     return EmbeddingList(data=data, model=EMBEDDING_MODEL,
                          usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
