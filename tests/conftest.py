@@ -52,7 +52,7 @@ def build_tokenizer(directory: Path):
     return tokenizer
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, context: int = 256) -> Path:
     """A randomly initialised 2-layer Llama with the tiny tokenizer, saved as an HF directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,7 +65,7 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -90,6 +90,12 @@ def forja_home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def long_tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model reading 4096 tokens: room for a tool list and a loop's tool results."""
+    return build_tiny_model(tmp_path_factory.mktemp("long-tiny-model"), context=4096)
 
 
 @pytest.fixture(scope="session")

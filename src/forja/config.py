@@ -298,6 +298,57 @@ class RetrievalSettings(BaseModel):
         return value
 
 
+BUILTIN_TOOLS = ("knowledge_search", "calculator", "current_time", "http_get", "python")
+
+
+class McpServer(BaseModel):
+    """A Model Context Protocol server whose tools personas may use: a command run over stdio, or a URL
+    (streamable HTTP)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] | None = Field(None, min_length=1, description="The program and its arguments (stdio).")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for the command (besides PATH, HOME).")
+    url: str | None = Field(None, pattern=r"^https?://", description="A streamable HTTP endpoint instead.")
+    timeout_seconds: float = Field(30.0, gt=0, description="Connecting and listing its tools at start.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "McpServer":
+        if (self.command is None) == (self.url is None):
+            raise ValueError("an MCP server has exactly one of `command` or `url`")
+        return self
+
+
+class HttpGetSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="The http_get tool fetches pages (off: the model could reach any host).")
+    allow_hosts: list[str] = Field(default_factory=list, description="Hosts it may fetch (exact names, or "
+                                   "'.example.com' for a domain and its subdomains).")
+    max_bytes: int = Field(200_000, ge=1000, description="Most bytes of a page read.")
+    timeout_seconds: float = Field(10.0, gt=0, description="Per fetch.")
+
+
+class PythonToolSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="The python tool runs code the model writes, in a process of its own.")
+    timeout_seconds: float = Field(20.0, gt=0, le=300, description="Wall-clock time a run may take.")
+    memory_mb: int = Field(1024, ge=64, description="Address space a run may use.")
+    network: bool = Field(False, description="Whether code may open sockets (off: every connection is refused).")
+
+
+class ToolSettings(BaseModel):
+    """The built-in tools' limits (serve.tools); a persona names the tools it uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    http_get: HttpGetSettings = Field(default_factory=HttpGetSettings)
+    python: PythonToolSettings = Field(default_factory=PythonToolSettings)
+    max_result_chars: int = Field(4000, ge=200, description="A tool's result is cut to this many characters "
+                                  "before the model reads it (it says so).")
+
+
 class Persona(BaseModel):
     """A named assistant: a system prompt and default sampling on a model; selectable as `model`."""
 
@@ -329,6 +380,18 @@ class Persona(BaseModel):
                                  "from (forja knowledge add NAME ...); its answers cite the chunks they were given.")
     retrieval: RetrievalSettings | None = Field(
         None, description="Retrieval settings laid over `knowledge.retrieval` (only the fields given here).")
+    tools: list[str] = Field(default_factory=list, description="Tools the server runs for this persona in a loop "
+                             "(built in: " + ", ".join(BUILTIN_TOOLS) + "; an MCP server's: mcp:NAME for all of "
+                             "them, mcp:NAME/TOOL for one). With knowledge_search the persona retrieves when the "
+                             "model asks, not before every answer.")
+    max_steps: int = Field(4, ge=1, le=16, description="Tool calls at most before the model must answer.")
+    tool_timeout_seconds: float = Field(20.0, gt=0, le=600, description="A tool that takes longer is cut and the "
+                                        "model told so.")
+    files: list[str] = Field(default_factory=list, description="For the python tool: uploaded files (their "
+                             "file-... ids) or paths, copied into the working directory of every run.")
+    first_tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="required: the first step must call a tool (a small model that answers without "
+        "looking things up); later steps choose.")
 
     @model_validator(mode="after")
     def _upstream_model(self) -> "Persona":
@@ -392,6 +455,9 @@ class ServeSettings(BaseModel):
         default_factory=list, description="Other origins (https://app.example.com) allowed to call the API from a browser; empty = same origin only."
     )
     personas: list[Persona] = Field(default_factory=list, description="Named assistants offered as models.")
+    mcp_servers: dict[str, McpServer] = Field(default_factory=dict, description="MCP servers whose tools personas "
+                                              "name as mcp:NAME; started with the server.")
+    tools: ToolSettings = Field(default_factory=ToolSettings)
     log_requests: bool = Field(True, description="Log one line per request (method, path, status, time).")
     log_prompts: bool = Field(False, description="Also log prompts and answers (off: they may be private).")
     log_exchanges: bool = Field(
@@ -414,6 +480,25 @@ class ServeSettings(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"persona names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_tools(self) -> "ServeSettings":
+        for persona in self.personas:
+            for tool in persona.tools:
+                server = tool.removeprefix("mcp:").split("/", 1)[0] if tool.startswith("mcp:") else None
+                if server is None and tool not in BUILTIN_TOOLS:
+                    raise ValueError(f"persona {persona.name!r}: unknown tool {tool!r}; the built-in tools are "
+                                     f"{', '.join(BUILTIN_TOOLS)}, and mcp:NAME names an MCP server's")
+                if server is not None and server not in self.mcp_servers:
+                    raise ValueError(f"persona {persona.name!r}: tool {tool!r} names the MCP server {server!r}, "
+                                     f"which is not in serve.mcp_servers ({', '.join(self.mcp_servers) or 'none'})")
+                if tool == "http_get" and not self.tools.http_get.enabled:
+                    raise ValueError(f"persona {persona.name!r} uses http_get, which is off: set "
+                                     "serve.tools.http_get.enabled and its allow_hosts")
+                if tool == "python" and not self.tools.python.enabled:
+                    raise ValueError(f"persona {persona.name!r} uses python, which is off: set "
+                                     "serve.tools.python.enabled (code runs in a process of its own, with limits)")
         return self
 
 

@@ -55,6 +55,7 @@ exchanges = sa.Table(
     sa.Column("finish_reason", sa.String(20)),
     sa.Column("api_key_name", sa.String(200)),
     sa.Column("retrieval", sa.Text),  # JSON: the knowledge chunks retrieved for the prompt(s), or NULL
+    sa.Column("trace", sa.Text),  # JSON: an agent persona's steps (tool, arguments, result), or NULL
 )
 
 feedback = sa.Table(
@@ -211,6 +212,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
     ("0007_jobs", _create(jobs, job_events)),
     ("0008_api_keys", _create(api_keys, usage)),
+    ("0010_exchange_trace", _add_column(exchanges, "trace")),
 ]
 
 
@@ -230,6 +232,7 @@ class Exchange:
     finish_reason: str | None
     api_key_name: str | None
     retrieval: Any = None
+    trace: Any = None
 
     @property
     def answer(self) -> str:
@@ -280,7 +283,7 @@ class Store:
     def log_exchange(self, *, id: str, route: str, model: str, persona: str | None, messages: Any,
                      answers: list[str], params: dict[str, Any], prompt_tokens: int, completion_tokens: int,
                      latency_ms: float, finish_reason: str | None, api_key_name: str | None,
-                     retrieval: Any = None, guard_events: Sequence[dict[str, Any]] = ()) -> None:
+                     retrieval: Any = None, guard_events: Sequence[dict[str, Any]] = (), trace: Any = None) -> None:
         """One exchange and the guardrail decisions taken on it, in one transaction."""
         with self.engine.begin() as conn:
             self._insert_guard_events(conn, guard_events)
@@ -291,6 +294,7 @@ class Store:
                 completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
                 api_key_name=api_key_name,
                 retrieval=None if retrieval is None else json.dumps(retrieval, ensure_ascii=False),
+                trace=None if trace is None else json.dumps(trace, ensure_ascii=False),
             ))
 
     def log_guard_events(self, events: list[dict[str, Any]]) -> None:
@@ -495,6 +499,7 @@ def _exchange(row: Any) -> Exchange:
     for key in ("messages", "answers", "params"):
         data[key] = json.loads(data[key])
     data["retrieval"] = json.loads(data["retrieval"]) if data.get("retrieval") else None
+    data["trace"] = json.loads(data["trace"]) if data.get("trace") else None
     return Exchange(**data)
 
 

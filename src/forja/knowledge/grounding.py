@@ -42,9 +42,10 @@ class Grounding:
     findings: list[Finding] = field(default_factory=list)
     file_ids: dict[str, str] = field(default_factory=dict)  # source path → the file's id over REST
 
-    def documents(self) -> str:
-        """The chunks as the model reads them: numbered, each with its source."""
-        return "\n\n".join(f"[{n}] ({_where(hit)})\n{hit.text}" for n, hit in enumerate(self.hits, 1))
+    def documents(self, first: int = 1) -> str:
+        """The chunks as the model reads them (from number `first` on): numbered, each with its source."""
+        return "\n\n".join(f"[{n}] ({_where(hit)})\n{hit.text}"
+                            for n, hit in enumerate(self.hits[first - 1:], first))
 
     def citations(self, answer: str = "") -> list[dict[str, Any]]:
         """The chunks given to the model, as OpenAI annotations; `cited` says whether the answer names [n]."""
@@ -73,10 +74,10 @@ _indexed: dict[tuple[str, str], tuple[int, int]] = {}  # (knowledge db, collecti
 def plan(settings: Settings, persona: Persona | None, model: str) -> Plan | None:
     """A persona's knowledge, else the FAQ of the version it runs on, else None (blocking: indexes a version's
     FAQ the first time, a few seconds for a few hundred rows)."""
-    if persona is not None and persona.knowledge:
+    if persona is not None and persona.knowledge and "knowledge_search" not in persona.tools:
         retrieval = retrieval_settings(settings, persona)
         return Plan(tuple(persona.knowledge), retrieval) if retrieval is not None else None
-    return version_plan(settings, model)
+    return version_plan(settings, model)  # (a persona with knowledge_search retrieves when its model asks)
 
 
 def prompt_for(settings: Settings, persona: Persona | None, model: str, messages: list[dict[str, Any]]

@@ -47,6 +47,11 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
             state.engines[state.base] = engine
         else:
             loader = asyncio.create_task(load_base(state))
+        if settings.serve.mcp_servers:  # their tools are listed before the first request
+            from forja.agents.mcp import McpHub
+
+            state.mcp = McpHub(settings.serve.mcp_servers)
+            await state.mcp.start()
         if settings.jobs.run_in_server and state.store is not None:
             from forja.jobs.worker import Worker
 
@@ -59,6 +64,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
                 loader.cancel()
             if worker is not None:  # a running job saves a checkpoint and waits for the next start
                 await asyncio.to_thread(worker.stop, settings.jobs.cancel_seconds + 5)
+            if state.mcp is not None:
+                await state.mcp.stop()
             drop_queued_indexing(settings)  # files waiting to be indexed would keep the process alive
             state.close()
 

@@ -73,6 +73,7 @@ class ServerState:
     metrics: Metrics = field(init=False)
     guards: Guards = field(init=False)
     keyring: KeyRing = field(init=False)
+    mcp: Any = None  # forja.agents.mcp.McpHub when serve.mcp_servers names any
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: str = ""
     _registry_stamp: float | None = None

@@ -109,12 +109,14 @@ class Exchange:
         self.started = time.perf_counter()
         self.timing = AnswerTiming(state.metrics, target.engine.name, self.started)
         self.saved = state.store is None
+        self.record = True  # False: a step of an agent's loop, stored with its final answer (keep())
+        self.trace: list[dict[str, Any]] | None = None
         request.state.model = target.engine.name  # for the request counter
 
     @classmethod
     async def open(cls, state: ServerState, request: Request, *, rid: str, route: str, model: str | None,
                    prompts: list[Prompt], n: int, options: Options, param: str, n_param: str = "n",
-                   input_param: str | None = None) -> "Exchange":
+                   input_param: str | None = None, record: bool = True) -> "Exchange":
         """Resolve the target, screen the prompts, tokenize, and submit every answer (all or none)."""
         target = await state.target(model)
         limit = state.settings.serve.max_n
@@ -137,6 +139,7 @@ class Exchange:
             screened = rails.screen(prompts)
         prompts, groundings, fixed = await _grounded(state, target, rails, screened)
         exchange = cls(state, request, rid, route, target, rails, prompts, options, groundings)
+        exchange.record = record
         jobs: list[tuple[int, Prompt | None, SamplingParams | None, tuple[str, str] | None]] = []
         for index, prompt in enumerate(prompts):
             if fixed[index] is not None:
@@ -286,7 +289,8 @@ class Exchange:
                     prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
                     latency_ms=round((time.perf_counter() - self.started) * 1000, 1),
                     finish_reason=self.answers[0].finish_reason if self.answers else None, api_key_name=self.key_name,
-                    retrieval=None if not any(retrieval) else retrieval[0] if len(retrieval) == 1 else retrieval)
+                    retrieval=None if not any(retrieval) else retrieval[0] if len(retrieval) == 1 else retrieval,
+                    trace=self.trace)
 
     async def save(self) -> None:
         if self.saved:
@@ -312,12 +316,25 @@ class Exchange:
         except RuntimeError:  # no loop any more: write here
             self._write(row)
 
+    async def keep(self, trace: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> None:
+        """Store this exchange (an agent's last step, saved without a record) as the request's one record: the
+        whole conversation with its tool turns, the answer, the steps, and the tokens of every step (each
+        step's usage was counted when it was saved)."""
+        self.record, self.trace = True, trace
+        if self.state.store is None or not self.state.settings.serve.log_exchanges:
+            return
+        row = {**self._row(), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        try:
+            await asyncio.to_thread(self.state.store.log_exchange, **row)
+        except Exception as exc:  # the answer was given; a broken store must not turn it into an error
+            log.error("cannot store exchange %s: %s", self.rid, exc)
+
     def _write(self, row: dict[str, Any]) -> None:
         """The exchange (unless serve.log_exchanges is off) and its guardrail decisions, in one transaction."""
         events = [{**f.as_dict(), "request_id": self.rid, "model": row["model"], "persona": row["persona"],
                    "route": self.route} for f in self.rails.findings]
         try:
-            if self.state.settings.serve.log_exchanges:
+            if self.state.settings.serve.log_exchanges and self.record:
                 self.state.store.log_exchange(**row, guard_events=events)  # type: ignore[union-attr]
             elif events:
                 self.state.store.log_guard_events(events)  # type: ignore[union-attr]

@@ -12,8 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from forja.config import Persona
 from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL
 from forja.engine.text import token_piece
+from forja.serve import agent
 from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep
 from forja.serve.exchange import Answer, Exchange, Options
 from forja.serve.schemas import (
@@ -68,6 +70,9 @@ def model_cards(state: ServerState) -> list[ModelCard]:
 @router.post("/chat/completions", response_model=None, responses=generating_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
     rid, created = new_response_id("chatcmpl"), now()
+    persona = agent.agent_persona(state, body.model, body.tools)
+    if persona is not None:  # the server runs the persona's tools in a loop (serve/agent.py)
+        return await agent_reply(body, request, state, persona, rid, created)
     exchange = await Exchange.open(state, request, rid=rid, route="chat", model=body.model,
                                    prompts=[[m.as_dict() for m in body.messages]], n=body.n, options=options_of(body),
                                    param="messages")
@@ -93,6 +98,52 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
             "choices": [{"index": a.index, "text": a.text, "finish_reason": a.finish_reason,
                          "logprobs": completion_logprobs(a.logprobs, tokenizer, 0)} for a in answers],
             "usage": exchange.usage()}
+
+
+async def agent_reply(body: ChatCompletionRequest, request: Request, state: ServerState, persona: Persona, rid: str,
+                      created: int):
+    options = options_of(body)
+    agent.check_request(body.n, options)
+    messages = [m.as_dict() for m in body.messages]
+    head = {"id": rid, "created": created, "model": persona.name}
+    if body.stream:
+        return sse(agent_chunks(body, request, state, persona, head, messages, options))
+    reply = await agent.run(state, request, rid=rid, persona=persona, messages=messages, options=options)
+    choice = chat_choice(reply.answer, logprob_tokens(reply.exchange, bool(body.logprobs)))
+    if reply.toolbox is not None and reply.toolbox.grounding is not None:
+        choice["message"]["annotations"] = reply.citations()
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage(),
+            "forja": reply.extension()}
+
+
+async def agent_chunks(body: ChatCompletionRequest, request: Request, state: ServerState, persona: Persona,
+                       head: dict[str, Any], messages: list[dict[str, Any]], options: Options
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """Each tool step as a chunk with no choices and `forja.step` (a plain client skips it), then the answer:
+    its role, its text, its finish (with citations) and, when asked, the usage."""
+    head = {**head, "object": "chat.completion.chunk"}
+    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                "logprobs": None}]}
+    steps = agent.stream_steps(state, request, rid=head["id"], persona=persona, messages=messages, options=options)
+    try:
+        async for item in steps:
+            if isinstance(item, dict):
+                yield {**head, "choices": [], "forja": {"step": item}}
+                continue
+            reply = item
+    except ApiError as exc:  # the stream has begun: the error is its last event (the OpenAI client raises it)
+        yield exc.body()
+        return
+    answer = reply.answer
+    tokenizer = logprob_tokens(reply.exchange, bool(body.logprobs))
+    yield {**head, "choices": [{"index": 0, "delta": {"content": answer.text}, "finish_reason": None,
+                                "logprobs": chat_logprobs(answer.logprobs, tokenizer) if tokenizer else None}]}
+    finish: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": answer.finish_reason, "logprobs": None}
+    if reply.toolbox is not None and reply.toolbox.grounding is not None:
+        finish["delta"] = {"annotations": reply.citations()}
+    yield {**head, "choices": [finish], "forja": reply.extension()}
+    if body.include_usage:
+        yield {**head, "choices": [], "usage": reply.usage()}
 
 
 def logprob_tokens(exchange: Exchange, asked: bool) -> Any:
