@@ -349,6 +349,15 @@ class ToolSettings(BaseModel):
                                   "before the model reads it (it says so).")
 
 
+class PersonaPage(BaseModel):
+    """What the chat page shows while a persona is selected, in place of serve.page's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(None, description="The page's title; None = serve.page.title.")
+    welcome: str | None = Field(None, description="The first message shown; None = serve.page.welcome.")
+
+
 class Persona(BaseModel):
     """A named assistant: a system prompt and default sampling on a model; selectable as `model`."""
 
@@ -392,12 +401,71 @@ class Persona(BaseModel):
     first_tool_choice: Literal["auto", "required"] = Field(
         "auto", description="required: the first step must call a tool (a small model that answers without "
         "looking things up); later steps choose.")
+    page: PersonaPage | None = Field(None, description="The chat page's title and welcome while this persona is selected.")
 
     @model_validator(mode="after")
     def _upstream_model(self) -> "Persona":
         if self.upstream_url and not self.model:
             raise ValueError(f"persona {self.name!r}: with upstream_url, `model` names the upstream's model")
         return self
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".avif", ".ico")
+
+
+def _is_url(value: str) -> bool:
+    return value.lower().startswith(("http://", "https://"))
+
+
+class PageSettings(BaseModel):
+    """The chat page at `/` as the people you serve see it: your name, logo and words. Every text left None
+    is the built-in one in the page's language (serve/web/texts.json, Spanish and English)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: Literal["auto", "es", "en"] = Field(
+        "auto", description="The page's language; auto = the browser's (Spanish when it starts with es, else English).")
+    title: str | None = Field(None, description="The name at the top of the page and in the browser tab (your shop's).")
+    logo: str | None = Field(
+        None, description="An image shown next to the title: an http(s) URL, or a file (absolute, or relative to "
+        f"FORJA_HOME) served at /page/logo; one of {', '.join(IMAGE_SUFFIXES)}.")
+    welcome: str | None = Field(None, description="The first message of every conversation (not sent to the model).")
+    ai_notice: str | None = Field(None, description="The notice that the visitor is talking to an AI model.")
+    placeholder: str | None = Field(None, description="The hint in the empty message box.")
+    send: str | None = Field(None, description="The send button.")
+    stop: str | None = Field(None, description="The button that stops an answer.")
+    new_chat: str | None = Field(None, description="The button that starts a new conversation.")
+    good: str | None = Field(None, description="The button rating an answer good.")
+    bad: str | None = Field(None, description="The button rating an answer bad.")
+    improve: str | None = Field(None, description="The button opening the correction box.")
+    correction_placeholder: str | None = Field(None, description="The hint in the correction box.")
+    send_correction: str | None = Field(None, description="The button sending a correction.")
+    thanks: str | None = Field(None, description="Shown once a rating is sent.")
+    correction_saved: str | None = Field(None, description="Shown once a correction is sent.")
+
+    @field_validator("logo")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlparse
+
+        path = urlparse(value).path if _is_url(value) else value
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            raise ValueError(f"{value!r} is not an image: name a file or URL ending in one of {', '.join(IMAGE_SUFFIXES)}")
+        return value
+
+    @property
+    def logo_url(self) -> str | None:
+        """Where the page loads the logo from: the URL given, or /page/logo for a file."""
+        return None if self.logo is None else self.logo if _is_url(self.logo) else "/page/logo"
+
+    def logo_file(self, home: Path) -> Path | None:
+        """The logo's file (None: no logo, or a URL the browser loads itself)."""
+        if self.logo is None or _is_url(self.logo):
+            return None
+        path = Path(self.logo).expanduser()
+        return path if path.is_absolute() else home / path
 
 
 class ServeSettings(BaseModel):
@@ -458,6 +526,7 @@ class ServeSettings(BaseModel):
     mcp_servers: dict[str, McpServer] = Field(default_factory=dict, description="MCP servers whose tools personas "
                                               "name as mcp:NAME; started with the server.")
     tools: ToolSettings = Field(default_factory=ToolSettings)
+    page: PageSettings = Field(default_factory=PageSettings, description="The chat page's title, logo, language and texts.")
     log_requests: bool = Field(True, description="Log one line per request (method, path, status, time).")
     log_prompts: bool = Field(False, description="Also log prompts and answers (off: they may be private).")
     log_exchanges: bool = Field(

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,7 +23,7 @@ from forja.engine import Engine, make_engine
 from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
-from forja.serve.routes import (admin, batches, classic, embeddings, files, fine_tuning, monitoring, openai,
+from forja.serve.routes import (admin, batches, classic, embeddings, files, fine_tuning, monitoring, openai, page,
                                 responses, vector_stores)
 from forja.serve.schemas import BAD_REQUEST_ERRORS
 from forja.store import Store
@@ -81,11 +81,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.include_router(batches.router)
     app.include_router(vector_stores.router)
     app.include_router(monitoring.router)
+    app.include_router(page.router)  # the chat page at / in serve.page's words, and its logo
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

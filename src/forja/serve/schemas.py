@@ -423,7 +423,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "forja"
-    kind: Literal["active", "base", "version", "persona", "embedding"]
+    kind: Literal["active", "base", "version", "loaded", "persona", "embedding"]
     description: str = ""
 
 

@@ -16,7 +16,7 @@ from forja.config import Persona
 from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL
 from forja.engine.text import token_piece
 from forja.serve import agent
-from forja.serve.deps import ApiError, ApiKeyDep, ServerState, StateDep
+from forja.serve.deps import ApiError, ApiKeyDep, Caller, ChatCallerDep, ServerState, StateDep
 from forja.serve.exchange import Answer, Exchange, Options
 from forja.serve.schemas import (
     ChatCompletion,
@@ -37,14 +37,17 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 
 @router.get("/models", responses=error_responses(401))
-async def list_models(state: StateDep, _: ApiKeyDep) -> ModelList:
-    return ModelList(data=model_cards(state))
+async def list_models(state: StateDep, caller: ChatCallerDep) -> ModelList:
+    """The personas and the active model; an admin key also sees the base model, every trained version and
+    the engines loaded on request (the customers of a shop see its assistants, not its first tries)."""
+    return ModelList(data=model_cards(state, caller))
 
 
 @router.get("/models/{model_id:path}", responses=error_responses(401, 404, 422))
-async def retrieve_model(model_id: str, state: StateDep, _: ApiKeyDep) -> ModelCard:
-    """One card of /v1/models; `:path` because model ids can be paths or hub names with a `/`."""
-    cards = model_cards(state)
+async def retrieve_model(model_id: str, state: StateDep, caller: ChatCallerDep) -> ModelCard:
+    """One card of /v1/models, as the caller sees that list; `:path` because model ids can be paths or hub
+    names with a `/`."""
+    cards = model_cards(state, caller)
     for card in cards:
         if card.id == model_id:
             return card
@@ -52,16 +55,23 @@ async def retrieve_model(model_id: str, state: StateDep, _: ApiKeyDep) -> ModelC
                    param="model", code="model_not_found")
 
 
-def model_cards(state: ServerState) -> list[ModelCard]:
+def model_cards(state: ServerState, caller: Caller) -> list[ModelCard]:
+    """What /v1/models lists to `caller`. Only the listing hides versions: a request naming one is still
+    answered by it (ServerState.target)."""
     created = int(state.started)
     active = state.active
     cards = [ModelCard(id=active, created=created, kind="active", description="answers requests that name no model")]
-    if state.base != active:
-        cards.append(ModelCard(id=state.base, created=created, kind="base", description="the model loaded at start"))
     cards += [ModelCard(id=p.name, created=created, kind="persona", description=p.description)
               for p in state.settings.serve.personas]
-    cards += [ModelCard(id=v, created=created, kind="version", description="trained version")
-              for v in state.versions() if v not in (active, state.base)]
+    if caller.admin:
+        if state.base != active:
+            cards.append(ModelCard(id=state.base, created=created, kind="base", description="the model loaded at start"))
+        versions = [v for v in state.versions() if v not in (active, state.base)]
+        cards += [ModelCard(id=v, created=created, kind="version", description="trained version") for v in versions]
+        upstreams = {f"@{p.upstream_url}" for p in state.settings.serve.personas if p.upstream_url}
+        cards += [ModelCard(id=name, created=created, kind="loaded", description="loaded on request")
+                  for name in state.engines if name not in (active, state.base, *versions)
+                  and not any(name.endswith(tail) for tail in upstreams)]  # a persona's own upstream: listed as it
     cards.append(ModelCard(id=EMBEDDING_MODEL, created=created, owned_by="sentence-transformers", kind="embedding",
                            description=f"sentence embeddings, {EMBEDDING_DIMENSIONS} dimensions (POST /v1/embeddings)"))
     return cards

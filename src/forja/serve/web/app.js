@@ -1,12 +1,58 @@
 // The chat page: keeps the conversation, streams answers from /v1/chat/completions (server-sent
 // events), persona selector, stop button, and under each answer thumbs up/down and an "improve this
 // answer" box that send feedback to /v1/feedback; a persona with knowledge lists the sources under its
-// answer, each opening the quoted passage on click. Text from the user, the documents or the model is
-// only ever set with textContent, never innerHTML.
+// answer, each opening the quoted passage on click. Its words are the operator's (serve.page), in
+// Spanish or English, from the JSON block the server renders into index.html (routes/page.py). Text from
+// the operator, the user, the documents or the model is only ever set with textContent, never innerHTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const state = { history: [], controller: null };
+const config = JSON.parse($("page-config").textContent);
+const browserLanguage = ((navigator.languages && navigator.languages[0]) || navigator.language || "").toLowerCase();
+const language = config.language !== "auto" ? config.language : browserLanguage.startsWith("es") ? "es" : "en";
+const texts = config.texts[language];
+
+// A text in the page's language with its {placeholders} filled in (plain text: it is set with textContent).
+function t(key, values) {
+  let text = texts[key] !== undefined ? texts[key] : key;
+  for (const [name, value] of Object.entries(values || {})) text = text.split("{" + name + "}").join(String(value));
+  return text;
+}
+
+// The selected persona's own title or welcome (Persona.page), else the page's.
+function pageText(key) {
+  const own = config.personas[$("persona").value] || {};
+  return own[key] || t(key);
+}
+
+function showTitle() {
+  $("title").textContent = pageText("title");
+  document.title = pageText("title");
+}
+
+function showTexts() {
+  document.documentElement.lang = language;
+  showTitle();
+  $("assistant-label").textContent = t("assistant_label");
+  $("persona").setAttribute("aria-label", t("assistant_label"));
+  $("reset").textContent = t("new_chat");
+  $("reset").title = t("new_chat_title");
+  $("ai-notice").textContent = t("ai_notice");
+  $("ai-notice").hidden = !t("ai_notice");
+  $("prompt").placeholder = t("placeholder");
+  $("prompt").setAttribute("aria-label", t("message_label"));
+  $("send").textContent = t("send");
+  $("stop").textContent = t("stop");
+  $("key-summary").textContent = t("key_summary");
+  $("api-key").placeholder = t("key_placeholder");
+  if (config.logo) {
+    const logo = $("logo");
+    logo.addEventListener("error", () => { logo.hidden = true; });
+    logo.src = config.logo;
+    logo.hidden = false;
+  }
+}
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -15,42 +61,81 @@ function headers() {
   return h;
 }
 
+// The conversation scrolls, not the page: the newest message is brought into view above the input box.
+function scrollToEnd() {
+  const box = $("messages");
+  box.scrollTop = box.scrollHeight;
+}
+
+function atEnd() {
+  const box = $("messages");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+}
+
 function addMessage(role, text) {
   const div = document.createElement("div");
   div.className = "message " + role;
   div.textContent = text;
   $("messages").append(div);
-  div.scrollIntoView({ block: "end" });
+  scrollToEnd();
   return div;
 }
 
 function setStatus(text) { $("status").textContent = text || ""; }
 
 async function errorText(response) {
+  let message;
   try {
     const body = await response.json();
-    if (response.status === 401) $("key-box").open = true;
-    return body.error ? body.error.message : response.statusText;
-  } catch (_) { return response.status + " " + response.statusText; }
+    message = body.error ? body.error.message : response.statusText;
+  } catch (_) { message = response.status + " " + response.statusText; }
+  if (response.status === 401) {
+    $("key-box").open = true;
+    return t("key_needed") + " (" + message + ")";
+  }
+  return message;
+}
+
+// What a failed fetch or stream says: the server's error, or that the server could not be reached.
+function failure(err) {
+  return err instanceof TypeError ? t("offline") : String(err.message || err);
+}
+
+// The selector lists what /v1/models shows this caller: the personas and the active model (an admin key
+// also sees the base model, the trained versions and the loaded engines).
+function optionText(model, admin) {
+  const name = model.id.split("/").pop();
+  if (model.kind === "active") return admin ? t("default_assistant") + " (" + name + ")" : t("default_assistant");
+  if (model.kind === "base") return t("base_model", { name });
+  if (model.kind === "version") return model.id + " — " + t("trained_version");
+  if (model.kind === "loaded") return name + " (" + t("loaded_model") + ")";
+  const label = (config.personas[model.id] || {}).title || model.id;
+  return model.description ? label + " — " + model.description : label;
 }
 
 async function loadPersonas() {
-  const response = await fetch("/v1/models", { headers: headers() });
-  if (!response.ok) { setStatus(await errorText(response)); return; }
+  let models;
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) { setStatus(await errorText(response)); return; }
+    models = (await response.json()).data.filter((m) => m.kind !== "embedding"); // it makes vectors, not answers
+  } catch (err) { setStatus(failure(err)); return; }
+  const admin = models.some((m) => ["base", "version", "loaded"].includes(m.kind));
   const select = $("persona");
   select.replaceChildren();
-  for (const model of (await response.json()).data) {
-    if (model.kind === "embedding") continue; // it makes vectors, not answers
+  for (const model of models) {
     const option = document.createElement("option");
     option.value = model.id;
-    option.textContent = model.kind === "active" ? model.id.split("/").pop() + " (active model)"
-      : model.kind === "base" ? model.id.split("/").pop() + " (plain model)"
-      : model.description ? model.id + " — " + model.description : model.id;
+    option.textContent = optionText(model, admin);
+    option.title = model.id;
     option.dataset.kind = model.kind;
     select.append(option);
   }
   const saved = localStorage.getItem("forja-persona");
   if (saved && [...select.options].some((o) => o.value === saved)) select.value = saved;
+  setStatus("");
+  showTitle();
+  if (!state.history.length && !state.controller) reset(); // the selected persona's welcome
 }
 
 function reset(note) {
@@ -58,6 +143,8 @@ function reset(note) {
   state.history = [];
   $("messages").replaceChildren();
   if (note) addMessage("note", note);
+  const welcome = pageText("welcome");
+  if (welcome) addMessage("welcome", welcome); // shown, never sent to the model
   setStatus("");
 }
 
@@ -82,11 +169,11 @@ function feedbackBar(bubble, id, turn) {
   box.hidden = true;
   const area = document.createElement("textarea");
   area.rows = 3;
-  area.placeholder = "What should the answer have been?";
-  area.setAttribute("aria-label", "Corrected answer");
+  area.placeholder = t("correction_placeholder");
+  area.setAttribute("aria-label", t("correction_label"));
   const send = document.createElement("button");
   send.type = "submit";
-  send.textContent = "Send correction";
+  send.textContent = t("send_correction");
   box.append(area, send);
 
   async function post(body, done) {
@@ -98,18 +185,18 @@ function feedbackBar(bubble, id, turn) {
       bar.classList.add("sent");
       return true;
     } catch (err) {
-      note.textContent = "Feedback not sent: " + String(err.message || err);
+      note.textContent = t("feedback_failed", { error: failure(err) });
       return false;
     }
   }
-  const up = button("✓ Good", "Good answer", () => post({ rating: "up" }, "Thanks!"));
-  const down = button("✗ Bad", "Bad answer", () => { post({ rating: "down" }, "Thanks — you can also correct it."); box.hidden = false; });
-  const improve = button("Improve this answer", "Improve this answer", () => { box.hidden = !box.hidden; if (!box.hidden) area.focus(); });
+  const up = button(t("good"), t("good_title"), () => post({ rating: "up" }, t("thanks")));
+  const down = button(t("bad"), t("bad_title"), () => { post({ rating: "down" }, t("thanks_bad")); box.hidden = false; });
+  const improve = button(t("improve"), t("improve"), () => { box.hidden = !box.hidden; if (!box.hidden) area.focus(); });
   box.addEventListener("submit", async (event) => {
     event.preventDefault();
     const correction = area.value.trim();
     if (!correction) { area.focus(); return; }
-    if (await post({ rating: "down", correction }, "Correction saved — the next version learns from it.")) {
+    if (await post({ rating: "down", correction }, t("correction_saved"))) {
       box.hidden = true;
       if (state.history[turn]) state.history[turn].content = correction; // the conversation goes on from it
     }
@@ -120,7 +207,7 @@ function feedbackBar(bubble, id, turn) {
 
 function where(cite) {
   const parts = [cite.filename];
-  if (cite.page !== null && cite.page !== undefined) parts.push("p. " + cite.page);
+  if (cite.page !== null && cite.page !== undefined) parts.push(t("page", { page: cite.page }));
   if (cite.headings && cite.headings.length) parts.push(cite.headings.join(" › "));
   return parts.join(", ");
 }
@@ -130,7 +217,7 @@ function sourcesList(annotations) {
   box.className = "sources";
   const title = document.createElement("span");
   title.className = "sources-title";
-  title.textContent = "Sources";
+  title.textContent = t("sources");
   box.append(title);
   for (const note of annotations) {
     const cite = note.file_citation;
@@ -138,7 +225,7 @@ function sourcesList(annotations) {
     item.className = "source" + (cite.cited ? " cited" : "");
     const summary = document.createElement("summary");
     summary.textContent = "[" + cite.index + "] " + where(cite);
-    summary.title = cite.cited ? "cited in the answer" : "given to the model";
+    summary.title = cite.cited ? t("source_cited") : t("source_given");
     const quote = document.createElement("blockquote");
     quote.textContent = cite.quote;
     item.append(summary, quote);
@@ -189,8 +276,9 @@ async function ask(text) {
         for (const choice of chunk.choices) {
           if (choice.delta && choice.delta.content) {
             answer += choice.delta.content;
+            const follow = atEnd(); // unless the reader scrolled up to read something earlier
             bubble.textContent = answer;
-            bubble.scrollIntoView({ block: "end" });
+            if (follow) scrollToEnd();
           }
           if (choice.delta && choice.delta.annotations) annotations = choice.delta.annotations;
           if (choice.finish_reason) finish = choice.finish_reason;
@@ -199,21 +287,21 @@ async function ask(text) {
     }
   } catch (err) {
     if (err.name === "AbortError") finish = "stopped";
-    else setStatus(String(err.message || err));
+    else setStatus(failure(err));
   } finally {
+    const follow = atEnd();
     bubble.classList.remove("streaming");
     if (!answer && finish !== "stopped") bubble.classList.add("empty");
     if (answer) state.history.push({ role: "assistant", content: answer });
     if (answer && responseId && finish !== "stopped") feedbackBar(bubble, responseId, state.history.length - 1);
     if (annotations.length) bubble.after(sourcesList(annotations)); // between the answer and its feedback bar
-    const notes = { stopped: "(stopped)", length: "(cut at the length limit)",
-                    content_filter: "(refused by the guardrails; rate it ✗ Bad if it should have answered)" };
-    if (notes[finish]) {
+    if (["stopped", "length", "content_filter"].includes(finish)) {
       const meta = document.createElement("span");
       meta.className = "meta";
-      meta.textContent = notes[finish];
+      meta.textContent = t(finish, { bad: t("bad") });
       bubble.append(meta);
     }
+    if (follow) scrollToEnd(); // the whole answer, its sources and its rating buttons
     if (state.controller === controller) state.controller = null;
     busy(false);
     $("prompt").focus();
@@ -233,12 +321,18 @@ $("prompt").addEventListener("keydown", (event) => {
 $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
 $("reset").addEventListener("click", () => reset());
 $("persona").addEventListener("change", () => {
-  localStorage.setItem("forja-persona", $("persona").value);
-  reset("New conversation with " + $("persona").value);
+  const select = $("persona");
+  const option = select.selectedOptions[0];
+  localStorage.setItem("forja-persona", select.value);
+  showTitle();
+  const own = config.personas[select.value] || {};
+  reset(t("new_conversation", { name: own.title || (option.dataset.kind === "persona" ? select.value : option.textContent) }));
 });
 $("api-key").value = localStorage.getItem("forja-api-key") || "";
 $("api-key").addEventListener("change", () => {
   localStorage.setItem("forja-api-key", $("api-key").value.trim());
   loadPersonas();
 });
+showTexts();
+reset();
 loadPersonas();
