@@ -189,8 +189,8 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
     history: list[dict[str, str]] = []
     last: Answer | None = None  # the answer /good, /bad and /fix apply to
     names = chat_models(client)  # also checks the server is there before the first question
-    if model and model not in names:
-        raise ClientError(f"the server has no model or persona {model!r}; it offers: {', '.join(names)}")
+    if model and model not in names:  # a trained version is listed to admin keys only, but answers anyone
+        out.write(f"({model} is not among what the server lists to this key: {', '.join(names)}; asking it anyway)\n")
     current = model or names[0]
     interactive = inp.isatty()
     out.write(f"Talking to {current} at {client.url} (an AI model: answers can be wrong). {CHAT_HELP}\n")
@@ -237,7 +237,8 @@ def chat(client: Client, *, model: str | None, inp: TextIO, out: TextIO, **sampl
             if not name:
                 out.write("available: " + ", ".join(names) + "\n")
             elif name not in names:
-                out.write(f"no persona {name!r}; available: {', '.join(names)}\n")
+                out.write(f"no persona {name!r}; available: {', '.join(names)} (a trained version that is not "
+                          "listed: forja chat --model NAME)\n")
             else:
                 current = name
                 history.clear()

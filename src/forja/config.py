@@ -144,8 +144,9 @@ class KeyLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(None, ge=1, description="Requests in any 60 s (per server process).")
-    tokens_per_day: int | None = Field(None, ge=1, description="Prompt and completion tokens per UTC day.")
+    requests_per_minute: int | None = Field(None, ge=1, le=1_000_000, description="Requests in any 60 s (per "
+                                            "server process).")
+    tokens_per_day: int | None = Field(None, ge=1, le=10**15, description="Prompt and completion tokens per UTC day.")
 
 
 class ApiKey(BaseModel):

@@ -140,7 +140,7 @@ class ServerState:
         persona = self.personas.get(name)
         model = (persona.model if persona else None) or (active if persona else name)
         if not persona and model not in (self.base, active) and model not in self.engines and model not in self.versions():
-            known = ", ".join(dict.fromkeys([active, self.base, *self.personas, *self.versions()]))
+            known = ", ".join(dict.fromkeys([active, *self.personas]))  # versions are listed to admins only
             raise ApiError(404, f"the model {name!r} does not exist; available: {known}", type="invalid_request_error",
                            param="model", code="model_not_found")
         engine = await self.engine(model, persona if persona is not None and persona.upstream_url else None)

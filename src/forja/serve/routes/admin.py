@@ -99,7 +99,7 @@ async def list_keys(state: StateDep, _: AdminKeyDep) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.delete("/keys/{key_id}", responses=error_responses(401, 403, 404, 409))
+@router.delete("/keys/{key_id}", responses=error_responses(401, 403, 404, 409, 422))
 async def revoke_key(key_id: str, state: StateDep, _: AdminKeyDep) -> dict:
     """Revoke a key made here (by id or name): the next request with it is a 401."""
     if key_id.startswith("config:"):

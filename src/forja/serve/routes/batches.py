@@ -71,7 +71,7 @@ async def list_batches(state: StateDep, caller: TrainKeyDep,
                      has_more=more)
 
 
-@router.get("/batches/{batch_id}", responses=responses(401, 403, 404, 409))
+@router.get("/batches/{batch_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_batch(batch_id: str, state: StateDep, caller: TrainKeyDep) -> BatchObject:
     try:
         job = await asyncio.to_thread(jobs.get, store_of(state), batch_id, jobs.BATCH, caller.name, caller.admin)
@@ -80,7 +80,7 @@ async def retrieve_batch(batch_id: str, state: StateDep, caller: TrainKeyDep) ->
     return batch_object(job)
 
 
-@router.post("/batches/{batch_id}/cancel", responses=responses(401, 403, 404, 409))
+@router.post("/batches/{batch_id}/cancel", responses=responses(401, 403, 404, 409, 422))
 async def cancel_batch(batch_id: str, state: StateDep, caller: TrainKeyDep) -> BatchObject:
     """A waiting batch is cancelled at once; a running one goes to `cancelling` while the requests being
     answered finish, then `cancelled`, with what was answered in its output file."""

@@ -129,12 +129,12 @@ async def list_jobs(state: StateDep, caller: TrainKeyDep,
     return FineTuningJobList(data=[job_object(state, job) for job in page], has_more=more)
 
 
-@router.get("/jobs/{job_id}", responses=responses(401, 403, 404, 409))
+@router.get("/jobs/{job_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_job(job_id: str, state: StateDep, caller: TrainKeyDep) -> FineTuningJob:
     return job_object(state, await asyncio.to_thread(job_of, state, job_id, caller))
 
 
-@router.post("/jobs/{job_id}/cancel", responses=responses(401, 403, 404, 409))
+@router.post("/jobs/{job_id}/cancel", responses=responses(401, 403, 404, 409, 422))
 async def cancel_job(job_id: str, state: StateDep, caller: TrainKeyDep) -> FineTuningJob:
     """A queued job is cancelled at once; a running one is stopped by its worker within a few seconds,
     keeping its checkpoints."""
@@ -147,7 +147,7 @@ async def cancel_job(job_id: str, state: StateDep, caller: TrainKeyDep) -> FineT
     return job_object(state, job)
 
 
-@router.post("/jobs/{job_id}/promote", responses=responses(400, 401, 403, 404, 409))
+@router.post("/jobs/{job_id}/promote", responses=responses(400, 401, 403, 404, 409, 422))
 async def promote_job(job_id: str, state: StateDep, key_name: MonitorKeyDep) -> dict:
     """Make the version a succeeded job made the active one (an extension; an admin key when keys are
     configured). Undo with POST /admin/models/rollback."""
@@ -158,7 +158,7 @@ async def promote_job(job_id: str, state: StateDep, key_name: MonitorKeyDep) -> 
     return await activate(ActivateRequest(model=job.result["fine_tuned_model"]), state, key_name or "a client")
 
 
-@router.get("/jobs/{job_id}/events", responses={**responses(401, 403, 404, 409), 200: {
+@router.get("/jobs/{job_id}/events", responses={**responses(400, 401, 403, 404, 409, 422), 200: {
     "description": "The events, newest first; with stream=true, server-sent events oldest first until the job ends",
     "content": {"application/json": {"schema": JobEventList.model_json_schema()}, "text/event-stream": {}}}})
 async def list_events(job_id: str, state: StateDep, caller: TrainKeyDep,
@@ -199,7 +199,7 @@ async def follow(state: ServerState, job_id: str, after: int | None) -> AsyncIte
         await asyncio.sleep(STREAM_POLL_SECONDS)
 
 
-@router.get("/jobs/{job_id}/checkpoints", responses=responses(401, 403, 404, 409))
+@router.get("/jobs/{job_id}/checkpoints", responses=responses(401, 403, 404, 409, 422))
 async def list_checkpoints(job_id: str, state: StateDep, caller: TrainKeyDep,
                            after: str | None = Query(None, description="The id of the last checkpoint of the page before."),
                            limit: int = Query(10, ge=1, le=MAX_PAGE)) -> JobCheckpointList:
