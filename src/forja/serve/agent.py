@@ -28,6 +28,9 @@ from forja.serve.rails import RequestRails
 
 
 CALL_TOKENS = 256  # the least a step that may call a tool may write: a call with its arguments
+# After the tool results, the model answers the user: said as a turn of its own, since a small model that
+# reads a result as the last turn tends to go on writing results
+ANSWER_NOW = "Now answer my question above in plain words, using the tool results (or call another tool)."
 
 
 @dataclass
@@ -85,8 +88,9 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
                   "required" if step == 0 and persona.first_tool_choice == "required" else "auto")
         # a step that may call gets room for the call; the answer is held to the client's max_tokens
         room = options.max_tokens if last else max(options.max_tokens or 0, CALL_TOKENS)
+        prompt = conversation + [{"role": "user", "content": ANSWER_NOW}] if steps else conversation
         exchange = await Exchange.open(
-            state, request, rid=rid, route="chat", model=persona.name, prompts=[conversation], n=1,
+            state, request, rid=rid, route="chat", model=persona.name, prompts=[prompt], n=1,
             options=replace(options, tools=toolbox.specs(), tool_choice=choice, parallel_tool_calls=True,
                             stream=False, max_tokens=room),
             param="messages", record=False)
