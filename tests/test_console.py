@@ -75,6 +75,15 @@ def seed_feedback(store: Store, tag: str) -> list[int]:
     return ids
 
 
+def wait_until(page, script: str, timeout: float = 30_000) -> None:
+    """page.wait_for_function without its eval, which the console's Content-Security-Policy forbids."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(script):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout / 1000:.0f} s: {script}")
+        time.sleep(0.1)
+
+
 def test_passwords_are_stored_as_salted_scrypt_hashes(server):
     with server.store.engine.connect() as conn:
         stored = {r.name: r.password_hash for r in conn.execute(console_users.select())}
@@ -259,7 +268,7 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
                                                  "buffer": jsonl(PAIRS + PAIRS[:1])}])
     page.click("#upload-send")
     page.wait_for_selector("#report:not([hidden])")
-    page.wait_for_function("document.querySelectorAll('#files tbody tr').length === 1")
+    wait_until(page, "document.querySelectorAll('#files tbody tr').length === 1")
     assert page.locator("#report-name").inner_text() == f"{XSS}faq.jsonl"
     assert page.locator("#report-duplicates").inner_text() == "1"
     assert page.locator("#files .filename").inner_text() == f"{XSS}faq.jsonl"
@@ -273,8 +282,8 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     page.fill("#job-suffix", "console")
     page.click("#job-start")
     page.wait_for_selector("#job:not([hidden])")
-    page.wait_for_function("document.querySelectorAll('#loss-chart .point').length >= 1", timeout=240_000)
-    page.wait_for_function("document.getElementById('job-status').textContent === 'succeeded'", timeout=240_000)
+    wait_until(page, "document.querySelectorAll('#loss-chart .point').length >= 1", 240_000)
+    wait_until(page, "document.getElementById('job-status').textContent === 'succeeded'", 240_000)
     assert page.locator("#loss-chart .point").count() >= 2
     assert page.locator("#job-step").inner_text() == "4 / 4"
     assert page.locator("#job-speed").inner_text() != "–"
@@ -287,10 +296,10 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     page.wait_for_selector("body[data-loaded]")
     card = page.locator(f'[data-version="{version}"]')
     card.locator("button.promote").click()
-    page.wait_for_function(f"document.getElementById('active').textContent === {json.dumps(version)}",
-                           timeout=60_000)
+    wait_until(page, f"document.getElementById('active').textContent === {json.dumps(version)}",
+                           60_000)
     assert server.app.state.forja.active == version
-    page.wait_for_function(f"""() => {{ const img = document.querySelector('[data-version="{version}"] img');
+    wait_until(page, f"""() => {{ const img = document.querySelector('[data-version="{version}"] img');
         return img && img.complete && img.naturalWidth > 0; }}""")
     page.screenshot(path=str(ARTIFACTS / "console-versions.png"), full_page=True)
 
@@ -312,7 +321,7 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     # Keys and usage (the /admin/keys routes come with the lead's branch: until then the page says so)
     page.click("nav >> text=Keys and usage")
     page.wait_for_selector("body[data-loaded]")
-    page.wait_for_function("document.querySelectorAll('#users tbody tr').length >= 2")
+    wait_until(page, "document.querySelectorAll('#users tbody tr').length >= 2")
     page.screenshot(path=str(ARTIFACTS / "console-keys.png"), full_page=True)
 
     # at phone width nothing runs off the side

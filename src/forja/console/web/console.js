@@ -72,29 +72,37 @@ function showError(node, error) {
   node.hidden = !error;
 }
 
-// A line chart of series [{name, cls, points: [[x, y], ...]}] into an <svg>, axes from 0 to the largest value.
+// A line chart of series [{name, cls, points: [[x, y], ...]}] into an <svg> as wide as it is shown; the y axis
+// spans the values (a loss that falls from 6.1 to 5.9 is a visible fall, not a flat line near the top).
 function lineChart(node, series, xLabel) {
-  const W = 560, H = 220, L = 48, R = 10, T = 10, B = 28;
+  const W = Math.max(280, Math.round(node.clientWidth || 560)), H = 220, L = 48, R = 12, T = 24, B = 28;
   node.replaceChildren();
   node.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const all = series.flatMap((s) => s.points);
   if (!all.length) { node.append(svg("text", { x: L, y: H / 2 }, "No points yet.")); return; }
-  const xMax = Math.max(1, ...all.map((p) => p[0])), yMax = Math.max(...all.map((p) => p[1])) * 1.1 || 1;
-  const x = (v) => L + (v / xMax) * (W - L - R), y = (v) => H - B - (v / yMax) * (H - T - B);
-  for (const v of [0, yMax / 2, yMax]) {
+  const xMax = Math.max(1, ...all.map((p) => p[0]));
+  let yMin = Math.min(...all.map((p) => p[1])), yMax = Math.max(...all.map((p) => p[1]));
+  const pad = (yMax - yMin) * 0.1 || Math.abs(yMax) * 0.05 || 1;
+  yMin -= pad; yMax += pad;
+  const x = (v) => L + (v / xMax) * (W - L - R), y = (v) => H - B - ((v - yMin) / (yMax - yMin)) * (H - T - B);
+  for (const v of [yMin, (yMin + yMax) / 2, yMax]) {
     node.append(svg("line", { class: "axis", x1: L, x2: W - R, y1: y(v), y2: y(v) }));
     node.append(svg("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end" }, String(+v.toPrecision(3))));
   }
   node.append(svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, `${xLabel} ${xMax}`));
   node.append(svg("text", { x: L, y: H - 6 }, `${xLabel} 0`));
-  series.forEach((s, i) => {
-    if (!s.points.length) return;
-    node.append(svg("polyline", { class: "line " + (s.cls || ""), points: s.points.map((p) => `${x(p[0])},${y(p[1])}`).join(" ") }));
+  let legend = L;
+  for (const s of series) {
+    if (!s.points.length) continue;
+    const cls = s.cls || "";
+    node.append(svg("polyline", { class: "line " + cls, points: s.points.map((p) => `${x(p[0])},${y(p[1])}`).join(" ") }));
     for (const p of s.points) {
-      const dot = svg("circle", { class: "dot point", cx: x(p[0]), cy: y(p[1]), r: 2.5 });
-      dot.append(svg("title", {}, `${xLabel} ${p[0]}: ${p[1]}`));
+      const dot = svg("circle", { class: `dot point ${cls}`, cx: x(p[0]), cy: y(p[1]), r: 3 });
+      dot.append(svg("title", {}, `${s.name}, ${xLabel} ${p[0]}: ${p[1]}`));
       node.append(dot);
     }
-    node.append(svg("text", { x: W - R - 90, y: T + 12 + 14 * i, class: "legend" }, s.name));
-  });
+    node.append(svg("rect", { class: `key ${cls}`, x: legend, y: 6, width: 10, height: 10 }));
+    node.append(svg("text", { x: legend + 14, y: 15 }, s.name));
+    legend += 22 + 7 * s.name.length;
+  }
 }

@@ -15,9 +15,10 @@ async function showReport(file) {
       el("dt", {}, "Read as"), el("dd", {}, f.container + (f.detail ? ` (${f.detail})` : "")),
       el("dt", {}, "Format"), el("dd", {}, `${f.format || "–"} → ${f.kind || "–"}`),
       el("dt", {}, "Rows"), el("dd", { id: "report-rows" }, what),
-      el("dt", {}, "Tokens"), el("dd", {}, `${f.tokens.toLocaleString()} (${report.token_unit})`),
+      el("dt", {}, "Tokens"), el("dd", { title: report.token_unit }, f.tokens.toLocaleString()),
       el("dt", {}, "Duplicates"), el("dd", { id: "report-duplicates" }, String(f.duplicates)),
       el("dt", {}, "Bad rows"), el("dd", {}, String(f.bad_rows.length))));
+    box.append(el("p", { class: "hint" }, `Tokens: ${report.token_unit}`));
     if (f.bad_rows.length) box.append(el("ul", { class: "bad-rows" }, ...f.bad_rows.map((m) => el("li", {}, m))));
     if (f.notes.length) box.append(el("ul", { class: "hint" }, ...f.notes.map((m) => el("li", {}, m))));
     return box;
@@ -30,7 +31,7 @@ function histogram(node, bins) {
   const W = 560, H = 180, L = 40, B = 24, T = 10;
   node.replaceChildren();
   node.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  const shown = bins.slice(0, Math.max(1, bins.map((b) => b.rows > 0).lastIndexOf(true) + 1));
+  const shown = bins.slice(0, Math.max(4, bins.map((b) => b.rows > 0).lastIndexOf(true) + 1));
   const top = Math.max(1, ...shown.map((b) => b.rows));
   const step = (W - L) / shown.length;
   shown.forEach((b, i) => {

@@ -4,7 +4,7 @@
 
 function item(row) {
   const card = el("article", { class: "card item feedback", "data-feedback": String(row.id) });
-  const rating = row.rating === "up" ? "👍 up" : row.rating === "down" ? "👎 down" : "comment";
+  const rating = row.rating === "up" ? "thumbs up" : row.rating === "down" ? "thumbs down" : "comment";
   card.append(el("h2", {}, `#${row.id} · ${rating} `, row.review ? el("span", { class: "badge " + row.review }, row.review) : null));
   card.append(el("p", { class: "hint" }, `${when(row.created_at)} · ${row.model}`,
     row.persona ? el("span", { class: "persona" }, ` · persona ${row.persona}`) : null,

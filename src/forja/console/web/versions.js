@@ -12,7 +12,7 @@ function versionCard(v) {
     el("dt", {}, "Base"), el("dd", {}, v.base || "–"),
     el("dt", {}, "Method"), el("dd", {}, v.method || "–"),
     el("dt", {}, "Created"), el("dd", {}, v.created_at ? when(v.created_at) : "–"),
-    el("dt", {}, "Data"), el("dd", {}, v.data || "–"));
+    el("dt", {}, "Data hash"), el("dd", { title: v.data_hash || "" }, v.data_hash ? v.data_hash.slice(0, 12) : "–"));
   for (const key of SHOWN_METRICS) {
     if (v.metrics[key] !== undefined) {
       const value = typeof v.metrics[key] === "number" ? +v.metrics[key].toPrecision(4) : v.metrics[key];
