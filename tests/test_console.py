@@ -317,6 +317,13 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     page.wait_for_selector(f'[data-feedback="{ids[1]}"]', state="detached")
     reviews = {r["id"]: r["review"] for r in server.store.feedback_rows()}
     assert (reviews[ids[0]], reviews[ids[1]]) == ("approved", "rejected")
+    page.click("#retrain")  # a feedback job on the active version (cancelled here: the gate's run is long)
+    page.wait_for_selector("#retrain-result a")
+    job_id = page.locator("#retrain-result a").inner_text()
+    admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    job = admin.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert (job["model"], job["forja"]["source"], job["training_file"]) == (version, "feedback", None)
+    assert admin.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
 
     # Keys and usage (the /admin/keys routes come with the lead's branch: until then the page says so)
     page.click("nav >> text=Keys and usage")
