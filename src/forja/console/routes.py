@@ -199,7 +199,10 @@ async def keys_page(request: Request) -> Response:
 
 @router.get("/api/me")
 async def me(session: SessionDep) -> dict:
-    return {"name": session.user.name, "admin": session.user.admin, "expires_at": int(session.expires_at)}
+    """Who is signed in, and the CSRF token a page of this server sends back when it changes something (another
+    site cannot read this answer: CORS never allows credentials here)."""
+    return {"name": session.user.name, "admin": session.user.admin, "expires_at": int(session.expires_at),
+            "csrf": session.csrf}
 
 
 @router.get("/api/files/{file_id}/report")
