@@ -13,12 +13,14 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import ARTIFACTS
+from fastapi import APIRouter
 from typer.testing import CliRunner
 
 from forja.cli import app as cli
 from forja.config import load_settings
 from forja.console import accounts, routes as console_routes
 from forja.serve.app import create_app
+from forja.serve.deps import AdminKeyDep
 from forja.store import Store, console_users
 
 ADMIN_KEY = "root-admin-key-0123456789"
@@ -33,12 +35,47 @@ def jsonl(pairs) -> bytes:
                               ensure_ascii=False) + "\n" for q, a in pairs).encode()
 
 
+def contract_keys_router() -> APIRouter:
+    """/admin/keys and /admin/usage as the lead's branch will answer them (in memory): the keys page is tested
+    against this contract. Included after the app's own routes, so once the real ones exist they answer."""
+    router = APIRouter()
+    keys: dict[str, dict] = {"key_config": {"id": "key_config", "name": "ops", "scopes": ["chat"], "admin": True,
+                                            "limits": {"requests_per_minute": None, "tokens_per_day": None},
+                                            "created_at": 0, "last_used_at": None, "source": "config"}}
+
+    @router.post("/admin/keys", status_code=201)
+    async def create(body: dict, _: AdminKeyDep) -> dict:
+        key = {"id": f"key_{len(keys)}", "name": body["name"], "scopes": body["scopes"], "admin": body["admin"],
+               "limits": body["limits"], "created_at": int(time.time()), "last_used_at": None, "source": "database"}
+        keys[key["id"]] = key
+        return {k: v for k, v in key.items() if k not in ("last_used_at", "source")} | {"key": f"fk-{key['id']}-secret"}
+
+    @router.get("/admin/keys")
+    async def listing(_: AdminKeyDep) -> dict:
+        return {"object": "list", "data": list(keys.values())}
+
+    @router.delete("/admin/keys/{key_id}")
+    async def revoke(key_id: str, _: AdminKeyDep) -> dict:
+        keys.pop(key_id)
+        return {"id": key_id, "deleted": True}
+
+    @router.get("/admin/usage")
+    async def usage(_: AdminKeyDep, days: int = 7) -> dict:
+        return {"days": days, "price_per_1k_tokens": 0.002, "data": [
+            {"key": XSS, "day": "2026-12-01", "requests": 3, "prompt_tokens": 1200, "completion_tokens": 300,
+             "estimated_cost": 0.003}]}
+
+    return router
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, start_server):
     settings = load_settings(home=tmp_path_factory.mktemp("console-home"), model=str(tiny_model_dir),
                              dtype="float32", serve={"api_keys": [{"name": "ops", "key": ADMIN_KEY, "admin": True}]},
                              **FAST)
-    server = start_server(create_app(settings))  # no --model: follows the registry, so promotion shows
+    app = create_app(settings)  # no --model: follows the registry, so promotion shows
+    app.include_router(contract_keys_router())
+    server = start_server(app)
     store = server.app.state.forja.store
     accounts.add_user(store, *ROOT)  # the first user: an admin
     accounts.add_user(store, *ANA)
@@ -327,7 +364,7 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     assert (job["model"], job["forja"]["source"], job["training_file"]) == (version, "feedback", None)
     assert admin.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
 
-    # Keys and usage (the /admin/keys routes come with the lead's branch: until then the page says so)
+    # Keys and usage (against the contract of /admin/keys and /admin/usage; see contract_keys_router)
     page.click("nav >> text=Keys and usage")
     page.wait_for_selector("body[data-loaded]")
     wait_until(page, "document.querySelectorAll('#users tbody tr').length >= 2")
@@ -344,3 +381,29 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     phone.wait_for_selector("body[data-loaded]")
     phone.screenshot(path=str(ARTIFACTS / "console-versions-phone.png"), full_page=True)
     assert page.locator('img[src="x"]').count() == 0 and problems == []
+
+
+def test_the_keys_page_shows_a_new_key_once_lists_and_revokes_it_and_shows_usage_in_chromium(server, browser):
+    client, _ = sign_in(server)
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    context.add_cookies([{"name": "forja_console", "value": client.cookies["forja_console"], "url": server.url}])
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(server.url + "/console/keys")
+    page.wait_for_selector("body[data-loaded]")
+    assert page.locator("#usage tbody td").first.inner_text() == XSS  # a key's name, as text
+    assert page.locator("#usage img").count() == 0
+    page.fill("#key-name", "shop-site")
+    page.check("#scope-train")
+    page.fill("#key-rpm", "60")
+    page.click("#key-create")
+    page.wait_for_selector("#new-key:not([hidden])")
+    assert page.locator("#new-key-value").inner_text().startswith("fk-")
+    row = page.locator('#keys tr:has-text("shop-site")')
+    row.wait_for()
+    assert "chat, train" in row.inner_text() and "60/min" in row.inner_text()
+    assert page.locator('#keys tr:has-text("ops") button').count() == 0  # a config key is not revoked here
+    page.screenshot(path=str(ARTIFACTS / "console-keys-created.png"), full_page=True)
+    row.locator("button.revoke").click()
+    row.wait_for(state="detached")
+    context.close()

@@ -53,7 +53,8 @@ async function loadUsers() {
     $("users").tBodies[0].replaceChildren(...users.data.map((u) => el("tr", {},
       el("td", {}, u.name), el("td", {}, u.admin ? "yes" : "no"), el("td", {}, when(u.created_at)),
       el("td", {}, when(u.last_login_at)),
-      el("td", {}, el("button", { type: "button", class: "danger", onclick: () => removeUser(u.name) }, "Remove")))));
+      el("td", {}, u.name === document.body.dataset.user ? "you"
+        : el("button", { type: "button", class: "danger", onclick: () => removeUser(u.name) }, "Remove")))));
   } catch (error) {
     $("users").tBodies[0].replaceChildren(el("tr", {}, el("td", { colspan: "5", class: "error" }, error.message)));
   }
