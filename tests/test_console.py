@@ -407,3 +407,24 @@ def test_the_keys_page_shows_a_new_key_once_lists_and_revokes_it_and_shows_usage
     row.locator("button.revoke").click()
     row.wait_for(state="detached")
     context.close()
+
+
+def test_the_versions_list_has_each_versions_gate_and_what_it_learned_from(server):
+    client, _ = sign_in(server)
+    settings = server.app.state.forja.settings
+    version = settings.versions_dir / "ft-from-feedback-1"
+    version.mkdir(parents=True)
+    (version / "version.json").write_text(json.dumps({
+        "name": version.name, "base": "ft-console-x", "method": "full", "created_at": "2026-12-01T10:00:00Z",
+        "data_hash": "abc123", "metrics": {"train_loss": 1.5, "answers": {"nested": "left out"}},
+        "from_feedback": {"started_from": "ft-console-x", "train_feedback_ids": [3], "holdout_feedback_ids": [],
+                          "replayed_rows": 2, "replaced_rows": 0, "skipped": {}}}))
+    (version / "gate.json").write_text(json.dumps({"passed": False, "reason": "rewordings got worse",
+                                                   "decided_by": "feedback", "cases": []}))
+    listed = {v["name"]: v for v in client.get("/console/api/versions").json()["data"]}
+    row = listed["ft-from-feedback-1"]
+    assert row["gate"] == {"passed": False, "reason": "rewordings got worse", "decided_by": "feedback"}
+    assert row["from_feedback"]["train_feedback_ids"] == [3] and row["metrics"] == {"train_loss": 1.5}
+    assert row["loss_plot"] is False and row["active"] is False
+    for name in ("ft-from-feedback-1", "..", "%2E%2E%2Fforja.db", "smollm2-135m"):
+        assert client.get(f"/console/api/versions/{name}/loss.png").status_code == 404

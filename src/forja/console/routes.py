@@ -263,10 +263,18 @@ def version_list(settings, active: str) -> dict[str, Any]:
         rows.append({"name": name, "base": meta.get("base"), "method": meta.get("method"),
                      "created_at": meta.get("created_at"), "data": Path(str(meta.get("data") or "")).name or None,
                      "data_hash": meta.get("data_hash"), "metrics": metrics, "gate": gate,
-                     "feedback": meta.get("feedback"), "loss_plot": (directory / "loss.png").is_file(),
+                     "from_feedback": from_feedback(meta.get("from_feedback")), "loss_plot": (directory / "loss.png").is_file(),
                      "active": name == active})
     rows.sort(key=lambda r: r.get("created_at") or "", reverse=True)
     return {"active": active, "data": rows, "log": models.activation_log(settings)[-50:][::-1]}
+
+
+def from_feedback(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a retrain learned from (feedback.json, noted in version.json): the feedback rows and the start."""
+    if not record:
+        return None
+    return {k: record.get(k) for k in ("started_from", "train_feedback_ids", "holdout_feedback_ids", "replayed_rows",
+                                       "replaced_rows")}
 
 
 @router.get("/api/versions/{name}/loss.png")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from http.cookies import CookieError, SimpleCookie
-
+from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,14 +23,12 @@ CONSOLE_API = "/console/api/"
 
 
 def cookie_value(scope: Scope, name: str) -> str | None:
+    """As request.cookies reads it (Starlette's lenient parser: one odd cookie does not hide the others)."""
     for key, value in scope.get("headers", ()):
         if key == b"cookie":
-            try:
-                jar = SimpleCookie(value.decode("latin-1"))
-            except CookieError:
-                continue
-            if name in jar:
-                return jar[name].value
+            found = cookie_parser(value.decode("latin-1")).get(name)
+            if found:
+                return found
     return None
 
 

@@ -25,6 +25,13 @@ function versionCard(v) {
     card.append(el("p", { class: "gate" }, el("span", { class: "label" }, "Promotion gate"),
       el("span", { class: "badge " + verdict }, verdict), " ", v.gate.reason || ""));
   }
+  const learned = v.from_feedback;
+  if (learned) {
+    card.append(el("p", { class: "learned" }, el("span", { class: "label" }, "Learned from feedback"),
+      `retrained from ${learned.started_from} on feedback ${(learned.train_feedback_ids || []).map((i) => "#" + i).join(", ") || "–"}` +
+      ((learned.holdout_feedback_ids || []).length ? `, held out ${learned.holdout_feedback_ids.map((i) => "#" + i).join(", ")}` : "") +
+      (learned.replayed_rows ? `, with ${learned.replayed_rows} rows of its own data replayed` : "")));
+  }
   if (v.loss_plot) {
     card.append(el("img", { src: `/console/api/versions/${encodeURIComponent(v.name)}/loss.png`,
       alt: `Loss curve of ${v.name}`, loading: "lazy" }));
