@@ -225,6 +225,8 @@ def test_a_session_is_the_api_credential_and_changes_things_only_with_its_csrf_t
     report = client.get(f"/console/api/files/{uploaded.json()['id']}/report").json()
     assert report["filename"] == "faq.jsonl" and report["files"][0]["rows"] == 3
     assert report["files"][0]["kind"] == "dialogue" and sum(b["rows"] for b in report["histogram"]) == 3
+    assert report["prepared"]["train_rows"] == 3 and len(report["preview"]) == 3
+    assert report["preview"][0]["messages"][0]["role"] == "user" and report["preview"][0]["source"].startswith("faq.jsonl")
     assert str(server.app.state.forja.settings.home) not in json.dumps(report)  # no server path leaks
 
 
@@ -310,6 +312,7 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
                      f"{json.dumps(XSS + 'faq.jsonl')})")
     assert page.locator("#report-name").inner_text() == f"{XSS}faq.jsonl"
     assert page.locator("#report-duplicates").inner_text() == "1"
+    assert page.locator("#report-preview li").count() == 3 and "buenas" in page.locator("#report-preview").inner_text()
     assert page.locator("#files .filename").first.inner_text() == f"{XSS}faq.jsonl"  # newest first
     page.screenshot(path=str(ARTIFACTS / "console-data.png"), full_page=True)
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,6 +36,7 @@ PAGES = {"data": "Data", "training": "Training", "versions": "Versions", "feedba
          "keys": "Keys and usage"}
 STATIC = re.compile(r"^[a-z]+\.(js|css)$")
 MAX_FEEDBACK_PAGE = 500
+PREVIEW_ROWS = 5  # training rows shown under a file's report
 # No inline script or style anywhere, so a stored text that slips into the page still cannot run.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -215,6 +217,14 @@ async def file_report(file_id: str, state: StateDep, session: SessionDep) -> dic
 
 def inspect_report(path: Path, filename: str) -> dict[str, Any]:
     report = data.inspect([path])
+    with tempfile.TemporaryDirectory(prefix="forja-preview-") as tmp:  # the rows as `forja data prepare` writes them
+        try:
+            prepared = data.prepare([path], Path(tmp) / "data.jsonl", skip_bad=True)
+            preview = data.read_rows(prepared.train_path)[:PREVIEW_ROWS]
+            split = {"train_rows": prepared.train_rows, "val_rows": prepared.val_rows,
+                     "duplicates_removed": prepared.duplicates_removed, "skipped": len(prepared.skipped)}
+        except data.DataError:  # nothing usable: the report says why
+            preview, split = [], None
 
     def named(text: str) -> str:  # the client's filename, never where the file lies on the server
         return text.replace(str(path), filename)
@@ -233,6 +243,9 @@ def inspect_report(path: Path, filename: str) -> dict[str, Any]:
                   for f in report.files],
         "histogram": [{"tokens": label, "rows": count} for label, count in zip(labels, counts)],
         "quality": [named(line) for line in report.quality.render()] if report.quality is not None else [],
+        "prepared": split,
+        "preview": [{k: named(v) if k == "source" else v for k, v in row.items() if k in ("messages", "text", "source")}
+                    for row in preview],
     }
 
 

@@ -24,6 +24,13 @@ async function showReport(file) {
     return box;
   }));
   histogram($("report-histogram"), report.histogram);
+  const split = report.prepared;
+  $("report-prepared").textContent = split ? `Prepared as ${split.train_rows} training and ${split.val_rows} validation ` +
+    `rows (${split.duplicates_removed} duplicates removed, ${split.skipped} bad rows skipped).` : "";
+  $("report-preview").replaceChildren(...report.preview.map((row) => el("li", { class: "item" },
+    ...(row.messages ? row.messages.map((m) => el("p", {}, el("span", { class: "label" }, m.role), m.content))
+      : [el("p", {}, row.text.length > 400 ? row.text.slice(0, 400) + " …" : row.text)]),
+    el("p", { class: "hint" }, row.source || ""))));
   $("report-quality").textContent = report.quality.join("\n");
 }
 
