@@ -34,6 +34,7 @@ WEB_DIR = Path(__file__).parent / "web"
 LOGIN_CSRF_COOKIE = "forja_login_csrf"  # the login form's double-submit token (there is no session yet)
 PAGES = {"data": "Data", "training": "Training", "versions": "Versions", "feedback": "Feedback review",
          "keys": "Keys and usage"}
+ADMIN_PAGES = ("feedback", "keys")  # left out of a non-admin's navigation: every call on them needs an admin
 STATIC = re.compile(r"^[a-z]+\.(js|css)$")
 MAX_FEEDBACK_PAGE = 500
 PREVIEW_ROWS = 5  # training rows shown under a file's report
@@ -161,7 +162,8 @@ def page(request: Request, name: str) -> Response:
     session = session_of(request)
     if session is None:
         return RedirectResponse(f"/console/login?next={quote(request.url.path)}", status_code=303)
-    return render(f"{name}.html", page=name, pages=PAGES, user=session.user, csrf=session.csrf)
+    return render(f"{name}.html", page=name, pages=PAGES, admin_pages=ADMIN_PAGES, user=session.user,
+                  csrf=session.csrf)
 
 
 @router.get("")

@@ -31,7 +31,7 @@ async function review(id, decision) {
     await api("POST", "/console/api/feedback/review", { ids: [id], decision });
     status(`Feedback #${id} ${decision}.`);
   } catch (error) { status(error.message, true); }
-  await load();
+  await load().catch((e) => status(e.message, true));
 }
 
 $("filter").addEventListener("change", () => load().catch((e) => status(e.message, true)));

@@ -24,7 +24,7 @@ function jobRow(job) {
   return el("tr", { "data-job": job.id },
     el("td", {}, job.id), el("td", {}, el("span", { class: "badge " + job.status }, job.status)),
     el("td", {}, job.model), el("td", {}, job.fine_tuned_model || "–"), el("td", {}, when(job.created_at)),
-    el("td", {}, el("button", { type: "button", class: "secondary", onclick: () => watch(job.id) }, "Watch")));
+    el("td", {}, el("button", { type: "button", class: "secondary", onclick: () => watch(job.id).catch((e) => status(e.message, true)) }, "Watch")));
 }
 
 async function listJobs() {
@@ -66,13 +66,13 @@ function follow(id) {
   const after = lastEvent ? `&after=${encodeURIComponent(lastEvent)}` : "";
   stream = new EventSource(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?stream=true${after}`);
   stream.onmessage = (message) => {
-    if (message.data === "[DONE]") { stream.close(); stream = null; refreshJob(); return; }
+    if (message.data === "[DONE]") { stream.close(); stream = null; refreshJob().catch(() => {}); return; }
     addEvent(JSON.parse(message.data));
   };
   stream.onerror = () => {  // the server closed it or the network dropped: pick up after the last event
     if (stream) stream.close();
     stream = null;
-    setTimeout(() => { if (watched === id) refreshJob(true); }, 2000);
+    setTimeout(() => { if (watched === id) refreshJob(true).catch((e) => status(e.message, true)); }, 2000);
   };
 }
 

@@ -57,7 +57,7 @@ async function promote(name) {
     const result = await api("POST", "/admin/models/activate", { model: name });
     status(result.changed ? `${result.active} is now active (was ${result.previous}).` : `${result.active} was already active.`);
   } catch (error) { status(error.message, true); }
-  await load();
+  await load().catch((e) => status(e.message, true));
 }
 
 $("rollback").addEventListener("click", async () => {
@@ -65,7 +65,7 @@ $("rollback").addEventListener("click", async () => {
     const result = await api("POST", "/admin/models/rollback");
     status(`Rolled back: ${result.active} is active again (was ${result.previous}).`);
   } catch (error) { status(error.message, true); }
-  await load();
+  await load().catch((e) => status(e.message, true));
 });
 
 load().catch((e) => status(e.message, true)).finally(() => { document.body.dataset.loaded = "true"; });
