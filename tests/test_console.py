@@ -265,7 +265,7 @@ def test_repeated_wrong_passwords_lock_the_user_out_with_429_and_retry_after(ser
     assert accounts.login(server.store, "carla", "carla-password-3", now=later).name == "carla"
 
 
-def test_users_are_added_listed_and_removed_from_the_cli(tmp_path):
+def test_users_are_added_listed_and_removed_from_the_cli():
     runner = CliRunner()
     first = runner.invoke(cli, ["users", "add", "maria", "--password-stdin"], input="maria-password-1\n")
     assert first.exit_code == 0 and "maria (admin)" in first.output
