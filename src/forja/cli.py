@@ -832,6 +832,56 @@ def feedback_export(
     typer.echo(f"train on them: forja train --data {out}   (or forja train --from-feedback, which also replays old data)")
 
 
+users_app = _typer("People who sign in to the operator's console (/console): add, list, remove.")
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user's name (what they type to sign in).")],
+    admin: Annotated[bool, typer.Option("--admin", help="May promote versions, review feedback, manage keys "
+                                        "(the first user is an admin anyway).")] = False,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Add a console user; asks for the password twice (the first user is an admin)."""
+    from forja.console.accounts import add_user, check_password_rules
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    check_password_rules(password)
+    user = _read_store(config, lambda store: add_user(store, name, password, True if admin else None))
+    typer.echo(f"added {user.name}{' (admin)' if user.admin else ''}: sign in at /console/login")
+
+
+@users_app.command("list")
+def users_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+               config: ConfigOpt = None) -> None:
+    """The console users, with when they last signed in."""
+    from forja.console.accounts import list_users
+
+    users = _read_store(config, list_users)
+    if as_json:
+        return _json_lines([{"name": u.name, "admin": u.admin, "created_at": u.created_at,
+                             "last_login_at": u.last_login_at} for u in users])
+    if not users:
+        typer.echo("no console users yet: forja users add NAME")
+    for u in users:
+        last = time.strftime("%Y-%m-%d %H:%M", time.localtime(u.last_login_at)) if u.last_login_at else "never"
+        typer.echo(f"{u.name}{'  admin' if u.admin else ''}  last login: {last}")
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument(help="The user to remove.")], config: ConfigOpt = None) -> None:
+    """Remove a console user and end their sessions."""
+    from forja.console.accounts import remove_user
+
+    _read_store(config, lambda store: remove_user(store, name))
+    typer.echo(f"removed {name}")
+
+
 guard_app = _typer("Run the guardrails from the command line: one text, or a labelled file.")
 app.add_typer(guard_app, name="guard")
 PersonaOpt = Annotated[Optional[str], typer.Option("--persona", "-p", help="Use this persona's guard settings.")]

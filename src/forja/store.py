@@ -186,6 +186,29 @@ usage = sa.Table(
 )
 
 
+console_users = sa.Table(
+    "console_users", metadata,  # people who sign in to /console (forja users add); never an API key
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(400), nullable=False),  # scrypt$N$r$p$salt$hash, never the password
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_login_at", sa.Float),
+    sa.Column("failed_logins", sa.Integer, nullable=False, default=0),  # wrong passwords since failing_since
+    sa.Column("failing_since", sa.Float),
+    sa.Column("locked_until", sa.Float),  # too many wrong passwords: no login before this time
+)
+
+console_sessions = sa.Table(
+    "console_sessions", metadata,  # a signed-in browser: the cookie's token is only stored hashed
+    sa.Column("id", sa.String(64), primary_key=True),  # hex SHA-256 of the cookie's token
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("console_users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("csrf", sa.String(64), nullable=False),  # what forms and state-changing calls must send back
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
         for table in tables:
@@ -212,6 +235,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
     ("0007_jobs", _create(jobs, job_events)),
     ("0008_api_keys", _create(api_keys, usage)),
+    ("0009_console_users", _create(console_users, console_sessions)),
     ("0010_exchange_trace", _add_column(exchanges, "trace")),
 ]
 

@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forja.config import Settings
+from forja.console import routes as console
+from forja.console.sessions import ConsoleSessions
 from forja.engine import Engine, make_engine
 from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
@@ -82,6 +84,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.include_router(vector_stores.router)
     app.include_router(monitoring.router)
     app.include_router(page.router)  # the chat page at / in serve.page's words, and its logo
+    app.include_router(console.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.exception_handler(ApiError)
@@ -107,6 +110,8 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
         # bearer keys travel in a header, never in cookies: credentials stay off, so "*" is never combined with them
         app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    # a console session cookie is the user's credential for every route (with its CSRF token when it changes things)
+    app.add_middleware(ConsoleSessions, state=state)
     # uploads are streamed to disk by their route, which holds them to files.max_bytes as they arrive
     app.add_middleware(BodyLimit, max_bytes=serve.max_body_bytes, streamed=(("POST", "/v1/files"),))
     # outermost: counts (and logs) 413s too
