@@ -52,6 +52,7 @@ class Toolbox:
         self.settings, self.persona, self.guard, self.hub = settings, persona, guard, hub
         self.files = files or []
         self.entries: dict[str, Entry] = {}
+        self.unavailable: dict[str, str] = {}  # tools named by the persona that cannot be offered, and why
         self.grounding: Grounding | None = None
         for name in persona.tools:
             if name.startswith("mcp:"):
@@ -65,6 +66,9 @@ class Toolbox:
     def _add_mcp(self, ref: str) -> None:
         server, _, only = ref.partition("/")
         listed = self.hub.tools.get(server, []) if self.hub is not None else []
+        if server not in (self.hub.tools if self.hub is not None else {}):
+            self.unavailable[f"mcp:{ref}"] = (self.hub.errors.get(server) if self.hub is not None else None) \
+                or "not started"
         for tool in listed:
             if only and tool.name != only:
                 continue

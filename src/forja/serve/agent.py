@@ -52,7 +52,10 @@ class AgentReply:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     def extension(self) -> dict[str, Any]:
-        return {"steps": self.steps, "stopped": self.stopped}
+        extension: dict[str, Any] = {"steps": self.steps, "stopped": self.stopped}
+        if self.toolbox is not None and self.toolbox.unavailable:
+            extension["unavailable"] = self.toolbox.unavailable
+        return extension
 
 
 def agent_persona(state: ServerState, model: str | None, client_tools: Any) -> Persona | None:
@@ -91,8 +94,8 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
         prompt = conversation + [{"role": "user", "content": ANSWER_NOW}] if steps else conversation
         exchange = await Exchange.open(
             state, request, rid=rid, route="chat", model=persona.name, prompts=[prompt], n=1,
-            options=replace(options, tools=toolbox.specs(), tool_choice=choice, parallel_tool_calls=True,
-                            stream=False, max_tokens=room),
+            options=replace(options, tools=toolbox.specs() or None, tool_choice=choice if toolbox.specs() else None,
+                            parallel_tool_calls=True, stream=False, max_tokens=room),
             param="messages", record=False)
         answer = (await exchange.collect(request))[0]
         prompt_tokens += answer.prompt_tokens
