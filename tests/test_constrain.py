@@ -9,8 +9,10 @@ import jsonschema
 import pytest
 import torch
 
-from forja.engine.constrain import Grammar, GrammarError, TokenNotAllowed, Tool, ToolCallSpec
-from forja.serve.tools import parse_tool_calls, render_tools_system, response_format_grammar, tool_call_spec
+from forja.chat import Tool
+from forja.engine.constrain import Grammar, GrammarError, TokenNotAllowed, ToolCallSpec
+from forja.chat import render_tools_system
+from forja.serve.tools import parse_tool_calls, response_format_grammar, tool_call_spec
 
 PERSON = {
     "type": "object",

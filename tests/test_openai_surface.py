@@ -129,7 +129,8 @@ def test_a_tool_result_goes_back_into_the_conversation(client, server):
 
 
 def test_tool_turns_become_the_text_the_model_reads():
-    from forja.serve.tools import conversation_text, parse_tool_calls
+    from forja.chat import conversation_text
+    from forja.serve.tools import parse_tool_calls
 
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Madrid"}'}}
     turns = conversation_text([*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -238,7 +239,8 @@ def test_langchain_binds_tools_and_structured_output(server):
 
 
 def test_a_streamed_answer_splits_into_content_and_whole_calls():
-    from forja.serve.tools import ToolCallStream, call_text
+    from forja.chat import call_text
+    from forja.serve.tools import ToolCallStream
 
     stream = ToolCallStream()
     text = "Let me check. " + call_text("get_weather", {"city": "Madrid", "unit": "celsius"})

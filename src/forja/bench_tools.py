@@ -229,7 +229,7 @@ def constraint_cost(client: Any, model: str, rounds: int) -> dict[str, Any]:
     are timed by their logprobs chunks; free text with logprobs is its like-for-like baseline). Every mode reads
     the same prompt (the tools' system prompt, then the question), one after the other in each round; the
     per-token cost ratio is the median of the rounds' ratios (the verdict), and also that of the fastest runs."""
-    from forja.serve.tools import render_tools_system
+    from forja.chat import render_tools_system
 
     question = {"role": "user", "content": SPEED_PROMPT}
     plain = [{"role": "system", "content": render_tools_system(TOOLS)}, question]

@@ -6,41 +6,27 @@ tokens. Built on llguidance; the scheduler calls `mask` before sampling and `acc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 
+from forja.chat import CALL_HEAD, CALL_SEPARATOR, CALL_TAIL, TOOL_CALL_OPEN, Tool, ToolFormatError
 from forja.config import ForjaError
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-CALL_HEAD = '\n{"name": '  # between TOOL_CALL_OPEN and the name; then ', "arguments": ' and the arguments
-CALL_TAIL = "}\n" + TOOL_CALL_CLOSE
-CALL_SEPARATOR = "\n"  # between parallel calls
 # The JSON we let the model write: one line, separators as json.dumps writes them. Free whitespace lets a
 # small model pad forever with spaces and newlines instead of closing the object.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-class GrammarError(ForjaError, ValueError):
+class GrammarError(ToolFormatError):
     """A schema or tool request that cannot become a grammar (an HTTP 400); the message says what to fix."""
 
 
 class TokenNotAllowed(ForjaError):
     """A token the grammar does not allow at this point was given to Constraint.accept."""
-
-
-@dataclass
-class Tool:
-    """A function the model may call: its name and the JSON schema of its arguments."""
-
-    name: str
-    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
-    strict: bool = False  # True: a schema keyword llguidance cannot enforce is an error, not ignored
-    description: str = ""  # for the system prompt; not part of the grammar
 
 
 @dataclass

@@ -17,7 +17,7 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The token ids of the conversation rendered with the model's chat template, ready for the answer;
-    `tools` (OpenAI's shape) go to a template that has a tool format (`has_tool_format`)."""
+    `tools` (OpenAI's shape) go to a template that has a tool format (`forja.chat.has_tool_format`)."""
     if tokenizer.chat_template:
         extra = {"tools": tools} if tools else {}
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
@@ -25,12 +25,6 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list[
     # Base models without a template: plain concatenation of the turns.
     text = "\n".join(m["content"] for m in messages)
     return tokenizer(text)["input_ids"]
-
-
-def has_tool_format(tokenizer: Any) -> bool:
-    """Whether the chat template renders `tools` itself (Qwen, Llama 3.1, Hermes-style templates do)."""
-    template = tokenizer.chat_template
-    return isinstance(template, str) and "tools" in template
 
 
 class TextStream:

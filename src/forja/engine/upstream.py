@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from forja.engine import Delta, Engine, Prompt, SamplingParams, Stream, UpstreamError, Usage
-from forja.engine.constrain import CALL_HEAD, CALL_SEPARATOR, CALL_TAIL, TOOL_CALL_OPEN
+from forja.chat import CALL_HEAD, CALL_SEPARATOR, CALL_TAIL, TOOL_CALL_OPEN
 from forja.engine.sampling import TokenLogprob
 
 if TYPE_CHECKING:

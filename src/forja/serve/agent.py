@@ -20,7 +20,7 @@ from fastapi import Request
 
 from forja import files
 from forja.agents import Observation, Toolbox, arguments_of
-from forja.engine.constrain import TOOL_CALL_OPEN
+from forja.chat import TOOL_CALL_OPEN
 from forja.config import Persona
 from forja.serve.deps import ApiError, ServerState
 from forja.serve.exchange import Answer, Exchange, Options

@@ -21,14 +21,14 @@ from fastapi import Request
 from forja.config import SAMPLERS
 from forja.engine import ContextLengthExceeded, Delta, Prompt, QueueFull, SamplingParams, Stream, UpstreamError
 from forja.engine.constrain import Grammar, GrammarError
-from forja.engine.text import chat_prompt_ids, has_tool_format
+from forja.engine.text import chat_prompt_ids
 from forja.knowledge import KnowledgeError
 from forja.knowledge.grounding import Grounding, apply_plan, plan
 from forja.monitor import AnswerTiming
 from forja.serve.deps import ApiError, ServerState, Target, check_fits_queue, count_usage
 from forja.serve.rails import CONTENT_FILTER, RequestRails
-from forja.serve.tools import (ToolCallStream, conversation_text, parse_tool_calls, render_tools_system,
-                               response_format_grammar, tool_call_spec)
+from forja.chat import ToolFormatError, conversation_text, has_tool_format, native_turn, with_tools_system
+from forja.serve.tools import ToolCallStream, parse_tool_calls, response_format_grammar, tool_call_spec
 
 log = logging.getLogger("forja.serve")
 DISCONNECT_POLL_SECONDS = 0.25
@@ -466,38 +466,18 @@ def _with_tools(target: Target, messages: list[dict[str, Any]], options: Options
     """The conversation the model reads, the system prompt first (the client's, else the persona's or the
     trained one). An upstream takes OpenAI's messages as they are; a chat template with a tool format
     (`native`) takes them with call arguments as objects; otherwise tool turns become text and the tools
-    are described in the system prompt."""
+    are described in the system prompt (forja.chat, as the trainer writes them)."""
     if upstream:
         return target.messages(messages)
-    if native:
-        return target.messages([_native_turn(m) for m in messages])
     try:
-        turns = conversation_text(messages)
-    except GrammarError as exc:
+        if native:
+            return target.messages([native_turn(m) for m in messages])
+        turns = target.messages(conversation_text(messages))
+    except ToolFormatError as exc:
         raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
-    turns = target.messages(turns)
     if options.tools and options.tool_choice != "none":
-        tools = render_tools_system(options.tools)
-        if turns and turns[0]["role"] == "system":
-            turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{tools}"}
-        else:
-            turns.insert(0, {"role": "system", "content": tools})
+        return with_tools_system(turns, options.tools)
     return turns
-
-
-def _native_turn(message: dict[str, Any]) -> dict[str, Any]:
-    """A message for a template with a tool format: call arguments as objects, as those templates expect."""
-    if not message.get("tool_calls"):
-        return message
-    calls = []
-    for call in message["tool_calls"]:
-        try:
-            arguments = json.loads(call["function"]["arguments"] or "{}")
-        except json.JSONDecodeError:
-            raise ApiError(400, f"tool call {call['id']}: arguments are not JSON", param="messages",
-                           code="invalid_value") from None
-        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
-    return {**message, "tool_calls": calls}
 
 
 def _stored_params(params: SamplingParams, rails: RequestRails) -> dict[str, Any]:

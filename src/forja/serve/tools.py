@@ -10,34 +10,10 @@ import re
 import uuid
 from typing import Any
 
-from forja.engine.constrain import (
-    CALL_HEAD,
-    CALL_TAIL,
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    Grammar,
-    GrammarError,
-    Tool,
-    ToolCallSpec,
-)
+from forja.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolFormatError, functions as chat_functions
+from forja.engine.constrain import Grammar, GrammarError, ToolCallSpec
 
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
-
-
-def render_tools_system(tools: list[dict[str, Any]]) -> str:
-    """System-prompt text telling the model which functions it has and how to call them."""
-    lines = ["You can call these functions:"]
-    for tool in _functions(tools):
-        lines.append(f"- {tool.name}: {tool.description or 'no description'}")
-        lines.append(f"  arguments (JSON schema): {json.dumps(tool.parameters, ensure_ascii=False)}")
-    example = f'{TOOL_CALL_OPEN}{CALL_HEAD}"function name", "arguments": {{...}}}}\n{TOOL_CALL_CLOSE}'
-    lines += [
-        "To call a function, answer with exactly this, the arguments as a JSON object:",
-        example,
-        "Write one such block for each call, nothing after them. If no function is needed, answer normally.",
-    ]
-    return "\n".join(lines)
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -71,7 +47,10 @@ def tool_call_spec(tools: list[dict[str, Any]] | None, tool_choice: str | dict[s
     tool_choice "none"). tool_choice defaults to "auto", parallel_tool_calls to true, as OpenAI's do."""
     if not tools or tool_choice == "none":
         return None
-    functions = _functions(tools)
+    try:
+        functions = chat_functions(tools)
+    except ToolFormatError as exc:  # a 400 like every other grammar problem
+        raise GrammarError(str(exc)) from None
     parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
     if tool_choice is None or tool_choice == "auto":
         return ToolCallSpec(functions, required=False, parallel=parallel)
@@ -110,57 +89,6 @@ def response_format_grammar(tokenizer: Any, response_format: dict[str, Any] | No
         except GrammarError as exc:
             raise GrammarError(f"response_format json_schema {spec.get('name', '')!r}: {exc}") from None
     raise GrammarError(f'response_format type {kind!r} is not supported: use "text", "json_object" or "json_schema"')
-
-
-def _functions(tools: list[dict[str, Any]]) -> list[Tool]:
-    functions = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise GrammarError(f'tools[{i}]: only {{"type": "function", "function": {{...}}}} tools are supported')
-        function = tool["function"]
-        name = function.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
-            raise GrammarError(f"tools[{i}]: function name {name!r} must be 1-64 letters, digits, _ or -")
-        parameters = function.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-            raise GrammarError(f'tools[{i}] ({name}): parameters must be a JSON schema of "type": "object"')
-        parameters = {"type": "object", **parameters}  # arguments are always an object
-        functions.append(Tool(name, parameters, bool(function.get("strict")), function.get("description") or ""))
-    if len({f.name for f in functions}) < len(functions):
-        raise GrammarError("tools: two functions have the same name")
-    return functions
-
-
-def conversation_text(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """OpenAI messages with tool turns as the text turns a chat template without a tool format takes: an
-    assistant's `tool_calls` become the call blocks it would have written, a `tool` message becomes a user
-    turn holding the result (named after the call it answers)."""
-    names: dict[str, str] = {}
-    turns = []
-    for message in messages:
-        role, content = message["role"], message.get("content") or ""
-        if role == "assistant" and message.get("tool_calls"):
-            blocks = []
-            for call in message["tool_calls"]:
-                function = call["function"]
-                names[call["id"]] = function["name"]
-                try:
-                    arguments = json.loads(function["arguments"] or "{}")
-                except json.JSONDecodeError:
-                    raise GrammarError(f"tool call {call['id']}: arguments are not JSON") from None
-                blocks.append(call_text(function["name"], arguments))
-            content = "\n".join(([content] if content else []) + blocks)
-        elif role == "tool":
-            name = names.get(message.get("tool_call_id") or "", "")
-            role, content = "user", f'<tool_response name="{name}">\n{content}\n</tool_response>'
-        turns.append({"role": role, "content": content})
-    return turns
-
-
-def call_text(name: str, arguments: dict[str, Any]) -> str:
-    """A call as the model writes it (the grammar's format)."""
-    return (f"{TOOL_CALL_OPEN}{CALL_HEAD}{json.dumps(name, ensure_ascii=False)}, \"arguments\": "
-            f"{json.dumps(arguments, ensure_ascii=False)}{CALL_TAIL}")
 
 
 class ToolCallStream:
