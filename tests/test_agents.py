@@ -257,3 +257,58 @@ def test_the_bundled_model_uses_the_calculator(bundled_home, tmp_path, start_ser
     steps = reply["forja"]["steps"]
     assert steps[0]["tool"] == "calculator" and steps[0]["result"] == "437 * 58 = 25346", steps
     assert "25346" in reply["choices"][0]["message"]["content"], json.dumps(reply)[:500]
+
+
+# ------------------------------------------------------------------------------------------------ training on traces
+
+CALC = [{"type": "function", "function": {"name": "calculator", **builtin.SPECS["calculator"]}}]
+
+
+def tool_row(**changes) -> dict:
+    row = {"tools": CALC, "messages": [
+        {"role": "user", "content": "¿cuánto es 12 * 7?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "calculator", "arguments": "{\"expression\": \"12 * 7\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12 * 7 = 84"},
+        {"role": "assistant", "content": "Son 84."}]}
+    return {**row, **changes}
+
+
+def test_tool_calling_conversations_are_read_as_openai_writes_them(tmp_path):
+    from forja import data
+
+    path = tmp_path / "traces.jsonl"
+    bad_order = tool_row()
+    bad_order["messages"] = [bad_order["messages"][i] for i in (0, 1, 3)]  # the result is missing
+    no_tools = {k: v for k, v in tool_row().items() if k != "tools"}
+    bad_args = tool_row()
+    bad_args["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{oops"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (tool_row(), bad_order, no_tools,
+                                                                               bad_args)), encoding="utf-8")
+    report = data.inspect([path]).files[0]
+    assert report.rows == 1
+    messages = "\n".join(report.bad_rows)
+    assert "row 2" in messages and "assistant turn where the tool's belongs" in messages
+    assert "row 3" in messages and '"tools" is missing' in messages
+    assert "row 4" in messages and '"arguments" is not JSON' in messages
+    out = tmp_path / "prepared.jsonl"
+    data.prepare([path], out, skip_bad=True)
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["tools"] == CALC and row["messages"][1]["tool_calls"][0]["function"]["name"] == "calculator"
+    assert row["messages"][2] == {"role": "tool", "content": "12 * 7 = 84", "tool_call_id": "c1"}
+
+
+def test_a_trace_trains_the_call_and_the_answer_as_the_server_writes_them(long_tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from forja.chat import ANSWER_NOW, call_text, render_tools_system
+    from forja.train import IGNORE, dialogue_example
+
+    tokenizer = AutoTokenizer.from_pretrained(long_tiny_model_dir)
+    row = tool_row()
+    example = dialogue_example(tokenizer, row["messages"], row["tools"])
+    text = tokenizer.decode(example.input_ids)
+    learned = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    assert render_tools_system(CALC) in text and ANSWER_NOW in text  # as the agent loop prompts the model
+    assert call_text("calculator", {"expression": "12 * 7"}) in learned and "Son 84." in learned
+    assert "12 * 7 = 84" not in learned and "cuánto" not in learned  # results and questions are context

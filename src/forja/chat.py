@@ -137,3 +137,21 @@ def model_turns(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
         return [native_turn(m) for m in messages], tools or None
     turns = conversation_text(messages)
     return (with_tools_system(turns, tools) if tools else turns), None
+
+
+# After tool results the model is asked for its answer in a turn of its own (the agent loop does so before
+# each step that follows results): a small model that reads a result as the last turn goes on writing results
+ANSWER_NOW = "Now answer my question above in plain words, using the tool results (or call another tool)."
+
+
+def with_answer_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A tool-calling conversation with the ANSWER_NOW turn after each run of tool results, as the agent loop
+    prompts the model (for training rows, so they read as served)."""
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        out.append(message)
+        following = messages[i + 1] if i + 1 < len(messages) else None
+        if message["role"] == "tool" and (following is None or following["role"] != "tool") \
+                and not (following is not None and following["role"] == "user" and following.get("content") == ANSWER_NOW):
+            out.append({"role": "user", "content": ANSWER_NOW})
+    return out

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
+from forja.chat import model_turns, with_answer_turns
 from forja.data import Source, meta_path, prepare, read_rows, validation_path
 from forja.models import (CHECKPOINTS_DIR, KNOWLEDGE_FILE, METRICS_FILE, RUN_FILE, VERSION_FILE, LoadedModel,
                           ModelError, common_prefix, cpu_has_fast_bf16, hold_run, load, pick_device, resolve, valid_name,
@@ -59,10 +60,24 @@ class Example:
         return sum(label != IGNORE for label in self.labels[1:])
 
 
-def dialogue_example(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
+def dialogue_example(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+                     ) -> Example:
     """The conversation in the chat template, labelled on the assistant turns and their end-of-turn token
-    (except turns with OpenAI's `"weight": 0`, which are context: a corrected conversation's earlier answers)."""
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    (except turns with OpenAI's `"weight": 0`, which are context: a corrected conversation's earlier answers).
+    A tool-calling conversation is written as the server writes it for the model (forja.chat): its calls are
+    learned as the model must write them, its tool results are context."""
+    template_tools = None
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        messages = with_answer_turns(messages)  # as the agent loop prompts after results
+        weights = [m.get("weight", 1) for m in messages]
+        messages, template_tools = model_turns(tokenizer, messages, tools)
+        if len(messages) > len(weights):  # the tools' system turn was put first
+            weights = [1, *weights]
+        messages = [{**m, "weight": 0} if w == 0 else m for m, w in zip(messages, weights)]
+    extra = {"tools": template_tools} if template_tools else {}
+    render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
+        [{k: v for k, v in m.items() if k != "weight"} for m in msgs], tokenize=False, add_generation_prompt=gen,
+        **extra)
     full = render(messages, False)
     spans = []
     for i, message in enumerate(messages):
@@ -93,7 +108,7 @@ def build_examples(tokenizer: Any, rows: list[dict[str, Any]], max_len: int) -> 
     examples, too_long = [], []
     for row in rows:
         if "messages" in row:
-            example = dialogue_example(tokenizer, row["messages"])
+            example = dialogue_example(tokenizer, row["messages"], row.get("tools"))
             if len(example.input_ids) > max_len:
                 too_long.append(f"{row.get('source', '?')}: {len(example.input_ids)} tokens")
                 continue
@@ -763,7 +778,7 @@ def row_with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
 def learn_rows(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[str, Any]]:
     """The dialogue rows whose answers are checked: those marked `must_learn` (a retrain's corrections) when
     any are, else all of them, or a fixed sample of learn_check_rows when there are more."""
-    dialogue = [row for row in rows if "messages" in row]
+    dialogue = [row for row in rows if "messages" in row and not row.get("tools")]  # (a tool call is not an answer)
     marked = [row for row in dialogue if row.get("must_learn")]
     if marked:
         return marked

@@ -85,7 +85,7 @@ ACCEPTED = (
     "(with --assistant NAME); other columns with --map"
 )
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}  # OpenAI's messages
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SPEAKERS = {
     "system": "system", "sistema": "system", "user": "user", "usuario": "user",
@@ -220,6 +220,7 @@ class _Record:
     source: str  # "data/faq.csv:17", written with the training row
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None  # a tool-calling conversation's functions (OpenAI's row "tools")
 
 
 @dataclass
@@ -1043,7 +1044,31 @@ def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str]
     system = _clean(_as_text(values.get("system"), names.get("system", f'{word} "system"')))
     if system and messages[0]["role"] != "system":  # a system column: that row's system prompt
         messages.insert(0, {"role": "system", "content": system})
-    return _Record(source, messages=messages)
+    tools = _tools(values.get("tools")) if fmt.name == "messages" else None
+    if tools is None and any(m.get("tool_calls") for m in messages):
+        raise _Bad('"tools" is missing: a conversation with tool calls lists its functions in "tools", as '
+                   "OpenAI's fine-tuning format does (the model is trained to read them as it is served)")
+    return _Record(source, messages=messages, tools=tools)
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """A row's "tools" (OpenAI's function specs), checked as the server checks a request's."""
+    from forja.chat import ToolFormatError, functions
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _Bad('"tools" is not a JSON list of functions') from None
+    if not isinstance(value, list) or not value:
+        raise _Bad('"tools" must be a non-empty list of {"type": "function", "function": {...}}')
+    try:
+        functions(value)
+    except ToolFormatError as exc:
+        raise _Bad(f'"tools": {exc}') from None
+    return value
 
 
 def _required(values: dict[str, Any], key: str, word: str, names: dict[str, str] | None = None) -> str:
@@ -1092,16 +1117,23 @@ def _turns(
                 "one of " + ", ".join(roles))
             raise _Bad(f'{label}: "{role_key}" is {found}, expected {expected}')
         content = turn.get(content_key)
+        calls = _calls(turn.get("tool_calls"), label) if role == "assistant" and turn.get("tool_calls") else None
+        if calls is not None and content in (None, ""):
+            content = ""  # an assistant turn that only calls tools
         if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
             if any(not isinstance(p, dict) or p.get("type", "text") != "text" for p in content):
                 raise _Bad(f'{label}: "{content_key}" has a part that is not text; only text is supported')
             content = "".join(str(p.get("text", "")) for p in content)
         text = _clean(_as_text(content, f'{label} "{content_key}"'))
-        if not text:
+        if not text and calls is None:
             if role == "system":
                 continue  # an empty system prompt says nothing; drop it rather than refuse the row
             raise _Bad(f'{label}: "{content_key}" is empty', empty=True)
-        message = {"role": role, "content": text}
+        message: dict[str, Any] = {"role": role, "content": text}
+        if calls is not None:
+            message["tool_calls"] = calls
+        if role == "tool" and turn.get("tool_call_id"):
+            message["tool_call_id"] = str(turn["tool_call_id"])
         if "weight" in turn:  # OpenAI's fine-tuning format: weight 0 = context only, not learned
             if role != "assistant" or turn["weight"] not in (0, 1):
                 raise _Bad(f'{label}: "weight" must be 0 or 1 and only on assistant turns')
@@ -1115,22 +1147,64 @@ def _turns(
     return messages
 
 
-def _check_turns(messages: list[dict[str, str]], labels: list[str], name: str) -> None:
-    """Chat templates need an optional system turn, then user and assistant in turn, ending with the assistant."""
+def _check_turns(messages: list[dict[str, Any]], labels: list[str], name: str) -> None:
+    """Chat templates need an optional system turn, then user and assistant in turn, ending with the assistant;
+    an assistant turn that calls tools is followed by their results (`tool` turns, one per call), then the
+    assistant again."""
     roles = [m["role"] for m in messages]
     first = 1 if roles[:1] == ["system"] else 0
     if not roles[first:]:
         raise _Bad(f"{name} has no user or assistant turn")
-    expected = "user"
-    for role, label in zip(roles[first:], labels[first:]):
+    expected, pending = "user", set()
+    for message, label in zip(messages[first:], labels[first:]):
+        role = message["role"]
+        if role == "tool" and expected == "tool":
+            answered = message.get("tool_call_id")
+            if answered is not None and answered not in pending:
+                raise _Bad(f'{label}: "tool_call_id" {answered!r} answers no call of the assistant turn before it')
+            if answered is not None:
+                pending.discard(answered)
+            else:  # a result without the id of its call answers the next one
+                pending.pop()
+            expected = "tool" if pending else "assistant"
+            continue
         if role != expected:
             raise _Bad(
                 f"{label}: {role} turn where the {expected}'s belongs "
-                "(turns alternate user, assistant; a system turn may only come first)"
+                "(turns alternate user, assistant; a system turn may only come first; a tool turn follows the "
+                "assistant turn whose call it answers)"
             )
-        expected = "assistant" if expected == "user" else "user"
-    if roles[-1] != "assistant":
-        raise _Bad(f"{labels[-1]}: the last turn is the user's; it must be the assistant's, which the model learns")
+        if role == "assistant" and message.get("tool_calls"):
+            pending = {call["id"] for call in message["tool_calls"]}
+            expected = "tool"
+        else:
+            expected = "assistant" if expected == "user" else "user"
+    if roles[-1] != "assistant" or messages[-1].get("tool_calls"):
+        raise _Bad(f"{labels[-1]}: the last turn is not the assistant's answer; it must be, the model learns it")
+
+
+def _calls(value: Any, label: str) -> list[dict[str, Any]]:
+    """An assistant turn's `tool_calls` in OpenAI's shape, each with an id and its arguments as a JSON string."""
+    if not isinstance(value, list) or not value:
+        raise _Bad(f'{label}: "tool_calls" must be a list of calls')
+    calls = []
+    for number, call in enumerate(value, 1):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise _Bad(f'{label}: tool call {number} needs "function": {{"name", "arguments"}}')
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                raise _Bad(f'{label}: tool call {number} ({function["name"]}): "arguments" is not JSON') from None
+        else:
+            parsed = arguments
+        if not isinstance(parsed, dict):
+            raise _Bad(f'{label}: tool call {number} ({function["name"]}): "arguments" must be a JSON object')
+        calls.append({"id": str(call.get("id") or f"call_{number}"), "type": "function",
+                      "function": {"name": function["name"], "arguments": json.dumps(parsed, ensure_ascii=False)}})
+    return calls
 
 
 def _is_transcript(text: str) -> bool:
@@ -1245,7 +1319,8 @@ def _training_rows(records: list[_Record], chunk_tokens: int, count: Callable[[s
     rows: list[dict[str, Any]] = []
     for record in records:
         if record.messages is not None:
-            rows.append({"messages": record.messages, "source": record.source})
+            rows.append({"messages": record.messages, "source": record.source}
+                        | ({"tools": record.tools} if record.tools else {}))
             continue
         chunks = _chunk(record.text or "", chunk_tokens, count)
         for number, chunk in enumerate(chunks, 1):

@@ -20,7 +20,7 @@ from fastapi import Request
 
 from forja import files
 from forja.agents import Observation, Toolbox, arguments_of
-from forja.chat import TOOL_CALL_OPEN
+from forja.chat import ANSWER_NOW, TOOL_CALL_OPEN
 from forja.config import Persona
 from forja.serve.deps import ApiError, ServerState
 from forja.serve.exchange import Answer, Exchange, Options
@@ -28,9 +28,6 @@ from forja.serve.rails import RequestRails
 
 
 CALL_TOKENS = 256  # the least a step that may call a tool may write: a call with its arguments
-# After the tool results, the model answers the user: said as a turn of its own, since a small model that
-# reads a result as the last turn tends to go on writing results
-ANSWER_NOW = "Now answer my question above in plain words, using the tool results (or call another tool)."
 
 
 @dataclass
