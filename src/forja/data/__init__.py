@@ -1179,8 +1179,11 @@ def _check_turns(messages: list[dict[str, Any]], labels: list[str], name: str) -
             expected = "tool"
         else:
             expected = "assistant" if expected == "user" else "user"
-    if roles[-1] != "assistant" or messages[-1].get("tool_calls"):
-        raise _Bad(f"{labels[-1]}: the last turn is not the assistant's answer; it must be, the model learns it")
+    if roles[-1] != "assistant":
+        raise _Bad(f"{labels[-1]}: the last turn is the {roles[-1]}'s; it must be the assistant's, which the model "
+                   "learns")
+    if messages[-1].get("tool_calls"):
+        raise _Bad(f"{labels[-1]}: the last turn calls tools; the conversation must end with the assistant's answer")
 
 
 def _calls(value: Any, label: str) -> list[dict[str, Any]]:
