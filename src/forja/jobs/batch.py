@@ -313,7 +313,8 @@ def prompt_column(columns: list[str], column: str | None, path: Path) -> str:
     for name in PROMPT_COLUMNS:
         if name in columns:
             return name
-    raise BatchError(f"{path}: which column holds the prompts? Its columns are {shown}; give --column NAME")
+    raise BatchError(f"{path}: no column named {', '.join(PROMPT_COLUMNS)}; its columns are {shown}: "
+                     "give the one with the prompts as --column NAME")
 
 
 def table_requests(path: Path, column: str | None, body: dict[str, Any]) -> list[dict]:
