@@ -935,7 +935,7 @@ def check_bench_backends(names: list[str] | None) -> None:
             raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
 
 
-bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition, tools and knowledge.")
+bench_app = _typer("Measure: bench serve, batch, upstream, train, learn, agreement, repetition, tools and knowledge.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -962,6 +962,35 @@ def bench_serve(
                               backends=backend, reference_server=reference_server,
                               log=lambda line: typer.echo(line, err=True))
     typer.echo(render_serve(results))
+    if as_json:
+        as_json.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("batch")
+def bench_batch(
+    model: ModelOpt = None,
+    prompts: Annotated[int, typer.Option(help="Prompts answered each way.", min=1)] = 256,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer at most.", min=2)] = 32,
+    backend: BenchBackendsOpt = None,
+    reference_server: Annotated[Optional[Path], typer.Option(help="A llama-server binary (default: llama-server on the PATH): with --backend llamacpp, also llama.cpp's own server answering 8 at a time.")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The same prompts as one batch (forja generate --input) and one by one through the API; answers/s and tokens/s of each."""
+    import shutil
+
+    from forja.bench_batch import batch_benchmark, render_batch
+
+    settings = settings_from(config, model=model)
+    check_bench_backends(backend)
+    found = shutil.which("llama-server")
+    reference_server = reference_server or (Path(found) if found else None)
+    if reference_server and not (reference_server.is_file() and os.access(reference_server, os.X_OK)):
+        raise ConfigError(f"--reference-server {reference_server} is not an executable file "
+                          "(the path of a llama-server binary built from llama.cpp)")
+    results = batch_benchmark(settings, settings.model, prompts=prompts, max_tokens=max_tokens, backends=backend,
+                              reference_server=reference_server, log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_batch(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2))
 
