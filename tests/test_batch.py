@@ -223,3 +223,17 @@ def test_generate_runs_a_batch_file_in_the_batch_format(tiny_model_dir, tmp_path
     bad = write_lines(tmp_path / "bad.jsonl", [chat_line("a", "hola"), chat_line("a", "again")])
     result = forja("generate", "--input", str(bad), "--output", str(tmp_path / "o2.jsonl"), "--model", str(tiny_model_dir))
     assert result.exit_code == 1 and "bad.jsonl: line 2: custom_id 'a' is already on line 1" in result.stderr
+
+
+def test_bench_batch_measures_the_batch_and_the_api_one_by_one(settings, tiny_model_dir):
+    from forja.bench_batch import batch_benchmark, render_batch
+
+    results = batch_benchmark(settings, str(tiny_model_dir), prompts=5, max_tokens=4, backends=["pytorch"],
+                              log=lambda line: None)
+    figures = results["backends"]["pytorch"]
+    for way in ("batch", "sequential"):
+        assert figures[way]["answers"] == 5 and figures[way]["errors"] == 0
+        assert 0 < figures[way]["tokens"] <= 5 * 4 and figures[way]["tokens_per_s"] > 0
+    assert figures["batch"]["tokens"] == figures["sequential"]["tokens"]  # greedy: the same answers both ways
+    shown = render_batch(results)
+    assert "batch / sequential" in shown and "target >= 4x" in shown and results["cpu"] in shown
