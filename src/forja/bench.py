@@ -16,6 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +59,10 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
     """One `forja serve --backend X` subprocess: single stream, with and without the guardrails, N concurrent
     streams, batched vs alone."""
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log(f"starting forja serve --backend {backend} on {url} ...")
     # a persona without guardrails, to measure what the rails add on the same server
     personas = json.dumps([{"name": UNGUARDED, "description": "forja bench: guardrails off", "guard": {"enabled": False}}])
-    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port),
-                               "--backend", backend],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "FORJA_SERVE__PERSONAS": personas})
     figures: dict[str, Any] = {}
-    try:
-        _wait_ready(url, server)
+    with forja_server(model, backend, {"FORJA_SERVE__PERSONAS": personas}, log) as url:
         asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
         log(f"{backend}: one stream, {ROUNDS} times with and {ROUNDS} without the guardrails, alternating ...")
         on, off = [], []
@@ -90,9 +84,23 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
             log(f"{backend}: each prompt alone, to compare the batched answers ...")
             figures["batched_equals_alone"] = _batched_equals_alone(url, model, [
                 (prompt, answer) for prompt, answer in zip(prompts, answers) if _answered(answer)], max_tokens)
+    return figures
+
+
+@contextmanager
+def forja_server(model: str, backend: str, env: dict[str, str] | None = None, log: Any = print) -> Iterator[str]:
+    """A `forja serve --model MODEL --backend BACKEND` subprocess on a free port, ready: its URL; stopped after."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log(f"starting forja serve --backend {backend} on {url} ...")
+    server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port),
+                               "--backend", backend],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    try:
+        _wait_ready(url, server)
+        yield url
     finally:
         stop(server)
-    return figures
 
 
 def upstream_benchmark(upstream_url: str, *, model: str = "upstream", clients: int = 4, max_tokens: int = 64,
@@ -392,9 +400,31 @@ def _bare_llamacpp_steps(engine: Any, rows: int, prompt_tokens: int = 40, steps:
 def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: list[str], max_tokens: int,
                               compare_alone: bool, log: Any) -> dict[str, Any]:
     """llama.cpp's own server (`binary`: llama-server) on the GGUF file forja's llama.cpp backend serves, set up
-    as that backend is: a slot per client (`-np`), one pool of serve.kv_tokens cells shared by all of them
-    (`--kv-unified`), the same threads, flash attention on. Measured as `_serve_figures` measures forja: one
+    as that backend is (see `llama_server`), a slot per client. Measured as `_serve_figures` measures forja: one
     stream ROUNDS times, then the clients together ROUNDS times, then each prompt alone."""
+    with llama_server(settings, model, binary, len(prompts), log) as (url, command):
+        figures: dict[str, Any] = {"command": command}
+        asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
+        log(f"llama-server: one stream, {ROUNDS} times ...")
+        single = [asyncio.run(_stream(url, model, prompts[0], max_tokens)) for _ in range(ROUNDS)]
+        figures["single"] = _single_figures(single)
+        log(f"llama-server: {len(prompts)} concurrent streams, {ROUNDS} rounds ...")
+        rounds = _concurrent_rounds(url, model, prompts, max_tokens)
+        figures["concurrent"] = _concurrent_figures(rounds)
+        figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
+                                                     / max(figures["single"]["tokens_per_s"], 1e-9), 2)
+        answered = [(prompt, answer) for prompt, answer in zip(prompts, rounds[0][0]) if _answered(answer)]
+        if compare_alone and answered:
+            log("llama-server: each prompt alone, to compare the batched answers ...")
+            figures["batched_equals_alone"] = _batched_equals_alone(url, model, answered, max_tokens)
+    return figures
+
+
+@contextmanager
+def llama_server(settings: Any, model: str, binary: Path, slots: int, log: Any = print) -> Iterator[tuple[str, list[str]]]:
+    """llama.cpp's own server (`binary`: llama-server) on the GGUF file forja's llama.cpp backend serves, set up
+    as that backend is: `slots` requests decoded together (`-np`), one pool of serve.kv_tokens cells shared by
+    all of them (`--kv-unified`), the same threads, flash attention on. Ready: its URL and command; stopped after."""
     import tempfile
 
     from forja.export import served_gguf
@@ -403,36 +433,22 @@ def _reference_server_figures(settings: Any, model: str, binary: Path, prompts: 
     threads = str(settings.threads or os.cpu_count() or 1)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", str(len(prompts)),
+    command = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
                "-c", str(settings.serve.kv_tokens), "--kv-unified", "-t", threads, "-tb", threads, "-fa", "on",
                "--no-webui"]
     log(f"starting {' '.join(command)} ...")
     # its log goes to a file: llama-server writes lines per request, which would fill an unread pipe
     with tempfile.TemporaryFile() as server_log:
         server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
-        figures: dict[str, Any] = {"command": command}
         try:
             try:
                 _wait_ready(url, server, name="llama-server")
             except RuntimeError as exc:
                 server_log.seek(0)
                 raise RuntimeError(f"{exc}: {server_log.read().decode(errors='replace')[-800:]}") from None
-            asyncio.run(_stream(url, model, prompts[0], 8))  # warm-up
-            log(f"llama-server: one stream, {ROUNDS} times ...")
-            single = [asyncio.run(_stream(url, model, prompts[0], max_tokens)) for _ in range(ROUNDS)]
-            figures["single"] = _single_figures(single)
-            log(f"llama-server: {len(prompts)} concurrent streams, {ROUNDS} rounds ...")
-            rounds = _concurrent_rounds(url, model, prompts, max_tokens)
-            figures["concurrent"] = _concurrent_figures(rounds)
-            figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
-                                                         / max(figures["single"]["tokens_per_s"], 1e-9), 2)
-            answered = [(prompt, answer) for prompt, answer in zip(prompts, rounds[0][0]) if _answered(answer)]
-            if compare_alone and answered:
-                log("llama-server: each prompt alone, to compare the batched answers ...")
-                figures["batched_equals_alone"] = _batched_equals_alone(url, model, answered, max_tokens)
+            yield url, command
         finally:
             stop(server)
-    return figures
 
 
 def stop(process: Any, timeout: float = 30) -> None:

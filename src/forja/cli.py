@@ -84,9 +84,13 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     backend: BackendOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    input_path: Annotated[Optional[Path], typer.Option("--input", "-i", help="Answer every request of an OpenAI batch file (.jsonl), or every row of a table (csv, xlsx, json, jsonl), instead of one prompt.")] = None,
+    output_path: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --input: where the answers go, one JSON line each; run again to continue an interrupted run.")] = None,
+    column: Annotated[Optional[str], typer.Option(help="With a table: the column holding the prompts (default: the only one, or one named prompt, question, pregunta, input, consulta or text).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="With --input: no progress bar.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:)."""
+    """Answer a prompt with a local model, streaming tokens to the terminal (sampling defaults: generate:); with --input, a whole file of them."""
     from forja import models
     from forja.config import SAMPLERS
     from forja.engine import Answer, SamplingParams, Usage, answer, make_engine, pick_backend
@@ -97,10 +101,18 @@ def generate(
     settings = settings_from(config, model=model)
     if backend is not None:
         settings = _with_serve(settings, backend=backend)
-    prompt = read_prompt(prompt, "prompt")
     flags = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
              "repetition_penalty": repetition_penalty, "frequency_penalty": frequency_penalty,
              "presence_penalty": presence_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+    if input_path is not None or output_path is not None:
+        if prompt is not None:
+            raise ConfigError("a prompt argument and --input exclude each other: with --input the prompts come from the file")
+        if as_json:
+            raise ConfigError("--json is for one prompt: with --input the answers go to --output as JSON lines")
+        return _generate_file(settings, input_path, output_path, column, flags, model, system, quiet)
+    if column is not None or quiet:
+        raise ConfigError(f"--{'column' if column is not None else 'quiet'} goes with --input and --output")
+    prompt = read_prompt(prompt, "prompt")
     try:  # the flags are checked by generate:'s own rules, so a flag accepts what the config file does
         defaults = settings.generate.model_validate(
             {**settings.generate.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
@@ -144,6 +156,69 @@ def generate(
         rate = reply.usage.completion_tokens / seconds if seconds > 0 else 0.0
         typer.echo(f"[{settings.model}, {runs}: loaded in {loaded_in:.1f}s, "
                    f"{reply.usage.completion_tokens} tokens at {rate:.1f} tokens/s]", err=True)
+
+
+def _generate_file(settings: Settings, input_path: Path | None, output_path: Path | None, column: str | None,
+                   flags: dict, model: str | None, system: str | None, quiet: bool) -> None:
+    """`forja generate --input --output`: a batch file or a table answered through the server's request path."""
+    from tqdm.auto import tqdm
+
+    from forja import models
+    from forja.engine import pick_backend
+    from forja.jobs.batch import BatchError, is_batch_file, run_batch, run_table
+
+    if input_path is None or output_path is None:
+        raise ConfigError(f"--{'output' if output_path is None else 'input'} is missing: --input FILE and --output FILE go together")
+    if not input_path.is_file():
+        raise ConfigError(f"--input {input_path}: no such file")
+    if output_path.resolve() == input_path.resolve():
+        raise ConfigError("--output is the --input file: give another path for the answers")
+    if pick_backend(settings) != "openai":
+        models.resolve(settings.model, settings)  # a wrong name fails before anything loads
+    batch = is_batch_file(input_path)
+    given = [name for name, value in {**flags, "system": system, "column": column}.items() if value is not None]
+    if batch and given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for a table of prompts; {input_path} is a batch file, "
+                          "whose requests carry their own settings")
+    errors_path = output_path.with_name(output_path.stem + ".errors.jsonl")
+    bar, last = None, None
+
+    def progress(counts) -> None:
+        nonlocal bar, last
+        last = counts
+        if bar is None:
+            bar = tqdm(total=counts.total, initial=counts.done - 1, unit="answer", file=sys.stderr, dynamic_ncols=True,
+                       disable=quiet or not sys.stderr.isatty())
+        bar.update(counts.done - bar.n)
+
+    try:
+        if batch:
+            counts = run_batch(settings, input_path, output_path, errors_path, progress=progress, model=settings.model)
+        else:
+            body = {key: value for key, value in flags.items() if value is not None and key != "max_new_tokens"}
+            if flags["max_new_tokens"] is not None:
+                body["max_tokens"] = flags["max_new_tokens"]
+            if model is not None:
+                body["model"] = model
+            system = system or models.trained_system(settings, settings.model) or settings.generate.system
+            if system:
+                body["messages"] = [{"role": "system", "content": system}]
+            counts = run_table(settings, input_path, output_path, column=column, body=body, progress=progress,
+                               model=settings.model)
+    except KeyboardInterrupt:
+        done = f"{last.done} of {last.total} answered and written to {output_path}" if last else "nothing answered yet"
+        typer.echo(f"\nforja: interrupted: {done}; run the same command again to continue", err=True)
+        raise typer.Exit(130) from None
+    except BatchError as exc:
+        raise ConfigError(f"--input {input_path}: {str(exc).replace('file line', 'line', 1)}" if batch else str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if last is None:
+        typer.echo(f"nothing left to answer: {output_path} has all {counts.total} answers", err=True)
+        return
+    failed = f", {counts.failed} error{'s' if counts.failed > 1 else ''}" + (f" (in {errors_path})" if batch else "") if counts.failed else ""
+    typer.echo(f"wrote {output_path}: {counts.completed} of {counts.total} answered{failed}", err=True)
 
 
 @models_app.callback()
@@ -1093,7 +1168,7 @@ def check_bench_backends(names: list[str] | None) -> None:
             raise ConfigError(f"--backend is llamacpp or pytorch, not {name!r}")
 
 
-bench_app = _typer("Measure: bench serve, upstream, train, learn, agreement, repetition, tools and knowledge.")
+bench_app = _typer("Measure: bench serve, batch, upstream, train, learn, agreement, repetition, tools and knowledge.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -1120,6 +1195,35 @@ def bench_serve(
                               backends=backend, reference_server=reference_server,
                               log=lambda line: typer.echo(line, err=True))
     typer.echo(render_serve(results))
+    if as_json:
+        as_json.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("batch")
+def bench_batch(
+    model: ModelOpt = None,
+    prompts: Annotated[int, typer.Option(help="Prompts answered each way.", min=1)] = 256,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer at most.", min=2)] = 32,
+    backend: BenchBackendsOpt = None,
+    reference_server: Annotated[Optional[Path], typer.Option(help="A llama-server binary (default: llama-server on the PATH): with --backend llamacpp, also llama.cpp's own server answering 8 at a time.")] = None,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The same prompts as one batch (forja generate --input) and one by one through the API; answers/s and tokens/s of each."""
+    import shutil
+
+    from forja.bench_batch import batch_benchmark, render_batch
+
+    settings = settings_from(config, model=model)
+    check_bench_backends(backend)
+    found = shutil.which("llama-server")
+    reference_server = reference_server or (Path(found) if found else None)
+    if reference_server and not (reference_server.is_file() and os.access(reference_server, os.X_OK)):
+        raise ConfigError(f"--reference-server {reference_server} is not an executable file "
+                          "(the path of a llama-server binary built from llama.cpp)")
+    results = batch_benchmark(settings, settings.model, prompts=prompts, max_tokens=max_tokens, backends=backend,
+                              reference_server=reference_server, log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_batch(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2))
 
