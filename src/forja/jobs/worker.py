@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from forja import files, jobs
-from forja.config import Settings, config_path, read_yaml
+from forja.config import Settings
 from forja.models import CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, VERSION_FILE, active_model, run_held
 from forja.store import Store
 
@@ -59,10 +59,12 @@ except (OSError, AttributeError):  # not Linux
 PR_SET_PDEATHSIG = 1
 
 
-def job_config(settings: Settings, job_id: str, train: dict[str, Any]) -> Path:
-    """The worker's config file (if any) with the job's train.* settings laid over it, for its `forja train`."""
-    values = read_yaml(config_path()) if config_path() is not None else {}
-    values["train"] = {**values.get("train", {}), **train}
+def job_config(settings: Settings, job_id: str, train: dict[str, Any] | None = None) -> Path:
+    """The worker's settings as a config file for the job's process, with the job's train.* settings laid over
+    them (a worker made from settings in code, as in tests, has no file to pass on). API keys are left out:
+    the job's process serves no one."""
+    values = settings.model_dump(mode="json", exclude={"serve": {"api_keys"}})
+    values["train"] = {**values["train"], **(train or {})}
     path = job_dir(settings, job_id) / "forja.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
@@ -179,16 +181,17 @@ class Worker:
             if now is None:
                 self._ask_stop(running, "taken over")
             elif now.status in ("cancelled", "cancelling") and running.stopping is None:
-                self._ask_stop(running, "cancelled")
+                # a batch stops by itself (it polls the job) once its requests in flight are written
+                self._ask_stop(running, "cancelled", signal_process=job.kind != jobs.BATCH)
             elif self._stop.is_set() and running.stopping is None:
                 self._ask_stop(running, "worker stopping")
             if running.stopping and time.monotonic() - running.asked_at > self.settings.jobs.cancel_seconds:
                 running.process.kill()
 
     @staticmethod
-    def _ask_stop(running: Running, why: str) -> None:
+    def _ask_stop(running: Running, why: str, signal_process: bool = True) -> None:
         running.stopping, running.asked_at = why, time.monotonic()
-        if running.process is not None and running.process.poll() is None:
+        if signal_process and running.process is not None and running.process.poll() is None:
             running.process.send_signal(signal.SIGINT)
 
     def _stopped(self, running: Running, what: str) -> bool:
@@ -333,7 +336,8 @@ class Worker:
         jobs.set_status(self.store, job.id, self.id, "in_progress",
                         "Batch started" if job.attempts == 1 else f"Batch resumed (attempt {job.attempts})")
         command = [sys.executable, "-m", "forja.cli", "jobs", "run-batch", job.id, "--worker", self.id]
-        code = self._supervise(running, command, child_env(settings), job_dir(settings, job.id) / "batch.log")
+        env = child_env(settings, {"FORJA_CONFIG": str(job_config(settings, job.id))})
+        code = self._supervise(running, command, env, job_dir(settings, job.id) / "batch.log")
         if running.stopping in ("taken over", "worker stopping"):
             self._stopped(running, "while answering")
             return
@@ -346,11 +350,16 @@ class Worker:
         cancelled = now.status in ("cancelling", "cancelled")
         if not cancelled:
             jobs.set_status(self.store, job.id, self.id, "finalizing", "Writing the output files")
-        kept = {}
+        kept: dict[str, Any] = {}
+        lines = {}
         for key, name in (("output_file_id", OUTPUT_FILE), ("error_file_id", ERROR_FILE)):
             path = job_dir(settings, job.id) / name
-            if path.is_file() and path.stat().st_size:
+            lines[name] = len(path.read_bytes().splitlines()) if path.is_file() else 0
+            if lines[name]:
                 kept[key] = keep_output(settings, self.store, path, f"{job.id}_{name}", job.api_key_name)
+        # what the files hold is what was answered (the last count the process sent may be older)
+        kept["request_counts"] = {"total": job.request["total"], "completed": lines[OUTPUT_FILE],
+                                  "failed": lines[ERROR_FILE]}
         jobs.finish(self.store, job.id, self.id, "cancelled" if cancelled else "completed",
                     "Batch cancelled" if cancelled else "Batch completed", **kept)
 
