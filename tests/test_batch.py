@@ -237,3 +237,23 @@ def test_bench_batch_measures_the_batch_and_the_api_one_by_one(settings, tiny_mo
     assert figures["batch"]["tokens"] == figures["sequential"]["tokens"]  # greedy: the same answers both ways
     shown = render_batch(results)
     assert "batch / sequential" in shown and "target >= 4x" in shown and results["cpu"] in shown
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".json", ".tsv"])
+def test_every_table_format_forja_data_reads_is_answered(settings, tmp_path, suffix):
+    table = tmp_path / f"t{suffix}"
+    rows = [("Consulta", "id"), ("Hola", 1), ("Adiós", 2)]
+    if suffix == ".xlsx":
+        import openpyxl
+
+        book = openpyxl.Workbook()
+        for row in rows:
+            book.active.append(row)
+        book.save(table)
+    elif suffix == ".json":
+        table.write_text(json.dumps([{"Consulta": text, "id": n} for text, n in rows[1:]]))
+    else:
+        table.write_text("".join(f"{a}\t{b}\n" for a, b in rows))
+    counts = run_table(settings, table, tmp_path / "out.jsonl", body={"max_tokens": 2})
+    assert counts == Counts(2, 2, 0)
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["Hola", "Adiós"]
