@@ -695,7 +695,7 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
         final["train_loss"] = losses[-1]
     if val_examples:
         final["val_loss"] = evaluate(model, val_examples, config, device, autocast)
-        if losses and "val_loss" not in run.history[-1]:
+        if losses and "val_loss" not in next((r for r in reversed(run.history) if "checkpoint" not in r), {}):
             run.log({"step": state["step"], "val_loss": final["val_loss"]})
     final["tokens"] = state["tokens"]
     final["tokens_per_second"] = round(state["tokens"] / state["seconds"], 1) if state["seconds"] else None
@@ -962,6 +962,7 @@ def save_checkpoint(run: Run, model: Any, optimizer: Any, scheduler: Any, state:
     tmp.rename(target)
     for old in sorted(p for p in run.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[: -run.config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
+    run.log({"step": state["step"], "checkpoint": target.name})  # a job's worker reports it (it may be rotated out)
     return target
 
 

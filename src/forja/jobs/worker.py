@@ -236,7 +236,9 @@ class Worker:
             env = child_env(settings, {"FORJA_CONFIG": str(job_config(settings, job.id, spec["forja"]["train"]))})
             if resume:  # what an earlier attempt reported is not reported twice
                 saved, _ = jobs.events(self.store, job.id, limit=100_000, type="checkpoint")
-                running.seen.update(step=(job.result.get("progress") or {}).get("step", 0),
+                last, _ = jobs.events(self.store, job.id, limit=1, type="metrics")
+                reported = max([(e.data or {}).get("step", 0) for e in last] or [0])
+                running.seen.update(step=reported, reported=reported,
                                     checkpoints={(e.data or {}).get("step") for e in saved})
             code = self._supervise(running, command, env, job_dir(settings, job.id) / "train.log",
                                    on_poll=lambda r: self._progress(r, run_dir))
@@ -290,22 +292,19 @@ class Worker:
                 record = json.loads(line)
             except ValueError:
                 continue
-            self._record(running, record)
-        for checkpoint in sorted((run_dir / CHECKPOINTS_DIR).glob("step-*")):
-            step = checkpoint.name.removeprefix("step-")
-            if checkpoint.suffix or not step.isdigit() or int(step) in seen.setdefault("checkpoints", set()):
-                continue
-            if not (checkpoint / "state.pt").is_file():
-                continue
-            seen["checkpoints"].add(int(step))
-            metrics = {k: v for k, v in seen.get("last", {}).items() if k in ("train_loss", "valid_loss")}
-            jobs.add_event(self.store, running.job.id, f"Checkpoint saved at step {int(step)}", type="checkpoint",
-                           data={"step": int(step), "path": str(checkpoint.relative_to(self.settings.home)),
-                                 "metrics": metrics})
+            self._record(running, record, run_dir)
 
-    def _record(self, running: Running, record: dict[str, Any]) -> None:
+    def _record(self, running: Running, record: dict[str, Any], run_dir: Path) -> None:
         seen, step = running.seen, record.get("step", 0)
-        if "loss" in record and step > seen.get("step", 0):
+        if "checkpoint" in record:  # the trainer notes each checkpoint it saved (it may be rotated out later)
+            if step in seen.setdefault("checkpoints", set()):
+                return
+            seen["checkpoints"].add(step)
+            metrics = {k: v for k, v in seen.get("last", {}).items() if k in ("train_loss", "valid_loss")}
+            path = run_dir / CHECKPOINTS_DIR / record["checkpoint"]
+            jobs.add_event(self.store, running.job.id, f"Checkpoint saved at step {step}", type="checkpoint",
+                           data={"step": step, "path": str(path.relative_to(self.settings.home)), "metrics": metrics})
+        elif "loss" in record and step > seen.get("step", 0):
             seen["step"] = step
             seen["seconds"] = seen.get("seconds", 0.0) + record["tokens"] / max(record["tokens_per_second"], 1e-9)
             seen["steps_timed"] = seen.get("steps_timed", 0) + 1
@@ -321,6 +320,8 @@ class Worker:
             jobs.add_event(self.store, running.job.id, f"Step {step}/{total or '?'}: training loss={record['loss']:.4f}",
                            type="metrics", data=data)
             jobs.heartbeat(self.store, running.job.id, self.id, progress=data)
+        elif step <= seen.get("reported", 0):  # an earlier attempt reported it
+            return
         elif "val_loss" in record and "loss" not in record:
             jobs.add_event(self.store, running.job.id, f"Step {step}: validation loss={record['val_loss']:.4f}",
                            type="metrics", data={"step": step, "valid_loss": round(record["val_loss"], 4)})
