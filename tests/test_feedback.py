@@ -502,3 +502,29 @@ def test_bench_learn_tells_the_whole_story_through_a_real_server(tiny_model_dir,
     table = render_learn(report)
     assert "| corrections learned, as sent | 1/1 | 1/1 | yes |" in table
     assert json.loads((tmp_path / "learn.json").read_text())["figures"] == f
+
+
+def test_a_feedback_run_resumed_after_a_crash_is_gated_as_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+    from forja import train as training
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    trained_version(settings, tiny_model_dir, tmp_path, "v1", KNOWN)
+    models.promote(settings, "v1")
+    store = Store.open(settings)
+    log(store, "q", "¿Quién fundó Forja?", "No sé.", model="v1")
+    store.add_feedback("q", rating="down", correction="Ana Herrera.")
+    store.close()
+    real = training.train
+
+    def crash(*args, **kwargs):
+        raise training.TrainError("interrupted at step 0; checkpoint saved, continue with: forja train --resume v2")
+
+    monkeypatch.setattr(training, "train", crash)
+    first = runner.invoke(app, ["train", "--from-feedback", "--name", "v2", "--max-steps", "1", "--quiet"])
+    assert first.exit_code == 1 and "--resume v2" in first.output
+    monkeypatch.setattr(training, "train", real)
+    resumed = runner.invoke(app, ["train", "--resume", "v2", "--quiet"])
+    assert resumed.exit_code == 2, resumed.output  # one step cannot learn the correction: the gate says so
+    assert "feedback: FAILED" in resumed.stdout and "not promoted" in resumed.stdout
+    assert (settings.versions_dir / "v2" / "gate.json").is_file() and models.active_model(settings) == "v1"

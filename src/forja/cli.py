@@ -389,7 +389,7 @@ def train(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run of this name from its last checkpoint.")] = None,
     from_feedback: Annotated[bool, typer.Option("--from-feedback", help="Learn from the unused feedback, starting from the active version (or --base); promote the result only if it does not regress.")] = False,
-    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="With --from-feedback: promote the new version when it passes the gate.")] = True,
+    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="With --from-feedback (or --resume of such a run): promote the new version when it passes the gate.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     map_: MapOpt = None,
     guess: GuessOpt = False,
@@ -434,8 +434,8 @@ def train(
                             subset)[0] if validation else None
         run = training.new_run(settings, paths, name, base or settings.model, hyper, validation=held)
     version = training.train(settings, run, progress=not quiet)
-    if resume:  # a resumed feedback run still records which feedback it learned from
-        from forja.feedback import record_version
+    if resume:  # a resumed feedback run still records which feedback it learned from, and is gated
+        from forja.feedback import conclude, record_version
         from forja.store import Store
 
         store = Store.open(settings)
@@ -443,6 +443,9 @@ def train(
             record_version(settings, store, run.directory, version)
         finally:
             store.close()
+        result = conclude(settings, run.directory, version, promote=promote, progress=not quiet)
+        if result is not None:
+            return _report_retrain(result)
     from forja.train import render_answers
 
     metrics = json.loads((version / "version.json").read_text())["metrics"]
@@ -460,9 +463,15 @@ GATE_FAILED_EXIT = 2
 def _retrain_from_feedback(settings: Settings, hyper, base: str | None, name: str | None, promote: bool,
                            quiet: bool) -> None:
     from forja.feedback import retrain
-    from forja.train import render_answers
 
     result = retrain(settings, hyper, base=base, name=name, promote=promote, progress=not quiet)
+    _report_retrain(result)
+
+
+def _report_retrain(result) -> None:
+    """What a feedback run learned and what its gate decided; exit 2 when the gate did not pass."""
+    from forja.train import render_answers
+
     gate = result.gate
     typer.echo(f"model version {result.version.name} trained from {result.started_from} on {result.trained_pairs} "
                f"feedback pairs + {result.replayed_rows} replayed rows ({result.held_out_pairs} pairs held out, "

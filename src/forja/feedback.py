@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from forja.guard import Guards, refused_characters
 from forja.store import Store
 
 FEEDBACK_RECORD = "feedback.json"  # in a run made from feedback: which rows it learns from
+GATE_INPUTS = "gate_inputs.json"  # in a run made from feedback: the pairs and rows its gate checks
 GATE_FILE = "gate.json"  # in a version made from feedback: the promotion check
 
 
@@ -285,14 +286,32 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
                   "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),
                   "replayed_rows": len(replay), "replaced_rows": len(old_train) - len(kept), "skipped": skipped}
         (run.directory / FEEDBACK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        # what the gate needs once the run is a version, kept with the run: a run resumed after a crash
+        # (forja train --resume, a job taken over by another worker) is gated as an uninterrupted one
+        (run.directory / GATE_INPUTS).write_text(json.dumps({
+            "started_from": start, "pairs": [asdict(p) for p in pairs], "regression": kept + validation,
+            "counts": [len(train_pairs), len(held_pairs), len(replay), len(old_train) - len(kept)]},
+            ensure_ascii=False) + "\n")
         version = training.train(settings, run, progress=progress)
         record_version(settings, store, run.directory, version)
     finally:
         store.close()
-    result = RetrainResult(version, start, len(train_pairs), len(held_pairs), len(replay), len(old_train) - len(kept),
+    return conclude(settings, run.directory, version, promote=promote, progress=progress)
+
+
+def conclude(settings: Settings, run_dir: Path, version: Path, *, promote: bool, progress: bool = True
+             ) -> RetrainResult | None:
+    """A feedback run that is now a version: gate it against the version it started from and promote it when
+    it passes (and `promote`). None for a run that was not made from feedback."""
+    path = run_dir / GATE_INPUTS
+    if not path.is_file():
+        return None
+    inputs = json.loads(path.read_text())
+    start = inputs["started_from"]
+    result = RetrainResult(version, start, *inputs["counts"],
                            answers=models.read_version(version).get("metrics", {}).get("answers", {}))
-    regression = kept + validation
-    result.gate = gate(settings, start, version.name, pairs, regression, progress=progress)
+    pairs = [Pair(**p) for p in inputs["pairs"]]
+    result.gate = gate(settings, start, version.name, pairs, inputs["regression"], progress=progress)
     if promote and result.gate["passed"]:
         models.promote(settings, version.name, f"passed the feedback gate against {start}")
         result.promoted = True

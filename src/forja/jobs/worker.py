@@ -224,8 +224,8 @@ class Worker:
             jobs.set_status(self.store, job.id, self.id, "running",
                             f"Resuming the fine-tuning job (attempt {job.attempts})" if resume else "Fine-tuning job started")
             command = [sys.executable, "-m", "forja.cli", "train", "--quiet"]
-            if resume:
-                command += ["--resume", name]
+            if resume:  # a feedback run resumed is gated (and promoted) as an uninterrupted one
+                command += ["--resume", name] + ([] if spec["forja"]["promote"] else ["--no-promote"])
             elif spec["forja"]["source"] == "feedback":
                 command += ["--from-feedback", "--name", name, "--base", spec["model"]]
                 command += [] if spec["forja"]["promote"] else ["--no-promote"]
