@@ -533,6 +533,9 @@ class ServeSettings(BaseModel):
     log_exchanges: bool = Field(
         True, description="Store every exchange (messages, answer, model, timing) in the database so users can rate and correct it."
     )
+    conversation_overflow: Literal["summarize", "drop"] = Field(
+        "summarize", description="A conversation kept on the server (conversation_id) that outgrows the model's "
+        "context: its older turns are summarised by the model into one note, or dropped.")
     price_per_1k_tokens: float = Field(
         0.0, ge=0, description="What a hosted API would charge per 1000 tokens (prompt and completion), for the "
         "estimated cost per key in GET /admin/usage and forja keys usage; 0 shows no cost.")

@@ -208,6 +208,18 @@ console_sessions = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
 )
 
+conversations = sa.Table(
+    "conversations", metadata,  # chats kept on the server (a chat request's conversation_id)
+    sa.Column("id", sa.String(64), primary_key=True),  # conv_<hex>
+    sa.Column("api_key_name", sa.String(200), index=True),  # whose it is
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("title", sa.String(200)),
+    sa.Column("messages", sa.Text, nullable=False),  # JSON: the turns the model is given, oldest first
+    sa.Column("summary", sa.Text),  # the summary that stands for older turns taken out of `messages`
+    sa.Column("compacted", sa.Integer, nullable=False, default=0),  # turns summarised or dropped so far
+)
+
 
 def _create(*tables: sa.Table):
     def step(conn: Connection) -> None:
@@ -237,6 +249,7 @@ MIGRATIONS: list[tuple[str, Any]] = [
     ("0008_api_keys", _create(api_keys, usage)),
     ("0009_console_users", _create(console_users, console_sessions)),
     ("0010_exchange_trace", _add_column(exchanges, "trace")),
+    ("0011_conversations", _create(conversations)),
 ]
 
 

@@ -25,8 +25,8 @@ from forja.engine import Engine, make_engine
 from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
-from forja.serve.routes import (admin, batches, classic, embeddings, files, fine_tuning, monitoring, openai, page,
-                                responses, vector_stores)
+from forja.serve.routes import (admin, batches, classic, conversations, embeddings, files, fine_tuning, monitoring,
+                                openai, page, responses, vector_stores)
 from forja.serve.schemas import BAD_REQUEST_ERRORS
 from forja.store import Store
 
@@ -81,6 +81,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(batches.router)
+    app.include_router(conversations.router)
     app.include_router(vector_stores.router)
     app.include_router(monitoring.router)
     app.include_router(page.router)  # the chat page at / in serve.page's words, and its logo

@@ -236,6 +236,8 @@ class ChatCompletionRequest(_Request):
     tools: list[dict[str, Any]] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
+    conversation_id: str | None = Field(None, max_length=64, description="A conversation kept on the server (an "
+                                        "extension; POST /v1/conversations makes one): send only the new turns.")
 
     @model_validator(mode="before")
     @classmethod

@@ -4,9 +4,10 @@ body into the request path (serve/exchange.py) and renders the answers in its fo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from forja.config import Persona
 from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL
 from forja.engine.text import token_piece
-from forja.serve import agent
+from forja.serve import agent, conversations
 from forja.serve.deps import ApiError, ApiKeyDep, Caller, ChatCallerDep, ServerState, StateDep
 from forja.serve.exchange import Answer, Exchange, Options
 from forja.serve.schemas import (
@@ -78,20 +79,54 @@ def model_cards(state: ServerState, caller: Caller) -> list[ModelCard]:
 
 
 @router.post("/chat/completions", response_model=None, responses=generating_responses(ChatCompletion))
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, _: ApiKeyDep):
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep, caller: ChatCallerDep):
     rid, created = new_response_id("chatcmpl"), now()
+    new = [m.as_dict() for m in body.messages]
+    conversation = await kept_conversation(body, request, state, caller, new)
+    messages = new if conversation is None else await conversations.fitted(
+        state, request, conversation, body.model, new, body.max_completion_tokens or body.max_tokens, options_of(body))
     persona = agent.agent_persona(state, body.model, body.tools)
     if persona is not None:  # the server runs the persona's tools in a loop (serve/agent.py)
-        return await agent_reply(body, request, state, persona, rid, created)
+        return await agent_reply(body, request, state, persona, rid, created, messages, conversation, new)
     exchange = await Exchange.open(state, request, rid=rid, route="chat", model=body.model,
-                                   prompts=[[m.as_dict() for m in body.messages]], n=body.n, options=options_of(body),
-                                   param="messages")
+                                   prompts=[messages], n=body.n, options=options_of(body), param="messages")
     tokenizer = logprob_tokens(exchange, bool(body.logprobs))
     if body.stream:
-        return sse(chat_chunks(exchange, created, body.include_usage, tokenizer))
+        chunks = chat_chunks(exchange, created, body.include_usage, tokenizer)
+        return sse(chunks if conversation is None else
+                   kept_after(chunks, state, conversation, new, lambda: exchange.answers[0].text, exchange.rid, created))
     answers = await exchange.collect(request)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": exchange.target.name,
-            "choices": [chat_choice(a, tokenizer) for a in answers], "usage": exchange.usage()}
+    reply = {"id": rid, "object": "chat.completion", "created": created, "model": exchange.target.name,
+             "choices": [chat_choice(a, tokenizer) for a in answers], "usage": exchange.usage()}
+    if conversation is not None:
+        await asyncio.to_thread(conversations.save, state.store, conversation, new, answers[0].text)
+        reply["forja"] = {"conversation": conversation.extension()}
+    return reply
+
+
+async def kept_conversation(body: ChatCompletionRequest, request: Request, state: ServerState, caller: Caller,
+                            new: list[dict[str, Any]]) -> conversations.Conversation | None:
+    """The conversation the request continues (conversation_id), or None."""
+    if body.conversation_id is None:
+        return None
+    if state.store is None:
+        raise ApiError(409, "this server has no database, so it keeps no conversations", param="conversation_id",
+                       code="no_database")
+    if body.n != 1:
+        raise ApiError(400, "n: a conversation kept on the server continues with one answer (n=1)", param="n",
+                       code="unsupported_parameter")
+    return await asyncio.to_thread(conversations.get, state.store, body.conversation_id, caller)
+
+
+async def kept_after(chunks: AsyncIterator[dict[str, Any]], state: ServerState, conversation: Any,
+                     new: list[dict[str, Any]], answer: Callable[[], str], rid: str, created: int
+                     ) -> AsyncIterator[dict[str, Any]]:
+    """A stream, then the conversation kept with its answer's text (and a chunk saying so, with no choices)."""
+    async for chunk in chunks:
+        yield chunk
+    await asyncio.to_thread(conversations.save, state.store, conversation, new, answer())
+    yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": conversation.id,
+           "choices": [], "forja": {"conversation": conversation.extension()}}
 
 
 @router.post("/completions", response_model=None, responses=generating_responses(Completion))
@@ -111,19 +146,34 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 
 
 async def agent_reply(body: ChatCompletionRequest, request: Request, state: ServerState, persona: Persona, rid: str,
-                      created: int):
+                      created: int, messages: list[dict[str, Any]], conversation: Any, new: list[dict[str, Any]]):
     options = options_of(body)
     agent.check_request(body.n, options)
-    messages = [m.as_dict() for m in body.messages]
     head = {"id": rid, "created": created, "model": persona.name}
     if body.stream:
-        return sse(agent_chunks(body, request, state, persona, head, messages, options))
+        chunks = agent_chunks(body, request, state, persona, head, messages, options)
+        if conversation is None:
+            return sse(chunks)
+        final: dict[str, Any] = {}
+        return sse(kept_after(collecting(chunks, final), state, conversation, new,
+                              lambda: final.get("text", ""), rid, created))
     reply = await agent.run(state, request, rid=rid, persona=persona, messages=messages, options=options)
     choice = chat_choice(reply.answer, logprob_tokens(reply.exchange, bool(body.logprobs)))
     if reply.toolbox is not None and reply.toolbox.grounding is not None:
         choice["message"]["annotations"] = reply.citations()
-    return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage(),
-            "forja": reply.extension()}
+    extension = reply.extension()
+    if conversation is not None:
+        await asyncio.to_thread(conversations.save, state.store, conversation, new, reply.answer.text)
+        extension["conversation"] = conversation.extension()
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage(), "forja": extension}
+
+
+async def collecting(chunks: AsyncIterator[dict[str, Any]], final: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The chunks as they are, noting the answer's text in `final`."""
+    async for chunk in chunks:
+        for choice in chunk.get("choices", []):
+            final["text"] = final.get("text", "") + (choice.get("delta", {}).get("content") or "")
+        yield chunk
 
 
 async def agent_chunks(body: ChatCompletionRequest, request: Request, state: ServerState, persona: Persona,

@@ -1,0 +1,108 @@
+"""Conversations kept on the server through the `openai` client against uvicorn on the tiny model (256 tokens
+of context): a client sends only the new turn, the stored ones go before it; a conversation that outgrows
+the context keeps answering, its older turns summarised by the model (or dropped); per-key, deleted,
+streamed, and every bad request named."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from forja.config import load_settings
+from forja.serve.app import create_app
+
+ANA, BOB = "ana-key-0123456789abcdef", "bob-key-0123456789abcdef"
+
+
+def serve(tiny_model_dir, home, start_server, overflow: str = "summarize"):
+    keys = [{"name": "ana", "key": ANA}, {"name": "bob", "key": BOB}]
+    settings = load_settings(home=home, model=str(tiny_model_dir), dtype="float32", jobs={"run_in_server": False},
+                             serve={"api_keys": keys, "conversation_overflow": overflow})
+    server = start_server(create_app(settings, str(tiny_model_dir)))
+    server.model = str(tiny_model_dir)
+    return server
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory, start_server):
+    return serve(tiny_model_dir, tmp_path_factory.mktemp("conversations-home"), start_server)
+
+
+def client(served, key: str = ANA) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0)
+
+
+def new_conversation(served, key: str = ANA, **body) -> str:
+    made = httpx.post(served.url + "/v1/conversations", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert made.status_code == 200, made.text
+    assert made.json()["object"] == "conversation"
+    return made.json()["id"]
+
+
+def say(served, conversation: str, text: str, key: str = ANA, **options):
+    return client(served, key).chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": text}], max_tokens=options.pop("max_tokens", 4),
+        extra_body={"conversation_id": conversation}, **options)
+
+
+def test_only_the_new_turn_is_sent_and_the_stored_ones_go_before_it(served):
+    conversation = new_conversation(served, messages=[{"role": "system", "content": "Eres breve."}])
+    first = say(served, conversation, "Me llamo Ana.")
+    second = say(served, conversation, "¿Cómo me llamo?")
+    assert second.model_extra["forja"]["conversation"]["turns"] == 5  # system, two questions, two answers
+    stored = served.app.state.forja.store.exchange(second.id).messages
+    assert [m["content"] for m in stored] == ["Eres breve.", "Me llamo Ana.", first.choices[0].message.content,
+                                              "¿Cómo me llamo?"]
+    kept = httpx.get(f"{served.url}/v1/conversations/{conversation}", headers={"Authorization": f"Bearer {ANA}"}).json()
+    assert kept["forja"]["title"] == "Me llamo Ana." and len(kept["forja"]["messages"]) == 5
+    listed = httpx.get(f"{served.url}/v1/conversations", headers={"Authorization": f"Bearer {ANA}"}).json()
+    assert conversation in [c["id"] for c in listed["data"]]
+
+
+def test_a_conversation_that_outgrows_the_context_keeps_answering_summarised(served):
+    conversation = new_conversation(served)
+    replies = [say(served, conversation, f"Turno {i}: dato {i}.", max_tokens=8) for i in range(10)]
+    last = replies[-1].model_extra["forja"]["conversation"]
+    assert last["compacted"] > 0 and any("summarized" in r.model_extra["forja"]["conversation"] for r in replies)
+    kept = httpx.get(f"{served.url}/v1/conversations/{conversation}", headers={"Authorization": f"Bearer {ANA}"}).json()
+    assert kept["forja"]["summary"] and kept["forja"]["compacted"] == last["compacted"]
+    assert kept["forja"]["messages"][-2]["content"] == "Turno 9: dato 9."  # the newest turns are always kept
+
+
+def test_dropping_instead_of_summarising(tiny_model_dir, tmp_path, start_server):
+    served = serve(tiny_model_dir, tmp_path / "home", start_server, overflow="drop")
+    conversation = new_conversation(served)
+    replies = [say(served, conversation, f"Turno {i}: " + "palabras de relleno " * 3, max_tokens=8) for i in range(8)]
+    assert any(r.model_extra["forja"]["conversation"].get("dropped") for r in replies)
+    kept = httpx.get(f"{served.url}/v1/conversations/{conversation}", headers={"Authorization": f"Bearer {ANA}"}).json()
+    assert kept["forja"]["summary"] is None and kept["forja"]["compacted"] > 0
+
+
+def test_a_streamed_turn_is_kept_too(served):
+    conversation = new_conversation(served)
+    chunks = list(client(served).chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "hola"}], max_tokens=4, stream=True,
+        extra_body={"conversation_id": conversation}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].model_extra["forja"]["conversation"]["turns"] == 2
+    kept = httpx.get(f"{served.url}/v1/conversations/{conversation}", headers={"Authorization": f"Bearer {ANA}"}).json()
+    assert kept["forja"]["messages"][-1] == {"role": "assistant", "content": text}
+
+
+def test_a_conversation_is_its_keys_and_bad_requests_are_named(served):
+    conversation = new_conversation(served)
+    with pytest.raises(openai.NotFoundError, match="no conversation"):
+        say(served, conversation, "hola", key=BOB)
+    with pytest.raises(openai.NotFoundError, match="no conversation"):
+        say(served, "conv_nope", "hola")
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        say(served, conversation, "hola", n=2)
+    bob = {"Authorization": f"Bearer {BOB}"}
+    assert httpx.get(f"{served.url}/v1/conversations/{conversation}", headers=bob).status_code == 404
+    assert conversation not in [c["id"] for c in httpx.get(f"{served.url}/v1/conversations", headers=bob).json()["data"]]
+    ana = {"Authorization": f"Bearer {ANA}"}
+    assert httpx.delete(f"{served.url}/v1/conversations/{conversation}", headers=ana).json()["deleted"]
+    assert httpx.get(f"{served.url}/v1/conversations/{conversation}", headers=ana).status_code == 404
+    refused = httpx.post(f"{served.url}/v1/conversations", json={"metadata": {"a": "b"}}, headers=ana)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "metadata"
