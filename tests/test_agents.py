@@ -178,9 +178,10 @@ def test_an_mcp_tool_is_called_its_result_fed_back_and_the_trace_stored(served):
     assert reply.usage.prompt_tokens > 2 * reply.usage.completion_tokens > 0  # both steps' prompts counted
     stored = served.app.state.forja.store.exchange(reply.id)
     assert stored.trace == steps and stored.model == str(served.settings.model)
-    turns = stored.messages
-    assert [t["role"] for t in turns][-3:] == ["assistant", "user", "user"]  # the call, its result, "answer now"
-    assert steps[0]["result"] in turns[-2]["content"]
+    turns = stored.messages  # as OpenAI writes a tool-calling conversation: the call, then its result
+    assert [t["role"] for t in turns][-3:] == ["user", "assistant", "tool"]
+    assert turns[-2]["tool_calls"][0]["function"]["name"] == "orders__order_status"
+    assert turns[-1]["content"] == steps[0]["result"] and turns[-3]["content"] == "¿Dónde está mi pedido A17?"
     assert stored.prompt_tokens == reply.usage.prompt_tokens
 
 

@@ -15,13 +15,15 @@ from forja.serve.app import create_app
 
 KEY = "batch-key-0123456789abcd"
 OTHER = "other-key-0123456789abcd"
+TRAIN_ONLY = "train-only-key-0123456789"
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory, start_server):
     home = tmp_path_factory.mktemp("batches-home")
-    keys = [{"name": "erp", "key": KEY, "scopes": ["chat", "train"]}, {"name": "other", "key": OTHER,
-                                                                         "scopes": ["train"]}]
+    keys = [{"name": "erp", "key": KEY, "scopes": ["chat", "train"]},
+            {"name": "other", "key": OTHER, "scopes": ["chat", "train"]},
+            {"name": "trainer", "key": TRAIN_ONLY, "scopes": ["train"]}]
     settings = load_settings(home=home, model=str(tiny_model_dir), dtype="float32", serve={"api_keys": keys},
                              jobs={"poll_seconds": 0.2})
     server = start_server(create_app(settings, str(tiny_model_dir)))
@@ -133,3 +135,7 @@ def test_the_endpoint_must_be_the_files_and_batches_are_per_client(client, serve
     with pytest.raises(openai.BadRequestError, match="input_file_id"):
         other.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     finished(client, batch.id)
+    trainer = openai.OpenAI(base_url=served.url + "/v1", api_key=TRAIN_ONLY, max_retries=0)
+    own = trainer.files.create(file=("r.jsonl", json.dumps(chat_line(0)).encode() + b"\n"), purpose="batch")
+    with pytest.raises(openai.PermissionDeniedError, match="chat"):  # a batch of chat requests needs the chat scope
+        trainer.batches.create(input_file_id=own.id, endpoint="/v1/chat/completions", completion_window="24h")

@@ -35,6 +35,10 @@ class ApiKeyError(ForjaError):
     """A key that cannot be made or revoked as asked."""
 
 
+class KeyExists(ApiKeyError):
+    """A key of this name exists (or existed: a revoked key keeps its name)."""
+
+
 @dataclass(frozen=True)
 class StoredKey:
     id: str
@@ -59,8 +63,10 @@ def create(settings: Settings, store: Store, name: str, scopes: list[str], admin
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown:
         raise ApiKeyError(f"unknown scope {unknown[0]!r}: a key's scopes are {', '.join(SCOPES)} (admin: all of them)")
+    if name.startswith("console:"):
+        raise ApiKeyError("a key's name may not start with 'console:' (the console's users act under such names)")
     if any(key.name == name for key in settings.serve.api_keys):
-        raise ApiKeyError(f"a key named {name!r} is in the config (serve.api_keys); choose another name")
+        raise KeyExists(f"a key named {name!r} is in the config (serve.api_keys); choose another name")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     limits = limits or KeyLimits()
     stored = StoredKey("key_" + uuid.uuid4().hex[:20], name, sorted(set(scopes)), admin, limits, time.time(), None,
@@ -72,7 +78,8 @@ def create(settings: Settings, store: Store, name: str, scopes: list[str], admin
                 requests_per_minute=limits.requests_per_minute, tokens_per_day=limits.tokens_per_day,
                 created_at=stored.created_at))
     except sa.exc.IntegrityError:
-        raise ApiKeyError(f"a key named {name!r} exists; revoke it first or choose another name") from None
+        raise KeyExists(f"a key named {name!r} exists or existed (a revoked key keeps its name, with its files, "
+                          "jobs and usage); choose another name") from None
     return stored, secret
 
 
@@ -92,8 +99,8 @@ def revoke(store: Store, id_or_name: str) -> StoredKey:
         if row is None:
             raise ApiKeyError(f"no key {id_or_name!r} to revoke (forja keys list shows them; a key in the config is "
                             "removed from serve.api_keys)")
-        conn.execute(api_keys.update().where(api_keys.c.id == row.id).values(revoked_at=time.time(),
-                                                                             name=f"{row.name}#revoked-{row.id}"))
+        # the name stays taken: files, jobs and usage are kept under it, and a new key must not inherit them
+        conn.execute(api_keys.update().where(api_keys.c.id == row.id).values(revoked_at=time.time()))
     return _stored(row)
 
 
@@ -131,7 +138,7 @@ def usage_rows(settings: Settings, store: Store, days: int) -> list[dict[str, An
     with store.engine.connect() as conn:
         rows = conn.execute(sa.select(usage).where(usage.c.day >= since)
                             .order_by(usage.c.day.desc(), usage.c.key_name)).all()
-    return [{"key": _shown_name(r.key_name), "day": r.day, "requests": r.requests, "prompt_tokens": r.prompt_tokens,
+    return [{"key": r.key_name, "day": r.day, "requests": r.requests, "prompt_tokens": r.prompt_tokens,
              "completion_tokens": r.completion_tokens,
              "estimated_cost": round((r.prompt_tokens + r.completion_tokens) / 1000 * price, 6)} for r in rows]
 
@@ -181,6 +188,10 @@ class KeyRing:
                 holder = key
         return holder or self._database_keys().get(digest)
 
+    def named(self, name: str | None) -> ApiKey | None:
+        """The database key of this name (a batch runs as its owner's key)."""
+        return next((k for k in self._database_keys().values() if k.name == name), None)
+
     def refresh(self) -> None:
         """Re-read the database keys now (after a key is made or revoked in this process)."""
         self._loaded = -math.inf
@@ -194,8 +205,9 @@ class KeyRing:
                     every = listing(self.store, revoked=True)
                     self._stored = {k.sha256: k.as_api_key() for k in every if k.revoked_at is None}
                     self._ever = bool(every)
-                except sa.exc.SQLAlchemyError:  # the database is away: keep the keys known a moment ago
-                    pass
+                except sa.exc.SQLAlchemyError:  # the database is away: keep the keys known a moment ago, and
+                    if self._loaded == -math.inf:  # never read yet: closed (no key is let in), never open
+                        self._ever = True
                 self._loaded = time.monotonic()
             return self._stored
 
@@ -237,11 +249,7 @@ class KeyRing:
                 self._tokens[name] = (at, used + tokens)
 
 
-def _shown_name(name: str) -> str:
-    return name.split("#revoked-", 1)[0]
-
-
 def _stored(row: Any) -> StoredKey:
-    return StoredKey(row.id, _shown_name(row.name), json.loads(row.scopes), bool(row.admin),
+    return StoredKey(row.id, row.name, json.loads(row.scopes), bool(row.admin),
                      KeyLimits(requests_per_minute=row.requests_per_minute, tokens_per_day=row.tokens_per_day),
                      row.created_at, row.revoked_at, row.sha256)

@@ -55,9 +55,11 @@ class Metrics:
                                      ["stage", "category", "action"], registry=r)
         r.register(EngineLoad(engines))
 
-    def key_usage(self, key: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        name = key or "(anonymous)"
-        self.key_requests.labels(name).inc()
+    def key_usage(self, key: str | None, prompt_tokens: int, completion_tokens: int, requests: int = 1) -> None:
+        from forja.keys import ANONYMOUS
+
+        name = key or ANONYMOUS
+        self.key_requests.labels(name).inc(requests)
         self.key_tokens.labels(name, "prompt").inc(prompt_tokens)
         self.key_tokens.labels(name, "completion").inc(completion_tokens)
 

@@ -1,4 +1,4 @@
-"""Fine-tuning and batch jobs: rows in the store, run one at a time (jobs.concurrency) by a worker as
+"""Fine-tuning and batch jobs: rows in the store, run jobs.concurrency at a time (1 by default) by a worker as
 `forja` processes, so the server's event loop and memory are untouched.
 
 This module is the jobs' rows: create, read, list, cancel, and the worker's side of them (claim a waiting job,
@@ -26,9 +26,6 @@ from forja.store import Store, job_events, jobs
 FINE_TUNE, BATCH = "fine_tune", "batch"
 PREFIX = {FINE_TUNE: "ftjob-", BATCH: "batch_"}
 # Statuses as OpenAI names them; a job in FINAL never runs again.
-FINE_TUNE_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
-BATCH_STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled",
-                  "expired")
 FINAL = ("succeeded", "failed", "cancelled", "completed", "expired")
 STOPPING = ("cancelling",)  # a batch being stopped: its worker writes what was answered, then cancels it
 
@@ -118,23 +115,24 @@ def cancel(store: Store, job_id: str, kind: str, owner: str | None = None, admin
     """A waiting job is cancelled at once; a running fine-tune is marked cancelled and its worker stops the
     process (keeping its checkpoints); a running batch goes to `cancelling` until its worker has written what
     was answered. Cancelling a finished job is an error naming its status."""
-    job = get(store, job_id, kind, owner, admin)
-    now = time.time()
-    with store.engine.begin() as conn:
+    for _ in range(10):  # a worker that moved the job on meanwhile: look again (each try its own transaction)
+        job = get(store, job_id, kind, owner, admin)
         if job.final or job.status in STOPPING:
             raise JobError(f"{job_id} is {job.status}; only a job that has not finished can be cancelled")
-        running = job.worker is not None
-        status = "cancelling" if kind == BATCH and running else "cancelled"
-        with_result = conn.execute(sa.select(jobs.c.result).where(jobs.c.id == job_id)).scalar_one()
-        values: dict[str, Any] = {"status": status, "result": _stamped(with_result, status, {})}
+        status = "cancelling" if kind == BATCH and job.worker is not None else "cancelled"
+        values: dict[str, Any] = {"status": status, "result": _stamped(_dump(job.result), status, {})}
         if status == "cancelled":
-            values["finished_at"] = now
-        done = conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == job.status).values(**values))
-        if done.rowcount == 0:  # its worker changed it meanwhile: say what it is now
-            return cancel(store, job_id, kind, owner, admin)
-        _insert_event(conn, job_id, "Job cancelled" if status == "cancelled" else "Cancelling: the requests being "
-                      "answered are finished and written")
-    return get(store, job_id)
+            values["finished_at"] = time.time()
+        worker_now = jobs.c.worker.is_(None) if job.worker is None else jobs.c.worker == job.worker
+        with store.engine.begin() as conn:
+            done = conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == job.status, worker_now)
+                                .values(**values))
+            if done.rowcount:
+                _insert_event(conn, job_id, "Job cancelled" if status == "cancelled" else "Cancelling: the "
+                              "requests being answered are finished and written")
+        if done.rowcount:
+            return get(store, job_id)  # (read once the change is committed)
+    raise JobError(f"{job_id} changes too fast to be cancelled now; try again")
 
 
 def add_event(store: Store, job_id: str, message: str, *, level: str = "info", type: str = "message",
@@ -208,7 +206,10 @@ def set_status(store: Store, job_id: str, worker: str, status: str, message: str
             return False
         values: dict[str, Any] = {"status": status, "heartbeat_at": time.time(),
                                   "result": _stamped(row.result, status, result)}
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        done = conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == row.status,
+                                                jobs.c.worker == worker).values(**values))
+        if not done.rowcount:  # cancelled (or taken over) between the read and the write
+            return False
         if message:
             _insert_event(conn, job_id, message)
         return True
@@ -219,18 +220,22 @@ def finish(store: Store, job_id: str, worker: str, status: str, message: str, *,
     """The end of a job: its final status, what it made, its last event. A job cancelled meanwhile stays
     cancelled (the result is still merged: what was made before the stop); False when it is not this
     worker's any more."""
-    with store.engine.begin() as conn:
-        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
-        if row is None or row.worker != worker:
-            return False
-        values: dict[str, Any] = {"result": _stamped(row.result, None, result), "heartbeat_at": time.time(),
-                                  "finished_at": row.finished_at or time.time()}
-        if row.status not in FINAL:
-            values.update(status=status, error=_dump(error) if error else None,
-                          result=_stamped(row.result, status, result))
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
-        _insert_event(conn, job_id, message, level)
-        return True
+    for _ in range(10):  # a cancel between the read and the write: read it again (a transaction each)
+        with store.engine.begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            if row is None or row.worker != worker:
+                return False
+            values: dict[str, Any] = {"result": _stamped(row.result, None, result), "heartbeat_at": time.time(),
+                                      "finished_at": row.finished_at or time.time()}
+            if row.status not in FINAL:
+                values.update(status=status, error=_dump(error) if error else None,
+                              result=_stamped(row.result, status, result))
+            done = conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == row.status,
+                                                    jobs.c.worker == worker).values(**values))
+            if done.rowcount:
+                _insert_event(conn, job_id, message, level)
+                return True
+    return False
 
 
 def release(store: Store, job_id: str, worker: str, message: str) -> None:

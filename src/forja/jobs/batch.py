@@ -23,6 +23,7 @@ CHAT_URL = URLS[0]
 # a table's prompt column, when --column does not name it and the table has more than one
 PROMPT_COLUMNS = ("prompt", "question", "pregunta", "input", "consulta", "text")
 QUEUE_FULL_RETRY_SECONDS = 0.05  # a 429 (the engine's queue full, e.g. requests with n > 1): sent again after this
+QUEUE_FULL_PATIENCE_SECONDS = 120.0  # a queue full for longer: the line gets its 429
 
 
 class BatchError(ForjaError):
@@ -230,17 +231,30 @@ async def _answer_all(settings: Settings, requests: list[dict], on_answer: Calla
     import httpx
 
     from forja.serve.app import create_app
-    from forja.serve.deps import check_api_key
+    from forja.serve.deps import ApiError, Caller, check_api_key, check_chat_caller
 
     # the worker is the one running this: the app it builds must not start another
     local = settings.model_copy(update={"jobs": settings.jobs.model_copy(update={"run_in_server": False})})
     app = create_app(local, model)
 
-    def as_owner(request: Request) -> str | None:  # no key needed; exchanges recorded under the batch's owner
+    def as_owner(request: Request) -> str | None:
+        """No key is sent: each request runs as the batch's owner (its exchanges recorded under that name), held
+        to the owner's tokens per day like any of its requests."""
         request.state.api_key_name = owner
+        held = next((k for k in local.serve.api_keys if k.name == owner), None) or \
+            request.app.state.forja.keyring.named(owner)
+        if held is not None and held.limits.tokens_per_day is not None:
+            used = request.app.state.forja.keyring.tokens_today(owner)
+            if used >= held.limits.tokens_per_day:
+                raise ApiError(429, f"the API key {owner!r} has used its {held.limits.tokens_per_day} tokens for today",
+                               type="rate_limit_error", code="rate_limit_exceeded")
         return owner
 
+    def as_owner_caller(request: Request) -> Caller:
+        return Caller(as_owner(request), False)
+
     app.dependency_overrides[check_api_key] = as_owner
+    app.dependency_overrides[check_chat_caller] = as_owner_caller
     async with app.router.lifespan_context(app):
         state = app.state.forja
         while not state.ready:
@@ -279,14 +293,18 @@ async def _send(client: Any, request: dict) -> tuple[dict, int, dict[str, Any]]:
     if body.get("stream"):
         return request, 400, _error("stream is not supported in a batch: the whole answer is written; leave it out",
                                     "stream")
+    waited = 0.0
     while True:
         try:
             response = await client.post(request["url"], json=body)
         except Exception as exc:  # an error the app did not answer itself: recorded, the batch goes on
             return request, 500, _error(f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
-        if response.status_code != 429:
+        # a full queue clears in moments; a limit (the owner's tokens, an upstream's rate) is the line's answer
+        if response.status_code != 429 or response.json().get("error", {}).get("code") != "queue_full" \
+                or waited > QUEUE_FULL_PATIENCE_SECONDS:
             break
         await asyncio.sleep(QUEUE_FULL_RETRY_SECONDS)
+        waited += QUEUE_FULL_RETRY_SECONDS
     try:
         answer = response.json()
     except ValueError:

@@ -1,10 +1,11 @@
 """The job worker: claims waiting jobs from the store and runs each as a `forja` process of its own.
 
 A fine-tuning job is `forja train` (a new run, or `--resume` of the job's run when a worker took it over after
-a crash); its progress is read from the run's metrics.jsonl and checkpoints folder and written as job events.
-A batch is `forja jobs run-batch ID`, which answers the requests and counts them in the job itself.
-The worker says it is alive every jobs.poll_seconds; a cancelled job's process gets SIGINT (it saves a
-checkpoint and stops) and SIGKILL after jobs.cancel_seconds. The process dies with its worker (Linux
+a crash); its progress is read from the run's metrics.jsonl (steps, evaluations, checkpoints) and written as
+job events. A batch is `forja jobs run-batch ID`, which answers the requests and counts them in the job itself.
+The worker says it is alive every jobs.poll_seconds; a cancelled fine-tune's process gets SIGINT (it saves a
+checkpoint and stops), a cancelled batch stops by itself once its requests in flight are written, and either
+is killed after jobs.cancel_seconds. The process dies with its worker (Linux
 PR_SET_PDEATHSIG: SIGINT, so even a worker killed with -9 leaves a checkpoint behind), and the run's lock
 keeps a new worker from resuming it before the old process is gone.
 """
@@ -63,12 +64,35 @@ def job_config(settings: Settings, job_id: str, train: dict[str, Any] | None = N
     """The worker's settings as a config file for the job's process, with the job's train.* settings laid over
     them (a worker made from settings in code, as in tests, has no file to pass on). API keys are left out:
     the job's process serves no one."""
-    values = settings.model_dump(mode="json", exclude={"serve": {"api_keys"}})
+    values = json.loads(settings.model_dump_json(exclude={"serve": {"api_keys": True}, "database_url": True}))
+    values = _revealed(settings, values)
     values["train"] = {**values["train"], **(train or {})}
     path = job_dir(settings, job_id) / "forja.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold secrets (a classifier's key)
+    with os.fdopen(fd, "w") as out:
+        out.write(yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
     return path
+
+
+def _revealed(settings: Settings, values: Any, model: Any = None) -> Any:
+    """The dumped settings with every secret as it is, not masked ('**********'): the job's process needs them."""
+    from pydantic import BaseModel, SecretStr
+
+    model = settings if model is None else model
+    if isinstance(model, BaseModel) and isinstance(values, dict):
+        for name, value in list(values.items()):
+            field = getattr(model, name, None)
+            if isinstance(field, SecretStr):
+                values[name] = field.get_secret_value()
+            else:
+                values[name] = _revealed(settings, value, field)
+    elif isinstance(model, (list, tuple)) and isinstance(values, list):
+        values = [_revealed(settings, v, m) for v, m in zip(values, model)]
+    elif isinstance(model, dict) and isinstance(values, dict):
+        values = {k: _revealed(settings, v, model.get(k)) for k, v in values.items()}
+    return values
 
 
 def _die_with_parent() -> None:
@@ -151,12 +175,24 @@ class Worker:
     # ------------------------------------------------------------------ one job
 
     def _run(self, job: jobs.Job) -> None:
+        running = Running(job)
         try:
-            (self._fine_tune if job.kind == jobs.FINE_TUNE else self._batch)(Running(job))
-        except Exception as exc:  # say it in the job rather than lose it in a thread
-            log.exception("job %s failed", job.id)
-            jobs.finish(self.store, job.id, self.id, "failed", f"The job failed: {exc}", level="error",
-                        error={"code": "worker_error", "message": f"{type(exc).__name__}: {exc}", "param": None})
+            (self._fine_tune if job.kind == jobs.FINE_TUNE else self._batch)(running)
+        except Exception as exc:  # the worker's own trouble (the database away): the job goes back to the queue
+            log.exception("job %s: the worker failed; giving it back", job.id)
+            if running.process is not None and running.process.poll() is None:
+                running.process.send_signal(signal.SIGINT)  # it saves a checkpoint
+                try:
+                    running.process.wait(self.settings.jobs.cancel_seconds)
+                except subprocess.TimeoutExpired:
+                    running.process.kill()
+            try:
+                jobs.release(self.store, job.id, self.id, f"The worker failed ({type(exc).__name__}: {exc}); "
+                             "the job is resumed by the next free worker")
+            except Exception:  # noqa: BLE001 - then the takeover finds it (this worker's heartbeat stops)
+                log.exception("job %s: cannot give it back", job.id)
+        finally:
+            (job_dir(self.settings, job.id) / "forja.yaml").unlink(missing_ok=True)  # it may hold secrets
 
     def _supervise(self, running: Running, command: list[str], env: dict[str, str], log_path: Path,
                    on_poll=None) -> int | None:
@@ -174,12 +210,20 @@ class Worker:
             except subprocess.TimeoutExpired:
                 code = None
             if on_poll is not None:
-                on_poll(running)
+                try:
+                    on_poll(running)
+                except Exception:  # progress is reported again at the next poll
+                    log.exception("job %s: progress not reported", job.id)
             if code is not None:
                 return code
-            now = jobs.heartbeat(self.store, job.id, self.id)
+            try:
+                now = jobs.heartbeat(self.store, job.id, self.id)
+            except Exception:  # a database hiccup: the process goes on, the next poll tries again
+                log.exception("job %s: heartbeat failed", job.id)
+                continue
             if now is None:
-                self._ask_stop(running, "taken over")
+                if running.stopping is None:
+                    self._ask_stop(running, "taken over")
             elif now.status in ("cancelled", "cancelling") and running.stopping is None:
                 # a batch stops by itself (it polls the job) once its requests in flight are written
                 self._ask_stop(running, "cancelled", signal_process=job.kind != jobs.BATCH)
@@ -216,13 +260,19 @@ class Worker:
         run_dir = settings.runs_dir / name
         version = settings.versions_dir / name / VERSION_FILE
         if not version.is_file():
-            if run_held(run_dir):  # the process of the worker that died is still saving its checkpoint
-                jobs.release(self.store, job.id, self.id, "Waiting for the previous process of this job to stop")
-                time.sleep(settings.jobs.poll_seconds)
-                return
+            waited = False
+            while run_held(run_dir):  # the process of the worker that died is still saving its checkpoint
+                if not waited:
+                    jobs.add_event(self.store, job.id, "Waiting for the previous process of this job to stop")
+                    waited = True
+                if self._stop.wait(settings.jobs.poll_seconds) or jobs.heartbeat(self.store, job.id, self.id) is None:
+                    return
             resume = (run_dir / RUN_FILE).is_file()
-            jobs.set_status(self.store, job.id, self.id, "running",
-                            f"Resuming the fine-tuning job (attempt {job.attempts})" if resume else "Fine-tuning job started")
+            if not jobs.set_status(self.store, job.id, self.id, "running",
+                                   f"Resuming the fine-tuning job (attempt {job.attempts})" if resume
+                                   else "Fine-tuning job started"):
+                jobs.finish(self.store, job.id, self.id, "cancelled", "The job was cancelled before it started")
+                return
             command = [sys.executable, "-m", "forja.cli", "train", "--quiet"]
             if resume:  # a feedback run resumed is gated (and promoted) as an uninterrupted one
                 command += ["--resume", name] + ([] if spec["forja"]["promote"] else ["--no-promote"])
@@ -334,8 +384,10 @@ class Worker:
 
     def _batch(self, running: Running) -> None:
         job, settings = running.job, self.settings
-        jobs.set_status(self.store, job.id, self.id, "in_progress",
-                        "Batch started" if job.attempts == 1 else f"Batch resumed (attempt {job.attempts})")
+        if not jobs.set_status(self.store, job.id, self.id, "in_progress",
+                               "Batch started" if job.attempts == 1 else f"Batch resumed (attempt {job.attempts})"):
+            jobs.finish(self.store, job.id, self.id, "cancelled", "Batch cancelled before it started")
+            return
         command = [sys.executable, "-m", "forja.cli", "jobs", "run-batch", job.id, "--worker", self.id]
         env = child_env(settings, {"FORJA_CONFIG": str(job_config(settings, job.id))})
         code = self._supervise(running, command, env, job_dir(settings, job.id) / "batch.log")

@@ -1,6 +1,7 @@
 """A persona with `tools` answers through a loop (ReAct): the model, held to the tool-call grammar, proposes
 calls; forja runs them (agents.Toolbox) and feeds each result back as a `tool` message; until the model
-answers in text or `max_steps` calls were made, when it must answer with what it has (tool_choice none).
+answers in text or `max_steps` steps made calls (a step may make several), when it must answer with what it has
+(tool_choice none).
 Each step is an Exchange of the one request path, not stored on its own; the last one is stored as the
 request's record, with the whole conversation and every step (`trace`). A repeated call (same tool, same
 arguments) is not run again: the model is told to answer. /v1/chat/completions renders the reply; a stream
@@ -20,7 +21,7 @@ from fastapi import Request
 
 from forja import files
 from forja.agents import Observation, Toolbox, arguments_of
-from forja.chat import ANSWER_NOW, TOOL_CALL_OPEN
+from forja.chat import TOOL_CALL_OPEN, with_answer_turns
 from forja.config import Persona
 from forja.serve.deps import ApiError, ServerState
 from forja.serve.exchange import Answer, Exchange, Options
@@ -86,9 +87,10 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
         last = must_answer or step == persona.max_steps
         choice = ("none" if last else
                   "required" if step == 0 and persona.first_tool_choice == "required" else "auto")
-        # a step that may call gets room for the call; the answer is held to the client's max_tokens
-        room = options.max_tokens if last else max(options.max_tokens or 0, CALL_TOKENS)
-        prompt = conversation + [{"role": "user", "content": ANSWER_NOW}] if steps else conversation
+        # a step that may call gets room for the call; an answer is held to the client's max_tokens below
+        asked = options.max_tokens or state.settings.generate.max_new_tokens
+        room = asked if last else max(asked, CALL_TOKENS)
+        prompt = with_answer_turns(conversation)  # after results, the answer-now turn, as training writes it
         exchange = await Exchange.open(
             state, request, rid=rid, route="chat", model=persona.name, prompts=[prompt], n=1,
             options=replace(options, tools=toolbox.specs() or None, tool_choice=choice if toolbox.specs() else None,
@@ -104,10 +106,12 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
         if not calls:
             if step == persona.max_steps and steps and stopped is None:
                 stopped = "max_steps"
-            reply = AgentReply(answer, exchange, steps, prompt_tokens, completion_tokens, stopped, toolbox)
             if answer.finish_reason == "tool_calls":
                 answer.finish_reason = "stop"
-            await exchange.keep(steps, prompt_tokens, completion_tokens)
+            if room > asked:  # an answer written with a call's room is cut to what the client asked for
+                _cut(exchange, answer, asked)
+            reply = AgentReply(answer, exchange, steps, prompt_tokens, completion_tokens, stopped, toolbox)
+            await exchange.keep(steps, prompt_tokens, completion_tokens, conversation)
             return reply
         conversation.append({"role": "assistant", "content": content, "tool_calls": calls})
         for call in calls:
@@ -131,6 +135,18 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
         if step + 1 == persona.max_steps and not must_answer:
             stopped = "max_steps"
     raise AssertionError("the loop always ends with an answer")  # pragma: no cover
+
+
+def _cut(exchange: Exchange, answer: Answer, limit: int) -> None:
+    """The answer cut to `limit` tokens (finish_reason length), as if it had been generated with that limit."""
+    engine = exchange.target.engine
+    if not engine.takes_ids or answer.completion_tokens <= limit:
+        return
+    ids = engine.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+    if len(ids) > limit:
+        answer.text = engine.tokenizer.decode(ids[:limit])
+        answer.logprobs = answer.logprobs[:limit]
+        answer.finish_reason = "length"
 
 
 def persona_files(state: ServerState, persona: Persona) -> list[Path]:

@@ -184,14 +184,15 @@ class ServerState:
             self.store.close()
 
 
-def count_usage(state: ServerState, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-    """One answered request's tokens, for its key's usage and limits (forja.keys) and /metrics; never an error
-    for the request that was answered."""
+def count_usage(state: ServerState, key_name: str | None, prompt_tokens: int, completion_tokens: int,
+                requests: int = 1) -> None:
+    """An answered request's tokens (an agent's steps count their tokens with requests=0, the request once),
+    for its key's usage and limits (forja.keys) and /metrics; never an error for the request that was answered."""
     state.keyring.counted(key_name, prompt_tokens + completion_tokens)
-    state.metrics.key_usage(key_name, prompt_tokens, completion_tokens)
+    state.metrics.key_usage(key_name, prompt_tokens, completion_tokens, requests)
     if state.store is not None:
         try:
-            count(state.store, key_name, prompt_tokens, completion_tokens)
+            count(state.store, key_name, prompt_tokens, completion_tokens, requests)
         except Exception as exc:
             log.error("cannot count the usage of %s: %s", key_name, exc)
 
@@ -217,6 +218,7 @@ class Caller:
 
     name: str | None
     admin: bool
+    chat: bool = True  # may also chat (a batch of chat requests needs it)
 
     def owns(self, owner: str | None) -> bool:
         return self.admin or owner == self.name
@@ -225,7 +227,7 @@ class Caller:
 def _key_holder(request: Request) -> ApiKey | None:
     """When keys are configured, demand `Authorization: Bearer KEY` and return the matching key."""
     signed_in = getattr(request.state, "console_key", None)  # a console user's session (forja.console sets it)
-    if signed_in is not None:
+    if signed_in is not None and not request.headers.get("authorization"):  # a key sent is the key used
         request.state.api_key_name = signed_in.name
         return signed_in
     ring = get_state(request).keyring
@@ -274,7 +276,7 @@ def check_train_key(request: Request) -> Caller:
     """Files, fine-tuning and batch jobs: a key with the `train` scope when keys are configured; it sees its
     own files and jobs, an admin key everyone's (and so does everyone on a server without keys)."""
     holder = _scoped(request, "train", "upload files or run fine-tuning and batch jobs")
-    return Caller(None, True) if holder is None else Caller(holder.name, holder.admin)
+    return Caller(None, True) if holder is None else Caller(holder.name, holder.admin, holder.may("chat"))
 
 
 def check_admin_key(request: Request) -> str:

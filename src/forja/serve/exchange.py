@@ -316,14 +316,18 @@ class Exchange:
         except RuntimeError:  # no loop any more: write here
             self._write(row)
 
-    async def keep(self, trace: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> None:
+    async def keep(self, trace: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int,
+                   conversation: list[dict[str, Any]]) -> None:
         """Store this exchange (an agent's last step, saved without a record) as the request's one record: the
-        whole conversation with its tool turns, the answer, the steps, and the tokens of every step (each
-        step's usage was counted when it was saved)."""
+        conversation with its tool turns (as the client and the tools wrote it), the answer, the steps, and the
+        tokens of every step (each step's tokens were counted when it was saved; the request is counted here)."""
         self.record, self.trace = True, trace
+        count_usage(self.state, self.key_name, 0, 0, requests=1)
         if self.state.store is None or not self.state.settings.serve.log_exchanges:
             return
-        row = {**self._row(), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        messages = self.rails.guard.redact([self.target.messages(conversation)])[0]
+        row = {**self._row(), "messages": messages, "prompt_tokens": prompt_tokens,
+               "completion_tokens": completion_tokens}
         try:
             await asyncio.to_thread(self.state.store.log_exchange, **row)
         except Exception as exc:  # the answer was given; a broken store must not turn it into an error
@@ -340,7 +344,9 @@ class Exchange:
                 self.state.store.log_guard_events(events)  # type: ignore[union-attr]
         except Exception as exc:  # the answer was given; a broken store must not turn it into an error
             log.error("cannot store exchange %s: %s", self.rid, exc)
-        count_usage(self.state, self.key_name, row["prompt_tokens"], row["completion_tokens"])
+        # an agent's step counts its tokens; the request itself is counted once, by keep()
+        count_usage(self.state, self.key_name, row["prompt_tokens"], row["completion_tokens"],
+                    requests=1 if self.record else 0)
 
 
 # ------------------------------------------------------------------------------------------------ assembling

@@ -79,8 +79,10 @@ async def create_key(body: KeyCreate, state: StateDep, _: AdminKeyDep) -> dict:
     try:
         stored, secret = await asyncio.to_thread(keys.create, state.settings, store, body.name, body.scopes,
                                                  body.admin, body.limits)
-    except keys.ApiKeyError as exc:
+    except keys.KeyExists as exc:
         raise ApiError(409, str(exc), param="name", code="key_exists") from None
+    except keys.ApiKeyError as exc:
+        raise ApiError(400, str(exc), param="name", code="invalid_value") from None
     state.keyring.refresh()
     return {**key_object(stored), "key": secret}
 

@@ -23,6 +23,10 @@ WINDOW_SECONDS = 24 * 3600  # completion_window 24h
 async def create_batch(body: BatchCreate, state: StateDep, caller: TrainKeyDep) -> BatchObject:
     """Answer every request of `input_file_id` (uploaded with purpose batch); a line that is not a request
     for `endpoint` is refused here, naming the line."""
+    if not caller.chat:
+        raise ApiError(403, f"the API key {caller.name!r} may not chat: a batch's requests are chat, completion or "
+                       "embedding requests, answered as the key's own (it needs the 'chat' scope too)",
+                       type="permission_error", code="insufficient_scope")
     total = await asyncio.to_thread(_checked, state, body, caller)
     if body.output_expires_after is not None:
         raise ApiError(400, "output_expires_after: forja keeps a batch's output files until they are deleted "
