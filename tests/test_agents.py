@@ -313,3 +313,20 @@ def test_a_trace_trains_the_call_and_the_answer_as_the_server_writes_them(long_t
     assert render_tools_system(CALC) in text and ANSWER_NOW in text  # as the agent loop prompts the model
     assert call_text("calculator", {"expression": "12 * 7"}) in learned and "Son 84." in learned
     assert "12 * 7 = 84" not in learned and "cuánto" not in learned  # results and questions are context
+
+
+@pytest.mark.parametrize("code, message", [
+    ("import subprocess\nsubprocess.run(['id'])", "no other programs"),
+    ("import os\nos.system('id')", "no other programs"),
+    ("import os\nos.fork()", "no other programs"),
+    ("print(open('/etc/passwd').read())", "reads only its working directory"),
+    ("open('/tmp/forja-escape.txt', 'w').write('x')", "reads only its working directory"),
+])
+def test_python_runs_no_programs_and_reads_only_its_folder(code, message):
+    with pytest.raises(ToolFailed, match=message):
+        run(builtin.python({"code": code}, PYTHON, []))
+
+
+def test_python_that_prints_forever_is_cut_without_filling_the_servers_memory():
+    text = run(builtin.python({"code": "while True: print('x' * 1000)"}, PYTHON, []))
+    assert 500_000 < len(text) <= builtin.OUTPUT_BYTES

@@ -172,19 +172,43 @@ async def http_get(arguments: dict[str, Any], settings: HttpGetSettings) -> str:
 
 # ------------------------------------------------------------------------------------------------ python
 
-# Runs first in the child: its own limits, and (unless allowed) no sockets. An audit hook cannot be removed
-# by the code that follows it.
+# Runs first in the child: its own limits, no new processes, no files outside its working directory and the
+# Python installation, and (unless allowed) no sockets. An audit hook cannot be removed by the code after it.
 PRELUDE = """
-import resource, sys
+import os, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))
 resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
-if not {network}:
-    def _no_network(event, args):
-        if event in ("socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"):
-            raise PermissionError("the python tool has no network (serve.tools.python.network)")
-    sys.addaudithook(_no_network)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({file_bytes}, {file_bytes}))
+_READABLE = tuple(os.path.realpath(p) + os.sep for p in {readable!r})
+_WORK = os.path.realpath(os.getcwd()) + os.sep
+_NETWORK = {network}
+
+def _guard(event, args):
+    if event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                 "os.forkpty", "pty.spawn"):
+        raise PermissionError("the python tool runs no other programs")
+    if not _NETWORK and event in ("socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"):
+        raise PermissionError("the python tool has no network (serve.tools.python.network)")
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        path = os.path.realpath(os.fsdecode(args[0]))
+        writing = isinstance(args[1], str) and any(c in args[1] for c in "wax+")
+        if not (path + os.sep).startswith(_WORK) and (writing or not (path + os.sep).startswith(_READABLE)):
+            raise PermissionError(f"the python tool reads only its working directory ({{os.fsdecode(args[0])}})")
+
+sys.addaudithook(_guard)
 del resource
 """
+OUTPUT_BYTES = 1_000_000  # read from a run at most (it is cut to serve.tools.max_result_chars anyway)
+
+
+def _readable() -> list[str]:
+    """What code may read besides its working directory: the Python installation (its modules: pandas...)."""
+    import site
+    import sysconfig
+
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), sysconfig.get_paths()["stdlib"],
+             "/usr/share/zoneinfo", "/etc/localtime", "/dev/null", "/dev/urandom", "/proc/self", "/sys/devices/system/cpu"}
+    return sorted(p for p in paths if p)
 
 
 async def python(arguments: dict[str, Any], settings: PythonToolSettings, files: list[Path]) -> str:
@@ -195,23 +219,45 @@ async def python(arguments: dict[str, Any], settings: PythonToolSettings, files:
         for path in files:
             shutil.copy(path, Path(work) / path.name)
         prelude = PRELUDE.format(memory=settings.memory_mb * 2**20, cpu=math.ceil(settings.timeout_seconds) + 1,
-                                 network=settings.network)
+                                 network=settings.network, readable=_readable(), file_bytes=64 * 2**20)
         script = Path(work) / ".run.py"
         script.write_text(prelude + "\n" + textwrap.dedent(code), encoding="utf-8")
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-I", str(script), cwd=work, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
             env={"PATH": os.environ.get("PATH", ""), "HOME": work, "MPLBACKEND": "Agg"})
+
+        async def read() -> bytes:
+            assert process.stdout is not None
+            output = bytearray()
+            while len(output) < OUTPUT_BYTES:
+                block = await process.stdout.read(65536)
+                if not block:
+                    break
+                output += block
+            if len(output) >= OUTPUT_BYTES:  # it goes on printing: enough was read
+                _kill(process)
+            await process.wait()
+            return bytes(output[:OUTPUT_BYTES])
+
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), settings.timeout_seconds)
+            output = await asyncio.wait_for(read(), settings.timeout_seconds)
         except asyncio.TimeoutError:
-            process.kill()
+            _kill(process)
             await process.wait()
             raise ToolFailed(f"the code ran longer than {settings.timeout_seconds:g} s and was stopped") from None
         except asyncio.CancelledError:
-            process.kill()
+            _kill(process)
             raise
     text = output.decode("utf-8", errors="replace").replace(str(script), "<code>")
-    if process.returncode:
+    if process.returncode and len(output) < OUTPUT_BYTES:
         raise ToolFailed(f"the code failed (exit {process.returncode}):\n{text.strip()[-2000:]}")
     return text.strip() or "(the code printed nothing; print() what you need)"
+
+
+def _kill(process: Any) -> None:
+    """The run and anything it started (its own session)."""
+    try:
+        os.killpg(process.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
