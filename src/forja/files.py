@@ -20,7 +20,7 @@ from forja.config import ForjaError, Settings
 from forja.store import Store, files
 
 PURPOSES = ("fine-tune", "batch", "assistants")  # what a client may upload
-OUTPUT_PURPOSES = ("batch_output",)  # what forja writes: a batch's answers and errors
+OUTPUT_PURPOSE = "batch_output"  # what forja writes: a batch's answers and errors
 ID_PREFIX = "file-"
 MAX_FILENAME_CHARS = 200
 INCOMING = ".incoming"  # uploads still arriving or being checked; a folder `forja data` never lists

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -145,10 +146,18 @@ def remove_user(store: Store, name: str) -> None:
 # ------------------------------------------------------------------ logins and sessions
 
 
+_LOGINS = threading.Lock()  # one password check at a time: parallel guesses cannot all pass the lockout check
+# before the first failure is counted, and a flood of logins takes one core, not the server's thread pool
+
+
 def login(store: Store, name: str, password: str, now: float | None = None) -> User | None:
     """The user when the password is right; None when the name or the password is wrong. Raises LockedOut
     while the user is locked out (even with the right password: an attacker learns nothing then)."""
-    now = time.time() if now is None else now
+    with _LOGINS:
+        return _login(store, name, password, time.time() if now is None else now)
+
+
+def _login(store: Store, name: str, password: str, now: float) -> User | None:
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(console_users).where(console_users.c.name == name)).first()
     if row is None:

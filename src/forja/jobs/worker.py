@@ -423,7 +423,7 @@ def keep_output(settings: Settings, store: Store, path: Path, filename: str, own
     incoming = files.incoming_dir(settings, file_id)
     incoming.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, incoming / files.safe_filename(filename))
-    return files.keep(settings, store, file_id, filename, "batch_output", owner).id
+    return files.keep(settings, store, file_id, filename, files.OUTPUT_PURPOSE, owner).id
 
 
 def _last_error(log_path: Path) -> str:

@@ -51,9 +51,6 @@ def _checked(state: ServerState, body: BatchCreate, caller: Caller) -> int:
     except BatchError as exc:
         raise ApiError(400, f"input_file_id: {exc}".replace(str(files.path_of(state.settings, stored)), stored.filename),
                        param="input_file_id", code="invalid_file") from None
-    if not requests:
-        raise ApiError(400, f"input_file_id: {stored.filename} holds no requests", param="input_file_id",
-                       code="invalid_file")
     if requests[0]["url"] != body.endpoint:
         raise ApiError(400, f"endpoint is {body.endpoint} but the requests in {stored.filename} are for "
                        f"{requests[0]['url']}", param="endpoint", code="invalid_value")

@@ -78,12 +78,14 @@ def _checked(state: ServerState, body: FineTuneCreate, caller: Caller) -> tuple[
                                "job reads files uploaded with purpose 'fine-tune'", param=param, code="invalid_value")
             paths[param] = str(files.path_of(settings, stored))
     overrides = dict(body.forja.train)
-    for name, setting in HYPER_TO_TRAIN.items():
-        value = getattr(hyper, name)
-        if value != "auto":
-            overrides[setting] = value
-    if body.seed is not None:
-        overrides["seed"] = body.seed
+    for name, setting in [*HYPER_TO_TRAIN.items(), ("seed", "seed")]:
+        value = body.seed if name == "seed" else getattr(hyper, name)
+        if value is None or value == "auto":
+            continue
+        if setting in overrides:
+            raise ApiError(400, f"{name} and forja.train.{setting} both set it: give one", param=name,
+                           code="invalid_value")
+        overrides[setting] = value
     try:
         config = TrainSettings.model_validate({**settings.train.model_dump(), **overrides})
     except ValidationError as exc:
@@ -240,7 +242,7 @@ def event_number(after: str | None) -> int | None:
     if after is None:
         return None
     number = after.removeprefix("ftevent-")
-    if not number.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", number):
         raise ApiError(400, f"after: {after!r} is not an event id (ftevent-N)", param="after", code="invalid_value")
     return int(number)
 
@@ -264,7 +266,8 @@ def job_object(state: ServerState, job: jobs.Job) -> FineTuningJob:
     if hyper["batch_size"] == "auto":
         hyper["batch_size"] = spec["forja"]["train"].get("batch_size", train.batch_size)
     if hyper["learning_rate_multiplier"] == "auto":
-        hyper["learning_rate_multiplier"] = 1.0
+        hyper["learning_rate_multiplier"] = spec["forja"]["train"].get("learning_rate_multiplier",
+                                                                       train.learning_rate_multiplier)
     metrics = result.get("metrics", {})
     if hyper["n_epochs"] == "auto" and "epochs" in metrics:
         hyper["n_epochs"] = round(metrics["epochs"], 2)  # what the run did (a FAQ stops once it is learned)
