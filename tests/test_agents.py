@@ -330,3 +330,14 @@ def test_python_runs_no_programs_and_reads_only_its_folder(code, message):
 def test_python_that_prints_forever_is_cut_without_filling_the_servers_memory():
     text = run(builtin.python({"code": "while True: print('x' * 1000)"}, PYTHON, []))
     assert 500_000 < len(text) <= builtin.OUTPUT_BYTES
+
+
+def test_bench_agent_runs_before_and_after_training(long_tiny_model_dir, tmp_path):
+    from forja.bench_agent import agent_benchmark, render_agent, trace
+
+    assert trace((12, "*", 7))["messages"][-1]["content"] == "12 * 7 is 84."
+    settings = load_settings(home=tmp_path / "home", model=str(long_tiny_model_dir), dtype="float32",
+                             train={"method": "full", "learning_rate": 3e-3})
+    results = agent_benchmark(settings, str(long_tiny_model_dir), traces=2, held_out=2, steps=2, log=lambda _: None)
+    assert set(results["before"]) == {"called", "right"} and results["after"]["called"] <= 2
+    assert "before training: called" in render_agent(results)

@@ -1289,6 +1289,26 @@ def bench_tools(
         as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
+@bench_app.command("agent")
+def bench_agent(
+    model: ModelOpt = None,
+    traces: Annotated[int, typer.Option(help="Corrected traces to train on.", min=1)] = 12,
+    held_out: Annotated[int, typer.Option(help="Other questions asked before and after.", min=1)] = 12,
+    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 60,
+    as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Does training on a few corrected tool-calling traces teach the model to use its calculator? Held-out questions before and after, through the agent loop."""
+    from forja.bench_agent import agent_benchmark, render_agent
+
+    settings = settings_from(config, model=model)
+    results = agent_benchmark(settings, settings.model, traces=traces, held_out=held_out, steps=steps,
+                              log=lambda line: typer.echo(line, err=True))
+    typer.echo(render_agent(results))
+    if as_json:
+        as_json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+
 @bench_app.command("knowledge")
 def bench_knowledge(
     sizes: Annotated[str, typer.Option(help="Collection sizes in chunks, comma-separated (1k = 1000).")] = "1k,10k,100k",
