@@ -12,10 +12,10 @@ from fastapi import APIRouter, Query
 from forja import files, jobs
 from forja.serve.deps import ApiError, Caller, ServerState, StateDep, TrainKeyDep
 from forja.serve.routes.files import found, store_of
+from forja.serve.routes.fine_tuning import MAX_PAGE, cancelled, job_page
 from forja.serve.schemas_jobs import BatchCreate, BatchList, BatchObject, RequestCounts, responses
 
 router = APIRouter(prefix="/v1", tags=["batches"])
-MAX_PAGE = 100
 WINDOW_SECONDS = 24 * 3600  # completion_window 24h
 
 
@@ -62,11 +62,7 @@ async def list_batches(state: StateDep, caller: TrainKeyDep,
                        after: str | None = Query(None, description="The id of the last batch of the page before."),
                        limit: int = Query(20, ge=1, le=MAX_PAGE)) -> BatchList:
     """This client's batches (every one for an admin key), newest first."""
-    try:
-        page, more = await asyncio.to_thread(jobs.listing, store_of(state), jobs.BATCH, caller.name, caller.admin,
-                                             after, limit)
-    except jobs.UnknownJob as exc:
-        raise ApiError(400, str(exc), param="after", code="invalid_value") from None
+    page, more = await job_page(state, jobs.BATCH, caller, after, limit)
     data = [batch_object(job) for job in page]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                      has_more=more)
@@ -85,13 +81,7 @@ async def retrieve_batch(batch_id: str, state: StateDep, caller: TrainKeyDep) ->
 async def cancel_batch(batch_id: str, state: StateDep, caller: TrainKeyDep) -> BatchObject:
     """A waiting batch is cancelled at once; a running one goes to `cancelling` while the requests being
     answered finish, then `cancelled`, with what was answered in its output file."""
-    try:
-        job = await asyncio.to_thread(jobs.cancel, store_of(state), batch_id, jobs.BATCH, caller.name, caller.admin)
-    except jobs.UnknownJob as exc:
-        raise ApiError(404, str(exc), param="batch_id", code="batch_not_found") from None
-    except jobs.JobError as exc:
-        raise ApiError(409, str(exc), param="batch_id", code="batch_finished") from None
-    return batch_object(job)
+    return batch_object(await cancelled(state, jobs.BATCH, batch_id, caller, "batch_id"))
 
 
 def batch_object(job: jobs.Job) -> BatchObject:

@@ -123,12 +123,27 @@ async def list_jobs(state: StateDep, caller: TrainKeyDep,
                     after: str | None = Query(None, description="The id of the last job of the page before."),
                     limit: int = Query(20, ge=1, le=MAX_PAGE)) -> FineTuningJobList:
     """This client's jobs (every job for an admin key), newest first."""
+    page, more = await job_page(state, jobs.FINE_TUNE, caller, after, limit)
+    return FineTuningJobList(data=[job_object(state, job) for job in page], has_more=more)
+
+
+async def job_page(state: ServerState, kind: str, caller: Caller, after: str | None, limit: int
+                   ) -> tuple[list[jobs.Job], bool]:
+    """A page of the caller's jobs of `kind` (every one for an admin), newest first; a bad `after` is a 400."""
     try:
-        page, more = await asyncio.to_thread(jobs.listing, store_of(state), jobs.FINE_TUNE, caller.name, caller.admin,
-                                             after, limit)
+        return await asyncio.to_thread(jobs.listing, store_of(state), kind, caller.name, caller.admin, after, limit)
     except jobs.UnknownJob as exc:
         raise ApiError(400, str(exc), param="after", code="invalid_value") from None
-    return FineTuningJobList(data=[job_object(state, job) for job in page], has_more=more)
+
+
+async def cancelled(state: ServerState, kind: str, job_id: str, caller: Caller, param: str) -> jobs.Job:
+    """The job cancelled (or being cancelled); a job not the caller's is a 404, a finished one a 409."""
+    try:
+        return await asyncio.to_thread(jobs.cancel, store_of(state), job_id, kind, caller.name, caller.admin)
+    except jobs.UnknownJob as exc:
+        raise ApiError(404, str(exc), param=param, code="job_not_found") from None
+    except jobs.JobError as exc:
+        raise ApiError(409, str(exc), param=param, code="job_finished") from None
 
 
 @router.get("/jobs/{job_id}", responses=responses(401, 403, 404, 409, 422))
@@ -140,13 +155,7 @@ async def retrieve_job(job_id: str, state: StateDep, caller: TrainKeyDep) -> Fin
 async def cancel_job(job_id: str, state: StateDep, caller: TrainKeyDep) -> FineTuningJob:
     """A queued job is cancelled at once; a running one is stopped by its worker within a few seconds,
     keeping its checkpoints."""
-    try:
-        job = await asyncio.to_thread(jobs.cancel, store_of(state), job_id, jobs.FINE_TUNE, caller.name, caller.admin)
-    except jobs.UnknownJob as exc:
-        raise ApiError(404, str(exc), param="fine_tuning_job_id", code="job_not_found") from None
-    except jobs.JobError as exc:
-        raise ApiError(409, str(exc), param="fine_tuning_job_id", code="job_finished") from None
-    return job_object(state, job)
+    return job_object(state, await cancelled(state, jobs.FINE_TUNE, job_id, caller, "fine_tuning_job_id"))
 
 
 @router.post("/jobs/{job_id}/promote", responses=responses(400, 401, 403, 404, 409, 422))
