@@ -341,3 +341,24 @@ def test_bench_agent_runs_before_and_after_training(long_tiny_model_dir, tmp_pat
     results = agent_benchmark(settings, str(long_tiny_model_dir), traces=2, held_out=2, steps=2, log=lambda _: None)
     assert set(results["before"]) == {"called", "right"} and results["after"]["called"] <= 2
     assert "before training: called" in render_agent(results)
+
+
+def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):
+    from conftest import ARTIFACTS
+
+    context = browser.new_context(locale="en-US", viewport={"width": 900, "height": 800})
+    page = context.new_page()
+    page.goto(served.url + "/")
+    page.wait_for_selector("#persona option[value='pedidos']", state="attached")
+    page.select_option("#persona", "pedidos")
+    page.fill("#prompt", "¿Dónde está mi pedido A17?")
+    page.click("#send")
+    step = page.locator("details.step").first
+    step.wait_for(timeout=60_000)
+    assert step.locator("summary").inner_text() == "Step 1: orders__order_status"
+    step.locator("summary").click()
+    assert step.locator("pre").inner_text().startswith("order ")
+    page.wait_for_selector("#send:not([disabled])", timeout=60_000)
+    assert page.locator("details.step + .assistant").count() == 1  # the answer follows its steps
+    page.screenshot(path=str(ARTIFACTS / "agent-steps.png"), full_page=True)
+    context.close()

@@ -234,6 +234,20 @@ function sourcesList(annotations) {
   return box;
 }
 
+// One step of an agent persona's tool loop, folded above its answer: the tool, its arguments, its result.
+function stepBox(step) {
+  const item = document.createElement("details");
+  item.className = "step" + (step.ok ? "" : " failed");
+  const summary = document.createElement("summary");
+  summary.textContent = t("tool_step", { step: step.step, tool: step.tool }) + (step.ok ? "" : " " + t("tool_failed"));
+  const call = document.createElement("code");
+  call.textContent = JSON.stringify(step.arguments);
+  const result = document.createElement("pre");
+  result.textContent = step.result;
+  item.append(summary, call, result);
+  return item;
+}
+
 function busy(on) {
   $("send").disabled = on;
   $("stop").disabled = !on;
@@ -273,6 +287,7 @@ async function ask(text) {
         const chunk = JSON.parse(event.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.id) responseId = chunk.id;
+        if (chunk.forja && chunk.forja.step) bubble.before(stepBox(chunk.forja.step)); // an agent's tool step
         for (const choice of chunk.choices) {
           if (choice.delta && choice.delta.content) {
             answer += choice.delta.content;
