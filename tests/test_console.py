@@ -320,8 +320,11 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     assert XSS in page.locator(f'[data-feedback="{ids[0]}"] .persona').inner_text()
     assert page.locator('img[src="x"]').count() == 0
     page.screenshot(path=str(ARTIFACTS / "console-feedback.png"), full_page=True)
-    page.locator(f'[data-feedback="{ids[0]}"] button.approve').click()
+    page.locator(f'[data-feedback="{ids[0]}"] textarea.edit').fill("Abrimos de 8 a 15, ana@example.com.")
+    page.locator(f'[data-feedback="{ids[0]}"] button.approve').click()  # approved in the operator's words
     page.wait_for_selector(f'[data-feedback="{ids[0]}"]', state="detached")
+    edited = next(r for r in server.store.feedback_rows() if r["id"] == ids[0])
+    assert edited["correction"] == "Abrimos de 8 a 15, [EMAIL]."  # redacted like any correction
     page.locator(f'[data-feedback="{ids[1]}"] button.reject').click()
     page.wait_for_selector(f'[data-feedback="{ids[1]}"]', state="detached")
     reviews = {r["id"]: r["review"] for r in server.store.feedback_rows()}

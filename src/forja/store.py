@@ -407,6 +407,13 @@ class Store:
             row["review"] = reviews.get(row["id"])
         return rows
 
+    def edit_correction(self, feedback_id: int, correction: str) -> None:
+        """An operator's own wording of a correction, before it is approved (it replaces the sender's)."""
+        with self.engine.begin() as conn:
+            if conn.execute(feedback.update().where(feedback.c.id == feedback_id)
+                            .values(correction=correction)).rowcount == 0:
+                raise StoreError(f"no feedback with id {feedback_id} (see forja feedback list)")
+
     def review(self, feedback_ids: Iterable[int], decision: str, reviewer: str | None = None) -> int:
         """Approve or reject feedback rows (a later decision replaces an earlier one); returns how many.
         A rejected row never trains; with `feedback.trust: reviewed` only approved thumbs-up do."""

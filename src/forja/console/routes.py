@@ -327,12 +327,21 @@ class ReviewRequest(BaseModel):
 
     ids: list[int] = Field(..., min_length=1, max_length=MAX_FEEDBACK_PAGE)
     decision: Literal["approved", "rejected"]
+    correction: str | None = Field(None, min_length=1, max_length=20_000, description="Approving one row: the "
+                                   "answer it teaches, in the operator's words (replaces the sender's correction).")
 
 
 @router.post("/api/feedback/review")
 async def review(body: ReviewRequest, state: StateDep, session: AdminSessionDep) -> dict:
-    """Approve or reject feedback rows before they train (rejected ones never do)."""
+    """Approve or reject feedback rows before they train (rejected ones never do); a row approved with a
+    `correction` teaches that wording."""
+    if body.correction is not None and (len(body.ids) != 1 or body.decision != "approved"):
+        raise ApiError(400, "correction: an edited correction approves one row (ids: [id], decision: approved)",
+                       param="correction", code="invalid_value")
     try:
+        if body.correction is not None:  # PII never reaches the store, whoever writes it
+            await asyncio.to_thread(store_of(state).edit_correction, body.ids[0],
+                                    state.guards.redact(body.correction.strip()))
         count = await asyncio.to_thread(store_of(state).review, body.ids, body.decision,
                                         accounts.KEY_PREFIX + session.user.name)
     except StoreError as exc:

@@ -1,5 +1,5 @@
-// The feedback review page: the queue (GET /console/api/feedback), approve / reject
-// (POST /console/api/feedback/review), and "retrain now" (a feedback job on the active version).
+// The feedback review page: the queue (GET /console/api/feedback), approve (with the correction as written, or
+// edited first) / reject (POST /console/api/feedback/review), and "retrain now" (a feedback job on the active version).
 "use strict";
 
 function item(row) {
@@ -14,8 +14,16 @@ function item(row) {
   if (row.correction) card.append(el("p", { class: "correction" }, el("span", { class: "label" }, "Correction"), row.correction));
   if (row.comment) card.append(el("p", { class: "comment" }, el("span", { class: "label" }, "Comment"), row.comment));
   if (row.used_in.length) card.append(el("p", { class: "hint" }, "Trained into " + row.used_in.join(", ")));
+  const edit = el("textarea", { class: "edit", rows: "2", placeholder: "The answer it should teach (optional)" });
+  edit.value = row.correction || "";
+  if (row.rating === "down" || row.correction) {
+    card.append(el("label", { class: "label" }, "Correction to approve", edit));
+  }
   card.append(el("div", { class: "actions" },
-    el("button", { type: "button", class: "approve", onclick: () => review(row.id, "approved") }, "Approve"),
+    el("button", { type: "button", class: "approve", onclick: () => {
+      const text = edit.value.trim();  // an edited (or newly written) correction goes with the approval
+      review(row.id, "approved", text && text !== (row.correction || "") ? text : null);
+    } }, "Approve"),
     el("button", { type: "button", class: "reject danger", onclick: () => review(row.id, "rejected") }, "Reject")));
   return card;
 }
@@ -26,9 +34,10 @@ async function load() {
     : [el("p", { class: "card" }, "Nothing to review.")]));
 }
 
-async function review(id, decision) {
+async function review(id, decision, correction = null) {
   try {
-    await api("POST", "/console/api/feedback/review", { ids: [id], decision });
+    await api("POST", "/console/api/feedback/review", correction ? { ids: [id], decision, correction }
+      : { ids: [id], decision });
     status(`Feedback #${id} ${decision}.`);
   } catch (error) { status(error.message, true); }
   await load().catch((e) => status(e.message, true));
