@@ -670,6 +670,14 @@ class FilesSettings(BaseModel):
     max_bytes: int = Field(100_000_000, ge=1, description="Largest file one upload may hold; beyond this 413.")
 
 
+class ConsoleSettings(BaseModel):
+    """The operator's console at /console (users: forja users add)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="A console login lasts this long.")
+
+
 class JobsSettings(BaseModel):
     """Fine-tuning and batch jobs (`/v1/fine_tuning/jobs`, `/v1/batches`): rows in the store, run by a worker
     (in the server, or `forja worker` on any machine sharing the store and FORJA_HOME) as `forja` processes."""
@@ -709,6 +717,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     files: FilesSettings = Field(default_factory=FilesSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )

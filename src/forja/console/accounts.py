@@ -23,7 +23,7 @@ from forja.store import Store, console_sessions, console_users
 # interactive logins at r=8 p=1 with more cores; raise N here and old hashes still verify, they carry theirs).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 MIN_PASSWORD_CHARS = 10
-SESSION_HOURS = 12  # a session ends this long after login (a setting console.session_hours once config has one)
+SESSION_HOURS = 12  # a session ends this long after login (console.session_hours in the config)
 MAX_FAILURES = 5  # wrong passwords within FAILURE_WINDOW_SECONDS lock the user out ...
 FAILURE_WINDOW_SECONDS = 15 * 60
 LOCKOUT_SECONDS = 15 * 60  # ... for this long

@@ -126,7 +126,8 @@ async def login(request: Request, state: StateDep) -> Response:
                           429, {"Retry-After": str(exc.retry_after)})
     if user is None:
         return login_page(request, next_, "Wrong user name or password.", 401)
-    token, session = await asyncio.to_thread(accounts.open_session, store, user)
+    token, session = await asyncio.to_thread(accounts.open_session, store, user,
+                                             state.settings.console.session_hours)
     page = RedirectResponse(safe_next(next_), status_code=303)
     page.set_cookie(COOKIE, token, max_age=int(session.expires_at - time.time()), path="/", httponly=True,
                     samesite="lax", secure=secure(request))

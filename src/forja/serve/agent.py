@@ -29,6 +29,7 @@ from forja.serve.rails import RequestRails
 
 
 CALL_TOKENS = 256  # the least a step that may call a tool may write: a call with its arguments
+DISCONNECT_POLL_SECONDS = 0.25  # how often a running tool looks whether its client is still there
 
 
 @dataclass
@@ -123,7 +124,7 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
                 must_answer, stopped = True, "repeated_call"
             else:
                 seen.add(key)
-                observation = await toolbox.call(name, arguments)
+                observation = await _unless_gone(request, toolbox.call(name, arguments))
             conversation.append({"role": "tool", "tool_call_id": call["id"], "content": observation.text})
             record = {"step": len(steps) + 1, "tool": name, "arguments": arguments, "result": observation.text,
                       "ok": observation.ok, "seconds": observation.seconds}
@@ -135,6 +136,20 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
         if step + 1 == persona.max_steps and not must_answer:
             stopped = "max_steps"
     raise AssertionError("the loop always ends with an answer")  # pragma: no cover
+
+
+async def _unless_gone(request: Request, call: Any) -> Observation:
+    """A tool's result; a client that leaves meanwhile cancels the tool (a python run is killed) and the loop."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ApiError(499, "client closed the request", code="client_closed")
+    finally:
+        task.cancel()
 
 
 def _cut(exchange: Exchange, answer: Answer, limit: int) -> None:
