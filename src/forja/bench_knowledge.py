@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forja.bench import _pct
 from forja.models import cpu_line
 from forja.config import ConfigError, Settings
 
@@ -237,9 +238,9 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
         "index_over_embed": round(compared_seconds / embed_seconds, 3) if embed_seconds else None,
         "index_bytes": disk, "peak_rss_bytes": max(index_peak, _peak_rss()), "index_peak_rss_bytes": index_peak,
         "queries": len(asked), "cold_query_ms": round(cold_ms, 1),
-        "query_ms_p50": round(_percentile(latencies, 50), 1), "query_ms_p95": round(_percentile(latencies, 95), 1),
-        **{f"{name}_p50": round(_percentile(values, 50), 2) for name, values in parts.items()},
-        **{f"{name}_p95": round(_percentile(values, 95), 2) for name, values in parts.items()},
+        "query_ms_p50": round(_pct(latencies, 50), 1), "query_ms_p95": round(_pct(latencies, 95), 1),
+        **{f"{name}_p50": round(_pct(values, 50), 2) for name, values in parts.items()},
+        **{f"{name}_p95": round(_pct(values, 95), 2) for name, values in parts.items()},
         "hit_at_1": sum(r == 1 for r in ranks) / len(ranks),
         "hit_at_5": sum(r is not None for r in ranks) / len(ranks),
         "missed": [a.question for a, r in zip(asked, ranks) if r is None][:5],
@@ -294,14 +295,6 @@ def _tokens(texts: list[str]) -> list[int]:
     return count_tokens(texts)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = (len(ordered) - 1) * q / 100
-    low = int(index)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (index - low)
-
-
 def _reset_peak_rss() -> None:
     """Linux forgets the process's peak RSS (VmHWM) when told 5 in clear_refs, so each size has its own."""
     try:
@@ -311,15 +304,9 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+    from forja.train import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(peak_rss_mb() * 2**20)
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -82,17 +82,24 @@ def conversation_text(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
             for call in message["tool_calls"]:
                 function = call["function"]
                 names[call["id"]] = function["name"]
-                try:
-                    arguments = json.loads(function["arguments"] or "{}")
-                except json.JSONDecodeError:
-                    raise ToolFormatError(f"tool call {call['id']}: arguments are not JSON") from None
-                blocks.append(call_text(function["name"], arguments))
+                blocks.append(call_text(function["name"], call_arguments(call)))
             content = "\n".join(([content] if content else []) + blocks)
         elif role == "tool":
             name = names.get(message.get("tool_call_id") or "", "")
             role, content = "user", f'<tool_response name="{name}">\n{content}\n</tool_response>'
         turns.append({"role": role, "content": content})
     return turns
+
+
+def call_arguments(call: dict[str, Any]) -> Any:
+    """A call's arguments as the model wrote them (OpenAI puts them in a JSON string)."""
+    raw = call["function"].get("arguments") or "{}"
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise ToolFormatError(f"tool call {call.get('id', '')}: arguments are not JSON") from None
 
 
 def call_text(name: str, arguments: dict[str, Any]) -> str:
@@ -107,11 +114,7 @@ def native_turn(message: dict[str, Any]) -> dict[str, Any]:
         return message
     calls = []
     for call in message["tool_calls"]:
-        try:
-            arguments = json.loads(call["function"]["arguments"] or "{}")
-        except json.JSONDecodeError:
-            raise ToolFormatError(f"tool call {call['id']}: arguments are not JSON") from None
-        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+        calls.append({**call, "function": {**call["function"], "arguments": call_arguments(call)}})
     return {**message, "tool_calls": calls}
 
 

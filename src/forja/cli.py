@@ -113,12 +113,7 @@ def generate(
     if column is not None or quiet:
         raise ConfigError(f"--{'column' if column is not None else 'quiet'} goes with --input and --output")
     prompt = read_prompt(prompt, "prompt")
-    try:  # the flags are checked by generate:'s own rules, so a flag accepts what the config file does
-        defaults = settings.generate.model_validate(
-            {**settings.generate.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    defaults = with_flags(settings.generate, flags)  # generate:'s own rules: a flag takes what the config file does
     params = SamplingParams(max_new_tokens=defaults.max_new_tokens, seed=defaults.seed,
                             **{name: getattr(defaults, name) for name in SAMPLERS})
     if pick_backend(settings) != "openai":  # an upstream knows its own models
@@ -421,11 +416,7 @@ def train(
             "max_seq_length": max_seq_length, "lora_r": lora_r, "seed": seed, "eval_every": eval_every,
             "checkpoint_every": checkpoint_every,
         }
-        try:
-            hyper = settings.train.model_validate({**settings.train.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        hyper = with_flags(settings.train, flags)
         if from_feedback:
             return _retrain_from_feedback(settings, hyper, base, name, promote, quiet)
         paths = data_sources(settings, [str(p) for p in data or []], map_, guess, encoding, assistant, gap_hours,
@@ -741,14 +732,20 @@ def _database_keys(settings: Settings) -> int:
 
 def _with_serve(settings: Settings, **values) -> Settings:
     """The settings with some serve.* values replaced (from flags), validated like the config file."""
+    return settings.model_copy(update={"serve": with_flags(settings.serve, values)})
+
+
+def with_flags(section, flags: dict):
+    """A settings section with the flags given (None: not given) laid over it, checked by the section's own
+    rules; a value they refuse is one line naming its flag."""
+    given = {k: v for k, v in flags.items() if v is not None}
     try:
-        serve = settings.serve.model_validate({**settings.serve.model_dump(), **values})
+        return section.model_validate({**section.model_dump(), **given})
     except ValidationError as exc:
         err = exc.errors()[0]
         if not err["loc"]:  # a check of several fields (backend openai without serve.upstream_url)
-            raise ConfigError(f"--{'/--'.join(values).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise ConfigError(f"--{'/--'.join(given).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    return settings.model_copy(update={"serve": serve})
 
 
 @app.command("export")

@@ -211,8 +211,9 @@ class KeyRing:
                 self._loaded = time.monotonic()
             return self._stored
 
-    def check(self, key: ApiKey) -> None:
-        """Raise Limited when `key` is past its requests per minute or tokens per day; counts the request."""
+    def check(self, key: ApiKey, per_minute: bool = True) -> None:
+        """Raise Limited when `key` is past its requests per minute (unless not `per_minute`: a batch's lines,
+        sent as fast as the engine takes them) or tokens per day; counts the request."""
         limits, now = key.limits, time.monotonic()
         if limits.tokens_per_day is not None and self.store is not None:
             used = self.tokens_today(key.name)
@@ -220,7 +221,7 @@ class KeyRing:
                 midnight = (time.time() // 86400 + 1) * 86400
                 raise Limited(f"the API key {key.name!r} has used its {limits.tokens_per_day} tokens for today "
                               f"({used} used); the count starts again at 00:00 UTC", max(1, math.ceil(midnight - time.time())))
-        if limits.requests_per_minute is not None:
+        if per_minute and limits.requests_per_minute is not None:
             with self._lock:
                 recent = self._recent[key.name]
                 while recent and now - recent[0] >= 60:

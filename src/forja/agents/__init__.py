@@ -8,7 +8,6 @@ is an Observation the model reads, never an error of the request. The loop itsel
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,9 +160,10 @@ class Toolbox:
 
 
 def arguments_of(call: dict[str, Any]) -> Any:
-    """A tool call's arguments as the model wrote them (OpenAI puts them in a JSON string)."""
-    raw = call.get("function", {}).get("arguments", "{}")
+    """A call's arguments; text that is not JSON comes back as it is (the schema check says so to the model)."""
+    from forja.chat import ToolFormatError, call_arguments
+
     try:
-        return json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError:
-        return raw
+        return call_arguments(call)
+    except ToolFormatError:
+        return call["function"].get("arguments")

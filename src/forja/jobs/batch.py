@@ -231,6 +231,7 @@ async def _answer_all(settings: Settings, requests: list[dict], on_answer: Calla
     import httpx
 
     from forja.serve.app import create_app
+    from forja.keys import Limited
     from forja.serve.deps import ApiError, Caller, check_api_key, check_chat_caller
 
     # the worker is the one running this: the app it builds must not start another
@@ -241,13 +242,13 @@ async def _answer_all(settings: Settings, requests: list[dict], on_answer: Calla
         """No key is sent: each request runs as the batch's owner (its exchanges recorded under that name), held
         to the owner's tokens per day like any of its requests."""
         request.state.api_key_name = owner
-        held = next((k for k in local.serve.api_keys if k.name == owner), None) or \
-            request.app.state.forja.keyring.named(owner)
-        if held is not None and held.limits.tokens_per_day is not None:
-            used = request.app.state.forja.keyring.tokens_today(owner)
-            if used >= held.limits.tokens_per_day:
-                raise ApiError(429, f"the API key {owner!r} has used its {held.limits.tokens_per_day} tokens for today",
-                               type="rate_limit_error", code="rate_limit_exceeded")
+        ring = request.app.state.forja.keyring
+        held = next((k for k in local.serve.api_keys if k.name == owner), None) or ring.named(owner)
+        if held is not None:
+            try:
+                ring.check(held, per_minute=False)
+            except Limited as exc:
+                raise ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
         return owner
 
     def as_owner_caller(request: Request) -> Caller:

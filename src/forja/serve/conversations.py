@@ -23,6 +23,7 @@ from forja.store import Store, conversations
 ID_PREFIX = "conv_"
 SUMMARY_PROMPT = "Summarise the conversation so far: the facts, names and numbers to remember."
 SUMMARY_TOKENS = 200
+TEMPLATE_BYTES = 32  # what a chat template adds around a turn, counted generously (role markers, newlines)
 KEEP_TURNS = 2  # the newest turns are never taken out (the question being answered and its context)
 
 
@@ -115,6 +116,10 @@ async def fitted(state: ServerState, request: Request, conversation: Conversatio
     room = engine.context_length - (max_tokens or state.settings.generate.max_new_tokens)
     while True:
         prompt = conversation.prompt(new)
+        # a token holds at least a byte: a conversation this short fits without tokenizing it here as well
+        # (Exchange.open tokenizes the prompt it decodes anyway)
+        if sum(len(str(m.get("content") or "").encode()) + TEMPLATE_BYTES for m in target.messages(prompt)) <= room:
+            return prompt
         tokens = len(await asyncio.to_thread(engine.tokenize, target.messages(prompt)))
         turns = [m for m in conversation.messages if m["role"] != "system"]
         if tokens <= room or len(turns) <= KEEP_TURNS:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from forja import files, jobs
 from forja.serve.deps import ApiError, Caller, ServerState, StateDep, TrainKeyDep
 from forja.serve.routes.files import found, store_of
-from forja.serve.routes.fine_tuning import MAX_PAGE, cancelled, job_page
+from forja.serve.routes.fine_tuning import MAX_PAGE, cancelled, job_of, job_page
 from forja.serve.schemas_jobs import BatchCreate, BatchList, BatchObject, RequestCounts, responses
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -70,11 +70,7 @@ async def list_batches(state: StateDep, caller: TrainKeyDep,
 
 @router.get("/batches/{batch_id}", responses=responses(401, 403, 404, 409, 422))
 async def retrieve_batch(batch_id: str, state: StateDep, caller: TrainKeyDep) -> BatchObject:
-    try:
-        job = await asyncio.to_thread(jobs.get, store_of(state), batch_id, jobs.BATCH, caller.name, caller.admin)
-    except jobs.UnknownJob as exc:
-        raise ApiError(404, str(exc), param="batch_id", code="batch_not_found") from None
-    return batch_object(job)
+    return batch_object(await asyncio.to_thread(job_of, state, batch_id, caller, jobs.BATCH, "batch_id"))
 
 
 @router.post("/batches/{batch_id}/cancel", responses=responses(401, 403, 404, 409, 422))

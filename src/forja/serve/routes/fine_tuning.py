@@ -256,11 +256,13 @@ def event_number(after: str | None) -> int | None:
     return int(number)
 
 
-def job_of(state: ServerState, job_id: str, caller: Caller) -> jobs.Job:
+def job_of(state: ServerState, job_id: str, caller: Caller, kind: str = jobs.FINE_TUNE,
+           param: str = "fine_tuning_job_id") -> jobs.Job:
+    """The caller's job of `kind` (any for an admin); another's, or none, is a 404 naming `param`."""
     try:
-        return jobs.get(store_of(state), job_id, jobs.FINE_TUNE, caller.name, caller.admin)
+        return jobs.get(store_of(state), job_id, kind, caller.name, caller.admin)
     except jobs.UnknownJob as exc:
-        raise ApiError(404, str(exc), param="fine_tuning_job_id", code="job_not_found") from None
+        raise ApiError(404, str(exc), param=param, code="job_not_found") from None
 
 
 def event_object(event: jobs.Event) -> JobEvent:
