@@ -421,3 +421,130 @@ def test_the_versions_list_has_each_versions_gate_and_what_it_learned_from(serve
     assert row["loss_plot"] is False and row["active"] is False
     for name in ("ft-from-feedback-1", "..", "%2E%2E%2Fforja.db", "smollm2-135m"):
         assert client.get(f"/console/api/versions/{name}/loss.png").status_code == 404
+
+
+def make_version(settings, name: str, source, **meta) -> str:
+    """A full-weights version copied from a model directory (what `forja train --method full` leaves)."""
+    import shutil
+
+    target = settings.versions_dir / name
+    shutil.copytree(source, target)
+    (target / "version.json").write_text(json.dumps({"name": name, "method": "full", "base": str(source), **meta}))
+    return name
+
+
+def finished_task(client: httpx.Client, task_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = client.get(f"/console/api/tasks/{task_id}").json()
+        if task["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return task
+        time.sleep(0.3)
+
+
+TESTSET = "question,answer\nhola,buenas\n¿horario?,de 9 a 18\n"
+
+
+def test_comparing_versions_and_exporting_one_are_jobs_whose_bad_input_is_refused_first(server, varied_model_dir):
+    settings = server.app.state.forja.settings
+    plain = make_version(settings, "cmp-plain", server.model)
+    varied = make_version(settings, "cmp-varied", varied_model_dir)
+    client, csrf = sign_in(server)
+    headers = {"X-CSRF-Token": csrf}
+    upload = client.post("/v1/files", headers=headers, data={"purpose": "evals"},
+                         files={"file": ("preguntas.csv", TESTSET.encode())})
+    assert upload.status_code == 200, upload.text
+    testset = upload.json()["id"]
+    bad = client.post("/v1/files", headers=headers, data={"purpose": "evals"},
+                      files={"file": ("mal.csv", b"pregunta,respuesta\nhola,buenas\n")})
+    assert bad.status_code == 400 and "mal.csv" in bad.json()["error"]["message"]
+    fine_tune = client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
+                            files={"file": ("faq.jsonl", jsonl(PAIRS))}).json()["id"]
+
+    def compare(**body):
+        return client.post("/console/api/compare", headers=headers,
+                           json={"models": [plain, varied], "testset_file_id": testset, **body})
+
+    refused = {
+        "unknown model": compare(models=[plain, "no-such-version"]),
+        "same model twice": compare(models=[plain, plain]),
+        "one model": compare(models=[plain]),
+        "unknown file": compare(testset_file_id="file-nope"),
+        "wrong purpose": compare(testset_file_id=fine_tune),
+        "unknown field": compare(temperature=1.0),
+    }
+    schema = ("one model", "unknown field")  # refused by the request's schema, as every route does
+    assert {why: r.status_code for why, r in refused.items()} == {why: 422 if why in schema else 400
+                                                                  for why in refused}, \
+        {why: r.text for why, r in refused.items()}
+    assert "no-such-version" in refused["unknown model"].json()["error"]["message"]
+    assert "purpose evals" in refused["wrong purpose"].json()["error"]["message"]
+
+    started = compare(max_tokens=8)
+    assert started.status_code == 201, started.text
+    task = finished_task(client, started.json()["id"])
+    assert task["status"] == "succeeded", task
+    assert task["summary"]["models"] == [plain, varied] and task["summary"]["cases"] == 2
+    answered = {(r["model"], r["question"]): r for r in task["rows"]}
+    assert set(answered) == {(m, q) for m in (plain, varied) for q in ("hola", "¿horario?")}
+    assert all(isinstance(r["token_f1"], float) for r in task["rows"])
+    report = client.get(f"/v1/files/{task['report_file_id']}/content")
+    assert report.status_code == 200 and b"cmp-varied" in report.content
+
+    # export: admins only, of versions only; its files download through the files API
+    ana, ana_csrf = sign_in(server, ANA)
+    assert ana.post(f"/console/api/versions/{plain}/export", headers={"X-CSRF-Token": ana_csrf},
+                    json={}).status_code == 403
+    assert client.post("/console/api/versions/no-such/export", headers=headers, json={}).status_code == 404
+    assert client.post(f"/console/api/versions/{plain}/export", headers=headers,
+                       json={"format": "safetensors"}).status_code == 422
+    assert ana.get(f"/console/api/tasks/{task['id']}").status_code == 404  # someone else's
+    started = client.post(f"/console/api/versions/{plain}/export", headers=headers, json={"format": "ollama",
+                                                                                           "quant": "f16"})
+    assert started.status_code == 201, started.text
+    task = finished_task(client, started.json()["id"])
+    assert task["status"] == "succeeded", task
+    names = sorted(f["filename"] for f in task["files"])
+    assert names == ["Modelfile", f"{plain}-f16.gguf"]
+    gguf = next(f for f in task["files"] if f["filename"].endswith(".gguf"))
+    download = client.get(f"/v1/files/{gguf['id']}/content")
+    assert download.status_code == 200 and download.content[:4] == b"GGUF" and len(download.content) == gguf["bytes"]
+
+
+def test_the_versions_page_compares_two_versions_side_by_side_and_exports_one_in_chromium(server, browser,
+                                                                                           varied_model_dir):
+    settings = server.app.state.forja.settings
+    plain = make_version(settings, "page-plain", server.model)
+    varied = make_version(settings, "page-varied", varied_model_dir)
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.goto(server.url + "/console/login?next=/console/versions")
+    page.fill("#name", ROOT[0])
+    page.fill("#password", ROOT[1])
+    page.click("#sign-in")
+    page.wait_for_url("**/console/versions")
+    page.wait_for_selector("body[data-loaded]")
+    page.select_option("#compare-a", plain)
+    page.select_option("#compare-b", varied)
+    page.set_input_files("#compare-file", files=[{"name": f"{XSS}.csv", "mimeType": "text/csv",
+                                                  "buffer": TESTSET.encode()}])
+    page.click("#compare-send")
+    page.wait_for_selector("table.compare", timeout=240_000)
+    header = page.locator("table.compare thead th").all_inner_texts()
+    assert header == ["Question", "Expected", plain, varied]
+    rows = page.locator("table.compare tbody tr:not(.means)")
+    assert rows.count() == 2 and rows.first.locator("td").first.inner_text() == "hola"
+    assert "token_f1" in page.locator(f'table.compare td.answer[data-model="{varied}"]').first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "console-compare.png"), full_page=True)
+
+    card = page.locator(f'[data-version="{plain}"]')
+    card.locator('button.export[data-format="gguf"]').click()
+    card.locator(".downloads a").wait_for(timeout=240_000)
+    link = card.locator(".downloads a")
+    assert link.inner_text() == f"{plain}-q8_0.gguf"
+    with page.expect_download() as download:
+        link.click()
+    assert open(download.value.path(), "rb").read(4) == b"GGUF"
+    assert page.locator('img[src="x"]').count() == 0
+    assert problems == [], problems

@@ -19,8 +19,8 @@ from forja import data
 from forja.config import ForjaError, Settings
 from forja.store import Store, files
 
-PURPOSES = ("fine-tune", "batch", "assistants")  # what a client may upload
-OUTPUT_PURPOSE = "batch_output"  # what forja writes: a batch's answers and errors
+PURPOSES = ("fine-tune", "batch", "assistants", "evals")  # what a client may upload
+OUTPUT_PURPOSE = "batch_output"  # what forja writes: a batch's answers and errors, a job's report or export
 ID_PREFIX = "file-"
 MAX_FILENAME_CHARS = 200
 INCOMING = ".incoming"  # uploads still arriving or being checked; a folder `forja data` never lists
@@ -102,6 +102,13 @@ def check(path: Path, purpose: str, filename: str) -> None:
         if path.suffix.lower() not in SUFFIXES:
             raise FileError(f"{filename}: unknown file type {path.suffix or '(no extension)'}; "
                             f"forja knowledge reads {' '.join(SUFFIXES)}")
+    elif purpose == "evals":  # a test set for the console's comparisons, read as `forja eval` reads it
+        from forja.evaluate import EvalError, load_testset
+
+        try:
+            load_testset(path)
+        except EvalError as exc:
+            raise FileError(named(str(exc))) from None
     elif purpose == "batch":
         if path.suffix.lower() != ".jsonl":
             raise FileError(f"{filename}: a batch file is JSONL (.jsonl), one request per line")

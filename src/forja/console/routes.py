@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from forja import data, files, models
+from forja import data, files, jobs, models
 from forja.console import accounts
 from forja.console.sessions import COOKIE, csrf_matches
 from forja.feedback import GATE_FILE, last_question
@@ -388,3 +388,87 @@ async def remove_user(name: str, state: StateDep, session: AdminSessionDep) -> d
     except accounts.AccountError as exc:
         raise ApiError(404, str(exc), param="name", code="user_not_found") from None
     return {"name": name, "deleted": True}
+
+
+# ------------------------------------------------------------------ comparisons and exports (jobs the worker runs)
+
+MAX_COMPARED = 4  # versions answering one test set side by side
+EXPORT_FORMATS = ("gguf", "ollama")  # what the versions page downloads; `forja export` writes the others
+
+
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(..., min_length=2, max_length=MAX_COMPARED, description="Versions, base models or "
+                              "personas; the first is the one the others are compared with.")
+    testset_file_id: str = Field(..., description="A test set uploaded with purpose evals (question, answer).")
+    judge: str | None = Field(None, min_length=1, max_length=500, description="A model forja can load, or an "
+                              "OpenAI-compatible base URL; none: no judge scores.")
+    max_tokens: int = Field(128, ge=1, le=1024)
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["gguf", "ollama"] = "gguf"
+    quant: Literal["f32", "f16", "q8_0", "q4_k_m"] = "q8_0"
+
+
+def answerable(settings, names: list[str]) -> None:
+    """Every name is a version, a model forja has or a persona: else a 400 naming the first that is not."""
+    known = {row["name"] for row in models.list_models(settings)} | {p.name for p in settings.serve.personas}
+    known |= {settings.model}
+    for index, name in enumerate(names):
+        if name not in known:
+            raise ApiError(400, f"models[{index}]: no version, model or persona named {name!r}",
+                           param=f"models[{index}]", code="model_not_found")
+    if len(set(names)) != len(names):
+        raise ApiError(400, "models: a model is named twice", param="models", code="invalid_value")
+
+
+@router.post("/api/compare", status_code=201)
+async def compare(body: CompareRequest, state: StateDep, session: SessionDep) -> dict:
+    """Start `forja eval` of the models on the test set (a job the worker runs): answers side by side with
+    their scores, and the judge's when one is named."""
+    await asyncio.to_thread(answerable, state.settings, body.models)
+    key = session.user.api_key()
+    stored = await asyncio.to_thread(found, state, body.testset_file_id, Caller(key.name, key.admin),
+                                     "testset_file_id", 400)
+    if stored.purpose != "evals":
+        raise ApiError(400, f"testset_file_id: {stored.filename} was uploaded for {stored.purpose!r}; upload the "
+                       "test set with purpose evals", param="testset_file_id", code="invalid_value")
+    job = await asyncio.to_thread(jobs.create, store_of(state), jobs.EVAL, body.model_dump(), key.name, "queued",
+                                  [f"Comparison of {', '.join(body.models)} on {stored.filename} queued"])
+    return task_item(job)
+
+
+@router.post("/api/versions/{name}/export", status_code=201)
+async def export_version(name: str, body: ExportRequest, state: StateDep, session: AdminSessionDep) -> dict:
+    """Start `forja export` of a version (a job the worker runs); its files are then downloaded from
+    /v1/files/ID/content."""
+    if models.version_dir(state.settings, name) is None:
+        raise ApiError(404, f"no version named {name!r}", param="name", code="model_not_found")
+    key = session.user.api_key()
+    job = await asyncio.to_thread(jobs.create, store_of(state), jobs.EXPORT, {"model": name, **body.model_dump()},
+                                  key.name, "queued", [f"Export of {name} as {body.format} ({body.quant}) queued"])
+    return task_item(job)
+
+
+@router.get("/api/tasks/{job_id}")
+async def task(job_id: str, state: StateDep, session: SessionDep) -> dict:
+    """A comparison or export: its status, its last events and, once finished, what it made."""
+    key = session.user.api_key()
+    try:
+        job = await asyncio.to_thread(jobs.get, store_of(state), job_id, None, key.name, key.admin)
+    except jobs.UnknownJob as exc:
+        raise ApiError(404, str(exc), param="job_id", code="not_found") from None
+    if job.kind not in (jobs.EVAL, jobs.EXPORT):
+        raise ApiError(404, f"no comparison or export with id {job_id!r}", param="job_id", code="not_found")
+    events, _ = await asyncio.to_thread(jobs.events, store_of(state), job_id, None, 5)
+    return {**task_item(job), "events": [{"at": e.created_at, "level": e.level, "message": e.message} for e in events]}
+
+
+def task_item(job: jobs.Job) -> dict[str, Any]:
+    made = {k: job.result[k] for k in ("summary", "rows", "report_file_id", "files") if k in job.result}
+    return {"id": job.id, "kind": job.kind, "status": job.status, "request": job.request, "error": job.error,
+            "created_at": job.created_at, "finished_at": job.finished_at, **made}

@@ -24,7 +24,10 @@ from forja.config import ForjaError
 from forja.store import Store, job_events, jobs
 
 FINE_TUNE, BATCH = "fine_tune", "batch"
-PREFIX = {FINE_TUNE: "ftjob-", BATCH: "batch_"}
+# The console's jobs: `forja eval` of versions side by side, `forja export` of a version to download.
+EVAL, EXPORT = "eval", "export"
+KINDS = (FINE_TUNE, BATCH, EVAL, EXPORT)
+PREFIX = {FINE_TUNE: "ftjob-", BATCH: "batch_", EVAL: "evaljob-", EXPORT: "exportjob-"}
 # Statuses as OpenAI names them; a job in FINAL never runs again.
 FINAL = ("succeeded", "failed", "cancelled", "completed", "expired")
 STOPPING = ("cancelling",)  # a batch being stopped: its worker writes what was answered, then cancels it
@@ -89,7 +92,7 @@ def get(store: Store, job_id: str, kind: str | None = None, owner: str | None = 
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
     if row is None or (kind and row.kind != kind) or (not admin and row.api_key_name != owner):
-        what = "fine-tuning job" if kind == FINE_TUNE else "batch" if kind == BATCH else "job"
+        what = {FINE_TUNE: "fine-tuning job", BATCH: "batch", EVAL: "comparison", EXPORT: "export"}.get(kind, "job")
         raise UnknownJob(f"no {what} with id {job_id!r}")
     return _job(row)
 
@@ -165,7 +168,7 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def claim(store: Store, worker: str, kinds: tuple[str, ...] = (FINE_TUNE, BATCH)) -> Job | None:
+def claim(store: Store, worker: str, kinds: tuple[str, ...] = KINDS) -> Job | None:
     """The oldest job waiting for a worker, now this worker's; None when there is none."""
     waiting = (sa.select(jobs.c.id).where(jobs.c.worker.is_(None), jobs.c.status.not_in(FINAL),
                                           jobs.c.kind.in_(kinds))

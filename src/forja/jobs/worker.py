@@ -177,7 +177,7 @@ class Worker:
     def _run(self, job: jobs.Job) -> None:
         running = Running(job)
         try:
-            (self._fine_tune if job.kind == jobs.FINE_TUNE else self._batch)(running)
+            {jobs.FINE_TUNE: self._fine_tune, jobs.BATCH: self._batch}.get(job.kind, self._command)(running)
         except Exception as exc:  # the worker's own trouble (the database away): the job goes back to the queue
             log.exception("job %s: the worker failed; giving it back", job.id)
             if running.process is not None and running.process.poll() is None:
@@ -417,12 +417,64 @@ class Worker:
                     "Batch cancelled" if cancelled else "Batch completed", **kept)
 
 
-def keep_output(settings: Settings, store: Store, path: Path, filename: str, owner: str | None) -> str:
-    """A batch's output as a file of the files API (purpose batch_output); returns its id."""
+    # ------------------------------------------------------------------ the console's comparisons and exports
+
+    def _command(self, running: Running) -> None:
+        """An eval job is `forja eval` of two or more versions on an uploaded test set (the report's rows and
+        means become the job's result, report.html a file); an export job is `forja export` of a version,
+        whose files become files of the files API, to download."""
+        job, settings = running.job, self.settings
+        spec, directory = job.request, job_dir(settings, job.id)
+        what = "Comparison" if job.kind == jobs.EVAL else "Export"
+        if not jobs.set_status(self.store, job.id, self.id, "running", f"{what} started"):
+            jobs.finish(self.store, job.id, self.id, "cancelled", f"{what} cancelled before it started")
+            return
+        out = directory / "out"
+        shutil.rmtree(out, ignore_errors=True)  # a job taken over starts again: each is minutes at most
+        command = [sys.executable, "-m", "forja.cli"]
+        if job.kind == jobs.EVAL:
+            testset = files.path_of(settings, files.get(self.store, spec["testset_file_id"]))
+            first, *others = spec["models"]
+            command += ["eval", "--quiet", "--testset", str(testset), "--model", first, "--out", str(out),
+                        "--max-tokens", str(spec["max_tokens"])]
+            for other in others:
+                command += ["--compare", other]
+            if spec.get("judge"):
+                command += ["--judge", spec["judge"]]
+        else:
+            command += ["export", "--model", spec["model"], "--format", spec["format"], "--quant", spec["quant"],
+                        "--out", str(out)]
+        env = child_env(settings, {"FORJA_CONFIG": str(job_config(settings, job.id))})
+        log_path = directory / f"{job.kind}.log"
+        code = self._supervise(running, command, env, log_path)
+        if self._stopped(running, "before it finished"):
+            return
+        if code != 0:
+            message = _last_error(log_path)
+            jobs.finish(self.store, job.id, self.id, "failed", f"{what} failed: {message}", level="error",
+                        error={"code": f"{job.kind}_failed", "message": message, "param": None})
+            return
+        if job.kind == jobs.EVAL:
+            rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines() if line]
+            result = {"summary": json.loads((out / "summary.json").read_text(encoding="utf-8")), "rows": rows,
+                      "report_file_id": keep_output(settings, self.store, out / "report.html",
+                                                    f"{job.id}_report.html", job.api_key_name, move=True)}
+        else:
+            kept = [{"filename": path.name, "bytes": path.stat().st_size,
+                     "id": keep_output(settings, self.store, path, path.name, job.api_key_name, move=True)}
+                    for path in sorted(out.iterdir()) if path.is_file()]
+            result = {"files": kept}
+        jobs.finish(self.store, job.id, self.id, "succeeded", f"{what} finished", **result)
+
+
+def keep_output(settings: Settings, store: Store, path: Path, filename: str, owner: str | None,
+                move: bool = False) -> str:
+    """A job's output as a file of the files API (purpose batch_output); returns its id. `move` for a file
+    nothing reads again (an export's GGUF is not copied)."""
     file_id = files.new_file_id()
     incoming = files.incoming_dir(settings, file_id)
     incoming.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, incoming / files.safe_filename(filename))
+    (shutil.move if move else shutil.copyfile)(path, incoming / files.safe_filename(filename))
     return files.keep(settings, store, file_id, filename, files.OUTPUT_PURPOSE, owner).id
 
 

@@ -1,4 +1,4 @@
-"""`/v1/files` as OpenAI has it: upload (multipart, purpose fine-tune | batch | assistants), list, retrieve,
+"""`/v1/files` as OpenAI has it: upload (multipart, purpose fine-tune | batch | assistants | evals), list, retrieve,
 content, delete. An upload is written to disk as it arrives (at most files.max_bytes), checked with forja's
 readers for its purpose (a fine-tune file as `forja data inspect` reads it) and kept under FORJA_HOME/files.
 With API keys configured, every route needs a key with the `train` scope; a client sees its own files (an
