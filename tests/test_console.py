@@ -346,7 +346,7 @@ def test_an_admin_uploads_trains_promotes_and_reviews_in_chromium(server, browse
     # at phone width nothing runs off the side
     phone = browser.new_page(viewport={"width": 390, "height": 844})
     phone.context.add_cookies(page.context.cookies())
-    for name in ("data", "training", "versions", "feedback", "keys"):
+    for name in ("data", "training", "versions", "feedback", "knowledge", "keys"):
         phone.goto(f"{server.url}/console/{name}")
         phone.wait_for_selector("body[data-loaded]")
         assert phone.evaluate("document.documentElement.scrollWidth") <= 392, name
@@ -548,3 +548,110 @@ def test_the_versions_page_compares_two_versions_side_by_side_and_exports_one_in
     assert open(download.value.path(), "rb").read(4) == b"GGUF"
     assert page.locator('img[src="x"]').count() == 0
     assert problems == [], problems
+
+
+MANUAL = ("# Envíos\n\nEl envío a la península cuesta 4,90 € y tarda dos días laborables.\n\n"
+          "# Devoluciones\n\nTienes 30 días para devolver un pedido sin dar explicaciones.\n")
+
+
+def test_the_knowledge_page_creates_a_collection_indexes_a_document_searches_it_and_indexes_again_in_chromium(
+        server, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("dialog", lambda dialog: dialog.accept())
+    ana, ana_csrf = sign_in(server, ANA)
+    assert ana.get("/console/api/knowledge").status_code == 403  # admins only, like /v1/vector_stores
+    assert ana.get("/console/knowledge").status_code == 200 and 'href="/console/knowledge"' not in \
+        ana.get("/console/data").text
+    page.goto(server.url + "/console/login?next=/console/knowledge")
+    page.fill("#name", ROOT[0])
+    page.fill("#password", ROOT[1])
+    page.click("#sign-in")
+    page.wait_for_url("**/console/knowledge")
+    page.wait_for_selector("body[data-loaded]")
+    page.fill("#create-name", "tienda")
+    page.click("#create-send")
+    page.wait_for_selector('#collections [data-collection="tienda"]')
+    assert page.locator("#collection-name").inner_text() == "tienda"
+    page.set_input_files("#add-file", files=[{"name": f"{XSS}.md", "mimeType": "text/markdown",
+                                              "buffer": MANUAL.encode()}])
+    page.click("#add-send")
+    wait_until(page, "[...document.querySelectorAll('#files tbody tr')].some((tr) => tr.textContent.includes('completed'))",
+               120_000)
+    assert page.locator("#files .filename").first.inner_text() == f"{XSS}.md"
+    wait_until(page, "document.querySelector('#collections [data-collection=\"tienda\"] td:nth-child(3)')"
+                     ".textContent !== '0'")
+    page.fill("#search-query", "¿Cuánto cuesta el envío?")
+    page.click("#search-send")
+    page.wait_for_selector("#hits .hit")
+    assert "4,90 €" in page.locator("#hits .hit").first.inner_text()
+    assert f"{XSS}.md" in page.locator("#hits .hit .label").first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "console-knowledge.png"), full_page=True)
+    page.click("#reindex")
+    page.wait_for_selector("#reindexed li")
+    assert page.locator("#reindexed li").first.inner_text().startswith(f"{XSS}.md: unchanged")
+    page.locator("#files button.detach").first.click()
+    wait_until(page, "document.querySelector('#files tbody').textContent.includes('No documents yet.')")
+    page.click("#delete-collection")
+    page.wait_for_selector('#collections [data-collection="tienda"]', state="detached")
+    assert page.locator('img[src="x"]').count() == 0
+    assert problems == [], problems
+
+
+def test_the_chat_page_of_a_locked_server_offers_a_sign_in_and_then_answers_with_the_session_in_chromium(
+        server, browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 800}, locale="en-US")
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.goto(server.url + "/")
+    page.fill("#prompt", "hola")
+    page.click("#send")
+    wait_until(page, "document.getElementById('key-box').open")
+    wait_until(page, "document.body.innerText.includes('enter it below, or sign in')")
+    link = page.locator("#sign-in")
+    assert link.inner_text() == "Do you run this assistant? Sign in"
+    link.click()
+    page.wait_for_url("**/console/login**")
+    page.fill("#name", ROOT[0])
+    page.fill("#password", ROOT[1])
+    page.click("#sign-in")
+    page.wait_for_url(server.url + "/")
+    wait_until(page, "document.getElementById('sign-in').textContent === 'Signed in as root · console'")
+    assert page.locator("#sign-in").get_attribute("href") == "/console"
+    before = page.locator("#messages .message.assistant").count()
+    page.fill("#prompt", "hola")
+    page.click("#send")
+    wait_until(page, f"document.querySelectorAll('#messages .message.assistant').length > {before} && "
+                     "!document.getElementById('send').disabled", 60_000)
+    answer = page.locator("#messages .message.assistant").last.inner_text()
+    assert answer and "API key" not in answer and "401" not in answer
+    assert problems == [], problems
+
+
+def test_a_locked_out_user_is_unlocked_and_a_forgotten_password_is_set_from_the_cli(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["users", "add", "pilar", "--password-stdin"], input="pilar-password-1\n").exit_code == 0
+    store = Store.open(load_settings())
+    try:
+        for _ in range(accounts.MAX_FAILURES):
+            assert accounts.login(store, "pilar", "guess") is None
+        with pytest.raises(accounts.LockedOut):
+            accounts.login(store, "pilar", "pilar-password-1")
+        unlocked = runner.invoke(cli, ["users", "unlock", "pilar"])
+        assert unlocked.exit_code == 0 and unlocked.output.strip() == "unlocked pilar"
+        assert accounts.login(store, "pilar", "pilar-password-1").name == "pilar"
+        token, _ = accounts.open_session(store, accounts.list_users(store)[0])
+        assert runner.invoke(cli, ["users", "password", "pilar", "--password-stdin"],
+                             input="short\n").exit_code == 1
+        changed = runner.invoke(cli, ["users", "password", "pilar", "--password-stdin"], input="pilar-new-pass-2\n")
+        assert changed.exit_code == 0, changed.output
+        assert accounts.session_of(store, token) is None  # the old sessions end
+        assert accounts.login(store, "pilar", "pilar-password-1") is None
+        assert accounts.login(store, "pilar", "pilar-new-pass-2").name == "pilar"
+        for verb in ("unlock", "password"):
+            missing = runner.invoke(cli, ["users", verb, "nadie", "--password-stdin"][:3 if verb == "unlock" else 4],
+                                    input="whatever-pass-1\n")
+            assert missing.exit_code == 1 and "no user named 'nadie'" in missing.output, missing.output
+    finally:
+        store.close()

@@ -963,6 +963,34 @@ def users_remove(name: Annotated[str, typer.Argument(help="The user to remove.")
     typer.echo(f"removed {name}")
 
 
+@users_app.command("unlock")
+def users_unlock(name: Annotated[str, typer.Argument(help="The user locked out by wrong passwords.")],
+                 config: ConfigOpt = None) -> None:
+    """Let a user locked out by repeated wrong passwords sign in again at once."""
+    from forja.console.accounts import unlock
+
+    was = _read_store(config, lambda store: unlock(store, name))
+    typer.echo(f"unlocked {name}" if was else f"{name} was not locked out; the wrong passwords counted are forgotten")
+
+
+@users_app.command("password")
+def users_password(
+    name: Annotated[str, typer.Argument(help="The user whose password is set.")],
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Set a user's password (asked twice); their sessions end and a lockout is lifted."""
+    from forja.console.accounts import check_password_rules, set_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    check_password_rules(password)
+    _read_store(config, lambda store: set_password(store, name, password))
+    typer.echo(f"new password set for {name}; their sessions have ended")
+
+
 guard_app = _typer("Run the guardrails from the command line: one text, or a labelled file.")
 app.add_typer(guard_app, name="guard")
 PersonaOpt = Annotated[Optional[str], typer.Option("--persona", "-p", help="Use this persona's guard settings.")]

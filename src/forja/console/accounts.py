@@ -136,11 +136,37 @@ def list_users(store: Store) -> list[User]:
 def remove_user(store: Store, name: str) -> None:
     """Delete the user and end their sessions."""
     with store.engine.begin() as conn:
-        row = conn.execute(sa.select(console_users.c.id).where(console_users.c.name == name)).first()
-        if row is None:
-            raise AccountError(f"no user named {name!r} (forja users list)")
-        conn.execute(console_sessions.delete().where(console_sessions.c.user_id == row.id))
-        conn.execute(console_users.delete().where(console_users.c.id == row.id))
+        user_id = _user_id(conn, name)
+        conn.execute(console_sessions.delete().where(console_sessions.c.user_id == user_id))
+        conn.execute(console_users.delete().where(console_users.c.id == user_id))
+
+
+def _user_id(conn: sa.Connection, name: str) -> int:
+    row = conn.execute(sa.select(console_users.c.id).where(console_users.c.name == name)).first()
+    if row is None:
+        raise AccountError(f"no user named {name!r} (forja users list)")
+    return row.id
+
+
+def unlock(store: Store, name: str) -> bool:
+    """Lift a lockout (and forget the wrong passwords counted); True when the user was locked out."""
+    with store.engine.begin() as conn:
+        user_id = _user_id(conn, name)
+        locked = conn.execute(sa.select(console_users.c.locked_until).where(console_users.c.id == user_id)).scalar()
+        conn.execute(console_users.update().where(console_users.c.id == user_id)
+                     .values(locked_until=None, failed_logins=0, failing_since=None))
+    return bool(locked and locked > time.time())
+
+
+def set_password(store: Store, name: str, password: str) -> None:
+    """A new password (a forgotten one, or one others may know): the user's sessions end, a lockout is lifted."""
+    check_password_rules(password)
+    hashed = hash_password(password)
+    with store.engine.begin() as conn:
+        user_id = _user_id(conn, name)
+        conn.execute(console_users.update().where(console_users.c.id == user_id).values(
+            password_hash=hashed, locked_until=None, failed_logins=0, failing_since=None))
+        conn.execute(console_sessions.delete().where(console_sessions.c.user_id == user_id))
 
 
 # ------------------------------------------------------------------ logins and sessions

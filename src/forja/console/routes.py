@@ -33,8 +33,8 @@ from forja.store import StoreError
 WEB_DIR = Path(__file__).parent / "web"
 LOGIN_CSRF_COOKIE = "forja_login_csrf"  # the login form's double-submit token (there is no session yet)
 PAGES = {"data": "Data", "training": "Training", "versions": "Versions", "feedback": "Feedback review",
-         "keys": "Keys and usage"}
-ADMIN_PAGES = ("feedback", "keys")  # left out of a non-admin's navigation: every call on them needs an admin
+         "knowledge": "Knowledge", "keys": "Keys and usage"}
+ADMIN_PAGES = ("feedback", "knowledge", "keys")  # left out of a non-admin's navigation: every call on them needs an admin
 STATIC = re.compile(r"^[a-z]+\.(js|css)$")
 MAX_FEEDBACK_PAGE = 500
 PREVIEW_ROWS = 5  # training rows shown under a file's report
@@ -85,7 +85,10 @@ def secure(request: Request) -> bool:
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after login: a console page of this server, never another site (//evil.example)."""
+    """Where to go after login: a console page of this server or its chat page, never another site
+    (//evil.example)."""
+    if target == "/":
+        return target
     if target and target.startswith("/console") and not target.startswith("//") and "\\" not in target:
         return target
     return "/console"
@@ -192,6 +195,11 @@ async def versions_page(request: Request) -> Response:
 @router.get("/feedback")
 async def feedback_page(request: Request) -> Response:
     return page(request, "feedback")
+
+
+@router.get("/knowledge")
+async def knowledge_page(request: Request) -> Response:
+    return page(request, "knowledge")
 
 
 @router.get("/keys")
@@ -472,3 +480,58 @@ def task_item(job: jobs.Job) -> dict[str, Any]:
     made = {k: job.result[k] for k in ("summary", "rows", "report_file_id", "files") if k in job.result}
     return {"id": job.id, "kind": job.kind, "status": job.status, "request": job.request, "error": job.error,
             "created_at": job.created_at, "finished_at": job.finished_at, **made}
+
+
+# ------------------------------------------------------------------ knowledge
+
+@router.get("/api/knowledge")
+async def knowledge_collections(state: StateDep, _: AdminSessionDep) -> dict:
+    """Every knowledge collection with its files (indexed, being indexed, failed), chunks and tokens; the page
+    changes them through /v1/vector_stores and /v1/files."""
+    return {"object": "list", "data": await asyncio.to_thread(collection_list, state.settings, store_of(state))}
+
+
+def collection_list(settings, store) -> list[dict[str, Any]]:
+    from forja.knowledge import index, vector_stores
+
+    sizes = {c.name: c for c in index.collections(settings)}
+    rows = []
+    for found in vector_stores.stores(settings, store):
+        collection = sizes.get(found.name)
+        rows.append({"id": found.id, "name": found.name, "created_at": found.created_at,
+                     "indexed_at": collection.indexed_at if collection else None,
+                     "chunks": collection.chunks if collection else 0, "tokens": collection.tokens if collection else 0,
+                     "files": [{"id": f.id, "filename": f.filename, "status": f.status, "bytes": f.bytes,
+                                "error": (f.last_error or {}).get("message")} for f in found.files]})
+    return rows
+
+
+@router.post("/api/knowledge/{name}/reindex")
+async def reindex(name: str, state: StateDep, _: AdminSessionDep) -> dict:
+    """Index the collection's files again: a file changed on disk (or indexed with other chunk settings) is
+    replaced, an unchanged one is kept; a file no longer on disk is named, not removed."""
+    return await asyncio.to_thread(reindexed, state.settings, store_of(state), name)
+
+
+def reindexed(settings, store, name: str) -> dict[str, Any]:
+    from forja.knowledge import index, vector_stores
+
+    try:
+        collection = index.show(settings, name)
+    except index.UnknownCollection:
+        raise ApiError(404, f"no knowledge collection named {name!r}", param="name", code="not_found") from None
+    names = {f.id: f.filename for f in vector_stores.get(settings, store, vector_stores.ID_PREFIX + name).files}
+    present = [Path(f.path) for f in collection.files if Path(f.path).is_file()]
+    missing = [Path(f.path) for f in collection.files if not Path(f.path).is_file()]
+
+    def filename(path: Path) -> str:  # an upload by the name it was sent with, never where it lies
+        return names.get(vector_stores.file_id(settings, str(path)), path.name)
+
+    try:
+        results = index.add(settings, name, present) if present else []
+    except index.KnowledgeError as exc:
+        raise ApiError(400, str(exc), param="name", code="invalid_value") from None
+    return {"name": name, "files": [{"filename": filename(Path(r.path)), "status": r.status, "chunks": r.chunks,
+                                     "note": r.note} for r in results]
+            + [{"filename": filename(p), "status": "missing", "chunks": 0,
+                "note": "the file is no longer where it was indexed from"} for p in missing]}

@@ -54,10 +54,25 @@ function showTexts() {
   }
 }
 
+// A console user signed in on this server (GET /console/api/me): without a key typed, the page asks with
+// their session, which acts only with its CSRF token.
+let session = null;
+
+async function loadSession() {
+  try {
+    const response = await fetch("/console/api/me", { credentials: "same-origin" });
+    session = response.ok ? await response.json() : null;
+  } catch (_) { session = null; }
+  const link = $("sign-in");
+  link.textContent = session ? t("signed_in_as", { name: session.name }) : t("sign_in");
+  link.href = session ? "/console" : "/console/login?next=/";
+}
+
 function headers() {
   const h = { "Content-Type": "application/json" };
   const key = $("api-key").value.trim() || localStorage.getItem("forja-api-key") || "";
   if (key) h.Authorization = "Bearer " + key;
+  else if (session) h["X-CSRF-Token"] = session.csrf;
   return h;
 }
 
@@ -350,4 +365,4 @@ $("api-key").addEventListener("change", () => {
 });
 showTexts();
 reset();
-loadPersonas();
+loadSession().finally(loadPersonas);
