@@ -106,3 +106,29 @@ def test_a_conversation_is_its_keys_and_bad_requests_are_named(served):
     assert httpx.get(f"{served.url}/v1/conversations/{conversation}", headers=ana).status_code == 404
     refused = httpx.post(f"{served.url}/v1/conversations", json={"metadata": {"a": "b"}}, headers=ana)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "metadata"
+
+
+def test_a_conversation_is_renamed_and_given_the_turns_the_client_now_has(served):
+    ana, bob = {"Authorization": f"Bearer {ANA}"}, {"Authorization": f"Bearer {BOB}"}
+    conversation = new_conversation(served)
+    say(served, conversation, "¿Abrís el sábado?")
+    url = f"{served.url}/v1/conversations/{conversation}"
+    renamed = httpx.post(url, json={"title": "Horario"}, headers=ana)
+    assert renamed.status_code == 200 and renamed.json()["forja"]["title"] == "Horario"
+    corrected = [{"role": "user", "content": "¿Abrís el sábado?"},
+                 {"role": "assistant", "content": "Sí, de 9 a 14."}]  # an answer corrected in the page
+    replaced = httpx.post(url, json={"messages": corrected}, headers=ana).json()
+    assert replaced["forja"]["messages"] == corrected and replaced["forja"]["title"] == "Horario"
+    say(served, conversation, "¿Y el domingo?")
+    stored = httpx.get(url, headers=ana).json()["forja"]["messages"]
+    assert stored[:2] == corrected and stored[2]["content"] == "¿Y el domingo?" and len(stored) == 4
+    refused = {
+        "someone else's": httpx.post(url, json={"title": "x"}, headers=bob),
+        "nothing to change": httpx.post(url, json={}, headers=ana),
+        "metadata": httpx.post(url, json={"metadata": {"a": "b"}}, headers=ana),
+        "empty title": httpx.post(url, json={"title": ""}, headers=ana),
+        "bad turn": httpx.post(url, json={"messages": [{"role": "robot", "content": "x"}]}, headers=ana),
+    }
+    assert {why: r.status_code for why, r in refused.items()} == {
+        "someone else's": 404, "nothing to change": 400, "metadata": 400, "empty title": 422, "bad turn": 422}
+    assert httpx.get(url, headers=ana).json()["forja"]["title"] == "Horario"  # nothing refused changed it

@@ -166,3 +166,68 @@ def test_page_asks_for_the_api_key_when_needed(tiny_model_dir, tmp_path_factory,
         page.close()
     finally:
         server.stop()
+
+
+def test_past_conversations_are_kept_on_the_server_continued_renamed_and_deleted(server, browser):
+    page = browser.new_page(viewport={"width": 1000, "height": 800}, locale="en-US")
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: dialog.accept("Horario del sábado"))
+    page.goto(server.url + "/")
+    page.fill("#prompt", "¿Abrís el sábado?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".feedback button", timeout=30_000)
+    page.wait_for_function("JSON.parse(localStorage.getItem('forja-conversations') || '[]').length === 1")
+    conversation = page.evaluate("JSON.parse(localStorage.getItem('forja-conversations'))[0]")
+    first = page.locator(".message.assistant").first.inner_text()
+    page.click(".feedback button[title='Improve this answer']")  # a correction is kept in the conversation too
+    page.fill(".improve textarea", "Sí, de 9 a 14.")
+    page.click(".improve button[type=submit]")
+    page.wait_for_function("document.querySelector('.feedback-note').textContent.startsWith('Correction saved')")
+
+    def kept() -> dict:
+        return httpx.get(f"{server.url}/v1/conversations/{conversation}").json()["forja"]
+
+    deadline = time.monotonic() + 10
+    while kept()["messages"][-1]["content"] != "Sí, de 9 a 14." and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kept()["messages"] == [{"role": "user", "content": "¿Abrís el sábado?"},
+                                  {"role": "assistant", "content": "Sí, de 9 a 14."}]
+    assert kept()["title"] == "¿Abrís el sábado?" and first
+
+    # a new chat, then the first one again from the list: its turns are shown and go along with the next question
+    page.click("#reset")
+    page.click("#past-summary")
+    page.wait_for_selector(f'#past [data-conversation="{conversation}"]')
+    assert page.locator("#past li").count() == 1
+    assert page.locator(f'#past [data-conversation="{conversation}"] .turns').inner_text() == "2 messages"
+    page.click(f'#past [data-conversation="{conversation}"] .open')
+    assert page.locator(".message.user").all_inner_texts() == ["¿Abrís el sábado?"]
+    assert page.locator(".message.assistant").all_inner_texts() == ["Sí, de 9 a 14."]
+    page.fill("#prompt", "¿Y el domingo?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".feedback button", timeout=30_000)
+    deadline = time.monotonic() + 10
+    while kept()["turns"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [m["content"] for m in kept()["messages"][:3]] == ["¿Abrís el sábado?", "Sí, de 9 a 14.", "¿Y el domingo?"]
+    assert page.evaluate("JSON.parse(localStorage.getItem('forja-conversations'))") == [conversation]
+
+    page.click(f'#past [data-conversation="{conversation}"] .rename')
+    page.wait_for_function(f"""document.querySelector('#past [data-conversation="{conversation}"] .open')
+        .textContent === 'Horario del sábado'""")
+    assert kept()["title"] == "Horario del sábado"
+    page.screenshot(path=str(ARTIFACTS / "web-past-conversations.png"), full_page=True)
+    page.click(f'#past [data-conversation="{conversation}"] .delete')
+    page.wait_for_function("document.getElementById('past').textContent.includes('No conversations saved')")
+    assert httpx.get(f"{server.url}/v1/conversations/{conversation}").status_code == 404
+    assert page.locator(".message.user").count() == 0  # the conversation shown was the one deleted
+
+    # another browser (another visitor of this open server) lists none of them
+    other = browser.new_page(locale="en-US")
+    other.goto(server.url + "/")
+    other.click("#past-summary")
+    other.wait_for_function("document.getElementById('past').textContent.includes('No conversations saved')")
+    assert errors == []
+    page.close()
+    other.close()

@@ -54,13 +54,21 @@ class Conversation:
         return {"id": self.id, "turns": len(self.messages), "compacted": self.compacted, **self.taken_out}
 
 
+def first_question(messages: list[dict[str, Any]]) -> str | None:
+    """A conversation's title until it is given one: the start of its first question."""
+    first = next((m["content"] for m in messages if m["role"] == "user" and isinstance(m.get("content"), str)), None)
+    return first[:80] if first else None
+
+
 def create(store: Store, owner: str | None, title: str | None = None,
            messages: list[dict[str, Any]] | None = None) -> Conversation:
     now = time.time()
-    conversation = Conversation(ID_PREFIX + uuid.uuid4().hex[:24], owner, now, now, title, list(messages or []))
+    messages = list(messages or [])
+    conversation = Conversation(ID_PREFIX + uuid.uuid4().hex[:24], owner, now, now, title or first_question(messages),
+                                messages)
     with store.engine.begin() as conn:
         conn.execute(conversations.insert().values(id=conversation.id, api_key_name=owner, created_at=now,
-                                                   updated_at=now, title=title,
+                                                   updated_at=now, title=conversation.title,
                                                    messages=json.dumps(conversation.messages, ensure_ascii=False),
                                                    compacted=0))
     return conversation
@@ -86,6 +94,21 @@ def listing(store: Store, caller: Caller, limit: int) -> list[Conversation]:
                              r.summary, r.compacted) for r in conn.execute(query)]
 
 
+def update(store: Store, conversation: Conversation, title: str | None = None,
+           messages: list[dict[str, Any]] | None = None) -> Conversation:
+    """A new title, or the turns as the client now has them (an answer corrected in the page): the summary of
+    the turns taken out goes with them."""
+    if messages is not None:
+        conversation.messages, conversation.summary, conversation.compacted = list(messages), None, 0
+    conversation.title = title or conversation.title or first_question(conversation.messages)
+    conversation.updated_at = time.time()
+    with store.engine.begin() as conn:
+        conn.execute(conversations.update().where(conversations.c.id == conversation.id).values(
+            title=conversation.title, messages=json.dumps(conversation.messages, ensure_ascii=False),
+            summary=conversation.summary, compacted=conversation.compacted, updated_at=conversation.updated_at))
+    return conversation
+
+
 def delete(store: Store, conversation: Conversation) -> None:
     with store.engine.begin() as conn:
         conn.execute(conversations.delete().where(conversations.c.id == conversation.id))
@@ -96,10 +119,7 @@ def save(store: Store, conversation: Conversation, new: list[dict[str, Any]], an
     kept = [m for m in new if m["role"] != "system" or not any(s["role"] == "system" for s in conversation.messages)]
     conversation.messages += kept + ([{"role": "assistant", "content": answer}] if answer is not None else [])
     conversation.updated_at = time.time()
-    if conversation.title is None:
-        first = next((m["content"] for m in conversation.messages if m["role"] == "user"
-                      and isinstance(m.get("content"), str)), None)
-        conversation.title = first[:80] if first else None
+    conversation.title = conversation.title or first_question(conversation.messages)
     with store.engine.begin() as conn:
         conn.execute(conversations.update().where(conversations.c.id == conversation.id).values(
             messages=json.dumps(conversation.messages, ensure_ascii=False), summary=conversation.summary,

@@ -1,6 +1,7 @@
 """`/v1/conversations`: conversations kept on the server for chat requests that name a `conversation_id`
 (an extension of /v1/chat/completions; the shape follows OpenAI's conversations object). Made, read, listed
-(an extension) and deleted by the key that owns them (an admin key sees all)."""
+(an extension), renamed or given new turns (`POST /v1/conversations/ID` with `title` and `messages`, an
+extension) and deleted by the key that owns them (an admin key sees all)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,38 @@ class ConversationCreate(_Body):
 
 @router.post("/conversations", responses=error_responses(400, 401, 403, 409, 413, 422))
 async def create_conversation(body: ConversationCreate, state: StateDep, caller: ChatCallerDep) -> dict:
-    if body.metadata:
-        raise ApiError(400, "metadata: forja keeps a conversation's title and turns, not metadata; leave it out",
-                       param="metadata", code="unsupported_parameter")
+    no_metadata(body.metadata)
     made = await asyncio.to_thread(conversations.create, _store(state), caller.name, body.title,
                                    [m.as_dict() for m in body.messages])
     return conversation_object(made)
+
+
+class ConversationUpdate(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(None, min_length=1, max_length=200)
+    messages: list[ChatMessage] | None = Field(None, max_length=1000, description="Every turn, as the client now "
+                                               "has it (replaces the stored ones and their summary).")
+    metadata: dict[str, str] | None = None
+
+
+def no_metadata(metadata: dict[str, str] | None) -> None:
+    if metadata:
+        raise ApiError(400, "metadata: forja keeps a conversation's title and turns, not metadata; leave it out",
+                       param="metadata", code="unsupported_parameter")
+
+
+@router.post("/conversations/{conversation_id}", responses=error_responses(400, 401, 403, 404, 409, 413, 422))
+async def update_conversation(conversation_id: str, body: ConversationUpdate, state: StateDep,
+                              caller: ChatCallerDep) -> dict:
+    no_metadata(body.metadata)
+    if body.title is None and body.messages is None:
+        raise ApiError(400, "nothing to change: send a title, messages or both", param="title",
+                       code="invalid_value")
+    store = _store(state)
+    found = await asyncio.to_thread(conversations.get, store, conversation_id, caller, "conversation_id")
+    messages = None if body.messages is None else [m.as_dict() for m in body.messages]
+    return conversation_object(await asyncio.to_thread(conversations.update, store, found, body.title, messages))
 
 
 @router.get("/conversations", responses=error_responses(401, 403, 409, 422))

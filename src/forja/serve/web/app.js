@@ -45,6 +45,7 @@ function showTexts() {
   $("send").textContent = t("send");
   $("stop").textContent = t("stop");
   $("key-summary").textContent = t("key_summary");
+  $("past-summary").textContent = t("past_summary");
   $("api-key").placeholder = t("key_placeholder");
   if (config.logo) {
     const logo = $("logo");
@@ -153,9 +154,107 @@ async function loadPersonas() {
   if (!state.history.length && !state.controller) reset(); // the selected persona's welcome
 }
 
+// ------------------------------------------------------------------ past conversations
+// Each conversation is kept on the server (/v1/conversations) after every answer, with the turns as this page
+// has them (a corrected answer included). The browser remembers which are its own (their ids), so visitors
+// of an open server, or customers sharing the shop's key, never see each other's.
+const PAST_KEY = "forja-conversations", PAST_KEPT = 50;
+
+function pastIds() {
+  try { return JSON.parse(localStorage.getItem(PAST_KEY) || "[]"); } catch (_) { return []; }
+}
+
+function rememberPast(ids) { localStorage.setItem(PAST_KEY, JSON.stringify(ids.slice(0, PAST_KEPT))); }
+
+// One save at a time: an answer and its correction right after it must not make two conversations.
+function keepConversation() {
+  state.keeping = (state.keeping || Promise.resolve()).then(keepOnce);
+  return state.keeping;
+}
+
+async function keepOnce() {
+  if (!state.history.length || state.noStore) return;
+  const path = state.conversation ? "/v1/conversations/" + encodeURIComponent(state.conversation) : "/v1/conversations";
+  try {
+    const response = await fetch(path, { method: "POST", headers: headers(),
+                                         body: JSON.stringify({ messages: state.history }) });
+    if (response.status === 409) { state.noStore = true; return; } // a server without a database keeps none
+    if (response.status === 404) { state.conversation = null; return keepOnce(); } // deleted meanwhile
+    if (!response.ok) return;
+    const kept = await response.json();
+    state.conversation = kept.id;
+    rememberPast([kept.id, ...pastIds().filter((id) => id !== kept.id)]);
+    if ($("past-box").open) showPast();
+  } catch (_) { /* kept at the next answer */ }
+}
+
+async function showPast() {
+  const list = $("past");
+  const found = [];
+  for (const id of pastIds()) {
+    try {
+      const response = await fetch("/v1/conversations/" + encodeURIComponent(id), { headers: headers() });
+      if (response.ok) found.push(await response.json());
+      else if (response.status === 404) rememberPast(pastIds().filter((x) => x !== id)); // deleted elsewhere
+    } catch (_) { /* shown next time */ }
+  }
+  list.replaceChildren();
+  if (!found.length) {
+    const empty = document.createElement("li");
+    empty.textContent = t("past_none");
+    list.append(empty);
+  }
+  for (const c of found) {
+    const item = document.createElement("li");
+    item.dataset.conversation = c.id;
+    const title = c.forja.title || t("past_untitled");
+    const open = button(title, title, () => continueConversation(c));
+    open.className = "open";
+    if (c.id === state.conversation) open.setAttribute("aria-current", "true");
+    const turns = document.createElement("span");
+    turns.className = "turns";
+    turns.textContent = t("past_turns", { turns: c.forja.turns });
+    const rename = button("✎", t("past_rename"), () => renameConversation(c));
+    rename.className = "rename";
+    const remove = button("×", t("past_delete"), () => deleteConversation(c));
+    remove.className = "delete";
+    item.append(open, turns, rename, remove);
+    list.append(item);
+  }
+}
+
+function continueConversation(c) {
+  reset();
+  state.conversation = c.id;
+  state.history = c.forja.messages.filter((m) => m.role === "user" || m.role === "assistant")
+    .map((m) => ({ role: m.role, content: m.content }));
+  for (const m of state.history) addMessage(m.role, m.content);
+  setStatus(t("past_continued", { title: c.forja.title || t("past_untitled") }));
+  showPast();
+  $("prompt").focus();
+}
+
+async function renameConversation(c) {
+  const title = (prompt(t("past_rename_prompt"), c.forja.title || "") || "").trim();
+  if (!title) return;
+  const response = await fetch("/v1/conversations/" + encodeURIComponent(c.id), { method: "POST", headers: headers(),
+                                                                                 body: JSON.stringify({ title }) });
+  if (!response.ok) setStatus(await errorText(response));
+  showPast();
+}
+
+async function deleteConversation(c) {
+  const response = await fetch("/v1/conversations/" + encodeURIComponent(c.id), { method: "DELETE", headers: headers() });
+  if (!response.ok && response.status !== 404) { setStatus(await errorText(response)); return; }
+  rememberPast(pastIds().filter((id) => id !== c.id));
+  if (state.conversation === c.id) reset();
+  showPast();
+}
+
 function reset(note) {
   if (state.controller) state.controller.abort();
   state.history = [];
+  state.conversation = null;
   $("messages").replaceChildren();
   if (note) addMessage("note", note);
   const welcome = pageText("welcome");
@@ -214,6 +313,7 @@ function feedbackBar(bubble, id, turn) {
     if (await post({ rating: "down", correction }, t("correction_saved"))) {
       box.hidden = true;
       if (state.history[turn]) state.history[turn].content = correction; // the conversation goes on from it
+      keepConversation();
     }
   });
   bar.append(up, down, improve, note);
@@ -322,7 +422,10 @@ async function ask(text) {
     const follow = atEnd();
     bubble.classList.remove("streaming");
     if (!answer && finish !== "stopped") bubble.classList.add("empty");
-    if (answer) state.history.push({ role: "assistant", content: answer });
+    if (answer) {
+      state.history.push({ role: "assistant", content: answer });
+      keepConversation();
+    }
     if (answer && responseId && finish !== "stopped") feedbackBar(bubble, responseId, state.history.length - 1);
     if (annotations.length) bubble.after(sourcesList(annotations)); // between the answer and its feedback bar
     if (["stopped", "length", "content_filter"].includes(finish)) {
@@ -366,3 +469,4 @@ $("api-key").addEventListener("change", () => {
 showTexts();
 reset();
 loadSession().finally(loadPersonas);
+$("past-box").addEventListener("toggle", () => { if ($("past-box").open) showPast(); });
