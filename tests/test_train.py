@@ -570,3 +570,61 @@ def test_a_validation_file_of_its_own_is_the_validation_set_and_a_held_run_is_re
     with hold_run(settings.runs_dir / "busy", "busy"):
         refused = runner.invoke(app, ["train", "--resume", "busy", "--quiet"])
     assert refused.exit_code == 1 and "is being trained by pid" in refused.output
+
+
+MORE_PAIRS = PAIRS + [("¿Envíos?", "Sí, a toda España."), ("¿Pan sin gluten?", "Los viernes.")]
+
+
+def losses_of(version: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (version / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_processes_give_the_losses_and_weights_of_one_with_the_same_global_batch(tiny_model_dir, tmp_path,
+                                                                                      method):
+    """Data parallel over gloo: each process takes its share of every batch (6 rows, batches of 4: 2+2 and
+    1+1, gradient accumulation over 2), the gradients are summed, so the steps are one process's."""
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl", MORE_PAIRS)
+    config = tiny_config(method=method, max_steps=3, gradient_accumulation=2, batch_size=2, precision="float32",
+                         learning_rate=3e-3 if method == "full" else 2e-2)
+    one = train(settings, new_run(settings, [data], f"one-{method}", str(tiny_model_dir), config), progress=False)
+    two = train(settings, new_run(settings, [data], f"two-{method}", str(tiny_model_dir), config), progress=False,
+                processes=2)
+    assert losses_of(two) == pytest.approx(losses_of(one), rel=1e-5) and len(losses_of(two)) == 3
+    tokens = [json.loads(line).get("tokens") for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert tokens == [json.loads(line).get("tokens") for line in (one / "metrics.jsonl").read_text().splitlines()]
+    a = load(one.name, settings, dtype="float32").model.state_dict()
+    b = load(two.name, settings, dtype="float32").model.state_dict()
+    assert a.keys() == b.keys()
+    # fp32: the sums of gradients differ only in rounding (another order of additions, other packings);
+    # under bf16 autocast the packings round differently enough that Adam's first steps move ~4% of the
+    # weights apart by up to steps × lr
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_an_interrupted_two_process_run_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "FORJA_HOME": str(home), "FORJA_TRAIN__PRECISION": "float32"}
+    data = write_pairs(tmp_path / "pairs.jsonl", MORE_PAIRS)
+    common = ["--data", str(data), "--base", str(tiny_model_dir), "--method", "full", "--batch-size", "2",
+              "--learning-rate", "0.003", "--seed", "0", "--quiet"]
+    base = [sys.executable, "-m", "forja.cli", "train"]
+    straight = subprocess.run(base + common + ["--name", "straight", "--max-steps", "12", "--processes", "2"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    process = subprocess.Popen(base + common + ["--name", "cut", "--max-steps", "12", "--processes", "2"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = home / "runs" / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # as the job worker stops a run
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "checkpoint saved, continue with: forja train --resume cut" in err, err
+    assert "Traceback" not in err
+    resumed = subprocess.run(base + ["--resume", "cut", "--processes", "2", "--quiet"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    versions = home / "models" / "versions"
+    assert losses_of(versions / "cut") == pytest.approx(losses_of(versions / "straight"), abs=1e-5)

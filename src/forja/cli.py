@@ -386,6 +386,7 @@ def train(
     from_feedback: Annotated[bool, typer.Option("--from-feedback", help="Learn from the unused feedback, starting from the active version (or --base); promote the result only if it does not regress.")] = False,
     promote: Annotated[bool, typer.Option("--promote/--no-promote", help="With --from-feedback (or --resume of such a run): promote the new version when it passes the gate.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Train with this many processes, each with the whole model and a share of every batch (data parallel: gloo on a CPU, NCCL on GPUs); the same losses as one.")] = 1,
     map_: MapOpt = None,
     guess: GuessOpt = False,
     encoding: EncodingOpt = None,
@@ -404,6 +405,9 @@ def train(
                           "--resume")
     if resume and validation:
         raise ConfigError("--resume continues a run with the data it started with; leave out --validation")
+    if from_feedback and processes > 1:
+        raise ConfigError("--processes: a retrain from feedback runs in one process (its runs are small); "
+                          "leave out --processes")
     if resume:
         run = training.open_run(settings, resume)
     else:
@@ -424,7 +428,7 @@ def train(
         held = data_sources(settings, [str(validation)], map_, guess, encoding, assistant, gap_hours, None,
                             subset)[0] if validation else None
         run = training.new_run(settings, paths, name, base or settings.model, hyper, validation=held)
-    version = training.train(settings, run, progress=not quiet)
+    version = training.train(settings, run, progress=not quiet, processes=processes)
     if resume:  # a resumed feedback run still records which feedback it learned from, and is gated
         from forja.feedback import conclude, record_version
         from forja.store import Store

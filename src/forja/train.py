@@ -546,14 +546,128 @@ def wants_checkpointing(loaded: LoadedModel, config: TrainSettings, longest: int
     return tokens * c.num_hidden_layers * per_token_layer > AUTO_CHECKPOINTING_BYTES
 
 
-def train(settings: Settings, run: Run, progress: bool = True) -> Path:
+def train(settings: Settings, run: Run, progress: bool = True, processes: int = 1) -> Path:
     """Train (or continue) the run to its end and publish it as a model version; returns the version dir.
-    The run is held by this process meanwhile (a second `forja train --resume` of it is refused)."""
+    The run is held by this process meanwhile (a second `forja train --resume` of it is refused). With
+    `processes` > 1 the steps are shared by that many processes (data parallel, below)."""
     with hold_run(run.directory, run.name):
+        if processes > 1:
+            return _train_in_processes(settings, run, progress, processes)
         return _train(settings, run, progress)
 
 
-def _train(settings: Settings, run: Run, progress: bool) -> Path:
+# ---------------------------------------------------------------------------------------------
+# Several processes: data parallelism. Every process holds the whole model and takes its share of the
+# examples of each batch (`Ranks.share`); after the backward passes of a step their gradients (and the
+# loss and token counts) are summed across processes (`Ranks.sum`), so every process takes the same
+# optimizer step and the losses equal one process's with the same global batch. Rank 0 logs, checkpoints
+# and publishes. The gradients go in one flat all-reduce per step (gloo on a CPU, NCCL on GPUs): what
+# DistributedDataParallel does, without its per-micro-batch hooks that gradient accumulation would have
+# to switch off with no_sync.
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: list[int]) -> list[int]:
+        return batch[self.rank :: self.world]
+
+    def sum(self, params: list[torch.Tensor], *numbers: float) -> list[float]:
+        """Sum the trainable parameters' gradients and `numbers` over the processes (in place for the
+        gradients); the summed numbers."""
+        if self.world == 1:
+            return list(numbers)
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        counts = torch.tensor(numbers, dtype=torch.float64)
+        dist.all_reduce(counts)
+        return counts.tolist()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_in_processes(settings: Settings, run: Run, progress: bool, processes: int) -> Path:
+    """`forja train --processes N`: N processes (torch.multiprocessing, so Windows too) train the run
+    together; a Ctrl-C reaches them all and rank 0 saves the checkpoint. The one-line error of a process
+    that failed is this process's error."""
+    import signal
+
+    import torch.multiprocessing as mp
+
+    threads = settings.threads or max(1, (os.cpu_count() or processes) // processes)
+    errors = run.directory / "rank-errors"
+    shutil.rmtree(errors, ignore_errors=True)
+    errors.mkdir(parents=True)
+    context = mp.start_processes(_rank_main, args=(processes, _free_port(), settings, run, progress, threads),
+                                 nprocs=processes, join=False, start_method="spawn")
+    interrupted = False
+    while True:
+        try:
+            if context.join():
+                break
+        except KeyboardInterrupt:  # Ctrl-C, or the job worker's SIGINT: rank 0 saves the checkpoint and stops,
+            interrupted = True  # which ends the others (join stops the rest when one fails)
+            if context.processes[0].is_alive():
+                os.kill(context.processes[0].pid, signal.SIGINT)
+        except mp.ProcessExitedException:
+            break
+    said = sorted(errors.glob("rank-*.txt"))
+    message = said[0].read_text(encoding="utf-8") if said else None
+    shutil.rmtree(errors, ignore_errors=True)
+    if message or interrupted or any(p.exitcode != 0 for p in context.processes):
+        raise TrainError(message or f"a training process stopped without saying why (exit codes "
+                         f"{[p.exitcode for p in context.processes]})")
+    return settings.versions_dir / run.name
+
+
+def _rank_main(rank: int, world: int, port: int, settings: Settings, run: Run, progress: bool, threads: int) -> None:
+    import torch.distributed as dist
+
+    import signal
+
+    if hasattr(os, "setpgrp"):  # a Ctrl-C reaches the parent only, which passes it to rank 0 once
+        os.setpgrp()
+    if sys.platform == "linux":  # a parent killed with -9 takes its processes with it
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if rank:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    torch.set_num_threads(threads)
+    try:
+        _train(settings, run, progress and rank == 0, Ranks(rank, world))
+    except ForjaError as exc:
+        (run.directory / "rank-errors" / f"rank-{rank}.txt").write_text(str(exc), encoding="utf-8")
+        sys.exit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks()) -> Path:
     config = run.config
     torch.manual_seed(config.seed)
     if settings.threads:
@@ -593,7 +707,7 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs_for(goal)))
     planned = plan(loaded, config, goal, train_examples, total_steps, steps_per_epoch, check_rows)
-    if progress and run.last_checkpoint() is None:
+    if progress and ranks.main and run.last_checkpoint() is None:
         print(planned["text"])
     model = prepare_model(loaded, config, longest)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -611,8 +725,10 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
         state = {"epoch_loss": 0.0, "epoch_steps": 0, "learned_since": None, **restore(checkpoint, model, optimizer, scheduler)}
         run.history = read_rows(run.directory / METRICS_FILE)
         run.history = [r for r in run.history if r.get("step", 0) <= state["step"]]
-        (run.directory / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in run.history))
-        print(f"resuming {run.name} from step {state['step']} of {total_steps}")
+        if ranks.main:
+            (run.directory / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in run.history))
+            print(f"resuming {run.name} from step {state['step']} of {total_steps}")
+    log = run.log if ranks.main else (lambda record: None)
 
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
     bar = make_bar(total_steps, state["step"], progress)
@@ -627,7 +743,9 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
                 group = groups[state["batch_in_epoch"]]
                 labelled = sum(train_examples[i].trained_tokens for b in group for i in b)
                 total_loss, real_tokens = 0.0, 0
-                for batch_ids in (part for b in group for part in micro_batches(b, train_examples, config.micro_batch_tokens)):
+                mine = (part for b in group for part in micro_batches(ranks.share(b), train_examples,
+                                                                    config.micro_batch_tokens))
+                for batch_ids in mine:
                     chosen = [train_examples[i] for i in batch_ids]
                     batch = pack(chosen, device)
                     with autocast:
@@ -635,6 +753,8 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
                     (summed / labelled).backward()
                     total_loss += float(summed.detach())
                     real_tokens += sum(len(e.input_ids) for e in chosen)
+                total_loss, real_tokens = ranks.sum(params, total_loss, real_tokens)
+                real_tokens = int(real_tokens)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                 optimizer.step()
                 scheduler.step()
@@ -654,10 +774,10 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
                     stopped_early = early_stop(state, record["val_loss"], config)
                 state["epoch_loss"] += record["loss"]
                 state["epoch_steps"] += 1
-                run.log(record)
+                log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
-                if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                if ranks.main and config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                     save_checkpoint(run, model, optimizer, scheduler, state)
                 if stopped_early:
                     break
@@ -670,7 +790,7 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
                     answers = reproduce(model, tokenizer, check_rows, device)
                     checked = (state["step"], answers)
                     learned = sum(a["learned"] for a in answers)
-                    run.log({"step": state["step"], "learned": learned, "checked": len(answers)})
+                    log({"step": state["step"], "learned": learned, "checked": len(answers)})
                     bar.set_postfix(loss=f"{mean_loss:.3f}", learned=f"{learned}/{len(answers)}")
                     # stop once every answer has been reproduced for a margin of at least an epoch and
                     # LEARNED_MARGIN_STEPS steps: served weights (another precision, a quantized file)
@@ -683,11 +803,13 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
                     stopped_learned = since is not None and \
                         state["step"] - since >= max(steps_per_epoch, LEARNED_MARGIN_STEPS)
                     stopped_early = stopped_early or stopped_learned
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (rank 0 only: the others ignore SIGINT and stop when it does)
         bar.close()
         save_checkpoint(run, model, optimizer, scheduler, state)
         raise TrainError(f"interrupted at step {state['step']}; checkpoint saved, continue with: forja train --resume {run.name}") from None
     bar.close()
+    if not ranks.main:
+        return run.directory
 
     final: dict[str, Any] = {"step": state["step"], "epochs": state["epoch"] + state["batch_in_epoch"] / max(1, steps_per_epoch)}
     losses = [r["loss"] for r in run.history if "loss" in r]
