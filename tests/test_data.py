@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import pdf_pages_bytes
 
-from forja.data import DIALOGUE, KNOWLEDGE, DataError, ReadOptions, inspect, meta_path, prepare, validation_path
+from forja.data import (DIALOGUE, KNOWLEDGE, NO_TEXT_LAYER, DataError, ReadOptions, inspect, meta_path, prepare,
+                        validation_path)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -460,11 +461,10 @@ def test_a_pdf_without_text_is_a_bad_file(tmp_path):
     empty.write_bytes(pdf_bytes())
     good = write(tmp_path / "notes.md", "El horno es de leña.")
     assert error_of(lambda: prepare(tmp_path, tmp_path / "out" / "data.jsonl")) == (
-        f"{empty}: has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf) "
-        "(use --skip-bad to skip such files)"
+        f"{empty}: {NO_TEXT_LAYER} (use --skip-bad to skip such files)"
     )
     summary = prepare([empty, good], tmp_path / "out.jsonl", skip_bad=True)
-    assert summary.skipped == [f"{empty}: has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf)"]
+    assert summary.skipped == [f"{empty}: {NO_TEXT_LAYER}"]
     assert summary.kinds == {DIALOGUE: 0, KNOWLEDGE: 1}
 
 

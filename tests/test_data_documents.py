@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import pdf_pages_bytes
 from test_data import error_of
 from typer.testing import CliRunner
@@ -152,7 +154,7 @@ def test_a_scanned_pdf_is_named_as_such_by_knowledge_add(tmp_path, forja_home):
     scan.write_bytes(pdf_pages_bytes([], []))  # two pages, no text on them
     result = runner.invoke(app, ["knowledge", "add", "docs", str(scan)])
     assert result.exit_code == 0, result.output
-    assert "no text  escaneado.pdf: has no text layer (a scanned PDF?); OCR it first" in result.output
+    assert "no text  escaneado.pdf: has no text layer (a scanned PDF?) and OCR found none" in result.output
 
 
 def test_an_html_page_of_menus_only_has_no_text(tmp_path):
@@ -160,3 +162,48 @@ def test_an_html_page_of_menus_only_has_no_text(tmp_path):
     path.write_text("<html><body><nav><a>Inicio</a></nav><script>x()</script></body></html>", encoding="utf-8")
     assert error_of(lambda: prepare(path, tmp_path / "out.jsonl")) == (
         f"{path}: no text found (use --skip-bad to skip such files)")
+
+
+def scanned_pdf(path: Path, lines: list[str]) -> Path:
+    """A PDF whose one page is a picture of the lines (what a scanner makes): no text layer."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:  # a font with Spanish letters (Debian's fonts-dejavu, which Chromium brings)
+        font = ImageFont.truetype("DejaVuSans.ttf", 44)
+    except OSError:
+        font = ImageFont.load_default(size=44)
+    page = Image.new("L", (1654, 2339), 255)  # A4 at 200 dpi
+    draw = ImageDraw.Draw(page)
+    for number, line in enumerate(lines):
+        draw.text((120, 160 + number * 80), line, fill=0, font=font)
+    page.save(path, "PDF", resolution=200)
+    return path
+
+
+needs_ocr = pytest.mark.skipif(not __import__("forja.data.ocr", fromlist=["available"]).available(),
+                               reason="Tesseract is not installed (make installs tesseract-ocr as root)")
+
+
+@needs_ocr
+def test_a_scanned_pdf_is_read_by_ocr_for_training_data_and_knowledge(tmp_path, forja_home, monkeypatch):
+    scan = scanned_pdf(tmp_path / "horario.pdf", ["Horario de la panadería", "Abrimos de lunes a sábado",
+                                                  "de 7 a 14 horas.", "Pan de masa madre los viernes."])
+    document = read_document(scan, KnowledgeSettings(), count_tokens)
+    text = " ".join(c.text for c in document.chunks)
+    assert "Abrimos de lunes a" in text and "masa madre" in text and document.chunks[0].page == 1
+    try:
+        from PIL import ImageFont
+
+        ImageFont.truetype("DejaVuSans.ttf", 10)
+        assert "panadería" in text and "sábado" in text  # Spanish letters, read as Spanish
+    except OSError:
+        pass  # the picture was drawn without them
+    summary = prepare(scan, tmp_path / "out.jsonl")
+    assert summary.kinds[KNOWLEDGE] == 1
+    assert "de 7 a 14 horas" in read_rows(summary.train_path)[0]["text"]
+    added = runner.invoke(app, ["knowledge", "add", "scans", str(scan)])
+    assert added.exit_code == 0 and "added" in added.output, added.output
+    found = runner.invoke(app, ["knowledge", "search", "scans", "¿Qué días abrís?"])
+    assert "Abrimos de lunes a" in found.output
+    monkeypatch.setenv("FORJA_OCR", "off")  # only the text layer, which a scan does not have
+    assert error_of(lambda: prepare(scan, tmp_path / "off.jsonl")).startswith(f"{scan}: has no text layer")

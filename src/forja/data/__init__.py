@@ -115,7 +115,8 @@ ENCODING_NAMES = {  # codecs' names of forced encodings
 }
 CSV_DELIMITERS = (",", ";", "\t", "|")
 # What a PDF of page images (a scan) is told; `forja knowledge add` says the same.
-NO_TEXT_LAYER = "has no text layer (a scanned PDF?); OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf)"
+NO_TEXT_LAYER = ("has no text layer (a scanned PDF?) and OCR found none; install Tesseract (apt-get install "
+                 "tesseract-ocr tesseract-ocr-spa) or OCR it first (e.g. ocrmypdf FILE.pdf OUT.pdf)")
 CSV_SNIFF_LINES = 20  # the sniffer reads this many lines
 
 
@@ -912,13 +913,25 @@ def _read_pdf(path: Path) -> str:
 
 
 def read_pdf_pages(path: Path) -> list[str]:
-    """The text of each page, in order (a page without a text layer gives "")."""
+    """The text of each page, in order; a page without a text layer is read by OCR when Tesseract is
+    installed (data/ocr.py), else gives ""."""
     import pypdf
 
+    from forja.data import ocr
+
     try:
-        return [page.extract_text() or "" for page in pypdf.PdfReader(path).pages]
+        pages = [page.extract_text() or "" for page in pypdf.PdfReader(path).pages]
     except Exception as error:  # pypdf raises many error types for damaged or encrypted files
         raise DataError(f"{path}: cannot read as PDF ({_reason(error)})") from None
+    scanned = [number for number, text in enumerate(pages) if not text.strip()]
+    if scanned and ocr.available():
+        try:
+            for number, text in ocr.read_pages(path, scanned).items():
+                pages[number] = text
+        except Exception as error:  # noqa: BLE001 - pdfium or Tesseract refusing a page: say which file
+            raise DataError(f"{path}: OCR of its scanned pages failed ({_reason(error)}); FORJA_OCR=off reads "
+                            "only its text layer") from None
+    return pages
 
 
 def _read_docx(path: Path) -> str:
