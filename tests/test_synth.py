@@ -168,3 +168,54 @@ def test_the_bundled_model_writes_pairs_its_chunks_support(tmp_path, bundled_hom
     assert report.chunks == 2 and report.generated >= 2 and len(rows) == report.kept
     assert all(support(r["messages"][1]["content"], r["chunk"]) >= SUPPORT_OVERLAP for r in rows)
     assert inspect(tmp_path / "qa.jsonl").files[0].kind == "dialogue" or not rows
+
+
+HELD_BACK = ("¿Qué precio tiene el envío?", "El envío cuesta 4 euros.")  # answered by the document, not asked in the pairs
+
+
+def test_training_on_synthesised_pairs_makes_a_held_back_answer_of_the_document_likelier(tmp_path, tokenizer,
+                                                                                         tiny_model_dir):
+    """Pairs made from the document (by a scripted engine) teach the tiny model its answer to a question the
+    pairs do not ask, far more than as many pairs about something else do. Measured as the answer's mean
+    log-probability per token: a random 2-layer model's greedy answer to a reworded question is a coin
+    flip (README has the bundled model's greedy answers)."""
+    import torch
+
+    from forja.config import TrainSettings
+    from forja.models import load
+    from forja.train import new_run, train
+
+    doc = write(tmp_path / "panaderia.md", DOC)
+    engine = ScriptedEngine(tokenizer, {
+        "centeno": pairs(("¿Qué días hacéis pan de centeno?", "Los martes y los jueves."),
+                         ("¿Cuánto cuesta la hogaza de centeno?", "La hogaza de centeno cuesta 3 euros.")),
+        "Zaragoza": pairs(("¿Cuánto cuesta enviar un pedido?", "El envío cuesta 4 euros."),
+                          ("¿Enviáis a toda la provincia?", "Enviamos a toda la provincia de Zaragoza en 24 horas.")),
+    })
+    settings = load_settings()
+    report = synth(settings, [str(doc)], tmp_path / "qa.jsonl", engine=engine)
+    assert report.kept == 4 and HELD_BACK[0] not in (tmp_path / "qa.jsonl").read_text()
+    other = write(tmp_path / "other.jsonl", "".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n" for q, a in [
+        ("¿Dónde está la tienda?", "En la calle Mayor 3."), ("¿Tenéis aparcamiento?", "Sí, detrás del local."),
+        ("¿Aceptáis tarjeta?", "Sí, y también Bizum."), ("¿Hacéis tartas?", "Por encargo, con dos días.")]))
+
+    def likelihood(model: str) -> float:
+        loaded = load(model, settings, dtype="float32")
+        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": HELD_BACK[0]}],
+                                                      add_generation_prompt=True, tokenize=False)
+        ids = loaded.tokenizer(prompt + HELD_BACK[1], add_special_tokens=False, return_tensors="pt").input_ids
+        start = len(loaded.tokenizer(prompt, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logits = loaded.model(ids).logits[0, start - 1 : -1].log_softmax(-1)
+        return float(logits.gather(1, ids[0, start:, None]).mean())
+
+    config = TrainSettings(method="full", learning_rate=3e-3, batch_size=4, max_steps=40, eval_every=None,
+                           checkpoint_every=None, seed=0, warmup_ratio=0.0, lr_scheduler="constant",
+                           precision="float32", stop_when_learned=False)
+    trained = {name: likelihood(train(settings, new_run(settings, [path], name, str(tiny_model_dir), config),
+                                      progress=False).name)
+               for name, path in (("synth", tmp_path / "qa.jsonl"), ("control", other))}
+    before = likelihood(str(tiny_model_dir))
+    assert trained["synth"] > before + 3.0, (before, trained)  # -6.1 → -1.3 nats per token, measured
+    assert trained["synth"] > trained["control"] + 1.5, (before, trained)  # the control: -6.7
