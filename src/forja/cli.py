@@ -771,6 +771,52 @@ def export_model(
                    "serve.upstream_url http://HOST:8000/v1")
 
 
+StepOpt = Annotated[Optional[list[str]], typer.Option(help="A step: prepare, train, eval, gate, promote, export or package (repeatable).")]
+
+
+@app.command("run")
+def run_pipeline(
+    assistants: Annotated[Optional[list[str]], typer.Argument(help="Assistants to run (default: all, in the pipeline's order).", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="A YAML file with a pipeline: section (or its contents) instead of forja.yaml's.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="Run this step even if its inputs have not changed (repeatable).")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="Run this step and every one after it; the earlier ones as recorded.")] = None,
+    only: StepOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would run and why; run nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run each assistant's pipeline (prepare, train, eval, gate, promote, export, package), skipping the steps whose inputs have not changed; exit 2 when a gate fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from forja import pipeline
+    from forja.config import read_yaml
+
+    if file is not None and not file.is_file():
+        raise ConfigError(f"--file {file}: no such file")
+    if config is None and file is not None and "pipeline" in read_yaml(file):
+        config = file  # a whole forja.yaml: its other settings apply too
+    settings = settings_from(config)
+    outcome = pipeline.run(settings, assistants or [], file=file, force=force or [], start=start, only=only or [],
+                           dry_run=dry_run, progress=not quiet, log=lambda line: typer.echo(line, err=True))
+    table = Table("assistant", *pipeline.STEPS, "version", "gate", title="forja run" + (" --dry-run" if dry_run else ""))
+    marks = {"ran": "ran", "skipped": "-", "would run": "would run", "failed": "FAILED", "not run": "not run"}
+    for result in outcome.assistants:
+        table.add_row(result.name, *(marks[s.status] for s in result.steps), result.outputs("train").get("version", "-"),
+                      "-" if dry_run else pipeline.gate_line(result).split(" (")[0])
+    Console(width=160).print(table)
+    for result in outcome.assistants:
+        for step in result.steps:
+            if step.status in ("would run", "failed"):
+                typer.echo(f"{result.name} {step.step}: {step.status}: {step.reason}")
+    if outcome.directory is not None:
+        typer.echo(f"report: {outcome.directory / 'report.html'} (and report.md, reproduce/)")
+    if outcome.gate_failed:
+        raise typer.Exit(pipeline.GATE_FAILED_EXIT)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def ask(
     question: Annotated[Optional[str], typer.Argument(help="The question; read from stdin when omitted or '-'.")] = None,
