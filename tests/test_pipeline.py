@@ -22,7 +22,7 @@ def write_faq(path, rows):
         writer.writerows(rows)
 
 
-def pipeline_file(tmp_path, base, fail_under=0.0, export=("gguf",)):
+def pipeline_file(tmp_path, base, fail_under=0.0, export=("gguf", "hf", "systemd")):
     write_faq(tmp_path / "data" / "panaderia" / "faq.csv", [["¿Horario?", "De 7 a 14 h."], ["¿Pan?", "Sí, de masa madre."]])
     write_faq(tmp_path / "data" / "soporte.csv", [["Hola", "Buenos días."], ["Adiós", "Hasta luego."]])
     write_faq(tmp_path / "data" / "eval.csv", [["¿Horario?", "De 7 a 14 h."]])
@@ -63,6 +63,9 @@ def test_two_assistants_run_end_to_end_then_nothing_reruns_and_a_data_change_rer
     assert models.trained_system(settings, panadero) == "Eres el panadero."  # the persona's prompt is trained in
     gguf = list((forja_home / "pipelines" / "panadero" / "export" / "files").glob("*.gguf"))
     assert len(gguf) == 1 and gguf[0].stat().st_size > 0
+    card = (forja_home / "pipelines" / "panadero" / "export" / "files" / panadero / "README.md").read_text()
+    assert "| token_f1 |" in card and "Gate: passed (token_f1 ≥ 0)." in card  # the model card has its eval and gate
+    assert (forja_home / "pipelines" / "panadero" / "package" / "files" / "systemd" / "forja-retrain.timer").is_file()
     personas = yaml.safe_load((forja_home / "pipelines" / "personas.yaml").read_text())["serve"]["personas"]
     assert {p["name"]: p["model"] for p in personas} == dict(zip(["panadero", "soporte"], sorted(versions)))
     report = (run_dir / "report.md").read_text()

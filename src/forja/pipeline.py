@@ -392,7 +392,7 @@ def do_export(ctx: Context, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     files: list[str] = []
     for fmt in (f for f in ctx.spec.export if f in MODEL_FORMATS):
         written = export(ctx.served_settings(version), version, fmt, ctx.spec.quant, out,
-                         ctx.name if fmt == "ollama" else None)
+                         ctx.name if fmt == "ollama" else None, evaluation=done["eval"], gate=done["gate"])
         files += [str(p) for p in written]
     return {"files": files}
 
@@ -405,7 +405,8 @@ def do_package(ctx: Context, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for fmt in (f for f in ctx.spec.export if f in PACKAGE_FORMATS):
         from forja.export import package
 
-        files += [str(p) for p in package(ctx.served_settings(version), version, fmt, out / fmt, persona=ctx.name)]
+        files += [str(p) for p in package(ctx.served_settings(version), version, fmt, out / fmt, persona=ctx.name,
+                                          quant=ctx.spec.quant)]
     return {"files": files}
 
 
