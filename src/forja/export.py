@@ -458,7 +458,7 @@ class Predictor(BasePredictor):
         if gguf:
             from llama_cpp import Llama
 
-            self.llama = Llama(model_path=str(gguf[0]), n_ctx=DEFAULTS["context"], verbose=False)
+            self.llama = Llama(model_path=str(gguf[0]), n_ctx=0, verbose=False)  # 0: the context it was trained for
             return
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -527,8 +527,7 @@ def _persona_defaults(settings: Settings, name: str, persona: str | None) -> dic
     return {"system": (chosen.system if chosen else None) or models.trained_system(settings, name) or defaults.system or "",
             "temperature": pick(chosen.temperature if chosen else None, defaults.temperature),
             "top_p": pick(chosen.top_p if chosen else None, defaults.top_p),
-            "max_tokens": pick(chosen.max_tokens if chosen else None, min(defaults.max_new_tokens, 4096)),
-            "context": 4096}
+            "max_tokens": pick(chosen.max_tokens if chosen else None, min(defaults.max_new_tokens, 4096))}
 
 
 def export_cog(settings: Settings, name: str, out: Path, *, engine: str = "pytorch", quant: str = "q8_0",
