@@ -594,7 +594,8 @@ def render_markdown(outcome: PipelineRun, versions: dict[str, str]) -> str:
         lines += [f"| {s.step} | {s.status} | {s.reason.replace('|', '/')} | {s.seconds:.1f} |" for s in assistant.steps]
         means = assistant.outputs("eval").get("means")
         if means:
-            lines += ["", f"eval on {assistant.outputs('eval')['testset']} ({assistant.outputs('eval')['cases']} questions):",
+            cases = assistant.outputs("eval")["cases"]
+            lines += ["", f"eval on {assistant.outputs('eval')['testset']} ({cases} question{'s' if cases != 1 else ''}):",
                       "", "| metric | mean | 95% interval |", "|---|---|---|"]
             intervals = assistant.outputs("eval").get("intervals", {})
             lines += [f"| {m} | {v:.3f} | {intervals.get(m, ['-', '-'])[0]:.3f} – {intervals.get(m, ['-', '-'])[1]:.3f} |"
@@ -619,11 +620,13 @@ table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;paddin
 <table><tr><th>step</th><th>status</th><th>why</th><th>seconds</th></tr>
 {% for s in a.steps %}<tr><td>{{ s.step }}</td><td class="{{ s.status.split()[0] }}">{{ s.status }}</td><td>{{ s.reason }}</td>
 <td>{{ '%.1f' % s.seconds }}</td></tr>{% endfor %}</table>
-{% set ev = a.outputs('eval') %}{% if ev.get('means') %}<h3>eval: {{ ev.testset }} ({{ ev.cases }} questions)</h3>
+{% set ev = a.outputs('eval') %}{% if ev.get('means') %}<h3>eval: {{ ev.testset }} ({{ ev.cases }} question{{ 's' if ev.cases != 1 }})</h3>
 <table><tr><th>metric</th><th>mean</th><th>95% interval</th></tr>{% for m, v in ev.means.items() %}
 <tr><td>{{ m }}</td><td>{{ '%.3f' % v }}</td><td>{{ '%.3f' % ev.intervals[m][0] }} – {{ '%.3f' % ev.intervals[m][1] }}</td></tr>
 {% endfor %}</table>{% endif %}
 {% if plots.get(a.name) %}<h3>loss</h3><img alt="loss curves of {{ a.name }}" src="data:image/png;base64,{{ plots[a.name] }}">{% endif %}
+{% set files = a.outputs('export').get('files', []) + a.outputs('package').get('files', []) %}{% if files %}<h3>files</h3>
+<ul>{% for f in files %}<li><code>{{ f }}</code></li>{% endfor %}</ul>{% endif %}
 {% endfor %}</body></html>
 """
 
