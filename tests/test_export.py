@@ -83,6 +83,8 @@ def test_export_refuses_what_it_cannot_do(tiny_model_dir):
     assert result.exit_code == 1 and "unknown quantization 'q3'" in result.output
     result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--format", "onnx"])
     assert result.exit_code == 1 and "choose gguf, ollama, hf, cog, docker or systemd (or all)" in result.output
+    result = runner.invoke(app, ["export", "--model", str(tiny_model_dir), "--format", "hf", "--engine", "llamacpp"])
+    assert result.exit_code == 1 and "--engine chooses what runs a cog package" in result.output
 
 
 def test_ollama_modelfile_has_template_stops_parameters_and_persona(tiny_model_dir, tmp_path):

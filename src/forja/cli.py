@@ -772,6 +772,8 @@ def export_model(
     from forja.export import export
 
     settings = settings_from(config)
+    if engine != "pytorch" and fmt not in ("cog", "all"):
+        raise ConfigError(f"--engine chooses what runs a cog package; --format {fmt} has none (use --format cog)")
     written = export(settings, model or settings.model, fmt, quant, out, persona, engine=engine)
     for path in written:
         typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)" if path.suffix == ".gguf" else f"wrote {path}")
