@@ -523,6 +523,16 @@ def models_rollback(config: ConfigOpt = None) -> None:
     typer.echo(f"rolled back from {current}; {now} is active again")
 
 
+@models_app.command("delete")
+def models_delete(name: Annotated[str, typer.Argument(help="The trained version to delete.")],
+                  config: ConfigOpt = None) -> None:
+    """Delete a trained version (its directory, run and cached exports); refused for the active version."""
+    from forja.models import delete_version
+
+    freed = delete_version(settings_from(config), name)
+    typer.echo(f"deleted {name} ({freed / 2**20:.1f} MiB freed)")
+
+
 jobs_app = _typer("Fine-tuning and batch jobs (the /v1/fine_tuning/jobs and /v1/batches API): list, show, cancel.",
                   invoke_without_command=True)
 jobs_app.info.no_args_is_help = False
@@ -755,24 +765,110 @@ def with_flags(section, flags: dict):
 @app.command("export")
 def export_model(
     model: ModelOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="gguf, ollama (GGUF plus a Modelfile), or hf (a merged Hugging Face directory, for vLLM).")] = "gguf",
+    fmt: Annotated[str, typer.Option("--format", help="gguf, ollama (GGUF plus a Modelfile), hf (a merged Hugging Face directory with a model card, for vLLM and the hub), cog (Replicate), docker, systemd, or all.")] = "gguf",
     quant: Annotated[str, typer.Option("--quant", help="f32, f16, q8_0 or q4_k_m.")] = "q8_0",
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write into.")] = Path("export"),
-    persona: Annotated[Optional[str], typer.Option(help="ollama: the persona whose system prompt and sampling go in the Modelfile.")] = None,
+    persona: Annotated[Optional[str], typer.Option(help="ollama, cog, docker: the persona whose system prompt and sampling go in.")] = None,
+    engine: Annotated[str, typer.Option(help="cog: pytorch (merged safetensors) or llamacpp (a GGUF at --quant).")] = "pytorch",
     config: ConfigOpt = None,
 ) -> None:
-    """Export a model or trained version as GGUF (llama.cpp, Ollama, LM Studio) or a Hugging Face directory (vLLM), LoRA merged."""
+    """Export a model or trained version (LoRA merged): GGUF (llama.cpp, Ollama), a Hugging Face directory, or a deployment package (cog, docker, systemd)."""
     from forja.export import export
 
     settings = settings_from(config)
-    written = export(settings, model or settings.model, fmt, quant, out, persona)
+    if engine != "pytorch" and fmt not in ("cog", "all"):
+        raise ConfigError(f"--engine chooses what runs a cog package; --format {fmt} has none (use --format cog)")
+    written = export(settings, model or settings.model, fmt, quant, out, persona, engine=engine)
     for path in written:
         typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)" if path.suffix == ".gguf" else f"wrote {path}")
-    if fmt == "ollama":
+    if fmt in ("ollama", "all"):
         typer.echo(f"then: cd {out} && ollama create NAME -f Modelfile")
-    if fmt == "hf":
-        typer.echo(f"then: vllm serve {written[0]} --served-model-name NAME, and forja serve --backend openai with "
-                   "serve.upstream_url http://HOST:8000/v1")
+    if fmt in ("hf", "all"):
+        hf = next(p for p in written if p.is_dir() and (p / "config.json").is_file() and p.parent == out)
+        typer.echo(f"then: vllm serve {hf} --served-model-name NAME, and forja serve --backend openai with "
+                   "serve.upstream_url http://HOST:8000/v1; or forja push MODEL --to hub:ORG/REPO")
+    if fmt in ("cog", "all"):
+        typer.echo(f"then: cd {out / 'cog'} && cog predict -i prompt=Hola; cog push r8.im/USER/NAME (see its README.md)")
+    if fmt in ("docker", "all"):
+        typer.echo(f"then: cd {out / 'docker'} && docker compose up")
+    if fmt in ("systemd", "all"):
+        typer.echo(f"then: sudo cp {out / 'systemd'}/* /etc/systemd/system/ && sudo systemctl enable --now forja "
+                   "forja-retrain.timer")
+
+
+@app.command("push")
+def push(
+    name: Annotated[str, typer.Argument(help="The model or version to upload (LoRA merged).")],
+    to: Annotated[str, typer.Option("--to", help="hub:ORG/REPO on the Hugging Face hub (token: HF_TOKEN or `hf auth login`).")],
+    private: Annotated[bool, typer.Option("--private/--public", help="Create the repository private.")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Upload a version to the Hugging Face hub as a model repository (merged safetensors, tokenizer, model card)."""
+    from forja.export import push_to_hub
+
+    url = push_to_hub(settings_from(config), name, to, private=private, log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"pushed {name} to {url}")
+
+
+@app.command("gc")
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Remove the caches and exports no version needs (GGUFs of deleted or changed versions, stale conversions, finished runs); say what was freed."""
+    from forja.models import collect_garbage
+
+    removed = collect_garbage(settings_from(config), dry_run=dry_run)
+    for item in removed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {item['path']} ({item['bytes'] / 2**20:.1f} MiB): {item['why']}")
+    total = sum(item["bytes"] for item in removed) / 2**20
+    typer.echo(f"{'would free' if dry_run else 'freed'} {total:.1f} MiB in {len(removed)} item{'s' if len(removed) != 1 else ''}")
+
+
+StepOpt = Annotated[Optional[list[str]], typer.Option(help="A step: prepare, train, eval, gate, promote, export or package (repeatable).")]
+
+
+@app.command("run")
+def run_pipeline(
+    assistants: Annotated[Optional[list[str]], typer.Argument(help="Assistants to run (default: all, in the pipeline's order).", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="A YAML file with a pipeline: section (or its contents) instead of forja.yaml's.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="Run this step even if its inputs have not changed (repeatable).")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="Run this step and every one after it; the earlier ones as recorded.")] = None,
+    only: StepOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would run and why; run nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run each assistant's pipeline (prepare, train, eval, gate, promote, export, package), skipping the steps whose inputs have not changed; exit 2 when a gate fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from forja import pipeline
+    from forja.config import read_yaml
+
+    if file is not None and not file.is_file():
+        raise ConfigError(f"--file {file}: no such file")
+    if config is None and file is not None and "pipeline" in read_yaml(file):
+        config = file  # a whole forja.yaml: its other settings apply too
+    settings = settings_from(config)
+    outcome = pipeline.run(settings, assistants or [], file=file, force=force or [], start=start, only=only or [],
+                           dry_run=dry_run, progress=not quiet, log=lambda line: typer.echo(line, err=True))
+    table = Table("assistant", *pipeline.STEPS, "version", "gate", title="forja run" + (" --dry-run" if dry_run else ""))
+    marks = {"ran": "ran", "skipped": "-", "would run": "would run", "failed": "FAILED", "not run": "not run"}
+    for result in outcome.assistants:
+        table.add_row(result.name, *(marks[s.status] for s in result.steps), result.outputs("train").get("version", "-"),
+                      "-" if dry_run else pipeline.gate_line(result).split(" (")[0])
+    Console(width=160).print(table)
+    for result in outcome.assistants:
+        for step in result.steps:
+            if step.status in ("would run", "failed"):
+                typer.echo(f"{result.name} {step.step}: {step.status}: {step.reason}")
+    if outcome.directory is not None:
+        typer.echo(f"report: {outcome.directory / 'report.html'} (and report.md, reproduce/)")
+    if outcome.gate_failed:
+        raise typer.Exit(pipeline.GATE_FAILED_EXIT)
+    if outcome.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -695,6 +695,147 @@ class JobsSettings(BaseModel):
                                   "checkpoint), and killed if it has not after this long.")
 
 
+# ---------------------------------------------------------------------------------------------
+# `forja run`: assistants built from shared defaults, step by step (forja/pipeline.py)
+
+PIPELINE_STEPS = ("prepare", "train", "eval", "gate", "promote", "export", "package")
+MODEL_FORMATS = ("gguf", "ollama", "hf")  # the export step writes these
+PACKAGE_FORMATS = ("cog", "docker", "systemd")  # the package step writes these deployment packages
+
+
+class PipelinePersona(BaseModel):
+    """How an assistant answers: its system prompt (trained in, and served) and default sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system: str | None = Field(None, description="System prompt trained into every dialogue without one and "
+                               "served with the assistant.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default temperature when served.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default top_p when served.")
+    max_tokens: int | None = Field(None, ge=1, description="Default answer length when served.")
+    knowledge: list[str] = Field(default_factory=list, description="Knowledge collections it answers from when served.")
+
+
+class PipelineEval(BaseModel):
+    """The assistant's test set and the gate its version must pass to be promoted and exported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    testset: Path | None = Field(None, description="Questions with ground truth (.csv, .jsonl, .xlsx); None: no "
+                                 "eval, and the gate passes.")
+    fail_under: dict[str, float] = Field(default_factory=dict, description="METRIC: VALUE (token_f1, rouge_l, "
+                                         "exact_match, semantic, contains_fact): the gate fails when the mean is lower.")
+    max_tokens: int = Field(128, ge=1, description="Most tokens per answer (greedy).")
+
+    @field_validator("fail_under")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        known = ("exact_match", "token_f1", "rouge_l", "semantic", "contains_fact")
+        for metric in value:
+            if metric not in known:
+                raise ValueError(f"unknown metric {metric!r}; choose among {', '.join(known)}")
+        return value
+
+
+class AssistantDefaults(BaseModel):
+    """What every assistant of a pipeline shares; an assistant overrides any of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = Field(None, description="Model each version is trained from; None = the top-level `model`.")
+    data: list[str] = Field(default_factory=list, description="Files, folders or hf:owner/name datasets, read as "
+                            "`forja data prepare` reads them (data.sources options apply).")
+    persona: PipelinePersona = Field(default_factory=PipelinePersona)
+    train: dict[str, Any] = Field(default_factory=dict, description="Train settings laid over `train:` (method, "
+                                  "max_steps, learning_rate, ...).")
+    eval: PipelineEval = Field(default_factory=PipelineEval)
+    export: list[str] = Field(default_factory=list, description=f"Formats written once the gate passes: "
+                              f"{', '.join(MODEL_FORMATS + PACKAGE_FORMATS)}.")
+    quant: Literal["f32", "f16", "q8_0", "q4_k_m"] = Field("q8_0", description="GGUF quantization of gguf/ollama exports.")
+    activate: bool = Field(False, description="The promote step also makes the version the active model "
+                           "(what `forja serve` answers with without a persona); one assistant at most.")
+
+    @field_validator("train")
+    @classmethod
+    def _train_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(TrainSettings.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train setting {unknown[0]!r}; see `train:` in forja.example.yaml")
+        TrainSettings.model_validate(value)
+        return value
+
+    @field_validator("export")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        for fmt in value:
+            if fmt not in MODEL_FORMATS + PACKAGE_FORMATS:
+                raise ValueError(f"unknown export format {fmt!r}; choose among {', '.join(MODEL_FORMATS + PACKAGE_FORMATS)}")
+        return value
+
+
+class Assistant(BaseModel):
+    """One assistant of a pipeline: a name and what it changes of the defaults (None / unset: the default's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^\w[\w.-]*$", description="Names its versions and served persona (letters, digits, _ . -).")
+    base: str | None = None
+    data: list[str] | None = None
+    persona: PipelinePersona | None = None
+    train: dict[str, Any] | None = None
+    eval: PipelineEval | None = None
+    export: list[str] | None = None
+    quant: Literal["f32", "f16", "q8_0", "q4_k_m"] | None = None
+    activate: bool | None = None
+
+    @field_validator("train")
+    @classmethod
+    def _train_fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return value if value is None else AssistantDefaults._train_fields(value)
+
+    @field_validator("export")
+    @classmethod
+    def _formats(cls, value: list[str] | None) -> list[str] | None:
+        return value if value is None else AssistantDefaults._formats(value)
+
+    def resolved(self, defaults: AssistantDefaults) -> AssistantDefaults:
+        """The defaults with this assistant's values laid over them: train settings and persona field by
+        field, the rest replaced whole."""
+        merged = defaults.model_dump()
+        for key in self.model_fields_set - {"name"}:
+            value = getattr(self, key)
+            if key == "train":
+                merged["train"] = {**defaults.train, **value}
+            elif key == "persona":
+                merged["persona"] = {**defaults.persona.model_dump(), **value.model_dump(exclude_unset=True)}
+            elif key == "eval":
+                merged["eval"] = {**defaults.eval.model_dump(), **value.model_dump(exclude_unset=True)}
+            else:
+                merged[key] = value
+        return AssistantDefaults.model_validate(merged)
+
+
+class PipelineSettings(BaseModel):
+    """`forja run`: several assistants from shared defaults, each prepared, trained, evaluated, gated,
+    promoted, exported and packaged, every step skipped when its inputs have not changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defaults: AssistantDefaults = Field(default_factory=AssistantDefaults)
+    assistants: list[Assistant] = Field(default_factory=list, description="Run in this order.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PipelineSettings":
+        names = [a.name for a in self.assistants]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"assistant {twice[0]!r} is named twice; give each a name of its own")
+        active = [a.name for a in self.assistants if a.resolved(self.defaults).activate]
+        if len(active) > 1:
+            raise ValueError(f"activate is set for {', '.join(active)}; one active model at most")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything forja reads from its configuration."""
 
@@ -718,6 +859,8 @@ class Settings(BaseSettings):
     files: FilesSettings = Field(default_factory=FilesSettings)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings, description="`forja run`: assistants "
+                                       "built from one base.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the exchange and feedback store; None = sqlite:///FORJA_HOME/forja.db."
     )

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -90,19 +91,28 @@ def export_gguf(settings: Settings, name: str, quant: str = "q8_0", out: Path | 
     return out
 
 
-def export_hf(settings: Settings, name: str, out: Path) -> Path:
-    """`name` as a Hugging Face directory (safetensors, config, tokenizer, chat template), a LoRA version
-    merged into its base, for servers that load those (`vllm serve DIR`). A version trained with a system
-    prompt gets it as its template's default, as in the GGUF. Float32, as trained on a CPU: a server casts it
-    (vLLM's --dtype)."""
+def export_hf(settings: Settings, name: str, out: Path, *, card: bool = True, evaluation: dict[str, Any] | None = None,
+              gate: dict[str, Any] | None = None) -> Path:
+    """`name` as a Hugging Face directory (safetensors, config, generation_config.json, tokenizer, chat template),
+    a LoRA version merged into its base, for servers that load those (`vllm serve DIR`) and the hub; with
+    `card`, a README.md model card (model_card). A version trained with a system prompt gets it as its
+    template's default, as in the GGUF. Float32, as trained on a CPU: a server casts it (vLLM's --dtype)."""
     loaded = models.load(name, settings, dtype="float32", merge_adapter=True)
     system = models.trained_system(settings, name)
     if system and loaded.tokenizer.chat_template:
         loaded.tokenizer.chat_template = template_with_system(loaded.tokenizer.chat_template, system)
+    generation = loaded.model.generation_config
+    # the end of the turn stops generation in transformers' generate and in vLLM, as in forja
+    generation.eos_token_id = sorted(loaded.eos_token_ids) if len(loaded.eos_token_ids) > 1 else loaded.tokenizer.eos_token_id
+    if generation.pad_token_id is None:
+        generation.pad_token_id = loaded.tokenizer.pad_token_id
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     loaded.model.save_pretrained(tmp, safe_serialization=True)
+    generation.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
+    if card:
+        (tmp / "README.md").write_text(model_card(settings, name, evaluation, gate), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -364,14 +374,476 @@ def write_modelfile(settings: Settings, gguf_file: Path, name: str, persona: str
     return path
 
 
-def export(settings: Settings, name: str, fmt: str, quant: str, out_dir: Path, persona: str | None = None) -> list[Path]:
-    """`forja export`: the GGUF (and for `ollama` its Modelfile), or the merged `hf` directory, in out_dir."""
-    if fmt not in ("gguf", "ollama", "hf"):
-        raise ExportError(f"unknown format {fmt!r}; choose gguf, ollama or hf")
+# ------------------------------------------------------------------------------------------------ Hugging Face
+
+LICENSES = {"smollm2-135m": "apache-2.0"}  # the bundled models' licenses (their model cards)
+
+
+def base_model_id(settings: Settings, name: str) -> str:
+    """The hub id (or local name) a version was trained from, followed through versions to the first model."""
+    seen: set[str] = set()
+    while name not in seen:
+        seen.add(name)
+        ref = models.resolve(name, settings)
+        if ref.kind == "bundled":
+            return models.BUNDLED[name][2]
+        if ref.kind != "version" or ref.path is None:
+            return name if ref.kind == "hub" else Path(name).name
+        name = models.read_version(ref.path).get("base", name)
+    return name
+
+
+def model_card(settings: Settings, name: str, evaluation: dict[str, Any] | None = None,
+               gate: dict[str, Any] | None = None) -> str:
+    """README.md of an HF directory: front matter (base model, license, datasets by hash) and what is known of
+    the version: how it was trained, its eval table and gate result when a pipeline measured them."""
+    import yaml
+
+    root = name
+    while (path := models.version_dir(settings, root)) is not None:
+        root = models.read_version(path).get("base", root)
+        if root == name:
+            break
+    version = models.version_dir(settings, name)
+    meta = models.read_version(version) if version is not None else {}
+    front: dict[str, Any] = {"base_model": base_model_id(settings, name), "license": LICENSES.get(root, "other"),
+                             "library_name": "transformers", "pipeline_tag": "text-generation",
+                             "tags": ["forja", *([meta["method"]] if meta.get("method") else [])]}
+    if meta.get("data_hash"):
+        front["datasets"] = [f"sha256:{meta['data_hash']}"]  # private data: named by its content hash
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", ""]
+    if meta:
+        lines += [f"Fine-tuned with [forja](https://github.com/) from `{meta.get('base')}` ({meta.get('method')}), "
+                  f"created {meta.get('created_at')}, forja {meta.get('forja_version')}.", ""]
+        if meta.get("system"):
+            lines += ["Trained with this system prompt (the chat template's default here):", "", f"> {meta['system']}", ""]
+        numbers = {k: v for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        if numbers:
+            lines += ["| training | value |", "|---|---|", *[f"| {k} | {v:.4g} |" for k, v in numbers.items()], ""]
+    else:
+        lines += [f"Exported by forja from `{name}`.", ""]
+    if evaluation and evaluation.get("means"):
+        lines += [f"## Evaluation ({evaluation.get('cases')} questions of {Path(str(evaluation.get('testset'))).name})", "",
+                  "| metric | mean |", "|---|---|", *[f"| {m} | {v:.3f} |" for m, v in evaluation["means"].items()], ""]
+    if gate is not None:
+        checks = ", ".join(f"{m} ≥ {c['fail_under']:g}" for m, c in (gate.get("checks") or {}).items()) or "no thresholds"
+        lines += [f"Gate: {'passed' if gate.get('passed') else 'failed'} ({checks}).", ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'model = AutoModelForCausalLM.from_pretrained("ORG/{name}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("ORG/{name}")', "```", "",
+              f"or serve it: `vllm serve ORG/{name}` (OpenAI-compatible, /v1/chat/completions).", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ cog (Replicate)
+
+# predict.py of a cog package: it runs in Replicate's container, where forja is not installed, so it is written
+# out whole here and loads the weights with transformers (or llama-cpp-python for a GGUF) itself.
+COG_PREDICT = '''"""Replicate / cog predictor for __NAME__, written by `forja export --format cog`.
+
+setup() loads the weights once; predict() answers one prompt, streaming the text as it is generated."""
+
+import threading
+from pathlib import Path
+
+from cog import BasePredictor, ConcatenateIterator, Input
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DEFAULTS = __DEFAULTS__  # the persona's system prompt and sampling, as forja served it
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        gguf = sorted(WEIGHTS.glob("*.gguf"))
+        if gguf:
+            from llama_cpp import Llama
+
+            self.llama = Llama(model_path=str(gguf[0]), n_ctx=0, verbose=False)  # 0: the context it was trained for
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.llama = None
+        self.tokenizer = AutoTokenizer.from_pretrained(WEIGHTS)
+        self.model = AutoModelForCausalLM.from_pretrained(WEIGHTS, dtype=torch.float32).eval()
+
+    def predict(
+        self,
+        prompt: str = Input(description="The user's message."),
+        system: str = Input(description="System prompt (empty: the one the model was trained with).", default=""),
+        max_tokens: int = Input(description="Most tokens in the answer.", default=DEFAULTS["max_tokens"], ge=1, le=4096),
+        temperature: float = Input(description="0 answers greedily.", default=DEFAULTS["temperature"], ge=0.0, le=2.0),
+        top_p: float = Input(description="Nucleus sampling mass.", default=DEFAULTS["top_p"], ge=0.01, le=1.0),
+    ) -> ConcatenateIterator[str]:
+        messages = [{"role": "system", "content": system or DEFAULTS["system"]}] if (system or DEFAULTS["system"]) else []
+        messages.append({"role": "user", "content": prompt})
+        if self.llama is not None:
+            stream = self.llama.create_chat_completion(messages=messages, max_tokens=max_tokens, stream=True,
+                                                       temperature=temperature, top_p=top_p)
+            for chunk in stream:
+                text = chunk["choices"][0]["delta"].get("content")
+                if text:
+                    yield text
+            return
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        kwargs = {**ids, "max_new_tokens": max_tokens, "streamer": streamer, **sampling,
+                  "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        worker = threading.Thread(target=lambda: torch.no_grad()(self.model.generate)(**kwargs))
+        worker.start()
+        for text in streamer:
+            if text:
+                yield text
+        worker.join()
+'''
+
+
+def _pins(names: list[str]) -> list[str]:
+    """name==installed version for each distribution, as this machine runs it."""
+    import importlib.metadata
+
+    pins = []
+    for name in names:
+        try:  # a local build tag (torch 2.13.0+cpu) is not on PyPI: the release it is a build of is
+            pins.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            raise ExportError(f"{name} is not installed here, so its version cannot be pinned; install it "
+                              "(make install) and export again") from None
+    return pins
+
+
+def _persona_defaults(settings: Settings, name: str, persona: str | None) -> dict[str, Any]:
+    chosen = next((p for p in settings.serve.personas if p.name == persona), None) if persona else None
+    if persona and chosen is None:
+        known = ", ".join(p.name for p in settings.serve.personas) or "none configured"
+        raise ExportError(f"no persona {persona!r} in the config (personas: {known})")
+    defaults = settings.generate
+    pick = lambda value, default: value if value is not None else default  # noqa: E731
+    return {"system": (chosen.system if chosen else None) or models.trained_system(settings, name) or defaults.system or "",
+            "temperature": pick(chosen.temperature if chosen else None, defaults.temperature),
+            "top_p": pick(chosen.top_p if chosen else None, defaults.top_p),
+            "max_tokens": pick(chosen.max_tokens if chosen else None, min(defaults.max_new_tokens, 4096))}
+
+
+def export_cog(settings: Settings, name: str, out: Path, *, engine: str = "pytorch", quant: str = "q8_0",
+               persona: str | None = None) -> list[Path]:
+    """A cog directory (`cog predict`, `cog push r8.im/USER/NAME`): cog.yaml, predict.py, the weights (merged
+    safetensors, or a GGUF for llama.cpp with engine "llamacpp") and a README with the steps."""
+    if engine not in ("pytorch", "llamacpp"):
+        raise ExportError(f"unknown engine {engine!r}; choose pytorch or llamacpp")
+    defaults = _persona_defaults(settings, name, persona)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if engine == "llamacpp":
+        (out / "weights").mkdir()
+        cached = cache_path(settings, name, quant)
+        if not cached.is_file():
+            export_gguf(settings, name, quant, cached)
+        shutil.copy(cached, out / "weights" / "model.gguf")
+        requirements = _pins(["llama-cpp-python"])
+        system_packages = ["build-essential"]  # llama-cpp-python compiles llama.cpp when no wheel fits
+    else:
+        export_hf(settings, name, out / "weights", card=False)
+        requirements = _pins(["torch", "transformers", "tokenizers", "safetensors", "accelerate"])
+        system_packages = ["libgomp1"]  # torch's OpenMP runtime
+    (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    cog_yaml = ("# cog.yaml written by `forja export --format cog` (https://cog.run/yaml)\n"
+                "build:\n  gpu: false  # true for a GPU machine on Replicate (then a CUDA build of torch is installed)\n"
+                f'  python_version: "{sys.version_info.major}.{sys.version_info.minor}"\n'
+                "  python_requirements: requirements.txt\n"
+                "  system_packages:\n" + "".join(f'    - "{p}"\n' for p in system_packages) +
+                'predict: "predict.py:Predictor"\n')
+    (out / "cog.yaml").write_text(cog_yaml)
+    predict = COG_PREDICT.replace("__NAME__", name).replace("__DEFAULTS__", repr(defaults))
+    (out / "predict.py").write_text(predict, encoding="utf-8")
+    readme = f"""# {name} on Replicate (cog)
+
+Written by `forja export --format cog --model {name}`{' --engine llamacpp' if engine == 'llamacpp' else ''}.
+`weights/` holds {'a ' + quant + ' GGUF run by llama.cpp' if engine == 'llamacpp' else 'the merged weights (safetensors)'};
+`predict.py` loads them once in `setup()` and streams each answer.
+
+Try it locally (needs Docker and [cog](https://cog.run)):
+
+    cog predict -i prompt="¿A qué hora abrís?" -i max_tokens=64
+
+Publish it (create the model at https://replicate.com/create first, then `cog login`):
+
+    cog push r8.im/USER/{name.lower()}
+
+and call it:
+
+    curl -s -X POST https://api.replicate.com/v1/models/USER/{name.lower()}/predictions \\
+      -H "Authorization: Bearer $REPLICATE_API_TOKEN" -H "Content-Type: application/json" \\
+      -d '{{"input": {{"prompt": "Hola"}}}}'
+
+Inputs: prompt, system (empty: `{defaults['system'][:60]}`), max_tokens ({defaults['max_tokens']}),
+temperature ({defaults['temperature']}), top_p ({defaults['top_p']}).
+Without Docker, cog's own server runs it as the container does:
+
+    pip install -r requirements.txt cog=={COG_VERSION}
+    COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=5000 python -m cog.server.http
+    curl -s -X POST localhost:5000/predictions -H 'Content-Type: application/json' -d '{{"input": {{"prompt": "Hola"}}}}'
+"""
+    (out / "README.md").write_text(readme, encoding="utf-8")
+    return [out]
+
+
+COG_VERSION = "0.23.1"  # the cog SDK the package was tested with (tests/test_export.py runs its server)
+
+
+def _installed(name: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ Docker
+
+DOCKERFILE = """# forja serving {name}: written by `forja export --format docker`.
+#   docker compose up          (or: docker build -t forja-{tag} . && docker run -p 8000:8000 forja-{tag})
+# The version is baked in at /models/{stem} (merged weights); to mount it instead, drop the COPY of model/
+# and mount the directory read-only at /models/{stem} (see compose.yaml).
+# Environment (every setting of forja.yaml can be given as FORJA_SECTION__FIELD):
+#   FORJA_HOME            database, caches, feedback (a volume: /data)
+#   FORJA_CONFIG          the settings file (/app/forja.yaml: model, personas, host and port)
+#   FORJA_DATABASE_URL    PostgreSQL instead of SQLite, e.g. postgresql+psycopg://forja:forja@db/forja
+#   FORJA_THREADS         CPU threads for torch (default: torch decides)
+#   FORJA_SERVE__API_KEYS keys clients must send (JSON list), else anyone who reaches the port is answered
+FROM python:{python}-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    PIP_NO_CACHE_DIR=1 \\
+    PYTHONPATH=/app \\
+    FORJA_HOME=/data \\
+    FORJA_CONFIG=/app/forja.yaml
+
+RUN useradd --create-home --uid 1000 forja \\
+    && mkdir -p /data \\
+    && chown forja:forja /data
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY forja/ /app/forja/
+COPY forja.yaml /app/forja.yaml
+COPY model/ /models/{stem}/
+
+USER 1000:1000
+EXPOSE 8000
+VOLUME ["/data"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \\
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+ENTRYPOINT ["python", "-m", "forja.cli"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+"""
+
+COMPOSE = """# forja serving {stem}: `docker compose up` (add `--profile postgres` and/or `--profile monitoring`).
+# written by `forja export --format docker`
+services:
+  forja:
+    build: .
+    image: forja-{tag}
+    ports:
+      - "8000:8000"
+    environment:
+      FORJA_THREADS: "2"
+      # with --profile postgres:
+      # FORJA_DATABASE_URL: postgresql+psycopg://forja:forja@db:5432/forja
+    volumes:
+      - forja-data:/data
+      # the version mounted instead of baked in:
+      # - ./model:/models/{stem}:ro
+    restart: unless-stopped
+
+  db:
+    image: postgres:17-alpine
+    profiles: ["postgres"]
+    environment:
+      POSTGRES_USER: forja
+      POSTGRES_PASSWORD: forja
+      POSTGRES_DB: forja
+    volumes:
+      - db-data:/var/lib/postgresql/data
+    restart: unless-stopped
+
+  prometheus:
+    image: prom/prometheus:v3.5.0
+    profiles: ["monitoring"]
+    ports:
+      - "9090:9090"
+    volumes:
+      - ./prometheus.yml:/etc/prometheus/prometheus.yml:ro
+    restart: unless-stopped
+
+volumes:
+  forja-data:
+  db-data:
+"""
+
+PROMETHEUS = """# scraped by the prometheus service of compose.yaml; with API keys set, add the admin key:
+# authorization: {{credentials: YOUR_ADMIN_KEY}}
+scrape_configs:
+  - job_name: forja
+    metrics_path: /metrics
+    static_configs:
+      - targets: ["forja:8000"]
+"""
+
+# forja's runtime dependencies that a serving container does not need (training, tests, llama.cpp's compiler)
+NOT_IN_CONTAINER = {"llama-cpp-python"}
+
+
+def export_docker(settings: Settings, name: str, out: Path, *, persona: str | None = None) -> list[Path]:
+    """A Docker build directory serving `name` with forja: Dockerfile (slim Python, non-root user, the version
+    baked in, HEALTHCHECK on /health), compose.yaml (optional PostgreSQL and Prometheus), forja's code and a
+    pinned requirements.txt."""
+    import importlib.metadata
+
+    import yaml
+
+    import forja
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    export_hf(settings, name, out / "model", card=False)
+    shutil.copytree(Path(forja.__file__).resolve().parent, out / "forja",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    wanted = [re.split(r"[=<>;\[ ]", r, maxsplit=1)[0] for r in importlib.metadata.requires("forja") or []
+              if "extra ==" not in r]
+    pins = _pins([w for w in wanted if w not in NOT_IN_CONTAINER] + (["psycopg", "psycopg-binary"] if _installed("psycopg") else []))
+    (out / "requirements.txt").write_text("\n".join(pins) + "\n")
+    stem = re.sub(r"[^\w.-]+", "_", Path(name).name.removesuffix(".gguf"))
+    served = f"/models/{stem}"
+    config: dict[str, Any] = {"model": served, "serve": {"host": "0.0.0.0", "port": 8000, "backend": "pytorch"}}
+    if persona:
+        chosen = next((p for p in settings.serve.personas if p.name == persona), None)
+        if chosen is None:
+            raise ExportError(f"no persona {persona!r} in the config")
+        config["serve"]["personas"] = [chosen.model_copy(update={"model": served}).model_dump(exclude_defaults=True)]
+    elif models.trained_system(settings, name):
+        config["generate"] = {"system": models.trained_system(settings, name)}
+    (out / "forja.yaml").write_text("# the settings inside the container (FORJA_* variables override them)\n"
+                                    + yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tag = re.sub(r"[^a-z0-9.-]+", "-", stem.lower()).strip("-.") or "model"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (out / "Dockerfile").write_text(DOCKERFILE.format(name=name, stem=stem, tag=tag, python=python))
+    (out / "compose.yaml").write_text(COMPOSE.format(name=name, stem=stem, tag=tag))
+    (out / "prometheus.yml").write_text(PROMETHEUS)
+    (out / ".dockerignore").write_text("**/__pycache__\n*.pyc\n")
+    return [out]
+
+
+# ------------------------------------------------------------------------------------------------ systemd
+
+SERVICE = """# forja serving on a VPS: written by `forja export --format systemd`.
+# sudo cp forja.service forja-retrain.service forja-retrain.timer /etc/systemd/system/
+# sudo systemctl daemon-reload && sudo systemctl enable --now forja.service forja-retrain.timer
+[Unit]
+Description=forja: the OpenAI-compatible server of {name}
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User={user}
+WorkingDirectory={home}
+Environment=FORJA_HOME={home}
+{config}
+# serves the active version, following promotions (`forja models promote {name}` makes it this one)
+ExecStart={python} -m forja.cli serve --host 127.0.0.1 --port {port}
+Restart=on-failure
+RestartSec=5
+NoNewPrivileges=true
+ProtectSystem=strict
+ReadWritePaths={home}
+PrivateTmp=true
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+RETRAIN_SERVICE = """# Retrain from the week's feedback: the new version is promoted only when it passes the gate, and the one
+# before stays in FORJA_HOME (roll back with `forja models rollback`); `forja gc` keeps every version in the
+# active history. Started by forja-retrain.timer; run it by hand with `systemctl start forja-retrain`.
+[Unit]
+Description=forja: retrain {name}'s successor from feedback
+After=network-online.target
+
+[Service]
+Type=oneshot
+User={user}
+WorkingDirectory={home}
+Environment=FORJA_HOME={home}
+{config}
+ExecStart={python} -m forja.cli train --from-feedback --quiet
+# a server following the active version switches at its next request; nothing to restart
+SuccessExitStatus=2
+Nice=10
+"""
+
+RETRAIN_TIMER = """[Unit]
+Description=forja: retrain from feedback every week
+
+[Timer]
+OnCalendar=weekly
+RandomizedDelaySec=1h
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
+
+
+def export_systemd(settings: Settings, name: str, out: Path, *, user: str = "forja") -> list[Path]:
+    """forja.service (`forja serve` on the active version), and forja-retrain.service with a weekly timer that
+    retrains from feedback (`forja train --from-feedback`, promoted only past the gate)."""
+    out.mkdir(parents=True, exist_ok=True)
+    from forja.config import config_path
+
+    config = config_path()
+    values = {"name": name, "user": user, "home": settings.home.resolve(), "python": sys.executable,
+              "port": settings.serve.port,
+              "config": f"Environment=FORJA_CONFIG={config.resolve()}" if config else "# Environment=FORJA_CONFIG=/etc/forja/forja.yaml"}
+    written = []
+    for file, text in (("forja.service", SERVICE), ("forja-retrain.service", RETRAIN_SERVICE),
+                       ("forja-retrain.timer", RETRAIN_TIMER)):
+        (out / file).write_text(text.format(**values))
+        written.append(out / file)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ the verb
+
+FORMATS = ("gguf", "ollama", "hf", "cog", "docker", "systemd")
+
+
+def export(settings: Settings, name: str, fmt: str, quant: str, out_dir: Path, persona: str | None = None, *,
+           engine: str = "pytorch", evaluation: dict[str, Any] | None = None,
+           gate: dict[str, Any] | None = None) -> list[Path]:
+    """`forja export`: the GGUF (and for `ollama` its Modelfile), the merged `hf` directory with its model card,
+    or a deployment package (cog, docker, systemd) in out_dir; `all` writes every one."""
+    if fmt == "all":
+        return [path for each in FORMATS
+                for path in export(settings, name, each, quant, out_dir, persona, engine=engine, evaluation=evaluation, gate=gate)]
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]} (or all)")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", Path(name).name.removesuffix(".gguf"))
     if fmt == "hf":
-        return [export_hf(settings, name, out_dir / stem)]
+        return [export_hf(settings, name, out_dir / stem, evaluation=evaluation, gate=gate)]
+    if fmt in PACKAGES:
+        return package(settings, name, fmt, out_dir / fmt, persona=persona, engine=engine, quant=quant)
     target = out_dir / f"{stem}-{quant}.gguf"
     cached = cache_path(settings, name, quant)
     if not cached.is_file():
@@ -381,3 +853,65 @@ def export(settings: Settings, name: str, fmt: str, quant: str, out_dir: Path, p
     if fmt == "ollama":
         written.append(write_modelfile(settings, target, name, persona))
     return written
+
+
+PACKAGES = ("cog", "docker", "systemd")
+
+
+def package(settings: Settings, name: str, fmt: str, out: Path, *, persona: str | None = None,
+            engine: str = "pytorch", quant: str = "q8_0") -> list[Path]:
+    """A deployment package of `name` in `out`: cog, docker or systemd."""
+    if fmt == "cog":
+        return export_cog(settings, name, out, engine=engine, quant=quant, persona=persona)
+    if fmt == "docker":
+        return export_docker(settings, name, out, persona=persona)
+    if fmt == "systemd":
+        return export_systemd(settings, name, out)
+    raise ExportError(f"unknown package {fmt!r}; choose {', '.join(PACKAGES)}")
+
+
+# ------------------------------------------------------------------------------------------------ the hub
+
+HUB_CHECK_SECONDS = 5.0  # an unreachable hub is reported this soon, before anything is exported
+
+
+def push_to_hub(settings: Settings, name: str, target: str, *, private: bool = True,
+                log: Any = lambda line: None) -> str:
+    """`forja push NAME --to hub:ORG/REPO`: the HF directory of `name` (with its model card) uploaded with
+    huggingface_hub; an unreachable hub or a missing token fails at once, in one line. Returns the repo's URL."""
+    import httpx
+
+    repo = target.removeprefix("hub:")
+    if not target.startswith("hub:") or not models.HUB_ID.match(repo):
+        raise ExportError(f"--to {target!r}: write hub:ORG/REPO (a Hugging Face model repository)")
+    models.resolve(name, settings)
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    try:
+        httpx.head(endpoint, timeout=HUB_CHECK_SECONDS)
+    except httpx.HTTPError as exc:
+        raise ExportError(f"the Hugging Face hub at {endpoint} cannot be reached ({type(exc).__name__}: {exc}); "
+                          "check the network (or HF_ENDPOINT) and push again") from None
+    token = get_token()
+    if not token:
+        raise ExportError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
+    folder = settings.cache_dir / "push" / re.sub(r"[^\w.-]+", "_", name)
+    log(f"exporting {name} to {folder}")
+    export_hf(settings, name, folder)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        log(f"uploading {_dir_mib(folder):.0f} MiB to {repo}")
+        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
+                          commit_message=f"forja push {name}")
+    except HfHubHTTPError as exc:
+        raise ExportError(f"the hub refused the upload to {repo}: {str(exc).splitlines()[0]}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return f"{endpoint}/{repo}"
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20

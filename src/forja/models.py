@@ -589,3 +589,125 @@ def list_models(settings: Settings) -> list[dict[str, str]]:
                     {"name": str(path), "kind": "converted", "location": str(path), "detail": f"from {source['gguf']}"}
                 )
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Deleting versions and collecting what nothing needs (`forja models delete`, `forja gc`)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _gguf_exports(settings: Settings) -> list[tuple[Path, dict[str, Any]]]:
+    """The cached GGUF exports with what each was made from (export.py writes FILE.gguf.json beside each)."""
+    found = []
+    for meta_file in sorted((settings.cache_dir / "gguf").glob("*.gguf.json")):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        found.append((meta_file.with_suffix(""), meta))
+    return found
+
+
+def delete_version(settings: Settings, name: str) -> int:
+    """Remove a trained version, its run and its cached GGUF exports; returns the bytes freed. Refused for
+    the active version and for a version another one is an adapter on."""
+    path = version_dir(settings, name)
+    if path is None:
+        known = ", ".join(version_names(settings)) or "none"
+        raise ModelError(f"no trained version named {name!r} (versions: {known})")
+    if active_model(settings) == name:
+        raise ModelError(f"{name} is the active version: promote another (forja models promote NAME) or roll back "
+                         "(forja models rollback) before deleting it")
+    dependents = [other for other in version_names(settings) if other != name
+                  and read_version(settings.versions_dir / other).get("base") == name
+                  and (settings.versions_dir / other / "adapter_config.json").is_file()]
+    if dependents:
+        raise ModelError(f"{name} is the base of {', '.join(dependents)} (LoRA adapters on it); delete those first "
+                         f"or merge them (forja models merge NAME)")
+    targets = [path, settings.runs_dir / name]
+    for gguf_file, meta in _gguf_exports(settings):
+        if meta.get("model") == name:
+            targets += [gguf_file, Path(str(gguf_file) + ".json")]
+    freed = sum(_size(p) for p in targets)
+    for target in targets:
+        _remove(target)
+    return freed
+
+
+RUN_GRACE_SECONDS = 3600
+
+
+def models_in_use(settings: Settings) -> set[str]:
+    """The models a server or a rollback may load: the configured one, the active version and the one before
+    it (for `forja models rollback`), and every persona's."""
+    stack = _read_active(settings)["stack"]
+    return {settings.model, active_model(settings), *stack[-2:], *(p.model for p in settings.serve.personas if p.model)}
+
+
+def collect_garbage(settings: Settings, dry_run: bool = False) -> list[dict[str, Any]]:
+    """`forja gc`: what no version needs, each {path, bytes, why}; removed unless `dry_run`. Removed: GGUF exports
+    of models that are gone or have changed since (their fingerprint), or that no server or rollback loads (a
+    new one is exported at its next use); HF conversions of GGUF files that are gone or changed; runs that
+    left no version, no checkpoint and no process; files a killed process left half written."""
+    found: list[dict[str, Any]] = []
+
+    def drop(path: Path, why: str) -> None:
+        found.append({"path": str(path), "bytes": _size(path), "why": why})
+
+    in_use = models_in_use(settings)
+    for gguf_file, meta in _gguf_exports(settings):
+        model = meta.get("model")
+        if not gguf_file.is_file() or not model:
+            why = "a record without its file"
+        else:
+            try:
+                current = fingerprint(model, settings)
+            except ModelError:
+                current = None
+            why = ("its model is gone" if current is None else
+                   "its model has changed since" if current != meta.get("fingerprint") else
+                   "" if model in in_use else "no server or rollback loads its model (re-exported at next use)")
+        if why:
+            if gguf_file.exists():
+                drop(gguf_file, why)
+            drop(Path(str(gguf_file) + ".json"), why)
+    for leftover in sorted((settings.cache_dir / "gguf").glob("*.part")) + sorted((settings.cache_dir / "gguf").glob("*.tmp")):
+        drop(leftover, "half written by a process that stopped")
+    for gguf_file in sorted((settings.cache_dir / "gguf").glob("*.gguf")):
+        if not Path(str(gguf_file) + ".json").is_file():
+            drop(gguf_file, "no record of what it was made from")
+    converted = settings.models_dir / "converted"
+    for path in sorted(converted.iterdir()) if converted.is_dir() else []:
+        record = path / CONVERTED_FILE
+        if not record.is_file():
+            drop(path, "a conversion that never finished")
+            continue
+        source = json.loads(record.read_text())
+        gguf_path = Path(source.get("gguf", ""))
+        if not gguf_path.is_file():
+            drop(path, f"its GGUF {gguf_path} is gone")
+        elif file_sha256(gguf_path) != source.get("sha256"):
+            drop(path, f"its GGUF {gguf_path.name} has changed since")
+    for path in sorted(settings.runs_dir.iterdir()) if settings.runs_dir.is_dir() else []:
+        # an hour old at least: a run a job has just created starts training (and holds its lock) within seconds
+        if (version_dir(settings, path.name) is None and not (path / CHECKPOINTS_DIR).is_dir() and not run_held(path)
+                and time.time() - path.stat().st_mtime > RUN_GRACE_SECONDS):
+            drop(path, "a run that left no version and no checkpoint to resume")
+    for path in sorted(settings.versions_dir.glob("*.tmp")) if settings.versions_dir.is_dir() else []:
+        drop(path, "a version half written by a process that stopped")
+    if not dry_run:
+        for item in found:
+            _remove(Path(item["path"]))
+    return found
