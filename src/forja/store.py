@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 
 from forja.config import ForjaError, Settings
@@ -33,6 +34,11 @@ class UnknownExchange(StoreError):
 
 metadata = sa.MetaData()
 
+# JSON documents: JSONB on PostgreSQL (queried and indexed in SQL), JSON text on SQLite; callers hand over and
+# get back Python values. A Python None is SQL NULL. Times are float seconds since the epoch (UTC) on both
+# engines, as the OpenAI API reports them (`created`), so a row reads back exactly as it was written.
+JSON = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
 migrations_table = sa.Table(
     "schema_migrations", metadata,
     sa.Column("name", sa.String(200), primary_key=True),
@@ -46,16 +52,16 @@ exchanges = sa.Table(
     sa.Column("route", sa.String(40), nullable=False),  # chat, completion, predict
     sa.Column("model", sa.String(200), nullable=False),  # the model or version that answered
     sa.Column("persona", sa.String(200)),
-    sa.Column("messages", sa.Text, nullable=False),  # JSON: chat messages as given to the model, or a prompt string
-    sa.Column("answers", sa.Text, nullable=False),  # JSON list, one per choice
-    sa.Column("params", sa.Text, nullable=False),  # JSON sampling parameters
+    sa.Column("messages", JSON, nullable=False),  # JSON: chat messages as given to the model, or a prompt string
+    sa.Column("answers", JSON, nullable=False),  # JSON list, one per choice
+    sa.Column("params", JSON, nullable=False),  # JSON sampling parameters
     sa.Column("prompt_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("completion_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("latency_ms", sa.Float, nullable=False, default=0.0),
     sa.Column("finish_reason", sa.String(20)),
     sa.Column("api_key_name", sa.String(200)),
-    sa.Column("retrieval", sa.Text),  # JSON: the knowledge chunks retrieved for the prompt(s), or NULL
-    sa.Column("trace", sa.Text),  # JSON: an agent persona's steps (tool, arguments, result), or NULL
+    sa.Column("retrieval", JSON),  # JSON: the knowledge chunks retrieved for the prompt(s), or NULL
+    sa.Column("trace", JSON),  # JSON: an agent persona's steps (tool, arguments, result), or NULL
 )
 
 feedback = sa.Table(
@@ -121,15 +127,15 @@ vector_store_files = sa.Table(
     sa.Column("file_id", sa.String(64), sa.ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),  # in_progress, completed, failed
-    sa.Column("last_error", sa.Text),  # JSON {"code", "message"} when failed
-    sa.Column("attributes", sa.Text, nullable=False, default="{}"),  # JSON, the client's own
+    sa.Column("last_error", JSON),  # JSON {"code", "message"} when failed
+    sa.Column("attributes", JSON, nullable=False, default=dict),  # JSON, the client's own
 )
 
 vector_store_file_batches = sa.Table(
     "vector_store_file_batches", metadata,  # files attached together (POST /v1/vector_stores/{id}/file_batches)
     sa.Column("id", sa.String(64), primary_key=True),  # vsfb_<hex>
     sa.Column("collection", sa.String(200), nullable=False, index=True),
-    sa.Column("file_ids", sa.Text, nullable=False),  # JSON list
+    sa.Column("file_ids", JSON, nullable=False),  # JSON list
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
 )
@@ -143,9 +149,9 @@ jobs = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("api_key_name", sa.String(200)),  # whose job it is, never the key
-    sa.Column("request", sa.Text, nullable=False),  # JSON: the job as created (checked)
-    sa.Column("result", sa.Text, nullable=False, default="{}"),  # JSON: what it made (model, tokens, files, counts)
-    sa.Column("error", sa.Text),  # JSON {"code", "message", "param"} when failed
+    sa.Column("request", JSON, nullable=False),  # JSON: the job as created (checked)
+    sa.Column("result", JSON, nullable=False, default=dict),  # JSON: what it made (model, tokens, files, counts)
+    sa.Column("error", JSON),  # JSON {"code", "message", "param"} when failed
     sa.Column("worker", sa.String(200)),  # host:pid:tag of the worker running it; NULL = waiting for one
     sa.Column("heartbeat_at", sa.Float),  # the last time that worker said it is alive
     sa.Column("attempts", sa.Integer, nullable=False, default=0),  # times a worker started (or resumed) it
@@ -159,7 +165,7 @@ job_events = sa.Table(
     sa.Column("level", sa.String(10), nullable=False),  # info, warn, error
     sa.Column("type", sa.String(20), nullable=False),  # message, metrics, checkpoint
     sa.Column("message", sa.Text, nullable=False),
-    sa.Column("data", sa.Text),  # JSON: step, losses, tokens/s, ETA; a checkpoint's step and metrics
+    sa.Column("data", JSON),  # JSON: step, losses, tokens/s, ETA; a checkpoint's step and metrics
 )
 
 api_keys = sa.Table(
@@ -167,7 +173,7 @@ api_keys = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),  # key_<hex>
     sa.Column("name", sa.String(200), nullable=False, unique=True),
     sa.Column("sha256", sa.String(64), nullable=False, unique=True),
-    sa.Column("scopes", sa.Text, nullable=False),  # JSON list: chat, train
+    sa.Column("scopes", JSON, nullable=False),  # JSON list: chat, train
     sa.Column("admin", sa.Boolean, nullable=False, default=False),
     sa.Column("requests_per_minute", sa.Integer),
     sa.Column("tokens_per_day", sa.Integer),
@@ -215,7 +221,7 @@ conversations = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("title", sa.String(200)),
-    sa.Column("messages", sa.Text, nullable=False),  # JSON: the turns the model is given, oldest first
+    sa.Column("messages", JSON, nullable=False),  # JSON: the turns the model is given, oldest first
     sa.Column("summary", sa.Text),  # the summary that stands for older turns taken out of `messages`
     sa.Column("compacted", sa.Integer, nullable=False, default=0),  # turns summarised or dropped so far
 )
@@ -282,7 +288,9 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         try:
-            self.engine: Engine = sa.create_engine(url, future=True)
+            # pool_pre_ping: a connection the database dropped (a restart) is replaced, not handed out
+            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True,
+                                                   json_serializer=lambda v: json.dumps(v, ensure_ascii=False))
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             self.applied = self.migrate()
@@ -326,12 +334,9 @@ class Store:
             self._insert_guard_events(conn, guard_events)
             conn.execute(exchanges.insert().values(
                 id=id, created_at=time.time(), route=route, model=model, persona=persona,
-                messages=json.dumps(messages, ensure_ascii=False), answers=json.dumps(answers, ensure_ascii=False),
-                params=json.dumps(params, ensure_ascii=False), prompt_tokens=prompt_tokens,
+                messages=messages, answers=answers, params=params, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
-                api_key_name=api_key_name,
-                retrieval=None if retrieval is None else json.dumps(retrieval, ensure_ascii=False),
-                trace=None if trace is None else json.dumps(trace, ensure_ascii=False),
+                api_key_name=api_key_name, retrieval=retrieval, trace=trace,
             ))
 
     def log_guard_events(self, events: list[dict[str, Any]]) -> None:
@@ -371,7 +376,7 @@ class Store:
                                  .where(exchanges.c.id == exchange_id)).first()
             if found is None:
                 raise UnknownExchange(f"no exchange with id {exchange_id!r}")
-            if not 0 <= choice < max(len(json.loads(found.answers)), 1):
+            if not 0 <= choice < max(len(found.answers), 1):
                 raise StoreError(f"exchange {exchange_id!r} has no choice {choice}")
             result = conn.execute(feedback.insert().values(
                 exchange_id=exchange_id, created_at=time.time(), choice=choice, rating=rating,
@@ -400,8 +405,7 @@ class Store:
                 used.setdefault(r.feedback_id, []).append(r.version)
             reviews = {r.feedback_id: r.decision for r in conn.execute(sa.select(feedback_reviews))}
         for row in rows:
-            row["messages"] = json.loads(row["messages"])
-            answers = json.loads(row.pop("answers"))
+            answers = row.pop("answers")
             row["answer"] = answers[row["choice"]] if row["choice"] < len(answers) else ""
             row["used_in"] = used.get(row["id"], [])
             row["review"] = reviews.get(row["id"])
@@ -539,12 +543,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _exchange(row: Any) -> Exchange:
-    data = dict(row._mapping)
-    for key in ("messages", "answers", "params"):
-        data[key] = json.loads(data[key])
-    data["retrieval"] = json.loads(data["retrieval"]) if data.get("retrieval") else None
-    data["trace"] = json.loads(data["trace"]) if data.get("trace") else None
-    return Exchange(**data)
+    return Exchange(**row._mapping)
 
 
 def safe_url(url: str) -> str:
