@@ -173,11 +173,24 @@ def module_database(request):
 
 
 @pytest.fixture
-def database_url(request, tmp_path) -> str:
-    """A new, empty database on the engine the suite runs on: a SQLite file, or a PostgreSQL database."""
-    if TEST_DATABASE == "postgresql":
-        return request.getfixturevalue("postgres").create_database()
-    return f"sqlite:///{tmp_path / 'store.db'}"
+def new_database(request, tmp_path):
+    """new_database() → the URL of a new, empty database on the engine the suite runs on: a SQLite file,
+    or a PostgreSQL database."""
+    made = []
+
+    def make() -> str:
+        made.append(len(made))
+        if TEST_DATABASE == "postgresql":
+            return request.getfixturevalue("postgres").create_database()
+        return f"sqlite:///{tmp_path / f'store-{len(made)}.db'}"
+
+    return make
+
+
+@pytest.fixture
+def database_url(new_database) -> str:
+    """A new, empty database on the engine the suite runs on."""
+    return new_database()
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,8 @@ which model version.
 
 SQLAlchemy Core over SQLite by default (FORJA_HOME/forja.db, WAL journal, foreign keys on, every commit
 synced to disk); `database_url` in the config points it at another database such as PostgreSQL.
-The schema changes only through MIGRATIONS: ordered, named steps recorded in `schema_migrations` and
-applied when the store opens, so an old database is brought up to date in place.
+The schema changes only through the Alembic revisions of forja.migrations, applied when the store opens
+(and by `forja db migrate`), so an old database is brought up to date in place.
 """
 
 from __future__ import annotations
@@ -39,16 +39,10 @@ metadata = sa.MetaData()
 # engines, as the OpenAI API reports them (`created`), so a row reads back exactly as it was written.
 JSON = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
-migrations_table = sa.Table(
-    "schema_migrations", metadata,
-    sa.Column("name", sa.String(200), primary_key=True),
-    sa.Column("applied_at", sa.Float, nullable=False),
-)
-
 exchanges = sa.Table(
     "exchanges", metadata,
     sa.Column("id", sa.String(64), primary_key=True),  # the response id the API returned
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("route", sa.String(40), nullable=False),  # chat, completion, predict
     sa.Column("model", sa.String(200), nullable=False),  # the model or version that answered
     sa.Column("persona", sa.String(200)),
@@ -68,7 +62,7 @@ feedback = sa.Table(
     "feedback", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("exchange_id", sa.String(64), sa.ForeignKey("exchanges.id", ondelete="CASCADE"), nullable=False, index=True),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("choice", sa.Integer, nullable=False, default=0),
     sa.Column("rating", sa.String(4)),  # "up", "down" or NULL (a comment only)
     sa.Column("correction", sa.Text),
@@ -227,36 +221,16 @@ conversations = sa.Table(
 )
 
 
-def _create(*tables: sa.Table):
-    def step(conn: Connection) -> None:
-        for table in tables:
-            table.create(conn)
-    return step
-
-
-def _add_column(table: sa.Table, name: str):
-    """A column added to a table that 0001 created; a database created since has it already."""
-    def step(conn: Connection) -> None:
-        if name not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
-            column = table.c[name]
-            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(conn.dialect)}"))
-    return step
-
-
-# Ordered, never edited once released: a new column or table is a new entry at the end.
-MIGRATIONS: list[tuple[str, Any]] = [
-    ("0001_exchanges_and_feedback", _create(exchanges, feedback)),
-    ("0002_feedback_used", _create(feedback_used)),
-    ("0003_guard_events", _create(guard_events)),
-    ("0004_feedback_reviews", _create(feedback_reviews)),
-    ("0005_exchange_retrieval", _add_column(exchanges, "retrieval")),
-    ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
-    ("0007_jobs", _create(jobs, job_events)),
-    ("0008_api_keys", _create(api_keys, usage)),
-    ("0009_console_users", _create(console_users, console_sessions)),
-    ("0010_exchange_trace", _add_column(exchanges, "trace")),
-    ("0011_conversations", _create(conversations)),
-]
+model_registry = sa.Table(
+    "model_registry", metadata,  # the active version, shared by every replica: promote pushes, rollback pops
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("action", sa.String(10), nullable=False),  # promote or rollback
+    sa.Column("model", sa.String(200), nullable=False),  # promoted, or active after the rollback
+    sa.Column("previous", sa.String(200), nullable=False),  # active before
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.CheckConstraint("action IN ('promote', 'rollback')", name="action_promote_or_rollback"),
+)
 
 
 @dataclass
@@ -304,21 +278,16 @@ class Store:
         return cls(settings.database)
 
     def migrate(self) -> list[str]:
-        """Apply the migrations this database has not seen, in order; returns their names."""
-        applied = []
-        with self.engine.begin() as conn:
-            migrations_table.create(conn, checkfirst=True)
-            done = {row.name for row in conn.execute(sa.select(migrations_table.c.name))}
-            for name, step in MIGRATIONS:
-                if name not in done:
-                    step(conn)
-                    conn.execute(migrations_table.insert().values(name=name, applied_at=time.time()))
-                    applied.append(name)
-        return applied
+        """Apply the schema revisions this database has not seen, in order; returns them."""
+        from forja import migrations
 
-    def migrations(self) -> list[str]:
+        return migrations.upgrade(self.engine)
+
+    def revision(self) -> str | None:
+        from forja import migrations
+
         with self.engine.connect() as conn:
-            return [r.name for r in conn.execute(sa.select(migrations_table.c.name).order_by(migrations_table.c.name))]
+            return migrations.current(conn)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,141 @@
+"""The store on SQLite and on PostgreSQL (make test runs this file on both): its schema revisions, the
+upgrade of a database made before Alembic, JSON documents, statistics in SQL, and `forja db`."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from forja import migrations
+from forja.store import Store, StoreError, UnknownExchange, metadata
+
+# forja's own migrations list before Alembic: what `schema_migrations` of an old database holds
+LEGACY_NAMES = ["0001_exchanges_and_feedback", "0002_feedback_used", "0003_guard_events", "0004_feedback_reviews",
+                "0005_exchange_retrieval", "0006_files", "0007_jobs", "0008_api_keys", "0009_console_users",
+                "0010_exchange_trace", "0011_conversations"]
+
+
+def schema(url: str) -> dict:
+    """Everything the database says about its tables, in a comparable form."""
+    engine = sa.create_engine(url)
+    try:
+        inspector = sa.inspect(engine)
+        found = {}
+        for table in sorted(inspector.get_table_names()):
+            if table == "alembic_version":
+                continue
+            found[table] = {
+                "columns": [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+                "primary key": inspector.get_pk_constraint(table)["constrained_columns"],
+                "foreign keys": sorted((tuple(f["constrained_columns"]), f["referred_table"],
+                                        f.get("options", {}).get("ondelete")) for f in inspector.get_foreign_keys(table)),
+                "indexes": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                                  for i in inspector.get_indexes(table)),
+                "unique": sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+                "checks": sorted(c["sqltext"] for c in inspector.get_check_constraints(table)),
+            }
+        return found
+    finally:
+        engine.dispose()
+
+
+def revisions() -> list[str]:
+    return [s.revision for s in reversed(list(migrations.scripts().walk_revisions()))]
+
+
+def log(store: Store, id: str, question="¿Hola?", answer="Hola.", model="m1", **more) -> None:
+    store.log_exchange(id=id, route="chat", model=model, persona=None, messages=[{"role": "user", "content": question}],
+                       answers=[answer], params={"temperature": 0.0}, prompt_tokens=5, completion_tokens=3,
+                       latency_ms=10.0, finish_reason="stop", api_key_name=None, **more)
+
+
+def test_every_past_revision_upgrades_to_the_schema_of_a_fresh_database(new_database):
+    fresh = new_database()
+    assert Store(fresh).applied == revisions()
+    expected = schema(fresh)
+    assert set(expected) == set(metadata.tables)  # the tables the code queries are the tables migrated
+    for table in metadata.tables.values():
+        assert [c[0] for c in expected[table.name]["columns"]] == [c.name for c in table.columns], table.name
+        assert [c[2] for c in expected[table.name]["columns"]] == [c.nullable for c in table.columns], table.name
+    for revision in revisions()[:-1]:
+        url = new_database()
+        engine = sa.create_engine(url)
+        assert migrations.upgrade(engine, revision)[-1] == revision
+        engine.dispose()
+        store = Store(url)
+        assert store.applied == revisions()[revisions().index(revision) + 1:]
+        assert store.revision() == migrations.head() and Store(url).applied == []  # opening again changes nothing
+        assert schema(url) == expected, f"upgraded from {revision}"
+
+
+@pytest.mark.parametrize("last", [1, 4, 11])
+def test_a_database_made_before_alembic_is_stamped_and_upgraded_in_place(new_database, last):
+    url = new_database()
+    engine = sa.create_engine(url)
+    migrations.upgrade(engine, f"{last:04d}")  # the same tables as forja's own migrations made
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE alembic_version"))
+        conn.execute(sa.text("CREATE TABLE schema_migrations (name VARCHAR(200) PRIMARY KEY, applied_at FLOAT NOT NULL)"))
+        for name in LEGACY_NAMES[:last]:
+            conn.execute(sa.text("INSERT INTO schema_migrations VALUES (:name, 0)"), {"name": name})
+        conn.execute(sa.text("INSERT INTO exchanges (id, created_at, route, model, messages, answers, params, "
+                             "prompt_tokens, completion_tokens, latency_ms) VALUES ('old', 1, 'chat', 'm0', "
+                             "'[{\"role\": \"user\", \"content\": \"¿Sigue aquí?\"}]', '[\"Sí.\"]', '{}', 1, 1, 1)"))
+    engine.dispose()
+    store = Store(url)
+    assert store.applied == revisions()[last:]
+    assert schema(url) == schema(_fresh(new_database))  # schema_migrations gone, alembic_version at head
+    old = store.exchange("old")  # a row written as JSON text reads back as JSON
+    assert old.messages == [{"role": "user", "content": "¿Sigue aquí?"}] and old.answers == ["Sí."]
+
+
+def test_a_database_of_an_unknown_newer_forja_is_refused_with_its_step(new_database):
+    url = new_database()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE schema_migrations (name VARCHAR(200) PRIMARY KEY, applied_at FLOAT NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO schema_migrations VALUES ('0099_from_the_future', 0)"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="0099_from_the_future"):
+        Store(url)
+
+
+def _fresh(new_database) -> str:
+    url = new_database()
+    Store(url).close()
+    return url
+
+
+def test_json_documents_round_trip_and_none_is_null(database_url):
+    store = Store(database_url)
+    retrieval = [{"chunk": "Ñandú 🚀", "score": 0.5, "nested": {"a": [1, 2, None]}}]
+    log(store, "x1", "¿Qué tal? テスト", "Bien.", retrieval=retrieval)
+    log(store, "x2")
+    first, second = store.exchange("x1"), store.exchange("x2")
+    assert first.messages == [{"role": "user", "content": "¿Qué tal? テスト"}] and first.retrieval == retrieval
+    assert first.params == {"temperature": 0.0} and second.retrieval is None and second.trace is None
+    with store.engine.connect() as conn:  # stored as SQL NULL, not the JSON document null
+        assert conn.execute(sa.text("SELECT count(*) FROM exchanges WHERE retrieval IS NULL")).scalar_one() == 1
+        if conn.dialect.name == "postgresql":  # JSONB: SQL reads into it
+            assert conn.execute(sa.text("SELECT messages->0->>'content' FROM exchanges WHERE id = 'x1'")).scalar_one() \
+                == "¿Qué tal? テスト"
+
+
+def test_feedback_is_checked_by_the_store_and_by_the_schema(database_url):
+    store = Store(database_url)
+    log(store, "x1")
+    with pytest.raises(UnknownExchange):
+        store.add_feedback("nope", rating="up")
+    with pytest.raises(StoreError, match="no choice 3"):
+        store.add_feedback("x1", rating="up", choice=3)
+    row = store.add_feedback("x1", rating="down", correction="Hola, ¿qué tal?")
+    assert row["model"] == "m1" and isinstance(row["id"], int)
+    with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:  # rating is up, down or NULL
+        conn.execute(sa.text("INSERT INTO feedback (exchange_id, created_at, choice, rating) VALUES ('x1', 0, 0, 'meh')"))
+
+
+@pytest.mark.sqlite
+def test_sqlite_runs_in_wal_mode(database_url):
+    store = Store(database_url)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
