@@ -139,3 +139,83 @@ def test_sqlite_runs_in_wal_mode(database_url):
     store = Store(database_url)
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+
+
+SPECIAL = {"rating": "up", "decision": "approved", "action": "promote", "role": "train"}
+
+
+def fill(store: Store, rows: int = 3) -> dict[str, list[dict]]:
+    """`rows` rows in every table, children pointing at their parents, every column set; returns them as read."""
+    made: dict[str, list[dict]] = {}
+    with store.engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            serial = [c for c in table.primary_key.columns if isinstance(c.type, sa.Integer) and not c.foreign_keys]
+            for i in range(rows):
+                values = {}
+                for column in table.columns:
+                    if column.foreign_keys:
+                        target = next(iter(column.foreign_keys)).column
+                        values[column.name] = made[target.table.name][i][target.name]
+                    elif column not in serial:
+                        values[column.name] = _sample(column, i)
+                conn.execute(table.insert().values(values))
+            made[table.name] = [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(*table.primary_key))]
+    return made
+
+
+def _sample(column: sa.Column, i: int):
+    if column.name in SPECIAL:
+        return SPECIAL[column.name]
+    kind = column.type
+    if isinstance(kind, sa.JSON) or isinstance(getattr(kind, "impl", None), sa.JSON):
+        return {"i": i, "ñandú": [i, None, "🚀"]}
+    if isinstance(kind, sa.Boolean):
+        return i % 2 == 0
+    if isinstance(kind, sa.Integer):
+        return 10 * i + 1
+    if isinstance(kind, sa.Float):
+        return 1796000000.25 + i
+    return f"{column.name}-{i}-ñ"[: getattr(kind, "length", None) or 100]
+
+
+def read_all(store: Store) -> dict[str, list[dict]]:
+    with store.engine.connect() as conn:
+        return {t.name: [dict(r._mapping) for r in conn.execute(sa.select(t).order_by(*t.primary_key))]
+                for t in metadata.sorted_tables}
+
+
+def test_db_copy_moves_every_row_of_every_table_with_its_ids(tmp_path, database_url):
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    source_url = f"sqlite:///{tmp_path / 'old.db'}"
+    source = Store(source_url)
+    made = fill(source)
+    source.close()
+    result = CliRunner().invoke(app, ["db", "copy", source_url, database_url])
+    assert result.exit_code == 0, result.output
+    assert f"copied {3 * len(metadata.tables)} rows" in result.output
+    target = Store(database_url)
+    assert read_all(target) == made
+    log(target, "after-copy")  # new rows get new ids: the sequences moved past the copied ones
+    assert target.add_feedback("after-copy", rating="up")["id"] == max(r["id"] for r in made["feedback"]) + 1
+    again = CliRunner().invoke(app, ["db", "copy", source_url, database_url])  # never into a database in use
+    assert again.exit_code == 1 and "is not empty" in again.output and "Traceback" not in again.output
+
+
+def test_db_current_and_migrate_name_the_revision(database_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from forja.cli import app
+
+    monkeypatch.setenv("FORJA_DATABASE_URL", database_url)
+    engine = sa.create_engine(database_url)
+    migrations.upgrade(engine, "0007")
+    engine.dispose()
+    runner = CliRunner()
+    assert f"revision 0007, forja db migrate brings it to {migrations.head()}" in runner.invoke(app, ["db", "current"]).output
+    migrated = runner.invoke(app, ["db", "migrate"])
+    assert migrated.exit_code == 0 and f"at revision {migrations.head()} (0008, 0009" in migrated.output
+    assert "up to date" in runner.invoke(app, ["db", "current"]).output
+    assert "nothing to do" in runner.invoke(app, ["db", "migrate"]).output

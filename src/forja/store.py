@@ -259,7 +259,8 @@ class Exchange:
 class Store:
     """One database. Safe to share between threads: every call takes its own connection."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, migrate: bool = True):
+        url = driver_url(url)
         self.url = url
         try:
             # pool_pre_ping: a connection the database dropped (a restart) is replaced, not handed out
@@ -267,7 +268,7 @@ class Store:
                                                    json_serializer=lambda v: json.dumps(v, ensure_ascii=False))
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            self.applied = self.migrate()
+            self.applied = self.migrate() if migrate else []
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open the database {safe_url(url)}: {str(exc).splitlines()[0]}") from None
 
@@ -515,9 +516,63 @@ def _exchange(row: Any) -> Exchange:
     return Exchange(**row._mapping)
 
 
+def driver_url(url: str) -> str:
+    """postgresql://... goes through psycopg 3 (the driver forja installs), not SQLAlchemy's default psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 def safe_url(url: str) -> str:
     """The URL without its password, for error messages."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return url
+
+
+COPY_CHUNK = 1000  # rows read and written at a time: memory stays flat whatever the size of a table
+
+
+def copy(source_url: str, target_url: str) -> dict[str, int]:
+    """Every row of every table from one database to another, empty one (`forja db copy`), in one transaction
+    on the target: ids as they were, PostgreSQL's sequences moved past them, and each table's count checked.
+    Both are brought to the newest schema first. Returns the rows copied per table."""
+    source, target = Store(source_url), Store(target_url)
+    try:
+        with target.engine.connect() as conn:
+            filled = [t.name for t in metadata.sorted_tables
+                      if conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()]
+        if filled:
+            raise StoreError(f"{safe_url(target_url)} is not empty (rows in {', '.join(filled)}): copy into a new "
+                             "database")
+        copied = {}
+        with source.engine.connect() as reading, target.engine.begin() as writing:
+            for table in metadata.sorted_tables:  # parents before the rows that point at them
+                rows = reading.execution_options(stream_results=True).execute(
+                    sa.select(table).order_by(*table.primary_key.columns))
+                copied[table.name] = 0
+                while chunk := rows.fetchmany(COPY_CHUNK):
+                    writing.execute(table.insert(), [dict(r._mapping) for r in chunk])
+                    copied[table.name] += len(chunk)
+                if writing.dialect.name == "postgresql":
+                    _move_sequence(writing, table)
+            for table in metadata.sorted_tables:
+                count = writing.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+                if count != copied[table.name]:
+                    raise StoreError(f"{table.name}: {copied[table.name]} rows read but {count} written; nothing "
+                                     "was copied (the target is left as it was)")
+        return copied
+    finally:
+        source.close()
+        target.close()
+
+
+def _move_sequence(conn: Connection, table: sa.Table) -> None:
+    """The next id PostgreSQL hands out comes after the copied ones (inserting explicit ids does not move it)."""
+    for column in table.primary_key.columns:
+        if column.autoincrement is True or (column.autoincrement == "auto" and isinstance(column.type, sa.Integer)
+                                            and len(table.primary_key.columns) == 1):
+            conn.execute(sa.text(f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column.name}'), "
+                                 f"COALESCE((SELECT MAX({column.name}) FROM {table.name}), 0) + 1, false)"))
