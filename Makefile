@@ -39,9 +39,9 @@ $(VENV)/.jemalloc: | $(PY)
 
 # The suites that talk to the store run once more on PostgreSQL: each a database of its own on one throw-away
 # cluster that tests/conftest.py starts (Debian's PostgreSQL 15, run as `nobody` when the tests run as root).
+# tests/test_replicas.py and tests/test_store_faults.py use that cluster in the first pass already.
 PG_SUITES := tests/test_store.py tests/test_feedback.py tests/test_serve.py tests/test_keys.py tests/test_jobs.py \
-	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py \
-	tests/test_replicas.py
+	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py
 
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium $(VENV)/.postgresql
 	$(PIP) install -e '.[test]'

@@ -3,6 +3,8 @@ upgrade of a database made before Alembic, JSON documents, statistics in SQL, an
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import sqlalchemy as sa
 
@@ -219,3 +221,28 @@ def test_db_current_and_migrate_name_the_revision(database_url, monkeypatch):
     assert migrated.exit_code == 0 and f"at revision {migrations.head()} (0008, 0009" in migrated.output
     assert "up to date" in runner.invoke(app, ["db", "current"]).output
     assert "nothing to do" in runner.invoke(app, ["db", "migrate"]).output
+
+
+def test_the_active_version_lives_in_the_database_and_an_old_active_json_moves_there(tiny_model_dir, tmp_path):
+    import shutil
+
+    from forja import models
+    from forja.config import load_settings
+
+    settings = load_settings(model=str(tiny_model_dir))
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+    settings.models_dir.mkdir(parents=True)
+    legacy = settings.models_dir / models.ACTIVE_FILE  # as older releases wrote it: one promotion
+    legacy.write_text(json.dumps({"stack": [str(other)], "log": [
+        {"at": "2026-11-30T10:00:00Z", "action": "promote", "model": str(other), "previous": str(tiny_model_dir),
+         "reason": "promoted by hand"}]}))
+    first, second = Store.open(settings), Store.open(settings)  # two replicas' stores on one database
+    assert models.active_model(settings, first) == str(other)
+    assert not legacy.exists() and legacy.with_suffix(".json.moved-to-database").exists()
+    assert models.activation_log(settings, second)[0]["at"] == "2026-11-30T10:00:00Z"
+    mark = second.registry_mark()
+    assert models.rollback(settings, store=first) == str(tiny_model_dir)
+    assert second.registry_mark() != mark and models.active_model(settings, second) == str(tiny_model_dir)
+    with pytest.raises(models.ModelError, match="already the active model"):
+        models.promote(settings, str(tiny_model_dir), store=second)
+    assert [e["action"] for e in models.activation_log(settings)] == ["promote", "rollback"]

@@ -293,6 +293,30 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    # ------------------------------------------------------------------ the active model version
+
+    def registry_log(self) -> list[dict[str, Any]]:
+        """Every promotion and rollback, oldest first."""
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(model_registry).order_by(model_registry.c.id))]
+
+    def registry_mark(self) -> int | None:
+        """The id of the newest change (one index lookup: a server asks on every request whether it moved)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(model_registry.c.id))).scalar_one()
+
+    def registry_change(self, change) -> Any:
+        """`change(log)` → (rows to append, result), with the log read and the rows written in one transaction;
+        on PostgreSQL a table lock keeps two replicas' promotions from reading the same log."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("LOCK TABLE model_registry IN EXCLUSIVE MODE"))
+            log = [dict(r._mapping) for r in conn.execute(sa.select(model_registry).order_by(model_registry.c.id))]
+            rows, result = change(log)
+            if rows:
+                conn.execute(model_registry.insert(), [{"at": time.time(), **row} for row in rows])
+            return result
+
     # ------------------------------------------------------------------ exchanges
 
     def log_exchange(self, *, id: str, route: str, model: str, persona: str | None, messages: Any,
