@@ -246,3 +246,51 @@ def test_the_active_version_lives_in_the_database_and_an_old_active_json_moves_t
     with pytest.raises(models.ModelError, match="already the active model"):
         models.promote(settings, str(tiny_model_dir), store=second)
     assert [e["action"] for e in models.activation_log(settings)] == ["promote", "rollback"]
+
+
+def reference_traffic(rows: list[dict], since: float, bucket_seconds: float, count: int) -> tuple[list, dict]:
+    """What /dashboard's figures are, computed in Python from every row: the SQL must give the same."""
+    import math
+
+    def summary(group):
+        latencies = sorted(r["latency_ms"] for r in group)
+        seconds = sum(latencies) / 1000
+        pick = lambda p: latencies[max(0, math.ceil(len(latencies) * p / 100) - 1)] if latencies else None  # noqa: E731
+        return {"requests": len(group), "blocked": sum(r["finish_reason"] == "content_filter" for r in group),
+                "p50_ms": pick(50), "p95_ms": pick(95),
+                "tokens_per_s": round(sum(r["completion_tokens"] for r in group) / seconds, 2) if seconds else None}
+
+    grouped = [[] for _ in range(count)]
+    for row in rows:
+        grouped[min(int((row["created_at"] - since) // bucket_seconds), count - 1)].append(row)
+    answered = [r for r in rows if r["finish_reason"] != "content_filter" or r["completion_tokens"]]
+    totals = {**summary(rows), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+              "completion_tokens": sum(r["completion_tokens"] for r in rows),
+              "tokens_per_call": round(sum(r["completion_tokens"] for r in answered) / len(answered), 1)
+              if answered else None}
+    return [summary(g) for g in grouped], totals
+
+
+def test_traffic_counted_in_sql_equals_counting_every_row(database_url):
+    import random
+
+    store = Store(database_url)
+    chance = random.Random(7)
+    since = 1_796_000_000.0
+    rows = []
+    with store.engine.begin() as conn:
+        for i in range(400):
+            row = {"id": f"x{i}", "created_at": since + chance.uniform(0, 3600), "route": "chat",
+                   "model": chance.choice(["v1", "v2"]), "messages": "q", "answers": ["a"], "params": {},
+                   "prompt_tokens": chance.randint(1, 50), "completion_tokens": chance.choice([0, 3, 17, 40]),
+                   "latency_ms": round(chance.uniform(5, 2000), 1),
+                   "finish_reason": chance.choice(["stop", "length", "content_filter", None])}
+            rows.append(row)
+        conn.execute(sa.insert(metadata.tables["exchanges"]), rows)
+    for bucket_seconds in (60, 600, 1234.5):
+        stats = store.traffic(since, bucket_seconds, since + 3600)
+        buckets, totals = reference_traffic(rows, since, bucket_seconds, len(stats["buckets"]))
+        assert [{k: v for k, v in b.items() if k != "start"} for b in stats["buckets"]] == buckets
+        assert stats["totals"] == totals
+    assert {v["model"]: v["exchanges"] for v in stats["versions"]} == {
+        m: sum(r["model"] == m for r in rows) for m in ("v1", "v2")}

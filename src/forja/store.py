@@ -9,7 +9,6 @@ The schema changes only through the Alembic revisions of forja.migrations, appli
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import time
@@ -383,8 +382,9 @@ class Store:
                       unused_only: bool = False) -> list[dict[str, Any]]:
         """Feedback joined with its exchange, newest first."""
         query = (sa.select(feedback, exchanges.c.model, exchanges.c.persona, exchanges.c.messages,
-                           exchanges.c.answers, exchanges.c.route)
+                           exchanges.c.answers, exchanges.c.route, feedback_reviews.c.decision.label("review"))
                  .join(exchanges, feedback.c.exchange_id == exchanges.c.id)
+                 .outerjoin(feedback_reviews, feedback_reviews.c.feedback_id == feedback.c.id)
                  .order_by(feedback.c.created_at.desc(), feedback.c.id.desc()))
         if rating:
             query = query.where(feedback.c.rating == rating)
@@ -395,14 +395,15 @@ class Store:
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
             used: dict[int, list[str]] = {}
-            for r in conn.execute(sa.select(feedback_used)):
+            page = query.with_only_columns(feedback.c.id).subquery()  # only the versions of the rows listed
+            for r in conn.execute(sa.select(feedback_used.c.feedback_id, feedback_used.c.version)
+                                  .where(feedback_used.c.feedback_id.in_(sa.select(page.c.id)))
+                                  .order_by(feedback_used.c.used_at, feedback_used.c.version)):
                 used.setdefault(r.feedback_id, []).append(r.version)
-            reviews = {r.feedback_id: r.decision for r in conn.execute(sa.select(feedback_reviews))}
         for row in rows:
             answers = row.pop("answers")
             row["answer"] = answers[row["choice"]] if row["choice"] < len(answers) else ""
             row["used_in"] = used.get(row["id"], [])
-            row["review"] = reviews.get(row["id"])
         return rows
 
     def edit_correction(self, feedback_id: int, correction: str) -> None:
@@ -464,30 +465,45 @@ class Store:
     def traffic(self, since: float, bucket_seconds: float, until: float | None = None) -> dict[str, Any]:
         """The exchange log from `since` in buckets of `bucket_seconds`: requests, latency p50/p95, generation
         speed (tokens/s while answering), requests the guardrails refused, thumbs up/down per model version,
-        and the guardrails' decisions by category (for /dashboard)."""
+        and the guardrails' decisions by category (for /dashboard). Counted in SQL: a few rows per bucket come
+        back, however many exchanges there were."""
         until = time.time() if until is None else until
+        count = max(1, math.ceil((until - since) / bucket_seconds))
+        window = sa.and_(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(exchanges.c.created_at, exchanges.c.model, exchanges.c.latency_ms,
-                          exchanges.c.prompt_tokens, exchanges.c.completion_tokens, exchanges.c.finish_reason)
-                .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
-                .order_by(exchanges.c.created_at)).all()
-            versions = _ratings_by_model(conn, collections.Counter(r.model for r in rows),
-                                         feedback.c.created_at >= since, feedback.c.created_at <= until)
+            offset = (exchanges.c.created_at - since) / bucket_seconds
+            # floor of a number >= 0: SQLite's CAST truncates, PostgreSQL's rounds
+            bucket = sa.func.floor(offset) if conn.dialect.name == "postgresql" else sa.cast(offset, sa.Integer)
+            bucket = sa.func.least(bucket, count - 1) if conn.dialect.name == "postgresql" \
+                else sa.func.min(bucket, count - 1)
+            rows = sa.select(bucket.label("bucket"), exchanges.c.latency_ms, exchanges.c.completion_tokens,
+                             exchanges.c.prompt_tokens, exchanges.c.finish_reason).where(window).subquery()
+            blocked = sa.case((rows.c.finish_reason == "content_filter", 1), else_=0)
+            answered = sa.or_(rows.c.finish_reason.is_(None), rows.c.finish_reason != "content_filter",
+                              rows.c.completion_tokens > 0)
+            sums = (sa.func.count().label("requests"), sa.func.coalesce(sa.func.sum(blocked), 0).label("blocked"),
+                    sa.func.coalesce(sa.func.sum(rows.c.latency_ms), 0).label("latency"),
+                    sa.func.coalesce(sa.func.sum(rows.c.completion_tokens), 0).label("completion_tokens"),
+                    sa.func.coalesce(sa.func.sum(rows.c.prompt_tokens), 0).label("prompt_tokens"),
+                    sa.func.count().filter(answered).label("answered"),
+                    sa.func.coalesce(sa.func.sum(rows.c.completion_tokens).filter(answered), 0).label("answered_tokens"))
+            per_bucket = {r.bucket: r for r in conn.execute(sa.select(rows.c.bucket, *sums).group_by(rows.c.bucket))}
+            total = conn.execute(sa.select(*sums)).one()
+            percentiles = _percentiles(conn, rows)
+            calls = dict(conn.execute(sa.select(exchanges.c.model, sa.func.count()).where(window)
+                                      .group_by(exchanges.c.model)).all())
+            versions = _ratings_by_model(conn, calls, feedback.c.created_at >= since, feedback.c.created_at <= until)
             guard = conn.execute(
                 sa.select(guard_events.c.category, guard_events.c.action, sa.func.count().label("n"))
                 .where(guard_events.c.created_at >= since, guard_events.c.created_at <= until)
                 .group_by(guard_events.c.category, guard_events.c.action)).all()
-        count = max(1, math.ceil((until - since) / bucket_seconds))
-        grouped: list[list[Any]] = [[] for _ in range(count)]
-        for row in rows:
-            grouped[min(int((row.created_at - since) // bucket_seconds), count - 1)].append(row)
         return {
             "since": since, "until": until, "bucket_seconds": bucket_seconds,
-            "buckets": [{"start": since + i * bucket_seconds, **_summary(group)} for i, group in enumerate(grouped)],
-            "totals": {**_summary(rows), "prompt_tokens": sum(r.prompt_tokens for r in rows),
-                       "completion_tokens": sum(r.completion_tokens for r in rows),
-                       "tokens_per_call": _tokens_per_call(rows)},
+            "buckets": [{"start": since + i * bucket_seconds, **_summary(per_bucket.get(i), percentiles.get(i, {}))}
+                        for i in range(count)],
+            "totals": {**_summary(total, percentiles.get(None, {})), "prompt_tokens": total.prompt_tokens,
+                       "completion_tokens": total.completion_tokens,
+                       "tokens_per_call": round(total.answered_tokens / total.answered, 1) if total.answered else None},
             "versions": versions,
             "guard": [{"category": c, "action": a, "count": n} for c, a, n in sorted(guard, key=lambda g: (-g.n, g.category))],
         }
@@ -508,23 +524,36 @@ def _ratings_by_model(conn: Connection, calls: dict[str, int], *where: Any) -> l
     return sorted(models.values(), key=lambda row: row["model"])
 
 
-def _tokens_per_call(rows: list[Any]) -> float | None:
-    """Generated tokens per call that reached the model (a request the guardrails refused generated nothing)."""
-    answered = [r for r in rows if r.finish_reason != "content_filter" or r.completion_tokens]
-    return round(sum(r.completion_tokens for r in answered) / len(answered), 1) if answered else None
+def _percentiles(conn: Connection, rows: Any) -> dict[int | None, dict[int, float]]:
+    """Latency p50 and p95 (nearest rank) per bucket and over all (key None), with window functions: the
+    row ranked ceil(n * p / 100) in its bucket, found by the database."""
+    ranked = sa.select(
+        rows.c.bucket, rows.c.latency_ms,
+        sa.func.row_number().over(partition_by=rows.c.bucket, order_by=rows.c.latency_ms).label("rank"),
+        sa.func.count().over(partition_by=rows.c.bucket).label("n"),
+        sa.func.row_number().over(order_by=rows.c.latency_ms).label("rank_all"),
+        sa.func.count().over().label("n_all")).subquery()
+    wanted = {p: ((ranked.c.n * p + 99) // 100, (ranked.c.n_all * p + 99) // 100) for p in (50, 95)}
+    found: dict[int | None, dict[int, float]] = {}
+    picked = sa.select(ranked).where(sa.or_(*(sa.or_(ranked.c.rank == mine, ranked.c.rank_all == every)
+                                              for mine, every in wanted.values())))
+    for row in conn.execute(picked):
+        for p in (50, 95):
+            if row.rank == (row.n * p + 99) // 100:
+                found.setdefault(row.bucket, {})[p] = row.latency_ms
+            if row.rank_all == (row.n_all * p + 99) // 100:
+                found.setdefault(None, {})[p] = row.latency_ms
+    return found
 
 
-def _summary(rows: list[Any]) -> dict[str, Any]:
-    """Requests, latency percentiles (nearest rank) and generation speed of some exchanges."""
-    latencies = sorted(r.latency_ms for r in rows)
-    seconds = sum(latencies) / 1000
-
-    def percentile(p: float) -> float | None:
-        return latencies[max(0, math.ceil(len(latencies) * p / 100) - 1)] if latencies else None
-
-    return {"requests": len(rows), "blocked": sum(r.finish_reason == "content_filter" for r in rows),
-            "p50_ms": percentile(50), "p95_ms": percentile(95),
-            "tokens_per_s": round(sum(r.completion_tokens for r in rows) / seconds, 2) if seconds else None}
+def _summary(sums: Any, percentiles: dict[int, float]) -> dict[str, Any]:
+    """Requests, latency percentiles and generation speed of some exchanges, from their sums."""
+    if sums is None or not sums.requests:
+        return {"requests": 0, "blocked": 0, "p50_ms": None, "p95_ms": None, "tokens_per_s": None}
+    seconds = sums.latency / 1000
+    return {"requests": sums.requests, "blocked": sums.blocked, "p50_ms": percentiles.get(50),
+            "p95_ms": percentiles.get(95),
+            "tokens_per_s": round(sums.completion_tokens / seconds, 2) if seconds else None}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
