@@ -122,6 +122,12 @@ class PostgresCluster:
     def stop(self) -> None:
         self._run("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data))
 
+    def running(self) -> bool:
+        import subprocess
+
+        return subprocess.run([*self.as_user, str(POSTGRES_BIN / "pg_ctl"), "status", "-D", str(self.data)],
+                              capture_output=True, cwd=self.directory).returncode == 0
+
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://forja@/{database}?host={self.directory}&port={self.port}"
 

@@ -9,8 +9,11 @@ The schema changes only through the Alembic revisions of forja.migrations, appli
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +32,18 @@ class StoreError(ForjaError):
 
 class UnknownExchange(StoreError):
     """Feedback names an exchange id the store does not have."""
+
+
+class DatabaseAway(ForjaError):
+    """The database does not answer (and, for new requests, the exchanges waiting for it fill the backlog);
+    the server answers 503."""
+
+
+log = logging.getLogger("forja.store")
+# While the database is away (a restart, a failover) answered exchanges wait in memory, in order, and are
+# written when it is back: at most this many; past it the server answers 503 before generating anything.
+BACKLOG_LIMIT = 10_000
+RETRY_SECONDS = 1.0  # how often the backlog tries the database again
 
 
 metadata = sa.MetaData()
@@ -263,13 +278,20 @@ class Store:
         self.url = url
         try:
             # pool_pre_ping: a connection the database dropped (a restart) is replaced, not handed out
-            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True,
+            # a database host that does not answer at all is given up on after 5 s, not the OS's minutes
+            connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect,
                                                    json_serializer=lambda v: json.dumps(v, ensure_ascii=False))
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             self.applied = self.migrate() if migrate else []
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open the database {safe_url(url)}: {str(exc).splitlines()[0]}") from None
+
+        self.backlog: collections.deque[tuple[float, dict[str, Any] | None, list[dict[str, Any]]]] = collections.deque()
+        self.backlog_limit = BACKLOG_LIMIT
+        self._backlog_lock = threading.Lock()
+        self._retry: threading.Timer | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> "Store":
@@ -290,7 +312,15 @@ class Store:
             return migrations.current(conn)
 
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        if not self.flush():
+            log.error("the database is away: %d answered exchanges in memory are not stored", len(self.backlog))
         self.engine.dispose()
+
+    @property
+    def backlog_full(self) -> bool:
+        return len(self.backlog) >= self.backlog_limit
 
     # ------------------------------------------------------------------ the active model version
 
@@ -322,26 +352,63 @@ class Store:
                      answers: list[str], params: dict[str, Any], prompt_tokens: int, completion_tokens: int,
                      latency_ms: float, finish_reason: str | None, api_key_name: str | None,
                      retrieval: Any = None, guard_events: Sequence[dict[str, Any]] = (), trace: Any = None) -> None:
-        """One exchange and the guardrail decisions taken on it, in one transaction."""
-        with self.engine.begin() as conn:
-            self._insert_guard_events(conn, guard_events)
-            conn.execute(exchanges.insert().values(
-                id=id, created_at=time.time(), route=route, model=model, persona=persona,
-                messages=messages, answers=answers, params=params, prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
-                api_key_name=api_key_name, retrieval=retrieval, trace=trace,
-            ))
+        """One exchange and the guardrail decisions taken on it, in one transaction; kept in the backlog (and
+        written in order later) while the database is away, DatabaseAway when the backlog is full."""
+        self._write(time.time(), {
+            "id": id, "route": route, "model": model, "persona": persona, "messages": messages, "answers": answers,
+            "params": params, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms, "finish_reason": finish_reason, "api_key_name": api_key_name,
+            "retrieval": retrieval, "trace": trace}, list(guard_events))
 
     def log_guard_events(self, events: list[dict[str, Any]]) -> None:
         """Guardrail decisions alone (a server that does not store exchanges still keeps its audit log)."""
-        with self.engine.begin() as conn:
-            self._insert_guard_events(conn, events)
+        self._write(time.time(), None, list(events))
 
-    @staticmethod
-    def _insert_guard_events(conn: Connection, events: Sequence[dict[str, Any]]) -> None:
-        if events:
-            now = time.time()
-            conn.execute(guard_events.insert(), [{"created_at": now, **event} for event in events])
+    def _write(self, at: float, exchange: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
+        with self._backlog_lock:
+            if not self.backlog:
+                try:
+                    self._insert(at, exchange, events)
+                    return
+                except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                    log.error("the database is away (%s): answered exchanges wait in memory", str(exc).splitlines()[0])
+            if len(self.backlog) >= self.backlog_limit:
+                raise DatabaseAway(f"the database {safe_url(self.url)} is unreachable and {len(self.backlog)} "
+                                   "answered exchanges wait for it; retry when it is back")
+            self.backlog.append((at, exchange, events))
+            self._schedule()
+
+    def _insert(self, at: float, exchange: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            if events:
+                conn.execute(guard_events.insert(), [{"created_at": at, **event} for event in events])
+            if exchange is not None:
+                conn.execute(exchanges.insert().values(created_at=at, **exchange))
+
+    def flush(self) -> bool:
+        """Write the backlog, oldest first; False while the database is still away."""
+        with self._backlog_lock:
+            while self.backlog:
+                try:
+                    self._insert(*self.backlog[0])
+                except (sa.exc.OperationalError, sa.exc.InterfaceError):
+                    return False
+                self.backlog.popleft()
+            return True
+
+    def _schedule(self) -> None:
+        if self._retry is None or not self._retry.is_alive():
+            self._retry = threading.Timer(RETRY_SECONDS, self._retry_flush)
+            self._retry.daemon = True
+            self._retry.start()
+
+    def _retry_flush(self) -> None:
+        if self.flush():
+            log.info("the database is back: the answered exchanges that waited are stored")
+        else:
+            with self._backlog_lock:
+                self._retry = None
+                self._schedule()
 
     def guard_log(self, *, request_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Guardrail decisions, newest first."""
@@ -363,7 +430,11 @@ class Store:
     def add_feedback(self, exchange_id: str, *, rating: str | None = None, correction: str | None = None,
                      comment: str | None = None, choice: int = 0, sender: str | None = None) -> dict[str, Any]:
         """Store one feedback row and return it (with the model that gave the answer); committed (and
-        synced) before this returns."""
+        synced) before this returns. The backlog is written first: an exchange answered while the database
+        was away can be rated once it is back."""
+        if not self.flush():
+            raise DatabaseAway(f"the database {safe_url(self.url)} is unreachable; the exchange cannot be rated "
+                               "until it is back")
         with self.engine.begin() as conn:
             found = conn.execute(sa.select(exchanges.c.answers, exchanges.c.model)
                                  .where(exchanges.c.id == exchange_id)).first()

@@ -141,6 +141,10 @@ class ServerState:
                                code="model_load_failed")
             raise ApiError(503, f"the model {self.base} is still loading; retry in a few seconds", type="server_error",
                            code="model_loading", headers={"Retry-After": "5"})
+        if self.store is not None and self.store.backlog_full:  # nothing answered now could be stored
+            raise ApiError(503, f"the database is unreachable and {len(self.store.backlog)} answered exchanges wait "
+                           "for it in memory; retry when it is back", type="server_error",
+                           code="database_unavailable", headers={"Retry-After": "5"})
         active = self.active
         name = name or active
         persona = self.personas.get(name)
