@@ -17,7 +17,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
-	FORJA_TEST_DATABASE=postgresql $(PY) -m pytest $(PG_SUITES)
+	FORJA_TEST_DATABASE=postgresql $(PY) -m pytest -m "not slow" $(PG_SUITES)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -39,7 +39,8 @@ $(VENV)/.jemalloc: | $(PY)
 
 # The suites that talk to the store run once more on PostgreSQL: each a database of its own on one throw-away
 # cluster that tests/conftest.py starts (Debian's PostgreSQL 15, run as `nobody` when the tests run as root).
-# tests/test_replicas.py and tests/test_store_faults.py use that cluster in the first pass already.
+# tests/test_replicas.py and tests/test_store_faults.py use that cluster in the first pass already; the slow
+# tests (the bundled model's answers) are left to the first pass: they exercise the model, not the store.
 PG_SUITES := tests/test_store.py tests/test_feedback.py tests/test_serve.py tests/test_keys.py tests/test_jobs.py \
 	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py
 

@@ -286,8 +286,10 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def start_server():
+def start_server(request):
     """start_server(app) → a LiveServer (stopped at the end of the session); `app` from forja.serve.app.create_app."""
+    if TEST_DATABASE == "postgresql":  # set up first, so stopped last: the servers close their stores before
+        request.getfixturevalue("postgres")
     servers: list[LiveServer] = []
 
     def start(app, **kwargs) -> LiveServer:

@@ -294,3 +294,13 @@ def test_traffic_counted_in_sql_equals_counting_every_row(database_url):
         assert stats["totals"] == totals
     assert {v["model"]: v["exchanges"] for v in stats["versions"]} == {
         m: sum(r["model"] == m for r in rows) for m in ("v1", "v2")}
+
+
+def test_a_database_migrated_by_a_newer_forja_is_refused_naming_both_revisions(database_url):
+    Store(database_url).close()
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    with pytest.raises(StoreError, match=f"revision 0099, newer than this forja knows .its newest is {migrations.head()}"):
+        Store(database_url)

@@ -865,7 +865,10 @@ def db_current(config: ConfigOpt = None) -> None:
         revision = store.revision()
     finally:
         store.close()
-    state = "up to date" if revision == migrations.head() else f"forja db migrate brings it to {migrations.head()}"
+    known = {s.revision for s in migrations.scripts().walk_revisions()}
+    state = ("up to date" if revision == migrations.head() else
+             f"newer than this forja knows (its newest is {migrations.head()})" if revision and revision not in known
+             else f"forja db migrate brings it to {migrations.head()}")
     typer.echo(f"{safe_url(settings.database)}: revision {revision or '(none)'}, {state}")
 
 

@@ -50,6 +50,11 @@ def upgrade(engine: sa.Engine, target: str = "head") -> list[str]:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
         before = current(conn) or _stamp_legacy(conn)
+        if before is not None and before not in {s.revision for s in scripts().walk_revisions()}:
+            from forja.store import StoreError
+
+            raise StoreError(f"the database is at schema revision {before}, newer than this forja knows (its newest "
+                             f"is {head()}): upgrade forja, or open it with the forja that migrated it")
         wanted = head() if target == "head" else target
         if before == wanted:
             return []
