@@ -17,6 +17,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
+	FORJA_TEST_DATABASE=postgresql $(PY) -m pytest -m "not slow" $(PG_SUITES)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -44,8 +45,19 @@ $(VENV)/.tesseract: | $(PY)
 		|| echo "make: could not install tesseract-ocr; scanned PDFs will be named, not read"
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium
+# The suites that talk to the store run once more on PostgreSQL: each a database of its own on one throw-away
+# cluster that tests/conftest.py starts (Debian's PostgreSQL 15, run as `nobody` when the tests run as root).
+# tests/test_replicas.py and tests/test_store_faults.py use that cluster in the first pass already; the slow
+# tests (the bundled model's answers) are left to the first pass: they exercise the model, not the store.
+PG_SUITES := tests/test_store.py tests/test_feedback.py tests/test_serve.py tests/test_keys.py tests/test_jobs.py \
+	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py
+
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium $(VENV)/.postgresql
 	$(PIP) install -e '.[test]'
+	touch $@
+
+$(VENV)/.postgresql: | $(PY)
+	test -x /usr/lib/postgresql/15/bin/initdb || (apt-get update -qq && apt-get install -y -qq postgresql)
 	touch $@
 
 # The browser test drives Debian's Chromium through Playwright (never a browser Playwright downloads).

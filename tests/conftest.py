@@ -1,5 +1,6 @@
 """Shared fixtures: a temp FORJA_HOME for every test, a tiny random Llama model built in seconds,
-and (for `slow` tests) a home where the real bundled model has been converted once."""
+(for `slow` tests) a home where the real bundled model has been converted once, and, when the suite runs
+with FORJA_TEST_DATABASE=postgresql, a throw-away PostgreSQL cluster that every store opened points at."""
 
 from __future__ import annotations
 
@@ -76,10 +77,134 @@ def build_tiny_model(directory: Path, seed: int = 0, context: int = 256) -> Path
     return directory
 
 
+# `make test` runs the whole suite on SQLite, then the suites that talk to the store once more with
+# FORJA_TEST_DATABASE=postgresql: every module and every test gets a database of its own on one cluster.
+TEST_DATABASE = os.environ.get("FORJA_TEST_DATABASE", "sqlite")
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster in a temp dir (initdb, pg_ctl start on a free port, its unix socket in that dir),
+    run as an unprivileged user when the tests run as root (initdb refuses root). Durability is switched off:
+    nothing in it outlives the session."""
+
+    def __init__(self, directory: Path):
+        import pwd
+        import socket
+
+        if not (POSTGRES_BIN / "initdb").exists():
+            pytest.fail(f"PostgreSQL is missing ({POSTGRES_BIN}): run `make install-test` (apt-get install postgresql)")
+        self.directory = directory
+        self.data = directory / "data"
+        self.log = directory / "postgres.log"
+        self.as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self._run("initdb", "-D", str(self.data), "-U", "forja", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+        options = (f"-p {self.port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        self.options = options
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        import subprocess
+
+        subprocess.run([*self.as_user, str(POSTGRES_BIN / tool), *args], check=True, capture_output=True,
+                       cwd=self.directory)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "start", "-w", "-D", str(self.data), "-l", str(self.log), "-o", self.options)
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data))
+
+    def running(self) -> bool:
+        import subprocess
+
+        return subprocess.run([*self.as_user, str(POSTGRES_BIN / "pg_ctl"), "status", "-D", str(self.data)],
+                              capture_output=True, cwd=self.directory).returncode == 0
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://forja@/{database}?host={self.directory}&port={self.port}"
+
+    def create_database(self) -> str:
+        """A new, empty database; returns its SQLAlchemy URL."""
+        import uuid
+
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(host=str(self.directory), port=self.port, user="forja", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return self.url(name)
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DATABASE == "postgresql":
+        skip = pytest.mark.skip(reason="reads the SQLite file itself; run on SQLite by the first pass of make test")
+        for item in items:
+            if "sqlite" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """The session's PostgreSQL cluster (started on first use, in either mode), stopped at the end."""
+    import tempfile
+
+    # a short path of its own: a unix socket's path must stay under ~100 bytes
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-")))
+    yield cluster
+    cluster.stop()
+    import shutil
+
+    shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_database(request):
+    """On PostgreSQL, a database for the module: its module-scoped servers keep it for all its tests."""
+    if TEST_DATABASE != "postgresql":
+        yield None
+        return
+    url = request.getfixturevalue("postgres").create_database()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FORJA_DATABASE_URL", url)
+        yield url
+
+
+@pytest.fixture
+def new_database(request, tmp_path):
+    """new_database() → the URL of a new, empty database on the engine the suite runs on: a SQLite file,
+    or a PostgreSQL database."""
+    made = []
+
+    def make() -> str:
+        made.append(len(made))
+        if TEST_DATABASE == "postgresql":
+            return request.getfixturevalue("postgres").create_database()
+        return f"sqlite:///{tmp_path / f'store-{len(made)}.db'}"
+
+    return make
+
+
+@pytest.fixture
+def database_url(new_database) -> str:
+    """A new, empty database on the engine the suite runs on."""
+    return new_database()
+
+
 @pytest.fixture(autouse=True)
-def forja_home(tmp_path, monkeypatch) -> Path:
+def forja_home(tmp_path, monkeypatch, request) -> Path:
     home = tmp_path / "forja-home"
     monkeypatch.setenv("FORJA_HOME", str(home))
+    if TEST_DATABASE == "postgresql":  # a fresh database for what the test opens itself
+        monkeypatch.setenv("FORJA_DATABASE_URL", request.getfixturevalue("database_url"))
     monkeypatch.delenv("FORJA_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
     # never let a test reach for the network: the hub "endpoint" is a closed local port
@@ -161,8 +286,10 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def start_server():
+def start_server(request):
     """start_server(app) → a LiveServer (stopped at the end of the session); `app` from forja.serve.app.create_app."""
+    if TEST_DATABASE == "postgresql":  # set up first, so stopped last: the servers close their stores before
+        request.getfixturevalue("postgres")
     servers: list[LiveServer] = []
 
     def start(app, **kwargs) -> LiveServer:

@@ -18,7 +18,7 @@ from forja.cli import app
 from forja.config import TrainSettings, load_settings
 from forja.feedback import collect_pairs, export, write_training_file
 from forja.serve.app import create_app
-from forja.store import MIGRATIONS, Store, UnknownExchange
+from forja.store import Store
 
 runner = CliRunner()
 ADMIN_KEY = "admin-key-0123456789abcdef"
@@ -38,35 +38,6 @@ def log(store: Store, exchange_id: str, question: str, answer: str, model: str =
     store.log_exchange(id=exchange_id, route="chat", model=model, persona=None,
                        messages=[*(before or []), {"role": "user", "content": question}], answers=[answer], params={},
                        prompt_tokens=5, completion_tokens=3, latency_ms=10.0, finish_reason="stop", api_key_name=None)
-
-
-# ------------------------------------------------------------------------------------------------ store
-
-
-def test_store_migrates_in_order_once_and_upgrades_an_old_database(tmp_path):
-    import sqlalchemy as sa
-
-    from forja.store import migrations_table
-
-    url = f"sqlite:///{tmp_path / 'f.db'}"
-    engine = sa.create_engine(url)  # a database made by a release that knew only the first migration
-    with engine.begin() as conn:
-        migrations_table.create(conn)
-        MIGRATIONS[0][1](conn)
-        conn.execute(migrations_table.insert().values(name=MIGRATIONS[0][0], applied_at=0.0))
-    engine.dispose()
-
-    store = Store(url)
-    assert store.applied == [name for name, _ in MIGRATIONS[1:]]  # only what was missing
-    assert store.migrations() == [name for name, _ in MIGRATIONS]
-    assert Store(url).applied == []  # opening again changes nothing
-    log(store, "x1", "¿Hola?", "Hola.")
-    with pytest.raises(UnknownExchange):
-        store.add_feedback("nope", rating="up")
-    raw = sqlite3.connect(tmp_path / "f.db")
-    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    with pytest.raises(sqlite3.IntegrityError):  # the schema itself refuses a rating that is not up/down
-        raw.execute("INSERT INTO feedback (exchange_id, created_at, choice, rating) VALUES ('x1', 0, 0, 'meh')")
 
 
 # ------------------------------------------------------------------------------------------------ API
@@ -163,6 +134,7 @@ def test_admin_switches_the_active_model_without_a_restart(served, tiny_model_di
     assert settings.models_dir.joinpath(models.ACTIVE_FILE).exists() is False  # pinned by --model: registry untouched
 
 
+@pytest.mark.sqlite
 def test_acknowledged_feedback_survives_kill_9(tiny_model_dir, tmp_path):
     home = tmp_path / "home"
     port = _free_port()

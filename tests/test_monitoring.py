@@ -123,8 +123,8 @@ def test_metrics_and_stats_need_the_admin_key_when_keys_are_configured(locked, o
     assert httpx.get(open_server.url + "/admin/stats?hours=0").status_code == 422
 
 
-def test_stats_from_the_exchange_log(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+def test_stats_from_the_exchange_log(database_url):
+    store = Store(database_url)
     for i, latency in enumerate([100, 200, 300, 400, 1000]):
         store.log_exchange(id=f"x{i}", route="chat", model="v1" if i < 3 else "v2", persona=None, messages="q",
                            answers=["a"], params={}, prompt_tokens=4, completion_tokens=10, latency_ms=latency,

@@ -261,7 +261,7 @@ def test_a_file_that_cannot_be_read_fails_with_its_name_and_leaves_no_chunk(clie
     stale = client.files.create(file=("stale.md", b"# Stale"), purpose="assistants")
     with served.app.state.forja.store.engine.begin() as conn:
         conn.execute(vector_store_files.insert().values(collection="broken", file_id=stale.id, created_at=time.time(),
-                                                        status="in_progress", attributes="{}"))
+                                                        status="in_progress", attributes={}))
     left = client.vector_stores.files.retrieve(stale.id, vector_store_id=store.id)
     assert left.status == "failed" and "restarted" in left.last_error.message
     assert client.vector_stores.retrieve(store.id).status == "completed"

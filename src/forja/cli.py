@@ -933,6 +933,56 @@ def _json_lines(rows: list[dict]) -> None:
         typer.echo(json.dumps(row, ensure_ascii=False))
 
 
+db_app = _typer("The database: its schema revision, upgrades, and moving an installation to another database.")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("migrate")
+def db_migrate(config: ConfigOpt = None) -> None:
+    """Bring the database to the newest schema (forja serve and every command do it when they open it)."""
+    from forja import migrations
+    from forja.store import Store, safe_url
+
+    settings = settings_from(config)
+    store = Store.open(settings)
+    store.close()
+    done = ", ".join(store.applied) if store.applied else "nothing to do"
+    typer.echo(f"{safe_url(settings.database)}: at revision {migrations.head()} ({done})")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOpt = None) -> None:
+    """The schema revision the database is at, and the newest this forja knows (changes nothing)."""
+    from forja import migrations
+    from forja.store import Store, safe_url
+
+    settings = settings_from(config)
+    if settings.database_url is None and not (settings.home / "forja.db").exists():
+        typer.echo(f"{safe_url(settings.database)}: no database yet (newest revision: {migrations.head()})")
+        return
+    store = Store(settings.database, migrate=False)
+    try:
+        revision = store.revision()
+    finally:
+        store.close()
+    known = {s.revision for s in migrations.scripts().walk_revisions()}
+    state = ("up to date" if revision == migrations.head() else
+             f"newer than this forja knows (its newest is {migrations.head()})" if revision and revision not in known
+             else f"forja db migrate brings it to {migrations.head()}")
+    typer.echo(f"{safe_url(settings.database)}: revision {revision or '(none)'}, {state}")
+
+
+@db_app.command("copy")
+def db_copy(source: Annotated[str, typer.Argument(help="The database to copy, e.g. sqlite:///home/forja/forja.db")],
+            target: Annotated[str, typer.Argument(help="An empty database, e.g. postgresql+psycopg://forja@db/forja")]) -> None:
+    """Copy every row to another, empty database (ids kept), to move an installation; then set database_url."""
+    from forja.store import copy, safe_url
+
+    copied = copy(source, target)
+    typer.echo(f"copied {sum(copied.values())} rows to {safe_url(target)}: "
+               + ", ".join(f"{name} {n}" for name, n in copied.items() if n))
+
+
 feedback_app = _typer("What users said about the answers: list, stats, export as training data.")
 app.add_typer(feedback_app, name="feedback")
 

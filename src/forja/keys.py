@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import math
 import secrets
 import threading
@@ -74,7 +73,7 @@ def create(settings: Settings, store: Store, name: str, scopes: list[str], admin
     try:
         with store.engine.begin() as conn:
             conn.execute(api_keys.insert().values(
-                id=stored.id, name=name, sha256=stored.sha256, scopes=json.dumps(stored.scopes), admin=admin,
+                id=stored.id, name=name, sha256=stored.sha256, scopes=stored.scopes, admin=admin,
                 requests_per_minute=limits.requests_per_minute, tokens_per_day=limits.tokens_per_day,
                 created_at=stored.created_at))
     except sa.exc.IntegrityError:
@@ -251,6 +250,6 @@ class KeyRing:
 
 
 def _stored(row: Any) -> StoredKey:
-    return StoredKey(row.id, row.name, json.loads(row.scopes), bool(row.admin),
+    return StoredKey(row.id, row.name, row.scopes, bool(row.admin),
                      KeyLimits(requests_per_minute=row.requests_per_minute, tokens_per_day=row.tokens_per_day),
                      row.created_at, row.revoked_at, row.sha256)

@@ -6,6 +6,7 @@ a local HF-format directory, a local `.gguf` file, or a Hugging Face hub id. `fo
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import fcntl
 import hashlib
@@ -35,7 +36,7 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
 }
 VERSION_FILE = "version.json"
 KNOWLEDGE_FILE = "knowledge.jsonl"  # in a version trained on a small FAQ: its rows, answered from (train.faq_retrieval)
-ACTIVE_FILE = "active.json"  # in FORJA_HOME/models: which version answers by default, and its history
+ACTIVE_FILE = "active.json"  # FORJA_HOME/models/active.json of older releases: moved into the database
 RUN_FILE = "run.json"  # in FORJA_HOME/runs/<name>: what a training run needs to continue
 METRICS_FILE = "metrics.jsonl"  # in a run (and its version): one line per step, evaluation and answer check
 CHECKPOINTS_DIR = "checkpoints"  # in a run: step-NNNNNN/ folders, the last keep_checkpoints of them
@@ -492,62 +493,100 @@ def fingerprint(name: str, settings: Settings) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The active version: what `forja serve` (without --model) and `forja train --from-feedback` start from.
-# active.json keeps a stack (promote pushes, rollback pops) and an append-only log of every change.
+# It lives in the database (the store's model_registry: promote pushes, rollback pops, an append-only log), so
+# every replica sharing that database follows one promotion. An installation whose FORJA_HOME/models/active.json
+# predates that has its history moved into the database the first time it is read.
 
 
-def _read_active(settings: Settings) -> dict[str, Any]:
-    path = settings.models_dir / ACTIVE_FILE
-    if not path.is_file():
-        return {"stack": [], "log": []}
+def _store(settings: Settings, store: Any):
+    from forja.store import Store
+
+    if store is not None:
+        return contextlib.nullcontext(store)
+    return contextlib.closing(Store.open(settings))
+
+
+def _stack(log: list[dict[str, Any]]) -> list[str]:
+    stack: list[str] = []
+    for entry in log:
+        if entry["action"] == "promote":
+            stack.append(entry["model"])
+        elif stack:
+            stack.pop()
+    return stack
+
+
+def _log(settings: Settings, store: Any) -> list[dict[str, Any]]:
+    log = store.registry_log()
+    legacy = settings.models_dir / ACTIVE_FILE
+    if log or not legacy.is_file():
+        return log
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: unreadable ({exc}); delete it to fall back to the configured model") from None
+        entries = json.loads(legacy.read_text(encoding="utf-8"))["log"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{legacy}: unreadable ({exc}); delete it to fall back to the configured model") from None
+
+    def move(log: list[dict[str, Any]]):
+        if log:  # another replica moved it meanwhile
+            return [], None
+        return [{"action": e["action"], "model": e["model"], "previous": e["previous"],
+                 "reason": e.get("reason", ""), "at": _epoch(e.get("at"))} for e in entries], None
+
+    store.registry_change(move)
+    os.replace(legacy, legacy.with_suffix(".json.moved-to-database"))  # never read again
+    return store.registry_log()
 
 
-def _write_active(settings: Settings, registry: dict[str, Any]) -> None:
-    path = settings.models_dir / ACTIVE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(registry, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+def _epoch(at: Any) -> float:
+    try:
+        return float(calendar.timegm(time.strptime(at, "%Y-%m-%dT%H:%M:%SZ")))
+    except (TypeError, ValueError):
+        return time.time()
 
 
-def active_model(settings: Settings) -> str:
+def active_model(settings: Settings, store: Any = None) -> str:
     """The active version, else the configured model."""
-    stack = _read_active(settings)["stack"]
+    with _store(settings, store) as opened:
+        stack = _stack(_log(settings, opened))
     return stack[-1] if stack else settings.model
 
 
-def activation_log(settings: Settings) -> list[dict[str, Any]]:
-    return _read_active(settings)["log"]
+def activation_log(settings: Settings, store: Any = None) -> list[dict[str, Any]]:
+    with _store(settings, store) as opened:
+        return [{"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["at"])), "action": e["action"],
+                 "model": e["model"], "previous": e["previous"], "reason": e["reason"]} for e in _log(settings, opened)]
 
 
-def promote(settings: Settings, name: str, reason: str = "promoted by hand") -> str:
+def promote(settings: Settings, name: str, reason: str = "promoted by hand", store: Any = None) -> str:
     """Make `name` the active model (it must resolve); returns the one it replaces."""
     resolve(name, settings)
-    registry = _read_active(settings)
-    previous = registry["stack"][-1] if registry["stack"] else settings.model
-    if previous == name:
-        raise ModelError(f"{name} is already the active model")
-    registry["stack"].append(name)
-    registry["log"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": "promote",
-                            "model": name, "previous": previous, "reason": reason})
-    _write_active(settings, registry)
-    return previous
+
+    def push(log: list[dict[str, Any]]):
+        stack = _stack(log)
+        previous = stack[-1] if stack else settings.model
+        if previous == name:
+            raise ModelError(f"{name} is already the active model")
+        return [{"action": "promote", "model": name, "previous": previous, "reason": reason}], previous
+
+    with _store(settings, store) as opened:
+        _log(settings, opened)
+        return opened.registry_change(push)
 
 
-def rollback(settings: Settings, reason: str = "rolled back by hand") -> str:
+def rollback(settings: Settings, reason: str = "rolled back by hand", store: Any = None) -> str:
     """Return to the model that was active before the current one; returns the model now active."""
-    registry = _read_active(settings)
-    if not registry["stack"]:
-        raise ModelError(f"nothing to roll back: no version was ever promoted (the active model is {settings.model})")
-    current = registry["stack"].pop()
-    now_active = registry["stack"][-1] if registry["stack"] else settings.model
-    registry["log"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": "rollback",
-                            "model": now_active, "previous": current, "reason": reason})
-    _write_active(settings, registry)
-    return now_active
+
+    def pop(log: list[dict[str, Any]]):
+        stack = _stack(log)
+        if not stack:
+            raise ModelError(f"nothing to roll back: no version was ever promoted (the active model is {settings.model})")
+        current = stack.pop()
+        now_active = stack[-1] if stack else settings.model
+        return [{"action": "rollback", "model": now_active, "previous": current, "reason": reason}], now_active
+
+    with _store(settings, store) as opened:
+        _log(settings, opened)
+        return opened.registry_change(pop)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,21 +3,24 @@ which model version.
 
 SQLAlchemy Core over SQLite by default (FORJA_HOME/forja.db, WAL journal, foreign keys on, every commit
 synced to disk); `database_url` in the config points it at another database such as PostgreSQL.
-The schema changes only through MIGRATIONS: ordered, named steps recorded in `schema_migrations` and
-applied when the store opens, so an old database is brought up to date in place.
+The schema changes only through the Alembic revisions of forja.migrations, applied when the store opens
+(and by `forja db migrate`), so an old database is brought up to date in place.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 
 from forja.config import ForjaError, Settings
@@ -31,38 +34,49 @@ class UnknownExchange(StoreError):
     """Feedback names an exchange id the store does not have."""
 
 
+class DatabaseAway(ForjaError):
+    """The database does not answer (and, for new requests, the exchanges waiting for it fill the backlog);
+    the server answers 503."""
+
+
+log = logging.getLogger("forja.store")
+# While the database is away (a restart, a failover) answered exchanges wait in memory, in order, and are
+# written when it is back: at most this many; past it the server answers 503 before generating anything.
+BACKLOG_LIMIT = 10_000
+RETRY_SECONDS = 1.0  # how often the backlog tries the database again
+
+
 metadata = sa.MetaData()
 
-migrations_table = sa.Table(
-    "schema_migrations", metadata,
-    sa.Column("name", sa.String(200), primary_key=True),
-    sa.Column("applied_at", sa.Float, nullable=False),
-)
+# JSON documents: JSONB on PostgreSQL (queried and indexed in SQL), JSON text on SQLite; callers hand over and
+# get back Python values. A Python None is SQL NULL. Times are float seconds since the epoch (UTC) on both
+# engines, as the OpenAI API reports them (`created`), so a row reads back exactly as it was written.
+JSON = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 exchanges = sa.Table(
     "exchanges", metadata,
     sa.Column("id", sa.String(64), primary_key=True),  # the response id the API returned
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("route", sa.String(40), nullable=False),  # chat, completion, predict
     sa.Column("model", sa.String(200), nullable=False),  # the model or version that answered
     sa.Column("persona", sa.String(200)),
-    sa.Column("messages", sa.Text, nullable=False),  # JSON: chat messages as given to the model, or a prompt string
-    sa.Column("answers", sa.Text, nullable=False),  # JSON list, one per choice
-    sa.Column("params", sa.Text, nullable=False),  # JSON sampling parameters
+    sa.Column("messages", JSON, nullable=False),  # JSON: chat messages as given to the model, or a prompt string
+    sa.Column("answers", JSON, nullable=False),  # JSON list, one per choice
+    sa.Column("params", JSON, nullable=False),  # JSON sampling parameters
     sa.Column("prompt_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("completion_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("latency_ms", sa.Float, nullable=False, default=0.0),
     sa.Column("finish_reason", sa.String(20)),
     sa.Column("api_key_name", sa.String(200)),
-    sa.Column("retrieval", sa.Text),  # JSON: the knowledge chunks retrieved for the prompt(s), or NULL
-    sa.Column("trace", sa.Text),  # JSON: an agent persona's steps (tool, arguments, result), or NULL
+    sa.Column("retrieval", JSON),  # JSON: the knowledge chunks retrieved for the prompt(s), or NULL
+    sa.Column("trace", JSON),  # JSON: an agent persona's steps (tool, arguments, result), or NULL
 )
 
 feedback = sa.Table(
     "feedback", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("exchange_id", sa.String(64), sa.ForeignKey("exchanges.id", ondelete="CASCADE"), nullable=False, index=True),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("choice", sa.Integer, nullable=False, default=0),
     sa.Column("rating", sa.String(4)),  # "up", "down" or NULL (a comment only)
     sa.Column("correction", sa.Text),
@@ -121,15 +135,15 @@ vector_store_files = sa.Table(
     sa.Column("file_id", sa.String(64), sa.ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("status", sa.String(20), nullable=False),  # in_progress, completed, failed
-    sa.Column("last_error", sa.Text),  # JSON {"code", "message"} when failed
-    sa.Column("attributes", sa.Text, nullable=False, default="{}"),  # JSON, the client's own
+    sa.Column("last_error", JSON),  # JSON {"code", "message"} when failed
+    sa.Column("attributes", JSON, nullable=False, default=dict),  # JSON, the client's own
 )
 
 vector_store_file_batches = sa.Table(
     "vector_store_file_batches", metadata,  # files attached together (POST /v1/vector_stores/{id}/file_batches)
     sa.Column("id", sa.String(64), primary_key=True),  # vsfb_<hex>
     sa.Column("collection", sa.String(200), nullable=False, index=True),
-    sa.Column("file_ids", sa.Text, nullable=False),  # JSON list
+    sa.Column("file_ids", JSON, nullable=False),  # JSON list
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
 )
@@ -143,9 +157,9 @@ jobs = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("api_key_name", sa.String(200)),  # whose job it is, never the key
-    sa.Column("request", sa.Text, nullable=False),  # JSON: the job as created (checked)
-    sa.Column("result", sa.Text, nullable=False, default="{}"),  # JSON: what it made (model, tokens, files, counts)
-    sa.Column("error", sa.Text),  # JSON {"code", "message", "param"} when failed
+    sa.Column("request", JSON, nullable=False),  # JSON: the job as created (checked)
+    sa.Column("result", JSON, nullable=False, default=dict),  # JSON: what it made (model, tokens, files, counts)
+    sa.Column("error", JSON),  # JSON {"code", "message", "param"} when failed
     sa.Column("worker", sa.String(200)),  # host:pid:tag of the worker running it; NULL = waiting for one
     sa.Column("heartbeat_at", sa.Float),  # the last time that worker said it is alive
     sa.Column("attempts", sa.Integer, nullable=False, default=0),  # times a worker started (or resumed) it
@@ -159,7 +173,7 @@ job_events = sa.Table(
     sa.Column("level", sa.String(10), nullable=False),  # info, warn, error
     sa.Column("type", sa.String(20), nullable=False),  # message, metrics, checkpoint
     sa.Column("message", sa.Text, nullable=False),
-    sa.Column("data", sa.Text),  # JSON: step, losses, tokens/s, ETA; a checkpoint's step and metrics
+    sa.Column("data", JSON),  # JSON: step, losses, tokens/s, ETA; a checkpoint's step and metrics
 )
 
 api_keys = sa.Table(
@@ -167,7 +181,7 @@ api_keys = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),  # key_<hex>
     sa.Column("name", sa.String(200), nullable=False, unique=True),
     sa.Column("sha256", sa.String(64), nullable=False, unique=True),
-    sa.Column("scopes", sa.Text, nullable=False),  # JSON list: chat, train
+    sa.Column("scopes", JSON, nullable=False),  # JSON list: chat, train
     sa.Column("admin", sa.Boolean, nullable=False, default=False),
     sa.Column("requests_per_minute", sa.Integer),
     sa.Column("tokens_per_day", sa.Integer),
@@ -215,42 +229,22 @@ conversations = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("title", sa.String(200)),
-    sa.Column("messages", sa.Text, nullable=False),  # JSON: the turns the model is given, oldest first
+    sa.Column("messages", JSON, nullable=False),  # JSON: the turns the model is given, oldest first
     sa.Column("summary", sa.Text),  # the summary that stands for older turns taken out of `messages`
     sa.Column("compacted", sa.Integer, nullable=False, default=0),  # turns summarised or dropped so far
 )
 
 
-def _create(*tables: sa.Table):
-    def step(conn: Connection) -> None:
-        for table in tables:
-            table.create(conn)
-    return step
-
-
-def _add_column(table: sa.Table, name: str):
-    """A column added to a table that 0001 created; a database created since has it already."""
-    def step(conn: Connection) -> None:
-        if name not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
-            column = table.c[name]
-            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(conn.dialect)}"))
-    return step
-
-
-# Ordered, never edited once released: a new column or table is a new entry at the end.
-MIGRATIONS: list[tuple[str, Any]] = [
-    ("0001_exchanges_and_feedback", _create(exchanges, feedback)),
-    ("0002_feedback_used", _create(feedback_used)),
-    ("0003_guard_events", _create(guard_events)),
-    ("0004_feedback_reviews", _create(feedback_reviews)),
-    ("0005_exchange_retrieval", _add_column(exchanges, "retrieval")),
-    ("0006_files", _create(files, vector_store_files, vector_store_file_batches)),
-    ("0007_jobs", _create(jobs, job_events)),
-    ("0008_api_keys", _create(api_keys, usage)),
-    ("0009_console_users", _create(console_users, console_sessions)),
-    ("0010_exchange_trace", _add_column(exchanges, "trace")),
-    ("0011_conversations", _create(conversations)),
-]
+model_registry = sa.Table(
+    "model_registry", metadata,  # the active version, shared by every replica: promote pushes, rollback pops
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("action", sa.String(10), nullable=False),  # promote or rollback
+    sa.Column("model", sa.String(200), nullable=False),  # promoted, or active after the rollback
+    sa.Column("previous", sa.String(200), nullable=False),  # active before
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.CheckConstraint("action IN ('promote', 'rollback')", name="action_promote_or_rollback"),
+)
 
 
 @dataclass
@@ -279,15 +273,25 @@ class Exchange:
 class Store:
     """One database. Safe to share between threads: every call takes its own connection."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, migrate: bool = True):
+        url = driver_url(url)
         self.url = url
         try:
-            self.engine: Engine = sa.create_engine(url, future=True)
+            # pool_pre_ping: a connection the database dropped (a restart) is replaced, not handed out
+            # a database host that does not answer at all is given up on after 5 s, not the OS's minutes
+            connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect,
+                                                   json_serializer=lambda v: json.dumps(v, ensure_ascii=False))
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-            self.applied = self.migrate()
+            self.applied = self.migrate() if migrate else []
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open the database {safe_url(url)}: {str(exc).splitlines()[0]}") from None
+
+        self.backlog: collections.deque[tuple[float, dict[str, Any] | None, list[dict[str, Any]]]] = collections.deque()
+        self.backlog_limit = BACKLOG_LIMIT
+        self._backlog_lock = threading.Lock()
+        self._retry: threading.Timer | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> "Store":
@@ -296,24 +300,51 @@ class Store:
         return cls(settings.database)
 
     def migrate(self) -> list[str]:
-        """Apply the migrations this database has not seen, in order; returns their names."""
-        applied = []
-        with self.engine.begin() as conn:
-            migrations_table.create(conn, checkfirst=True)
-            done = {row.name for row in conn.execute(sa.select(migrations_table.c.name))}
-            for name, step in MIGRATIONS:
-                if name not in done:
-                    step(conn)
-                    conn.execute(migrations_table.insert().values(name=name, applied_at=time.time()))
-                    applied.append(name)
-        return applied
+        """Apply the schema revisions this database has not seen, in order; returns them."""
+        from forja import migrations
 
-    def migrations(self) -> list[str]:
+        return migrations.upgrade(self.engine)
+
+    def revision(self) -> str | None:
+        from forja import migrations
+
         with self.engine.connect() as conn:
-            return [r.name for r in conn.execute(sa.select(migrations_table.c.name).order_by(migrations_table.c.name))]
+            return migrations.current(conn)
 
     def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        if not self.flush():
+            log.error("the database is away: %d answered exchanges in memory are not stored", len(self.backlog))
         self.engine.dispose()
+
+    @property
+    def backlog_full(self) -> bool:
+        return len(self.backlog) >= self.backlog_limit
+
+    # ------------------------------------------------------------------ the active model version
+
+    def registry_log(self) -> list[dict[str, Any]]:
+        """Every promotion and rollback, oldest first."""
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(model_registry).order_by(model_registry.c.id))]
+
+    def registry_mark(self) -> int | None:
+        """The id of the newest change (one index lookup: a server asks on every request whether it moved)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(model_registry.c.id))).scalar_one()
+
+    def registry_change(self, change) -> Any:
+        """`change(log)` → (rows to append, result), with the log read and the rows written in one transaction;
+        on PostgreSQL a table lock keeps two replicas' promotions from reading the same log."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("LOCK TABLE model_registry IN EXCLUSIVE MODE"))
+            log = [dict(r._mapping) for r in conn.execute(sa.select(model_registry).order_by(model_registry.c.id))]
+            rows, result = change(log)
+            if rows:
+                conn.execute(model_registry.insert(), [{"at": time.time(), **row} for row in rows])
+            return result
 
     # ------------------------------------------------------------------ exchanges
 
@@ -321,29 +352,63 @@ class Store:
                      answers: list[str], params: dict[str, Any], prompt_tokens: int, completion_tokens: int,
                      latency_ms: float, finish_reason: str | None, api_key_name: str | None,
                      retrieval: Any = None, guard_events: Sequence[dict[str, Any]] = (), trace: Any = None) -> None:
-        """One exchange and the guardrail decisions taken on it, in one transaction."""
-        with self.engine.begin() as conn:
-            self._insert_guard_events(conn, guard_events)
-            conn.execute(exchanges.insert().values(
-                id=id, created_at=time.time(), route=route, model=model, persona=persona,
-                messages=json.dumps(messages, ensure_ascii=False), answers=json.dumps(answers, ensure_ascii=False),
-                params=json.dumps(params, ensure_ascii=False), prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
-                api_key_name=api_key_name,
-                retrieval=None if retrieval is None else json.dumps(retrieval, ensure_ascii=False),
-                trace=None if trace is None else json.dumps(trace, ensure_ascii=False),
-            ))
+        """One exchange and the guardrail decisions taken on it, in one transaction; kept in the backlog (and
+        written in order later) while the database is away, DatabaseAway when the backlog is full."""
+        self._write(time.time(), {
+            "id": id, "route": route, "model": model, "persona": persona, "messages": messages, "answers": answers,
+            "params": params, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms, "finish_reason": finish_reason, "api_key_name": api_key_name,
+            "retrieval": retrieval, "trace": trace}, list(guard_events))
 
     def log_guard_events(self, events: list[dict[str, Any]]) -> None:
         """Guardrail decisions alone (a server that does not store exchanges still keeps its audit log)."""
-        with self.engine.begin() as conn:
-            self._insert_guard_events(conn, events)
+        self._write(time.time(), None, list(events))
 
-    @staticmethod
-    def _insert_guard_events(conn: Connection, events: Sequence[dict[str, Any]]) -> None:
-        if events:
-            now = time.time()
-            conn.execute(guard_events.insert(), [{"created_at": now, **event} for event in events])
+    def _write(self, at: float, exchange: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
+        with self._backlog_lock:
+            if not self.backlog:
+                try:
+                    self._insert(at, exchange, events)
+                    return
+                except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                    log.error("the database is away (%s): answered exchanges wait in memory", str(exc).splitlines()[0])
+            if len(self.backlog) >= self.backlog_limit:
+                raise DatabaseAway(f"the database {safe_url(self.url)} is unreachable and {len(self.backlog)} "
+                                   "answered exchanges wait for it; retry when it is back")
+            self.backlog.append((at, exchange, events))
+            self._schedule()
+
+    def _insert(self, at: float, exchange: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            if events:
+                conn.execute(guard_events.insert(), [{"created_at": at, **event} for event in events])
+            if exchange is not None:
+                conn.execute(exchanges.insert().values(created_at=at, **exchange))
+
+    def flush(self) -> bool:
+        """Write the backlog, oldest first; False while the database is still away."""
+        with self._backlog_lock:
+            while self.backlog:
+                try:
+                    self._insert(*self.backlog[0])
+                except (sa.exc.OperationalError, sa.exc.InterfaceError):
+                    return False
+                self.backlog.popleft()
+            return True
+
+    def _schedule(self) -> None:
+        if self._retry is None or not self._retry.is_alive():
+            self._retry = threading.Timer(RETRY_SECONDS, self._retry_flush)
+            self._retry.daemon = True
+            self._retry.start()
+
+    def _retry_flush(self) -> None:
+        if self.flush():
+            log.info("the database is back: the answered exchanges that waited are stored")
+        else:
+            with self._backlog_lock:
+                self._retry = None
+                self._schedule()
 
     def guard_log(self, *, request_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Guardrail decisions, newest first."""
@@ -365,13 +430,17 @@ class Store:
     def add_feedback(self, exchange_id: str, *, rating: str | None = None, correction: str | None = None,
                      comment: str | None = None, choice: int = 0, sender: str | None = None) -> dict[str, Any]:
         """Store one feedback row and return it (with the model that gave the answer); committed (and
-        synced) before this returns."""
+        synced) before this returns. The backlog is written first: an exchange answered while the database
+        was away can be rated once it is back."""
+        if not self.flush():
+            raise DatabaseAway(f"the database {safe_url(self.url)} is unreachable; the exchange cannot be rated "
+                               "until it is back")
         with self.engine.begin() as conn:
             found = conn.execute(sa.select(exchanges.c.answers, exchanges.c.model)
                                  .where(exchanges.c.id == exchange_id)).first()
             if found is None:
                 raise UnknownExchange(f"no exchange with id {exchange_id!r}")
-            if not 0 <= choice < max(len(json.loads(found.answers)), 1):
+            if not 0 <= choice < max(len(found.answers), 1):
                 raise StoreError(f"exchange {exchange_id!r} has no choice {choice}")
             result = conn.execute(feedback.insert().values(
                 exchange_id=exchange_id, created_at=time.time(), choice=choice, rating=rating,
@@ -384,8 +453,9 @@ class Store:
                       unused_only: bool = False) -> list[dict[str, Any]]:
         """Feedback joined with its exchange, newest first."""
         query = (sa.select(feedback, exchanges.c.model, exchanges.c.persona, exchanges.c.messages,
-                           exchanges.c.answers, exchanges.c.route)
+                           exchanges.c.answers, exchanges.c.route, feedback_reviews.c.decision.label("review"))
                  .join(exchanges, feedback.c.exchange_id == exchanges.c.id)
+                 .outerjoin(feedback_reviews, feedback_reviews.c.feedback_id == feedback.c.id)
                  .order_by(feedback.c.created_at.desc(), feedback.c.id.desc()))
         if rating:
             query = query.where(feedback.c.rating == rating)
@@ -396,15 +466,15 @@ class Store:
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
             used: dict[int, list[str]] = {}
-            for r in conn.execute(sa.select(feedback_used)):
+            page = query.with_only_columns(feedback.c.id).subquery()  # only the versions of the rows listed
+            for r in conn.execute(sa.select(feedback_used.c.feedback_id, feedback_used.c.version)
+                                  .where(feedback_used.c.feedback_id.in_(sa.select(page.c.id)))
+                                  .order_by(feedback_used.c.used_at, feedback_used.c.version)):
                 used.setdefault(r.feedback_id, []).append(r.version)
-            reviews = {r.feedback_id: r.decision for r in conn.execute(sa.select(feedback_reviews))}
         for row in rows:
-            row["messages"] = json.loads(row["messages"])
-            answers = json.loads(row.pop("answers"))
+            answers = row.pop("answers")
             row["answer"] = answers[row["choice"]] if row["choice"] < len(answers) else ""
             row["used_in"] = used.get(row["id"], [])
-            row["review"] = reviews.get(row["id"])
         return rows
 
     def edit_correction(self, feedback_id: int, correction: str) -> None:
@@ -466,30 +536,45 @@ class Store:
     def traffic(self, since: float, bucket_seconds: float, until: float | None = None) -> dict[str, Any]:
         """The exchange log from `since` in buckets of `bucket_seconds`: requests, latency p50/p95, generation
         speed (tokens/s while answering), requests the guardrails refused, thumbs up/down per model version,
-        and the guardrails' decisions by category (for /dashboard)."""
+        and the guardrails' decisions by category (for /dashboard). Counted in SQL: a few rows per bucket come
+        back, however many exchanges there were."""
         until = time.time() if until is None else until
+        count = max(1, math.ceil((until - since) / bucket_seconds))
+        window = sa.and_(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(exchanges.c.created_at, exchanges.c.model, exchanges.c.latency_ms,
-                          exchanges.c.prompt_tokens, exchanges.c.completion_tokens, exchanges.c.finish_reason)
-                .where(exchanges.c.created_at >= since, exchanges.c.created_at <= until)
-                .order_by(exchanges.c.created_at)).all()
-            versions = _ratings_by_model(conn, collections.Counter(r.model for r in rows),
-                                         feedback.c.created_at >= since, feedback.c.created_at <= until)
+            offset = (exchanges.c.created_at - since) / bucket_seconds
+            # floor of a number >= 0: SQLite's CAST truncates, PostgreSQL's rounds
+            bucket = sa.func.floor(offset) if conn.dialect.name == "postgresql" else sa.cast(offset, sa.Integer)
+            bucket = sa.func.least(bucket, count - 1) if conn.dialect.name == "postgresql" \
+                else sa.func.min(bucket, count - 1)
+            rows = sa.select(bucket.label("bucket"), exchanges.c.latency_ms, exchanges.c.completion_tokens,
+                             exchanges.c.prompt_tokens, exchanges.c.finish_reason).where(window).subquery()
+            blocked = sa.case((rows.c.finish_reason == "content_filter", 1), else_=0)
+            answered = sa.or_(rows.c.finish_reason.is_(None), rows.c.finish_reason != "content_filter",
+                              rows.c.completion_tokens > 0)
+            sums = (sa.func.count().label("requests"), sa.func.coalesce(sa.func.sum(blocked), 0).label("blocked"),
+                    sa.func.coalesce(sa.func.sum(rows.c.latency_ms), 0).label("latency"),
+                    sa.func.coalesce(sa.func.sum(rows.c.completion_tokens), 0).label("completion_tokens"),
+                    sa.func.coalesce(sa.func.sum(rows.c.prompt_tokens), 0).label("prompt_tokens"),
+                    sa.func.count().filter(answered).label("answered"),
+                    sa.func.coalesce(sa.func.sum(rows.c.completion_tokens).filter(answered), 0).label("answered_tokens"))
+            per_bucket = {r.bucket: r for r in conn.execute(sa.select(rows.c.bucket, *sums).group_by(rows.c.bucket))}
+            total = conn.execute(sa.select(*sums)).one()
+            percentiles = _percentiles(conn, rows)
+            calls = dict(conn.execute(sa.select(exchanges.c.model, sa.func.count()).where(window)
+                                      .group_by(exchanges.c.model)).all())
+            versions = _ratings_by_model(conn, calls, feedback.c.created_at >= since, feedback.c.created_at <= until)
             guard = conn.execute(
                 sa.select(guard_events.c.category, guard_events.c.action, sa.func.count().label("n"))
                 .where(guard_events.c.created_at >= since, guard_events.c.created_at <= until)
                 .group_by(guard_events.c.category, guard_events.c.action)).all()
-        count = max(1, math.ceil((until - since) / bucket_seconds))
-        grouped: list[list[Any]] = [[] for _ in range(count)]
-        for row in rows:
-            grouped[min(int((row.created_at - since) // bucket_seconds), count - 1)].append(row)
         return {
             "since": since, "until": until, "bucket_seconds": bucket_seconds,
-            "buckets": [{"start": since + i * bucket_seconds, **_summary(group)} for i, group in enumerate(grouped)],
-            "totals": {**_summary(rows), "prompt_tokens": sum(r.prompt_tokens for r in rows),
-                       "completion_tokens": sum(r.completion_tokens for r in rows),
-                       "tokens_per_call": _tokens_per_call(rows)},
+            "buckets": [{"start": since + i * bucket_seconds, **_summary(per_bucket.get(i), percentiles.get(i, {}))}
+                        for i in range(count)],
+            "totals": {**_summary(total, percentiles.get(None, {})), "prompt_tokens": total.prompt_tokens,
+                       "completion_tokens": total.completion_tokens,
+                       "tokens_per_call": round(total.answered_tokens / total.answered, 1) if total.answered else None},
             "versions": versions,
             "guard": [{"category": c, "action": a, "count": n} for c, a, n in sorted(guard, key=lambda g: (-g.n, g.category))],
         }
@@ -510,23 +595,36 @@ def _ratings_by_model(conn: Connection, calls: dict[str, int], *where: Any) -> l
     return sorted(models.values(), key=lambda row: row["model"])
 
 
-def _tokens_per_call(rows: list[Any]) -> float | None:
-    """Generated tokens per call that reached the model (a request the guardrails refused generated nothing)."""
-    answered = [r for r in rows if r.finish_reason != "content_filter" or r.completion_tokens]
-    return round(sum(r.completion_tokens for r in answered) / len(answered), 1) if answered else None
+def _percentiles(conn: Connection, rows: Any) -> dict[int | None, dict[int, float]]:
+    """Latency p50 and p95 (nearest rank) per bucket and over all (key None), with window functions: the
+    row ranked ceil(n * p / 100) in its bucket, found by the database."""
+    ranked = sa.select(
+        rows.c.bucket, rows.c.latency_ms,
+        sa.func.row_number().over(partition_by=rows.c.bucket, order_by=rows.c.latency_ms).label("rank"),
+        sa.func.count().over(partition_by=rows.c.bucket).label("n"),
+        sa.func.row_number().over(order_by=rows.c.latency_ms).label("rank_all"),
+        sa.func.count().over().label("n_all")).subquery()
+    wanted = {p: ((ranked.c.n * p + 99) // 100, (ranked.c.n_all * p + 99) // 100) for p in (50, 95)}
+    found: dict[int | None, dict[int, float]] = {}
+    picked = sa.select(ranked).where(sa.or_(*(sa.or_(ranked.c.rank == mine, ranked.c.rank_all == every)
+                                              for mine, every in wanted.values())))
+    for row in conn.execute(picked):
+        for p in (50, 95):
+            if row.rank == (row.n * p + 99) // 100:
+                found.setdefault(row.bucket, {})[p] = row.latency_ms
+            if row.rank_all == (row.n_all * p + 99) // 100:
+                found.setdefault(None, {})[p] = row.latency_ms
+    return found
 
 
-def _summary(rows: list[Any]) -> dict[str, Any]:
-    """Requests, latency percentiles (nearest rank) and generation speed of some exchanges."""
-    latencies = sorted(r.latency_ms for r in rows)
-    seconds = sum(latencies) / 1000
-
-    def percentile(p: float) -> float | None:
-        return latencies[max(0, math.ceil(len(latencies) * p / 100) - 1)] if latencies else None
-
-    return {"requests": len(rows), "blocked": sum(r.finish_reason == "content_filter" for r in rows),
-            "p50_ms": percentile(50), "p95_ms": percentile(95),
-            "tokens_per_s": round(sum(r.completion_tokens for r in rows) / seconds, 2) if seconds else None}
+def _summary(sums: Any, percentiles: dict[int, float]) -> dict[str, Any]:
+    """Requests, latency percentiles and generation speed of some exchanges, from their sums."""
+    if sums is None or not sums.requests:
+        return {"requests": 0, "blocked": 0, "p50_ms": None, "p95_ms": None, "tokens_per_s": None}
+    seconds = sums.latency / 1000
+    return {"requests": sums.requests, "blocked": sums.blocked, "p50_ms": percentiles.get(50),
+            "p95_ms": percentiles.get(95),
+            "tokens_per_s": round(sums.completion_tokens / seconds, 2) if seconds else None}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -539,12 +637,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _exchange(row: Any) -> Exchange:
-    data = dict(row._mapping)
-    for key in ("messages", "answers", "params"):
-        data[key] = json.loads(data[key])
-    data["retrieval"] = json.loads(data["retrieval"]) if data.get("retrieval") else None
-    data["trace"] = json.loads(data["trace"]) if data.get("trace") else None
-    return Exchange(**data)
+    return Exchange(**row._mapping)
+
+
+def driver_url(url: str) -> str:
+    """postgresql://... goes through psycopg 3 (the driver forja installs), not SQLAlchemy's default psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
 
 
 def safe_url(url: str) -> str:
@@ -553,3 +654,49 @@ def safe_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return url
+
+
+COPY_CHUNK = 1000  # rows read and written at a time: memory stays flat whatever the size of a table
+
+
+def copy(source_url: str, target_url: str) -> dict[str, int]:
+    """Every row of every table from one database to another, empty one (`forja db copy`), in one transaction
+    on the target: ids as they were, PostgreSQL's sequences moved past them, and each table's count checked.
+    Both are brought to the newest schema first. Returns the rows copied per table."""
+    source, target = Store(source_url), Store(target_url)
+    try:
+        with target.engine.connect() as conn:
+            filled = [t.name for t in metadata.sorted_tables
+                      if conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()]
+        if filled:
+            raise StoreError(f"{safe_url(target_url)} is not empty (rows in {', '.join(filled)}): copy into a new "
+                             "database")
+        copied = {}
+        with source.engine.connect() as reading, target.engine.begin() as writing:
+            for table in metadata.sorted_tables:  # parents before the rows that point at them
+                rows = reading.execution_options(stream_results=True).execute(
+                    sa.select(table).order_by(*table.primary_key.columns))
+                copied[table.name] = 0
+                while chunk := rows.fetchmany(COPY_CHUNK):
+                    writing.execute(table.insert(), [dict(r._mapping) for r in chunk])
+                    copied[table.name] += len(chunk)
+                if writing.dialect.name == "postgresql":
+                    _move_sequence(writing, table)
+            for table in metadata.sorted_tables:
+                count = writing.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+                if count != copied[table.name]:
+                    raise StoreError(f"{table.name}: {copied[table.name]} rows read but {count} written; nothing "
+                                     "was copied (the target is left as it was)")
+        return copied
+    finally:
+        source.close()
+        target.close()
+
+
+def _move_sequence(conn: Connection, table: sa.Table) -> None:
+    """The next id PostgreSQL hands out comes after the copied ones (inserting explicit ids does not move it)."""
+    for column in table.primary_key.columns:
+        if column.autoincrement is True or (column.autoincrement == "auto" and isinstance(column.type, sa.Integer)
+                                            and len(table.primary_key.columns) == 1):
+            conn.execute(sa.text(f"SELECT setval(pg_get_serial_sequence('{table.name}', '{column.name}'), "
+                                 f"COALESCE((SELECT MAX({column.name}) FROM {table.name}), 0) + 1, false)"))

@@ -9,7 +9,6 @@ it by writing its own id there in one conditional UPDATE, so two workers sharing
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -79,7 +78,7 @@ def create(store: Store, kind: str, request: dict[str, Any], owner: str | None, 
     job = Job(PREFIX[kind] + uuid.uuid4().hex[:24], kind, status, time.time(), request, api_key_name=owner)
     with store.engine.begin() as conn:
         conn.execute(jobs.insert().values(id=job.id, kind=kind, status=status, created_at=job.created_at,
-                                          api_key_name=owner, request=_dump(request),
+                                          api_key_name=owner, request=request,
                                           result=_stamped(None, status, {}), attempts=0))
         for message in events:
             _insert_event(conn, job.id, message)
@@ -123,7 +122,7 @@ def cancel(store: Store, job_id: str, kind: str, owner: str | None = None, admin
         if job.final or job.status in STOPPING:
             raise JobError(f"{job_id} is {job.status}; only a job that has not finished can be cancelled")
         status = "cancelling" if kind == BATCH and job.worker is not None else "cancelled"
-        values: dict[str, Any] = {"status": status, "result": _stamped(_dump(job.result), status, {})}
+        values: dict[str, Any] = {"status": status, "result": _stamped(job.result, status, {})}
         if status == "cancelled":
             values["finished_at"] = time.time()
         worker_now = jobs.c.worker.is_(None) if job.worker is None else jobs.c.worker == job.worker
@@ -156,7 +155,7 @@ def events(store: Store, job_id: str, after: int | None = None, limit: int = 20,
         query = query.where(job_events.c.type == type)
     with store.engine.connect() as conn:
         rows = conn.execute(query.limit(limit + 1)).all()
-    return [Event(r.id, r.job_id, r.created_at, r.level, r.type, r.message, json.loads(r.data) if r.data else None)
+    return [Event(r.id, r.job_id, r.created_at, r.level, r.type, r.message, r.data)
             for r in rows[:limit]], len(rows) > limit
 
 
@@ -194,7 +193,7 @@ def heartbeat(store: Store, job_id: str, worker: str, **result: Any) -> Job | No
             return None
         values: dict[str, Any] = {"heartbeat_at": time.time()}
         if result:
-            values["result"] = _dump({**json.loads(row.result or "{}"), **result})
+            values["result"] = {**(row.result or {}), **result}
         conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.worker == worker).values(**values))
         return _job(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
@@ -231,7 +230,7 @@ def finish(store: Store, job_id: str, worker: str, status: str, message: str, *,
             values: dict[str, Any] = {"result": _stamped(row.result, None, result), "heartbeat_at": time.time(),
                                       "finished_at": row.finished_at or time.time()}
             if row.status not in FINAL:
-                values.update(status=status, error=_dump(error) if error else None,
+                values.update(status=status, error=error or None,
                               result=_stamped(row.result, status, result))
             done = conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.status == row.status,
                                                     jobs.c.worker == worker).values(**values))
@@ -298,23 +297,19 @@ def _alive(pid: int) -> bool:
 def _insert_event(conn: sa.Connection, job_id: str, message: str, level: str = "info", type: str = "message",
                   data: dict[str, Any] | None = None) -> None:
     conn.execute(job_events.insert().values(job_id=job_id, created_at=time.time(), level=level, type=type,
-                                            message=message, data=_dump(data) if data is not None else None))
+                                            message=message, data=data))
 
 
-def _stamped(result: str | None, status: str | None, more: dict[str, Any]) -> str:
-    """A job's result JSON with `more` merged in and, with `status`, when the job entered it (`status_times`:
+def _stamped(result: dict[str, Any] | None, status: str | None, more: dict[str, Any]) -> dict[str, Any]:
+    """A job's result with `more` merged in and, with `status`, when the job entered it (`status_times`:
     a batch's in_progress_at, completed_at, ...)."""
-    merged = {**json.loads(result or "{}"), **more}
+    merged = {**(result or {}), **more}
     if status:
         merged["status_times"] = {**merged.get("status_times", {}), status: time.time()}
-    return _dump(merged)
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return merged
 
 
 def _job(row: Any) -> Job:
-    return Job(row.id, row.kind, row.status, row.created_at, json.loads(row.request), json.loads(row.result or "{}"),
-               json.loads(row.error) if row.error else None, row.started_at, row.finished_at, row.api_key_name,
+    return Job(row.id, row.kind, row.status, row.created_at, row.request, row.result or {},
+               row.error or None, row.started_at, row.finished_at, row.api_key_name,
                row.worker, row.heartbeat_at, row.attempts)

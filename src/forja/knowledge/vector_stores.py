@@ -7,7 +7,6 @@ attributes. `GET /v1/vector_stores` and its sub-routes (serve/routes/vector_stor
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -217,17 +216,17 @@ def _vector_store(settings: Settings, collection: index.Collection, rows: dict, 
         else:
             size, filename = upload.bytes, upload.filename
         found.append(StoreFile(file_id, name, "completed", row["created_at"] if row else info.indexed_at, size,
-                               filename, attributes=json.loads(row["attributes"]) if row else {}))
+                               filename, attributes=row["attributes"] if row else {}))
     for file_id, row in rows.items():
         if row["status"] == "completed" or file_id not in uploads:
             continue  # its chunks were taken out with `forja knowledge remove`
         status = row["status"]
-        error = json.loads(row["last_error"]) if row["last_error"] else None
+        error = row["last_error"] or None
         if status == "in_progress" and (name, file_id) not in _pending:
             status, error = "failed", {"code": "server_error", "message": "indexing stopped before it finished "
                                        "(the server was stopped or restarted); attach the file again"}
         found.append(StoreFile(file_id, name, status, row["created_at"], uploads[file_id].bytes,
-                               uploads[file_id].filename, error, json.loads(row["attributes"])))
+                               uploads[file_id].filename, error, row["attributes"]))
     found.sort(key=lambda f: (f.created_at, f.id))
     return VectorStore(name, collection.created_at, collection.indexed_at or collection.created_at, found)
 
@@ -304,7 +303,7 @@ def attach(settings: Settings, store: Store, vector_store_id: str, file_id: str,
     upload = attachable(settings, store, file_id)
     _deleted.discard(name)  # a store of this name exists again
     row = {"collection": name, "file_id": file_id, "created_at": time.time(), "status": "in_progress",
-           "last_error": None, "attributes": json.dumps(attributes or {}, ensure_ascii=False)}
+           "last_error": None, "attributes": attributes or {}}
     with store.engine.begin() as conn:
         conn.execute(rows_table.delete().where(rows_table.c.collection == name, rows_table.c.file_id == file_id))
         conn.execute(rows_table.insert().values(**row))
@@ -369,7 +368,7 @@ def _still_attached(store: Store, name: str, file_id: str) -> bool:
 def _finish(store: Store, name: str, file_id: str, status: str, error: dict[str, str] | None) -> None:
     with store.engine.begin() as conn:
         conn.execute(rows_table.update().where(rows_table.c.collection == name, rows_table.c.file_id == file_id)
-                     .values(status=status, last_error=json.dumps(error) if error else None))
+                     .values(status=status, last_error=error or None))
 
 
 def content(settings: Settings, store: Store, vector_store_id: str, file_id: str) -> str:
@@ -395,7 +394,7 @@ def set_attributes(settings: Settings, store: Store, vector_store_id: str, file_
     if found.id.startswith(LOCAL_FILE_PREFIX):
         raise files.FileError(f"{found.filename} was added with forja knowledge add, not uploaded: it has no "
                               "attributes to set")
-    values = json.dumps(attributes, ensure_ascii=False)
+    values = attributes
     with store.engine.begin() as conn:
         changed = conn.execute(rows_table.update().where(rows_table.c.collection == name,
                                                          rows_table.c.file_id == file_id).values(attributes=values))
@@ -437,7 +436,7 @@ def create_batch(settings: Settings, store: Store, vector_store_id: str,
     batch_id = BATCH_PREFIX + uuid.uuid4().hex[:24]
     file_ids = list(dict.fromkeys(file_id for file_id, _ in items))
     with store.engine.begin() as conn:
-        conn.execute(batches_table.insert().values(id=batch_id, collection=name, file_ids=json.dumps(file_ids),
+        conn.execute(batches_table.insert().values(id=batch_id, collection=name, file_ids=file_ids,
                                                    created_at=time.time(), cancelled=False))
     for file_id, attributes in items:
         attach(settings, store, vector_store_id, file_id, attributes)
@@ -452,7 +451,7 @@ def batch(settings: Settings, store: Store, vector_store_id: str, batch_id: str)
                                                           batches_table.c.collection == name)).first()
     if row is None:
         raise UnknownFileBatch(f"vector store {vector_store_id!r} has no file batch {batch_id!r}")
-    file_ids = json.loads(row.file_ids)
+    file_ids = row.file_ids
     members = [f for f in vector_store.files if f.id in set(file_ids)]
     return FileBatch(row.id, name, row.created_at, file_ids, members, row.cancelled)
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,7 +29,7 @@ from forja.monitor import CountRequests
 from forja.serve.routes import (admin, batches, classic, conversations, embeddings, files, fine_tuning, monitoring,
                                 openai, page, responses, vector_stores)
 from forja.serve.schemas import BAD_REQUEST_ERRORS
-from forja.store import Store
+from forja.store import DatabaseAway, Store, safe_url
 
 WEB_DIR = Path(__file__).parent / "web"
 log = logging.getLogger("forja.serve")
@@ -91,6 +92,17 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(DatabaseAway)
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.InterfaceError)
+    async def database_away(request: Request, exc: Exception) -> JSONResponse:
+        # the database went away (a restart, a failover): a clear 503 to retry, never a 500; answered
+        # exchanges wait in the store's backlog meanwhile
+        message = str(exc) if isinstance(exc, DatabaseAway) else \
+            f"the database {safe_url(settings.database)} is unreachable; retry in a few seconds"
+        error = ApiError(503, message, type="server_error", code="database_unavailable", headers={"Retry-After": "5"})
+        return JSONResponse(error.body(), status_code=503, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

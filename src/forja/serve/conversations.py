@@ -8,7 +8,6 @@ dropped (drop); the reply says how many (`forja.conversation`).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -69,8 +68,7 @@ def create(store: Store, owner: str | None, title: str | None = None,
     with store.engine.begin() as conn:
         conn.execute(conversations.insert().values(id=conversation.id, api_key_name=owner, created_at=now,
                                                    updated_at=now, title=conversation.title,
-                                                   messages=json.dumps(conversation.messages, ensure_ascii=False),
-                                                   compacted=0))
+                                                   messages=conversation.messages, compacted=0))
     return conversation
 
 
@@ -82,7 +80,7 @@ def get(store: Store, conversation_id: str, caller: Caller, param: str = "conver
         raise ApiError(404, f"no conversation with id {conversation_id!r} (POST /v1/conversations makes one)",
                        param=param, code="conversation_not_found")
     return Conversation(row.id, row.api_key_name, row.created_at, row.updated_at, row.title,
-                        json.loads(row.messages), row.summary, row.compacted)
+                        row.messages, row.summary, row.compacted)
 
 
 def listing(store: Store, caller: Caller, limit: int) -> list[Conversation]:
@@ -90,7 +88,7 @@ def listing(store: Store, caller: Caller, limit: int) -> list[Conversation]:
     if not caller.admin:
         query = query.where(conversations.c.api_key_name == caller.name)
     with store.engine.connect() as conn:
-        return [Conversation(r.id, r.api_key_name, r.created_at, r.updated_at, r.title, json.loads(r.messages),
+        return [Conversation(r.id, r.api_key_name, r.created_at, r.updated_at, r.title, r.messages,
                              r.summary, r.compacted) for r in conn.execute(query)]
 
 
@@ -104,8 +102,8 @@ def update(store: Store, conversation: Conversation, title: str | None = None,
     conversation.updated_at = time.time()
     with store.engine.begin() as conn:
         conn.execute(conversations.update().where(conversations.c.id == conversation.id).values(
-            title=conversation.title, messages=json.dumps(conversation.messages, ensure_ascii=False),
-            summary=conversation.summary, compacted=conversation.compacted, updated_at=conversation.updated_at))
+            title=conversation.title, messages=conversation.messages, summary=conversation.summary,
+            compacted=conversation.compacted, updated_at=conversation.updated_at))
     return conversation
 
 
@@ -122,7 +120,7 @@ def save(store: Store, conversation: Conversation, new: list[dict[str, Any]], an
     conversation.title = conversation.title or first_question(conversation.messages)
     with store.engine.begin() as conn:
         conn.execute(conversations.update().where(conversations.c.id == conversation.id).values(
-            messages=json.dumps(conversation.messages, ensure_ascii=False), summary=conversation.summary,
+            messages=conversation.messages, summary=conversation.summary,
             compacted=conversation.compacted, updated_at=conversation.updated_at, title=conversation.title))
 
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import Depends, Request
 
 from forja.config import ApiKey, Persona, Settings
@@ -24,6 +25,7 @@ from forja.monitor import Metrics
 from forja.store import Store
 
 log = logging.getLogger("forja.serve")
+REGISTRY_RETRY_SECONDS = 5.0  # the database did not answer whether the active version moved: ask again after this
 
 
 class ApiError(Exception):
@@ -76,7 +78,8 @@ class ServerState:
     mcp: Any = None  # forja.agents.mcp.McpHub when serve.mcp_servers names any
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _active: str = ""
-    _registry_stamp: float | None = None
+    _registry_stamp: int | None = None
+    _registry_retry: float = 0.0
     _systems: dict[str, str | None] = field(default_factory=dict)
     _published: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -87,26 +90,29 @@ class ServerState:
         self._active = self.base
         self._registry_stamp = self._stamp()
 
-    def _stamp(self) -> float | None:
-        from forja.models import ACTIVE_FILE
-
+    def _stamp(self) -> int | None:
+        """The newest change of the active version in the database (every replica sharing it sees the same)."""
+        if self.store is None or time.monotonic() < self._registry_retry:
+            return self._registry_stamp
         try:
-            return (self.settings.models_dir / ACTIVE_FILE).stat().st_mtime_ns
-        except OSError:
-            return None
+            return self.store.registry_mark()
+        except sa.exc.SQLAlchemyError:  # the database is away: keep serving the version known, ask again later
+            self._registry_retry = time.monotonic() + REGISTRY_RETRY_SECONDS
+            return self._registry_stamp
 
     @property
     def active(self) -> str:
-        """The default model; re-read from the registry when its file changed (one stat per request)."""
+        """The default model; re-read when the registry in the database changed (one index lookup per request,
+        so a promotion on any replica is followed at the next request on this one)."""
         if self.follow_registry:
             stamp = self._stamp()
             if stamp != self._registry_stamp:
                 from forja.models import ModelError, active_model
 
-                self._registry_stamp = stamp
                 try:
-                    self._active = active_model(self.settings)
-                except ModelError as exc:
+                    self._active = active_model(self.settings, self.store)
+                    self._registry_stamp = stamp
+                except (ModelError, sa.exc.SQLAlchemyError) as exc:
                     log.error("keeping %s active: %s", self._active, exc)
         return self._active
 
@@ -135,6 +141,10 @@ class ServerState:
                                code="model_load_failed")
             raise ApiError(503, f"the model {self.base} is still loading; retry in a few seconds", type="server_error",
                            code="model_loading", headers={"Retry-After": "5"})
+        if self.store is not None and self.store.backlog_full:  # nothing answered now could be stored
+            raise ApiError(503, f"the database is unreachable and {len(self.store.backlog)} answered exchanges wait "
+                           "for it in memory; retry when it is back", type="server_error",
+                           code="database_unavailable", headers={"Retry-After": "5"})
         active = self.active
         name = name or active
         persona = self.personas.get(name)
