@@ -535,3 +535,20 @@ def test_cog_package_with_the_llama_cpp_engine_streams_from_its_gguf(varied_mode
     # f16 GGUF, greedy: PyTorch's answer; where the random model ends a piece inside a UTF-8 character,
     # llama-cpp-python streams U+FFFD and transformers drops the bytes
     assert "".join(chunks).replace("\ufffd", "") == pytorch_text(loaded, "Hola", 12).replace("\ufffd", "")
+
+
+def test_models_delete_refuses_the_base_of_a_lora_version(tiny_model_dir, tmp_path):
+    from forja.config import TrainSettings
+    from forja.train import new_run, train
+
+    settings = load_settings()
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hola"},
+                                             {"role": "assistant", "content": "Buenos días."}]}) + "\n")
+    for name, base, method in (("v-full", str(tiny_model_dir), "full"), ("v-on-full", "v-full", "lora")):
+        hyper = TrainSettings(method=method, max_steps=1, eval_every=None, checkpoint_every=None)
+        train(settings, new_run(settings, [data], name, base, hyper), progress=False)
+    result = runner.invoke(app, ["models", "delete", "v-full"])
+    assert result.exit_code == 1 and "v-full is the base of v-on-full" in result.output
+    assert runner.invoke(app, ["models", "delete", "v-on-full"]).exit_code == 0
+    assert runner.invoke(app, ["models", "delete", "v-full"]).exit_code == 0

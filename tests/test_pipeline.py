@@ -130,3 +130,20 @@ def test_pipeline_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
     bad.write_text("assistants:\n  - name: a\n  - name: a\n")
     result = runner.invoke(app, ["run", "--file", str(bad)])
     assert result.exit_code == 1 and "assistant 'a' is named twice" in result.output
+
+
+def test_the_forja_yaml_pipeline_runs_without_file_and_activate_promotes_its_version(tiny_model_dir, tmp_path):
+    from forja import models
+
+    write_faq(tmp_path / "faq.csv", [["Hola", "Buenos días."]])
+    (tmp_path / "forja.yaml").write_text(yaml.safe_dump({"pipeline": {
+        "defaults": {"base": str(tiny_model_dir), "train": {"max_steps": 1, "eval_every": None, "checkpoint_every": None}},
+        "assistants": [{"name": "recepcion", "data": ["faq.csv"], "activate": True}]}}))
+    result = runner.invoke(app, ["run", "--quiet"])  # the test runs in tmp_path: ./forja.yaml is the config
+    assert result.exit_code == 0, result.output
+    settings = load_settings()
+    version = models.version_names(settings)[0]
+    assert models.active_model(settings) == version
+    assert models.activation_log(settings)[-1]["reason"] == "forja run: recepcion passed its gate"
+    result = runner.invoke(app, ["models", "delete", version])
+    assert result.exit_code == 1 and "is the active version" in result.output

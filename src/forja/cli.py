@@ -825,7 +825,7 @@ def gc(
     typer.echo(f"{'would free' if dry_run else 'freed'} {total:.1f} MiB in {len(removed)} item{'s' if len(removed) != 1 else ''}")
 
 
-StepOpt = Annotated[Optional[list[str]], typer.Option(help="A step: prepare, train, eval, gate, promote, export or package (repeatable).")]
+StepOpt = Annotated[Optional[list[str]], typer.Option(help="Run only this step (repeatable), on what the others recorded: prepare, train, eval, gate, promote, export or package.")]
 
 
 @app.command("run")

@@ -703,7 +703,11 @@ def collect_garbage(settings: Settings, dry_run: bool = False) -> list[dict[str,
     found: list[dict[str, Any]] = []
 
     def drop(path: Path, why: str) -> None:
-        found.append({"path": str(path), "bytes": _size(path), "why": why})
+        # an export goes with its .json record (one line each in the report)
+        record = Path(str(path) + ".json") if path.suffix == ".gguf" else None
+        extra = [str(record)] if record is not None and record.is_file() else []
+        found.append({"path": str(path), "bytes": _size(path) + sum(_size(Path(p)) for p in extra), "why": why,
+                      "with": extra})
 
     in_use = models_in_use(settings)
     for gguf_file, meta in _gguf_exports(settings):
@@ -719,9 +723,7 @@ def collect_garbage(settings: Settings, dry_run: bool = False) -> list[dict[str,
                    "its model has changed since" if current != meta.get("fingerprint") else
                    "" if model in in_use else "no server or rollback loads its model (re-exported at next use)")
         if why:
-            if gguf_file.exists():
-                drop(gguf_file, why)
-            drop(Path(str(gguf_file) + ".json"), why)
+            drop(gguf_file if gguf_file.exists() else Path(str(gguf_file) + ".json"), why)
     for leftover in sorted((settings.cache_dir / "gguf").glob("*.part")) + sorted((settings.cache_dir / "gguf").glob("*.tmp")):
         drop(leftover, "half written by a process that stopped")
     for gguf_file in sorted((settings.cache_dir / "gguf").glob("*.gguf")):
@@ -748,5 +750,6 @@ def collect_garbage(settings: Settings, dry_run: bool = False) -> list[dict[str,
         drop(path, "a version half written by a process that stopped")
     if not dry_run:
         for item in found:
-            _remove(Path(item["path"]))
+            for path in (item["path"], *item["with"]):
+                _remove(Path(path))
     return found
