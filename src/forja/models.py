@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import calendar
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -151,9 +150,7 @@ def hold_run(directory: Path, name: str):
     """Hold a run for this process while it trains, so two processes never train (or resume) one run at once;
     the lock goes with the process, however it ends (a kill -9 included)."""
     handle = (directory / RUN_LOCK).open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _try_lock(handle):
         handle.seek(0)
         holder = handle.read().strip() or "a process"
         handle.close()
@@ -171,13 +168,36 @@ def hold_run(directory: Path, name: str):
 def run_held(directory: Path) -> bool:
     """Whether a process is training this run now (holds its lock)."""
     try:
-        with (directory / RUN_LOCK).open("a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        handle = (directory / RUN_LOCK).open("a+")
     except OSError:
         return False
-    return False
+    with handle:
+        return not _try_lock(handle)
+
+
+LOCK_OFFSET = 2**30  # Windows locks a byte range: one far past the holder's text, which is rewritten
+
+
+def _try_lock(handle: Any) -> bool:
+    """An exclusive lock on the open file without waiting (flock on POSIX, msvcrt on Windows); False when
+    another process holds it. The lock goes with the handle, and with the process."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            position = handle.tell()
+            handle.seek(LOCK_OFFSET)
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            finally:
+                handle.seek(position)
+        else:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError here, PermissionError on Windows
+        return False
+    return True
 
 
 def version_dir(settings: Settings, name: str) -> Path | None:
