@@ -304,3 +304,17 @@ def test_a_database_migrated_by_a_newer_forja_is_refused_naming_both_revisions(d
     engine.dispose()
     with pytest.raises(StoreError, match=f"revision 0099, newer than this forja knows .its newest is {migrations.head()}"):
         Store(database_url)
+
+
+def test_a_nul_character_a_model_wrote_or_a_client_sent_is_stored_on_both_engines(database_url):
+    """PostgreSQL refuses U+0000 in text and JSON: it is kept as U+FFFD there (SQLite keeps it), and a
+    backslash followed by "u0000" typed as text stays as it was."""
+    store = Store(database_url)
+    log(store, "nul", "a\x00b and a typed \\u0000", "answer\x00", retrieval=[{"chunk": "\x00"}])
+    exchange = store.exchange("nul")
+    nul = "\ufffd" if store.engine.dialect.name == "postgresql" else "\x00"
+    assert exchange.messages[0]["content"] == f"a{nul}b and a typed \\u0000"
+    assert exchange.answers == [f"answer{nul}"] and exchange.retrieval == [{"chunk": nul}]
+    row = store.add_feedback("nul", rating="down", correction="bien\x00")
+    assert next(r for r in store.feedback_rows() if r["id"] == row["id"])["correction"] == f"bien{nul}"
+    store.close()

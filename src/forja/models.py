@@ -711,8 +711,10 @@ RUN_GRACE_SECONDS = 3600
 def models_in_use(settings: Settings) -> set[str]:
     """The models a server or a rollback may load: the configured one, the active version and the one before
     it (for `forja models rollback`), and every persona's."""
-    stack = _read_active(settings)["stack"]
-    return {settings.model, active_model(settings), *stack[-2:], *(p.model for p in settings.serve.personas if p.model)}
+    with _store(settings, None) as opened:
+        stack = _stack(_log(settings, opened))
+    active = stack[-1] if stack else settings.model
+    return {settings.model, active, *stack[-2:], *(p.model for p in settings.serve.personas if p.model)}
 
 
 def collect_garbage(settings: Settings, dry_run: bool = False) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import logging
 import math
 import threading
@@ -280,10 +281,13 @@ class Store:
             # pool_pre_ping: a connection the database dropped (a restart) is replaced, not handed out
             # a database host that does not answer at all is given up on after 5 s, not the OS's minutes
             connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+            postgresql = url.startswith("postgresql")
             self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect,
-                                                   json_serializer=lambda v: json.dumps(v, ensure_ascii=False))
+                                                   json_serializer=_postgresql_json if postgresql else _json_text)
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            else:
+                sa.event.listen(self.engine, "before_cursor_execute", _without_nul, retval=True)
             self.applied = self.migrate() if migrate else []
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"cannot open the database {safe_url(url)}: {str(exc).splitlines()[0]}") from None
@@ -625,6 +629,31 @@ def _summary(sums: Any, percentiles: dict[int, float]) -> dict[str, Any]:
     return {"requests": sums.requests, "blocked": sums.blocked, "p50_ms": percentiles.get(50),
             "p95_ms": percentiles.get(95),
             "tokens_per_s": round(sums.completion_tokens / seconds, 2) if seconds else None}
+
+
+# PostgreSQL stores no U+0000 in text or JSON (SQLite does): a stray NUL a model generated, or one a client
+# sent, would fail the write (and stall the backlog behind it). It is kept as U+FFFD there instead.
+NUL, REPLACEMENT = "\x00", "\ufffd"
+_ESCAPED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")  # JSON's \u0000, not a backslash then "u0000"
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _postgresql_json(value: Any) -> str:
+    return _ESCAPED_NUL.sub(r"\1\\ufffd", _json_text(value))
+
+
+def _without_nul(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool):
+    def clean(params: Any) -> Any:
+        if isinstance(params, dict):
+            return {k: v.replace(NUL, REPLACEMENT) if isinstance(v, str) and NUL in v else v for k, v in params.items()}
+        return params
+
+    if executemany and isinstance(parameters, (list, tuple)):
+        return statement, [clean(p) for p in parameters]
+    return statement, clean(parameters)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
