@@ -528,3 +528,46 @@ def test_a_feedback_run_resumed_after_a_crash_is_gated_as_an_uninterrupted_one(t
     assert resumed.exit_code == 2, resumed.output  # one step cannot learn the correction: the gate says so
     assert "feedback: FAILED" in resumed.stdout and "not promoted" in resumed.stdout
     assert (settings.versions_dir / "v2" / "gate.json").is_file() and models.active_model(settings) == "v1"
+
+
+def test_thumbs_alone_sent_over_http_train_a_version_with_kto_rows_and_the_gate_shows_their_effect(
+        tiny_model_dir, tmp_path, start_server, monkeypatch):
+    """No correction at all: two thumbs-down and an anonymous thumbs-up become KTO rows (the thumbs-up is not
+    learned word for word), the retrain records what each kind of row contributed, and the gate's ratings check
+    reports how often the disliked answers come back."""
+    from forja.train import new_run, train
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    data = tmp_path / "base.jsonl"
+    write_training_file(data, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                               for q, a in KNOWN])
+    train(settings, new_run(settings, [data], "tienda-v1", str(tiny_model_dir), tiny_hyper()), progress=False)
+    models.promote(settings, "tienda-v1")
+    server = start_server(create_app(settings))
+    for question, rating in (("¿Abrís el domingo?", "down"), ("¿Tenéis pan sin gluten?", "down"), ("Gracias", "up")):
+        reply = chat(server.url, question, max_tokens=settings.feedback.gate_max_tokens)
+        sent = httpx.post(server.url + "/feedback", json={"id": reply["id"], "rating": rating})
+        assert sent.status_code == 201, sent.text
+
+    for key, value in {"METHOD": "full", "LEARNING_RATE": "3e-3", "LR_SCHEDULER": "constant", "WARMUP_RATIO": "0",
+                       "EVAL_EVERY": "1000", "CHECKPOINT_EVERY": "1000", "STOP_WHEN_LEARNED": "false"}.items():
+        monkeypatch.setenv(f"FORJA_TRAIN__{key}", value)
+    result = runner.invoke(app, ["train", "--from-feedback", "--name", "tienda-v2", "--max-steps", "20",
+                                 "--batch-size", "6", "--quiet"])
+    assert result.exit_code in (0, 2), result.output  # 2: the gate decided against it; the report is what counts
+    assert "on 0 feedback pairs + 3 replayed rows" in result.stdout
+    assert "and ratings: 0 DPO pairs (an answer and its correction), 3 KTO rows (1 thumbs-up, 2 thumbs-down" in result.stdout
+    version = json.loads((settings.versions_dir / "tienda-v2" / "version.json").read_text())
+    assert version["from_feedback"]["contributed"] == {"corrections": 0, "approved": 0, "dpo_pairs": 0, "kto_up": 1,
+                                                       "kto_down": 2, "replayed": 3}
+    assert len(version["from_feedback"]["train_feedback_ids"]) == 3  # used: not learned again next time
+    assert version["metrics"]["preference_items"] == {"pairs": 0, "rated_good": 1, "rated_bad": 2}
+    steps = [json.loads(line) for line in (settings.versions_dir / "tienda-v2" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r and "sft_loss" in r for r in steps if "loss" in r)
+    gate = json.loads((settings.versions_dir / "tienda-v2" / "gate.json").read_text())
+    ratings = gate["checks"]["ratings"]
+    assert ratings["cases"] == 3 and "disliked repeated" in ratings["reason"]
+    assert ratings["metrics"]["disliked_repeated"] == {"current": 1.0, "candidate": 0.0}  # the thumbs-down worked
+    assert sorted(q["rating"] for q in ratings["questions"]) == ["down", "down", "up"]
+    assert "ratings: " in result.stdout
