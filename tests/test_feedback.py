@@ -432,8 +432,11 @@ def test_replay_never_brings_back_an_answer_a_correction_replaced(tiny_model_dir
     log(store, "h", "¿Horario?", "De 7 a 14.", model="v1")
     store.add_feedback("h", rating="down", correction="De 9 a 20.")
     result = retrain(settings, tiny_hyper(max_steps=120), name="v2", progress=False)
-    trained = (settings.versions_dir / "v2" / "data.jsonl").read_text()
+    rows = [json.loads(line) for line in (settings.versions_dir / "v2" / "data.jsonl").read_text().splitlines()]
+    trained = json.dumps([r for r in rows if "messages" in r], ensure_ascii=False)
     assert "De 7 a 14." not in trained and "Calle Yunque 12." in trained  # the replaced rows (any wording) are gone
+    # the replaced answer is still there, as the loser of the correction's DPO pair
+    assert [(r["chosen"], r["rejected"]) for r in rows if "chosen" in r] == [("De 9 a 20.", "De 7 a 14.")]
     assert (result.replayed_rows, result.replaced_rows) == (1, 2)
     assert result.answers["reproduced"] == result.answers["checked"] == 1  # trained until the correction is learned
     regression = result.gate["checks"]["regression"]

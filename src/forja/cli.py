@@ -1414,12 +1414,19 @@ def bench_train(
     rounds: Annotated[int, typer.Option(help="Rounds of every side; each side's median round is reported.", min=1)] = 3,
     side: Annotated[Optional[list[str]], typer.Option(help="seeds, padded, trl or forja (repeat); default: all four.")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--out", "--json", help="Also write every figure to this JSON file.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="dpo or kto: forja's preference training against TRL's DPOTrainer/KTOTrainer instead (default: supervised).")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train with forja and three references (the tutorial recipe, padded, TRL with packing) on the same examples; tokens/s, memory, loss, roofline."""
-    from forja.bench_train import render_train, train_benchmark
+    """Train with forja and three references (the tutorial recipe, padded, TRL with packing) on the same examples; tokens/s, memory, loss, roofline. With --method dpo|kto: forja against TRL's preference trainers."""
+    from forja.bench_train import preference_benchmark, render_preferences, render_train, train_benchmark
 
     settings = settings_from(config, model=model)
+    if method is not None:
+        if side:
+            raise ConfigError("--side chooses among the supervised references; --method dpo|kto runs forja and TRL")
+        report = preference_benchmark(settings.model, data, steps, max_length, method, out=as_json, rounds=rounds,
+                                      log=lambda line: typer.echo(line, err=True))
+        return typer.echo(render_preferences(report))
     report = train_benchmark(settings.model, data, steps, max_length, out=as_json, rounds=rounds, sides=side,
                              log=lambda line: typer.echo(line, err=True))
     typer.echo(render_train(report))

@@ -620,12 +620,14 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
     model = prepare_model(loaded, config, longest)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
     reference = val_reference = None
+    started = time.perf_counter()
     if items:  # before the first step (and before a checkpoint's weights are restored): the reference model
         reference = train_prefs.cached_reference(run.directory / train_prefs.REFERENCE_FILE, model, items,
                                                  config.micro_batch_tokens, device, autocast)
         if val_items:
             val_reference = train_prefs.cached_reference(run.directory / train_prefs.VAL_REFERENCE_FILE, model,
                                                          val_items, config.micro_batch_tokens, device, autocast)
+    reference_seconds = time.perf_counter() - started
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for(goal), weight_decay=config.weight_decay)
 
@@ -739,6 +741,7 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
     if items:
         last = next((r for r in reversed(run.history) if "reward_accuracy" in r), {})
         final.update({k: last[k] for k in ("reward_margin", "reward_accuracy", "chosen_logps", "rejected_logps") if k in last})
+        final["reference_seconds"] = round(reference_seconds, 3)  # (read back from the run on a resume)
         final["preference_items"] = {"pairs": sum(i.label is None for i in items),
                                      "rated_good": sum(i.label is True for i in items),
                                      "rated_bad": sum(i.label is False for i in items)}
