@@ -250,3 +250,18 @@ def test_the_reference_is_computed_once_and_read_back(tiny_model_dir, tokenizer,
         for p in model.parameters():
             p.add_(1.0)  # a later reading must not see these weights
     assert torch.allclose(cached_reference(tmp_path / REFERENCE_FILE, model, items, 256, "cpu", off), first, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_bench_train_runs_forja_and_trls_preference_trainer_on_the_same_rows(tiny_model_dir, method):
+    from forja.bench_train import preference_benchmark, render_preferences
+
+    report = preference_benchmark(str(tiny_model_dir), None, 2, 256, method, log=lambda line: None)
+    forja, trl = report["sides"]["forja"], report["sides"]["trl"]
+    assert forja["optimizer_steps"] == trl["optimizer_steps"] == 2 and report["rows"] == 8
+    assert all(side["tokens_per_second"] > 0 and side["peak_rss_mb"] > 50 and len(side["losses"]) == 2
+               for side in (forja, trl))
+    # the same loss at the first step: both start from the reference, DPO's log 2, KTO's 0.5 per row
+    assert forja["losses"][0] == pytest.approx(trl["losses"][0], abs=0.02)
+    text = render_preferences(report)
+    assert f"TRL {'DPOTrainer' if method == 'dpo' else 'KTOTrainer'}, LoRA" in text and "forja / TRL:" in text
