@@ -835,6 +835,8 @@ def early_stop(state: dict[str, Any], val_loss: float, config: TrainSettings) ->
 def row_with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
     """The row with `system` as its first turn when it is a dialogue (or a preference row's prompt) without one
     (models.with_system)."""
+    if isinstance(row.get("prompt"), str) and is_preference(row):  # a preference row's prompt given as text
+        row = {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
     for key in ("messages", "prompt"):
         if isinstance(row.get(key), list):
             return {**row, key: with_system(row[key], system)}
