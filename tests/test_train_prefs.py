@@ -265,3 +265,10 @@ def test_bench_train_runs_forja_and_trls_preference_trainer_on_the_same_rows(tin
     assert forja["losses"][0] == pytest.approx(trl["losses"][0], abs=0.02)
     text = render_preferences(report)
     assert f"TRL {'DPOTrainer' if method == 'dpo' else 'KTOTrainer'}, LoRA" in text and "forja / TRL:" in text
+
+
+def test_a_text_prompt_in_a_file_taken_as_it_is_is_one_user_turn_after_the_system_prompt():
+    from forja.train import row_with_system
+
+    row = row_with_system({"prompt": "Hola", "chosen": "Buenas.", "rejected": "Hi."}, "Sé breve.")
+    assert row["prompt"] == [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "Hola"}]

@@ -2,7 +2,8 @@
 
 `forja train --data data/sample --name mi-asistente-v1` prepares the files, trains in FORJA_HOME/runs/NAME,
 checkpoints every N steps and on Ctrl-C (`forja train --resume NAME` continues), and publishes the result
-as the self-describing model version FORJA_HOME/models/versions/NAME.
+as the self-describing model version FORJA_HOME/models/versions/NAME. Preference rows (pairs, rated answers;
+`forja train --method dpo|kto|orpo`) train in the same steps with the losses of forja.train_prefs.
 """
 
 from __future__ import annotations
@@ -581,7 +582,6 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
     augmented = reworded_rows(rows, config.augment_rewordings) if goal == "memorise" and config.augment_rewordings else []
     if faq.is_file():  # train.faq_retrieval: each row (and rewording) prompted as served, with its nearest FAQ row
         from forja.knowledge.grounding import grounded_rows
-
         from forja.train_prefs import as_dialogue, from_dialogue
 
         rows, val_rows, augmented, pref_rows, val_pref_rows = grounded_rows(
@@ -741,7 +741,7 @@ def _train(settings: Settings, run: Run, progress: bool) -> Path:
     if items:
         last = next((r for r in reversed(run.history) if "reward_accuracy" in r), {})
         final.update({k: last[k] for k in ("reward_margin", "reward_accuracy", "chosen_logps", "rejected_logps") if k in last})
-        final["reference_seconds"] = round(reference_seconds, 3)  # (read back from the run on a resume)
+        final["reference_seconds"] = round(reference_seconds, 3)  # computing them (a resumed run: reading them back)
         final["preference_items"] = {"pairs": sum(i.label is None for i in items),
                                      "rated_good": sum(i.label is True for i in items),
                                      "rated_bad": sum(i.label is False for i in items)}
