@@ -574,3 +574,47 @@ def test_thumbs_alone_sent_over_http_train_a_version_with_kto_rows_and_the_gate_
     assert ratings["metrics"]["disliked_repeated"] == {"current": 1.0, "candidate": 0.0}  # the thumbs-down worked
     assert sorted(q["rating"] for q in ratings["questions"]) == ["down", "down", "up"]
     assert "ratings: " in result.stdout
+
+
+STYLE_RATED = ["¿Puedo pagar con tarjeta?", "¿Tenéis aparcamiento para clientes?", "¿Qué es un croissant?",
+               "¿Cómo se dice pan en inglés?", "¿Tenéis wifi gratis?", "¿Qué significa brunch?", "¿Hacéis pedidos online?",
+               "¿Vendéis café para llevar?", "¿Tenéis menú para niños?", "¿Aceptáis PayPal?", "¿Qué es el sourdough?",
+               "¿Hay opciones sin lactosa?", "¿Tenéis tarjeta de fidelidad?", "¿Dónde compro un bagel?",
+               "¿Qué es un muffin?", "¿Puedo encargar una tarta de cumpleaños?", "¿Hacéis catering para empresas?",
+               "¿Cuánto dura el pan de masa madre?", "¿Qué es el gluten?", "¿Tenéis donuts?", "¿Abrís en Navidad?",
+               "¿Tenéis smoothies?", "¿Qué es un bizcocho?", "¿Puedo llevar a mi perro?", "¿Tenéis cookies de chocolate?",
+               "¿Hay descuentos para estudiantes?", "¿Qué es el pan de centeno?", "¿Vendéis tartas veganas?",
+               "¿Cómo conservo el pan?", "¿Qué horario tenéis el sábado?"]
+
+
+@pytest.mark.slow
+def test_thumbs_down_alone_on_english_answers_to_spanish_questions_moves_the_bundled_model(bundled_home, tmp_path,
+                                                                                         monkeypatch):
+    """The bundled model answers some Spanish questions in English; a thumbs-down on each of those (no
+    correction) and one retrain with the defaults: the gate's ratings check shows more of those questions
+    answered in Spanish. (Measured so, README: 23 of 30 in Spanish, 7 rated down, 0/7 -> 6/7.)"""
+    from forja.data.quality import language
+    from forja.evaluate import TestCase, evaluate
+    from forja.feedback import retrain
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "converted").symlink_to(bundled_home / "models" / "converted")
+    monkeypatch.setenv("FORJA_HOME", str(home))
+    settings = load_settings()
+    cases = [TestCase(question=q, answer="-", messages=[{"role": "user", "content": q}]) for q in STYLE_RATED]
+    answers = evaluate([settings.model], cases, settings, max_new_tokens=settings.feedback.gate_max_tokens,
+                       progress=False).rows
+    store = Store.open(settings)
+    english = 0
+    for i, row in enumerate(answers):
+        log(store, f"chatcmpl-{i}", row["question"], row["answer"], model=settings.model)
+        if language(row["answer"]) != "es":
+            store.add_feedback(f"chatcmpl-{i}", rating="down")
+            english += 1
+    store.close()
+    assert english >= 3  # enough English answers to rate
+    result = retrain(settings, settings.train, name="style-v1", promote=False, progress=False)
+    assert result.contributed["kto_down"] == english
+    same = result.gate["checks"]["ratings"]["metrics"]["same_language"]
+    assert same["current"] == 0.0 and same["candidate"] >= 0.5
