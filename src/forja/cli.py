@@ -368,7 +368,7 @@ def train(
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Prepared JSONL, or files/folders to prepare.")] = None,
     validation: Annotated[Optional[Path], typer.Option(help="A file of validation rows (read as --data is); nothing is then held out of --data.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Model to start from (default: the configured model).")] = None,
-    method: Annotated[Optional[list[str]], typer.Option(help="lora or full (the weights trained); dpo, kto or orpo (preference training, train.objective); both with --method dpo --method full.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(metavar="METHOD", help="lora or full (the weights trained); dpo, kto or orpo (preference training, train.objective); both with --method dpo --method full.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="dpo/kto: how far from the starting model the preferences may move it (train.beta).")] = None,
     goal: Annotated[Optional[str], typer.Option(help="memorise (answers word for word: a FAQ), adapt (tone and style of a larger corpus) or auto (by the data's size).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt for every dialogue without one; the version keeps it for serving, eval and export.")] = None,

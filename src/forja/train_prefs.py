@@ -284,15 +284,14 @@ def preference_step(model: Any, items: list[Preference], ids: list[int], referen
         answers = [a for i in keys for a in items[i].answers]
         with autocast:
             logps = sequence_logps(model, answers, device).float()
-        starts = [0]
+        at, start = {}, 0  # each item's first answer's place in logps (a pair's second follows it)
         for i in keys:
-            starts.append(starts[-1] + len(items[i].answers))
-        at = {i: logps[s] for i, s in zip(keys, starts)}
+            at[i], start = start, start + len(items[i].answers)
         loss = logps.new_zeros(())
         in_pairs = [i for i in keys if items[i].label is None]
         if in_pairs:
-            chosen = torch.stack([at[i] for i in in_pairs])
-            rejected = torch.stack([logps[starts[keys.index(i)] + 1] for i in in_pairs])
+            chosen = torch.stack([logps[at[i]] for i in in_pairs])
+            rejected = torch.stack([logps[at[i] + 1] for i in in_pairs])
             if pair_loss == "orpo":
                 lengths = [(items[i].answers[0].trained_tokens, items[i].answers[1].trained_tokens) for i in in_pairs]
                 chosen_mean = chosen / torch.tensor([c for c, _ in lengths])
@@ -301,7 +300,7 @@ def preference_step(model: Any, items: list[Preference], ids: list[int], referen
                 loss = loss - chosen.sum() / chosen_tokens - config.orpo_lambda * odds.sum() / len(pairs)
                 good_reward, bad_reward = config.orpo_lambda * chosen_mean.detach(), config.orpo_lambda * rejected_mean.detach()
             else:
-                ref = reference[[i for i in in_pairs]]
+                ref = reference[in_pairs]
                 losses, good_reward, bad_reward = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], config.beta)
                 loss = loss + losses.sum() / len(pairs)
             stats["chosen"] += chosen.tolist()
@@ -311,7 +310,7 @@ def preference_step(model: Any, items: list[Preference], ids: list[int], referen
         in_rated = [i for i in keys if items[i].label is not None]
         if in_rated:
             good = torch.tensor([bool(items[i].label) for i in in_rated])
-            mine = torch.stack([at[i] for i in in_rated])
+            mine = torch.stack([logps[at[i]] for i in in_rated])
             losses, rewards = kto_loss(mine, reference[in_rated, 0], good, kl, config.beta,
                                        config.kto_desirable_weight, config.kto_undesirable_weight)
             loss = loss + losses.sum() / len(rated)
