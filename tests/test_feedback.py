@@ -404,8 +404,11 @@ def test_replay_never_brings_back_an_answer_a_correction_replaced(tiny_model_dir
     log(store, "h", "¿Horario?", "De 7 a 14.", model="v1")
     store.add_feedback("h", rating="down", correction="De 9 a 20.")
     result = retrain(settings, tiny_hyper(max_steps=120), name="v2", progress=False)
-    trained = (settings.versions_dir / "v2" / "data.jsonl").read_text()
+    rows = [json.loads(line) for line in (settings.versions_dir / "v2" / "data.jsonl").read_text().splitlines()]
+    trained = json.dumps([r for r in rows if "messages" in r], ensure_ascii=False)
     assert "De 7 a 14." not in trained and "Calle Yunque 12." in trained  # the replaced rows (any wording) are gone
+    # the replaced answer is still there, as the loser of the correction's DPO pair
+    assert [(r["chosen"], r["rejected"]) for r in rows if "chosen" in r] == [("De 9 a 20.", "De 7 a 14.")]
     assert (result.replayed_rows, result.replaced_rows) == (1, 2)
     assert result.answers["reproduced"] == result.answers["checked"] == 1  # trained until the correction is learned
     regression = result.gate["checks"]["regression"]
@@ -500,3 +503,90 @@ def test_a_feedback_run_resumed_after_a_crash_is_gated_as_an_uninterrupted_one(t
     assert resumed.exit_code == 2, resumed.output  # one step cannot learn the correction: the gate says so
     assert "feedback: FAILED" in resumed.stdout and "not promoted" in resumed.stdout
     assert (settings.versions_dir / "v2" / "gate.json").is_file() and models.active_model(settings) == "v1"
+
+
+def test_thumbs_alone_sent_over_http_train_a_version_with_kto_rows_and_the_gate_shows_their_effect(
+        tiny_model_dir, tmp_path, start_server, monkeypatch):
+    """No correction at all: two thumbs-down and an anonymous thumbs-up become KTO rows (the thumbs-up is not
+    learned word for word), the retrain records what each kind of row contributed, and the gate's ratings check
+    reports how often the disliked answers come back."""
+    from forja.train import new_run, train
+
+    monkeypatch.setenv("FORJA_MODEL", str(tiny_model_dir))
+    settings = load_settings()
+    data = tmp_path / "base.jsonl"
+    write_training_file(data, [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                               for q, a in KNOWN])
+    train(settings, new_run(settings, [data], "tienda-v1", str(tiny_model_dir), tiny_hyper()), progress=False)
+    models.promote(settings, "tienda-v1")
+    server = start_server(create_app(settings))
+    for question, rating in (("¿Abrís el domingo?", "down"), ("¿Tenéis pan sin gluten?", "down"), ("Gracias", "up")):
+        reply = chat(server.url, question, max_tokens=settings.feedback.gate_max_tokens)
+        sent = httpx.post(server.url + "/feedback", json={"id": reply["id"], "rating": rating})
+        assert sent.status_code == 201, sent.text
+
+    for key, value in {"METHOD": "full", "LEARNING_RATE": "3e-3", "LR_SCHEDULER": "constant", "WARMUP_RATIO": "0",
+                       "EVAL_EVERY": "1000", "CHECKPOINT_EVERY": "1000", "STOP_WHEN_LEARNED": "false"}.items():
+        monkeypatch.setenv(f"FORJA_TRAIN__{key}", value)
+    result = runner.invoke(app, ["train", "--from-feedback", "--name", "tienda-v2", "--max-steps", "20",
+                                 "--batch-size", "6", "--quiet"])
+    assert result.exit_code in (0, 2), result.output  # 2: the gate decided against it; the report is what counts
+    assert "on 0 feedback pairs + 3 replayed rows" in result.stdout
+    assert "and ratings: 0 DPO pairs (an answer and its correction), 3 KTO rows (1 thumbs-up, 2 thumbs-down" in result.stdout
+    version = json.loads((settings.versions_dir / "tienda-v2" / "version.json").read_text())
+    assert version["from_feedback"]["contributed"] == {"corrections": 0, "approved": 0, "dpo_pairs": 0, "kto_up": 1,
+                                                       "kto_down": 2, "replayed": 3}
+    assert len(version["from_feedback"]["train_feedback_ids"]) == 3  # used: not learned again next time
+    assert version["metrics"]["preference_items"] == {"pairs": 0, "rated_good": 1, "rated_bad": 2}
+    steps = [json.loads(line) for line in (settings.versions_dir / "tienda-v2" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r and "sft_loss" in r for r in steps if "loss" in r)
+    gate = json.loads((settings.versions_dir / "tienda-v2" / "gate.json").read_text())
+    ratings = gate["checks"]["ratings"]
+    assert ratings["cases"] == 3 and "disliked repeated" in ratings["reason"]
+    assert ratings["metrics"]["disliked_repeated"] == {"current": 1.0, "candidate": 0.0}  # the thumbs-down worked
+    assert sorted(q["rating"] for q in ratings["questions"]) == ["down", "down", "up"]
+    assert "ratings: " in result.stdout
+
+
+STYLE_RATED = ["¿Puedo pagar con tarjeta?", "¿Tenéis aparcamiento para clientes?", "¿Qué es un croissant?",
+               "¿Cómo se dice pan en inglés?", "¿Tenéis wifi gratis?", "¿Qué significa brunch?", "¿Hacéis pedidos online?",
+               "¿Vendéis café para llevar?", "¿Tenéis menú para niños?", "¿Aceptáis PayPal?", "¿Qué es el sourdough?",
+               "¿Hay opciones sin lactosa?", "¿Tenéis tarjeta de fidelidad?", "¿Dónde compro un bagel?",
+               "¿Qué es un muffin?", "¿Puedo encargar una tarta de cumpleaños?", "¿Hacéis catering para empresas?",
+               "¿Cuánto dura el pan de masa madre?", "¿Qué es el gluten?", "¿Tenéis donuts?", "¿Abrís en Navidad?",
+               "¿Tenéis smoothies?", "¿Qué es un bizcocho?", "¿Puedo llevar a mi perro?", "¿Tenéis cookies de chocolate?",
+               "¿Hay descuentos para estudiantes?", "¿Qué es el pan de centeno?", "¿Vendéis tartas veganas?",
+               "¿Cómo conservo el pan?", "¿Qué horario tenéis el sábado?"]
+
+
+@pytest.mark.slow
+def test_thumbs_down_alone_on_english_answers_to_spanish_questions_moves_the_bundled_model(bundled_home, tmp_path,
+                                                                                         monkeypatch):
+    """The bundled model answers some Spanish questions in English; a thumbs-down on each of those (no
+    correction) and one retrain with the defaults: the gate's ratings check shows more of those questions
+    answered in Spanish. (Measured so, README: 23 of 30 in Spanish, 7 rated down, 0/7 -> 6/7.)"""
+    from forja.data.quality import language
+    from forja.evaluate import TestCase, evaluate
+    from forja.feedback import retrain
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "converted").symlink_to(bundled_home / "models" / "converted")
+    monkeypatch.setenv("FORJA_HOME", str(home))
+    settings = load_settings()
+    cases = [TestCase(question=q, answer="-", messages=[{"role": "user", "content": q}]) for q in STYLE_RATED]
+    answers = evaluate([settings.model], cases, settings, max_new_tokens=settings.feedback.gate_max_tokens,
+                       progress=False).rows
+    store = Store.open(settings)
+    english = 0
+    for i, row in enumerate(answers):
+        log(store, f"chatcmpl-{i}", row["question"], row["answer"], model=settings.model)
+        if language(row["answer"]) != "es":
+            store.add_feedback(f"chatcmpl-{i}", rating="down")
+            english += 1
+    store.close()
+    assert english >= 3  # enough English answers to rate
+    result = retrain(settings, settings.train, name="style-v1", promote=False, progress=False)
+    assert result.contributed["kto_down"] == english
+    same = result.gate["checks"]["ratings"]["metrics"]["same_language"]
+    assert same["current"] == 0.0 and same["candidate"] >= 0.5

@@ -163,7 +163,8 @@ def test_clients_see_only_their_own_jobs_and_files_and_need_the_train_scope(serv
     ({"model": "no-such-model"}, "model", "no model named"),
     ({"training_file": "file-nope"}, "training_file", "no file with id"),
     ({"training_file": None}, "training_file", "training_file is missing"),
-    ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "'supervised' or 'dpo'"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, None, "beta must be"),
     ({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}, "integrations", "events"),
     ({"hyperparameters": {"n_epochs": 0}}, None, "n_epochs"),
     ({"hyperparameters": {"batch_size": 2}, "method": {"type": "supervised", "supervised": {"hyperparameters": {
@@ -314,3 +315,27 @@ def test_a_feedback_job_retrains_with_the_gate_and_an_admin_promotes_and_rolls_b
     assert back == {"active": str(tiny_model_dir), "previous": done.fine_tuned_model, "changed": True}
     assert answered_by() == str(tiny_model_dir)
     assert admin.post("/admin/models/rollback").status_code == 409  # nothing left to roll back
+
+
+def test_a_dpo_job_trains_on_openai_preference_pairs(served, tmp_path):
+    """OpenAI's DPO shape: method {type: dpo, dpo: {hyperparameters: {beta}}} on a file of
+    {input: {messages}, preferred_output, non_preferred_output} lines."""
+    lines = [{"input": {"messages": [{"role": "user", "content": q}]},
+              "preferred_output": [{"role": "assistant", "content": good}],
+              "non_preferred_output": [{"role": "assistant", "content": bad}]}
+             for q, good, bad in [("Hola", "Buenos días.", "Hi."), ("¿Horario?", "De 7 a 14.", "No sé."),
+                                  ("¿Dónde?", "Calle Yunque 12.", "Lejos.")]]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    api = client(served)
+    upload = api.files.create(file=path.open("rb"), purpose="fine-tune")
+    job = api.fine_tuning.jobs.create(model=served.model, training_file=upload.id, suffix="prefs",
+                                      method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+                                      extra_body={"forja": {"train": {"eval_every": None, "max_steps": 3}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_for(lambda: (j := api.fine_tuning.jobs.retrieve(job.id)).status in jobs.FINAL and j)
+    assert done.status == "succeeded", done.error
+    assert done.method.type == "dpo"
+    version = json.loads((served.settings.versions_dir / done.fine_tuned_model / "version.json").read_text())
+    assert version["objective"] == "dpo" and version["config"]["beta"] == 0.2
+    assert version["metrics"]["preference_items"]["pairs"] == 3

@@ -21,7 +21,7 @@ from typing import Any
 
 SAMPLE_DIALOGUE = Path(__file__).resolve().parents[2] / "data" / "sample" / "dialogue"
 EXAMPLES_PER_STEP = 4  # per optimizer step on the sides that batch examples (forja; the HF Trainer recipes)
-SIDES = {
+SIDES = {  # `forja bench train --method dpo|kto` runs forja and TRL's preference trainers (preference_benchmark)
     "seeds": "seeds' recipe",
     "padded": "padded baseline",
     "trl": "TRL SFTTrainer, packing",
@@ -130,7 +130,7 @@ def _train_side(side: str, spec: dict[str, Any], directory: Path) -> dict[str, A
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not result_file.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["no output"]
-        raise ForjaError(f"the {SIDES[side]} side of the benchmark failed: {' | '.join(tail)}")
+        raise ForjaError(f"the {SIDES.get(side, side)} side of the benchmark failed: {' | '.join(tail)}")
     return json.loads(result_file.read_text())
 
 
@@ -481,7 +481,167 @@ def _forja_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "allocator": allocator()}
 
 
-WORKERS = {"seeds": _seeds_worker, "padded": _padded_worker, "trl": _trl_worker, "forja": _forja_worker}
+# ---------------------------------------------------------------------------------------------
+# `forja bench train --method dpo|kto`: forja's preference training against TRL's DPOTrainer/KTOTrainer
+
+
+PREFERENCE_SIDES = {"forja": "forja", "trl": "TRL {trainer}, LoRA"}
+
+
+def preference_benchmark(model: str, data: Path | None, steps: int | None, max_length: int, method: str,
+                         out: Path | None = None, rounds: int = 1, log: Any = print) -> dict[str, Any]:
+    """forja and TRL's DPOTrainer (KTOTrainer) with the same LoRA on the same preference rows and steps, each in a
+    process of its own: seconds, tokens/s and peak memory, and each side's loss per step. Without --data, pairs
+    are made from the sample dialogue (each question's answer chosen over the next question's). Tokens/s counts
+    the same tokens on both sides: every answer with its prompt, as a trainer without a shared prompt computes."""
+    from forja.config import ConfigError
+    from forja.data import is_preference, prepare
+
+    if method not in ("dpo", "kto"):
+        raise ConfigError(f"--method {method!r}: the preference benchmark runs dpo or kto")
+    if not trl_available():
+        raise ConfigError("TRL is not installed (pip install 'forja[bench]'): the preference benchmark compares with it")
+    with tempfile.TemporaryDirectory(prefix="forja-bench-") as tmp:
+        prepared = prepare([data or SAMPLE_DIALOGUE], Path(tmp) / "rows.jsonl", val_fraction=0.0, seed=0)
+        rows = [json.loads(line) for line in prepared.train_path.read_text(encoding="utf-8").splitlines()]
+        if not any(is_preference(row) for row in rows):
+            rows = _pairs_from_dialogue(rows)
+        rows = [row for row in rows if "chosen" in row] if method == "dpo" else _rated(rows)
+        if steps is not None:
+            rows = [rows[i % len(rows)] for i in range(steps * EXAMPLES_PER_STEP)]
+        path = Path(tmp) / "prefs.jsonl"
+        from forja.feedback import write_training_file
+
+        write_training_file(path, rows)
+        spec = {"train_path": str(path), "model": model, "max_length": max_length, "method": method,
+                "bf16": _machine_bf16()}
+        spec["tokens"] = _sequence_tokens(spec, rows)
+        runs = []
+        for index in range(rounds):
+            run = {}
+            for side in (["forja", "trl"] if index % 2 == 0 else ["trl", "forja"]):
+                log(f"round {index + 1} of {rounds}: {side} {method} ...")
+                run[side] = _train_side(f"{method}-{side}", spec, Path(tmp) / f"{side}-{index}")
+            runs.append(run)
+    middle = (len(runs) - 1) // 2
+    sides = {side: sorted((run[side] for run in runs), key=lambda r: r["tokens_per_second"])[middle] for side in ("forja", "trl")}
+    report = {"model": model, "method": method, "rows": len(rows), "steps": sides["forja"]["optimizer_steps"],
+              "max_length": max_length, "machine": _cpu_info(), "precision": "bfloat16" if spec["bf16"] else "float32",
+              "sides": sides, "runs": runs,
+              "ratios": {"tokens_per_second": statistics.median(r["forja"]["tokens_per_second"] / r["trl"]["tokens_per_second"] for r in runs),
+                         "peak_memory": statistics.median(r["forja"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"] for r in runs)}}
+    if out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _pairs_from_dialogue(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    dialogue = [row for row in rows if "messages" in row]
+    return [{"prompt": row["messages"][:-1], "chosen": row["messages"][-1]["content"],
+             "rejected": dialogue[(i + 1) % len(dialogue)]["messages"][-1]["content"]}
+            for i, row in enumerate(dialogue) if row["messages"][-1]["content"] != dialogue[(i + 1) % len(dialogue)]["messages"][-1]["content"]]
+
+
+def _rated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """KTO rows: those given, else each pair's answers, good and bad alternately by pair (no prompt twice in a row)."""
+    rated = [row for row in rows if "label" in row]
+    if rated:
+        return rated
+    pairs = [row for row in rows if "chosen" in row]
+    return [{"prompt": row["prompt"], "completion": row["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+            for i, row in enumerate(pairs)]
+
+
+def _machine_bf16() -> bool:
+    from forja.config import TrainSettings
+    from forja.train import use_bf16
+
+    return use_bf16(TrainSettings())
+
+
+def _sequence_tokens(spec: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+    """Every answer with its prompt, in the chat template: the tokens both sides are credited with."""
+    from forja.models import load_tokenizer
+    from forja.train_prefs import answer_example
+
+    tokenizer = load_tokenizer(spec["model"], _bench_settings())
+    answers = [(row["prompt"], row[key]) for row in rows for key in ("chosen", "rejected", "completion") if key in row]
+    return sum(len(answer_example(tokenizer, prompt, answer).input_ids) for prompt, answer in answers)
+
+
+def _preference_forja(spec: dict[str, Any]) -> dict[str, Any]:
+    """`forja train --method dpo|kto` with the TRL side's settings: one epoch, 4 rows a step, lr 2e-4 linear,
+    LoRA r=16; its seconds are the training steps and the reference pass before them."""
+    from forja.config import TrainSettings
+    from forja.train import allocator, new_run, peak_rss_mb, train
+
+    settings = _bench_settings()
+    config = TrainSettings(objective=spec["method"], epochs=1, batch_size=EXAMPLES_PER_STEP,
+                           max_seq_length=spec["max_length"], eval_every=None, checkpoint_every=None,
+                           lr_scheduler="linear", warmup_ratio=0.0, learning_rate=2e-4, lora_dropout=0.05,
+                           stop_when_learned=False, faq_retrieval=False)
+    run = new_run(settings, [Path(spec["train_path"])], "bench", spec["model"], config)
+    version = train(settings, run, progress=False)
+    metrics = json.loads((version / "version.json").read_text())["metrics"]
+    seconds = metrics["tokens"] / metrics["tokens_per_second"] + metrics["reference_seconds"]
+    losses = [json.loads(line)["loss"] for line in (version / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return {"optimizer_steps": metrics["step"], "seconds": seconds, "tokens_per_second": spec["tokens"] / seconds,
+            "reference_seconds": metrics["reference_seconds"], "losses": losses,
+            "peak_rss_mb": peak_rss_mb(), "allocator": allocator()}
+
+
+def _preference_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    """TRL's DPOTrainer or KTOTrainer with its defaults for LoRA (the reference is the model with the adapter
+    disabled, computed at each step), 4 rows per device batch (KTO needs more than one for its KL term)."""
+    from datasets import Dataset
+
+    from forja.train import allocator, peak_rss_mb, read_rows
+
+    loaded = _load(spec)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    rows = read_rows(Path(spec["train_path"]))
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    if spec["method"] == "dpo":
+        from trl import DPOConfig as Config, DPOTrainer as Trainer
+
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": answer(r["chosen"]),
+                                      "rejected": answer(r["rejected"])} for r in rows])
+    else:
+        from trl import KTOConfig as Config, KTOTrainer as Trainer
+
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": answer(r["completion"]),
+                                      "label": r["label"]} for r in rows])
+    args = _hf_arguments(Config, spec, max_length=spec["max_length"], beta=0.1, per_device_train_batch_size=EXAMPLES_PER_STEP,
+                         gradient_accumulation_steps=1, gradient_checkpointing=False)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_lora_config())
+    with Stopwatch() as clock:
+        trainer.train()
+    return {"optimizer_steps": trainer.state.global_step, "seconds": clock.seconds,
+            "tokens_per_second": spec["tokens"] / clock.seconds, "cpu_use": clock.cpu_use,
+            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "peak_rss_mb": peak_rss_mb(), "allocator": allocator(), "trl_version": __import__("trl").__version__}
+
+
+def render_preferences(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    trainer = "DPOTrainer" if report["method"] == "dpo" else "KTOTrainer"
+    rows = [f"forja bench train --method {report['method']}: {report['model']}, {report['rows']} rows, "
+            f"{report['steps']} steps of {EXAMPLES_PER_STEP}, max length {report['max_length']}, LoRA r=16 on all linear "
+            f"layers, {report['precision']}",
+            f"CPU: {m['cpu']}, {m['cores']} cores", "",
+            f"{'':22} {'seconds':>8} {'tokens/s':>9} {'peak memory (VmHWM)':>20}  loss first -> last"]
+    for side, r in report["sides"].items():
+        name = PREFERENCE_SIDES[side].format(trainer=trainer)
+        rows.append(f"{name:22} {r['seconds']:8.1f} {r['tokens_per_second']:9.1f} {_mib(r['peak_rss_mb']):>20}  "
+                    f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
+    rows += ["", f"forja / TRL: {report['ratios']['tokens_per_second']:.2f}x the tokens/s, "
+             f"{report['ratios']['peak_memory']:.2f}x the peak memory"]
+    return "\n".join(rows)
+
+
+WORKERS = {"seeds": _seeds_worker, "padded": _padded_worker, "trl": _trl_worker, "forja": _forja_worker,
+           "dpo-forja": _preference_forja, "kto-forja": _preference_forja,
+           "dpo-trl": _preference_trl, "kto-trl": _preference_trl}
 
 if __name__ == "__main__":
     side, spec_path, result_path = sys.argv[1:4]

@@ -368,7 +368,8 @@ def train(
     data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="Prepared JSONL, or files/folders to prepare.")] = None,
     validation: Annotated[Optional[Path], typer.Option(help="A file of validation rows (read as --data is); nothing is then held out of --data.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Model to start from (default: the configured model).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora or full.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(metavar="METHOD", help="lora or full (the weights trained); dpo, kto or orpo (preference training, train.objective); both with --method dpo --method full.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="dpo/kto: how far from the starting model the preferences may move it (train.beta).")] = None,
     goal: Annotated[Optional[str], typer.Option(help="memorise (answers word for word: a FAQ), adapt (tone and style of a larger corpus) or auto (by the data's size).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt for every dialogue without one; the version keeps it for serving, eval and export.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the model version to create.")] = None,
@@ -414,8 +415,9 @@ def train(
         if not data and not from_feedback and not settings.data.sources:
             raise ConfigError("give the training data with --data PATH, or list it under data.sources in forja.yaml "
                               "(or continue a run with --resume NAME)")
+        adapter, objective = _train_methods(method or [])
         flags = {
-            "method": method, "goal": goal, "system": system, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
+            "method": adapter, "objective": objective, "beta": beta, "goal": goal, "system": system, "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
             "batch_size": batch_size, "gradient_accumulation": gradient_accumulation,
             "max_seq_length": max_seq_length, "lora_r": lora_r, "seed": seed, "eval_every": eval_every,
             "checkpoint_every": checkpoint_every,
@@ -455,6 +457,21 @@ def train(
 GATE_FAILED_EXIT = 2
 
 
+def _train_methods(values: list[str]) -> tuple[str | None, str | None]:
+    """--method values as (train.method, train.objective): lora/full say which weights, sft/dpo/kto/orpo what
+    the rows teach."""
+    adapter = objective = None
+    for value in values:
+        if value in ("lora", "full"):
+            adapter = value
+        elif value in ("sft", "dpo", "kto", "orpo"):
+            objective = value
+        else:
+            raise ConfigError(f"--method {value!r}: expected lora or full (the weights trained), or sft, dpo, kto or orpo "
+                              "(what the rows teach)")
+    return adapter, objective
+
+
 def _retrain_from_feedback(settings: Settings, hyper, base: str | None, name: str | None, promote: bool,
                            quiet: bool) -> None:
     from forja.feedback import retrain
@@ -471,6 +488,11 @@ def _report_retrain(result) -> None:
     typer.echo(f"model version {result.version.name} trained from {result.started_from} on {result.trained_pairs} "
                f"feedback pairs + {result.replayed_rows} replayed rows ({result.held_out_pairs} pairs held out, "
                f"{result.replaced_rows} old rows not replayed: their question was corrected)")
+    made = result.contributed
+    if made.get("dpo_pairs") or made.get("kto_up") or made.get("kto_down"):
+        typer.echo(f"  and ratings: {made.get('dpo_pairs', 0)} DPO pairs (an answer and its correction), "
+                   f"{made.get('kto_up', 0) + made.get('kto_down', 0)} KTO rows ({made.get('kto_up', 0)} thumbs-up, "
+                   f"{made.get('kto_down', 0)} thumbs-down without a correction)")
     if result.answers:
         typer.echo("\n".join(render_answers(result.answers)).replace("of your answers", "of the feedback answers"))
     typer.echo(f"gate ({gate['backend']}, regression set: {gate['regression_set']}):")
@@ -1570,12 +1592,19 @@ def bench_train(
     rounds: Annotated[int, typer.Option(help="Rounds of every side; each side's median round is reported.", min=1)] = 3,
     side: Annotated[Optional[list[str]], typer.Option(help="seeds, padded, trl or forja (repeat); default: all four.")] = None,
     as_json: Annotated[Optional[Path], typer.Option("--out", "--json", help="Also write every figure to this JSON file.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="dpo or kto: forja's preference training against TRL's DPOTrainer/KTOTrainer instead (default: supervised).")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Train with forja and three references (the tutorial recipe, padded, TRL with packing) on the same examples; tokens/s, memory, loss, roofline."""
-    from forja.bench_train import render_train, train_benchmark
+    """Train with forja and three references (the tutorial recipe, padded, TRL with packing) on the same examples; tokens/s, memory, loss, roofline. With --method dpo|kto: forja against TRL's preference trainers."""
+    from forja.bench_train import preference_benchmark, render_preferences, render_train, train_benchmark
 
     settings = settings_from(config, model=model)
+    if method is not None:
+        if side:
+            raise ConfigError("--side chooses among the supervised references; --method dpo|kto runs forja and TRL")
+        report = preference_benchmark(settings.model, data, steps, max_length, method, out=as_json, rounds=rounds,
+                                      log=lambda line: typer.echo(line, err=True))
+        return typer.echo(render_preferences(report))
     report = train_benchmark(settings.model, data, steps, max_length, out=as_json, rounds=rounds, sides=side,
                              log=lambda line: typer.echo(line, err=True))
     typer.echo(render_train(report))

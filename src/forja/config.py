@@ -63,6 +63,19 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapter (small, fast) or all weights.")
+    objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
+        "sft", description="What the rows teach (forja.train_prefs). sft: conversations and texts word for word, and "
+        "any preference rows in the data with their own losses (pairs DPO, rated rows KTO), one run; dpo: pairs "
+        "{prompt, chosen, rejected} against the starting model (the reference); kto: rated rows {prompt, completion, "
+        "label} (pairs count as one good and one bad row); orpo: pairs without a reference (the chosen answer's loss "
+        "plus orpo_lambda times the odds-ratio term). `forja train --method dpo|kto|orpo` sets it.")
+    beta: float = Field(0.1, gt=0, description="DPO/KTO: how far from the reference the preference may move the model "
+                        "(the reward is beta times the log-probability ratio).")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the rows labelled true (thumbs-up).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the rows labelled false (thumbs-down); "
+                                          "raise it when good rows outnumber bad ones (the KTO paper: weights times "
+                                          "counts between 1 and 4/3).")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO: weight of the odds-ratio term next to the chosen answer's loss.")
     goal: Literal["auto", "memorise", "adapt"] = Field(
         "auto", description="memorise: answers to learn word for word (a FAQ; a high learning rate, many epochs, "
         "stopped once the answers are reproduced); adapt: tone and style from a larger corpus (a low learning rate, "

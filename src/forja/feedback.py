@@ -8,6 +8,9 @@ request the pair (chosen = correction, rejected = answer) for preference trainin
 version's own training data (never a row whose question was corrected), until every correction is
 reproduced, then gates it: the corrected prompts must be answered as sent, their rewordings better than
 before, and a regression set (the operator's test set, else the old version's rows) must not get worse.
+Ratings teach too, in the same run (forja.train_prefs): a thumbs-down without a correction, or a thumbs-up
+that may not train word for word, is a KTO row (the answer rated bad or good), and an answer with its
+correction is also a DPO pair; the gate's ratings check shows what they changed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from forja import models
 from forja.config import ForjaError, Settings, TrainSettings
-from forja.data import meta_path, read_rows, validation_path, write_jsonl
+from forja.data import is_preference, meta_path, read_rows, validation_path, write_jsonl
 from forja.guard import Guards, refused_characters
 from forja.store import Store
 
@@ -44,14 +47,23 @@ class Pair:
     exchange_id: str
     prompt: list[dict[str, str]] | str  # chat messages before the answer, or a raw completion prompt
     answer: str  # the answer to learn: the correction, or the approved answer
-    kind: str  # "correction" or "approved"
+    kind: str  # "correction" or "approved" (answers learned word for word), "liked" or "disliked" (rated answers)
     feedback_ids: list[int]
     rejected: str | None = None  # the answer the correction replaces
 
+    @property
+    def supervised(self) -> bool:
+        """An answer to learn word for word (a correction, an approved answer), not a rating of one."""
+        return self.kind in ("correction", "approved")
+
     def training_row(self) -> dict[str, Any]:
         """The pair as a training row: only its own answer is learned (must_learn: a retrain runs until it is
-        reproduced); the conversation's earlier answers were never checked by anyone, so they are context."""
+        reproduced); the conversation's earlier answers were never checked by anyone, so they are context.
+        A rated answer is a KTO row {prompt, completion, label}."""
         source = f"feedback:{','.join(map(str, self.feedback_ids))}"
+        if not self.supervised:
+            return {"prompt": self.prompt, "completion": self.answer, "label": self.kind == "liked", "source": source,
+                    "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids, "kind": self.kind}
         if isinstance(self.prompt, str):
             row: dict[str, Any] = {"text": self.prompt + self.answer}
         else:
@@ -66,6 +78,7 @@ class Pair:
         return self.prompt if isinstance(self.prompt, str) else last_question(self.prompt)
 
     def preference_row(self) -> dict[str, Any]:
+        """A correction as a preference pair: the correction chosen over the answer it replaces."""
         return {"prompt": self.prompt, "chosen": self.answer, "rejected": self.rejected,
                 "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids}
 
@@ -83,12 +96,15 @@ def trusted(row: dict[str, Any], trust: str) -> bool:
 
 
 def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api_keys",
-                  redact: Callable[[Any], Any] = lambda value: value) -> tuple[list[Pair], dict[str, int]]:
+                  redact: Callable[[Any], Any] = lambda value: value, ratings: bool = False
+                  ) -> tuple[list[Pair], dict[str, int]]:
     """Training pairs from the feedback (unused rows only unless include_used), oldest exchange first,
     and counts of what was left out and why. Rows rejected in review are left out. Per answer the newest
     correction wins; without one, an answer with more trusted thumbs-up (`trusted`) than thumbs-down is
     kept as it is. `redact` is applied to every text (the server already stores it redacted; this also
-    cleans rows stored before the guardrails), and a pair with text the characters rail refuses is left out."""
+    cleans rows stored before the guardrails), and a pair with text the characters rail refuses is left out.
+    With `ratings`, a chat answer rated down more than up without a correction is a "disliked" pair and one
+    rated up only by raters who may not approve it word for word a "liked" one (KTO rows, not answers to copy)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     skipped = {"down_without_correction": 0, "comment_only": 0, "tied_ratings": 0, "unusable_prompt": 0,
                "untrusted_approval": 0, "rejected_in_review": 0, "refused_characters": 0}
@@ -117,9 +133,16 @@ def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api
             pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "approved",
                               [r["id"] for r in rows if r["rating"] != "up" or trusted(r, trust)]))
         elif any(r["rating"] == "up" for r in rows) and not ups and not downs:
-            skipped["untrusted_approval"] += 1
+            if ratings and isinstance(prompt, list):
+                pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "liked", ids))
+            else:
+                skipped["untrusted_approval"] += 1
         elif downs > ups:
-            skipped["down_without_correction"] += 1
+            if ratings and isinstance(prompt, list):
+                pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "disliked",
+                                  [r["id"] for r in rows if r["rating"] == "down"]))
+            else:
+                skipped["down_without_correction"] += 1
         elif ups:
             skipped["tied_ratings"] += 1
         else:
@@ -186,6 +209,7 @@ class RetrainResult:
     held_out_pairs: int
     replayed_rows: int
     replaced_rows: int = 0  # old rows not replayed: their question was corrected
+    contributed: dict[str, int] = field(default_factory=dict)  # training rows by kind (see `contributions`)
     answers: dict[str, Any] = field(default_factory=dict)  # the corrections reproduced at the end of training
     gate: dict[str, Any] = field(default_factory=dict)
     promoted: bool = False
@@ -245,6 +269,17 @@ def replay_sample(old_rows: list[dict[str, Any]], pairs: list[Pair], hyper: Trai
     return random.Random(hyper.seed).sample(old_rows, min(len(old_rows), math.ceil(ratio * len(pairs))))
 
 
+def contributions(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """What a retrain's rows are, by kind: answers learned word for word (corrections, approved), DPO pairs
+    (an answer and its correction), KTO rows (thumbs up, thumbs down) and replayed rows of the old version."""
+    count = lambda test: sum(1 for row in rows if test(row))  # noqa: E731
+    return {"corrections": count(lambda r: r.get("kind") == "correction" and "messages" in r),
+            "approved": count(lambda r: r.get("kind") == "approved"),
+            "dpo_pairs": count(lambda r: "chosen" in r),
+            "kto_up": count(lambda r: r.get("label") is True), "kto_down": count(lambda r: r.get("label") is False),
+            "replayed": count(lambda r: "kind" not in r)}
+
+
 def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None, name: str | None = None,
             promote: bool = True, progress: bool = True) -> RetrainResult:
     """Train a new version from `base` (default: the active version) on the unused feedback, then gate it."""
@@ -252,23 +287,32 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
 
     store = Store.open(settings)
     try:
-        pairs, skipped = collect_pairs(store, trust=settings.feedback.trust, redact=Guards(settings).redact)
+        pairs, skipped = collect_pairs(store, trust=settings.feedback.trust, redact=Guards(settings).redact,
+                                       ratings=True)
         if not pairs:
             stats = store.stats()
             raise FeedbackError(
                 f"no new feedback to learn from ({stats['feedback']} feedback rows, {stats['unused']} unused; "
-                f"left out: {', '.join(f'{k}={v}' for k, v in skipped.items() if v) or 'none'}); "
-                "a thumbs-down needs a correction to become a training pair"
+                f"left out: {', '.join(f'{k}={v}' for k, v in skipped.items() if v) or 'none'})"
             )
         start = base or models.active_model(settings)
         models.resolve(start, settings)
-        train_pairs, held_pairs = split_holdout(pairs, settings, hyper.seed)
+        answers = [p for p in pairs if p.supervised]  # a rating replaces no row and puts nothing in the FAQ
+        train_pairs, held_pairs = split_holdout(answers, settings, hyper.seed)
+        rated = [p for p in pairs if not p.supervised]
         old_train, old_val = version_rows(settings, start)
-        kept = not_replaced(old_train, pairs)
-        # the old rows are replayed as they were trained, not as rows to check
+        kept = not_replaced(old_train, answers)
+        # the old rows are replayed as they were trained, not as rows to check (nor a preference row again:
+        # its reference would be another model's)
         replay = [{k: v for k, v in row.items() if k != "must_learn"}
-                  for row in replay_sample(kept, train_pairs, hyper, settings.feedback.replay_ratio)]
-        rows = [p.training_row() for p in train_pairs] + replay
+                  for row in replay_sample([r for r in kept if not is_preference(r)], train_pairs, hyper,
+                                           settings.feedback.replay_ratio)]
+        # a correction teaches its answer word for word and, as a DPO pair, that it beats the answer it replaces;
+        # a rating alone is a KTO row: one run, the sum of the three losses (train_prefs)
+        dpo = [p.preference_row() for p in train_pairs if p.kind == "correction" and isinstance(p.prompt, list)
+               and p.rejected and p.rejected != p.answer]
+        rows = [p.training_row() for p in train_pairs] + [{**r, "kind": "correction"} for r in dpo] + \
+            [p.training_row() for p in rated] + replay
         random.Random(hyper.seed + 1).shuffle(rows)
         if hyper.system is None:  # the new version is prompted as the one it starts from
             hyper = hyper.model_copy(update={"system": models.trained_system(settings, start)})
@@ -277,12 +321,14 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         staging = settings.home / "feedback" / name
         data_path = staging / training.DATA_FILE
         write_training_file(data_path, rows)
-        validation = not_replaced(old_val, pairs) + [p.training_row() for p in held_pairs]
+        validation = not_replaced(old_val, answers) + [p.training_row() for p in held_pairs]
         write_jsonl(validation_path(data_path), validation)
         # the FAQ it answers from: the starting version's, with the corrections in
         run = training.new_run(settings, [data_path], name, start, hyper,
-                               faq=faq_after(settings, start, pairs) if hyper.faq_retrieval else None)
-        record = {"started_from": start, "train_feedback_ids": sorted(i for p in train_pairs for i in p.feedback_ids),
+                               faq=faq_after(settings, start, answers) if hyper.faq_retrieval else None)
+        contributed = contributions(rows)
+        record = {"started_from": start, "contributed": contributed,
+                  "train_feedback_ids": sorted(i for p in train_pairs + rated for i in p.feedback_ids),
                   "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),
                   "replayed_rows": len(replay), "replaced_rows": len(old_train) - len(kept), "skipped": skipped}
         (run.directory / FEEDBACK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -290,7 +336,8 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         # (forja train --resume, a job taken over by another worker) is gated as an uninterrupted one
         (run.directory / GATE_INPUTS).write_text(json.dumps({
             "started_from": start, "pairs": [asdict(p) for p in pairs], "regression": kept + validation,
-            "counts": [len(train_pairs), len(held_pairs), len(replay), len(old_train) - len(kept)]},
+            "counts": [len(train_pairs), len(held_pairs), len(replay), len(old_train) - len(kept)],
+            "contributed": contributed},
             ensure_ascii=False) + "\n")
         version = training.train(settings, run, progress=progress)
         record_version(settings, store, run.directory, version)
@@ -308,7 +355,7 @@ def conclude(settings: Settings, run_dir: Path, version: Path, *, promote: bool,
         return None
     inputs = json.loads(path.read_text())
     start = inputs["started_from"]
-    result = RetrainResult(version, start, *inputs["counts"],
+    result = RetrainResult(version, start, *inputs["counts"], contributed=inputs.get("contributed", {}),
                            answers=models.read_version(version).get("metrics", {}).get("answers", {}))
     pairs = [Pair(**p) for p in inputs["pairs"]]
     result.gate = gate(settings, start, version.name, pairs, inputs["regression"], progress=progress)
@@ -351,9 +398,15 @@ def gate_cases(pairs: list[Pair], regression: list[dict[str, Any]], settings: Se
     from forja.evaluate import load_testset
     from forja.train import reworded_rows
 
+    from forja.evaluate import TestCase
+
     config = settings.feedback
-    rows = [p.training_row() for p in pairs if not isinstance(p.prompt, str)]
+    rows = [p.training_row() for p in pairs if p.supervised and not isinstance(p.prompt, str)]
     cases = [row_case(row, "feedback") for row in rows] + [row_case(row, "rewordings") for row in reworded_rows(rows, 2)]
+    # the rated answers: is a disliked one given again, a liked one kept (the ratings check)
+    cases += [TestCase(question=p.question, answer=p.answer, messages=[{"role": m["role"], "content": m["content"]}
+                                                                       for m in p.prompt], tags=["ratings", p.kind])
+              for p in pairs if not p.supervised]
     if config.gate_testset is not None:
         tests = load_testset(config.gate_testset)
         for case in tests:
@@ -378,6 +431,9 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
     cases = gate_cases(pairs, regression, settings)
     result = evaluate([current, candidate], cases, settings, max_new_tokens=config.gate_max_tokens, progress=progress)
     checks: dict[str, dict[str, Any]] = {}
+    ratings = ratings_check(result.rows, current, candidate)
+    if ratings:
+        checks["ratings"] = ratings
     for check in ("feedback", "rewordings", "regression"):
         rows = {model: [r for r in result.rows if check in r["tags"] and r["model"] == model] for model in (current, candidate)}
         if not rows[candidate]:
@@ -404,6 +460,7 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
                                "after_ok": bool(new.get("exact_match"))}
                               for old, new in zip(rows[current], rows[candidate])]
         checks[check] = entry
+    checks = {name: checks[name] for name in ("feedback", "rewordings", "ratings", "regression") if name in checks}
     failed = [name for name, entry in checks.items() if not entry["passed"]]
     report: dict[str, Any] = {
         "current": current, "candidate": candidate, "cases": len(cases), "tolerance": config.gate_tolerance,
@@ -416,3 +473,43 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
     if version_dir is not None:
         (version_dir / GATE_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def ratings_check(rows: list[dict[str, Any]], current: str, candidate: str) -> dict[str, Any] | None:
+    """What the rated answers (KTO rows) changed: how often each version gives a disliked answer again and
+    keeps a liked one, and how many answers are in the language of their question (forja.data.quality's
+    detector: thumbs-down on English answers to Spanish questions should move it). Passes when the candidate
+    repeats no more disliked answers, keeps as many liked ones, and answers in the question's language as often
+    as the current version; None without rated answers."""
+    from forja.data.quality import language
+
+    mine = {model: [r for r in rows if "ratings" in r["tags"] and r["model"] == model] for model in (current, candidate)}
+    if not mine[candidate]:
+        return None
+    def share(model: str, kind: str) -> float | None:
+        picked = [r for r in mine[model] if kind in r["tags"]]
+        return sum(bool(r.get("exact_match")) for r in picked) / len(picked) if picked else None
+
+    def same_language(model: str) -> float:
+        return sum(language(r["answer"] or "") == language(r["question"]) for r in mine[model]) / len(mine[model])
+
+    metrics = {"disliked_repeated": {"current": share(current, "disliked"), "candidate": share(candidate, "disliked")},
+               "liked_kept": {"current": share(current, "liked"), "candidate": share(candidate, "liked")},
+               "same_language": {"current": same_language(current), "candidate": same_language(candidate)}}
+    metrics = {k: {side: round(v, 4) for side, v in m.items()} for k, m in metrics.items() if m["current"] is not None}
+    worse = []
+    for name, better in (("disliked_repeated", lambda a, b: b <= a), ("liked_kept", lambda a, b: b >= a),
+                         ("same_language", lambda a, b: b >= a)):
+        if name in metrics and not better(metrics[name]["current"], metrics[name]["candidate"]):
+            worse.append(name)
+    told = "; ".join(f"{name.replace('_', ' ')} {m['current']:.2f} -> {m['candidate']:.2f}" for name, m in metrics.items())
+    questions = []
+    for old, new in zip(mine[current], mine[candidate]):
+        disliked = "disliked" in new["tags"]
+        questions.append({"question": new["question"], "expected": new["ground_truth"], "rating": "down" if disliked else "up",
+                          "before": old["answer"], "after": new["answer"],
+                          # ok: a disliked answer not given, a liked one given
+                          "before_ok": bool(old.get("exact_match")) != disliked,
+                          "after_ok": bool(new.get("exact_match")) != disliked})
+    return {"cases": len(mine[candidate]), "metrics": metrics, "passed": not worse, "questions": questions,
+            "reason": (f"worse: {', '.join(worse)} ({told})" if worse else told)}

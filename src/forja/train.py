@@ -2,7 +2,8 @@
 
 `forja train --data data/sample --name mi-asistente-v1` prepares the files, trains in FORJA_HOME/runs/NAME,
 checkpoints every N steps and on Ctrl-C (`forja train --resume NAME` continues), and publishes the result
-as the self-describing model version FORJA_HOME/models/versions/NAME.
+as the self-describing model version FORJA_HOME/models/versions/NAME. Preference rows (pairs, rated answers;
+`forja train --method dpo|kto|orpo`) train in the same steps with the losses of forja.train_prefs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.chat import model_turns, with_answer_turns
-from forja.data import Source, meta_path, prepare, read_rows, validation_path
+from forja.data import Source, is_preference, meta_path, prepare, read_rows, validation_path
 from forja.models import (CHECKPOINTS_DIR, KNOWLEDGE_FILE, METRICS_FILE, RUN_FILE, VERSION_FILE, LoadedModel,
                           ModelError, common_prefix, cpu_has_fast_bf16, hold_run, load, pick_device, resolve, valid_name,
                           with_system)
@@ -680,36 +681,69 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
     device = pick_device()
     rows = [row_with_system(row, config.system) for row in read_rows(run.data)]
     val_rows = [row_with_system(row, config.system) for row in read_rows(validation_path(run.data))]
+    # preference rows (pairs, rated answers) train with their own losses (forja.train_prefs)
+    pref_rows, rows = [r for r in rows if is_preference(r)], [r for r in rows if not is_preference(r)]
+    val_pref_rows, val_rows = [r for r in val_rows if is_preference(r)], [r for r in val_rows if not is_preference(r)]
     faq = run.directory / KNOWLEDGE_FILE
     if faq.is_file() and loaded.context_length < FAQ_MIN_CONTEXT:
         print(f"FAQ retrieval off: the model reads {loaded.context_length} tokens, too few for a FAQ row next to "
               f"the question (train.faq_retrieval needs {FAQ_MIN_CONTEXT})")
         faq.unlink()
-    goal = config.resolved_goal(sum("messages" in row for row in rows))
+    # preference rows alone teach a preference, not answers word for word: the adapt goal's rate and epochs
+    goal = config.resolved_goal(sum("messages" in row for row in rows)) if rows or config.goal != "auto" else "adapt"
     if not val_rows and goal == "memorise":
         val_rows = memorisation_validation(rows)  # nothing held out of small data: the rows and their rewordings
     augmented = reworded_rows(rows, config.augment_rewordings) if goal == "memorise" and config.augment_rewordings else []
     if faq.is_file():  # train.faq_retrieval: each row (and rewording) prompted as served, with its nearest FAQ row
         from forja.knowledge.grounding import grounded_rows
+        from forja.train_prefs import as_dialogue, from_dialogue
 
-        rows, val_rows, augmented = grounded_rows(settings, faq, f"run.{run.name}", [rows, val_rows, augmented])
+        rows, val_rows, augmented, pref_rows, val_pref_rows = grounded_rows(
+            settings, faq, f"run.{run.name}",
+            [rows, val_rows, augmented, [as_dialogue(r) for r in pref_rows], [as_dialogue(r) for r in val_pref_rows]])
+        pref_rows, val_pref_rows = [from_dialogue(r) for r in pref_rows], [from_dialogue(r) for r in val_pref_rows]
     check_rows = learn_rows(rows, config) if config.stop_when_learned else []
     data_rows = len(rows)
     rows = rows + augmented
     train_examples, too_long = build_examples(tokenizer, rows, config.max_seq_length)
     val_examples, _ = build_examples(tokenizer, val_rows, config.max_seq_length)
+    items: list[Any] = []  # preference items (train_prefs.Preference), trained after the examples in each step
+    val_items: list[Any] = []
+    if pref_rows or config.objective != "sft":
+        from forja import train_prefs
+
+        items, long_items = train_prefs.build_items(tokenizer, pref_rows, config.objective, config.max_seq_length)
+        val_items, _ = train_prefs.build_items(tokenizer, val_pref_rows, config.objective, config.max_seq_length)
+        too_long += long_items
+        if not items:
+            raise TrainError(f"{run.data}: --method {config.objective} trains on preference rows ({{prompt, chosen, "
+                             "rejected}} pairs or {prompt, completion, label} rows) and the data has none")
     if too_long:
         print(f"warning: {len(too_long)} conversations are longer than max_seq_length={config.max_seq_length} "
               f"and are left out (raise max_seq_length to keep them): {'; '.join(too_long[:3])}")
-    if not train_examples:
+    if not train_examples and not items:
         raise TrainError(f"{run.data}: no training rows with assistant answers or text to learn")
-    longest = max(len(e.input_ids) for e in train_examples)
-    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.gradient_accumulation)
+    if items and ranks.world > 1:  # KTO's reference point and the losses' means are over a whole step's rows
+        raise TrainError(f"{run.data}: preference rows (DPO, KTO, ORPO) train in one process; leave out --processes")
+    units = train_examples + items  # what batches are drawn from: the examples' order is unchanged by items
+    sequences = train_examples + [a for item in items for a in item.answers]
+    longest = max(len(e.input_ids) for e in sequences)
+    steps_per_epoch = math.ceil(math.ceil(len(units) / config.batch_size) / config.gradient_accumulation)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs_for(goal)))
-    planned = plan(loaded, config, goal, train_examples, total_steps, steps_per_epoch, check_rows)
+    planned = plan(loaded, config, goal, sequences, total_steps, steps_per_epoch, check_rows)
     if progress and ranks.main and run.last_checkpoint() is None:
         print(planned["text"])
     model = prepare_model(loaded, config, longest)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
+    reference = val_reference = None
+    started = time.perf_counter()
+    if items:  # before the first step (and before a checkpoint's weights are restored): the reference model
+        reference = train_prefs.cached_reference(run.directory / train_prefs.REFERENCE_FILE, model, items,
+                                                 config.micro_batch_tokens, device, autocast)
+        if val_items:
+            val_reference = train_prefs.cached_reference(run.directory / train_prefs.VAL_REFERENCE_FILE, model,
+                                                         val_items, config.micro_batch_tokens, device, autocast)
+    reference_seconds = time.perf_counter() - started
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate_for(goal), weight_decay=config.weight_decay)
 
@@ -730,17 +764,18 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
             print(f"resuming {run.name} from step {state['step']} of {total_steps}")
     log = run.log if ranks.main else (lambda record: None)
 
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16(config))
     bar = make_bar(total_steps, state["step"], progress)
     stopped_early = stopped_learned = False
     checked: tuple[int, list[dict[str, Any]]] | None = None  # the step of the last answer check, and its answers
     try:
         while state["step"] < total_steps and not stopped_early:
-            batches = batch_order(train_examples, config.batch_size, config.seed, state["epoch"])
+            batches = batch_order(units, config.batch_size, config.seed, state["epoch"])
             groups = [batches[i : i + config.gradient_accumulation] for i in range(0, len(batches), config.gradient_accumulation)]
             while state["batch_in_epoch"] < len(groups) and state["step"] < total_steps:
                 started = time.perf_counter()
                 group = groups[state["batch_in_epoch"]]
+                pref_ids = [i - len(train_examples) for b in group for i in b if i >= len(train_examples)]
+                group = [[i for i in b if i < len(train_examples)] for b in group]
                 labelled = sum(train_examples[i].trained_tokens for b in group for i in b)
                 total_loss, real_tokens = 0.0, 0
                 mine = (part for b in group for part in micro_batches(ranks.share(b), train_examples,
@@ -753,6 +788,10 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
                     (summed / labelled).backward()
                     total_loss += float(summed.detach())
                     real_tokens += sum(len(e.input_ids) for e in chosen)
+                preference = {}
+                if pref_ids:
+                    preference = train_prefs.preference_step(model, items, pref_ids, reference, config, device, autocast)
+                    real_tokens += sum(items[i].tokens for i in pref_ids)
                 total_loss, real_tokens = ranks.sum(params, total_loss, real_tokens)
                 real_tokens = int(real_tokens)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
@@ -764,15 +803,19 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
                 elapsed = time.perf_counter() - started
                 state["tokens"] += real_tokens
                 state["seconds"] += elapsed
+                supervised = total_loss / labelled if labelled else 0.0
                 record = {
-                    "step": state["step"], "epoch": state["epoch"], "loss": total_loss / labelled,
+                    "step": state["step"], "epoch": state["epoch"],
+                    "loss": supervised + preference.get("preference_loss", 0.0),
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": real_tokens,
                     "tokens_per_second": real_tokens / elapsed, "total_steps": total_steps,
                 }
-                if config.eval_every and val_examples and state["step"] % config.eval_every == 0:
-                    record["val_loss"] = evaluate(model, val_examples, config, device, autocast)
+                if items:  # the supervised part too, when both kinds train: the answer checks go by it
+                    record.update({**({"sft_loss": supervised} if train_examples else {}), **preference})
+                if config.eval_every and (val_examples or val_items) and state["step"] % config.eval_every == 0:
+                    record.update(validation(model, val_examples, val_items, val_reference, config, device, autocast))
                     stopped_early = early_stop(state, record["val_loss"], config)
-                state["epoch_loss"] += record["loss"]
+                state["epoch_loss"] += record.get("sft_loss", record["loss"])
                 state["epoch_steps"] += 1
                 log(record)
                 bar.update(1)
@@ -815,10 +858,17 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
     losses = [r["loss"] for r in run.history if "loss" in r]
     if losses:
         final["train_loss"] = losses[-1]
-    if val_examples:
-        final["val_loss"] = evaluate(model, val_examples, config, device, autocast)
+    if val_examples or val_items:
+        final.update(validation(model, val_examples, val_items, val_reference, config, device, autocast))
         if losses and "val_loss" not in next((r for r in reversed(run.history) if "checkpoint" not in r), {}):
-            run.log({"step": state["step"], "val_loss": final["val_loss"]})
+            run.log({"step": state["step"], **{k: v for k, v in final.items() if k.startswith("val_")}})
+    if items:
+        last = next((r for r in reversed(run.history) if "reward_accuracy" in r), {})
+        final.update({k: last[k] for k in ("reward_margin", "reward_accuracy", "chosen_logps", "rejected_logps") if k in last})
+        final["reference_seconds"] = round(reference_seconds, 3)  # computing them (a resumed run: reading them back)
+        final["preference_items"] = {"pairs": sum(i.label is None for i in items),
+                                     "rated_good": sum(i.label is True for i in items),
+                                     "rated_bad": sum(i.label is False for i in items)}
     final["tokens"] = state["tokens"]
     final["tokens_per_second"] = round(state["tokens"] / state["seconds"], 1) if state["seconds"] else None
     final["stopped_early"] = stopped_early
@@ -880,6 +930,20 @@ def evaluate(model: Any, examples: list[Example], config: TrainSettings, device:
     return total / max(1, count)
 
 
+def validation(model: Any, examples: list[Example], items: list[Any], reference: Any, config: TrainSettings,
+               device: str, autocast: Any) -> dict[str, float]:
+    """val_loss: the validation conversations' loss, or (a run of preference rows only) their preference loss;
+    with preference rows, their loss and reward accuracy too."""
+    record: dict[str, float] = {}
+    if items:
+        from forja.train_prefs import evaluate_preferences
+
+        record = evaluate_preferences(model, items, reference, config, device, autocast)
+    record["val_loss"] = (evaluate(model, examples, config, device, autocast) if examples
+                          else record["val_preference_loss"])
+    return record
+
+
 def early_stop(state: dict[str, Any], val_loss: float, config: TrainSettings) -> bool:
     if state["best_val"] is None or val_loss < state["best_val"]:
         state["best_val"], state["bad_evals"] = val_loss, 0
@@ -893,8 +957,14 @@ def early_stop(state: dict[str, Any], val_loss: float, config: TrainSettings) ->
 
 
 def row_with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
-    """The row with `system` as its first turn when it is a dialogue without one (models.with_system)."""
-    return {**row, "messages": with_system(row["messages"], system)} if "messages" in row else row
+    """The row with `system` as its first turn when it is a dialogue (or a preference row's prompt) without one
+    (models.with_system)."""
+    if isinstance(row.get("prompt"), str) and is_preference(row):  # a preference row's prompt given as text
+        row = {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
+    for key in ("messages", "prompt"):
+        if isinstance(row.get(key), list):
+            return {**row, key: with_system(row[key], system)}
+    return row
 
 
 def learn_rows(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[str, Any]]:
@@ -1147,6 +1217,7 @@ def publish(settings: Settings, run: Run, model: Any, tokenizer: Any, final: dic
         "name": run.name,
         "base": run.base,
         "method": run.config.method,
+        "objective": run.config.objective,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": str(run.data),
         "data_hash": run.data_hash,

@@ -1,4 +1,5 @@
-"""Turn your files into Forja's training data: conversations as {"messages": [...]}, documents as {"text": ...}.
+"""Turn your files into Forja's training data: conversations as {"messages": [...]}, documents as {"text": ...},
+ratings as {"prompt": [...], "chosen", "rejected"} pairs or {"prompt": [...], "completion", "label"} rows.
 
 `forja data inspect PATH...` shows what Forja finds in your files; `forja data prepare PATH... --out FILE.jsonl`
 writes FILE.jsonl (training rows), FILE.val.jsonl (validation rows) and FILE.meta.json (counts, sources, hash).
@@ -27,6 +28,7 @@ from forja.models import with_system
 
 DIALOGUE = "dialogue"
 KNOWLEDGE = "knowledge"
+PREFERENCE = "preference"  # a prompt with a better and a worse answer, or with one answer rated good or bad
 
 DEFAULT_CHUNK_TOKENS = 512
 # Conversations longer than this are reported by `inspect` (the CLI passes train.max_seq_length: what
@@ -73,7 +75,15 @@ COLUMN_FORMATS = (
     Format("pregunta/respuesta", DIALOGUE, ("pregunta", "respuesta")),
     Format("text", KNOWLEDGE, ("text",)),
     Format("texto", KNOWLEDGE, ("texto",)),
+    # preference data (forja.train_prefs): pairs for DPO and ORPO, TRL's and OpenAI's shapes, and KTO's
+    # unpaired rows (a thumbs-up or -down alone); the prompt is text or a list of chat messages
+    Format("chosen/rejected", PREFERENCE, ("prompt", "chosen", "rejected")),
+    Format("openai preference", PREFERENCE, ("input", "preferred_output", "non_preferred_output")),
+    Format("completion/label", PREFERENCE, ("prompt", "completion", "label")),
 )
+# What a "label" may say, in JSON, a CSV cell or a spreadsheet.
+LABELS = {"true": True, "1": True, "yes": True, "up": True, "good": True,
+          "false": False, "0": False, "no": False, "down": False, "bad": False}
 TRANSCRIPT = "transcript"  # a .txt/.md of User:/Assistant: turns
 DOCUMENT = "document"  # any other .txt/.md, or a .pdf/.docx/.html/.pptx/.epub
 
@@ -222,6 +232,7 @@ class _Record:
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     tools: list[dict[str, Any]] | None = None  # a tool-calling conversation's functions (OpenAI's row "tools")
+    preference: dict[str, Any] | None = None  # {"prompt": [...], "chosen", "rejected"} or {"prompt", "completion", "label"}
 
 
 @dataclass
@@ -269,6 +280,8 @@ class FileReport:
         elif self.kind == KNOWLEDGE:
             found = f"{self.format} → knowledge: {self.rows} {'document' if self.format == DOCUMENT else 'rows'}"
             found += f", {self.chunks} chunks"
+        elif self.kind == PREFERENCE:
+            found = f"{self.format} → preference: {self.rows} rows"
         else:
             found = "no rows"
         container = f"{self.container} ({self.detail})" if self.detail else self.container
@@ -321,11 +334,13 @@ class Report:
         readable = [f for f in self.files if not f.error]
         conversations = sum(f.rows for f in readable if f.kind == DIALOGUE)
         chunks = sum(f.chunks for f in readable if f.kind == KNOWLEDGE)
+        preferences = sum(f.rows for f in readable if f.kind == PREFERENCE)
         lines = [f.render() for f in self.files]
         lines += [
             "",
             f"Total: {len(self.files)} files, {conversations} conversations ({self.total('turns')} turns), "
-            f"{chunks} knowledge chunks of at most {self.chunk_tokens} tokens, {self.total('tokens'):,} tokens",
+            f"{chunks} knowledge chunks of at most {self.chunk_tokens} tokens, "
+            + (f"{preferences} preference rows, " if preferences else "") + f"{self.total('tokens'):,} tokens",
             f"Tokens: {self.token_unit}",
             f"Duplicates: {self.total('duplicates')}, bad rows: {len(self.bad_rows)} "
             f"({self.total('empty_fields')} with an empty field), unreadable files: {len(self.files) - len(readable)}",
@@ -360,7 +375,8 @@ class Summary:
         lines = [
             f"Wrote {self.train_rows} training rows to {self.train_path} "
             f"and {self.val_rows} validation rows to {self.val_path}",
-            f"  {self.kinds.get(DIALOGUE, 0)} conversations, {self.kinds.get(KNOWLEDGE, 0)} knowledge chunks "
+            f"  {self.kinds.get(DIALOGUE, 0)} conversations, {self.kinds.get(KNOWLEDGE, 0)} knowledge chunks"
+            + (f", {self.kinds[PREFERENCE]} preference rows" if self.kinds.get(PREFERENCE) else "") + " "
             f"from {len(self.files)} files; {self.duplicates_removed} duplicates removed, "
             f"{len(self.skipped)} bad rows skipped",
             f"  hash {self.hash} (details in {self.meta_path})",
@@ -471,14 +487,22 @@ def prepare(
         rows += kept
     if not rows:
         raise DataError("no rows to write: " + ("every row was bad" if skipped else "the files are empty"))
-    rows = [{**row, "messages": with_system(row["messages"], system)} if "messages" in row else row for row in rows]
+    rows = [{**row, "messages": with_system(row["messages"], system)} if "messages" in row
+            else {**row, "prompt": with_system(row["prompt"], system)} if "prompt" in row else row for row in rows]
     redacted = 0
     if redact:
         from forja.guard import redact_messages
         from forja.guard import redact as redact_text
 
-        cleaned = [{**row, "messages": redact_messages(row["messages"], allow)} if "messages" in row
-                   else {**row, "text": redact_text(row["text"], allow)} for row in rows]
+        def cleaned_row(row: dict[str, Any]) -> dict[str, Any]:
+            if "messages" in row:
+                return {**row, "messages": redact_messages(row["messages"], allow)}
+            if "prompt" in row:
+                return {**row, "prompt": redact_messages(row["prompt"], allow),
+                        **{k: redact_text(row[k], allow) for k in ("chosen", "rejected", "completion") if k in row}}
+            return {**row, "text": redact_text(row["text"], allow)}
+
+        cleaned = [cleaned_row(row) for row in rows]
         redacted = sum(a != b for a, b in zip(rows, cleaned))
         rows = cleaned
 
@@ -492,6 +516,8 @@ def prepare(
     write_jsonl(out, train)
     write_jsonl(validation_path(out), val)
     kinds = {DIALOGUE: sum("messages" in r for r in rows), KNOWLEDGE: sum("text" in r for r in rows)}
+    if any(is_preference(r) for r in rows):
+        kinds[PREFERENCE] = sum(is_preference(r) for r in rows)
     summary = Summary(
         train_path=out, val_path=validation_path(out), meta_path=meta_path(out),
         train_rows=len(train), val_rows=len(val), kinds=kinds,
@@ -970,8 +996,11 @@ def _filled(value: Any) -> bool:
 
 
 def _matching(keys: Iterable[str]) -> list[Format]:
+    """The formats whose keys are all there; a format whose keys another match holds too gives way to it
+    (prompt+completion+label is KTO's row, not a prompt/completion pair with a stray column)."""
     keys = set(keys)
-    return [f for f in COLUMN_FORMATS if keys.issuperset(f.keys)]
+    found = [f for f in COLUMN_FORMATS if keys.issuperset(f.keys)]
+    return [f for f in found if not any(set(f.keys) < set(other.keys) for other in found)]
 
 
 def _detect(path: Path, table: _Table, word: str, guessing: bool = False) -> Format | None:
@@ -1031,6 +1060,8 @@ def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str]
         source += f" from {values['source'].strip()}"
     if fmt.kind == KNOWLEDGE:
         return _Record(source, text=_required(values, fmt.keys[0], word, names))
+    if fmt.kind == PREFERENCE:
+        return _Record(source, preference=_preference(values, fmt, word, names))
     if fmt.name in ("messages", "sharegpt") and fmt.keys[0] not in values:  # a JSON row of other fields
         default = f'{word} "{fmt.keys[0]}"'
         raise _Bad(f"{names.get(fmt.keys[0], default)} is missing")
@@ -1062,6 +1093,73 @@ def _record(path: Path, row: _Row, fmt: Format, word: str, names: dict[str, str]
         raise _Bad('"tools" is missing: a conversation with tool calls lists its functions in "tools", as '
                    "OpenAI's fine-tuning format does (the model is trained to read them as it is served)")
     return _Record(source, messages=messages, tools=tools)
+
+
+def _preference(values: dict[str, Any], fmt: Format, word: str, names: dict[str, str]) -> dict[str, Any]:
+    """A preference row as {"prompt": messages, "chosen", "rejected"} or {"prompt", "completion", "label"}:
+    the prompt a conversation ending with the user's turn (text is one user turn), each answer one text."""
+    name = lambda key: names.get(key, f'{word} "{key}"')  # noqa: E731
+    if fmt.name == "openai preference":  # {"input": {"messages": [...]}, "preferred_output": [assistant turn]}
+        given = _json_cell(values["input"], name("input"))
+        if not isinstance(given, dict) or "messages" not in given:
+            raise _Bad(f'{name("input")} must be an object with "messages" (OpenAI\'s preference format)')
+        if given.get("tools"):
+            raise _Bad(f'{name("input")}: "tools" in preference rows are not supported; leave them out')
+        prompt = _prompt(given["messages"], "input.messages", f'{word} "input.messages"')
+        return {"prompt": prompt, "chosen": _answer(values, "preferred_output", name),
+                "rejected": _answer(values, "non_preferred_output", name)}
+    prompt = _prompt(values["prompt"], "prompt", name("prompt"))
+    if fmt.name == "chosen/rejected":
+        row = {"prompt": prompt, "chosen": _answer(values, "chosen", name), "rejected": _answer(values, "rejected", name)}
+    else:
+        label = values["label"]
+        found = LABELS.get(str(label).strip().lower()) if not isinstance(label, bool) else label
+        if isinstance(label, float) and label in (0.0, 1.0):  # a spreadsheet's 1 or 0
+            found = bool(label)
+        if found is None:
+            shown = json.dumps(label, ensure_ascii=False) if not isinstance(label, float) else repr(label)
+            raise _Bad(f'{name("label")} is {shown}; expected true (a good answer) or false (a bad one)',
+                       empty=not _filled(label))
+        row = {"prompt": prompt, "completion": _answer(values, "completion", name), "label": found}
+    if row.get("chosen") is not None and row["chosen"] == row.get("rejected"):
+        raise _Bad(f'{name("chosen")} and {name("rejected")} are the same answer; the pair teaches nothing')
+    return row
+
+
+def _json_cell(value: Any, name: str) -> Any:
+    """A list or object, or a table cell holding one as JSON."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise _Bad(f"{name} is not valid JSON") from None
+    return value
+
+
+def _prompt(value: Any, key: str, name: str) -> list[dict[str, Any]]:
+    """A preference row's prompt as chat messages ending with the user's turn."""
+    value = _json_cell(value, name)
+    if not isinstance(value, list):
+        text = _clean(_as_text(value, name))
+        if not text:
+            raise _Bad(f"{name} is empty", empty=True)
+        return [{"role": "user", "content": text}]
+    return _turns(value, key, "role", "content", ROLES, prompt=True)
+
+
+def _answer(values: dict[str, Any], key: str, name: Callable[[str], str]) -> str:
+    """One answer of a preference row: text, or a list holding one assistant turn (TRL's and OpenAI's shape)."""
+    value = _json_cell(values.get(key), name(key))
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role", "assistant") != "assistant":
+            raise _Bad(f'{name(key)} must be text or a list of one {{"role": "assistant", "content": ...}} turn')
+        value = value[0].get("content")
+    text = _clean(_as_text(value, name(key)))
+    if not text:
+        raise _Bad(f"{name(key)} is empty", empty=True)
+    return text
 
 
 def _tools(value: Any) -> list[dict[str, Any]] | None:
@@ -1106,8 +1204,9 @@ def _as_text(value: Any, name: str) -> str:
 
 def _turns(
     value: Any, name: str, role_key: str, content_key: str, roles: dict[str, str] | Callable[[Any], str | None],
-    fold_keys: bool = False,
+    fold_keys: bool = False, prompt: bool = False,
 ) -> list[dict[str, str]]:
+    """Chat turns checked for a chat template; a `prompt` (of a preference row) ends with the user's turn."""
     if isinstance(value, str):  # a CSV or Excel cell holding the list as JSON
         try:
             value = json.loads(value)
@@ -1154,6 +1253,12 @@ def _turns(
                 message["weight"] = 0
         messages.append(message)
         labels.append(label)
+    if prompt:
+        if messages and messages[-1]["role"] != "user":
+            raise _Bad(f"{labels[-1]}: a prompt ends with the user's turn, not the {messages[-1]['role']}'s "
+                       "(the answers to compare come after it)")
+        _check_turns([*messages, {"role": "assistant", "content": "-"}], [*labels, f'"{name}"'], f'"{name}"')
+        return messages
     _check_turns(messages, labels, f'"{name}"')
     if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
         raise _Bad(f'"{name}": every assistant turn has weight 0; the row teaches nothing')
@@ -1323,9 +1428,7 @@ def _survey(
             continue
         seen.add(key)
         kept.append(row)
-        report.lengths.append(
-            count(row["text"]) if "text" in row else sum(count(m["content"]) for m in row["messages"])
-        )
+        report.lengths.append(sum(count(text) for text in row_texts(row)))
     report.chunks = sum("text" in row for row in kept)
     report.tokens = sum(report.lengths)
     return report, kept
@@ -1334,6 +1437,9 @@ def _survey(
 def _training_rows(records: list[_Record], chunk_tokens: int, count: Callable[[str], int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for record in records:
+        if record.preference is not None:
+            rows.append({**record.preference, "source": record.source})
+            continue
         if record.messages is not None:
             rows.append({"messages": record.messages, "source": record.source}
                         | ({"tools": record.tools} if record.tools else {}))
@@ -1410,7 +1516,7 @@ def _validation_rows(rows: list[dict[str, Any]], val_fraction: float, seed: int)
     Hashing content rather than shuffling positions keeps a row on the same side when files are
     reordered or rows added, so validation losses stay comparable between runs."""
     chosen: set[int] = set()
-    for key in ("messages", "text"):
+    for key in ("messages", "text", "chosen", "label"):
         indices = [i for i, row in enumerate(rows) if key in row]
         ranked = sorted(indices, key=lambda i: hashlib.sha256(f"{seed}\n{_content_key(rows[i])}".encode()).digest())
         chosen.update(ranked[: round(len(indices) * val_fraction)])
@@ -1423,6 +1529,19 @@ def _content_hash(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> str
         for row in rows:
             digest.update(f"{split}\t{_content_key(row)}\n".encode())
     return digest.hexdigest()
+
+
+def row_texts(row: dict[str, Any]) -> list[str]:
+    """Every text a training row holds: its turns, its text, or a preference row's prompt and answers."""
+    if "text" in row:
+        return [row["text"]]
+    turns = [m["content"] for m in row.get("messages") or row.get("prompt") or []]
+    return turns + [row[key] for key in ("chosen", "rejected", "completion") if key in row]
+
+
+def is_preference(row: dict[str, Any]) -> bool:
+    """A preference row (a pair, or one rated answer) rather than a conversation or a text."""
+    return "prompt" in row and ("chosen" in row or "label" in row)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

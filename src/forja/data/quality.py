@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forja.data import _fold
+from forja.data import _fold, row_texts
 
 # Two questions are near duplicates when the character trigrams of their normalised text (lower case, no
 # accents or punctuation) have a Jaccard similarity of at least this: next to "¿Abrís los lunes?",
@@ -159,8 +159,6 @@ def language(text: str) -> str:
     return "es" if spanish >= english else "en"
 
 
-def row_texts(row: dict[str, Any]) -> list[str]:
-    return [m["content"] for m in row["messages"]] if "messages" in row else [row["text"]]
 
 
 def assess(rows: list[dict[str, Any]], count: Callable[[str], int], context: int,

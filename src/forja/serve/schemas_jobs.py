@@ -63,12 +63,31 @@ class MethodOptions(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Auto | float = Field("auto", description="How far from the starting model the preferences may move it; "
+                               "auto = train.beta.")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, value: Any) -> Any:
+        if value != "auto" and not 0 < value <= 100:
+            raise ValueError("beta must be 'auto' or above 0 and at most 100")
+        return value
+
+
+class DpoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: MethodOptions | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoOptions | None = Field(None, description="DPO on a training file of preference pairs (OpenAI's "
+                                   "{input, preferred_output, non_preferred_output} lines, or prompt/chosen/rejected).")
     reinforcement: dict[str, Any] | None = None
 
 

@@ -22,8 +22,9 @@ from forja.serve.deps import ApiError, Caller, MonitorKeyDep, ServerState, State
 from forja.serve.routes.admin import activate, check_activatable
 from forja.serve.routes.files import found, store_of
 from forja.serve.schemas import ActivateRequest
-from forja.serve.schemas_jobs import (FineTuneCreate, FineTuningJob, FineTuningJobList, Hyperparameters, JobCheckpoint,
-                                      JobCheckpointList, JobEvent, JobEventList, responses)
+from forja.serve.schemas_jobs import (DpoHyperparameters, FineTuneCreate, FineTuningJob, FineTuningJobList,
+                                      Hyperparameters, JobCheckpoint, JobCheckpointList, JobEvent, JobEventList,
+                                      responses)
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 MAX_PAGE = 100
@@ -47,18 +48,19 @@ def _checked(state: ServerState, body: FineTuneCreate, caller: Caller) -> tuple[
     """The job as the worker will run it, every field checked, and its first events."""
     settings = state.settings
     method = body.method.type if body.method else "supervised"
-    if method != "supervised":
-        raise ApiError(400, f"method.type: forja fine-tunes with 'supervised' only for now; {method!r} training is "
+    if method not in ("supervised", "dpo"):
+        raise ApiError(400, f"method.type: forja fine-tunes with 'supervised' or 'dpo'; {method!r} training is "
                        "not available in this version", param="method.type", code="unsupported_parameter")
     if body.integrations:
         raise ApiError(400, "integrations: forja reports a job's progress as its events (GET .../events, also "
                        "streamed with ?stream=true), not to other services; leave integrations out",
                        param="integrations", code="unsupported_parameter")
-    nested = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    options = getattr(body.method, method, None) if body.method else None
+    nested = options.hyperparameters if options else None
     if nested is not None and body.hyperparameters is not None:
-        raise ApiError(400, "give the hyperparameters once: in method.supervised.hyperparameters (or the older "
+        raise ApiError(400, f"give the hyperparameters once: in method.{method}.hyperparameters (or the older "
                        "top-level hyperparameters), not both", param="hyperparameters", code="invalid_value")
-    hyper = nested or body.hyperparameters or Hyperparameters()
+    hyper = nested or body.hyperparameters or (DpoHyperparameters() if method == "dpo" else Hyperparameters())
     source = body.forja.source
     if source == "feedback" and (body.training_file or body.validation_file):
         raise ApiError(400, "forja.source feedback learns from the feedback store: leave out training_file and "
@@ -78,8 +80,13 @@ def _checked(state: ServerState, body: FineTuneCreate, caller: Caller) -> tuple[
                                "job reads files uploaded with purpose 'fine-tune'", param=param, code="invalid_value")
             paths[param] = str(files.path_of(settings, stored))
     overrides = dict(body.forja.train)
-    for name, setting in [*HYPER_TO_TRAIN.items(), ("seed", "seed")]:
-        value = body.seed if name == "seed" else getattr(hyper, name)
+    if method == "dpo":  # train.objective: the training file holds preference pairs (forja.train_prefs)
+        if overrides.get("objective", "dpo") != "dpo":
+            raise ApiError(400, f"method.type dpo and forja.train.objective {overrides['objective']!r} disagree: give one",
+                           param="forja.train.objective", code="invalid_value")
+        overrides["objective"] = "dpo"
+    for name, setting in [*HYPER_TO_TRAIN.items(), ("seed", "seed"), ("beta", "beta")]:
+        value = body.seed if name == "seed" else getattr(hyper, name, None)
         if value is None or value == "auto":
             continue
         if setting in overrides:
@@ -98,7 +105,7 @@ def _checked(state: ServerState, body: FineTuneCreate, caller: Caller) -> tuple[
     spec = {
         "model": body.model, "training_file": body.training_file, "validation_file": body.validation_file,
         "suffix": body.suffix, "seed": config.seed, "metadata": body.metadata,
-        "hyperparameters": hyper.model_dump(),
+        "hyperparameters": hyper.model_dump(), "method": method,
         "forja": {"source": source, "promote": body.forja.promote, "train": overrides, "name": name,
                   "training_path": paths.get("training_file"), "validation_path": paths.get("validation_file")},
     }
@@ -279,6 +286,8 @@ def job_object(state: ServerState, job: jobs.Job) -> FineTuningJob:
     if hyper["learning_rate_multiplier"] == "auto":
         hyper["learning_rate_multiplier"] = spec["forja"]["train"].get("learning_rate_multiplier",
                                                                        train.learning_rate_multiplier)
+    if hyper.get("beta") == "auto":
+        hyper["beta"] = spec["forja"]["train"].get("beta", train.beta)
     metrics = result.get("metrics", {})
     if hyper["n_epochs"] == "auto" and "epochs" in metrics:
         hyper["n_epochs"] = round(metrics["epochs"], 2)  # what the run did (a FAQ stops once it is learned)
@@ -291,7 +300,7 @@ def job_object(state: ServerState, job: jobs.Job) -> FineTuningJob:
         seed=spec["seed"], status=job.status, trained_tokens=result.get("trained_tokens"),
         training_file=spec["training_file"], validation_file=spec["validation_file"], estimated_finish=estimated,
         metadata=spec.get("metadata"), user_provided_suffix=spec.get("suffix"),
-        method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        method={"type": spec.get("method", "supervised"), spec.get("method", "supervised"): {"hyperparameters": hyper}},
         forja={"name": spec["forja"]["name"], "source": spec["forja"]["source"], "train": spec["forja"]["train"],
                "progress": progress, "gate": result.get("gate"), "attempts": job.attempts,
                "worker": job.worker, "metrics": metrics or None})
