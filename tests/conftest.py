@@ -106,7 +106,8 @@ class PostgresCluster:
             self.port = sock.getsockname()[1]
         self._run("initdb", "-D", str(self.data), "-U", "forja", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
         options = (f"-p {self.port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300 "
+                   "-c wal_level=minimal -c max_wal_senders=0 -c max_wal_size=64MB -c min_wal_size=32MB")
         self.options = options
         self.start()
 
@@ -131,17 +132,28 @@ class PostgresCluster:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://forja@/{database}?host={self.directory}&port={self.port}"
 
+    def _admin(self):
+        import psycopg
+
+        return psycopg.connect(host=str(self.directory), port=self.port, user="forja", dbname="postgres",
+                               autocommit=True)
+
     def create_database(self) -> str:
         """A new, empty database; returns its SQLAlchemy URL."""
         import uuid
 
-        import psycopg
-
         name = f"t_{uuid.uuid4().hex[:16]}"
-        with psycopg.connect(host=str(self.directory), port=self.port, user="forja", dbname="postgres",
-                             autocommit=True) as conn:
+        with self._admin() as conn:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
         return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        """Drop a test's database unless something still holds a connection to it (a server the test started
+        lives to the end of the session): the cluster stays small, however many tests ran."""
+        name = url.split("/")[3].split("?")[0]
+        with self._admin() as conn:
+            if not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()[0]:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -157,8 +169,10 @@ def postgres(tmp_path_factory):
     """The session's PostgreSQL cluster (started on first use, in either mode), stopped at the end."""
     import tempfile
 
-    # a short path of its own: a unix socket's path must stay under ~100 bytes
-    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-")))
+    # a short path of its own (a unix socket's path must stay under ~100 bytes), in memory where there is a
+    # tmpfs: thousands of small files written and removed are seconds there, minutes on a busy disk
+    shm = Path("/dev/shm")
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-", dir=shm if os.access(shm, os.W_OK) else None)))
     yield cluster
     cluster.stop()
     import shutil
@@ -182,15 +196,19 @@ def module_database(request):
 def new_database(request, tmp_path):
     """new_database() → the URL of a new, empty database on the engine the suite runs on: a SQLite file,
     or a PostgreSQL database."""
-    made = []
+    made: list[str] = []
 
     def make() -> str:
-        made.append(len(made))
         if TEST_DATABASE == "postgresql":
-            return request.getfixturevalue("postgres").create_database()
-        return f"sqlite:///{tmp_path / f'store-{len(made)}.db'}"
+            made.append(request.getfixturevalue("postgres").create_database())
+        else:
+            made.append(f"sqlite:///{tmp_path / f'store-{len(made)}.db'}")
+        return made[-1]
 
-    return make
+    yield make
+    if TEST_DATABASE == "postgresql":
+        for url in made:
+            request.getfixturevalue("postgres").drop_database(url)
 
 
 @pytest.fixture
