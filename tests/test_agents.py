@@ -362,3 +362,37 @@ def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):
     assert page.locator("details.step + .assistant").count() == 1  # the answer follows its steps
     page.screenshot(path=str(ARTIFACTS / "agent-steps.png"), full_page=True)
     context.close()
+
+
+def test_a_rated_trace_exports_with_its_tools_and_its_calls_and_reads_as_training_data(served, tmp_path):
+    """A thumbs-up with a key approves the whole trace: the tool call is learned with the answer, prompted with
+    the tools the persona offered; a correction teaches its answer after the same calls, kept as context."""
+    from forja.data import prepare, read_rows, validation_path
+    from forja.feedback import export
+    from forja.store import Store
+
+    settings = served.settings
+    store = Store.open(settings)
+    try:
+        liked = client(served).chat.completions.create(
+            model="pedidos", messages=[{"role": "user", "content": "¿Y el pedido B02?"}], max_tokens=6)
+        corrected = client(served).chat.completions.create(
+            model="pedidos", messages=[{"role": "user", "content": "¿Ha salido el A17?"}], max_tokens=6)
+        store.add_feedback(liked.id, rating="up", sender="tienda")  # sent with a key: trusted
+        store.add_feedback(corrected.id, rating="down", correction="El pedido A17 salió ayer.")
+    finally:
+        store.close()
+    summary = export(settings, tmp_path / "fb.jsonl")
+    rows = {r["exchange_id"]: r for r in map(json.loads, (tmp_path / "fb.jsonl").read_text().splitlines())}
+    assert summary.pairs == 2 and set(rows) == {liked.id, corrected.id}
+    for row in rows.values():
+        assert [t["function"]["name"] for t in row["tools"]] == ["orders__order_status"]
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[-4:] == ["user", "assistant", "tool", "assistant"]
+    calls = {key: row["messages"][-3] for key, row in rows.items()}
+    assert "weight" not in calls[liked.id] and calls[liked.id]["tool_calls"]  # learned: the trace was approved
+    assert calls[corrected.id]["weight"] == 0  # context: only the corrected answer is learned
+    assert rows[corrected.id]["messages"][-1]["content"] == "El pedido A17 salió ayer."
+    prepared = prepare(tmp_path / "fb.jsonl", tmp_path / "train.jsonl")  # forja data reads it as tool-calling rows
+    assert prepared.kinds["dialogue"] == 2
+    assert all(r.get("tools") for r in read_rows(prepared.train_path) + read_rows(validation_path(prepared.train_path)))

@@ -50,6 +50,7 @@ class Pair:
     kind: str  # "correction" or "approved" (answers learned word for word), "liked" or "disliked" (rated answers)
     feedback_ids: list[int]
     rejected: str | None = None  # the answer the correction replaces
+    tools: list[dict[str, Any]] | None = None  # an agent persona's tools, offered when it answered
 
     @property
     def supervised(self) -> bool:
@@ -67,8 +68,14 @@ class Pair:
         if isinstance(self.prompt, str):
             row: dict[str, Any] = {"text": self.prompt + self.answer}
         else:
-            context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in self.prompt]
+            # an approved agent answer approves the tool calls that led to it (after the last question): they
+            # are learned with it; a corrected answer's calls, and every earlier turn, are context
+            asked = max((i for i, m in enumerate(self.prompt) if m["role"] == "user"), default=-1)
+            context = [{**m, "weight": 0} if m["role"] == "assistant" and (i < asked or self.kind != "approved")
+                       else m for i, m in enumerate(self.prompt)]
             row = {"messages": [*context, {"role": "assistant", "content": self.answer}], "must_learn": True}
+            if self.tools:
+                row["tools"] = self.tools
         return {**row, "source": source, "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids,
                 "kind": self.kind}
 
@@ -125,13 +132,14 @@ def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api
         corrections = [r for r in rows if r["correction"]]
         if corrections:
             pairs.append(Pair(exchange_id, prompt, redact(corrections[-1]["correction"]), "correction", ids,
-                              redact(rows[0]["answer"])))
+                              redact(rows[0]["answer"]), rows[0].get("tools")))
             continue
         ups = sum(r["rating"] == "up" and trusted(r, trust) for r in rows)
         downs = sum(r["rating"] == "down" for r in rows)
         if ups > downs:
             pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "approved",
-                              [r["id"] for r in rows if r["rating"] != "up" or trusted(r, trust)]))
+                              [r["id"] for r in rows if r["rating"] != "up" or trusted(r, trust)],
+                              tools=rows[0].get("tools")))
         elif any(r["rating"] == "up" for r in rows) and not ups and not downs:
             if ratings and isinstance(prompt, list):
                 pairs.append(Pair(exchange_id, prompt, redact(rows[0]["answer"]), "liked", ids))

@@ -457,7 +457,8 @@ class Store:
                       unused_only: bool = False) -> list[dict[str, Any]]:
         """Feedback joined with its exchange, newest first."""
         query = (sa.select(feedback, exchanges.c.model, exchanges.c.persona, exchanges.c.messages,
-                           exchanges.c.answers, exchanges.c.route, feedback_reviews.c.decision.label("review"))
+                           exchanges.c.answers, exchanges.c.route, exchanges.c.params,
+                           feedback_reviews.c.decision.label("review"))
                  .join(exchanges, feedback.c.exchange_id == exchanges.c.id)
                  .outerjoin(feedback_reviews, feedback_reviews.c.feedback_id == feedback.c.id)
                  .order_by(feedback.c.created_at.desc(), feedback.c.id.desc()))
@@ -478,6 +479,7 @@ class Store:
         for row in rows:
             answers = row.pop("answers")
             row["answer"] = answers[row["choice"]] if row["choice"] < len(answers) else ""
+            row["tools"] = (row.pop("params") or {}).get("tools")  # an agent's: the tools it was offered
             row["used_in"] = used.get(row["id"], [])
         return rows
 

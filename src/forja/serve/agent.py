@@ -112,7 +112,7 @@ async def run(state: ServerState, request: Request, *, rid: str, persona: Person
             if room > asked:  # an answer written with a call's room is cut to what the client asked for
                 _cut(exchange, answer, asked)
             reply = AgentReply(answer, exchange, steps, prompt_tokens, completion_tokens, stopped, toolbox)
-            await exchange.keep(steps, prompt_tokens, completion_tokens, conversation)
+            await exchange.keep(steps, prompt_tokens, completion_tokens, conversation, toolbox.specs())
             return reply
         conversation.append({"role": "assistant", "content": content, "tool_calls": calls})
         for call in calls:

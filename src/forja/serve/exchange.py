@@ -317,11 +317,14 @@ class Exchange:
             self._write(row)
 
     async def keep(self, trace: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int,
-                   conversation: list[dict[str, Any]]) -> None:
+                   conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> None:
         """Store this exchange (an agent's last step, saved without a record) as the request's one record: the
-        conversation with its tool turns (as the client and the tools wrote it), the answer, the steps, and the
-        tokens of every step (each step's tokens were counted when it was saved; the request is counted here)."""
+        conversation with its tool turns (as the client and the tools wrote it), the answer, the steps, the
+        tools the model was offered (in `params`, so the trace trains as it was prompted) and the tokens of
+        every step (each step's tokens were counted when it was saved; the request is counted here)."""
         self.record, self.trace = True, trace
+        if tools:
+            self.params = {**self.params, "tools": tools}
         count_usage(self.state, self.key_name, 0, 0, requests=1)
         if self.state.store is None or not self.state.settings.serve.log_exchanges:
             return
