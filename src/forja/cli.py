@@ -1089,6 +1089,18 @@ users_app = _typer("People who sign in to the operator's console (/console): add
 app.add_typer(users_app, name="users")
 
 
+def _new_password(from_stdin: bool) -> str:
+    """A new console password: a line of stdin, or asked twice; refused when too short."""
+    from forja.console.accounts import check_password_rules
+
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    check_password_rules(password)
+    return password
+
+
 @users_app.command("add")
 def users_add(
     name: Annotated[str, typer.Argument(help="The user's name (what they type to sign in).")],
@@ -1098,13 +1110,9 @@ def users_add(
     config: ConfigOpt = None,
 ) -> None:
     """Add a console user; asks for the password twice (the first user is an admin)."""
-    from forja.console.accounts import add_user, check_password_rules
+    from forja.console.accounts import add_user
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    check_password_rules(password)
+    password = _new_password(password_stdin)
     user = _read_store(config, lambda store: add_user(store, name, password, True if admin else None))
     typer.echo(f"added {user.name}{' (admin)' if user.admin else ''}: sign in at /console/login")
 
@@ -1152,13 +1160,9 @@ def users_password(
     config: ConfigOpt = None,
 ) -> None:
     """Set a user's password (asked twice); their sessions end and a lockout is lifted."""
-    from forja.console.accounts import check_password_rules, set_password
+    from forja.console.accounts import set_password
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    check_password_rules(password)
+    password = _new_password(password_stdin)
     _read_store(config, lambda store: set_password(store, name, password))
     typer.echo(f"new password set for {name}; their sessions have ended")
 

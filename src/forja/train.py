@@ -211,20 +211,25 @@ def pack(examples: list[Example], device: str) -> dict[str, torch.Tensor]:
             "attention_mask": mask[None, None].to(device), "targets": torch.tensor(targets, device=device)}
 
 
-def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss over the labelled positions of a packed batch. Logits are computed only where
-    there is a label: with a 49k vocabulary the full logits tensor would cost more memory than the rest."""
+def labelled_states(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The last hidden states at the labelled positions of a packed batch, their targets and the output head
+    (activations recomputed in the backward pass). Logits are left to the caller, computed only there: with
+    a 49k vocabulary the full logits tensor would cost more memory than the rest."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     with Recompute():
         hidden = causal.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                       attention_mask=batch["attention_mask"]).last_hidden_state[0]
-    targets = batch["targets"]
-    keep = targets != IGNORE
-    head = causal.lm_head
+    keep = batch["targets"] != IGNORE
+    return hidden[keep], batch["targets"][keep], causal.lm_head
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the labelled positions of a packed batch."""
+    hidden, targets, head = labelled_states(model, batch)
     if type(head) is torch.nn.Linear and head.bias is None and torch.is_grad_enabled():
-        return LinearCrossEntropy.apply(hidden[keep], head.weight, targets[keep]), int(keep.sum())
-    logits = head(hidden[keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+        return LinearCrossEntropy.apply(hidden, head.weight, targets), len(targets)
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from forja.train import IGNORE, Example, Recompute, TrainError, dialogue_example, pack, packed_tokens, shared_prefix
+from forja.train import IGNORE, Example, TrainError, dialogue_example, labelled_states, packed_tokens, pack, shared_prefix
 
 REFERENCE_FILE = "reference.pt"  # in the run directory: the reference log-probabilities of every training item
 VAL_REFERENCE_FILE = "reference.val.pt"  # and of every validation item
@@ -98,18 +98,11 @@ def from_dialogue(row: dict[str, Any]) -> dict[str, Any]:
 
 def sequence_logps(model: Any, examples: list[Example], device: str) -> torch.Tensor:
     """Each example's summed log-probability of its labelled tokens, from one packed forward."""
-    batch = pack(examples, device)
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with Recompute():
-        hidden = causal.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                      attention_mask=batch["attention_mask"]).last_hidden_state[0]
-    targets = batch["targets"]
-    keep = targets != IGNORE
-    head = causal.lm_head
+    hidden, targets, head = labelled_states(model, pack(examples, device))
     if type(head) is torch.nn.Linear and head.bias is None:
-        losses = LinearTokenLoss.apply(hidden[keep], head.weight, targets[keep])
+        losses = LinearTokenLoss.apply(hidden, head.weight, targets)
     else:
-        losses = F.cross_entropy(head(hidden[keep]).float(), targets[keep], reduction="none")
+        losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")
     shared = shared_prefix(examples)
     counts = [sum(label != IGNORE for label in e.labels[shared + 1 :]) for e in examples]
     return torch.stack([-part.sum() for part in losses.split(counts)])
