@@ -173,3 +173,46 @@ def merged(settings, name):
     if name not in _merged:
         _merged[name] = models.load(name, settings, dtype="float32")
     return _merged[name]
+
+
+@needs_llama
+def test_llama_cpp_serves_gguf_lora_adapters_on_one_base_as_the_merged_versions_answer(lora_home, varied_model_dir):
+    """Over the base's f32 GGUF, each GGUF adapter answers as its merged version's f32 GGUF alone, its
+    requests decoded in a llama_decode of their own each step (mixed with the other adapter's and the base's)."""
+    import gguf
+
+    from forja.engine.llamacpp import LlamaCppEngine
+    from forja.export import export_gguf
+    from forja.export_lora import served_lora_gguf
+
+    settings, base = lora_home, str(varied_model_dir)
+    lora = served_lora_gguf(settings, "panadero")
+    reader = gguf.GGUFReader(str(lora))
+    assert bytes(reader.get_field("general.type").parts[-1]) == b"adapter"
+    assert {t.name for t in reader.tensors} >= {"blk.0.attn_q.weight.lora_a", "blk.1.ffn_down.weight.lora_b"}
+    tokenizer = models.load_tokenizer(base, settings)
+    expected = {}
+    for name in ("panadero", "soporte", base):
+        engine = LlamaCppEngine(export_gguf(settings, name, "f32"), tokenizer, name=name, max_batch_size=1,
+                                kv_tokens=1024)
+        try:
+            expected[name] = {p: asyncio.run(greedy(engine, p)) for p in PROMPTS}
+        finally:
+            engine.close()
+    assert expected["panadero"] != expected["soporte"] != expected[base]
+    host = LlamaCppEngine(export_gguf(settings, base, "f32"), tokenizer, name=base, max_batch_size=8, kv_tokens=4096)
+    try:
+        views = {name: adapter_engine(host, name, settings) for name in ("panadero", "soporte")}
+        engines = {**views, base: host}
+        order = [(name, p) for p in PROMPTS for name in engines]
+        decodes = host.decodes
+        answers = mixed([(engines[name], p) for name, p in order])
+        assert host.max_rows_seen >= 3
+        assert host.decodes - decodes > 24  # more decodes than steps: one per adapter
+    finally:
+        host.close()
+    agreement = {name: sum(text == expected[name][p] for (n, p), text in zip(order, answers) if n == name)
+                 for name in engines}
+    print("greedy agreement of GGUF adapters with the merged GGUFs (of 6 prompts, 24 tokens):", agreement)
+    assert all(count >= len(PROMPTS) - 1 for count in agreement.values()), agreement
+    assert agreement[base] == len(PROMPTS)  # the base's rows never see an adapter
