@@ -133,9 +133,10 @@ def chat(server, model, prompt, tokens=16):
     return response.json()["choices"][0]["message"]["content"]
 
 
-@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("backend,share", [("pytorch", True), ("pytorch", False),
+                                           pytest.param("llamacpp", True, marks=needs_llama)])
 def test_the_server_serves_two_lora_personas_on_the_base_it_loaded_unless_told_not_to(
-        lora_home, varied_model_dir, start_server, share):
+        lora_home, varied_model_dir, start_server, backend, share):
     from concurrent.futures import ThreadPoolExecutor
 
     from forja.serve.app import create_app
@@ -143,7 +144,7 @@ def test_the_server_serves_two_lora_personas_on_the_base_it_loaded_unless_told_n
     base = str(varied_model_dir)
     personas = [{"name": f"{name}-bot", "model": name, "system": SYSTEM} for name in ("panadero", "soporte")]
     settings = load_settings(home=lora_home.home, model=base, dtype="float32", serve={
-        "backend": "pytorch", "share_base": share, "personas": personas,
+        "backend": backend, "share_base": share, "personas": personas, "gguf_quant": "f16",
         "pack_weights": False})  # as answer_alone: packing rounds differently, and this random model has near-ties
     server = start_server(create_app(settings, base))
     try:
@@ -155,6 +156,10 @@ def test_the_server_serves_two_lora_personas_on_the_base_it_loaded_unless_told_n
         if share:
             assert all(isinstance(e, AdapterEngine) and e.host is state.engines[base] for e in engines.values())
             assert set(state.engines[base].adapters) == {"panadero", "soporte"}
+            assert state.engines[base].backend == backend
+            if backend == "llamacpp":  # f16 base, f32 adapters: measured agreement is the GGUF test's business
+                assert len(set(answers)) > 1 and all(answers)
+                return
         else:
             assert all(isinstance(e, PyTorchEngine) and e is not state.engines[base] for e in engines.values())
         penalty = settings.generate.frequency_penalty  # what the request path applies by default
@@ -216,3 +221,11 @@ def test_llama_cpp_serves_gguf_lora_adapters_on_one_base_as_the_merged_versions_
     print("greedy agreement of GGUF adapters with the merged GGUFs (of 6 prompts, 24 tokens):", agreement)
     assert all(count >= len(PROMPTS) - 1 for count in agreement.values()), agreement
     assert agreement[base] == len(PROMPTS)  # the base's rows never see an adapter
+
+
+def test_only_a_lora_version_is_written_as_a_gguf_adapter(lora_home, varied_model_dir, tmp_path):
+    from forja.export_lora import LoraExportError, export_lora_gguf
+
+    with pytest.raises(LoraExportError, match="not a trained LoRA version"):
+        export_lora_gguf(lora_home, str(varied_model_dir), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.part").exists()
