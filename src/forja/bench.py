@@ -164,8 +164,9 @@ def _train_assistants(settings: Any, model: str, count: int, steps: int, log: An
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                          {"role": "assistant", "content": answer}]}) + "\n"
                                 for q in ADAPTER_QUESTIONS), encoding="utf-8")
+        # a few plain steps: what is measured is serving them, not how well they learned
         hyper = TrainSettings(method="lora", max_steps=steps, learning_rate=1e-3, eval_every=None,
-                              checkpoint_every=None)
+                              checkpoint_every=None, stop_when_learned=False, faq_retrieval=False)
         train(settings, new_run(settings, [data], name, model, hyper), progress=False)
         names.append(name)
     return names
@@ -188,10 +189,8 @@ def _adapter_figures(home: Path, names: list[str], backend: str, clients: int, m
             if label != "one_merged":
                 log(f"{backend} {label}: {clients} streams over {len(served)} assistants, then all to one, "
                     f"{ROUNDS} rounds each ...")
-                entry["mixed"] = _concurrent_figures([_mixed_round(url, mixed, prompts, max_tokens)
-                                                      for _ in range(ROUNDS)])
-                entry["one"] = _concurrent_figures([_mixed_round(url, [names[0]] * clients, prompts, max_tokens)
-                                                    for _ in range(ROUNDS)])
+                entry["mixed"] = _rounds_with_cpu(process.pid, url, mixed, prompts, max_tokens)
+                entry["one"] = _rounds_with_cpu(process.pid, url, [names[0]] * clients, prompts, max_tokens)
                 entry["rss_after_mib"] = _rss_mib(process.pid)
             figures[label] = entry
     one = figures["one_merged"]["rss_mib"]
@@ -200,7 +199,25 @@ def _adapter_figures(home: Path, names: list[str], backend: str, clients: int, m
     shared = figures["all_shared"]
     figures["ratio_mixed_to_one_assistant"] = round(shared["mixed"]["aggregate_tokens_per_s"]
                                                     / max(shared["one"]["aggregate_tokens_per_s"], 1e-9), 2)
+    figures["cpu_ratio_mixed_to_one_assistant"] = round(shared["mixed"]["cpu_ms_per_token"]
+                                                        / max(shared["one"]["cpu_ms_per_token"], 1e-9), 2)
     return figures
+
+
+def _rounds_with_cpu(pid: int, url: str, models: list[str], prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """ROUNDS mixed rounds: the concurrent figures, and the server's CPU time per generated token over all of
+    them (on a machine other processes share, wall-clock rates are noise; CPU time mostly is not)."""
+    before = _cpu_seconds(pid)
+    rounds = [_mixed_round(url, models, prompts, max_tokens) for _ in range(ROUNDS)]
+    spent = _cpu_seconds(pid) - before
+    tokens = sum(a["tokens"] for answers, _ in rounds for a in answers if _answered(a))
+    return {**_concurrent_figures(rounds), "cpu_ms_per_token": round(1000 * spent / max(tokens, 1), 2)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _mixed_round(url: str, models: list[str], prompts: list[str], max_tokens: int) -> tuple[list[Any], float]:
@@ -237,13 +254,16 @@ def render_adapters(results: dict[str, Any]) -> str:
             (f"{backend}: RSS, {k} assistants merged", f"{merged['rss_mib']:.0f} MiB",
              f"{f['ratio_merged_to_one']:.2f}x one (serve.share_base: false)"),
             (f"  shared: {n} streams mixed over {k} assistants", f"{shared['mixed']['aggregate_tokens_per_s']:.1f} tokens/s",
-             f"{shared['mixed']['errors']} errors; median of {_runs(shared['mixed']['rounds_tokens_per_s'])}"),
+             f"{shared['mixed']['cpu_ms_per_token']:.1f} CPU ms/token; {shared['mixed']['errors']} errors; "
+             f"median of {_runs(shared['mixed']['rounds_tokens_per_s'])}"),
             (f"  shared: {n} streams to one assistant", f"{shared['one']['aggregate_tokens_per_s']:.1f} tokens/s",
-             f"median of {_runs(shared['one']['rounds_tokens_per_s'])}"),
+             f"{shared['one']['cpu_ms_per_token']:.1f} CPU ms/token; median of {_runs(shared['one']['rounds_tokens_per_s'])}"),
             ("  mixed / one assistant", f"{f['ratio_mixed_to_one_assistant']:.2f}x",
-             "PyTorch: one batch for all; llama.cpp: one llama_decode per adapter per step"),
+             f"CPU per token {f['cpu_ratio_mixed_to_one_assistant']:.2f}x; PyTorch: one batch for all, llama.cpp: "
+             "one llama_decode per adapter per step"),
             (f"  merged: {n} streams mixed over {k} assistants", f"{merged['mixed']['aggregate_tokens_per_s']:.1f} tokens/s",
-             f"{merged['mixed']['errors']} errors; one engine per assistant"),
+             f"{merged['mixed']['cpu_ms_per_token']:.1f} CPU ms/token; {merged['mixed']['errors']} errors; "
+             "one engine per assistant"),
         ]
     width = max(len(r[0]) for r in rows)
     head = (f"forja bench serve --adapters {k}: {results['model']}, {k} LoRA versions trained {results['train_steps']} "

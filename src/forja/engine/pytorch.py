@@ -90,6 +90,7 @@ class PyTorchEngine(Scheduler):
         self._valid: torch.Tensor | None = None  # [rows, columns] which cache columns hold a real token
         self.prefixes = PrefixCache(prefix_tokens)
         self.model = loaded.model  # what a forward calls: the PeftModel around it once an adapter is added
+        self._peft_state: str | None = MIXED  # what PEFT's layers are set to (`_switch`)
         super().__init__(loaded.tokenizer, loaded.eos_token_ids, loaded.context_length, loaded.model.device,
                          name=name or loaded.ref.name, max_batch_size=max_batch_size, max_queue=max_queue)
 
@@ -99,31 +100,57 @@ class PyTorchEngine(Scheduler):
     def add_adapter(self, name: str, path: Any) -> None:
         """Load a trained LoRA version's adapter (its directory) onto this engine's base, between two steps.
         PEFT wraps the adapter's target layers; those the engine had packed for oneDNN are unpacked first
-        (PEFT wraps plain `nn.Linear`s only), the others stay packed."""
+        (PEFT wraps plain `nn.Linear`s only) and packed again inside PEFT's wrapper, where only its forward
+        calls them (the base's product stays oneDNN's; the adapter's two thin ones are added to it)."""
         from peft import PeftModel
 
         if name in self.adapters:
             return
         targets = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
         with self._model_lock:
-            if self.packed_linears:
-                self.packed_linears -= _unpack_targets(self.loaded.model, targets)
+            packed = bool(self.packed_linears)
+            if packed:
+                _unpack_targets(self.loaded.model, targets)
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             else:
                 self.model = PeftModel.from_pretrained(self.loaded.model, str(path), adapter_name=name,
                                                        is_trainable=False)
             self.model.eval()
+            if packed:
+                self.packed_linears = _pack_wrapped(self.loaded.model, self.max_batch_size)
+            self._peft_state = MIXED  # loading may change the active adapter: set it again before the next forward
+            self._switch(None)
             self.adapters[name] = path
 
     def _forward(self, adapters: list[str | None], **inputs: Any) -> Any:
-        """The model's forward over rows whose adapters are `adapters` (one per row): once the engine has
-        adapters each row names its own, "__base__" for the plain base (PEFT's mixed batch)."""
-        if self.adapters:
+        """The model's forward over rows whose adapters are `adapters` (one per row). Rows of several
+        adapters: each row names its own, "__base__" for the plain base (PEFT's mixed batch, which splits
+        every LoRA layer's input by adapter). Rows of one: that adapter alone is switched on (or all off,
+        for the base), no split (measured: a mixed batch of one adapter costs more than the adapter alone)."""
+        if not self.adapters:
+            if any(adapters):
+                raise GenerationError(f"the engine for {self.name} has no adapters")
+            return self.model(**inputs)
+        distinct = set(adapters)
+        self._switch(next(iter(distinct)) if len(distinct) == 1 else MIXED)
+        if len(distinct) > 1:
             inputs["adapter_names"] = [adapter or BASE_ADAPTER for adapter in adapters]
-        elif any(adapters):
-            raise GenerationError(f"the engine for {self.name} has no adapters")
         return self.model(**inputs)
+
+    def _switch(self, state: str | None) -> None:
+        """Set PEFT's layers for the next forward: one adapter on (a name), all off (None) or all on for a
+        mixed batch (MIXED); only when it changes (each switch visits every layer)."""
+        if state == self._peft_state:
+            return
+        if state is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            if self._peft_state is None:
+                self.model.base_model.enable_adapter_layers()
+            if state != MIXED:
+                self.model.base_model.set_adapter(state, inference_mode=True)
+        self._peft_state = state
 
     def _admit(self, group: list[Sequence]) -> None:
         """Prefill new requests (after the prefix they share with earlier prompts, when one is cached),
@@ -264,6 +291,7 @@ class PyTorchEngine(Scheduler):
 
 MIN_PREFIX = 16  # shared tokens worth caching
 BASE_ADAPTER = "__base__"  # PEFT's name, in a mixed batch, for rows that use no adapter
+MIXED = "\0mixed"  # `_switch` state: every adapter on, each row naming its own (never a version name)
 
 
 def _unpack_targets(model: Any, targets: Any) -> int:
@@ -284,6 +312,17 @@ def _unpack_targets(model: Any, targets: Any) -> int:
                 setattr(parent, name, child.unpacked())
                 count += 1
     return count
+
+
+def _pack_wrapped(model: Any, rows: int) -> int:
+    """Pack the plain `nn.Linear` inside each of PEFT's LoRA layers (its `base_layer`); returns how many
+    layers of the model are packed now, wrapped or not."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and type(module.base_layer) is torch.nn.Linear:
+            module.base_layer = PackedLinear(module.base_layer, rows)
+    return sum(isinstance(module, PackedLinear) for module in model.modules())
 
 
 @dataclass(eq=False)  # one entry is itself: the same ids may be cached under two adapters
