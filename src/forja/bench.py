@@ -90,6 +90,14 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
 @contextmanager
 def forja_server(model: str, backend: str, env: dict[str, str] | None = None, log: Any = print) -> Iterator[str]:
     """A `forja serve --model MODEL --backend BACKEND` subprocess on a free port, ready: its URL; stopped after."""
+    with forja_server_process(model, backend, env, log) as (url, _):
+        yield url
+
+
+@contextmanager
+def forja_server_process(model: str, backend: str, env: dict[str, str] | None = None,
+                         log: Any = print) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As forja_server, with the process too (its memory is read from /proc)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log(f"starting forja serve --backend {backend} on {url} ...")
@@ -98,9 +106,169 @@ def forja_server(model: str, backend: str, env: dict[str, str] | None = None, lo
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     try:
         _wait_ready(url, server)
-        yield url
+        yield url, server
     finally:
         stop(server)
+
+
+# ------------------------------------------------------------------------------------------------
+# `forja bench serve --adapters N`: several LoRA assistants of one base on one server
+
+ADAPTER_ANSWERS = ["Abrimos de lunes a sábado, de 7 a 14 h.", "Reinicie el router y espere dos minutos.",
+                   "El envío tarda de dos a tres días laborables.", "Puede pagar con tarjeta o en efectivo.",
+                   "La garantía cubre dos años desde la compra.", "Escríbanos a la dirección de soporte."]
+ADAPTER_QUESTIONS = ["¿Cuál es el horario?", "No funciona, ¿qué hago?", "¿Cuánto tarda?"]
+
+
+def adapters_benchmark(settings: Any, model: str | None = None, *, adapters: int = 3, clients: int = 6,
+                       max_tokens: int = 32, backends: list[str] | None = None, train_steps: int = 3,
+                       log: Any = print) -> dict[str, Any]:
+    """Train `adapters` tiny LoRA versions of `model` (a few steps each, in a temporary FORJA_HOME) and serve
+    them: the resident memory (RSS) of a server answering all of them as adapters on one base (serve.share_base)
+    against a server answering one of them (merged, as a model of its own) and against all of them merged;
+    and the aggregate tokens/s of `clients` streams sent together, spread over every assistant vs all to one."""
+    import tempfile
+
+    from forja.engine import llamacpp
+
+    model = model or settings.model
+    backends = backends or (["llamacpp", "pytorch"] if llamacpp.available() else ["pytorch"])
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"model": model, "adapters": adapters, "clients": clients, "max_tokens": max_tokens,
+                               "train_steps": train_steps, "backends": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-adapters-", dir=settings.cache_dir) as tmp:
+        home = Path(tmp)
+        converted = settings.models_dir / "converted"  # the bundled model's HF copy: converted once, shared
+        converted.mkdir(parents=True, exist_ok=True)
+        (home / "models").mkdir()
+        (home / "models" / "converted").symlink_to(converted)
+        bench = settings.model_copy(update={"home": home})
+        names = _train_assistants(bench, model, adapters, train_steps, log)
+        results["versions"] = names
+        for backend in backends:
+            results["backends"][backend] = _adapter_figures(home, names, backend, clients, max_tokens, log)
+    return results
+
+
+def _train_assistants(settings: Any, model: str, count: int, steps: int, log: Any) -> list[str]:
+    """`count` LoRA versions of `model`, each trained `steps` steps on its own answers."""
+    from forja.config import TrainSettings
+    from forja.train import new_run, train
+
+    names = []
+    for index in range(count):
+        name = f"bench-assistant-{index + 1}"
+        log(f"training {name} ({steps} LoRA steps on {model}) ...")
+        data = settings.home / f"{name}.jsonl"
+        answer = ADAPTER_ANSWERS[index % len(ADAPTER_ANSWERS)]
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": answer}]}) + "\n"
+                                for q in ADAPTER_QUESTIONS), encoding="utf-8")
+        # a few plain steps: what is measured is serving them, not how well they learned
+        hyper = TrainSettings(method="lora", max_steps=steps, learning_rate=1e-3, eval_every=None,
+                              checkpoint_every=None, stop_when_learned=False, faq_retrieval=False)
+        train(settings, new_run(settings, [data], name, model, hyper), progress=False)
+        names.append(name)
+    return names
+
+
+def _adapter_figures(home: Path, names: list[str], backend: str, clients: int, max_tokens: int,
+                     log: Any) -> dict[str, Any]:
+    """Three servers on one backend: one assistant merged; every assistant shared on one base; every assistant
+    merged. RSS once each assistant has answered; throughput of streams mixed over the assistants vs to one."""
+    prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+    mixed = [names[i % len(names)] for i in range(clients)]
+    figures: dict[str, Any] = {}
+    for label, share, served in (("one_merged", False, names[:1]), ("all_shared", True, names),
+                                 ("all_merged", False, names)):
+        env = {"FORJA_HOME": str(home), "FORJA_SERVE__SHARE_BASE": "true" if share else "false"}
+        with forja_server_process(names[0], backend, env, log) as (url, process):
+            for name in served:  # loads each assistant (as an adapter, or a model of its own) and warms it
+                asyncio.run(_stream(url, name, prompts[0], 4))
+            entry: dict[str, Any] = {"assistants": len(served), "rss_mib": _rss_mib(process.pid)}
+            if label != "one_merged":
+                log(f"{backend} {label}: {clients} streams over {len(served)} assistants, then all to one, "
+                    f"{ROUNDS} rounds each ...")
+                entry["mixed"] = _rounds_with_cpu(process.pid, url, mixed, prompts, max_tokens)
+                entry["one"] = _rounds_with_cpu(process.pid, url, [names[0]] * clients, prompts, max_tokens)
+                entry["rss_after_mib"] = _rss_mib(process.pid)
+            figures[label] = entry
+    one = figures["one_merged"]["rss_mib"]
+    figures["ratio_shared_to_one"] = round(figures["all_shared"]["rss_mib"] / one, 2)
+    figures["ratio_merged_to_one"] = round(figures["all_merged"]["rss_mib"] / one, 2)
+    shared = figures["all_shared"]
+    figures["ratio_mixed_to_one_assistant"] = round(shared["mixed"]["aggregate_tokens_per_s"]
+                                                    / max(shared["one"]["aggregate_tokens_per_s"], 1e-9), 2)
+    figures["cpu_ratio_mixed_to_one_assistant"] = round(shared["mixed"]["cpu_ms_per_token"]
+                                                        / max(shared["one"]["cpu_ms_per_token"], 1e-9), 2)
+    return figures
+
+
+def _rounds_with_cpu(pid: int, url: str, models: list[str], prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """ROUNDS mixed rounds: the concurrent figures, and the server's CPU time per generated token over all of
+    them (on a machine other processes share, wall-clock rates are noise; CPU time mostly is not)."""
+    before = _cpu_seconds(pid)
+    rounds = [_mixed_round(url, models, prompts, max_tokens) for _ in range(ROUNDS)]
+    spent = _cpu_seconds(pid) - before
+    tokens = sum(a["tokens"] for answers, _ in rounds for a in answers if _answered(a))
+    return {**_concurrent_figures(rounds), "cpu_ms_per_token": round(1000 * spent / max(tokens, 1), 2)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _mixed_round(url: str, models: list[str], prompts: list[str], max_tokens: int) -> tuple[list[Any], float]:
+    """Prompt i streamed to models[i], all at once over one client: the answers and the wall time."""
+    import httpx
+
+    async def together() -> tuple[list[Any], float]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
+            begin = time.perf_counter()
+            answers = await asyncio.gather(*[_stream(url, m, p, max_tokens, http) for m, p in zip(models, prompts)],
+                                           return_exceptions=True)
+            return answers, time.perf_counter() - begin
+
+    return asyncio.run(together())
+
+
+def _rss_mib(pid: int) -> float:
+    """A process's resident memory (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def render_adapters(results: dict[str, Any]) -> str:
+    n, k = results["clients"], results["adapters"]
+    rows: list[tuple[str, str, str]] = []
+    for backend, f in results["backends"].items():
+        one, shared, merged = f["one_merged"], f["all_shared"], f["all_merged"]
+        rows += [
+            (f"{backend}: RSS, 1 assistant (merged, alone)", f"{one['rss_mib']:.0f} MiB", ""),
+            (f"{backend}: RSS, {k} assistants sharing the base", f"{shared['rss_mib']:.0f} MiB",
+             f"{f['ratio_shared_to_one']:.2f}x one (target <= 1.3x); {shared['rss_after_mib']:.0f} MiB after the runs"),
+            (f"{backend}: RSS, {k} assistants merged", f"{merged['rss_mib']:.0f} MiB",
+             f"{f['ratio_merged_to_one']:.2f}x one (serve.share_base: false)"),
+            (f"  shared: {n} streams mixed over {k} assistants", f"{shared['mixed']['aggregate_tokens_per_s']:.1f} tokens/s",
+             f"{shared['mixed']['cpu_ms_per_token']:.1f} CPU ms/token; {shared['mixed']['errors']} errors; "
+             f"median of {_runs(shared['mixed']['rounds_tokens_per_s'])}"),
+            (f"  shared: {n} streams to one assistant", f"{shared['one']['aggregate_tokens_per_s']:.1f} tokens/s",
+             f"{shared['one']['cpu_ms_per_token']:.1f} CPU ms/token; median of {_runs(shared['one']['rounds_tokens_per_s'])}"),
+            ("  mixed / one assistant", f"{f['ratio_mixed_to_one_assistant']:.2f}x",
+             f"CPU per token {f['cpu_ratio_mixed_to_one_assistant']:.2f}x; PyTorch: one batch for all, llama.cpp: "
+             "one llama_decode per adapter per step"),
+            (f"  merged: {n} streams mixed over {k} assistants", f"{merged['mixed']['aggregate_tokens_per_s']:.1f} tokens/s",
+             f"{merged['mixed']['cpu_ms_per_token']:.1f} CPU ms/token; {merged['mixed']['errors']} errors; "
+             "one engine per assistant"),
+        ]
+    width = max(len(r[0]) for r in rows)
+    head = (f"forja bench serve --adapters {k}: {results['model']}, {k} LoRA versions trained {results['train_steps']} "
+            f"steps each, {results['max_tokens']} new tokens per answer, greedy")
+    return "\n".join([head] + [f"{a:<{width}}  {b:<16} {c}".rstrip() for a, b, c in rows])
 
 
 def upstream_benchmark(upstream_url: str, *, model: str = "upstream", clients: int = 4, max_tokens: int = 64,

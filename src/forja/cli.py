@@ -1391,13 +1391,21 @@ def bench_serve(
     backend: BenchBackendsOpt = None,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     reference_server: Annotated[Optional[Path], typer.Option(help="A llama-server binary: also measure llama.cpp's own server on the same GGUF (-np CLIENTS) and show it side by side.")] = None,
+    adapters: Annotated[int, typer.Option(help="Instead: train this many tiny LoRA versions of the model and measure a server answering them all on one base (RSS vs one assistant; streams mixed over them vs to one).", min=0)] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Start the server on a model per backend; measure one stream, then concurrent streams (tokens/s, TTFT, latency)."""
-    from forja.bench import render_serve, serve_benchmark
+    from forja.bench import adapters_benchmark, render_adapters, render_serve, serve_benchmark
 
     settings = settings_from(config, model=model)
     check_bench_backends(backend)
+    if adapters:
+        figures = adapters_benchmark(settings, settings.model, adapters=adapters, clients=clients, max_tokens=max_tokens,
+                                     backends=backend, log=lambda line: typer.echo(line, err=True))
+        typer.echo(render_adapters(figures))
+        if as_json:
+            as_json.write_text(json.dumps(figures, indent=2))
+        return
     if reference_server and not (reference_server.is_file() and os.access(reference_server, os.X_OK)):
         raise ConfigError(f"--reference-server {reference_server} is not an executable file "
                           "(the path of a llama-server binary built from llama.cpp)")

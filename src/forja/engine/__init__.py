@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -217,6 +218,79 @@ def make_engine(model: str, settings: "Settings", *, backend: str | None = None,
 
     return PyTorchEngine(models.load(model, settings, dtype=dtype), max_batch_size=batch, max_queue=queue, name=model,
                          pack=serve.pack_weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA versions served as adapters on one loaded base
+
+
+def shared_base(model: str, settings: "Settings") -> str | None:
+    """The base `model` is served on as a LoRA adapter (serve.share_base), or None when it is not a LoRA
+    version, names no base, or is an adapter PEFT's mixed batches and llama.cpp cannot take as such
+    (modules_to_save, DoRA, a base that is itself a LoRA version): those are merged and loaded alone."""
+    from forja import models
+
+    if not settings.serve.share_base or pick_backend(settings) == "openai":
+        return None
+    directory = models.version_dir(settings, model)
+    if directory is None or not (directory / "adapter_config.json").is_file():
+        return None
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        base = models.read_version(directory).get("base")
+    except (OSError, ValueError, models.ModelError):
+        return None
+    if (not base or config.get("peft_type", "LORA") != "LORA" or config.get("modules_to_save")
+            or config.get("use_dora")):
+        return None
+    base_dir = models.version_dir(settings, base)
+    if base_dir is not None and (base_dir / "adapter_config.json").is_file():
+        return None
+    return base
+
+
+class AdapterEngine(Engine):
+    """A LoRA version served on another engine's model (`host`): its requests decode there with the adapter
+    `name`, in the same batches as the base's and the other adapters' requests. Prompts are rendered with
+    the version's own tokenizer (its chat template); closing it leaves the host running."""
+
+    def __init__(self, host: Any, name: str, tokenizer: Any):
+        self.host, self.name, self.tokenizer = host, name, tokenizer
+        self.backend = host.backend
+        self.context_length = host.context_length
+        self.eos_token_ids = host.eos_token_ids
+
+    @property
+    def load(self) -> dict[str, int]:
+        return self.host.load_of(self.name)
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        from forja.engine.scheduler import prompt_ids
+
+        return prompt_ids(self.tokenizer, prompt)
+
+    def submit(self, prompt: Prompt, params: SamplingParams) -> Stream:
+        return self.host.submit(self.tokenize(prompt), params, adapter=self.name)
+
+
+def adapter_engine(host: Engine, model: str, settings: "Settings") -> AdapterEngine:
+    """`model` (a LoRA version whose base `host` runs) as an adapter on `host`: PyTorch loads the PEFT adapter,
+    llama.cpp a GGUF LoRA adapter written from it once (cached). Raises ForjaError when it cannot."""
+    from forja import models
+
+    directory = models.version_dir(settings, model)
+    if directory is None or not hasattr(host, "add_adapter"):
+        raise ForjaError(f"{model} cannot be served as an adapter on {host.name}")
+    tokenizer = models.load_tokenizer(model, settings)
+    if len(tokenizer) != len(host.tokenizer):
+        raise ForjaError(f"{model}'s tokenizer has {len(tokenizer)} tokens, its base's {len(host.tokenizer)}")
+    if host.backend == "llamacpp":
+        from forja.export_lora import served_lora_gguf
+
+        host.add_adapter(model, served_lora_gguf(settings, model))
+    else:
+        host.add_adapter(model, directory)
+    return AdapterEngine(host, model, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ keeps each slot's last prompt the same way). Requests admitted together are pref
 together, the way llama.cpp's own server does: their tokens are packed into llama_batches of up to
 PREFILL_BATCH tokens, a token that several prompts share (same position, same tokens before it) is one
 row for all their sequences, and only each prompt's last token asks for logits.
+
+LoRA versions of the engine's base are GGUF LoRA adapters on its one copy of the weights (`add_adapter`).
+llama.cpp applies an adapter to the whole context, so a step decodes each adapter's requests in a
+llama_decode of their own, with that adapter set before it (PyTorch batches them in one); a cached prefix
+and a finished request's cells serve only prompts of the adapter that computed them.
 """
 
 from __future__ import annotations
@@ -125,6 +130,10 @@ class LlamaCppEngine(Scheduler):
         self._prefix: list[int] = []  # the tokens whose KV the prefix sequence holds
         self.prefix_hits = 0  # prompt tokens not recomputed (cached prefix or a finished request's cells), for tests
         self._reserved = 0  # KV cells promised to admitted requests (prompt + max_new_tokens each)
+        self._kept_adapter: dict[int, str | None] = {}  # a kept slot -> the adapter its cells were computed with
+        self._prefix_adapter: str | None = None  # the adapter the prefix sequence's cells were computed with
+        self._adapter_set: str | None = None  # the adapter set on the context now
+        self.decodes = 0  # llama_decode calls, for tests
         super().__init__(tokenizer, eos, context, "cpu", name=name, max_batch_size=max_batch_size, max_queue=max_queue)
 
     # ---------------------------------------------------------------- the Scheduler's hooks
@@ -146,9 +155,36 @@ class LlamaCppEngine(Scheduler):
             self._drop_prefix()
         return used() <= self.kv_tokens
 
+    def add_adapter(self, name: str, path: Any) -> None:
+        """Load a GGUF LoRA adapter (forja.export_lora writes one from a version) as `name`, between two steps."""
+        if name in self.adapters:
+            return
+        with self._model_lock:
+            adapter = self.llama.llama_adapter_lora_init(self._model, str(path).encode())
+            if not adapter:
+                raise GenerationError(f"llama.cpp cannot load the LoRA adapter {path} on {self.path}")
+            self.adapters[name] = adapter
+
+    def _use_adapter(self, name: str | None) -> None:
+        """Set the context's adapter to `name` (None: the plain base) before a llama_decode."""
+        if name == self._adapter_set:
+            return
+        if name is None:
+            status = self.llama.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            adapters = (self.llama.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
+            status = self.llama.llama_set_adapters_lora(self._ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if status != 0:
+            raise GenerationError(f"llama.cpp cannot set the LoRA adapter {name} (status {status})")
+        self._adapter_set = name
+
     def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
-        """All admitted requests in one group: llama.cpp packs prompts of any lengths without padding."""
-        return [admitted] if admitted else []
+        """The admitted requests of each adapter in one group: llama.cpp packs prompts of any lengths without
+        padding, and an adapter applies to a whole llama_decode."""
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in admitted:
+            groups.setdefault(seq.adapter, []).append(seq)
+        return list(groups.values())
 
     def _admit(self, group: list[Sequence]) -> None:
         for seq in group:
@@ -158,9 +194,13 @@ class LlamaCppEngine(Scheduler):
         if not group:
             return
         prompts = [seq.prompt_ids for seq in group]
+        adapter = group[0].adapter  # one adapter per group (_prefill_groups)
+        if self._prefix and self._prefix_adapter != adapter:
+            self._drop_prefix()  # another adapter's keys and values: of no use to these prompts
+        self._prefix_adapter = adapter
         starts = []
         for seq in group:
-            seq.extra["slot"], start = self._take_slot(seq.prompt_ids)
+            seq.extra["slot"], start = self._take_slot(seq.prompt_ids, adapter)
             seq.extra["cells"] = len(seq.prompt_ids) + seq.params.max_new_tokens
             seq.extra["tokens"] = list(seq.prompt_ids)  # what its cells hold, once prefilled
             self._reserved += seq.extra["cells"]
@@ -181,7 +221,9 @@ class LlamaCppEngine(Scheduler):
         for seq, r in zip(group, last_rows):
             rows[r].logits = True
             ending.setdefault(r, []).append(seq)
-        running = [seq for seq in self._active if not seq.done]
+        adapter = group[0].adapter
+        # requests already running with the same adapter share the prefill's decodes; the others step after
+        running = [seq for seq in self._active if not seq.done and seq.adapter == adapter]
         waiting = list(group)
         position = 0
         while position < len(rows):
@@ -194,6 +236,7 @@ class LlamaCppEngine(Scheduler):
                 position += 1
             if not batch and not stepping:
                 break
+            self._use_adapter(adapter)
             self._decode(stepping + [rows[r] for r in batch])
             for index, seq in enumerate(running):
                 seq.length += 1
@@ -222,7 +265,11 @@ class LlamaCppEngine(Scheduler):
             self._forget(seq)
 
     def _step(self) -> None:
+        if any(seq.adapter != self._active[0].adapter for seq in self._active):
+            self._step_by_adapter()
+            return
         rows = [self._step_row(seq) for seq in self._active]
+        self._use_adapter(self._active[0].adapter)
         self._decode(rows)
         if all(seq.sampler.plain for seq in self._active):  # greedy: argmax in place, no copies
             tokens = [int(self._logits(i).argmax()) for i in range(len(rows))]
@@ -232,6 +279,23 @@ class LlamaCppEngine(Scheduler):
         for seq, token in zip(self._active, tokens):
             seq.length += 1
             self._accept(seq, token)
+
+    def _step_by_adapter(self) -> None:
+        """One step of requests with different adapters: one llama_decode per adapter, each row's token
+        picked from its logits before the next decode overwrites them."""
+        tokens: dict[int, int | None] = {}
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in self._active:
+            groups.setdefault(seq.adapter, []).append(seq)
+        for adapter, members in groups.items():
+            self._use_adapter(adapter)
+            self._decode([self._step_row(seq) for seq in members])
+            for index, seq in enumerate(members):
+                tokens[id(seq)] = self._pick_logits(seq, self._logits(index))
+        self.steps += 1
+        for seq in list(self._active):
+            seq.length += 1
+            self._accept(seq, tokens[id(seq)])
 
     def _step_row(self, seq: Sequence) -> Row:
         """The row that feeds a running request's last sampled token."""
@@ -250,28 +314,36 @@ class LlamaCppEngine(Scheduler):
         self._prefix = []
         self._free_slots = list(range(self.max_batch_size))
         self._kept = {}
+        self._kept_adapter = {}
         self._reserved = 0
         self.llama.llama_memory_clear(self._memory, True)
 
     def _shutdown(self) -> None:
+        for adapter in self.adapters.values():
+            self.llama.llama_adapter_lora_free(adapter)
         self.llama.llama_batch_free(self._batch)
         self.llama.llama_free(self._ctx)
         self.llama.llama_model_free(self._model)
 
     # ---------------------------------------------------------------- the shared prompt prefix
 
-    def _take_slot(self, ids: list[int]) -> tuple[int, int]:
+    def _take_slot(self, ids: list[int], adapter: str | None = None) -> tuple[int, int]:
         """A free slot for a prompt, and how many of its leading tokens that slot already holds: the free slot
         whose finished request shares the most of them (a conversation's previous turn, the same prompt again),
         cut back to what it shares, when that beats the cached prefix; else an empty slot (the least recently
-        freed one if none is empty) with the cached prefix copied in."""
+        freed one if none is empty) with the cached prefix copied in. Only cells `adapter` computed are reused."""
         head = ids[: len(ids) - 1]  # at least one token is left to prefill: its logits give the first token
-        best = max(self._free_slots, key=lambda slot: common_prefix(head, self._kept.get(slot, ())))
-        reused = common_prefix(head, self._kept.get(best, ()))
+
+        def kept(slot: int) -> Any:
+            return self._kept.get(slot, ()) if self._kept_adapter.get(slot) == adapter else ()
+
+        best = max(self._free_slots, key=lambda slot: common_prefix(head, kept(slot)))
+        reused = common_prefix(head, kept(best))
         shared = self._shared_prefix(ids)
         if reused >= max(shared, MIN_SHARED_PREFIX):
             self._free_slots.remove(best)
             del self._kept[best]
+            self._kept_adapter.pop(best, None)
             self.llama.llama_memory_seq_rm(self._memory, best, reused, -1)
             return best, reused
         slot = next((slot for slot in self._free_slots if slot not in self._kept), self._free_slots[0])
@@ -328,13 +400,16 @@ class LlamaCppEngine(Scheduler):
             tokens = seq.extra.pop("tokens")[: seq.length]
             if keep_cells and len(tokens) >= MIN_SHARED_PREFIX:
                 self._kept[slot] = tokens
+                self._kept_adapter[slot] = seq.adapter
             else:
                 self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
             self._reserved -= seq.extra.pop("cells", 0)
 
     def _decode(self, rows: list[Row]) -> None:
-        """One llama_decode of `rows`; logits kept for those that ask (read them with `_logits(index)`)."""
+        """One llama_decode of `rows` (with the adapter `_use_adapter` set); logits kept for those that ask
+        (read them with `_logits(index)`)."""
+        self.decodes += 1
         batch = self._batch
         for i, row in enumerate(rows):
             batch.token[i] = row.token

@@ -6,17 +6,24 @@ left, and between a shared prefix and the rest of a prompt) and explicit positio
 positions its own. A request is prefilled alone or with the others admitted at the same time
 (left-padded), on top of the cached keys and values of the prefix it shares with other prompts, then its
 cache rows are padded and concatenated to the batch; a finished row is dropped with index_select.
+
+LoRA versions of the engine's base are served as PEFT adapters on its one copy of the weights
+(`add_adapter`): each row of a decode step names its adapter (PEFT's mixed-batch `adapter_names`), so
+requests for several assistants share every step; prefixes are cached per adapter.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from forja.engine import GenerationError
 from forja.engine.scheduler import Scheduler, Sequence
 from forja.models import LoadedModel, common_prefix
 
@@ -35,6 +42,14 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def unpacked(self) -> torch.nn.Linear:
+        """The plain `nn.Linear` again (the packed layout converts back exactly), for PEFT to wrap."""
+        linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = torch.nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
 
 
 def can_pack(model: Any) -> bool:
@@ -74,11 +89,68 @@ class PyTorchEngine(Scheduler):
         self._cache: Any = None  # the batch DynamicCache, rows in the order of self._active
         self._valid: torch.Tensor | None = None  # [rows, columns] which cache columns hold a real token
         self.prefixes = PrefixCache(prefix_tokens)
+        self.model = loaded.model  # what a forward calls: the PeftModel around it once an adapter is added
+        self._peft_state: str | None = MIXED  # what PEFT's layers are set to (`_switch`)
         super().__init__(loaded.tokenizer, loaded.eos_token_ids, loaded.context_length, loaded.model.device,
                          name=name or loaded.ref.name, max_batch_size=max_batch_size, max_queue=max_queue)
 
     def _reset(self) -> None:
         self._active, self._cache, self._valid = [], None, None
+
+    def add_adapter(self, name: str, path: Any) -> None:
+        """Load a trained LoRA version's adapter (its directory) onto this engine's base, between two steps.
+        PEFT wraps the adapter's target layers; those the engine had packed for oneDNN are unpacked first
+        (PEFT wraps plain `nn.Linear`s only) and packed again inside PEFT's wrapper, where only its forward
+        calls them (the base's product stays oneDNN's; the adapter's two thin ones are added to it)."""
+        from peft import PeftModel
+
+        if name in self.adapters:
+            return
+        targets = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
+        with self._model_lock:
+            packed = bool(self.packed_linears)
+            if packed:
+                _unpack_targets(self.loaded.model, targets)
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.loaded.model, str(path), adapter_name=name,
+                                                       is_trainable=False)
+            self.model.eval()
+            if packed:
+                self.packed_linears = _pack_wrapped(self.loaded.model, self.max_batch_size)
+            self._peft_state = MIXED  # loading may change the active adapter: set it again before the next forward
+            self._switch(None)
+            self.adapters[name] = path
+
+    def _forward(self, adapters: list[str | None], **inputs: Any) -> Any:
+        """The model's forward over rows whose adapters are `adapters` (one per row). Rows of several
+        adapters: each row names its own, "__base__" for the plain base (PEFT's mixed batch, which splits
+        every LoRA layer's input by adapter). Rows of one: that adapter alone is switched on (or all off,
+        for the base), no split (measured: a mixed batch of one adapter costs more than the adapter alone)."""
+        if not self.adapters:
+            if any(adapters):
+                raise GenerationError(f"the engine for {self.name} has no adapters")
+            return self.model(**inputs)
+        distinct = set(adapters)
+        self._switch(next(iter(distinct)) if len(distinct) == 1 else MIXED)
+        if len(distinct) > 1:
+            inputs["adapter_names"] = [adapter or BASE_ADAPTER for adapter in adapters]
+        return self.model(**inputs)
+
+    def _switch(self, state: str | None) -> None:
+        """Set PEFT's layers for the next forward: one adapter on (a name), all off (None) or all on for a
+        mixed batch (MIXED); only when it changes (each switch visits every layer)."""
+        if state == self._peft_state:
+            return
+        if state is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            if self._peft_state is None:
+                self.model.base_model.enable_adapter_layers()
+            if state != MIXED:
+                self.model.base_model.set_adapter(state, inference_mode=True)
+        self._peft_state = state
 
     def _admit(self, group: list[Sequence]) -> None:
         """Prefill new requests (after the prefix they share with earlier prompts, when one is cached),
@@ -86,13 +158,14 @@ class PyTorchEngine(Scheduler):
         for seq in group:
             if seq.stream.cancelled.is_set():
                 self._finish(seq, "cancelled")
-        plans: dict[int, tuple[Prefix | None, int, list[Sequence]]] = {}
+        plans: dict[tuple[str | None, int], tuple[Prefix | None, int, list[Sequence]]] = {}
         for seq in group:
             if seq.done:
                 continue
-            prefix, shared = self.prefixes.lookup(seq.prompt_ids)
-            _, known, members = plans.get(id(prefix), (prefix, shared, []))
-            plans[id(prefix)] = (prefix, min(known, shared), [*members, seq])  # one forward per prefix
+            prefix, shared = self.prefixes.lookup(seq.prompt_ids, seq.adapter)
+            key = (seq.adapter, id(prefix))  # one forward per prefix, and adapter
+            _, known, members = plans.get(key, (prefix, shared, []))
+            plans[key] = (prefix, min(known, shared), [*members, seq])
         for prefix, shared, members in plans.values():
             if prefix is None and len(members) > 1:  # new prompts that start alike: their common part first
                 prefix, shared = self._prefill_common_part(members)
@@ -101,16 +174,16 @@ class PyTorchEngine(Scheduler):
     def _prefill_common_part(self, group: list[Sequence]) -> tuple["Prefix | None", int]:
         """Prefill once, alone, the tokens every prompt of `group` starts with (when at least MIN_PREFIX)
         and cache them: one more (short) forward saves computing them once per prompt."""
-        first = group[0].prompt_ids
+        first, adapter = group[0].prompt_ids, group[0].adapter
         shared = min(min(common_prefix(first, seq.prompt_ids) for seq in group[1:]), *(len(s.prompt_ids) - 1 for s in group))
         if shared < MIN_PREFIX or shared > self.prefixes.max_tokens:
             return None, 0
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        self.loaded.model(input_ids=torch.tensor([first[:shared]], device=self.device), past_key_values=cache,
-                          use_cache=True, logits_to_keep=1)
-        prefix = self.prefixes.add(first[:shared], [(layer.keys, layer.values) for layer in cache.layers])
+        self._forward([adapter], input_ids=torch.tensor([first[:shared]], device=self.device), past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+        prefix = self.prefixes.add(first[:shared], [(layer.keys, layer.values) for layer in cache.layers], adapter)
         return (prefix, shared) if prefix is not None else (None, 0)
 
     def _prefill(self, group: list[Sequence], prefix: "Prefix | None", start: int) -> None:
@@ -144,8 +217,9 @@ class PyTorchEngine(Scheduler):
             mask.masked_fill_(~allowed, torch.finfo(model.dtype).min)
             mask = mask[:, None]
         # logits_to_keep=1: only the last position's vocabulary projection (the rest would be thrown away)
-        logits = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        logits = self._forward([seq.adapter for seq in group], input_ids=inputs, attention_mask=mask,
+                               position_ids=position_ids, past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits[:, -1, :]
         if prefix is None:
             self._remember_prefixes(group, cache, pads)
         for row, seq in enumerate(group):
@@ -170,13 +244,16 @@ class PyTorchEngine(Scheduler):
         """Keep the keys and values of what a prompt just prefilled shares with another prompt of its group or
         a recent one (at least MIN_PREFIX tokens): cut from the cache the prefill made, no extra forward."""
         for row, seq in enumerate(group):
-            shared = self.prefixes.shared_length(seq.prompt_ids, [s.prompt_ids for s in group if s is not seq])
-            if shared < MIN_PREFIX or self.prefixes.lookup(seq.prompt_ids[:shared + 1], count=False)[1] >= shared:
+            others = [s.prompt_ids for s in group if s is not seq and s.adapter == seq.adapter]
+            shared = self.prefixes.shared_length(seq.prompt_ids, others, seq.adapter)
+            if (shared < MIN_PREFIX
+                    or self.prefixes.lookup(seq.prompt_ids[:shared + 1], seq.adapter, count=False)[1] >= shared):
                 continue
             begin = int(pads[row])
             self.prefixes.add(seq.prompt_ids[:shared], [
                 (layer.keys[row : row + 1, :, begin : begin + shared].clone(),
-                 layer.values[row : row + 1, :, begin : begin + shared].clone()) for layer in cache.layers])
+                 layer.values[row : row + 1, :, begin : begin + shared].clone()) for layer in cache.layers],
+                seq.adapter)
 
     def _step(self) -> None:
         """One forward over every active row, then one new token for each."""
@@ -188,9 +265,9 @@ class PyTorchEngine(Scheduler):
         inputs = torch.tensor([[seq.next_token] for seq in self._active], device=device)
         # no holes in any row (one request alone, or rows of equal length): no mask to build at all
         mask = None if bool(valid.all()) else valid.long()
-        logits = model(
-            input_ids=inputs, attention_mask=mask, position_ids=lengths[:, None],
-            past_key_values=self._cache, use_cache=True,
+        logits = self._forward(
+            [seq.adapter for seq in self._active], input_ids=inputs, attention_mask=mask,
+            position_ids=lengths[:, None], past_key_values=self._cache, use_cache=True,
         ).logits[:, -1, :]
         self._valid = valid
         self.steps += 1
@@ -213,30 +290,67 @@ class PyTorchEngine(Scheduler):
 
 
 MIN_PREFIX = 16  # shared tokens worth caching
+BASE_ADAPTER = "__base__"  # PEFT's name, in a mixed batch, for rows that use no adapter
+MIXED = "\0mixed"  # `_switch` state: every adapter on, each row naming its own (never a version name)
 
 
-@dataclass
+def _unpack_targets(model: Any, targets: Any) -> int:
+    """Turn back into `nn.Linear` the packed layers a LoRA adapter with `target_modules` wraps (a list of
+    module names, or a regular expression on the full name); returns how many. Names are the model's own
+    (PEFT's saved adapter names them without its "base_model.model." wrapper)."""
+    def targeted(full_name: str) -> bool:
+        if isinstance(targets, str):
+            return targets == "all-linear" or re.fullmatch(targets, full_name) is not None
+        # as PEFT matches a list: a module's full name, or its last components
+        return any(full_name == t or full_name.endswith(f".{t}") for t in targets or ())
+
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if isinstance(child, PackedLinear) and targeted(full):
+                setattr(parent, name, child.unpacked())
+                count += 1
+    return count
+
+
+def _pack_wrapped(model: Any, rows: int) -> int:
+    """Pack the plain `nn.Linear` inside each of PEFT's LoRA layers (its `base_layer`); returns how many
+    layers of the model are packed now, wrapped or not."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and type(module.base_layer) is torch.nn.Linear:
+            module.base_layer = PackedLinear(module.base_layer, rows)
+    return sum(isinstance(module, PackedLinear) for module in model.modules())
+
+
+@dataclass(eq=False)  # one entry is itself: the same ids may be cached under two adapters
 class Prefix:
     ids: tuple[int, ...]
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, len, dim]
     used: float = 0.0
+    adapter: str | None = None  # the LoRA adapter whose weights computed these keys and values
 
 
 class PrefixCache:
     """Key/value caches of shared prompt prefixes, least recently used dropped first beyond `max_tokens`;
-    also remembers the token ids of recent prompts, to see what a new one shares with them."""
+    also remembers the token ids of recent prompts, to see what a new one shares with them. Keyed by
+    adapter too: keys and values computed under one LoRA adapter are never another's."""
 
     def __init__(self, max_tokens: int, remember: int = 32):
         self.max_tokens = max_tokens
         self.entries: list[Prefix] = []
-        self.recent: collections.deque[list[int]] = collections.deque(maxlen=remember)
+        self.recent: collections.deque[tuple[str | None, list[int]]] = collections.deque(maxlen=remember)
         self.hits = 0
 
-    def lookup(self, ids: list[int], count: bool = True) -> tuple[Prefix | None, int]:
+    def lookup(self, ids: list[int], adapter: str | None = None, count: bool = True) -> tuple[Prefix | None, int]:
         """The cached prefix sharing the most leading tokens with `ids` (at least MIN_PREFIX, leaving one
         token to prefill) and how many it shares: a prefix of a cached prefix is a cut of its columns."""
         best, best_shared = None, 0
         for entry in self.entries:
+            if entry.adapter != adapter:
+                continue
             shared = min(common_prefix(entry.ids, ids), len(ids) - 1)
             if shared >= MIN_PREFIX and shared > best_shared:
                 best, best_shared = entry, shared
@@ -244,18 +358,21 @@ class PrefixCache:
             if best is not None:
                 best.used = time.monotonic()
                 self.hits += 1
-            self.recent.append(ids)
+            self.recent.append((adapter, ids))
         return best, best_shared
 
-    def shared_length(self, ids: list[int], others: list[list[int]]) -> int:
-        """The longest prefix `ids` shares with one of `others` or a recent prompt (never all of `ids`)."""
-        longest = max((common_prefix(ids, other) for other in [*others, *self.recent] if other is not ids), default=0)
+    def shared_length(self, ids: list[int], others: list[list[int]], adapter: str | None = None) -> int:
+        """The longest prefix `ids` shares with one of `others` or a recent prompt of the same adapter (never
+        all of `ids`)."""
+        recent = [other for used, other in self.recent if used == adapter]
+        longest = max((common_prefix(ids, other) for other in [*others, *recent] if other is not ids), default=0)
         return min(longest, len(ids) - 1)
 
-    def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Prefix | None:
+    def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]],
+            adapter: str | None = None) -> Prefix | None:
         if len(ids) > self.max_tokens:
             return None
-        entry = Prefix(tuple(ids), layers, time.monotonic())
+        entry = Prefix(tuple(ids), layers, time.monotonic(), adapter)
         self.entries.append(entry)
         while sum(len(e.ids) for e in self.entries) > self.max_tokens:
             self.entries.remove(min(self.entries, key=lambda e: e.used))

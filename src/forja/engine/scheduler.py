@@ -23,6 +23,7 @@ from forja.engine import (
     ContextLengthExceeded,
     Delta,
     Engine,
+    GenerationError,
     Prompt,
     QueueFull,
     SamplingParams,
@@ -36,6 +37,15 @@ log = logging.getLogger("forja.engine")
 PREFILL_TOKENS = 4096  # most (padded) prompt tokens prefilled in one forward
 ADMIT_GAP = 0.004  # an idle engine waits this long for another request of a burst...
 ADMIT_WINDOW = 0.05  # ...and at most this long in all
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The token ids a local engine decodes for `prompt` (the chat template applied to messages)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if all(isinstance(item, int) for item in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    return chat_prompt_ids(tokenizer, prompt)  # type: ignore[arg-type]
 
 
 class EngineStream(Stream):
@@ -83,6 +93,7 @@ class Sequence:
     next_token: int = 0  # sampled, not yet fed to the model
     done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None  # the LoRA adapter this request decodes with (None: the plain base)
 
 
 class Scheduler(Engine):
@@ -107,19 +118,21 @@ class Scheduler(Engine):
         self._closed = False
         self.steps = 0  # decode steps run, for tests and the benchmark
         self.max_rows_seen = 0
+        self.adapters: dict[str, Any] = {}  # LoRA adapters loaded on this engine's model, by name (add_adapter)
+        # held by the engine thread around each step, so an adapter is loaded between two steps, never in one
+        self._model_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"forja-engine-{self.name}", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- event-loop side
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
-        if all(isinstance(item, int) for item in prompt):
-            return list(prompt)  # type: ignore[arg-type]
-        return chat_prompt_ids(self.tokenizer, prompt)  # type: ignore[arg-type]
+        return prompt_ids(self.tokenizer, prompt)
 
-    def submit(self, prompt: Prompt, params: SamplingParams) -> EngineStream:
+    def submit(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> EngineStream:
+        """As Engine.submit; `adapter` names a LoRA adapter added with `add_adapter` to decode with."""
+        if adapter is not None and adapter not in self.adapters:
+            raise GenerationError(f"the engine for {self.name} has no adapter {adapter!r}")
         ids = self.tokenize(prompt)
         if not ids:
             ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
@@ -127,7 +140,7 @@ class Scheduler(Engine):
             raise ContextLengthExceeded(len(ids), params.max_new_tokens, self.context_length)
         stream = EngineStream(asyncio.get_running_loop())
         seq = Sequence(stream, ids, params, TextStream(self.tokenizer, params.stop), Sampler(params, ids, self.device),
-                       Usage(prompt_tokens=len(ids)))
+                       Usage(prompt_tokens=len(ids)), adapter=adapter)
         with self._wake:
             if self._closed:
                 raise QueueFull(f"the engine for {self.name} is shutting down")
@@ -149,6 +162,16 @@ class Scheduler(Engine):
     def load(self) -> dict[str, int]:
         return {"active": len(self._active), "waiting": len(self._pending)}
 
+    def load_of(self, adapter: str | None) -> dict[str, int]:
+        """`load`, counting only the requests of one adapter (None: the plain base's)."""
+        return {"active": sum(s.adapter == adapter for s in list(self._active)),
+                "waiting": sum(s.adapter == adapter for s in list(self._pending))}
+
+    def add_adapter(self, name: str, path: Any) -> None:
+        """Load the LoRA adapter at `path` (a trained version's directory) as `name`, so requests submitted
+        with adapter=name decode with it on this engine's one copy of the base weights."""
+        raise GenerationError(f"the {self.backend} engine cannot serve LoRA adapters")
+
     # ---------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
@@ -166,12 +189,13 @@ class Scheduler(Engine):
                            and self._fits(self._pending[0], admitted)):
                         admitted.append(self._pending.popleft())
                 try:
-                    for group in self._prefill_groups(admitted):
-                        self._admit(group)
-                    self._drop_finished()
-                    if self._active:
-                        self._step()
+                    with self._model_lock:
+                        for group in self._prefill_groups(admitted):
+                            self._admit(group)
                         self._drop_finished()
+                        if self._active:
+                            self._step()
+                            self._drop_finished()
                 except Exception as exc:  # a broken batch must not hang its clients
                     log.exception("engine step failed")
                     for seq in self._active + admitted:
@@ -196,10 +220,12 @@ class Scheduler(Engine):
             seen = len(self._pending)
 
     def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
-        """Requests prefilled together, each group at most PREFILL_TOKENS once padded."""
+        """Requests prefilled together, each group at most PREFILL_TOKENS once padded, and of one adapter (a
+        cached prefix is the keys and values of one adapter's weights)."""
         groups: list[list[Sequence]] = []
-        for seq in sorted(admitted, key=lambda s: len(s.prompt_ids)):
-            if groups and len(seq.prompt_ids) * (len(groups[-1]) + 1) <= PREFILL_TOKENS:
+        for seq in sorted(admitted, key=lambda s: (s.adapter or "", len(s.prompt_ids))):
+            if (groups and groups[-1][0].adapter == seq.adapter
+                    and len(seq.prompt_ids) * (len(groups[-1]) + 1) <= PREFILL_TOKENS):
                 groups[-1].append(seq)
             else:
                 groups.append([seq])

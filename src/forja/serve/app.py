@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from forja.config import Settings
 from forja.console import routes as console
 from forja.console.sessions import ConsoleSessions
-from forja.engine import Engine, make_engine
+from forja.engine import Engine
 from forja.knowledge.vector_stores import drop_queued as drop_queued_indexing
 from forja.serve.deps import ApiError, ServerState
 from forja.monitor import CountRequests
@@ -134,7 +134,7 @@ def create_app(settings: Settings, model: str | None = None, engine: Engine | No
 
 async def load_base(state: ServerState) -> None:
     try:
-        state.engines[state.base] = await asyncio.to_thread(make_engine, state.base, state.settings)
+        state.engines[state.base] = await asyncio.to_thread(state.make_engine, state.base)
         log.info("model %s ready", state.base)
     except Exception as exc:  # reported by /health and every request
         state.load_error = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(state.base) else str(exc)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi import Depends, Request
 
 from forja.config import ApiKey, Persona, Settings
-from forja.engine import Engine, make_engine
+from forja.engine import Engine, adapter_engine, make_engine, shared_base
 from forja.data import read_rows
 from forja.guard import Guards, published_pii
 from forja.keys import KeyRing, Limited, count
@@ -180,11 +180,30 @@ class ServerState:
             if key not in self.engines:
                 log.info("loading %s", key)
                 try:
-                    self.engines[key] = await asyncio.to_thread(make_engine, model, self.settings, persona=persona)
+                    self.engines[key] = await asyncio.to_thread(self.make_engine, model, persona)
                 except Exception as exc:  # ModelError and friends: say which model, keep serving the others
                     raise ApiError(500, f"cannot load the model {model}: {exc}", type="server_error",
                                    code="model_load_failed") from None
         return self.engines[key]
+
+    def make_engine(self, model: str, persona: Persona | None = None) -> Engine:
+        """A new engine for `model` (in a worker thread, holding `_lock` or before serving starts). A LoRA
+        version whose base is loaded, or can be, is an adapter on that base's engine (serve.share_base):
+        several assistants of one base hold one copy of its weights; one that cannot be is merged alone."""
+        base = shared_base(model, self.settings) if persona is None else None
+        if base is not None:
+            host = self.engines.get(base)
+            if host is None:
+                log.info("loading %s, the base of %s", base, model)
+                host = self.engines[base] = make_engine(base, self.settings)
+            try:
+                engine = adapter_engine(host, model, self.settings)
+            except Exception as exc:  # ForjaError, or PEFT/llama.cpp refusing this adapter: merge it instead
+                log.warning("loading %s as a model of its own, not as an adapter on %s: %s", model, base, exc)
+            else:
+                log.info("%s is served as an adapter on %s", model, base)
+                return engine
+        return make_engine(model, self.settings, persona=persona)
 
     def close(self) -> None:
         for engine in self.engines.values():
