@@ -27,7 +27,7 @@ def lora_home(varied_model_dir, tmp_path_factory):
     from forja.train import new_run, train
 
     home = tmp_path_factory.mktemp("adapters-home")
-    settings = load_settings(home=home, model=str(varied_model_dir))
+    settings = load_settings(home=home, model=str(varied_model_dir), serve={"share_base": True})
     for name, answer in (("panadero", "Pan recién hecho cada mañana."), ("soporte", "Reinicie el router, por favor.")):
         data = home / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
@@ -61,10 +61,16 @@ def alone(settings, name, tokens=24):
 
 
 def test_a_lora_version_names_its_base_to_share_and_the_setting_turns_it_off(lora_home, varied_model_dir):
-    assert shared_base("panadero", lora_home) == str(varied_model_dir)
-    assert shared_base(str(varied_model_dir), lora_home) is None  # not a version
-    off = load_settings(home=lora_home.home, model=str(varied_model_dir), serve={"share_base": False})
-    assert shared_base("panadero", off) is None
+    def settings(**serve):
+        return load_settings(home=lora_home.home, model=str(varied_model_dir), serve=serve)
+
+    on = settings(share_base=True)
+    assert shared_base("panadero", on) == str(varied_model_dir)
+    assert shared_base(str(varied_model_dir), on) is None  # not a version
+    assert shared_base("panadero", settings(share_base=False)) is None
+    # auto, the default: on llama.cpp, not (yet) on PyTorch
+    assert shared_base("panadero", settings(backend="llamacpp")) == str(varied_model_dir)
+    assert shared_base("panadero", settings(backend="pytorch")) is None
 
 
 @pytest.mark.parametrize("pack", [False, True])

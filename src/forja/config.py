@@ -527,10 +527,12 @@ class ServeSettings(BaseModel):
         True, description="PyTorch backend on a CPU in float32: lay the linear weights out for oneDNN's kernel once at "
         "load (decode steps 1.2-1.4x faster; results equal to float32 rounding). Off: plain torch matmuls."
     )
-    share_base: bool = Field(
-        True, description="Serve a trained LoRA version as an adapter on one loaded copy of its base (the base, and "
+    share_base: bool | Literal["auto"] = Field(
+        "auto", description="Serve a trained LoRA version as an adapter on one loaded copy of its base (the base, and "
         "every LoRA assistant of that base, in the memory of one model; PyTorch decodes their requests in one batch, "
-        "llama.cpp one llama_decode per adapter). Off: each version is merged and loaded as a model of its own."
+        "llama.cpp one llama_decode per adapter). auto: on llama.cpp (the CPU default), not yet on PyTorch, whose "
+        "adapter server slowed down in the benchmark (README); true: on both; false: each version is merged and "
+        "loaded as a model of its own."
     )
     max_queue: int = Field(64, ge=1, description="Requests waiting for a batch slot; beyond this the server answers 429.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; beyond this 413.")

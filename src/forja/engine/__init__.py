@@ -230,7 +230,8 @@ def shared_base(model: str, settings: "Settings") -> str | None:
     (modules_to_save, DoRA, a base that is itself a LoRA version): those are merged and loaded alone."""
     from forja import models
 
-    if not settings.serve.share_base or pick_backend(settings) == "openai":
+    share, backend = settings.serve.share_base, pick_backend(settings)
+    if share is False or backend == "openai" or (share == "auto" and backend != "llamacpp"):
         return None
     directory = models.version_dir(settings, model)
     if directory is None or not (directory / "adapter_config.json").is_file():
