@@ -669,8 +669,10 @@ def _rank_main(rank: int, world: int, port: int, settings: Settings, run: Run, p
     except ForjaError as exc:
         (run.directory / "rank-errors" / f"rank-{rank}.txt").write_text(str(exc), encoding="utf-8")
         sys.exit(1)
-    finally:
-        dist.destroy_process_group()
+    # the others wait while rank 0 evaluates and publishes: a process that ends first is a failure to the
+    # launcher, which would stop rank 0 mid-publish (and gloo aborts a process leaving a live group)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks()) -> Path:
