@@ -774,6 +774,7 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
     bar = make_bar(total_steps, state["step"], progress)
     stopped_early = stopped_learned = False
     checked: tuple[int, list[dict[str, Any]]] | None = None  # the step of the last answer check, and its answers
+    interrupts = StepInterrupts(ranks.main)
     try:
         while state["step"] < total_steps and not stopped_early:
             batches = batch_order(units, config.batch_size, config.seed, state["epoch"])
@@ -829,6 +830,7 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
                 if ranks.main and config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                     save_checkpoint(run, model, optimizer, scheduler, state)
+                interrupts.check()
                 if stopped_early:
                     break
             if state["batch_in_epoch"] >= len(groups):
@@ -853,10 +855,18 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
                     stopped_learned = since is not None and \
                         state["step"] - since >= max(steps_per_epoch, LEARNED_MARGIN_STEPS)
                     stopped_early = stopped_early or stopped_learned
-    except KeyboardInterrupt:  # (rank 0 only: the others ignore SIGINT and stop when it does)
+                    interrupts.check()
+    except KeyboardInterrupt as stop:  # (rank 0 only: the others ignore SIGINT and stop when it does)
         bar.close()
+        if isinstance(stop, StopNow):  # mid-step: the weights may be a step ahead of the count, so not saved
+            last = run.last_checkpoint()
+            raise TrainError(f"stopped during step {state['step'] + 1}; continue from "
+                             f"{'its last checkpoint' if last else 'the start'} with: forja train --resume "
+                             f"{run.name}") from None
         save_checkpoint(run, model, optimizer, scheduler, state)
         raise TrainError(f"interrupted at step {state['step']}; checkpoint saved, continue with: forja train --resume {run.name}") from None
+    finally:
+        interrupts.restore()
     bar.close()
     if not ranks.main:
         return run.directory
@@ -894,6 +904,41 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
     final["allocator"] = allocator()
     plot_losses(run.history, run.directory / LOSS_PLOT)
     return publish(settings, run, model, tokenizer, final)
+
+
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, in the middle of a step."""
+
+
+class StepInterrupts:
+    """Ctrl-C (or the job worker's SIGINT) during a step is taken when the step ends (`check`), so the
+    checkpoint saved then never holds weights a step ahead of its step count; a second Ctrl-C stops at once.
+    Only in the main thread of the process that saves (elsewhere SIGINT keeps its handler)."""
+
+    def __init__(self, enabled: bool = True):
+        import signal
+        import threading
+
+        self.asked, self._before = False, None
+        if (enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):  # ignored stays ignored
+            self._before = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        if self.asked:
+            raise StopNow()
+        self.asked = True
+
+    def check(self) -> None:
+        if self.asked:
+            raise KeyboardInterrupt()
+
+    def restore(self) -> None:
+        if self._before is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._before)
+            self._before = None
 
 
 def peak_rss_mb() -> float:
