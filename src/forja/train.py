@@ -638,11 +638,23 @@ def _train_in_processes(settings: Settings, run: Run, progress: bool, processes:
             break
     said = sorted(errors.glob("rank-*.txt"))
     message = said[0].read_text(encoding="utf-8") if said else None
+    published = (errors / PUBLISHED).is_file()
     shutil.rmtree(errors, ignore_errors=True)
+    codes = [p.exitcode for p in context.processes]
+    if published and not message and not interrupted:
+        # rank 0 published the version before any process began to end: a process that fails while it
+        # tears down (gloo can abort in its exit) loses nothing, so the run stands, said in one line
+        if any(codes):
+            print(f"note: the version is saved; a training process failed as it ended (exit codes {codes})",
+                  file=sys.stderr)
+        return settings.versions_dir / run.name
     if message or interrupted or any(p.exitcode != 0 for p in context.processes):
         raise TrainError(message or f"a training process stopped without saying why (exit codes "
                          f"{[p.exitcode for p in context.processes]})")
     return settings.versions_dir / run.name
+
+
+PUBLISHED = "published"  # in the run's rank-errors folder: rank 0 has published the version
 
 
 def _rank_main(rank: int, world: int, port: int, settings: Settings, run: Run, progress: bool, threads: int) -> None:
@@ -669,10 +681,15 @@ def _rank_main(rank: int, world: int, port: int, settings: Settings, run: Run, p
     except ForjaError as exc:
         (run.directory / "rank-errors" / f"rank-{rank}.txt").write_text(str(exc), encoding="utf-8")
         sys.exit(1)
+    if rank == 0:  # the version is published: what follows is the processes ending
+        (run.directory / "rank-errors" / PUBLISHED).touch()
     # the others wait while rank 0 evaluates and publishes: a process that ends first is a failure to the
     # launcher, which would stop rank 0 mid-publish (and gloo aborts a process leaving a live group)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: torch's and gloo's threads have aborted processes in it
 
 
 def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks()) -> Path:
@@ -1022,7 +1039,8 @@ def row_with_system(row: dict[str, Any], system: str | None) -> dict[str, Any]:
 def learn_rows(rows: list[dict[str, Any]], config: TrainSettings) -> list[dict[str, Any]]:
     """The dialogue rows whose answers are checked: those marked `must_learn` (a retrain's corrections) when
     any are, else all of them, or a fixed sample of learn_check_rows when there are more."""
-    dialogue = [row for row in rows if "messages" in row and not row.get("tools")]  # (a tool call is not an answer)
+    # (a tool call is not an answer)
+    dialogue = [row for row in rows if "messages" in row and not row.get("tools") and not row["messages"][-1].get("tool_calls")]
     marked = [row for row in dialogue if row.get("must_learn")]
     if marked:
         return marked
