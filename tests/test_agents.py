@@ -360,8 +360,26 @@ def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):
     assert step.locator("pre").inner_text().startswith("order ")
     page.wait_for_selector("#send:not([disabled])", timeout=60_000)
     assert page.locator("details.step + .assistant").count() == 1  # the answer follows its steps
+    # once the answer is stored, its call can be corrected: the box holds the arguments as JSON
+    step.locator("button.correct-call").click()
+    box = step.locator("form.call-correction textarea")
+    made = json.loads(box.input_value())["order_id"]
+    box.fill('{"order_id": ')
+    step.locator("form.call-correction button[type=submit]").click()
+    note = step.locator("form.call-correction .feedback-note")
+    assert "not valid JSON" in note.inner_text()
+    other = "B02" if made == "A17" else "A17"
+    box.fill(json.dumps({"order_id": "Z99"}))  # refused by the tool's schema, said in the page
+    step.locator("form.call-correction button[type=submit]").click()
+    page.wait_for_function("document.querySelector('form.call-correction .feedback-note').textContent.includes('schema')")
+    box.fill(json.dumps({"order_id": other}))
+    step.locator("form.call-correction button[type=submit]").click()
+    page.wait_for_function("document.querySelector('form.call-correction .feedback-note').textContent.includes('Call corrected')")
+    assert step.locator("code").inner_text() == json.dumps({"order_id": other}, separators=(",", ":"))
     page.screenshot(path=str(ARTIFACTS / "agent-steps.png"), full_page=True)
     context.close()
+    rows = served.app.state.forja.store.feedback_rows()
+    assert rows[0]["tool_call"] == {"step": 1, "name": "orders__order_status", "arguments": {"order_id": other}}
 
 
 def test_a_rated_trace_exports_with_its_tools_and_its_calls_and_reads_as_training_data(served, tmp_path):
@@ -383,8 +401,9 @@ def test_a_rated_trace_exports_with_its_tools_and_its_calls_and_reads_as_trainin
     finally:
         store.close()
     summary = export(settings, tmp_path / "fb.jsonl")
-    rows = {r["exchange_id"]: r for r in map(json.loads, (tmp_path / "fb.jsonl").read_text().splitlines())}
-    assert summary.pairs == 2 and set(rows) == {liked.id, corrected.id}
+    every = [json.loads(line) for line in (tmp_path / "fb.jsonl").read_text().splitlines()]
+    rows = {r["exchange_id"]: r for r in every if r["kind"] != "call"}  # (the page test corrected a call)
+    assert summary.pairs - summary.tool_calls == 2 and set(rows) == {liked.id, corrected.id}
     for row in rows.values():
         assert [t["function"]["name"] for t in row["tools"]] == ["orders__order_status"]
         roles = [m["role"] for m in row["messages"]]
@@ -394,5 +413,57 @@ def test_a_rated_trace_exports_with_its_tools_and_its_calls_and_reads_as_trainin
     assert calls[corrected.id]["weight"] == 0  # context: only the corrected answer is learned
     assert rows[corrected.id]["messages"][-1]["content"] == "El pedido A17 salió ayer."
     prepared = prepare(tmp_path / "fb.jsonl", tmp_path / "train.jsonl")  # forja data reads it as tool-calling rows
-    assert prepared.kinds["dialogue"] == 2
+    assert prepared.kinds["dialogue"] == len(every)
     assert all(r.get("tools") for r in read_rows(prepared.train_path) + read_rows(validation_path(prepared.train_path)))
+
+
+def test_a_tool_call_corrected_through_the_api_trains_as_that_call(served, tmp_path):
+    """POST /v1/feedback with `tool_call`: checked against the answer's steps and the tool's schema (a clear
+    422 otherwise), stored, and exported as the conversation up to the step with the corrected call learned,
+    prompted with the persona's tools; its thumbs-down is the call's, not a rating of the answer."""
+    from forja.data import prepare
+    from forja.feedback import export
+
+    api = client(served)
+    reply = api.chat.completions.create(model="pedidos", messages=[{"role": "user", "content": "¿Y mi pedido?"}],
+                                        max_tokens=6)
+    made = reply.model_extra["forja"]["steps"][0]["arguments"]["order_id"]
+    other = "B02" if made == "A17" else "A17"
+    plain = api.chat.completions.create(model=str(served.settings.model),
+                                        messages=[{"role": "user", "content": "hola"}], max_tokens=3)
+    url = served.url + "/v1/feedback"
+
+    def send(body: dict) -> httpx.Response:
+        return httpx.post(url, json=body, timeout=30)
+
+    refused = {
+        "step 2": ({"id": reply.id, "tool_call": {"step": 2, "arguments": {"order_id": other}}}, "steps 1 to 1, not 2"),
+        "schema": ({"id": reply.id, "tool_call": {"step": 1, "arguments": {"order_id": "Z99"}}}, "do not fit"),
+        "tool": ({"id": reply.id, "tool_call": {"step": 1, "name": "borrar", "arguments": {}}}, "no tool 'borrar'"),
+        "no steps": ({"id": plain.id, "tool_call": {"step": 1, "arguments": {}}}, "made no tool calls"),
+        "thumbs up": ({"id": reply.id, "rating": "up", "tool_call": {"step": 1, "arguments": {"order_id": other}}},
+                      "rates the answer down"),
+        "extra": ({"id": reply.id, "tool_call": {"step": 1, "arguments": {"order_id": other}, "why": "x"}}, "why"),
+        "characters": ({"id": reply.id, "tool_call": {"step": 1, "arguments": {"order_id": "A17\u0000"}}}, "plain text"),
+    }
+    for case, (body, message) in refused.items():
+        response = send(body)
+        assert response.status_code in (400, 422), (case, response.text)
+        assert message in response.json()["error"]["message"], (case, response.text)
+    assert send({"id": "chatcmpl-nope", "tool_call": {"step": 1, "arguments": {}}}).status_code == 404
+
+    saved = send({"id": reply.id, "tool_call": {"step": 1, "arguments": {"order_id": other}}})
+    assert saved.status_code == 201, saved.text
+    assert saved.json()["tool_call"] == {"step": 1, "name": "orders__order_status", "arguments": {"order_id": other}}
+    assert saved.json()["rating"] == "down"
+
+    summary = export(served.settings, tmp_path / "fb.jsonl")
+    rows = [r for r in map(json.loads, (tmp_path / "fb.jsonl").read_text().splitlines()) if r["exchange_id"] == reply.id]
+    assert len(rows) == 1, rows  # the call; no rating row for the answer (the page test corrected another)
+    row = rows[0]
+    assert row["kind"] == "call" and [t["function"]["name"] for t in row["tools"]] == ["orders__order_status"]
+    *context, learned = row["messages"]
+    assert [m["role"] for m in context][-1] == "user" and context[-1]["content"] == "¿Y mi pedido?"
+    assert "weight" not in learned and json.loads(learned["tool_calls"][0]["function"]["arguments"]) == {"order_id": other}
+    prepared = prepare(tmp_path / "fb.jsonl", tmp_path / "train.jsonl")  # forja data reads it as a tool-calling row
+    assert prepared.kinds["dialogue"] == summary.pairs

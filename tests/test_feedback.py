@@ -534,7 +534,7 @@ def test_thumbs_alone_sent_over_http_train_a_version_with_kto_rows_and_the_gate_
     assert "on 0 feedback pairs + 3 replayed rows" in result.stdout
     assert "and ratings: 0 DPO pairs (an answer and its correction), 3 KTO rows (1 thumbs-up, 2 thumbs-down" in result.stdout
     version = json.loads((settings.versions_dir / "tienda-v2" / "version.json").read_text())
-    assert version["from_feedback"]["contributed"] == {"corrections": 0, "approved": 0, "dpo_pairs": 0, "kto_up": 1,
+    assert version["from_feedback"]["contributed"] == {"corrections": 0, "tool_calls": 0, "approved": 0, "dpo_pairs": 0, "kto_up": 1,
                                                        "kto_down": 2, "replayed": 3}
     assert len(version["from_feedback"]["train_feedback_ids"]) == 3  # used: not learned again next time
     assert version["metrics"]["preference_items"] == {"pairs": 0, "rated_good": 1, "rated_bad": 2}
@@ -590,3 +590,61 @@ def test_thumbs_down_alone_on_english_answers_to_spanish_questions_moves_the_bun
     assert result.contributed["kto_down"] == english
     same = result.gate["checks"]["ratings"]["metrics"]["same_language"]
     assert same["current"] == 0.0 and same["candidate"] >= 0.5
+
+
+def calculator_call(number: int, expression: str) -> dict:
+    return {"id": f"call_{number}", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+
+
+CALCULATOR = [{"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
+
+
+def test_a_corrected_call_of_a_later_step_trains_as_that_call(long_tiny_model_dir, monkeypatch):
+    """An agent's answer of two steps, after an earlier request's own call: correcting step 2 (twice: the newer
+    wins, both are used up) trains the conversation up to step 2's turn with that call; the retrain counts it
+    and replaces no FAQ row, and its gate checks the answers it has."""
+    from forja.chat import CallCorrectionError, corrected_call
+    from forja.feedback import retrain
+
+    monkeypatch.setenv("FORJA_MODEL", str(long_tiny_model_dir))
+    settings = load_settings()
+    messages = [{"role": "user", "content": "¿2+2?"}, {"role": "assistant", "content": "", "tool_calls": [calculator_call(0, "2+2")]},
+                {"role": "tool", "tool_call_id": "call_0", "content": "4"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "¿437 por 58, más 3?"},
+                {"role": "assistant", "content": "", "tool_calls": [calculator_call(1, "437*58")]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "25346"},
+                {"role": "assistant", "content": "", "tool_calls": [calculator_call(2, "25346-3")]},
+                {"role": "tool", "tool_call_id": "call_2", "content": "25343"}]
+    trace = [{"step": 1, "tool": "calculator", "arguments": {"expression": "437*58"}, "result": "25346", "ok": True},
+             {"step": 2, "tool": "calculator", "arguments": {"expression": "25346-3"}, "result": "25343", "ok": True}]
+    with pytest.raises(CallCorrectionError, match="steps 1 to 2, not 3"):
+        corrected_call(messages, trace, CALCULATOR, {"step": 3, "arguments": {"expression": "1"}})
+    with pytest.raises(CallCorrectionError, match="'expression' is a required property"):
+        corrected_call(messages, trace, CALCULATOR, {"step": 2, "arguments": {}})
+    store = Store.open(settings)
+    store.log_exchange(id="agent", route="chat", model=str(long_tiny_model_dir), persona="agente", messages=messages,
+                       answers=["Son 25343."], params={"tools": CALCULATOR}, prompt_tokens=5, completion_tokens=3,
+                       latency_ms=10.0, finish_reason="stop", api_key_name=None, trace=trace)
+    for expression in ("25346 + 30", "25346 + 3"):
+        store.add_feedback("agent", rating="down",
+                           tool_call=corrected_call(messages, trace, CALCULATOR, {"step": 2, "arguments": {"expression": expression}}))
+    pairs, skipped = collect_pairs(store)
+    assert [p.kind for p in pairs] == ["call"] and pairs[0].feedback_ids == [1, 2] and not any(skipped.values())
+    row = pairs[0].training_row()
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "tool", "assistant", "user", "assistant", "tool", "assistant"]
+    assert row["messages"][-2]["content"] == "25346" and row["messages"][5]["weight"] == 0  # step 1 is context
+    assert json.loads(row["messages"][-1]["tool_calls"][0]["function"]["arguments"]) == {"expression": "25346 + 3"}
+    assert "weight" not in row["messages"][-1] and row["tools"] == CALCULATOR
+    store.close()
+
+    result = retrain(settings, tiny_hyper(max_steps=2, max_seq_length=2048), name="agente-v2", promote=False, progress=False)
+    assert result.contributed["tool_calls"] == 1 and result.contributed["corrections"] == 0
+    assert not result.gate["passed"] and result.gate["decided_by"] == "nothing to check"  # never promoted blind
+    trained = [json.loads(line) for line in (settings.home / "feedback" / "agente-v2" / "data.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in trained] == ["call"]
+    store = Store.open(settings)
+    assert sorted(r["feedback_id"] for r in store.used_by("agente-v2")) == [1, 2]
+    assert collect_pairs(store)[0] == []  # used up: the older correction does not come back alone
+    store.close()

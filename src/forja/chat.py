@@ -158,3 +158,63 @@ def with_answer_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 and not (following is not None and following["role"] == "user" and following.get("content") == ANSWER_NOW):
             out.append({"role": "user", "content": ANSWER_NOW})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A tool call corrected through feedback: checked when it is sent (the server), trained as the call it
+# should have been (forja.feedback).
+
+
+class CallCorrectionError(ForjaError, ValueError):
+    """A tool-call correction that does not fit the answer it corrects; the message says why (an HTTP 422)."""
+
+
+def corrected_call(messages: Any, trace: Any, tools: Any, correction: dict[str, Any]) -> dict[str, Any]:
+    """A tool-call correction checked against the exchange it corrects: the step exists in its trace, the
+    tool is one the persona offered, the arguments fit that tool's schema. The correction as stored
+    ({"step", "name", "arguments"}); a CallCorrectionError naming the problem otherwise."""
+    import jsonschema
+
+    steps = trace if isinstance(trace, list) else []
+    step = correction["step"]
+    if not steps:
+        raise CallCorrectionError("this answer made no tool calls; correct its text with `correction`")
+    if _call_position(messages, len(steps), step) is None:
+        raise CallCorrectionError(f"this answer has steps 1 to {len(steps)}, not {step}")
+    name = correction.get("name") or steps[step - 1]["tool"]
+    offered = {t["function"]["name"]: t["function"] for t in tools or [] if t.get("type") == "function"}
+    if name not in offered:
+        raise CallCorrectionError(f"there is no tool {name!r} for this answer; it was offered "
+                                  f"{', '.join(offered) or 'none'}")
+    try:
+        jsonschema.validate(correction["arguments"], offered[name].get("parameters") or {"type": "object"})
+    except jsonschema.ValidationError as exc:
+        raise CallCorrectionError(f"the arguments do not fit {name}'s schema: {exc.message}") from None
+    except jsonschema.SchemaError:
+        pass  # a server's own schema that is not valid JSON Schema: the call is taken as the tool takes it
+    return {"step": step, "name": name, "arguments": correction["arguments"]}
+
+
+def corrected_turn(messages: Any, steps: int, correction: dict[str, Any]
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """The conversation up to the corrected step's turn, and that turn with its call corrected (the turn's
+    other calls as they were made); None when the conversation does not hold the step."""
+    position = _call_position(messages, steps, correction["step"])
+    if position is None:
+        return None
+    turn, index = position
+    message = messages[turn]
+    calls = [dict(c) for c in message["tool_calls"]]
+    calls[index] = {**calls[index], "function": {"name": correction["name"],
+                                                 "arguments": json.dumps(correction["arguments"], ensure_ascii=False)}}
+    return messages[:turn], {"role": "assistant", "content": message.get("content") or "", "tool_calls": calls}
+
+
+def _call_position(messages: Any, steps: int, step: int) -> tuple[int, int] | None:
+    """Where step `step` of an answer with `steps` steps is among the conversation's tool calls: (message,
+    call) indexes. An answer's calls are the conversation's last `steps` (earlier turns may hold others')."""
+    if not isinstance(messages, list) or not 1 <= step <= steps:
+        return None
+    calls = [(i, j) for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"
+             for j in range(len(m.get("tool_calls") or []))]
+    return calls[len(calls) - steps + step - 1] if len(calls) >= steps else None

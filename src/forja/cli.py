@@ -489,6 +489,8 @@ def _report_retrain(result) -> None:
                f"feedback pairs + {result.replayed_rows} replayed rows ({result.held_out_pairs} pairs held out, "
                f"{result.replaced_rows} old rows not replayed: their question was corrected)")
     made = result.contributed
+    if made.get("tool_calls"):
+        typer.echo(f"  of them {made['tool_calls']} corrected tool calls (learned as calls; the gate checks answers only)")
     if made.get("dpo_pairs") or made.get("kto_up") or made.get("kto_down"):
         typer.echo(f"  and ratings: {made.get('dpo_pairs', 0)} DPO pairs (an answer and its correction), "
                    f"{made.get('kto_up', 0) + made.get('kto_down', 0)} KTO rows ({made.get('kto_up', 0)} thumbs-up, "
@@ -502,7 +504,8 @@ def _report_retrain(result) -> None:
         for q in entry["questions"][: 12 if check != "regression" else 6]:
             typer.echo(f"    {q['question'][:50]!r}: [{mark(q['before_ok'])}] {(q['before'] or '(no answer)')[:40]!r} -> "
                        f"[{mark(q['after_ok'])}] {(q['after'] or '(no answer)')[:40]!r}")
-    verdict = "passed" if gate["passed"] else f"not passed, decided by the {gate['decided_by']} check"
+    verdict = ("passed" if gate["passed"] else f"not passed, decided by the {gate['decided_by']} check"
+               if gate["checks"] else "not passed")
     typer.echo(f"gate {verdict}: {gate['reason']}")
     if result.promoted:
         typer.echo(f"{result.version.name} is now the active version (undo: forja models rollback)")
@@ -1078,7 +1081,8 @@ def feedback_export(
 
     summary = export(settings_from(config), out, include_used=include_used, preferences=preferences)
     left_out = ", ".join(f"{k}={v}" for k, v in summary.skipped.items() if v) or "none"
-    typer.echo(f"{summary.pairs} pairs ({summary.corrections} corrections, {summary.approved} approved answers) "
+    calls = f", {summary.tool_calls} corrected tool calls" if summary.tool_calls else ""
+    typer.echo(f"{summary.pairs} pairs ({summary.corrections} corrections, {summary.approved} approved answers{calls}) "
                f"written to {out}; left out: {left_out}")
     if summary.preferences_path:
         typer.echo(f"preference pairs in {summary.preferences_path}")

@@ -11,6 +11,8 @@ before, and a regression set (the operator's test set, else the old version's ro
 Ratings teach too, in the same run (forja.train_prefs): a thumbs-down without a correction, or a thumbs-up
 that may not train word for word, is a KTO row (the answer rated bad or good), and an answer with its
 correction is also a DPO pair; the gate's ratings check shows what they changed.
+An agent's tool call corrected (the step, the arguments it should have had) trains as that call: the
+conversation up to the step, then the corrected call learned, prompted with the tools the persona offered.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from forja import models
+from forja.chat import corrected_turn
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.data import is_preference, meta_path, read_rows, validation_path, write_jsonl
 from forja.guard import Guards, refused_characters
@@ -47,15 +50,21 @@ class Pair:
     exchange_id: str
     prompt: list[dict[str, str]] | str  # chat messages before the answer, or a raw completion prompt
     answer: str  # the answer to learn: the correction, or the approved answer
-    kind: str  # "correction" or "approved" (answers learned word for word), "liked" or "disliked" (rated answers)
+    kind: str  # "correction", "approved", "call" (learned word for word), "liked" or "disliked" (rated answers)
     feedback_ids: list[int]
     rejected: str | None = None  # the answer the correction replaces
     tools: list[dict[str, Any]] | None = None  # an agent persona's tools, offered when it answered
+    call: dict[str, Any] | None = None  # kind "call": the assistant turn with the corrected tool call, to learn
 
     @property
     def supervised(self) -> bool:
-        """An answer to learn word for word (a correction, an approved answer), not a rating of one."""
-        return self.kind in ("correction", "approved")
+        """An answer (or a tool call) to learn word for word, not a rating of one."""
+        return self.kind in ("correction", "approved", "call")
+
+    @property
+    def answers_question(self) -> bool:
+        """An answer to the user's question (replacing a FAQ row asking it), not a tool call on the way."""
+        return self.supervised and self.kind != "call"
 
     def training_row(self) -> dict[str, Any]:
         """The pair as a training row: only its own answer is learned (must_learn: a retrain runs until it is
@@ -67,6 +76,9 @@ class Pair:
                     "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids, "kind": self.kind}
         if isinstance(self.prompt, str):
             row: dict[str, Any] = {"text": self.prompt + self.answer}
+        elif self.call is not None:  # the calls before it are context, as every earlier turn
+            context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in self.prompt]
+            row = {"messages": [*context, self.call], "tools": self.tools}
         else:
             # an approved agent answer approves the tool calls that led to it (after the last question): they
             # are learned with it; a corrected answer's calls, and every earlier turn, are context
@@ -88,6 +100,16 @@ class Pair:
         """A correction as a preference pair: the correction chosen over the answer it replaces."""
         return {"prompt": self.prompt, "chosen": self.answer, "rejected": self.rejected,
                 "exchange_id": self.exchange_id, "feedback_ids": self.feedback_ids}
+
+
+def call_pair(exchange_id: str, messages: list[dict[str, Any]], steps: int, correction: dict[str, Any],
+              feedback_ids: list[int], tools: Any) -> Pair | None:
+    """A corrected tool call as a pair (forja.chat.corrected_turn); None when the stored conversation no
+    longer holds the step."""
+    found = corrected_turn(messages, steps, correction)
+    if found is None:
+        return None
+    return Pair(exchange_id, found[0], "", "call", feedback_ids, tools=tools, call=found[1])
 
 
 def last_question(messages: list[dict[str, Any]]) -> str:
@@ -122,13 +144,30 @@ def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api
         groups.setdefault((row["exchange_id"], row["choice"]), []).append(row)
     pairs = []
     for (exchange_id, _), rows in groups.items():
-        ids = [r["id"] for r in rows]
         prompt = redact(rows[0]["messages"])
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             prompt = prompt[0] if len(prompt) == 1 else None  # a completion with several prompts
         if not prompt:
             skipped["unusable_prompt"] += 1
             continue
+        # a corrected tool call trains that call (the newest correction of each step)
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r.get("tool_call"):
+                by_step.setdefault(r["tool_call"]["step"], []).append(r)
+        for step in sorted(by_step):
+            newest = by_step[step][-1]  # the older ones are used up with it
+            found = call_pair(exchange_id, prompt, len(newest.get("trace") or []), redact(newest["tool_call"]),
+                              [r["id"] for r in by_step[step]], newest.get("tools")) if isinstance(prompt, list) else None
+            if found is None:
+                skipped["unusable_prompt"] += 1
+            else:
+                pairs.append(found)
+        # its thumbs-down is the call's, not a rating of the answer (unless the row corrects the answer too)
+        rows = [r for r in rows if not r.get("tool_call") or r["correction"]]
+        if not rows:
+            continue
+        ids = [r["id"] for r in rows]
         corrections = [r for r in rows if r["correction"]]
         if corrections:
             pairs.append(Pair(exchange_id, prompt, redact(corrections[-1]["correction"]), "correction", ids,
@@ -184,6 +223,7 @@ class ExportSummary:
     approved: int
     skipped: dict[str, int]
     preferences_path: Path | None = None
+    tool_calls: int = 0  # corrected tool calls
 
 
 def export(settings: Settings, out: Path, *, include_used: bool = False, preferences: bool = False) -> ExportSummary:
@@ -197,7 +237,7 @@ def export(settings: Settings, out: Path, *, include_used: bool = False, prefere
         store.close()
     write_training_file(out, [p.training_row() for p in pairs])
     summary = ExportSummary(out, len(pairs), sum(p.kind == "correction" for p in pairs),
-                            sum(p.kind == "approved" for p in pairs), skipped)
+                            sum(p.kind == "approved" for p in pairs), skipped, tool_calls=sum(p.kind == "call" for p in pairs))
     if preferences:
         summary.preferences_path = out.with_suffix(".preferences.jsonl")
         rows = [p.preference_row() for p in pairs if p.rejected is not None and p.rejected != p.answer]
@@ -282,6 +322,7 @@ def contributions(rows: list[dict[str, Any]]) -> dict[str, int]:
     (an answer and its correction), KTO rows (thumbs up, thumbs down) and replayed rows of the old version."""
     count = lambda test: sum(1 for row in rows if test(row))  # noqa: E731
     return {"corrections": count(lambda r: r.get("kind") == "correction" and "messages" in r),
+            "tool_calls": count(lambda r: r.get("kind") == "call"),
             "approved": count(lambda r: r.get("kind") == "approved"),
             "dpo_pairs": count(lambda r: "chosen" in r),
             "kto_up": count(lambda r: r.get("label") is True), "kto_down": count(lambda r: r.get("label") is False),
@@ -309,7 +350,8 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         train_pairs, held_pairs = split_holdout(answers, settings, hyper.seed)
         rated = [p for p in pairs if not p.supervised]
         old_train, old_val = version_rows(settings, start)
-        kept = not_replaced(old_train, answers)
+        facts = [p for p in answers if p.answers_question]  # a corrected call replaces no row of the old data
+        kept = not_replaced(old_train, facts)
         # the old rows are replayed as they were trained, not as rows to check (nor a preference row again:
         # its reference would be another model's)
         replay = [{k: v for k, v in row.items() if k != "must_learn"}
@@ -329,15 +371,17 @@ def retrain(settings: Settings, hyper: TrainSettings, *, base: str | None = None
         staging = settings.home / "feedback" / name
         data_path = staging / training.DATA_FILE
         write_training_file(data_path, rows)
-        validation = not_replaced(old_val, answers) + [p.training_row() for p in held_pairs]
+        validation = not_replaced(old_val, facts) + [p.training_row() for p in held_pairs]
         write_jsonl(validation_path(data_path), validation)
         # the FAQ it answers from: the starting version's, with the corrections in
         run = training.new_run(settings, [data_path], name, start, hyper,
-                               faq=faq_after(settings, start, answers) if hyper.faq_retrieval else None)
+                               faq=faq_after(settings, start, facts) if hyper.faq_retrieval else None)
         contributed = contributions(rows)
+        trained = {i for p in train_pairs + rated for i in p.feedback_ids}
         record = {"started_from": start, "contributed": contributed,
-                  "train_feedback_ids": sorted(i for p in train_pairs + rated for i in p.feedback_ids),
-                  "holdout_feedback_ids": sorted(i for p in held_pairs for i in p.feedback_ids),
+                  "train_feedback_ids": sorted(trained),
+                  # a row that corrects a call and the answer may be in both: it counts as trained
+                  "holdout_feedback_ids": sorted({i for p in held_pairs for i in p.feedback_ids} - trained),
                   "replayed_rows": len(replay), "replaced_rows": len(old_train) - len(kept), "skipped": skipped}
         (run.directory / FEEDBACK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         # what the gate needs once the run is a version, kept with the run: a run resumed after a crash
@@ -409,7 +453,8 @@ def gate_cases(pairs: list[Pair], regression: list[dict[str, Any]], settings: Se
     from forja.evaluate import TestCase
 
     config = settings.feedback
-    rows = [p.training_row() for p in pairs if p.supervised and not isinstance(p.prompt, str)]
+    # (a corrected tool call is not checked here: evaluation answers in text, without tools)
+    rows = [p.training_row() for p in pairs if p.answers_question and not isinstance(p.prompt, str)]
     cases = [row_case(row, "feedback") for row in rows] + [row_case(row, "rewordings") for row in reworded_rows(rows, 2)]
     # the rated answers: is a disliked one given again, a liked one kept (the ratings check)
     cases += [TestCase(question=p.question, answer=p.answer, messages=[{"role": m["role"], "content": m["content"]}
@@ -437,6 +482,15 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
 
     config = settings.feedback
     cases = gate_cases(pairs, regression, settings)
+    if not cases:  # corrected tool calls alone, from a model with no rows to check: nothing says it is better
+        report = {"current": current, "candidate": candidate, "cases": 0, "tolerance": config.gate_tolerance,
+                  "backend": runs_on(settings), "regression_set": "none", "checks": {}, "passed": False,
+                  "decided_by": "nothing to check",
+                  "reason": "no answer to check: corrected tool calls are not evaluated (evaluation answers without "
+                            "tools) and there is no regression set (feedback.gate_testset); promote it by hand if it "
+                            "is right (forja models promote)"}
+        _write_gate(settings, candidate, report)
+        return report
     result = evaluate([current, candidate], cases, settings, max_new_tokens=config.gate_max_tokens, progress=progress)
     checks: dict[str, dict[str, Any]] = {}
     ratings = ratings_check(result.rows, current, candidate)
@@ -477,10 +531,15 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
         "checks": checks, "passed": not failed, "decided_by": failed[0] if failed else "all checks",
         "reason": checks[failed[0]]["reason"] if failed else "every check passed",
     }
+    _write_gate(settings, candidate, report)
+    return report
+
+
+def _write_gate(settings: Settings, candidate: str, report: dict[str, Any]) -> None:
+    """The report, into the version it decided on."""
     version_dir = models.resolve(candidate, settings).path
     if version_dir is not None:
         (version_dir / GATE_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return report
 
 
 def ratings_check(rows: list[dict[str, Any]], current: str, candidate: str) -> dict[str, Any] | None:

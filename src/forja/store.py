@@ -83,6 +83,7 @@ feedback = sa.Table(
     sa.Column("correction", sa.Text),
     sa.Column("comment", sa.Text),
     sa.Column("sender", sa.String(200)),  # the API key's name, never the key
+    sa.Column("tool_call", JSON),  # JSON: an agent step's call corrected, {"step", "name", "arguments"}, or NULL
     sa.CheckConstraint("rating IN ('up', 'down') OR rating IS NULL", name="rating_up_or_down"),
 )
 
@@ -432,7 +433,8 @@ class Store:
     # ------------------------------------------------------------------ feedback
 
     def add_feedback(self, exchange_id: str, *, rating: str | None = None, correction: str | None = None,
-                     comment: str | None = None, choice: int = 0, sender: str | None = None) -> dict[str, Any]:
+                     comment: str | None = None, choice: int = 0, sender: str | None = None,
+                     tool_call: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store one feedback row and return it (with the model that gave the answer); committed (and
         synced) before this returns. The backlog is written first: an exchange answered while the database
         was away can be rated once it is back."""
@@ -448,7 +450,7 @@ class Store:
                 raise StoreError(f"exchange {exchange_id!r} has no choice {choice}")
             result = conn.execute(feedback.insert().values(
                 exchange_id=exchange_id, created_at=time.time(), choice=choice, rating=rating,
-                correction=correction, comment=comment, sender=sender,
+                correction=correction, comment=comment, sender=sender, tool_call=tool_call,
             ))
             row = conn.execute(sa.select(feedback).where(feedback.c.id == result.inserted_primary_key[0])).one()
         return {**row._mapping, "model": found.model}
@@ -457,7 +459,7 @@ class Store:
                       unused_only: bool = False) -> list[dict[str, Any]]:
         """Feedback joined with its exchange, newest first."""
         query = (sa.select(feedback, exchanges.c.model, exchanges.c.persona, exchanges.c.messages,
-                           exchanges.c.answers, exchanges.c.route, exchanges.c.params,
+                           exchanges.c.answers, exchanges.c.route, exchanges.c.params, exchanges.c.trace,
                            feedback_reviews.c.decision.label("review"))
                  .join(exchanges, feedback.c.exchange_id == exchanges.c.id)
                  .outerjoin(feedback_reviews, feedback_reviews.c.feedback_id == feedback.c.id)
@@ -533,7 +535,7 @@ class Store:
                 "feedback": sum(ratings.values()),
                 "ratings": ratings,
                 "corrections": count(sa.select(sa.func.count()).select_from(feedback)
-                                     .where(feedback.c.correction.is_not(None))),
+                                     .where(feedback.c.correction.is_not(None) | feedback.c.tool_call.is_not(None))),
                 "unused": count(sa.select(sa.func.count()).select_from(feedback)
                                 .where(~feedback.c.id.in_(sa.select(feedback_used.c.feedback_id)))),
                 "models": models,

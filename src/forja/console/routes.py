@@ -327,7 +327,8 @@ def feedback_item(row: dict[str, Any]) -> dict[str, Any]:
     question = question if isinstance(question, str) else json.dumps(question, ensure_ascii=False)
     return {"id": row["id"], "created_at": row["created_at"], "exchange_id": row["exchange_id"], "model": row["model"],
             "persona": row["persona"], "rating": row["rating"], "question": question, "answer": row["answer"],
-            "correction": row["correction"], "comment": row["comment"], "sender": row["sender"],
+            "correction": row["correction"], "tool_call": row.get("tool_call"), "comment": row["comment"],
+            "sender": row["sender"],
             "review": row["review"], "used_in": row["used_in"]}
 
 

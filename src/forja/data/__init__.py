@@ -1268,7 +1268,7 @@ def _turns(
 def _check_turns(messages: list[dict[str, Any]], labels: list[str], name: str) -> None:
     """Chat templates need an optional system turn, then user and assistant in turn, ending with the assistant;
     an assistant turn that calls tools is followed by their results (`tool` turns, one per call), then the
-    assistant again."""
+    assistant again, unless it is the last turn (a step's call to learn)."""
     roles = [m["role"] for m in messages]
     first = 1 if roles[:1] == ["system"] else 0
     if not roles[first:]:
@@ -1300,8 +1300,7 @@ def _check_turns(messages: list[dict[str, Any]], labels: list[str], name: str) -
     if roles[-1] != "assistant":
         raise _Bad(f"{labels[-1]}: the last turn is the {roles[-1]}'s; it must be the assistant's, which the model "
                    "learns")
-    if messages[-1].get("tool_calls"):
-        raise _Bad(f"{labels[-1]}: the last turn calls tools; the conversation must end with the assistant's answer")
+    # (it may end with a turn that calls tools, as OpenAI's fine-tuning format allows: the call is learned)
 
 
 def _calls(value: Any, label: str) -> list[dict[str, Any]]:

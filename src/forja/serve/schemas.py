@@ -298,8 +298,36 @@ class PredictResponse(BaseModel):
 MAX_FEEDBACK_CHARS = 20_000
 
 
+class ToolCallCorrection(_Body):
+    """The call an agent's step should have made: it trains as that call, after the conversation before it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: StrictInt = Field(..., ge=1, description="The step's number, as in the answer's `forja.steps`.")
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="The tool it should have called (default: the step's own).")
+    arguments: dict[str, Any] = Field(..., description="The arguments it should have had (the tool's JSON schema).")
+
+    @field_validator("arguments")
+    @classmethod
+    def _plain(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """They become training data: the characters rail holds for them as for a corrected answer."""
+        def texts(item: Any) -> list[str]:  # every key and string in it (json.dumps would escape a control character)
+            if isinstance(item, dict):
+                return [t for k, v in item.items() for t in [str(k), *texts(v)]]
+            if isinstance(item, list):
+                return [t for v in item for t in texts(v)]
+            return [item] if isinstance(item, str) else []
+
+        refusal = next(filter(None, map(refused_characters, texts(value))), None)
+        if refusal is not None:
+            raise PydanticCustomError("invalid_text", "holds {what}; send plain text", {"what": refusal})
+        return value
+
+
 class FeedbackRequest(_Body):
-    """A rating and/or a corrected answer for an exchange; the classic `{"text": ...}` is a comment."""
+    """A rating and/or a corrected answer for an exchange; the classic `{"text": ...}` is a comment. An agent's
+    answer may also have one of its tool calls corrected (`tool_call`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -309,6 +337,7 @@ class FeedbackRequest(_Body):
     comment: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
     text: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS, description="Classic free-text feedback; kept as a comment.")
     choice: StrictInt | None = Field(None, ge=0, description="Which answer of an `n` > 1 request (default 0).")
+    tool_call: ToolCallCorrection | None = None
 
     @field_validator("correction", "comment", "text")
     @classmethod
@@ -322,8 +351,11 @@ class FeedbackRequest(_Body):
 
     @model_validator(mode="after")
     def _something(self) -> "FeedbackRequest":
-        if self.rating is None and self.correction is None and self.comment is None and self.text is None:
-            raise ValueError("give a rating ('up' or 'down'), a correction or a comment")
+        if (self.rating is None and self.correction is None and self.comment is None and self.text is None
+                and self.tool_call is None):
+            raise ValueError("give a rating ('up' or 'down'), a correction, a corrected tool call or a comment")
+        if self.tool_call is not None and self.rating == "up":
+            raise ValueError("a corrected tool call rates the answer down, not up")
         return self
 
 
@@ -335,6 +367,7 @@ class FeedbackRow(BaseModel):
     choice: int
     rating: str | None
     correction: str | None
+    tool_call: dict[str, Any] | None = None
     comment: str | None
     sender: str | None
 

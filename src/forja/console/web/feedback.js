@@ -12,6 +12,11 @@ function item(row) {
   card.append(el("p", { class: "question" }, el("span", { class: "label" }, "Question"), row.question));
   card.append(el("p", { class: "answer" }, el("span", { class: "label" }, "Answer"), row.answer));
   if (row.correction) card.append(el("p", { class: "correction" }, el("span", { class: "label" }, "Correction"), row.correction));
+  if (row.tool_call) {  // an agent's step corrected: it trains as this call
+    const call = row.tool_call;
+    card.append(el("p", { class: "correction tool-call" }, el("span", { class: "label" }, `Corrected call (step ${call.step})`),
+      el("code", {}, `${call.name}(${JSON.stringify(call.arguments)})`)));
+  }
   if (row.comment) card.append(el("p", { class: "comment" }, el("span", { class: "label" }, "Comment"), row.comment));
   if (row.used_in.length) card.append(el("p", { class: "hint" }, "Trained into " + row.used_in.join(", ")));
   const edit = el("textarea", { class: "edit", rows: "2", placeholder: "The answer it should teach (optional)" });

@@ -8,6 +8,7 @@ import re
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from forja.chat import CallCorrectionError, corrected_call
 from forja.serve.deps import ApiError, ApiKeyDep, StateDep
 from forja.serve.exchange import Exchange, Options
 from forja.serve.rails import CONTENT_FILTER
@@ -48,12 +49,23 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
     numbered = re.fullmatch(r"(pred-[0-9a-f]+)-(\d+)", exchange_id)  # /predict's ids when it returned several
     if numbered and choice is None:
         exchange_id, choice = numbered.group(1), int(numbered.group(2))
-    rating = body.rating or ("down" if body.correction else None)
+    rating = body.rating or ("down" if body.correction or body.tool_call else None)
     comment = state.guards.redact("\n".join(t for t in (body.comment, body.text) if t) or None)
     correction = state.guards.redact(body.correction)  # PII never reaches the store
+    tool_call = None
+    if body.tool_call is not None:  # checked against the steps the answer made and the tools it was offered
+        exchange = await asyncio.to_thread(state.store.exchange, exchange_id)
+        if exchange is None:
+            raise ApiError(404, f"no exchange with id {exchange_id!r}", param="id", code="exchange_not_found")
+        try:
+            tool_call = state.guards.redact(corrected_call(exchange.messages, exchange.trace,
+                                                           (exchange.params or {}).get("tools"),
+                                                           body.tool_call.model_dump()))
+        except CallCorrectionError as exc:
+            raise ApiError(422, str(exc), param="tool_call", code="invalid_value") from None
     try:
         row = await asyncio.to_thread(state.store.add_feedback, exchange_id, rating=rating, correction=correction,
-                                      comment=comment, choice=choice or 0, sender=key_name)
+                                      comment=comment, choice=choice or 0, sender=key_name, tool_call=tool_call)
     except UnknownExchange as exc:
         raise ApiError(404, str(exc), param="id", code="exchange_not_found") from None
     except StoreError as exc:

@@ -272,6 +272,13 @@ function button(label, title, onClick) {
   return b;
 }
 
+// POST /v1/feedback for the answer `id`; throws the server's message when it is refused.
+async function sendFeedback(id, body) {
+  const response = await fetch("/v1/feedback", { method: "POST", headers: headers(),
+                                                 body: JSON.stringify({ id, ...body }) });
+  if (!response.ok) throw new Error(await errorText(response));
+}
+
 // Thumbs up/down and a correction box under an answer; `turn` is the answer's place in the history.
 function feedbackBar(bubble, id, turn) {
   const bar = document.createElement("div");
@@ -292,9 +299,7 @@ function feedbackBar(bubble, id, turn) {
 
   async function post(body, done) {
     try {
-      const response = await fetch("/v1/feedback", { method: "POST", headers: headers(),
-                                                     body: JSON.stringify({ id, ...body }) });
-      if (!response.ok) throw new Error(await errorText(response));
+      await sendFeedback(id, body);
       note.textContent = done;
       bar.classList.add("sent");
       return true;
@@ -360,7 +365,49 @@ function stepBox(step) {
   const result = document.createElement("pre");
   result.textContent = step.result;
   item.append(summary, call, result);
+  item.step = step;
   return item;
+}
+
+// Under a step of a stored answer `id`: a box to correct the call's arguments (it trains as the call it should
+// have been).
+function callCorrection(item, id) {
+  const step = item.step;
+  const call = item.querySelector("code");
+  const box = document.createElement("form");
+  box.className = "call-correction";
+  box.hidden = true;
+  const area = document.createElement("textarea");
+  area.rows = 3;
+  area.value = JSON.stringify(step.arguments, null, 1);
+  area.setAttribute("aria-label", t("call_label"));
+  const send = document.createElement("button");
+  send.type = "submit";
+  send.textContent = t("send_call");
+  const note = document.createElement("span");
+  note.className = "feedback-note";
+  box.append(area, send, note);
+  const open = button(t("correct_call"), t("correct_call"), () => { box.hidden = !box.hidden; if (!box.hidden) area.focus(); });
+  open.className = "correct-call";
+  box.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    let args;
+    try {
+      args = JSON.parse(area.value);
+    } catch (err) {
+      note.textContent = t("call_not_json", { error: err.message });
+      return;
+    }
+    try {
+      await sendFeedback(id, { tool_call: { step: step.step, arguments: args } });
+      note.textContent = t("call_saved");
+      call.textContent = JSON.stringify(args);
+      box.classList.add("sent");
+    } catch (err) {
+      note.textContent = t("feedback_failed", { error: failure(err) });
+    }
+  });
+  item.append(open, box);
 }
 
 function busy(on) {
@@ -380,6 +427,7 @@ async function ask(text) {
   let finish = null;
   let responseId = null;
   let annotations = [];
+  const steps = [];
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
@@ -402,7 +450,11 @@ async function ask(text) {
         const chunk = JSON.parse(event.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.id) responseId = chunk.id;
-        if (chunk.forja && chunk.forja.step) bubble.before(stepBox(chunk.forja.step)); // an agent's tool step
+        if (chunk.forja && chunk.forja.step) { // an agent's tool step
+          const item = stepBox(chunk.forja.step);
+          steps.push(item);
+          bubble.before(item);
+        }
         for (const choice of chunk.choices) {
           if (choice.delta && choice.delta.content) {
             answer += choice.delta.content;
@@ -426,7 +478,10 @@ async function ask(text) {
       state.history.push({ role: "assistant", content: answer });
       keepConversation();
     }
-    if (answer && responseId && finish !== "stopped") feedbackBar(bubble, responseId, state.history.length - 1);
+    if (answer && responseId && finish !== "stopped") {
+      feedbackBar(bubble, responseId, state.history.length - 1);
+      for (const item of steps) callCorrection(item, responseId); // once the answer (and its steps) is stored
+    }
     if (annotations.length) bubble.after(sourcesList(annotations)); // between the answer and its feedback bar
     if (["stopped", "length", "content_filter"].includes(finish)) {
       const meta = document.createElement("span");
