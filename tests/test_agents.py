@@ -360,7 +360,8 @@ def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):
     assert step.locator("pre").inner_text().startswith("order ")
     page.wait_for_selector("#send:not([disabled])", timeout=60_000)
     assert page.locator("details.step + .assistant").count() == 1  # the answer follows its steps
-    # once the answer is stored, its call can be corrected: the box holds the arguments as JSON
+    # once the answer is stored, its call can be corrected: the box (folded until asked for) holds the arguments
+    assert not step.locator("form.call-correction").is_visible()
     step.locator("button.correct-call").click()
     box = step.locator("form.call-correction textarea")
     made = json.loads(box.input_value())["order_id"]
@@ -375,7 +376,8 @@ def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):
     box.fill(json.dumps({"order_id": other}))
     step.locator("form.call-correction button[type=submit]").click()
     page.wait_for_function("document.querySelector('form.call-correction .feedback-note').textContent.includes('Call corrected')")
-    assert step.locator("code").inner_text() == json.dumps({"order_id": other}, separators=(",", ":"))
+    assert step.locator("code").first.inner_text() == json.dumps({"order_id": made}, separators=(",", ":"))
+    assert step.locator("code.corrected").inner_text() == "→ " + json.dumps({"order_id": other}, separators=(",", ":"))
     page.screenshot(path=str(ARTIFACTS / "agent-steps.png"), full_page=True)
     context.close()
     rows = served.app.state.forja.store.feedback_rows()
@@ -467,3 +469,102 @@ def test_a_tool_call_corrected_through_the_api_trains_as_that_call(served, tmp_p
     assert "weight" not in learned and json.loads(learned["tool_calls"][0]["function"]["arguments"]) == {"order_id": other}
     prepared = prepare(tmp_path / "fb.jsonl", tmp_path / "train.jsonl")  # forja data reads it as a tool-calling row
     assert prepared.kinds["dialogue"] == summary.pairs
+
+
+# ------------------------------------------------------------------------------------------------ scripted model
+# A model that knows which tool to use (tests/servers/scripted_model.py, behind a persona's upstream_url): the
+# done-when cases of the loop that a random tiny model cannot reach — a search of the persona's documents cited
+# in the answer, and a question over an uploaded CSV answered with pandas in the python tool.
+
+MANUAL = ("# Almacén\n\nEl código de la puerta del almacén es 4721. Se cambia cada mes.\n\n"
+          "# Horario\n\nAbrimos de lunes a sábado, de 8 a 20.\n")
+SALES = "fecha,producto,importe\n2026-11-02,pan,120\n2026-11-03,bollos,75\n2026-11-04,pan,300\n"
+PANDAS_CODE = "import pandas as pd\nventas = pd.read_csv('ventas.csv')\nprint(int(ventas['importe'].sum()))"
+
+
+def first_passage(result: str) -> str:
+    """The scripted answer to a knowledge_search result: its first passage's sentence with the code, cited."""
+    line = next((line for line in result.splitlines() if "4721" in line), result[:80])
+    return line.split(". ")[0] + " [1]."
+
+
+@pytest.fixture(scope="module")
+def scripted(long_tiny_model_dir, tmp_path_factory, start_server):
+    from forja import knowledge
+    from servers.scripted_model import scripted_model
+
+    model = start_server(scripted_model({
+        "knowledge_search": (lambda question: {"query": question}, first_passage),
+        "python": (lambda question: {"code": PANDAS_CODE}, lambda result: f"En total: {result.strip()} euros."),
+    }), ready_path=None)
+    home = tmp_path_factory.mktemp("scripted-home")
+    (home / "manual.md").write_text(MANUAL, encoding="utf-8")
+    common = dict(home=home, model=str(long_tiny_model_dir), dtype="float32", jobs={"run_in_server": False})
+    knowledge.add(load_settings(**common), "manual", [home / "manual.md"])
+    uploader = start_server(create_app(load_settings(**common), str(long_tiny_model_dir)))
+    upload = openai.OpenAI(base_url=uploader.url + "/v1", api_key="none", max_retries=0).files.create(
+        file=("ventas.csv", SALES.encode()), purpose="assistants")  # as a client uploads it
+    uploader.stop()
+    upstream = {"model": "guion", "upstream_url": model.url + "/v1", "max_steps": 2}
+    settings = load_settings(**common, serve={"tools": {"python": {"enabled": True}}, "personas": [
+        {"name": "documentos", "tools": ["knowledge_search"], "knowledge": ["manual"], **upstream},
+        {"name": "analista", "tools": ["python"], "files": [upload.id], **upstream}]})
+    server = start_server(create_app(settings, str(long_tiny_model_dir)))
+    server.model, server.file_id = model, upload.id
+    return server
+
+
+def test_knowledge_search_is_called_and_its_passage_cited_in_the_answer(scripted):
+    reply = client(scripted).chat.completions.create(
+        model="documentos", messages=[{"role": "user", "content": "¿Cuál es el código de la puerta del almacén?"}])
+    steps = reply.model_extra["forja"]["steps"]
+    assert [(s["tool"], s["ok"]) for s in steps] == [("knowledge_search", True)]
+    assert steps[0]["arguments"] == {"query": "¿Cuál es el código de la puerta del almacén?"} and "4721" in steps[0]["result"]
+    message = reply.choices[0].message
+    assert "4721" in message.content and "[1]" in message.content
+    cites = [a["file_citation"] for a in message.to_dict()["annotations"]]
+    assert cites and cites[0]["filename"] == "manual.md" and "4721" in cites[0]["quote"] and cites[0]["cited"]
+    stored = scripted.app.state.forja.store.exchange(reply.id)
+    assert stored.trace == steps and [t["function"]["name"] for t in stored.params["tools"]] == ["knowledge_search"]
+
+
+def test_a_question_over_an_uploaded_csv_is_answered_with_pandas_in_the_python_tool(scripted):
+    reply = client(scripted).chat.completions.create(
+        model="analista", messages=[{"role": "user", "content": "¿Cuánto hemos vendido en noviembre?"}])
+    steps = reply.model_extra["forja"]["steps"]
+    assert [(s["tool"], s["ok"]) for s in steps] == [("python", True)], steps
+    assert steps[0]["result"].strip() == "495"  # pandas summed the uploaded file in the sandbox
+    assert reply.choices[0].message.content == "En total: 495 euros."
+    assert scripted.app.state.forja.store.exchange(reply.id).trace == steps
+    call, result, answer_now = scripted.model.app.state.requests[-1]["messages"][-3:]  # what the model was sent
+    assert result == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": steps[0]["result"]}
+    assert answer_now["role"] == "user" and json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"code": PANDAS_CODE}
+
+
+@pytest.mark.parametrize("persona, question, shot", [
+    ("documentos", "¿Cuál es el código de la puerta del almacén?", "agent-knowledge.png"),
+    ("analista", "¿Cuánto hemos vendido en noviembre?", "agent-python.png")])
+def test_the_chat_page_shows_the_search_and_the_python_steps(scripted, browser, persona, question, shot):
+    from conftest import ARTIFACTS
+
+    context = browser.new_context(locale="es-ES", viewport={"width": 900, "height": 800})
+    page = context.new_page()
+    page.goto(scripted.url + "/")
+    page.wait_for_selector(f"#persona option[value='{persona}']", state="attached")
+    page.select_option("#persona", persona)
+    page.fill("#prompt", question)
+    page.click("#send")
+    page.wait_for_selector("#send:not([disabled])", timeout=60_000)
+    step = page.locator("details.step").first
+    assert step.locator("summary").inner_text() == f"Paso 1: {'knowledge_search' if persona == 'documentos' else 'python'}"
+    step.locator("summary").click()
+    answer = page.locator("details.step ~ .assistant").last.inner_text()
+    if persona == "documentos":
+        assert "4721" in step.locator("pre").inner_text() and "4721" in answer
+        page.locator(".sources details.source summary").first.click()  # the cited passage opens under the answer
+        assert "4721" in page.locator(".sources blockquote").first.inner_text()
+    else:
+        assert step.locator("pre").inner_text().strip() == "495" and "495" in answer
+        assert "read_csv" in step.locator("code").first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+    context.close()

@@ -401,7 +401,10 @@ function callCorrection(item, id) {
     try {
       await sendFeedback(id, { tool_call: { step: step.step, arguments: args } });
       note.textContent = t("call_saved");
-      call.textContent = JSON.stringify(args);
+      const fixed = document.createElement("code");  // next to the call as it was made (its result is above)
+      fixed.className = "corrected";
+      fixed.textContent = "→ " + JSON.stringify(args);
+      call.after(fixed);
       box.classList.add("sent");
     } catch (err) {
       note.textContent = t("feedback_failed", { error: failure(err) });
