@@ -132,3 +132,39 @@ def test_a_conversation_is_renamed_and_given_the_turns_the_client_now_has(served
     assert {why: r.status_code for why, r in refused.items()} == {
         "someone else's": 404, "nothing to change": 400, "metadata": 400, "empty title": 422, "bad turn": 422}
     assert httpx.get(url, headers=ana).json()["forja"]["title"] == "Horario"  # nothing refused changed it
+
+
+PRICE_LIST = " ".join(f"El artículo {n} del catálogo de la ferretería cuesta {n * 3 + 7} euros y se guarda en el "
+                      f"pasillo {n % 9 + 1}." for n in range(30))  # about 750 tokens for the bundled tokenizer
+
+
+@pytest.mark.slow
+def test_the_bundled_model_keeps_answering_a_conversation_longer_than_its_context(bundled_home, start_server,
+                                                                                   monkeypatch):
+    """On the default backend (llama.cpp where it is installed) with the KV cache a small VPS gives it
+    (serve.kv_tokens 2048: a served context of 2,048 tokens; at the default 8,192 the same test passes in about
+    6 minutes, too slow for the suite), a conversation of pasted price lists grows past the context: every turn
+    is answered, the older turns are summarised by the model, and no prompt sent to it is over the context."""
+    from forja.engine import llamacpp
+
+    monkeypatch.setenv("FORJA_HOME", str(bundled_home))
+    backend = "llamacpp" if llamacpp.available() else "pytorch"
+    settings = load_settings(jobs={"run_in_server": False}, serve={"backend": backend, "kv_tokens": 2048})
+    server = start_server(create_app(settings, "smollm2-135m"))
+    state = server.app.state.forja
+    engine = state.engines[state.base]
+    context = engine.context_length
+    assert context == (2048 if backend == "llamacpp" else context)
+    server.model = "smollm2-135m"
+    conversation = new_conversation(server, messages=[{"role": "system", "content": "Eres el asistente de una ferretería."}])
+    turn_tokens = len(engine.tokenizer(PRICE_LIST)["input_ids"])
+    replies = []
+    for i in range(min(context, 2048) // turn_tokens + 2):  # past the context by two turns
+        replies.append(say(server, conversation, f"Lista {i + 1}: {PRICE_LIST} ¿Cuánto cuesta el artículo {i}?",
+                           max_tokens=24, temperature=0))
+    assert all(r.choices[0].message.content.strip() for r in replies)  # every turn answered
+    told = [r.model_extra["forja"]["conversation"] for r in replies]
+    assert told[-1]["compacted"] > 0 and any("summarized" in t for t in told), told
+    assert max(r.usage.prompt_tokens for r in replies) <= context
+    kept = httpx.get(f"{server.url}/v1/conversations/{conversation}").json()
+    assert kept["forja"]["summary"].strip() and kept["forja"]["messages"][-2]["content"].startswith(f"Lista {len(replies)}:")

@@ -179,13 +179,20 @@ def test_a_request_that_can_never_fit_the_queue_is_a_422_naming_the_limit(hostil
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200},
                                            {"role": "assistant", "content": "y"},
-                                           {"role": "user", "content": "z" * 150}]}, "messages"),
+                                           {"role": "user", "content": "z" * 351}]}, "messages"),
     ("/v1/completions", {"prompt": "x" * 351}, "prompt"),
     ("/predict", {"prompt": "x" * 351}, "prompt"),
 ])
 def test_a_prompt_over_max_input_chars_is_a_400_with_the_numbers(hostile, path, body, param):
     message = error(post(hostile, path, body), 400, "input_too_long", param)
     assert "351" in message and str(MAX_INPUT_CHARS) in message and "guard.max_input_chars" in message
+
+
+def test_max_input_chars_holds_per_message_so_a_long_chat_keeps_answering(hostile):
+    """A page resends its whole history: turns that together pass the limit, each within it, are answered."""
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * (MAX_INPUT_CHARS - 10)} for i in range(3)]
+    reply = post(hostile, "/v1/chat/completions", {"messages": turns, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
 
 
 def test_the_persona_system_prompt_does_not_count_toward_max_input_chars(hostile):

@@ -242,7 +242,8 @@ class RailsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="Run the rails at all.")
-    max_input_chars: int = Field(8000, ge=1, description="Longest input (all of a request's messages together).")
+    max_input_chars: int = Field(8000, ge=1, description="Longest message a client may send (each user or assistant "
+                                 "turn; a whole conversation is bounded by the model's context).")
     characters: Literal["block", "off"] = Field("block", description="Control characters and chat-template tokens in input.")
     injection: Literal["block", "flag", "off"] = Field(
         "block", description="Attempts to override or reveal the system prompt; answers quoting it.")

@@ -569,8 +569,11 @@ class Guard:
             m["content"] for m in conversation if m.get("role") != "system" and isinstance(m.get("content"), str)]
 
     def input_chars(self, conversation: list[dict[str, str]] | str) -> int:
-        """The length `max_input_chars` limits: what the client sent (not the persona's system prompt)."""
-        return sum(len(t) for t in self._client_texts(conversation))
+        """The length `max_input_chars` limits: the longest message the client sent (not the persona's system
+        prompt). Per message, not all together: a long chat (a page resends its history, a conversation kept
+        on the server grows) must keep answering; its whole length is bounded by the model's context (and a
+        conversation kept on the server is summarised) and the body by serve.max_body_bytes."""
+        return max((len(t) for t in self._client_texts(conversation)), default=0)
 
     def apply_input(self, conversation: Any, verdict: Verdict) -> Any:
         """The conversation with the verdict's redactions applied."""

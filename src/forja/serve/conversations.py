@@ -23,7 +23,7 @@ ID_PREFIX = "conv_"
 SUMMARY_PROMPT = "Summarise the conversation so far: the facts, names and numbers to remember."
 SUMMARY_TOKENS = 200
 TEMPLATE_BYTES = 32  # what a chat template adds around a turn, counted generously (role markers, newlines)
-KEEP_TURNS = 2  # the newest turns are never taken out (the question being answered and its context)
+KEEP_TURNS = 2  # the newest exchange is taken out last (the context of the question being answered)
 
 
 @dataclass
@@ -140,9 +140,11 @@ async def fitted(state: ServerState, request: Request, conversation: Conversatio
             return prompt
         tokens = len(await asyncio.to_thread(engine.tokenize, target.messages(prompt)))
         turns = [m for m in conversation.messages if m["role"] != "system"]
-        if tokens <= room or len(turns) <= KEEP_TURNS:
+        if tokens <= room or not turns:  # (the new turn itself is never taken out: the context check says so)
             return prompt
-        cut = max(2, (len(turns) - KEEP_TURNS) // 2 * 2)  # the older half, whole exchanges
+        # the older half, whole exchanges; the newest exchange stays while it fits with the new turn, and goes
+        # too (summarised) when it does not: a long pasted text must not end the conversation
+        cut = max(2, (len(turns) - KEEP_TURNS) // 2 * 2) if len(turns) > KEEP_TURNS else len(turns)
         summarized = None
         while state.settings.serve.conversation_overflow == "summarize":
             try:

@@ -48,7 +48,8 @@ class RequestRails:
         length = self.guard.input_chars(prompt)
         if rails.enabled and length > rails.max_input_chars:
             param = self.param or ("prompt" if isinstance(prompt, str) else "messages")
-            raise ApiError(400, f"{param}: the input is {length} characters long; this server takes at most "
+            what = "the input is" if isinstance(prompt, str) else "a message is"
+            raise ApiError(400, f"{param}: {what} {length} characters long; this server takes at most "
                            f"{rails.max_input_chars} (guard.max_input_chars): shorten it", param=param,
                            code="input_too_long")
 
