@@ -480,3 +480,14 @@ def test_a_slow_safety_classifier_does_not_stall_other_streams(slow_classifier, 
     checked, free = asyncio.run(both())
     assert checked >= 1.0  # input and output were each classified (1 s a call)
     assert free < 0.8, free  # answered while the classifier of the other request slept
+
+
+def test_max_input_chars_holds_per_message_so_a_long_chat_keeps_answering():
+    """A page resends its whole history: turns that together pass the limit, each within it, are not blocked;
+    one message over it is."""
+    guard = Guard(RailsSettings(max_input_chars=300))
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "palabra " * 36} for i in range(5)]
+    assert guard.input_chars(turns) == 288 and not guard.check_input(turns).blocked
+    long = [*turns[:-1], {"role": "user", "content": "x" * 301}]
+    verdict = guard.check_input(long)
+    assert verdict.blocked and [f.rule for f in verdict.findings] == ["length"]

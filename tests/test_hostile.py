@@ -188,13 +188,6 @@ def test_a_prompt_over_max_input_chars_is_a_400_with_the_numbers(hostile, path, 
     assert "351" in message and str(MAX_INPUT_CHARS) in message and "guard.max_input_chars" in message
 
 
-def test_max_input_chars_holds_per_message_so_a_long_chat_keeps_answering(hostile):
-    """A page resends its whole history: turns that together pass the limit, each within it, are answered."""
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * (MAX_INPUT_CHARS - 10)} for i in range(3)]
-    reply = post(hostile, "/v1/chat/completions", {"messages": turns, "max_tokens": 2})
-    assert reply.status_code == 200, reply.text
-
-
 def test_the_persona_system_prompt_does_not_count_toward_max_input_chars(hostile):
     question = "Hola, " * (MAX_INPUT_CHARS // 6)  # with the persona's system prompt: over the limit
     body = {"model": "pirate", "messages": [{"role": "user", "content": question}], "max_tokens": 2}
