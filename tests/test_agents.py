@@ -333,14 +333,27 @@ def test_python_that_prints_forever_is_cut_without_filling_the_servers_memory():
 
 
 def test_bench_agent_runs_before_and_after_training(long_tiny_model_dir, tmp_path):
-    from forja.bench_agent import agent_benchmark, render_agent, trace
+    from forja.bench_agent import Task, agent_benchmark, render_agent, trace
+    from forja.data import prepare
+    from forja.engine import llamacpp
 
-    assert trace((12, "*", 7))["messages"][-1]["content"] == "12 * 7 is 84."
+    assert trace(Task(12, "*", 7))["messages"][-1]["content"] == "12 * 7 is 84."
+    two = trace(Task(12, "*", 7, "Tokyo"))  # the time first, then the calculator, as the loop makes them
+    assert [m["tool_calls"][0]["function"]["name"] for m in two["messages"] if m.get("tool_calls")] == ["current_time", "calculator"]
+    assert two["messages"][-1]["content"].startswith("In Tokyo it is ") and two["messages"][-1]["content"].endswith("12 * 7 is 84.")
+    (tmp_path / "two.jsonl").write_text(json.dumps(two) + "\n")
+    assert prepare(tmp_path / "two.jsonl", tmp_path / "prepared.jsonl").kinds["dialogue"] == 1  # forja data reads it
     settings = load_settings(home=tmp_path / "home", model=str(long_tiny_model_dir), dtype="float32",
                              train={"method": "full", "learning_rate": 3e-3})
-    results = agent_benchmark(settings, str(long_tiny_model_dir), traces=2, held_out=2, steps=2, log=lambda _: None)
-    assert set(results["before"]) == {"called", "right"} and results["after"]["called"] <= 2
-    assert "before training: called" in render_agent(results)
+    backends = ("pytorch", "llamacpp") if llamacpp.available() else ("pytorch",)
+    results = agent_benchmark(settings, str(long_tiny_model_dir), traces=2, held_out=2, steps=2, backends=backends,
+                              log=lambda _: None)
+    for backend in backends:
+        figures = results["backends"][backend]
+        assert {kind: c["asked"] for kind, c in figures["before"].items()} == {"one_step": 1, "two_steps": 1}
+        assert all(c["called"] <= c["asked"] and c["right"] <= c["asked"] for p in figures.values() for c in p.values())
+    shown = render_agent(results)
+    assert "before training" in shown and "two steps: called" in shown and all(b in shown for b in backends)
 
 
 def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):

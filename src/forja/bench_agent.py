@@ -1,7 +1,8 @@
 """`forja bench agent`: does training on a few corrected traces teach the model to use its tools? A persona with
-the calculator answers held-out arithmetic questions through the agent loop before and after a version is
-trained on tool-calling conversations (other numbers, the same shape), in one command: how many called the
-calculator, and how many answers hold the right number.
+the calculator and current_time answers held-out questions through the agent loop before and after a version is
+trained on tool-calling conversations (other numbers and cities, the same shapes), on each backend asked for, in
+one command: arithmetic (one step) and the time in a city then arithmetic (two steps); how many made the right
+calls in order, and how many answers hold the right number.
 """
 
 from __future__ import annotations
@@ -11,50 +12,93 @@ import operator
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from forja.agents.builtin import SPECS
+from forja.agents.builtin import SPECS, current_time
 from forja.config import ForjaError, Persona, Settings
+
 
 class BenchError(ForjaError):
     """The benchmark's server refused a question (the message says why)."""
 
 
-SYSTEM = "You are a shop assistant. For any arithmetic call the calculator tool with the expression."
+SYSTEM = ("You are a shop assistant. For any arithmetic call the calculator tool with the expression; for the "
+          "time somewhere call current_time with its time zone.")
 OPERATIONS = {"*": operator.mul, "+": operator.add, "-": operator.sub}
+CITIES = {"Tokyo": "Asia/Tokyo", "Madrid": "Europe/Madrid", "New York": "America/New_York", "Lima": "America/Lima",
+          "Mexico City": "America/Mexico_City", "Buenos Aires": "America/Argentina/Buenos_Aires",
+          "London": "Europe/London", "Sydney": "Australia/Sydney"}
+KINDS = ("one_step", "two_steps")  # the calculator alone; the time in a city, then the calculator
 
 
-def tasks(count: int, seed: int) -> list[tuple[int, str, int]]:
+@dataclass(frozen=True)
+class Task:
+    a: int
+    op: str
+    b: int
+    city: str | None = None  # two_steps: the time here first
+
+    @property
+    def kind(self) -> str:
+        return "two_steps" if self.city else "one_step"
+
+    @property
+    def expression(self) -> str:
+        return f"{self.a} {self.op} {self.b}"
+
+    @property
+    def value(self) -> int:
+        return OPERATIONS[self.op](self.a, self.b)
+
+    @property
+    def question(self) -> str:
+        if self.city:
+            return f"What time is it in {self.city}? And how much is {self.expression}?"
+        return f"How much is {self.expression}?"
+
+    @property
+    def tools(self) -> list[str]:
+        """The tools a right answer calls, in order."""
+        return ["current_time", "calculator"] if self.city else ["calculator"]
+
+
+def tasks(count: int, seed: int) -> list[Task]:
+    """`count` tasks, every other one of two steps."""
     chance = random.Random(seed)
-    return [(chance.randint(11, 999), chance.choice(list(OPERATIONS)), chance.randint(11, 99)) for _ in range(count)]
+    return [Task(chance.randint(11, 999), chance.choice(list(OPERATIONS)), chance.randint(11, 99),
+                 chance.choice(list(CITIES)) if i % 2 else None) for i in range(count)]
 
 
-def question(task: tuple[int, str, int]) -> str:
-    a, op, b = task
-    return f"How much is {a} {op} {b}?"
+def _call(number: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f"call_{number}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
-def value(task: tuple[int, str, int]) -> int:
-    a, op, b = task
-    return OPERATIONS[op](a, b)
-
-
-def trace(task: tuple[int, str, int]) -> dict[str, Any]:
-    """A corrected trace in OpenAI's fine-tuning format: the call, its result, the answer."""
-    expression = f"{task[0]} {task[1]} {task[2]}"
-    tools = [{"type": "function", "function": {"name": "calculator", **SPECS["calculator"]}}]
-    return {"tools": tools, "messages": [
-        {"role": "system", "content": SYSTEM}, {"role": "user", "content": question(task)},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "calculator", "arguments": json.dumps({"expression": expression})}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": f"{expression} = {value(task)}"},
-        {"role": "assistant", "content": f"{expression} is {value(task)}."}]}
+def trace(task: Task) -> dict[str, Any]:
+    """A corrected trace in OpenAI's fine-tuning format: the call (the time first, for a two-step task), its
+    result, the next call, its result, the answer."""
+    tools = [{"type": "function", "function": {"name": name, **SPECS[name]}} for name in ("calculator", "current_time")]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task.question}]
+    answer = f"{task.expression} is {task.value}."
+    if task.city:
+        now = current_time({"timezone": CITIES[task.city]})
+        messages += [{"role": "assistant", "content": "", "tool_calls": [_call(1, "current_time", {"timezone": CITIES[task.city]})]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": now}]
+        answer = f"In {task.city} it is {now.split()[2][:5]}. {answer}"
+    messages += [{"role": "assistant", "content": "", "tool_calls": [_call(2, "calculator", {"expression": task.expression})]},
+                 {"role": "tool", "tool_call_id": "call_2", "content": f"{task.expression} = {task.value}"},
+                 {"role": "assistant", "content": answer}]
+    return {"tools": tools, "messages": messages}
 
 
 def agent_benchmark(settings: Settings, base: str, *, traces: int = 12, held_out: int = 12, steps: int = 60,
-                    seed: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train `base` on `traces` corrected traces, then ask `held_out` other questions to a calculator persona on
-    `base` and on the new version; the counts, and the training time."""
+                    seed: int = 1, backends: tuple[str, ...] = ("pytorch",),
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `base` on `traces` corrected traces, then ask `held_out` other questions (half of them of two steps)
+    to a persona with the calculator and current_time, on `base` and on the new version, on each backend; per
+    backend, persona and kind: the tasks asked, those whose calls were the right tools in order (`called`), and
+    those whose answer holds the right number (`right`); and the training time."""
     from fastapi.testclient import TestClient
 
     from forja.serve.app import create_app
@@ -68,45 +112,54 @@ def agent_benchmark(settings: Settings, base: str, *, traces: int = 12, held_out
     log(f"training {name} on {traces} traces, {steps} steps")
     started = time.perf_counter()
     config = settings.train.model_copy(update={"max_steps": steps, "eval_every": None, "checkpoint_every": None,
-                                               "max_seq_length": max(settings.train.max_seq_length, 1024)})
+                                               "max_seq_length": max(settings.train.max_seq_length, 2048)})
     train(settings, new_run(settings, [data], name, base, config), progress=False)
     seconds = time.perf_counter() - started
-    personas = [{"name": "before", "model": base, "system": SYSTEM, "tools": ["calculator"], "max_steps": 2},
-                {"name": "after", "model": name, "system": SYSTEM, "tools": ["calculator"], "max_steps": 2}]
-    served = settings.model_copy(update={
-        "serve": settings.serve.model_copy(update={"personas": [Persona(**p) for p in personas]}),
-        "jobs": settings.jobs.model_copy(update={"run_in_server": False})})
+    personas = [Persona(name=persona, model=model, system=SYSTEM, tools=["calculator", "current_time"], max_steps=3)
+                for persona, model in (("before", base), ("after", name))]
     results: dict[str, Any] = {"base": base, "version": name, "traces": traces, "held_out": held_out,
-                               "steps": steps, "train_seconds": round(seconds, 1)}
-    app = create_app(served, base)
-    with TestClient(app) as client:
-        while not app.state.forja.ready:  # the model loads in the background
-            if app.state.forja.load_error:
-                raise BenchError(f"{base}: {app.state.forja.load_error}")
-            time.sleep(0.1)
-        for persona in ("before", "after"):
-            called = right = 0
-            for task in asked:
-                reply = client.post("/v1/chat/completions", json={
-                    "model": persona, "messages": [{"role": "user", "content": question(task)}], "max_tokens": 40,
-                    "temperature": 0}).json()
-                if "error" in reply:
-                    raise BenchError(f"{persona}: {reply['error']['message']}")
-                steps_taken = reply["forja"]["steps"]
-                called += bool(steps_taken)
-                right += str(value(task)) in (reply["choices"][0]["message"]["content"] or "")
-            results[persona] = {"called": called, "right": right}
-            log(f"{persona}: called the calculator {called}/{held_out}, right answer {right}/{held_out}")
+                               "steps": steps, "train_seconds": round(seconds, 1), "backends": {}}
+    for backend in backends:
+        served = settings.model_copy(update={
+            "serve": settings.serve.model_copy(update={"personas": personas, "backend": backend}),
+            "jobs": settings.jobs.model_copy(update={"run_in_server": False})})
+        app = create_app(served, base)
+        figures: dict[str, Any] = {}
+        with TestClient(app) as client:
+            while not app.state.forja.ready:  # the model loads in the background
+                if app.state.forja.load_error:
+                    raise BenchError(f"{base}: {app.state.forja.load_error}")
+                time.sleep(0.1)
+            for persona in ("before", "after"):
+                counts = {kind: {"asked": 0, "called": 0, "right": 0} for kind in KINDS}
+                for task in asked:
+                    reply = client.post("/v1/chat/completions", json={
+                        "model": persona, "messages": [{"role": "user", "content": task.question}], "max_tokens": 48,
+                        "temperature": 0}).json()
+                    if "error" in reply:
+                        raise BenchError(f"{persona} ({backend}): {reply['error']['message']}")
+                    made = [s["tool"] for s in reply["forja"]["steps"]]
+                    count = counts[task.kind]
+                    count["asked"] += 1
+                    count["called"] += made == task.tools
+                    count["right"] += str(task.value) in (reply["choices"][0]["message"]["content"] or "")
+                figures[persona] = counts
+                log(f"{backend} {persona}: " + "; ".join(f"{kind} called {c['called']}/{c['asked']}, right {c['right']}/{c['asked']}"
+                                                          for kind, c in counts.items()))
+        results["backends"][backend] = figures
     return results
 
 
 def render_agent(results: dict[str, Any]) -> str:
     from forja.models import cpu_line
 
-    n = results["held_out"]
-    return "\n".join([
-        f"agent loop on {results['base']}: {n} held-out arithmetic questions, a calculator persona ({cpu_line()})",
-        f"  before training: called {results['before']['called']}/{n}, right answer {results['before']['right']}/{n}",
-        f"  after {results['steps']} steps on {results['traces']} traces ({results['train_seconds']} s, version "
-        f"{results['version']}): called {results['after']['called']}/{n}, right answer {results['after']['right']}/{n}",
-    ])
+    lines = [f"agent loop on {results['base']}: {results['held_out']} held-out questions (one step: the calculator; "
+             f"two steps: current_time, then the calculator), a persona with both tools ({cpu_line()})",
+             f"trained {results['steps']} steps on {results['traces']} traces ({results['train_seconds']} s, version "
+             f"{results['version']}); called = the right tools in order, right = the right number in the answer"]
+    for backend, figures in results["backends"].items():
+        for persona in ("before", "after"):
+            told = "; ".join(f"{kind.replace('_', ' ')}: called {c['called']}/{c['asked']}, right {c['right']}/{c['asked']}"
+                             for kind, c in figures[persona].items() if c["asked"])
+            lines.append(f"  {backend:8} {persona + ' training':16} {told}")
+    return "\n".join(lines)

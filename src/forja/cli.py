@@ -1505,18 +1505,22 @@ def bench_tools(
 @bench_app.command("agent")
 def bench_agent(
     model: ModelOpt = None,
+    backend: BenchBackendsOpt = None,
     traces: Annotated[int, typer.Option(help="Corrected traces to train on.", min=1)] = 12,
     held_out: Annotated[int, typer.Option(help="Other questions asked before and after.", min=1)] = 12,
     steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 60,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Does training on a few corrected tool-calling traces teach the model to use its calculator? Held-out questions before and after, through the agent loop."""
+    """Does training on a few corrected tool-calling traces teach the model its tools? Held-out questions of one step (the calculator) and two (the time in a city, then the calculator) before and after, through the agent loop, on each backend."""
     from forja.bench_agent import agent_benchmark, render_agent
+    from forja.engine import llamacpp
 
     settings = settings_from(config, model=model)
+    check_bench_backends(backend)
+    backends = tuple(backend or (["pytorch", "llamacpp"] if llamacpp.available() else ["pytorch"]))
     results = agent_benchmark(settings, settings.model, traces=traces, held_out=held_out, steps=steps,
-                              log=lambda line: typer.echo(line, err=True))
+                              backends=backends, log=lambda line: typer.echo(line, err=True))
     typer.echo(render_agent(results))
     if as_json:
         as_json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
