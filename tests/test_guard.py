@@ -491,3 +491,9 @@ def test_max_input_chars_holds_per_message_so_a_long_chat_keeps_answering():
     long = [*turns[:-1], {"role": "user", "content": "x" * 301}]
     verdict = guard.check_input(long)
     assert verdict.blocked and [f.rule for f in verdict.findings] == ["length"]
+
+
+def test_a_tool_calls_arguments_are_redacted_for_storing_keys_and_numbers_kept():
+    guard = Guard(RailsSettings())
+    stored = guard.redact_arguments({"email": PII["email"], "count": 3, "to": [f"llama al {PII['phone']}"]})
+    assert stored == {"email": "[EMAIL]", "count": 3, "to": ["llama al [PHONE]"]}

@@ -300,6 +300,17 @@ def redact_messages(messages: Any, allow: Iterable[str] = ()) -> Any:
     return messages
 
 
+def redact_values(value: Any, allow: Iterable[str] = ()) -> Any:
+    """Every string in a JSON value (a tool call's arguments, its keys aside) with PII redacted, for storing."""
+    if isinstance(value, str):
+        return redact(value, allow)
+    if isinstance(value, list):
+        return [redact_values(v, allow) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_values(v, allow) for k, v in value.items()}
+    return value
+
+
 # ------------------------------------------------------------------------------------------------
 # Injection, characters and topics: rules on normalised text
 
@@ -536,6 +547,10 @@ class Guard:
         """Messages, prompts or answers with PII redacted for storing, whatever the rails' actions (unless
         redact_logs is off); this persona's `pii.allow` values are kept."""
         return redact_messages(value, self.rails.pii.allow) if self.rails.redact_logs else value
+
+    def redact_arguments(self, value: Any) -> Any:
+        """A tool call's arguments with PII redacted for storing, as `redact` does for messages."""
+        return redact_values(value, self.rails.pii.allow) if self.rails.redact_logs else value
 
     # -------------------------------------------------------------- whole texts
 
@@ -797,6 +812,9 @@ class Guards:
     def redact(self, value: Any) -> Any:
         """`value` redacted for storing with the top-level settings (see Guard.redact)."""
         return self.for_persona().redact(value)
+
+    def redact_arguments(self, value: Any) -> Any:
+        return self.for_persona().redact_arguments(value)
 
     def close(self) -> None:
         """Stop the engines of local safety classifiers."""

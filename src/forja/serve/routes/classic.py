@@ -58,11 +58,11 @@ async def send_feedback(body: FeedbackRequest, request: Request, state: StateDep
         if exchange is None:
             raise ApiError(404, f"no exchange with id {exchange_id!r}", param="id", code="exchange_not_found")
         try:
-            tool_call = state.guards.redact(corrected_call(exchange.messages, exchange.trace,
-                                                           (exchange.params or {}).get("tools"),
-                                                           body.tool_call.model_dump()))
+            tool_call = corrected_call(exchange.messages, exchange.trace, (exchange.params or {}).get("tools"),
+                                       body.tool_call.model_dump())
         except CallCorrectionError as exc:
             raise ApiError(422, str(exc), param="tool_call", code="invalid_value") from None
+        tool_call["arguments"] = state.guards.redact_arguments(tool_call["arguments"])  # as for a correction
     try:
         row = await asyncio.to_thread(state.store.add_feedback, exchange_id, rating=rating, correction=correction,
                                       comment=comment, choice=choice or 0, sender=key_name, tool_call=tool_call)
