@@ -632,6 +632,9 @@ def test_a_corrected_call_of_a_later_step_trains_as_that_call(long_tiny_model_di
                            tool_call=corrected_call(messages, trace, CALCULATOR, {"step": 2, "arguments": {"expression": expression}}))
     pairs, skipped = collect_pairs(store)
     assert [p.kind for p in pairs] == ["call"] and pairs[0].feedback_ids == [1, 2] and not any(skipped.values())
+    listed = [json.loads(line) for line in runner.invoke(app, ["feedback", "list", "--json"]).stdout.splitlines()]
+    assert listed[0]["tool_call"] == {"step": 2, "name": "calculator", "arguments": {"expression": "25346 + 3"}}
+    assert "step 2: calculator" in runner.invoke(app, ["feedback", "list"], env={"COLUMNS": "300"}).stdout
     row = pairs[0].training_row()
     assert [m["role"] for m in row["messages"]] == ["user", "assistant", "tool", "assistant", "user", "assistant", "tool", "assistant"]
     assert row["messages"][-2]["content"] == "25346" and row["messages"][5]["weight"] == 0  # step 1 is context

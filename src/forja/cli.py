@@ -1035,8 +1035,14 @@ def feedback_list(
             if isinstance(messages, list) and messages and isinstance(messages[0], dict) else str(messages)
         table.add_row(str(row["id"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created_at"])), row["model"],
                       row["rating"] or "", question[:60], row["answer"][:60],
-                      (row["correction"] or row["comment"] or "")[:60], row["review"] or "", ", ".join(row["used_in"]))
+                      (row["correction"] or _call_text(row.get("tool_call")) or row["comment"] or "")[:60],
+                      row["review"] or "", ", ".join(row["used_in"]))
     Console().print(table)
+
+
+def _call_text(call: dict | None) -> str:
+    """A corrected tool call as the list shows it: step 2: calculator({"expression": "1 + 2"})."""
+    return f"step {call['step']}: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})" if call else ""
 
 
 @feedback_app.command("review")
