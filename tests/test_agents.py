@@ -243,42 +243,6 @@ def test_a_persona_whose_mcp_server_cannot_start_still_answers_and_says_why(long
         reply.json()["forja"]["unavailable"]["mcp:gone"]
 
 
-@pytest.mark.slow
-def test_the_bundled_model_uses_the_calculator(bundled_home, tmp_path, start_server, monkeypatch, browser):
-    """Through the openai client: the call, its result fed back, the number in the answer, the trace stored;
-    then the same question on the chat page, its step shown (a Chromium screenshot)."""
-    from conftest import ARTIFACTS
-
-    monkeypatch.setenv("FORJA_HOME", str(bundled_home))
-    system = ("You are a shop assistant. For any arithmetic call the calculator tool with the expression, e.g. "
-              '{"expression": "12 * 3"}.')
-    settings = load_settings(jobs={"run_in_server": False}, serve={"personas": [
-        {"name": "cajero", "system": system, "tools": ["calculator"], "max_steps": 2,
-         "first_tool_choice": "required", "temperature": 0}]})
-    server = start_server(create_app(settings, "smollm2-135m"))
-    reply = client(server).with_options(timeout=300).chat.completions.create(
-        model="cajero", messages=[{"role": "user", "content": "cuánto es 437 * 58?"}], max_tokens=40, temperature=0)
-    steps = reply.model_extra["forja"]["steps"]
-    assert steps[0]["tool"] == "calculator" and steps[0]["result"] == "437 * 58 = 25346", steps
-    assert "25346" in reply.choices[0].message.content, reply
-    assert server.app.state.forja.store.exchange(reply.id).trace == steps
-
-    context = browser.new_context(locale="es-ES", viewport={"width": 900, "height": 800})
-    page = context.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("#persona option[value='cajero']", state="attached")
-    page.select_option("#persona", "cajero")
-    page.fill("#prompt", "cuánto es 437 * 58?")
-    page.click("#send")
-    page.wait_for_selector("#send:not([disabled])", timeout=300_000)
-    step = page.locator("details.step").first
-    assert step.locator("summary").inner_text() == "Paso 1: calculator"
-    step.locator("summary").click()
-    assert "437 * 58 = 25346" in step.locator("pre").inner_text()
-    page.screenshot(path=str(ARTIFACTS / "agent-calculator.png"), full_page=True)
-    context.close()
-
-
 # ------------------------------------------------------------------------------------------------ training on traces
 
 CALC = [{"type": "function", "function": {"name": "calculator", **builtin.SPECS["calculator"]}}]
@@ -599,4 +563,45 @@ def test_the_chat_page_shows_the_search_and_the_python_steps(scripted, browser, 
         assert step.locator("pre").inner_text().strip() == "495" and "495" in answer
         assert "read_csv" in step.locator("code").first.inner_text()
     page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+    context.close()
+
+
+# ------------------------------------------------------------------------------------------------ the bundled model
+# (last: the page keeps Playwright's event loop in the main thread, which the python tool tests' asyncio.run must
+# not find)
+
+
+@pytest.mark.slow
+def test_the_bundled_model_uses_the_calculator(bundled_home, tmp_path, start_server, monkeypatch, browser):
+    """Through the openai client: the call, its result fed back, the number in the answer, the trace stored;
+    then the same question on the chat page, its step shown (a Chromium screenshot)."""
+    from conftest import ARTIFACTS
+
+    monkeypatch.setenv("FORJA_HOME", str(bundled_home))
+    system = ("You are a shop assistant. For any arithmetic call the calculator tool with the expression, e.g. "
+              '{"expression": "12 * 3"}.')
+    settings = load_settings(jobs={"run_in_server": False}, serve={"personas": [
+        {"name": "cajero", "system": system, "tools": ["calculator"], "max_steps": 2,
+         "first_tool_choice": "required", "temperature": 0}]})
+    server = start_server(create_app(settings, "smollm2-135m"))
+    reply = client(server).with_options(timeout=300).chat.completions.create(
+        model="cajero", messages=[{"role": "user", "content": "cuánto es 437 * 58?"}], max_tokens=40, temperature=0)
+    steps = reply.model_extra["forja"]["steps"]
+    assert steps[0]["tool"] == "calculator" and steps[0]["result"] == "437 * 58 = 25346", steps
+    assert "25346" in reply.choices[0].message.content, reply
+    assert server.app.state.forja.store.exchange(reply.id).trace == steps
+
+    context = browser.new_context(locale="es-ES", viewport={"width": 900, "height": 800})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#persona option[value='cajero']", state="attached")
+    page.select_option("#persona", "cajero")
+    page.fill("#prompt", "cuánto es 437 * 58?")
+    page.click("#send")
+    page.wait_for_selector("#send:not([disabled])", timeout=300_000)
+    step = page.locator("details.step").first
+    assert step.locator("summary").inner_text() == "Paso 1: calculator"
+    step.locator("summary").click()
+    assert "437 * 58 = 25346" in step.locator("pre").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "agent-calculator.png"), full_page=True)
     context.close()

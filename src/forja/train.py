@@ -641,7 +641,7 @@ def _train_in_processes(settings: Settings, run: Run, progress: bool, processes:
     published = (errors / PUBLISHED).is_file()
     shutil.rmtree(errors, ignore_errors=True)
     codes = [p.exitcode for p in context.processes]
-    if published and not message and not interrupted:
+    if published and not message:  # (a Ctrl-C after that stops nothing: the version is there)
         # rank 0 published the version before any process began to end: a process that fails while it
         # tears down (gloo can abort in its exit) loses nothing, so the run stands, said in one line
         if any(codes):
