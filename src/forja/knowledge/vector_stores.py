@@ -169,20 +169,23 @@ _id_of = file_id  # for the functions whose parameter is named file_id
 
 def stores(settings: Settings, store: Store) -> list[VectorStore]:
     """Every collection as a vector store, oldest first."""
+    pending = set(_pending)  # in this order (see _vector_store): what is indexing, the rows, the index
     uploads = {f.id: f for f in files.listing(store)}
     rows = _rows(store)
-    found = [_vector_store(settings, c, rows, uploads) for c in index.collections(settings)]
+    found = [_vector_store(settings, c, rows, uploads, pending) for c in index.collections(settings)]
     return sorted(found, key=lambda v: (v.created_at, v.name))
 
 
 def get(settings: Settings, store: Store, vector_store_id: str) -> VectorStore:
     name = collection_of(vector_store_id)
+    pending = set(_pending)  # in this order (see _vector_store): what is indexing, the rows, the index
+    rows = _rows(store, name)
     try:
         collection = index.show(settings, name)
     except index.UnknownCollection:
         raise UnknownVectorStore(f"no vector store with id {vector_store_id!r} "
                                  "(GET /v1/vector_stores lists them)") from None
-    return _vector_store(settings, collection, _rows(store, name), {f.id: f for f in files.listing(store)})
+    return _vector_store(settings, collection, rows, {f.id: f for f in files.listing(store)}, pending)
 
 
 def store_file(settings: Settings, store: Store, vector_store_id: str, file_id: str) -> StoreFile:
@@ -202,7 +205,13 @@ def _rows(store: Store, collection: str | None = None) -> dict[str, dict[str, An
         return {(r.collection, r.file_id): dict(r._mapping) for r in conn.execute(query)}
 
 
-def _vector_store(settings: Settings, collection: index.Collection, rows: dict, uploads: dict) -> VectorStore:
+def _vector_store(settings: Settings, collection: index.Collection, rows: dict, uploads: dict,
+                  pending: set[tuple[str, str]]) -> VectorStore:
+    """The collection as a vector store. Read while the worker indexes: `pending` was taken before the rows and
+    the rows before the collection, so a row still in progress whose file is not pending was left by a server
+    that stopped (the worker writes a file's end before it leaves `_pending`), and a file indexed meanwhile is
+    in the collection read after its row (a reader that looked the other way round saw a finished file
+    "stopped", or not at all)."""
     name, found = collection.name, []
     rows = {file_id: row for (owner, file_id), row in rows.items() if owner == name}
     for info in collection.files:  # indexed: completed, whatever a row says
@@ -222,7 +231,7 @@ def _vector_store(settings: Settings, collection: index.Collection, rows: dict, 
             continue  # its chunks were taken out with `forja knowledge remove`
         status = row["status"]
         error = row["last_error"] or None
-        if status == "in_progress" and (name, file_id) not in _pending:
+        if status == "in_progress" and (name, file_id) not in pending:
             status, error = "failed", {"code": "server_error", "message": "indexing stopped before it finished "
                                        "(the server was stopped or restarted); attach the file again"}
         found.append(StoreFile(file_id, name, status, row["created_at"], uploads[file_id].bytes,
