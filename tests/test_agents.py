@@ -339,16 +339,22 @@ def test_bench_agent_runs_before_and_after_training(long_tiny_model_dir, tmp_pat
     assert "before training" in shown and "two steps: called" in shown and all(b in shown for b in backends)
 
 
+def ask_on_page(browser, url: str, persona: str, question: str, locale: str = "es-ES"):
+    """The chat page in Chromium, `question` sent to `persona`; (context, page), the answer on its way."""
+    context = browser.new_context(locale=locale, viewport={"width": 900, "height": 800})
+    page = context.new_page()
+    page.goto(url + "/")
+    page.wait_for_selector(f"#persona option[value='{persona}']", state="attached")
+    page.select_option("#persona", persona)
+    page.fill("#prompt", question)
+    page.click("#send")
+    return context, page
+
+
 def test_the_chat_page_shows_each_step_folded_above_the_answer(served, browser):
     from conftest import ARTIFACTS
 
-    context = browser.new_context(locale="en-US", viewport={"width": 900, "height": 800})
-    page = context.new_page()
-    page.goto(served.url + "/")
-    page.wait_for_selector("#persona option[value='pedidos']", state="attached")
-    page.select_option("#persona", "pedidos")
-    page.fill("#prompt", "¿Dónde está mi pedido A17?")
-    page.click("#send")
+    context, page = ask_on_page(browser, served.url, "pedidos", "¿Dónde está mi pedido A17?", "en-US")
     step = page.locator("details.step").first
     step.wait_for(timeout=60_000)
     assert step.locator("summary").inner_text() == "Step 1: orders__order_status"
@@ -543,13 +549,7 @@ def test_a_question_over_an_uploaded_csv_is_answered_with_pandas_in_the_python_t
 def test_the_chat_page_shows_the_search_and_the_python_steps(scripted, browser, persona, question, shot):
     from conftest import ARTIFACTS
 
-    context = browser.new_context(locale="es-ES", viewport={"width": 900, "height": 800})
-    page = context.new_page()
-    page.goto(scripted.url + "/")
-    page.wait_for_selector(f"#persona option[value='{persona}']", state="attached")
-    page.select_option("#persona", persona)
-    page.fill("#prompt", question)
-    page.click("#send")
+    context, page = ask_on_page(browser, scripted.url, persona, question)
     page.wait_for_selector("#send:not([disabled])", timeout=60_000)
     step = page.locator("details.step").first
     assert step.locator("summary").inner_text() == f"Paso 1: {'knowledge_search' if persona == 'documentos' else 'python'}"
@@ -591,13 +591,7 @@ def test_the_bundled_model_uses_the_calculator(bundled_home, tmp_path, start_ser
     assert "25346" in reply.choices[0].message.content, reply
     assert server.app.state.forja.store.exchange(reply.id).trace == steps
 
-    context = browser.new_context(locale="es-ES", viewport={"width": 900, "height": 800})
-    page = context.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("#persona option[value='cajero']", state="attached")
-    page.select_option("#persona", "cajero")
-    page.fill("#prompt", "cuánto es 437 * 58?")
-    page.click("#send")
+    context, page = ask_on_page(browser, server.url, "cajero", "cuánto es 437 * 58?")
     page.wait_for_selector("#send:not([disabled])", timeout=300_000)
     step = page.locator("details.step").first
     assert step.locator("summary").inner_text() == "Paso 1: calculator"
