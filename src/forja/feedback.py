@@ -157,7 +157,8 @@ def collect_pairs(store: Store, *, include_used: bool = False, trust: str = "api
                 by_step.setdefault(r["tool_call"]["step"], []).append(r)
         for step in sorted(by_step):
             newest = by_step[step][-1]  # the older ones are used up with it
-            found = call_pair(exchange_id, prompt, len(newest.get("trace") or []), redact(newest["tool_call"]),
+            # (its arguments were stored redacted: POST /feedback redacts every string in them)
+            found = call_pair(exchange_id, prompt, len(newest.get("trace") or []), newest["tool_call"],
                               [r["id"] for r in by_step[step]], newest.get("tools")) if isinstance(prompt, list) else None
             if found is None:
                 skipped["unusable_prompt"] += 1
@@ -482,13 +483,15 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
 
     config = settings.feedback
     cases = gate_cases(pairs, regression, settings)
+    report: dict[str, Any] = {
+        "current": current, "candidate": candidate, "cases": len(cases), "tolerance": config.gate_tolerance,
+        "backend": runs_on(settings),  # what forja serve runs: the gate scores the answers production gives
+        "regression_set": str(config.gate_testset) if config.gate_testset else "the starting version's rows"}
     if not cases:  # corrected tool calls alone, from a model with no rows to check: nothing says it is better
-        report = {"current": current, "candidate": candidate, "cases": 0, "tolerance": config.gate_tolerance,
-                  "backend": runs_on(settings), "regression_set": "none", "checks": {}, "passed": False,
-                  "decided_by": "nothing to check",
-                  "reason": "no answer to check: corrected tool calls are not evaluated (evaluation answers without "
-                            "tools) and there is no regression set (feedback.gate_testset); promote it by hand if it "
-                            "is right (forja models promote)"}
+        report |= {"checks": {}, "passed": False, "decided_by": "nothing to check",
+                   "reason": "no answer to check: corrected tool calls are not evaluated (evaluation answers "
+                             "without tools) and there is no regression set (feedback.gate_testset); promote it "
+                             "by hand if it is right (forja models promote)"}
         _write_gate(settings, candidate, report)
         return report
     result = evaluate([current, candidate], cases, settings, max_new_tokens=config.gate_max_tokens, progress=progress)
@@ -524,13 +527,8 @@ def gate(settings: Settings, current: str, candidate: str, pairs: list[Pair], re
         checks[check] = entry
     checks = {name: checks[name] for name in ("feedback", "rewordings", "ratings", "regression") if name in checks}
     failed = [name for name, entry in checks.items() if not entry["passed"]]
-    report: dict[str, Any] = {
-        "current": current, "candidate": candidate, "cases": len(cases), "tolerance": config.gate_tolerance,
-        "backend": runs_on(settings),  # what forja serve runs: the gate scores the answers production gives
-        "regression_set": str(config.gate_testset) if config.gate_testset else "the starting version's rows",
-        "checks": checks, "passed": not failed, "decided_by": failed[0] if failed else "all checks",
-        "reason": checks[failed[0]]["reason"] if failed else "every check passed",
-    }
+    report |= {"checks": checks, "passed": not failed, "decided_by": failed[0] if failed else "all checks",
+               "reason": checks[failed[0]]["reason"] if failed else "every check passed"}
     _write_gate(settings, candidate, report)
     return report
 

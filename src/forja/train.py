@@ -648,9 +648,8 @@ def _train_in_processes(settings: Settings, run: Run, progress: bool, processes:
             print(f"note: the version is saved; a training process failed as it ended (exit codes {codes})",
                   file=sys.stderr)
         return settings.versions_dir / run.name
-    if message or interrupted or any(p.exitcode != 0 for p in context.processes):
-        raise TrainError(message or f"a training process stopped without saying why (exit codes "
-                         f"{[p.exitcode for p in context.processes]})")
+    if message or interrupted or any(codes):
+        raise TrainError(message or f"a training process stopped without saying why (exit codes {codes})")
     return settings.versions_dir / run.name
 
 
