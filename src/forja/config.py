@@ -632,9 +632,14 @@ class KnowledgeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2", description="The sentence-embedding model new collections are indexed with: the bundled "
+        "all-MiniLM-L6-v2 (English, offline), a model's folder, or a Hugging Face id such as "
+        "intfloat/multilingual-e5-small (loaded from the cache, else downloaded). A collection keeps the model it "
+        "was made with (forja knowledge show says which): remove it and add its files again to change it.")
     chunk_tokens: int = Field(
-        200, ge=16, le=254, description="Most tokens in a chunk, counted with the embedding model's tokenizer "
-        "(its window is 256, [CLS] and [SEP] included, so a chunk is embedded whole).")
+        200, ge=16, description="Most tokens in a chunk, counted with the embedding model's tokenizer; at most its "
+        "window less its two special tokens (254 for the bundled model), so a chunk is embedded whole.")
     overlap_tokens: int = Field(
         32, ge=0, description="A chunk cut between sentences (not at a heading or paragraph break) repeats up to "
         "this many tokens from the end of the one before, so a fact on the boundary is whole in one of them.")
@@ -642,6 +647,12 @@ class KnowledgeSettings(BaseModel):
     candidates: int = Field(50, ge=1, description="Chunks each retriever (vectors, keywords) ranks before fusion.")
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: a chunk scores the sum of "
                        "1 / (rrf_k + rank) over the retrievers that found it.")
+    reranker: str | None = Field(
+        None, description="A cross-encoder that re-scores the best fused chunks against the query (a folder, or a "
+        "Hugging Face id such as cross-encoder/ms-marco-MiniLM-L-6-v2 or BAAI/bge-reranker-base); None = the fused "
+        "ranking as it is.")
+    rerank_candidates: int = Field(20, ge=1, le=200, description="The best fused chunks the reranker re-scores; "
+                                   "the top_k asked for come out of them.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings,
                                          description="How personas with knowledge ground their answers.")
     version_retrieval: RetrievalSettings = Field(

@@ -221,7 +221,8 @@ def citation(number: int, hit: Hit, file_id: str | None, cited: bool) -> dict[st
             "file_citation": {"index": number, "file_id": file_id, "filename": hit.filename, "collection": hit.collection,
                               "chunk_id": hit.chunk_id, "page": hit.page, "headings": list(hit.headings),
                               "start": hit.start, "end": hit.end, "quote": quote, "score": round(hit.score, 6),
-                              "similarity": round(hit.similarity, 4), "cited": cited}}
+                              "similarity": round(hit.similarity, 4), "rerank_score": hit.rerank_score,
+                              "cited": cited}}
 
 
 def _where(hit: Hit) -> str:
@@ -236,4 +237,4 @@ def _where(hit: Hit) -> str:
 def _stored(hit: Hit) -> dict[str, Any]:
     return {"collection": hit.collection, "chunk_id": hit.chunk_id, "filename": hit.filename, "page": hit.page,
             "headings": list(hit.headings), "start": hit.start, "end": hit.end, "score": round(hit.score, 6),
-            "similarity": round(hit.similarity, 4)}
+            "similarity": round(hit.similarity, 4), "rerank_score": hit.rerank_score}

@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class Hit:
     end: int
     similarity: float = 0.0  # cosine between the query's vector and the chunk's (what retrieval.min_score limits)
     collection: str = ""
+    rerank_score: float | None = None  # the cross-encoder's 0-1 relevance, when knowledge.reranker re-ranked it
 
     @property
     def filename(self) -> str:
@@ -196,7 +197,7 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
     """Index files into collection `name` (created if new): a new file is added, a changed one replaces its
     chunks, an unchanged one (same content hash and chunk sizes) is skipped, and a file indexed from a folder
     named here that the folder no longer holds is removed."""
-    from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL, count_tokens, embed
+    from forja import embeddings
 
     if not COLLECTION_NAME.fullmatch(name):
         raise KnowledgeError(f"{name!r}: a collection name is letters, digits, _ . and - only")
@@ -205,14 +206,14 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
                            "overlap_tokens": settings.knowledge.overlap_tokens})
     results = []
     with _open(settings) as db:
+        model = _recorded_model(db, name) or embeddings.canonical(settings.knowledge.embedding_model)
+        _check_chunk_size(settings, model)  # before a new collection is made: a refused add leaves nothing
         with _transaction(db):
             db.execute("INSERT OR IGNORE INTO collections (name, embedding_model, dimensions, created_at) "
-                       "VALUES (?, ?, ?, ?)", (name, EMBEDDING_MODEL, EMBEDDING_DIMENSIONS, time.time()))
+                       "VALUES (?, ?, ?, ?)", (name, model, embeddings.dimensions(model), time.time()))
         collection_id, model = db.execute(
             "SELECT id, embedding_model FROM collections WHERE name = ?", (name,)).fetchone()
-        if model != EMBEDDING_MODEL:
-            raise KnowledgeError(f"collection {name!r} was indexed with {model}, not {EMBEDDING_MODEL}; "
-                                 "remove it and add its files again")
+        count_tokens = partial(embeddings.count_tokens, model=model, kind="document")
         for path in files:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             old = db.execute("SELECT id, sha256, chunking, chunks, tokens FROM files "
@@ -225,7 +226,8 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
                     note = data.NO_TEXT_LAYER if path.suffix.lower() == ".pdf" else ""
                     result = FileResult(str(path), "no text", note=note)
                 else:
-                    vectors = embed([embedding_text(c) for c in document.chunks]).numpy().astype(np.float32)
+                    vectors = embeddings.embed([embedding_text(c) for c in document.chunks], model=model,
+                                               kind="document").numpy().astype(np.float32)
                     _write_file(db, name, collection_id, document, digest, chunking, vectors)
                     result = FileResult(str(path), "added" if old is None else "replaced",
                                         len(document.chunks), sum(c.tokens for c in document.chunks))
@@ -237,6 +239,22 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
             if progress is not None:
                 progress(result)
     return results
+
+
+def _recorded_model(db: sqlite3.Connection, name: str) -> str | None:
+    """The embedding model collection `name` was made with (None: no such collection yet)."""
+    row = db.execute("SELECT embedding_model FROM collections WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _check_chunk_size(settings: Settings, model: str) -> None:
+    """A chunk must fit the model's window whole, its two special tokens beside it."""
+    from forja import embeddings
+
+    most = embeddings.max_tokens(model) - 2
+    if settings.knowledge.chunk_tokens > most:
+        raise KnowledgeError(f"knowledge.chunk_tokens is {settings.knowledge.chunk_tokens}; the embedding model "
+                             f"{model} reads at most {most} tokens of a chunk: set it to {most} or less")
 
 
 def _forget_gone(db: sqlite3.Connection, collection_id: int, paths: Iterable[str | Path], found: set[str]) -> list[FileResult]:
@@ -348,7 +366,8 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
     """The chunks of `collection` that best answer `query`, best first: vector and keyword rankings fused.
     `timings`, when given, gets the milliseconds spent embedding the query, ranking the vectors (reading them
     first when they are not cached) and ranking the keywords. `vector`: the query's, already embedded."""
-    from forja.embeddings import EMBEDDING_MODEL, embed
+    from forja.embeddings import embed
+    from forja.knowledge import rerank
 
     clock = time.perf_counter
 
@@ -357,16 +376,13 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
     with _open(settings) as db:
         collection_id = _collection_id(db, collection)
         model = db.execute("SELECT embedding_model FROM collections WHERE id = ?", (collection_id,)).fetchone()[0]
-        if model != EMBEDDING_MODEL:
-            raise KnowledgeError(f"collection {collection!r} was indexed with {model}, not {EMBEDDING_MODEL}; "
-                                 "remove it and add its files again")
         started = clock()
         ids, matrix = _vectors(db, settings, collection_id)
         if not len(ids):
             return []
         read = clock()
         if vector is None:
-            vector = embed([query]).numpy()[0].astype(np.float32)
+            vector = embed([query], model=model, kind="query").numpy()[0].astype(np.float32)
         embedded = clock()
         # einsum's own loop, on this thread: `matrix @ vector` goes to OpenBLAS, whose second thread waits
         # for a core whenever another job holds one (at 100k chunks on 2 shared cores, p95 34 ms against 17).
@@ -382,7 +398,9 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
         for ranking in rankings:
             for rank, chunk_id in enumerate(ranking, 1):
                 scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (knowledge.rrf_k + rank)
-        chosen = sorted(scores, key=lambda c: (-scores[c], c))[:top_k]
+        # With a reranker, it re-scores the best rerank_candidates and the top_k come out of those.
+        wanted = max(top_k, knowledge.rerank_candidates) if knowledge.reranker else top_k
+        chosen = sorted(scores, key=lambda c: (-scores[c], c))[:wanted]
         found = {
             row[0]: row for row in db.execute(
                 f'SELECT c.id, c.text, f.path, c.page, c.headings, c.start, c."end" FROM chunks c '
@@ -390,20 +408,30 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
         }
     at = {int(ids[i]): int(i) for i in best}  # a chunk found by its words alone is looked up in ids
     similar = {c: float(similarity[at[c] if c in at else np.flatnonzero(ids == c)[0]]) for c in chosen}
-    return [Hit(c, found[c][1], scores[c], found[c][2], found[c][3], tuple(json.loads(found[c][4])),
+    hits = [Hit(c, found[c][1], scores[c], found[c][2], found[c][3], tuple(json.loads(found[c][4])),
                 found[c][5], found[c][6], similar[c], collection) for c in chosen]
+    if knowledge.reranker:
+        reranking = clock()
+        hits = rerank.rerank(knowledge.reranker, query, hits)
+        if timings is not None:
+            timings["rerank_ms"] = (clock() - reranking) * 1000
+    return hits[:top_k]
 
 
 def retrieve(settings: Settings, names: Iterable[str], query: str, top_k: int, min_score: float) -> list[Hit]:
-    """The `top_k` chunks of all of `names` that best answer `query` (fused scores, which share one scale),
-    leaving out those whose vector is less similar to the query's than `min_score`."""
+    """The `top_k` chunks of all of `names` that best answer `query` (fused scores, which share one scale, or
+    the reranker's), leaving out those whose vector is less similar to the query's than `min_score`."""
     from forja.embeddings import embed
 
     names = list(names)
-    vector = embed([query]).numpy()[0].astype(np.float32) if len(names) > 1 else None  # once for all of them
-    hits = [hit for name in names for hit in search(settings, name, query, top_k, vector=vector)
+    with _open(settings) as db:
+        models = {name: _recorded_model(db, name) for name in names}
+    vectors = {}  # the query embedded once per model the collections share
+    for model in {m for m in models.values() if m is not None and list(models.values()).count(m) > 1}:
+        vectors[model] = embed([query], model=model, kind="query").numpy()[0].astype(np.float32)
+    hits = [hit for name in names for hit in search(settings, name, query, top_k, vector=vectors.get(models[name]))
             if hit.similarity >= min_score]
-    return sorted(hits, key=lambda h: -h.score)[:top_k]
+    return sorted(hits, key=lambda h: -(h.score if h.rerank_score is None else h.rerank_score))[:top_k]
 
 
 def _folded(word: str) -> str:

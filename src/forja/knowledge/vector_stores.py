@@ -494,7 +494,7 @@ def search(settings: Settings, store: Store, vector_store_id: str, query: str, m
     ceiling = 2 / (settings.knowledge.rrf_k + 1)  # first in both rankings
     results = []
     for hit in index.search(settings, vector_store.name, query, top_k=max_results):
-        score = round(min(hit.score / ceiling, 1.0), 4)
+        score = round(min(hit.score / ceiling, 1.0) if hit.rerank_score is None else hit.rerank_score, 4)
         if score < score_threshold:
             continue
         owner = by_path.get(hit.source)

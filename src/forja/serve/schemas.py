@@ -487,10 +487,11 @@ class EmbeddingRequest(BaseModel):
 
     input: str | list[str | int | list[int]] = Field(
         ..., description="A text or a list of texts (token-id arrays are refused: ids belong to one tokenizer).")
-    model: str | None = Field(None, description="The embedding model's id; default: the only one, all-MiniLM-L6-v2.")
+    model: str | None = Field(None, description="The embedding model's id (GET /v1/models lists them); default: "
+                              "knowledge.embedding_model, the bundled all-MiniLM-L6-v2 unless configured.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as the base64 of its little-endian float32 bytes.")
-    dimensions: int | None = Field(None, description="Must be the model's own size (384) when given.")
+    dimensions: int | None = Field(None, description="Must be the model's own size (384 for the bundled one) when given.")
     user: str | None = None
 
 

@@ -1,4 +1,6 @@
-"""`POST /v1/embeddings`: OpenAI's embeddings contract over the bundled all-MiniLM-L6-v2 (forja.embeddings).
+"""`POST /v1/embeddings`: OpenAI's embeddings contract over the bundled all-MiniLM-L6-v2 and the configured
+knowledge.embedding_model when it is another (forja.embeddings), the one a request names or, naming none, the
+configured one.
 One worker thread embeds, one request after another, off the event loop: the generating routes keep
 streaming while it works, and two embedding requests never split the cores between them."""
 
@@ -10,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter, Request
 
-from forja.embeddings import (EMBEDDING_DIMENSIONS, EMBEDDING_MAX_TOKENS, EMBEDDING_MODEL, EmbeddingError,
-                              count_tokens, embed)
+from forja import embeddings
+from forja.config import Settings
+from forja.embeddings import EMBEDDING_MODEL, EmbeddingError, count_tokens, embed
 from forja.serve.deps import ApiError, ApiKeyDep, StateDep, count_usage
 from forja.serve.schemas import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage, error_responses
 
@@ -24,25 +27,30 @@ worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forja-embeddings"
 @router.post("/embeddings", responses=error_responses(400, 401, 404, 413, 422, 500))
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: StateDep,
                             key_name: ApiKeyDep) -> EmbeddingList:
+    model = chosen_model(body, state.settings)
     texts = checked_texts(body)
     names = ["input"] if isinstance(body.input, str) else [f"input.{i}" for i in range(len(texts))]
-    request.state.model = EMBEDDING_MODEL  # for the request counter
+    request.state.model = model  # for the request counter
     data, tokens = await asyncio.get_running_loop().run_in_executor(worker, embed_texts, texts, names,
-                                                                    body.encoding_format)
+                                                                    body.encoding_format, model, body.dimensions)
     await asyncio.to_thread(count_usage, state, key_name, tokens, 0)
-    return EmbeddingList(data=data, model=EMBEDDING_MODEL,
-                         usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+    return EmbeddingList(data=data, model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def chosen_model(body: EmbeddingRequest, settings: Settings) -> str:
+    """The model the request names (one of served_models), or the configured one; else 404."""
+    served = embeddings.served(settings)
+    if body.model is None:
+        return served[-1]
+    if body.model in served or body.model in embeddings.BUNDLED_NAMES:
+        return EMBEDDING_MODEL if body.model in embeddings.BUNDLED_NAMES else body.model
+    raise ApiError(404, f"the model {body.model!r} does not make embeddings; the embedding "
+                   f"model{'s are' if len(served) > 1 else ' is'} {', '.join(served)}", param="model",
+                   code="model_not_found")
 
 
 def checked_texts(body: EmbeddingRequest) -> list[str]:
-    """The texts to embed, or 400/404 naming the field that cannot be served."""
-    if body.model is not None and body.model != EMBEDDING_MODEL:
-        raise ApiError(404, f"the model {body.model!r} does not make embeddings; the embedding model is "
-                       f"{EMBEDDING_MODEL}", param="model", code="model_not_found")
-    if body.dimensions is not None and body.dimensions != EMBEDDING_DIMENSIONS:
-        raise ApiError(400, f"dimensions is {body.dimensions}; {EMBEDDING_MODEL} makes {EMBEDDING_DIMENSIONS}-dimensional "
-                       f"vectors only (send {EMBEDDING_DIMENSIONS} or leave dimensions out)", param="dimensions",
-                       code="invalid_value")
+    """The texts to embed, or 400 naming the field that cannot be served."""
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise ApiError(400, "input is an empty list; send a text or a list of texts", param="input",
@@ -63,16 +71,22 @@ def checked_texts(body: EmbeddingRequest) -> list[str]:
     return texts  # type: ignore[return-value]  # all strings, checked above
 
 
-def embed_texts(texts: list[str], names: list[str], encoding_format: str) -> tuple[list[Embedding], int]:
-    """In the worker thread: count, refuse a text over the window (never cut it), embed."""
+def embed_texts(texts: list[str], names: list[str], encoding_format: str, model: str = EMBEDDING_MODEL,
+                asked_dimensions: int | None = None) -> tuple[list[Embedding], int]:
+    """In the worker thread (a model named for the first time loads here): check the dimensions asked for,
+    count, refuse a text over the window (never cut it), embed."""
     try:
-        counts = count_tokens(texts)
+        size, window = embeddings.dimensions(model), embeddings.max_tokens(model)
+        if asked_dimensions is not None and asked_dimensions != size:
+            raise ApiError(400, f"dimensions is {asked_dimensions}; {model} makes {size}-dimensional vectors only "
+                           f"(send {size} or leave dimensions out)", param="dimensions", code="invalid_value")
+        counts = count_tokens(texts, model=model)
         for name, count in zip(names, counts):
-            if count > EMBEDDING_MAX_TOKENS:
-                raise ApiError(400, f"{name} has {count} tokens; {EMBEDDING_MODEL} reads at most {EMBEDDING_MAX_TOKENS} "
-                               "([CLS] and [SEP] included); shorten it or split it in parts", param=name,
+            if count > window:
+                raise ApiError(400, f"{name} has {count} tokens; {model} reads at most {window} "
+                               "(its special tokens included); shorten it or split it in parts", param=name,
                                code="context_length_exceeded")
-        vectors = embed(texts).numpy()
+        vectors = embed(texts, model=model).numpy()
     except EmbeddingError as exc:
         raise ApiError(500, str(exc), type="server_error", code="model_load_failed") from None
     if encoding_format == "base64":  # what the openai SDK decodes: little-endian float32 bytes
