@@ -220,6 +220,8 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
     search(local, "bench", asked[0].question, TOP_K)  # the first reads the vectors from SQLite into memory
     cold_ms = (time.perf_counter() - started) * 1000
     latencies, parts, ranks = [], {"embed_ms": [], "vectors_ms": [], "keywords_ms": []}, []
+    if local.knowledge.reranker:  # knowledge.reranker re-scores the best rerank_candidates of every search
+        parts["rerank_ms"] = []
     for answer in asked:
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -365,5 +367,7 @@ def render_knowledge(report: dict[str, Any]) -> str:
         row("  embedding the query p50 / p95", lambda s: f"{s['embed_ms_p50']:.1f} / {s['embed_ms_p95']:.1f} ms"),
         row("  vector ranking p50 / p95", lambda s: f"{s['vectors_ms_p50']:.1f} / {s['vectors_ms_p95']:.1f} ms"),
         row("  keyword ranking p50 / p95", lambda s: f"{s['keywords_ms_p50']:.1f} / {s['keywords_ms_p95']:.1f} ms"),
+        *([row("  re-ranking p50 / p95", lambda s: f"{s['rerank_ms_p50']:.1f} / {s['rerank_ms_p95']:.1f} ms")]
+          if "rerank_ms_p50" in sizes[0] else []),
         row("known answers: hit@1 / hit@5", lambda s: f"{s['hit_at_1']:.0%} / {s['hit_at_5']:.0%} of {s['queries']}"),
     ])

@@ -651,7 +651,7 @@ class KnowledgeSettings(BaseModel):
         None, description="A cross-encoder that re-scores the best fused chunks against the query (a folder, or a "
         "Hugging Face id such as cross-encoder/ms-marco-MiniLM-L-6-v2 or BAAI/bge-reranker-base); None = the fused "
         "ranking as it is.")
-    rerank_candidates: int = Field(20, ge=1, le=200, description="The best fused chunks the reranker re-scores; "
+    rerank_candidates: int = Field(10, ge=1, le=200, description="The best fused chunks the reranker re-scores; "
                                    "the top_k asked for come out of them.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings,
                                          description="How personas with knowledge ground their answers.")
