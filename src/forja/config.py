@@ -642,6 +642,10 @@ class KnowledgeSettings(BaseModel):
     candidates: int = Field(50, ge=1, description="Chunks each retriever (vectors, keywords) ranks before fusion.")
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: a chunk scores the sum of "
                        "1 / (rrf_k + rank) over the retrievers that found it.")
+    store: Literal["auto", "sqlite", "postgresql"] = Field(
+        "auto", description="Where collections live: sqlite = FORJA_HOME/knowledge/knowledge.db; postgresql = the "
+        "store's PostgreSQL database (database_url), with the pgvector extension, so that every replica sharing it "
+        "sees the same collections; auto = postgresql when database_url is a PostgreSQL one, else sqlite.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings,
                                          description="How personas with knowledge ground their answers.")
     version_retrieval: RetrievalSettings = Field(
