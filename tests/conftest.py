@@ -182,17 +182,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """The session's PostgreSQL cluster (started on first use, in either mode), stopped at the end."""
-    import tempfile
-
-    # a short path of its own (a unix socket's path must stay under ~100 bytes), in memory where there is a
-    # tmpfs: thousands of small files written and removed are seconds there, minutes on a busy disk
-    shm = Path("/dev/shm")
-    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-", dir=shm if os.access(shm, os.W_OK) else None)))
+    cluster = new_cluster()
     yield cluster
     cluster.stop()
     import shutil
 
     shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+def new_cluster(bin: Path = POSTGRES_BIN) -> PostgresCluster:
+    """A started cluster in a directory of its own: a short path (a unix socket's path must stay under ~100
+    bytes), in memory where there is a tmpfs (thousands of small files written and removed are seconds there,
+    minutes on a busy disk), that `nobody` can reach."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    return PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-", dir=shm if os.access(shm, os.W_OK) else None)), bin)
 
 
 @pytest.fixture(scope="module", autouse=True)
