@@ -109,6 +109,11 @@ def _index(settings: Settings) -> SQLiteIndex | PostgreSQLIndex:
     return SQLiteIndex(db_path(settings))
 
 
+def store_kind(settings: Settings) -> str:
+    """"sqlite" or "postgresql": where knowledge.store puts the collections with these settings."""
+    return "postgresql" if isinstance(_index(settings), PostgreSQLIndex) else "sqlite"
+
+
 def _collection_row(db: SQLiteIndex | PostgreSQLIndex, name: str) -> tuple[int, str, int, float]:
     """(id, embedding_model, dimensions, created_at) of collection `name`, else the one-line error."""
     row = db.collection(name)

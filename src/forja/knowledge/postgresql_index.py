@@ -340,7 +340,7 @@ class PostgreSQLIndex:
     def size_bytes(self) -> int:
         """The knowledge tables on disk, with their indexes and out-of-line (TOAST) values: every collection's."""
         with self._connect() as conn:
-            return int(conn.execute(sa.text("SELECT sum(pg_total_relation_size(t::regclass)) FROM unnest(:tables) t"),
+            return int(conn.execute(sa.text("SELECT sum(pg_total_relation_size(t::regclass)) FROM unnest(CAST(:tables AS text[])) t"),
                                     {"tables": list(TABLES)}).scalar_one())
 
 
