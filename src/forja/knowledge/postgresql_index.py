@@ -108,18 +108,18 @@ def _engine(url: str) -> sa.Engine:
 
 class PostgreSQLIndex:
     """`with PostgreSQLIndex(url) as db:` the knowledge tables of that database, made or brought up to date on
-    the first opening in this process. Every method runs in a transaction of its own on a pooled connection."""
+    the first opening in this process. Every method runs in a transaction of its own."""
 
     def __init__(self, url: str):
         self.url = url
 
     def exists(self) -> bool:
-        with self._connect(vectors=False) as conn:
+        with self._connect() as conn:
             return conn.exec_driver_sql("SELECT to_regclass('knowledge_schema_migrations') IS NOT NULL").scalar_one()
 
     def __enter__(self) -> "PostgreSQLIndex":
         if self.url not in _migrated:
-            with self._connect(vectors=False) as conn:
+            with self._connect() as conn:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
                 conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS knowledge_schema_migrations "
                                      "(name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
@@ -131,44 +131,69 @@ class PostgreSQLIndex:
                                      {"name": name, "at": time.time()})
                 conn.commit()
             _migrated.add(self.url)
+        from pgvector.psycopg import register_vector
+
+        # One pooled connection for the `with` block, as SQLite's: a search's four statements then cost one
+        # checkout (and its liveness ping), not four.
+        self._held = self._connect()
+        self._conn = self._held.__enter__()
+        try:
+            if "pgvector" not in self._conn.connection.info:  # numpy arrays in and out as pgvector's type
+                with self._transaction():
+                    register_vector(self._conn.connection.dbapi_connection)
+                self._conn.connection.info["pgvector"] = True
+        except BaseException:
+            self._held.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass  # each method has returned its connection to the pool
+        self._held.__exit__(None, None, None)  # back to the pool
 
     @contextmanager
-    def _connect(self, vectors: bool = True) -> Iterator[sa.Connection]:
-        """A pooled connection in a transaction, rolled back unless the caller commits; `vectors`: numpy arrays
-        go in and out as pgvector's type (registered once per connection, once the extension exists). A database
-        that does not answer is a one-line error."""
-        from pgvector.psycopg import register_vector
-
+    def _connect(self) -> Iterator[sa.Connection]:
+        """A pooled connection; a database that does not answer is a one-line error."""
         try:
             with _engine(self.url).connect() as conn:
-                if vectors and "pgvector" not in conn.connection.info:
-                    register_vector(conn.connection.dbapi_connection)
-                    conn.connection.info["pgvector"] = True
                 yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise KnowledgeError(f"the knowledge index in {safe_url(self.url)} cannot be used: "
-                                 f"{str(exc.orig or exc).splitlines()[0]}") from None
+            raise self._unusable(exc) from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """The `with` block's connection in a transaction of its own: committed when the method is done, rolled
+        back when it raises, so that nothing (no lock, no snapshot) is held between two calls of an `add` that
+        embeds for seconds in between. A database gone away is a one-line error."""
+        try:
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.rollback()
+                raise
+            self._conn.commit()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise self._unusable(exc) from None
+
+    def _unusable(self, exc: sa.exc.DBAPIError) -> KnowledgeError:
+        return KnowledgeError(f"the knowledge index in {safe_url(self.url)} cannot be used: "
+                              f"{str(exc.orig or exc).splitlines()[0]}")
 
     # --- collections and files ------------------------------------------------------------------------
 
     def collection(self, name: str) -> tuple[int, str, int, float] | None:
         """(id, embedding_model, dimensions, created_at) of the collection named `name`."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             row = conn.execute(sa.text("SELECT id, embedding_model, dimensions, created_at FROM knowledge_collections "
                                        "WHERE name = :name"), {"name": name}).first()
         return tuple(row) if row is not None else None
 
     def names(self) -> list[str]:
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return list(conn.exec_driver_sql("SELECT name FROM knowledge_collections ORDER BY name").scalars())
 
     def create_collection(self, name: str, embedding_model: str, dimensions: int) -> None:
         """The collection and its vector index, unless one has that name already."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             collection_id = conn.execute(sa.text(
                 "INSERT INTO knowledge_collections (name, embedding_model, dimensions, created_at) "
                 "VALUES (:name, :model, :dimensions, :at) ON CONFLICT (name) DO NOTHING RETURNING id"),
@@ -178,18 +203,17 @@ class PostgreSQLIndex:
                 conn.exec_driver_sql(
                     f"CREATE INDEX {_vector_index(collection_id)} ON knowledge_chunks USING hnsw "
                     f"((embedding::vector({int(dimensions)})) vector_ip_ops) WHERE collection_id = {int(collection_id)}")
-            conn.commit()
 
     def files(self, collection_id: int) -> list[tuple[str, str, int, int, float]]:
         """(path, sha256, chunks, tokens, indexed_at) of every file, by path."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return [tuple(r) for r in conn.execute(sa.text(
                 "SELECT path, sha256, chunks, tokens, indexed_at FROM knowledge_files WHERE collection_id = :c "
                 "ORDER BY path"), {"c": collection_id})]
 
     def file_state(self, collection_id: int, path: str) -> tuple[str, str, int, int] | None:
         """(sha256, chunking, chunks, tokens) of the file as last indexed."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             row = conn.execute(sa.text("SELECT sha256, chunking, chunks, tokens FROM knowledge_files "
                                        "WHERE collection_id = :c AND path = :path"), {"c": collection_id, "path": path}).first()
         return tuple(row) if row is not None else None
@@ -200,7 +224,7 @@ class PostgreSQLIndex:
         False, and nothing written, when the collection is no longer `name` (removed while its files were read;
         its id may even be another's now)."""
         path = str(document.path)
-        with self._connect() as conn:
+        with self._transaction() as conn:
             # FOR KEY SHARE: a `remove` of the collection waits until this file is in, then takes it too.
             if conn.execute(sa.text("SELECT name FROM knowledge_collections WHERE id = :c FOR KEY SHARE"),
                             {"c": collection_id}).scalar() != name:
@@ -225,54 +249,50 @@ class PostgreSQLIndex:
                   "tokens": chunk.tokens, "embedding": vector,
                   "keywords": folded(embedding_text(chunk)).replace(NUL, " ")}
                  for seq, (chunk, vector) in enumerate(zip(document.chunks, vectors))])
-            conn.commit()
         return True
 
     def files_under(self, collection_id: int, prefix: str) -> list[tuple[int, str]]:
         """(id, path) of the files whose path starts with `prefix`."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return [tuple(r) for r in conn.execute(sa.text(
                 "SELECT id, path FROM knowledge_files WHERE collection_id = :c AND substr(path, 1, :n) = :prefix"),
                 {"c": collection_id, "n": len(prefix), "prefix": prefix})]
 
     def delete_file(self, file_id: int) -> None:
-        with self._connect() as conn:
+        with self._transaction() as conn:
             conn.execute(sa.text("DELETE FROM knowledge_files WHERE id = :id"), {"id": file_id})
-            conn.commit()
 
     def remove_collection(self, collection_id: int) -> int:
         """The collection with its files and chunks; returns how many files it had."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             removed = conn.execute(sa.text("SELECT count(*) FROM knowledge_files WHERE collection_id = :c"),
                                    {"c": collection_id}).scalar_one()
             conn.execute(sa.text("DELETE FROM knowledge_collections WHERE id = :c"), {"c": collection_id})
-            conn.commit()
-            # Its vector index, now empty for good (ids are not reused), in a transaction of its own: DROP INDEX
-            # locks the whole table, which searches of other collections should wait for only a moment.
+        # Its vector index, now empty for good (ids are not reused), in a transaction of its own: DROP INDEX
+        # locks the whole table, which searches of other collections should wait for only a moment.
+        with self._transaction() as conn:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {_vector_index(collection_id)}")
-            conn.commit()
         return removed
 
     def remove_files(self, collection_id: int, targets: list[str]) -> list[int]:
         """The files at or under each target path, in one transaction; the count per target. All or nothing:
         when a target matches no file nothing is removed (its count is 0)."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             counts = [conn.execute(sa.text(
                 "DELETE FROM knowledge_files WHERE collection_id = :c AND (path = :path OR substr(path, 1, :n) = :under)"),
                 {"c": collection_id, "path": target, "n": len(target) + 1, "under": target.rstrip("/") + "/"}).rowcount
                 for target in targets]
-            if 0 not in counts:
-                conn.commit()
+            if 0 in counts:
+                conn.rollback()
         return counts
 
     def rename(self, collection_id: int, new_name: str) -> bool:
         """False, and nothing changed, when another collection has `new_name`."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             renamed = conn.execute(sa.text(
                 "UPDATE knowledge_collections SET name = :name WHERE id = :c "
                 "AND NOT EXISTS (SELECT 1 FROM knowledge_collections WHERE name = :name AND id != :c)"),
                 {"name": new_name, "c": collection_id}).rowcount
-            conn.commit()
         return bool(renamed)
 
     # --- searching --------------------------------------------------------------------------------------
@@ -288,7 +308,7 @@ class PostgreSQLIndex:
         # knowledge_chunks_vector_<id> at 10k chunks and more; below a few thousand the planner may rather read
         # the collection's rows and sort them, which is exact. hnsw.ef_search (pgvector's default 40) is the most
         # rows one HNSW scan returns: at least `limit`, or fewer candidates would come back than were asked for.
-        with self._connect() as conn:
+        with self._transaction() as conn:
             conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {max(limit, EF_SEARCH_DEFAULT)}")
             rows = conn.execute(sa.text(
                 f"SELECT id, embedding::vector({len(vector)}) <#> :vector AS distance FROM knowledge_chunks "
@@ -300,7 +320,7 @@ class PostgreSQLIndex:
         """The query's similarity to each of these chunks (found by their words alone, say)."""
         if not chunk_ids:
             return {}
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return {chunk_id: -distance for chunk_id, distance in conn.execute(sa.text(
                 "SELECT id, embedding <#> :vector FROM knowledge_chunks WHERE id = ANY(:ids) AND collection_id = :c"),
                 {"vector": vector, "ids": list(chunk_ids), "c": collection_id})}
@@ -312,7 +332,7 @@ class PostgreSQLIndex:
             return []
         # one plainto_tsquery per word: whatever the word holds, it is text to match, never query syntax
         query = " || ".join(f"plainto_tsquery('{TEXT_SEARCH}', :w{i})" for i in range(len(words)))
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return list(conn.execute(sa.text(
                 f"SELECT id FROM knowledge_chunks, (SELECT {query} AS query) q "
                 "WHERE collection_id = :c AND keywords @@ q.query ORDER BY ts_rank(keywords, q.query, 1) DESC, id "
@@ -323,14 +343,14 @@ class PostgreSQLIndex:
         """By id: (text, the file's path, page, headings as JSON, start, end)."""
         if not chunk_ids:
             return {}
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return {row[0]: tuple(row[1:]) for row in conn.execute(sa.text(
                 'SELECT c.id, c.text, f.path, c.page, c.headings, c.start, c."end" FROM knowledge_chunks c '
                 "JOIN knowledge_files f ON f.id = c.file_id WHERE c.id = ANY(:ids)"), {"ids": list(chunk_ids)})}
 
     def file_chunks(self, collection_id: int, path: str) -> list[Chunk]:
         """The chunks of one file, in order."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             rows = conn.execute(sa.text(
                 'SELECT c.text, c.start, c."end", c.page, c.headings, c.tokens FROM knowledge_chunks c '
                 "JOIN knowledge_files f ON f.id = c.file_id WHERE f.collection_id = :c AND f.path = :path "
@@ -339,7 +359,7 @@ class PostgreSQLIndex:
 
     def size_bytes(self) -> int:
         """The knowledge tables on disk, with their indexes and out-of-line (TOAST) values: every collection's."""
-        with self._connect() as conn:
+        with self._transaction() as conn:
             return int(conn.execute(sa.text("SELECT sum(pg_total_relation_size(t::regclass)) FROM unnest(CAST(:tables AS text[])) t"),
                                     {"tables": list(TABLES)}).scalar_one())
 
