@@ -46,16 +46,21 @@ $(VENV)/.tesseract: | $(PY)
 	touch $@
 
 # The suites that talk to the store run once more on PostgreSQL: each a database of its own on one throw-away
-# cluster that tests/conftest.py starts (Debian's PostgreSQL 15, run as `nobody` when the tests run as root).
-# tests/test_replicas.py and tests/test_store_faults.py use that cluster in the first pass already; the slow
-# tests (the bundled model's answers) are left to the first pass: they exercise the model, not the store.
+# cluster that tests/conftest.py starts (PostgreSQL 16 with pgvector from the test extra's pgserver wheel, run
+# as `nobody` when the tests run as root), knowledge collections included (tests/test_knowledge.py).
+# tests/test_replicas.py, tests/test_store_faults.py and tests/test_knowledge_postgresql.py use that cluster in
+# the first pass already; the slow tests (the bundled model's answers) are left to the first pass: they exercise
+# the model, not the store.
 PG_SUITES := tests/test_store.py tests/test_feedback.py tests/test_serve.py tests/test_keys.py tests/test_jobs.py \
-	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py
+	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py \
+	tests/test_knowledge.py
 
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium $(VENV)/.postgresql
 	$(PIP) install -e '.[test]'
 	touch $@
 
+# Debian's PostgreSQL 15 has no pgvector: the cluster runs on pgserver's binaries, and this one is what
+# tests/test_knowledge_postgresql.py checks the "install pgvector" error against (skipped without it).
 $(VENV)/.postgresql: | $(PY)
 	test -x /usr/lib/postgresql/15/bin/initdb || (apt-get update -qq && apt-get install -y -qq postgresql)
 	touch $@

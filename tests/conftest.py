@@ -80,7 +80,20 @@ def build_tiny_model(directory: Path, seed: int = 0, context: int = 256) -> Path
 # `make test` runs the whole suite on SQLite, then the suites that talk to the store once more with
 # FORJA_TEST_DATABASE=postgresql: every module and every test gets a database of its own on one cluster.
 TEST_DATABASE = os.environ.get("FORJA_TEST_DATABASE", "sqlite")
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+# PostgreSQL 16 with pgvector from the pgserver wheel (the test extra installs it: Debian 12 packages no pgvector
+# for its PostgreSQL 15), which knowledge collections on PostgreSQL need; Debian's 15 without it, found by the
+# test that names what is missing.
+DEBIAN_POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _pgserver_bin() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")  # found, not imported: only its binaries are used
+    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" if spec else None
+
+
+POSTGRES_BIN = _pgserver_bin() or DEBIAN_POSTGRES_BIN
 
 
 class PostgresCluster:
@@ -88,12 +101,14 @@ class PostgresCluster:
     run as an unprivileged user when the tests run as root (initdb refuses root). Durability is switched off:
     nothing in it outlives the session."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, bin: Path = POSTGRES_BIN):
         import pwd
         import socket
 
-        if not (POSTGRES_BIN / "initdb").exists():
-            pytest.fail(f"PostgreSQL is missing ({POSTGRES_BIN}): run `make install-test` (apt-get install postgresql)")
+        if not (bin / "initdb").exists():
+            pytest.fail(f"PostgreSQL is missing ({bin}): run `make install-test` (pip install pgserver, "
+                        "apt-get install postgresql)")
+        self.bin = bin
         self.directory = directory
         self.data = directory / "data"
         self.log = directory / "postgres.log"
@@ -114,7 +129,7 @@ class PostgresCluster:
     def _run(self, tool: str, *args: str) -> None:
         import subprocess
 
-        subprocess.run([*self.as_user, str(POSTGRES_BIN / tool), *args], check=True, capture_output=True,
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, capture_output=True,
                        cwd=self.directory)
 
     def start(self) -> None:
@@ -126,7 +141,7 @@ class PostgresCluster:
     def running(self) -> bool:
         import subprocess
 
-        return subprocess.run([*self.as_user, str(POSTGRES_BIN / "pg_ctl"), "status", "-D", str(self.data)],
+        return subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "status", "-D", str(self.data)],
                               capture_output=True, cwd=self.directory).returncode == 0
 
     def url(self, database: str) -> str:
@@ -167,17 +182,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """The session's PostgreSQL cluster (started on first use, in either mode), stopped at the end."""
-    import tempfile
-
-    # a short path of its own (a unix socket's path must stay under ~100 bytes), in memory where there is a
-    # tmpfs: thousands of small files written and removed are seconds there, minutes on a busy disk
-    shm = Path("/dev/shm")
-    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-", dir=shm if os.access(shm, os.W_OK) else None)))
+    cluster = new_cluster()
     yield cluster
     cluster.stop()
     import shutil
 
     shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+def new_cluster(bin: Path = POSTGRES_BIN) -> PostgresCluster:
+    """A started cluster in a directory of its own: a short path (a unix socket's path must stay under ~100
+    bytes), in memory where there is a tmpfs (thousands of small files written and removed are seconds there,
+    minutes on a busy disk), that `nobody` can reach."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    return PostgresCluster(Path(tempfile.mkdtemp(prefix="forja-pg-", dir=shm if os.access(shm, os.W_OK) else None)), bin)
 
 
 @pytest.fixture(scope="module", autouse=True)

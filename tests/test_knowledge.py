@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import pdf_pages_bytes
+import sqlalchemy as sa
+from conftest import TEST_DATABASE, pdf_pages_bytes
 from typer.testing import CliRunner
 
 from forja.cli import app
@@ -67,7 +68,10 @@ def docs(tmp_path) -> Path:
 
 
 def index_counts(home: Path) -> dict[str, tuple[int, int, int]]:
-    """Per file: (chunks the file row says, chunk rows, keyword rows), read straight from the database."""
+    """Per file: (chunks the file row says, chunk rows, keyword rows), read straight from the database the
+    suite runs on: the SQLite file, or the store's PostgreSQL (FORJA_TEST_DATABASE=postgresql)."""
+    if TEST_DATABASE == "postgresql":
+        return postgresql_index_counts(load_settings().database)
     db = sqlite3.connect(home / "knowledge" / "knowledge.db")
     try:
         rows = db.execute(
@@ -80,6 +84,47 @@ def index_counts(home: Path) -> dict[str, tuple[int, int, int]]:
         db.close()
     assert orphans == 0
     return {Path(path).name: (n, chunks, keywords) for path, n, chunks, keywords in rows}
+
+
+def postgresql_index_counts(url: str) -> dict[str, tuple[int, int, int]]:
+    """index_counts for knowledge in PostgreSQL: a chunk's keywords are a column of its row, counted when not empty."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT f.path, f.chunks, count(c.id), count(c.id) FILTER (WHERE length(c.keywords) > 0) "
+                "FROM knowledge_files f LEFT JOIN knowledge_chunks c ON c.file_id = f.id GROUP BY f.id").all()
+            orphans = conn.exec_driver_sql("SELECT count(*) FROM knowledge_chunks c LEFT JOIN knowledge_files f "
+                                           "ON f.id = c.file_id WHERE f.id IS NULL OR f.collection_id != c.collection_id"
+                                           ).scalar_one()
+    finally:
+        engine.dispose()
+    assert orphans == 0
+    return {Path(path).name: (n, chunks, keywords) for path, n, chunks, keywords in rows}
+
+
+def committed_files() -> int:
+    """Files in the index so far, 0 while its tables are still being made (the killed add's poll)."""
+    if TEST_DATABASE == "postgresql":
+        engine = sa.create_engine(load_settings().database)
+        try:
+            with engine.connect() as conn:
+                if not conn.exec_driver_sql("SELECT to_regclass('knowledge_files') IS NOT NULL").scalar_one():
+                    return 0
+                return conn.exec_driver_sql("SELECT count(*) FROM knowledge_files").scalar_one()
+        finally:
+            engine.dispose()
+    database = db_path(load_settings())
+    if not database.is_file():
+        return 0
+    try:
+        db = sqlite3.connect(database)
+        try:
+            return db.execute("SELECT count(*) FROM files").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:  # the schema is still being created
+        return 0
 
 
 def test_chunks_slice_the_document_keep_their_headings_and_fit_the_size():
@@ -230,19 +275,9 @@ def test_a_killed_add_leaves_each_file_whole_or_absent_and_a_rerun_completes_it(
            "PYTHONPATH": str(Path(__file__).parent.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen([sys.executable, "-m", "forja.cli", "knowledge", "add", "many", str(folder)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    database = db_path(load_settings())
     deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline:
-            if database.is_file():
-                try:
-                    db = sqlite3.connect(database)
-                    committed = db.execute("SELECT count(*) FROM files").fetchone()[0]
-                    db.close()
-                except sqlite3.OperationalError:  # the schema is still being created
-                    committed = 0
-                if committed:
-                    break
+        while time.monotonic() < deadline and not committed_files():
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
     finally:

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
+from conftest import TEST_DATABASE
 from typer.testing import CliRunner
 
 from forja.cli import app
@@ -74,6 +76,16 @@ def wait_indexed(client, vector_store_id: str, timeout: float = 120):
 
 
 def chunk_rows(served, file_id: str) -> int:
+    """The file's chunks in the knowledge index, read straight from its database (SQLite's, or PostgreSQL's)."""
+    if TEST_DATABASE == "postgresql":
+        engine = sa.create_engine(served.settings.database)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT count(*) FROM knowledge_chunks c JOIN knowledge_files f "
+                                            "ON f.id = c.file_id WHERE f.path LIKE :path"),
+                                    {"path": f"%/{file_id}/%"}).scalar_one()
+        finally:
+            engine.dispose()
     db = sqlite3.connect(served.settings.knowledge_dir / "knowledge.db")
     try:
         return db.execute("SELECT count(*) FROM chunks c JOIN files f ON f.id = c.file_id WHERE f.path LIKE ?",
@@ -179,7 +191,7 @@ def test_a_file_batch_uploads_and_indexes_several_files_and_is_polled_to_the_end
 def test_a_collection_made_with_the_cli_is_a_vector_store_and_the_other_way_round(client, served, tmp_path):
     notes = write(tmp_path, "press-notes.md", "# Press\n\nThe Ostrava press runs on 400 volt three-phase power.\n")
     runner = CliRunner()
-    env = {"FORJA_HOME": str(served.settings.home)}
+    env = {"FORJA_HOME": str(served.settings.home), "FORJA_DATABASE_URL": served.settings.database}  # the server's
     assert runner.invoke(app, ["knowledge", "add", "press", str(notes)], env=env).exit_code == 0
     listed = {s.id: s for s in client.vector_stores.list()}
     assert "vs_press" in listed and listed["vs_press"].file_counts.completed == 1

@@ -35,6 +35,7 @@ ENTITIES_PER_FILE = 40
 THREADS = 1
 TARGET_P95_MS = 100.0  # the issue's target at 100k chunks
 TARGET_RATIO = 1.20  # indexing takes at most 20% longer than embedding the same chunks alone
+COLLECTION = "bench"
 
 SYLLABLES = ("ba be bi bo bu ca ce ci co cu da de di do fa fe fi fo ga ge go gu la le li lo lu ma me mi mo mu "
              "na ne ni no pa pe pi po ra re ri ro ru sa se si so ta te ti to tu va ve vi vo za ze zo").split()
@@ -145,7 +146,8 @@ def _filler(rng: random.Random, lang: str) -> str:
 def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, chunk_tokens: int = CHUNK_TOKENS,
                         queries: int = QUERIES, threads: int | None = THREADS, random_vectors: bool = False,
                         alone_every: int = 1, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Per size, in a fresh FORJA_HOME under a temp dir: write the catalogues, `add` them as one collection
+    """Per size, in a fresh FORJA_HOME under a temp dir (knowledge in it, or where knowledge.store says: in
+    PostgreSQL with database_url set, best an empty database): write the catalogues, `add` them as one collection
     file by file, each file's chunks also embedded alone, then ask `queries` known-answer questions, each
     searched top 5. `threads`: torch's (None: its default, one per core). `random_vectors`: chunks get random
     unit vectors instead of MiniLM's (queries are still embedded): the index and the search at a size whose
@@ -160,7 +162,7 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
         torch.set_num_threads(threads)
     try:
         embed(["warm-up: load the embedding model before anything is timed"])
-        report: dict[str, Any] = {"cpu": cpu_line(), "torch_threads": torch.get_num_threads(), "chunk_tokens": chunk_tokens,
+        report: dict[str, Any] = {"cpu": cpu_line(), "store": _store(settings), "torch_threads": torch.get_num_threads(), "chunk_tokens": chunk_tokens,
                                   "top_k": TOP_K, "random_vectors": random_vectors, "alone_every": alone_every,
                                   "target_p95_ms": TARGET_P95_MS, "target_ratio": TARGET_RATIO,
                                   "load_average": [os.getloadavg()[0]], "sizes": []}
@@ -177,12 +179,15 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
 def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queries: int, random_vectors: bool,
               alone_every: int, log: Callable[[str], Any]) -> dict[str, Any]:
     from forja.embeddings import embed
-    from forja.knowledge import add, search
-    from forja.knowledge.index import db_path
+    from forja.knowledge import add, collections, remove, search
+    from forja.knowledge.chunks import embedding_text
+    from forja.knowledge.index import file_chunks, index_bytes
 
     home = tmp / "home"
     local = settings.model_copy(update={"home": home, "knowledge": settings.knowledge.model_copy(
         update={"chunk_tokens": chunk_tokens, "overlap_tokens": min(settings.knowledge.overlap_tokens, chunk_tokens // 4)})})
+    if any(c.name == COLLECTION for c in collections(local)):  # in PostgreSQL, left by a run stopped midway
+        remove(local, COLLECTION)
     answers = write_catalogues(tmp / "docs", size)
     files = sorted((tmp / "docs").iterdir())
     log(f"{size} chunks: indexing {len(files)} catalogues"
@@ -197,10 +202,10 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
     for number, path in enumerate(files, 1):
         started = time.perf_counter()
         with _random_chunk_vectors(random_vectors, seed=number):
-            add(local, "bench", [path])
+            add(local, COLLECTION, [path])
         took = time.perf_counter() - started
         index_seconds += took
-        alone = _chunk_texts(db_path(local), path)
+        alone = [embedding_text(c) for c in file_chunks(local, COLLECTION, path)]  # what `add` embedded
         if not random_vectors and (number - 1) % alone_every == 0:
             started = time.perf_counter()
             embed(alone)
@@ -212,12 +217,12 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
             log(f"{size} chunks: {number}/{len(files)} files, {len(texts)} chunks; indexing {index_seconds:.0f}s"
                 + ("" if random_vectors else f", embedding alone {embed_seconds:.0f}s"))
     index_peak = _peak_rss()
-    disk = sum(p.stat().st_size for p in db_path(local).parent.iterdir() if p.name.startswith(db_path(local).name))
+    disk = index_bytes(local)
 
     asked = random.Random(1).sample(answers, min(queries, len(answers)))
     log(f"{size} chunks: {len(asked)} known-answer questions, top {TOP_K} ...")
     started = time.perf_counter()
-    search(local, "bench", asked[0].question, TOP_K)  # the first reads the vectors from SQLite into memory
+    search(local, COLLECTION, asked[0].question, TOP_K)  # on SQLite the first reads the vectors into memory
     cold_ms = (time.perf_counter() - started) * 1000
     latencies, parts, ranks = [], {"embed_ms": [], "vectors_ms": [], "keywords_ms": []}, []
     if local.knowledge.reranker:  # knowledge.reranker re-scores the best rerank_candidates of every search
@@ -225,11 +230,12 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
     for answer in asked:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        hits = search(local, "bench", answer.question, TOP_K, timings=timings)
+        hits = search(local, COLLECTION, answer.question, TOP_K, timings=timings)
         latencies.append((time.perf_counter() - started) * 1000)
         for name in parts:
             parts[name].append(timings[name])
         ranks.append(next((rank for rank, hit in enumerate(hits, 1) if answer.fact in hit.text), None))
+    remove(local, COLLECTION)  # the temp home goes with the size; a PostgreSQL database stays
     return {
         "size": size, "chunks": len(texts), "files": len(files),
         "mean_chunk_tokens": round(statistics.mean(_tokens(texts[:2000])), 1),
@@ -274,21 +280,12 @@ def _random_chunk_vectors(on: bool, seed: int) -> Iterator[None]:
         embeddings.embed = real
 
 
-def _chunk_texts(db_file: Path, source: Path) -> list[str]:
-    """What `add` embedded for each chunk of `source`, in the order it embedded them."""
-    import json
-    import sqlite3
+def _store(settings: Settings) -> str:
+    """Where the bench's collection lives: SQLite in its temp home, or the configured PostgreSQL (database_url)."""
+    from forja.knowledge.index import store_kind
+    from forja.store import safe_url
 
-    from forja.knowledge.chunks import Chunk, embedding_text
-
-    db = sqlite3.connect(db_file)
-    try:
-        rows = db.execute('SELECT c.text, c.start, c."end", c.page, c.headings, c.tokens FROM chunks c '
-                          "JOIN files f ON f.id = c.file_id WHERE f.path = ? ORDER BY c.seq",
-                          (str(source.resolve()),)).fetchall()
-    finally:
-        db.close()
-    return [embedding_text(Chunk(t, s, e, p, tuple(json.loads(h)), n)) for t, s, e, p, h, n in rows]
+    return f"PostgreSQL {safe_url(settings.database)}" if store_kind(settings) == "postgresql" else "SQLite"
 
 
 def _tokens(texts: list[str]) -> list[int]:
@@ -345,7 +342,7 @@ def render_knowledge(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.2f}" for x in report["load_average"])
     return "\n".join([
         f"forja bench knowledge: generated Spanish and English catalogues, chunks of at most {report['chunk_tokens']} "
-        f"tokens, top {report['top_k']}, torch threads {report['torch_threads']}"
+        f"tokens, top {report['top_k']}, torch threads {report['torch_threads']}, index in {report['store']}"
         + ("; RANDOM chunk vectors (the index and search without MiniLM's; hits from keywords)"
            if report["random_vectors"] else "") + f"; CPU: {report['cpu']}; "
         f"load average (1 min) before and after each size: {load}",
@@ -362,7 +359,7 @@ def render_knowledge(report: dict[str, Any]) -> str:
             f"{s['index_over_embed']:.2f} {'yes' if s['index_over_embed'] <= TARGET_RATIO else 'NO'}"),
         row("index on disk", lambda s: mib(s["index_bytes"])),
         row("peak RSS (indexing; with the searches)", lambda s: f"{mib(s['index_peak_rss_bytes'])}; {mib(s['peak_rss_bytes'])}"),
-        row("first query (reads the vectors)", lambda s: f"{s['cold_query_ms']:.1f} ms"),
+        row("first query (on SQLite it reads the vectors)", lambda s: f"{s['cold_query_ms']:.1f} ms"),
         row(f"hybrid query p50 / p95 (target p95 < {TARGET_P95_MS:.0f} ms at 100k)", p95),
         row("  embedding the query p50 / p95", lambda s: f"{s['embed_ms_p50']:.1f} / {s['embed_ms_p95']:.1f} ms"),
         row("  vector ranking p50 / p95", lambda s: f"{s['vectors_ms_p50']:.1f} / {s['vectors_ms_p95']:.1f} ms"),

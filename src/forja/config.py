@@ -653,6 +653,10 @@ class KnowledgeSettings(BaseModel):
         "ranking as it is.")
     rerank_candidates: int = Field(10, ge=1, le=200, description="The best fused chunks the reranker re-scores; "
                                    "the top_k asked for come out of them.")
+    store: Literal["auto", "sqlite", "postgresql"] = Field(
+        "auto", description="Where collections live: sqlite = FORJA_HOME/knowledge/knowledge.db; postgresql = the "
+        "store's PostgreSQL database (database_url), with the pgvector extension, so that every replica sharing it "
+        "sees the same collections; auto = postgresql when database_url is a PostgreSQL one, else sqlite.")
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings,
                                          description="How personas with knowledge ground their answers.")
     version_retrieval: RetrievalSettings = Field(

@@ -98,9 +98,9 @@ def words(text: str) -> list[str]:
 
 def support(answer: str, chunk: str) -> float:
     """The share of the answer's content words (numbers included, stopwords not) found in the chunk."""
-    from forja.knowledge.index import _stopwords
+    from forja.knowledge.words import stopwords
 
-    stop = _stopwords()
+    stop = stopwords()
     content = [w for w in words(answer) if w not in stop]
     if not content:
         return 0.0

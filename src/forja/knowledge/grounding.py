@@ -68,7 +68,9 @@ class Plan:
 
 
 VERSION_COLLECTION = "version.{name}"  # the collection holding a version's FAQ rows
-_indexed: dict[tuple[str, str], tuple[int, int]] = {}  # (knowledge db, collection) → the FAQ file's (mtime, size)
+# (knowledge dir, database: where the index is, whichever knowledge.store picks; collection) → the FAQ file's
+# (mtime, size)
+_indexed: dict[tuple[str, str, str], tuple[int, int]] = {}
 
 
 def plan(settings: Settings, persona: Persona | None, model: str) -> Plan | None:
@@ -116,7 +118,7 @@ def version_plan(settings: Settings, model: str) -> Plan | None:
         return None
     name = VERSION_COLLECTION.format(name=directory.name)
     stat = path.stat()
-    key = (str(settings.knowledge_dir), name)
+    key = (str(settings.knowledge_dir), settings.database, name)
     if _indexed.get(key) != (stat.st_mtime_ns, stat.st_size):
         add(settings, name, [path])
         _indexed[key] = (stat.st_mtime_ns, stat.st_size)
