@@ -52,3 +52,23 @@ def test_random_vectors_measure_the_index_and_search_without_an_embedding_alone(
     size = json.loads(out.read_text())["sizes"][0]
     assert size["index_over_embed"] is None and size["embed_seconds"] is None
     assert size["query_ms_p95"] > 0 and size["hit_at_5"] >= 0.5  # the keywords alone still find most
+
+
+def test_sqlite_vec_ranks_the_same_vectors_beside_forjas_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORJA_KNOWLEDGE__STORE", "sqlite")  # the comparison is with the SQLite index
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "knowledge", "--sizes", "60", "--queries", "10", "--random-vectors",
+                                 "--sqlite-vec", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sqlite-vec beside it" in result.output
+    compared = json.loads(out.read_text())["sizes"][0]["sqlite_vec"]
+    assert compared["agreement"] == 1.0  # both exact, random vectors have no ties
+    assert compared["bytes"] > compared["numpy_matrix_bytes"] > 0
+    assert 0 < compared["query_ms_p50"] <= compared["query_ms_p95"] and compared["numpy_ms_p50"] > 0
+
+
+def test_sqlite_vec_is_refused_in_one_line_beside_a_postgresql_index(monkeypatch):
+    monkeypatch.setenv("FORJA_DATABASE_URL", "postgresql://forja@127.0.0.1:1/none")
+    monkeypatch.setenv("FORJA_KNOWLEDGE__STORE", "postgresql")
+    result = runner.invoke(app, ["bench", "knowledge", "--sizes", "60", "--sqlite-vec"])
+    assert result.exit_code == 1 and "--sqlite-vec compares with the SQLite index" in result.output

@@ -145,18 +145,25 @@ def _filler(rng: random.Random, lang: str) -> str:
 
 def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, chunk_tokens: int = CHUNK_TOKENS,
                         queries: int = QUERIES, threads: int | None = THREADS, random_vectors: bool = False,
-                        alone_every: int = 1, log: Callable[[str], Any] = print) -> dict[str, Any]:
+                        alone_every: int = 1, sqlite_vec: bool = False,
+                        log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Per size, in a fresh FORJA_HOME under a temp dir (knowledge in it, or where knowledge.store says: in
     PostgreSQL with database_url set, best an empty database): write the catalogues, `add` them as one collection
     file by file, each file's chunks also embedded alone, then ask `queries` known-answer questions, each
     searched top 5. `threads`: torch's (None: its default, one per core). `random_vectors`: chunks get random
     unit vectors instead of MiniLM's (queries are still embedded): the index and the search at a size whose
     embedding would take hours, without the embedding; nothing is embedded alone then. `alone_every`: only
-    every n-th file is also embedded alone, and the ratio is that of those files."""
+    every n-th file is also embedded alone, and the ratio is that of those files. `sqlite_vec`: the road not
+    taken, measured beside the one taken: the same vectors in a sqlite-vec table, ranked by it (SQLite store only)."""
     import torch
 
     from forja.embeddings import embed
+    from forja.knowledge.index import store_kind
 
+    if sqlite_vec:
+        if store_kind(settings) != "sqlite":
+            raise ConfigError("--sqlite-vec compares with the SQLite index: unset database_url or set knowledge.store: sqlite")
+        _open_sqlite_vec(":memory:")  # its one-line error before anything is indexed
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -169,7 +176,7 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
         for size in sizes or SIZES:
             with tempfile.TemporaryDirectory(prefix="forja-bench-knowledge-") as tmp:
                 report["sizes"].append(_one_size(settings, Path(tmp), size, chunk_tokens, queries, random_vectors,
-                                                 alone_every, log))
+                                                 alone_every, sqlite_vec, log))
             report["load_average"].append(os.getloadavg()[0])
     finally:
         torch.set_num_threads(before)  # the caller's setting, as it was
@@ -177,7 +184,7 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
 
 
 def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queries: int, random_vectors: bool,
-              alone_every: int, log: Callable[[str], Any]) -> dict[str, Any]:
+              alone_every: int, sqlite_vec: bool, log: Callable[[str], Any]) -> dict[str, Any]:
     from forja.embeddings import embed
     from forja.knowledge import add, collections, remove, search
     from forja.knowledge.chunks import embedding_text
@@ -235,6 +242,7 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
         for name in parts:
             parts[name].append(timings[name])
         ranks.append(next((rank for rank, hit in enumerate(hits, 1) if answer.fact in hit.text), None))
+    compared_with = _sqlite_vec_side(local, tmp, [a.question for a in asked], log) if sqlite_vec else {}
     remove(local, COLLECTION)  # the temp home goes with the size; a PostgreSQL database stays
     return {
         "size": size, "chunks": len(texts), "files": len(files),
@@ -252,7 +260,75 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
         "hit_at_1": sum(r == 1 for r in ranks) / len(ranks),
         "hit_at_5": sum(r is not None for r in ranks) / len(ranks),
         "missed": [a.question for a, r in zip(asked, ranks) if r is None][:5],
+        **compared_with,
     }
+
+
+def _open_sqlite_vec(path: str) -> Any:
+    """An apsw connection with sqlite-vec loaded (Python's own sqlite3 is often built without extension loading,
+    as on this machine's), or the one-line error naming what to install."""
+    try:
+        import apsw
+        import sqlite_vec
+    except ImportError:
+        raise ConfigError("--sqlite-vec needs the bench extra: pip install -e '.[bench]' (apsw, sqlite-vec)") from None
+    db = apsw.Connection(path)
+    db.enable_load_extension(True)
+    db.load_extension(sqlite_vec.loadable_path())
+    db.enable_load_extension(False)
+    return db
+
+
+def _sqlite_vec_side(settings: Settings, tmp: Path, questions: list[str], log: Callable[[str], Any]) -> dict[str, Any]:
+    """The collection's vectors copied into a sqlite-vec `vec0` table in a file of its own, and the same query
+    vectors ranked by it and by forja's index (numpy over the vectors it keeps in memory), alternated, for the
+    same number of candidates: time to insert, size on disk, first query on a fresh connection, p50/p95,
+    and how many of each ranking's candidates the other also returned (both are exact: 100% unless ties)."""
+    import numpy as np
+
+    from forja.embeddings import embed
+    from forja.knowledge.index import db_path
+    from forja.knowledge.sqlite_index import SQLiteIndex
+
+    limit = settings.knowledge.candidates
+    with SQLiteIndex(db_path(settings)) as index:
+        collection_id, model, dimensions, _ = index.collection(COLLECTION)
+        ids, matrix = index.vectors(collection_id)
+        log(f"{len(ids)} chunks: the same vectors into sqlite-vec ...")
+        path = tmp / "sqlite-vec.db"
+        db = _open_sqlite_vec(str(path))
+        db.execute(f"CREATE VIRTUAL TABLE chunks USING vec0(embedding float[{dimensions}] distance_metric=cosine)")
+        started = time.perf_counter()
+        with db:  # one transaction
+            db.executemany("INSERT INTO chunks (rowid, embedding) VALUES (?, ?)",
+                           ((int(i), matrix[n].tobytes()) for n, i in enumerate(ids)))
+        insert_seconds = time.perf_counter() - started
+        db.close()
+        vectors = embed(questions, model=model, kind="query").numpy().astype(np.float32)
+        query = "SELECT rowid FROM chunks WHERE embedding MATCH ? AND k = ? ORDER BY distance"
+        db = _open_sqlite_vec(str(path))  # a fresh connection: its first query reads the table
+        started = time.perf_counter()
+        db.execute(query, (vectors[0].tobytes(), limit)).fetchall()
+        cold_ms = (time.perf_counter() - started) * 1000
+        ours, theirs, agree = [], [], []
+        for vector in vectors:
+            started = time.perf_counter()
+            mine = [c for c, _ in index.vector_ranking(collection_id, vector, limit)]
+            ours.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            other = [r[0] for r in db.execute(query, (vector.tobytes(), limit))]
+            theirs.append((time.perf_counter() - started) * 1000)
+            agree.append(len(set(mine) & set(other)) / max(1, len(mine)))
+        db.close()
+    return {"sqlite_vec": {
+        "candidates": limit, "insert_seconds": round(insert_seconds, 2),
+        "insert_per_s": round(len(ids) / insert_seconds, 1) if insert_seconds else None,
+        "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(path.name)),
+        "cold_query_ms": round(cold_ms, 1),
+        "query_ms_p50": round(_pct(theirs, 50), 2), "query_ms_p95": round(_pct(theirs, 95), 2),
+        "numpy_ms_p50": round(_pct(ours, 50), 2), "numpy_ms_p95": round(_pct(ours, 95), 2),
+        "numpy_matrix_bytes": int(matrix.nbytes), "agreement": round(statistics.mean(agree), 4),
+    }}
 
 
 @contextmanager
@@ -367,4 +443,19 @@ def render_knowledge(report: dict[str, Any]) -> str:
         *([row("  re-ranking p50 / p95", lambda s: f"{s['rerank_ms_p50']:.1f} / {s['rerank_ms_p95']:.1f} ms")]
           if "rerank_ms_p50" in sizes[0] else []),
         row("known answers: hit@1 / hit@5", lambda s: f"{s['hit_at_1']:.0%} / {s['hit_at_5']:.0%} of {s['queries']}"),
+        *(_sqlite_vec_rows(row, mib) if "sqlite_vec" in sizes[0] else []),
     ])
+
+
+def _sqlite_vec_rows(row: Callable[..., str], mib: Callable[[int], str]) -> list[str]:
+    def v(s: dict[str, Any]) -> dict[str, Any]:
+        return s["sqlite_vec"]
+
+    return [
+        row("sqlite-vec beside it: the vectors inserted, vectors/s", lambda s: f"{v(s)['insert_per_s']:,.0f} ({v(s)['insert_seconds']:.1f} s)"),
+        row("  its table on disk; forja's matrix in memory", lambda s: f"{mib(v(s)['bytes'])}; {mib(v(s)['numpy_matrix_bytes'])}"),
+        row("  its first query (a fresh connection)", lambda s: f"{v(s)['cold_query_ms']:.1f} ms"),
+        row("  nearest candidates p50 / p95: sqlite-vec; forja's numpy", lambda s: f"{v(s)['query_ms_p50']:.1f} / "
+            f"{v(s)['query_ms_p95']:.1f} ms; {v(s)['numpy_ms_p50']:.1f} / {v(s)['numpy_ms_p95']:.1f} ms"),
+        row("  the same candidates (both exact)", lambda s: f"{v(s)['agreement']:.1%} of {v(s)['candidates']}"),
+    ]

@@ -1549,6 +1549,7 @@ def bench_knowledge(
     threads: Annotated[int, typer.Option(help="torch threads: 1 as forja serve beside llama.cpp; 0 = torch's default (one per core).", min=0)] = 1,
     alone_every: Annotated[int, typer.Option(help="Embed alone only every n-th file (the ratio is theirs): 10 saves most of the comparison's time at 100k.", min=1)] = 1,
     random_vectors: Annotated[bool, typer.Option("--random-vectors", help="Random chunk vectors instead of MiniLM's (queries still embedded): the index and search at sizes whose embedding takes hours; no embedding-alone figure.")] = False,
+    sqlite_vec: Annotated[bool, typer.Option("--sqlite-vec", help="Also rank the same vectors with the sqlite-vec extension, beside forja's numpy ranking (the bench extra installs it).")] = False,
     as_json: Annotated[Optional[Path], typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -1557,7 +1558,8 @@ def bench_knowledge(
 
     report = knowledge_benchmark(settings_from(config), parse_sizes(sizes), chunk_tokens=chunk_tokens,
                                  queries=queries, threads=threads or None,
-                                 random_vectors=random_vectors, alone_every=alone_every, log=lambda line: typer.echo(line, err=True))
+                                 random_vectors=random_vectors, alone_every=alone_every, sqlite_vec=sqlite_vec,
+                                 log=lambda line: typer.echo(line, err=True))
     typer.echo(render_knowledge(report))
     if as_json:
         as_json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

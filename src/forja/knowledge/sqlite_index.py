@@ -186,7 +186,7 @@ class SQLiteIndex:
     def vector_ranking(self, collection_id: int, vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
         """The `limit` chunks whose vectors are nearest the query's (all unit length: the dot product is the
         cosine), as (chunk id, similarity), best first."""
-        ids, matrix = self._vectors(collection_id)
+        ids, matrix = self.vectors(collection_id)
         if not len(ids):
             return []
         # einsum's own loop, on this thread: `matrix @ vector` goes to OpenBLAS, whose second thread waits
@@ -198,7 +198,7 @@ class SQLiteIndex:
 
     def similarities(self, collection_id: int, vector: np.ndarray, chunk_ids: list[int]) -> dict[int, float]:
         """The query's similarity to each of these chunks (found by their words alone, say)."""
-        ids, matrix = self._vectors(collection_id)
+        ids, matrix = self.vectors(collection_id)
         found = {c: np.flatnonzero(ids == c) for c in chunk_ids}
         return {c: float(matrix[at[0]] @ vector) for c, at in found.items() if len(at)}
 
@@ -231,7 +231,8 @@ class SQLiteIndex:
         """The index on disk: the database file with its write-ahead log."""
         return sum(p.stat().st_size for p in self.path.parent.iterdir() if p.name.startswith(self.path.name))
 
-    def _vectors(self, collection_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, collection_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """The collection's chunk ids and their vectors as one matrix, read once and kept until its files change."""
         key = (str(self.path), collection_id)
         cached = _vector_cache.get(key)
         self.db.execute("BEGIN")  # one snapshot: the version, the count and the rows agree while an add writes
