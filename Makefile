@@ -53,7 +53,7 @@ $(VENV)/.tesseract: | $(PY)
 # the model, not the store.
 PG_SUITES := tests/test_store.py tests/test_feedback.py tests/test_serve.py tests/test_keys.py tests/test_jobs.py \
 	tests/test_conversations.py tests/test_console.py tests/test_monitoring.py tests/test_vector_stores.py \
-	tests/test_knowledge.py tests/test_knowledge_models.py
+	tests/test_knowledge.py tests/test_knowledge_models.py tests/test_grounding.py
 
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.chromium $(VENV)/.postgresql
 	$(PIP) install -e '.[test]'

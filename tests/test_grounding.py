@@ -243,8 +243,11 @@ def test_forja_ask_and_chat_print_the_sources(server):
 
 @pytest.mark.skipif(not __import__("forja.engine.llamacpp", fromlist=["available"]).available(),
                     reason="llama-cpp-python is not installed")
-def test_grounding_on_the_llamacpp_backend(home, long_model_dir, start_server):
-    settings = load_settings(home=home, model=str(long_model_dir), dtype="float32",
+def test_grounding_on_the_llamacpp_backend(home, long_model_dir, start_server, module_database):
+    # On PostgreSQL the collection is in the module's database (the `home` fixture added it there), not in the
+    # fresh one this test's environment names.
+    on_module_database = {"database_url": module_database} if module_database else {}
+    settings = load_settings(home=home, model=str(long_model_dir), dtype="float32", **on_module_database,
                              serve={"backend": "llamacpp", "gguf_quant": "f16", "kv_tokens": 8192, "personas": [
                                  {"name": "taller", "knowledge": ["taller"], "max_tokens": 8}]})
     live = start_server(create_app(settings, str(long_model_dir)))
