@@ -92,8 +92,24 @@ def test_each_collection_ranks_with_its_own_hnsw_index_whatever_its_dimensions(p
         engine.dispose()
         assert f"Index Scan using knowledge_chunks_vector_{big_id}" in plan
 
+        exact = index.vector_ranking(big_id, query, 10, exact=True)  # every row compared, no index
+        assert [i for i, _ in sorted(enumerate(big @ query), key=lambda x: -x[1])[:10]] == \
+            [c - min(c for c, _ in index.vector_ranking(big_id, query, 600, exact=True)) for c, _ in exact]
+
         index.remove_collection(big_id)
         assert index.names() == ["small"]
+
+
+def test_the_bench_measures_hnsw_recall_against_an_exact_scan(postgres, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("FORJA_DATABASE_URL", postgres.create_database())
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "knowledge", "--sizes", "60", "--queries", "10", "--random-vectors",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "HNSW recall" in result.output and "index in PostgreSQL" in result.output
+    assert 0.5 <= json.loads(out.read_text())["sizes"][0]["hnsw_recall"] <= 1.0
 
 
 def test_a_postgresql_without_pgvector_says_what_to_install_and_the_store_still_opens(tmp_path):

@@ -243,6 +243,8 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
             parts[name].append(timings[name])
         ranks.append(next((rank for rank, hit in enumerate(hits, 1) if answer.fact in hit.text), None))
     compared_with = _sqlite_vec_side(local, tmp, [a.question for a in asked], log) if sqlite_vec else {}
+    if _store(local) != "SQLite":  # HNSW is approximate: how many of the exact nearest candidates it returns
+        compared_with["hnsw_recall"] = _hnsw_recall(local, [a.question for a in asked])
     remove(local, COLLECTION)  # the temp home goes with the size; a PostgreSQL database stays
     return {
         "size": size, "chunks": len(texts), "files": len(files),
@@ -262,6 +264,25 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
         "missed": [a.question for a, r in zip(asked, ranks) if r is None][:5],
         **compared_with,
     }
+
+
+def _hnsw_recall(settings: Settings, questions: list[str]) -> float:
+    """On PostgreSQL: the share of the exact nearest `knowledge.candidates` (every row compared) that the HNSW
+    index returned for the same query vectors, averaged over the questions."""
+    import numpy as np
+
+    from forja.embeddings import embed
+    from forja.knowledge.index import open_index
+
+    limit = settings.knowledge.candidates
+    with open_index(settings) as index:
+        collection_id, model, _, _ = index.collection(COLLECTION)
+        found = []
+        for vector in embed(questions, model=model, kind="query").numpy().astype(np.float32):
+            approximate = {c for c, _ in index.vector_ranking(collection_id, vector, limit)}
+            exact = {c for c, _ in index.vector_ranking(collection_id, vector, limit, exact=True)}
+            found.append(len(approximate & exact) / max(1, len(exact)))
+    return round(statistics.mean(found), 4)
 
 
 def _open_sqlite_vec(path: str) -> Any:
@@ -443,6 +464,8 @@ def render_knowledge(report: dict[str, Any]) -> str:
         *([row("  re-ranking p50 / p95", lambda s: f"{s['rerank_ms_p50']:.1f} / {s['rerank_ms_p95']:.1f} ms")]
           if "rerank_ms_p50" in sizes[0] else []),
         row("known answers: hit@1 / hit@5", lambda s: f"{s['hit_at_1']:.0%} / {s['hit_at_5']:.0%} of {s['queries']}"),
+        *([row("HNSW recall: the exact nearest candidates it returned", lambda s: f"{s['hnsw_recall']:.1%}")]
+          if "hnsw_recall" in sizes[0] else []),
         *(_sqlite_vec_rows(row, mib) if "sqlite_vec" in sizes[0] else []),
     ])
 

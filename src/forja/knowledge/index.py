@@ -99,8 +99,8 @@ def db_path(settings: Settings) -> Path:
     return settings.knowledge_dir / DB_NAME
 
 
-def _index(settings: Settings) -> SQLiteIndex | PostgreSQLIndex:
-    """The index knowledge.store names, not opened yet: `with _index(settings) as db:` opens it."""
+def open_index(settings: Settings) -> SQLiteIndex | PostgreSQLIndex:
+    """The index knowledge.store names, not opened yet: `with open_index(settings) as db:` opens it."""
     store = settings.knowledge.store
     postgresql = settings.database.split(":", 1)[0].split("+", 1)[0] in POSTGRESQL_SCHEMES
     if store == "postgresql" and not postgresql:
@@ -113,7 +113,7 @@ def _index(settings: Settings) -> SQLiteIndex | PostgreSQLIndex:
 
 def store_kind(settings: Settings) -> str:
     """"sqlite" or "postgresql": where knowledge.store puts the collections with these settings."""
-    return "postgresql" if isinstance(_index(settings), PostgreSQLIndex) else "sqlite"
+    return "postgresql" if isinstance(open_index(settings), PostgreSQLIndex) else "sqlite"
 
 
 def _collection_row(db: SQLiteIndex | PostgreSQLIndex, name: str) -> tuple[int, str, int, float]:
@@ -159,7 +159,7 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
     chunking = json.dumps({"chunk_tokens": settings.knowledge.chunk_tokens,
                            "overlap_tokens": settings.knowledge.overlap_tokens})
     results = []
-    with _index(settings) as db:
+    with open_index(settings) as db:
         known = db.collection(name)
         model = known[1] if known else embeddings.canonical(settings.knowledge.embedding_model)
         _check_chunk_size(settings, model)  # before a new collection is made: a refused add leaves nothing
@@ -220,7 +220,7 @@ def _forget_gone(db: SQLiteIndex | PostgreSQLIndex, collection_id: int, paths: I
 
 def remove(settings: Settings, name: str, paths: Iterable[str | Path] | None = None) -> int:
     """Remove the whole collection (no paths; returns its file count) or the files at or under `paths`."""
-    with _index(settings) as db:
+    with open_index(settings) as db:
         collection_id = _collection_row(db, name)[0]
         if paths is None:
             return db.remove_collection(collection_id)
@@ -237,7 +237,7 @@ def rename(settings: Settings, name: str, new_name: str) -> None:
     """Give collection `name` another name; its files and chunks stay as they are."""
     if not COLLECTION_NAME.fullmatch(new_name):
         raise KnowledgeError(f"{new_name!r}: a collection name is letters, digits, _ . and - only")
-    with _index(settings) as db:
+    with open_index(settings) as db:
         if not db.rename(_collection_row(db, name)[0], new_name):
             raise KnowledgeError(f"a knowledge collection named {new_name!r} exists already")
 
@@ -247,7 +247,7 @@ def rename(settings: Settings, name: str, new_name: str) -> None:
 
 def collections(settings: Settings) -> list[Collection]:
     """Every collection with its files, by name (none, and nothing created, where no index exists yet)."""
-    index = _index(settings)
+    index = open_index(settings)
     if not index.exists():
         return []
     with index as db:
@@ -256,7 +256,7 @@ def collections(settings: Settings) -> list[Collection]:
 
 def show(settings: Settings, name: str) -> Collection:
     """One collection with its files."""
-    with _index(settings) as db:
+    with open_index(settings) as db:
         return _collection(db, name)
 
 
@@ -267,13 +267,13 @@ def _collection(db: SQLiteIndex | PostgreSQLIndex, name: str) -> Collection:
 
 def file_chunks(settings: Settings, name: str, path: str | Path) -> list[Chunk]:
     """The chunks of one file of collection `name`, in order (none when it holds no such file)."""
-    with _index(settings) as db:
+    with open_index(settings) as db:
         return db.file_chunks(_collection_row(db, name)[0], str(Path(path).resolve()))
 
 
 def index_bytes(settings: Settings) -> int:
     """The index's size on disk: the SQLite file, or the knowledge tables with their indexes on PostgreSQL."""
-    with _index(settings) as db:
+    with open_index(settings) as db:
         return db.size_bytes()
 
 
@@ -290,7 +290,7 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
 
     knowledge = settings.knowledge
     top_k = top_k or knowledge.top_k
-    with _index(settings) as db:
+    with open_index(settings) as db:
         collection_id, model, _, _ = _collection_row(db, collection)
         started = clock()
         if vector is None:
@@ -332,7 +332,7 @@ def retrieve(settings: Settings, names: Iterable[str], query: str, top_k: int, m
     from forja.embeddings import embed
 
     names = list(names)
-    with _index(settings) as db:
+    with open_index(settings) as db:
         models = {name: row[1] if (row := db.collection(name)) else None for name in names}
     shared = [m for m in set(models.values()) if m is not None and list(models.values()).count(m) > 1]
     vectors = {m: embed([query], model=m, kind="query").numpy()[0].astype(np.float32) for m in shared}  # once each

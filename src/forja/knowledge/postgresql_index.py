@@ -297,9 +297,11 @@ class PostgreSQLIndex:
 
     # --- searching --------------------------------------------------------------------------------------
 
-    def vector_ranking(self, collection_id: int, vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
+    def vector_ranking(self, collection_id: int, vector: np.ndarray, limit: int,
+                       exact: bool = False) -> list[tuple[int, float]]:
         """The `limit` chunks whose vectors are nearest the query's, as (chunk id, similarity), best first,
-        ranked by pgvector (`<#>` is the negative inner product, the cosine for unit vectors)."""
+        ranked by pgvector (`<#>` is the negative inner product, the cosine for unit vectors). `exact`: every
+        row of the collection compared, no HNSW index (what `forja bench knowledge` measures its recall by)."""
         if limit > EF_SEARCH_MAX:
             raise KnowledgeError(f"knowledge.candidates is {limit}, but pgvector's HNSW index returns at most "
                                  f"{EF_SEARCH_MAX} rows: set knowledge.candidates to {EF_SEARCH_MAX} or less")
@@ -310,6 +312,8 @@ class PostgreSQLIndex:
         # rows one HNSW scan returns: at least `limit`, or fewer candidates would come back than were asked for.
         with self._transaction() as conn:
             conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {max(limit, EF_SEARCH_DEFAULT)}")
+            if exact:
+                conn.exec_driver_sql("SET LOCAL enable_indexscan = off")
             rows = conn.execute(sa.text(
                 f"SELECT id, embedding::vector({len(vector)}) <#> :vector AS distance FROM knowledge_chunks "
                 f"WHERE collection_id = {int(collection_id)} ORDER BY distance LIMIT :limit"),
