@@ -185,10 +185,12 @@ def knowledge_benchmark(settings: Settings, sizes: list[int] | None = None, *, c
 
 def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queries: int, random_vectors: bool,
               alone_every: int, sqlite_vec: bool, log: Callable[[str], Any]) -> dict[str, Any]:
+    import numpy as np
+
     from forja.embeddings import embed
     from forja.knowledge import add, collections, remove, search
     from forja.knowledge.chunks import embedding_text
-    from forja.knowledge.index import file_chunks, index_bytes
+    from forja.knowledge.index import file_chunks, index_bytes, open_index, store_kind
 
     home = tmp / "home"
     local = settings.model_copy(update={"home": home, "knowledge": settings.knowledge.model_copy(
@@ -242,9 +244,16 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
         for name in parts:
             parts[name].append(timings[name])
         ranks.append(next((rank for rank, hit in enumerate(hits, 1) if answer.fact in hit.text), None))
-    compared_with = _sqlite_vec_side(local, tmp, [a.question for a in asked], log) if sqlite_vec else {}
-    if _store(local) != "SQLite":  # HNSW is approximate: how many of the exact nearest candidates it returns
-        compared_with["hnsw_recall"] = _hnsw_recall(local, [a.question for a in asked])
+    compared_with: dict[str, Any] = {}
+    postgresql = store_kind(local) == "postgresql"
+    if sqlite_vec or postgresql:  # the questions' vectors once, for the comparisons below
+        with open_index(local) as index:
+            model = index.collection(COLLECTION)[1]
+        vectors = embed([a.question for a in asked], model=model, kind="query").numpy().astype(np.float32)
+        if sqlite_vec:
+            compared_with["sqlite_vec"] = _sqlite_vec_side(local, tmp, vectors, log)
+        if postgresql:  # HNSW is approximate: how many of the exact nearest candidates it returns
+            compared_with["hnsw_recall"] = _hnsw_recall(local, vectors)
     remove(local, COLLECTION)  # the temp home goes with the size; a PostgreSQL database stays
     return {
         "size": size, "chunks": len(texts), "files": len(files),
@@ -266,19 +275,16 @@ def _one_size(settings: Settings, tmp: Path, size: int, chunk_tokens: int, queri
     }
 
 
-def _hnsw_recall(settings: Settings, questions: list[str]) -> float:
+def _hnsw_recall(settings: Settings, vectors: Any) -> float:
     """On PostgreSQL: the share of the exact nearest `knowledge.candidates` (every row compared) that the HNSW
     index returned for the same query vectors, averaged over the questions."""
-    import numpy as np
-
-    from forja.embeddings import embed
     from forja.knowledge.index import open_index
 
     limit = settings.knowledge.candidates
     with open_index(settings) as index:
-        collection_id, model, _, _ = index.collection(COLLECTION)
+        collection_id = index.collection(COLLECTION)[0]
         found = []
-        for vector in embed(questions, model=model, kind="query").numpy().astype(np.float32):
+        for vector in vectors:
             approximate = {c for c, _ in index.vector_ranking(collection_id, vector, limit)}
             exact = {c for c, _ in index.vector_ranking(collection_id, vector, limit, exact=True)}
             found.append(len(approximate & exact) / max(1, len(exact)))
@@ -300,20 +306,17 @@ def _open_sqlite_vec(path: str) -> Any:
     return db
 
 
-def _sqlite_vec_side(settings: Settings, tmp: Path, questions: list[str], log: Callable[[str], Any]) -> dict[str, Any]:
+def _sqlite_vec_side(settings: Settings, tmp: Path, vectors: Any, log: Callable[[str], Any]) -> dict[str, Any]:
     """The collection's vectors copied into a sqlite-vec `vec0` table in a file of its own, and the same query
     vectors ranked by it and by forja's index (numpy over the vectors it keeps in memory), alternated, for the
     same number of candidates: time to insert, size on disk, first query on a fresh connection, p50/p95,
     and how many of each ranking's candidates the other also returned (both are exact: 100% unless ties)."""
-    import numpy as np
-
-    from forja.embeddings import embed
     from forja.knowledge.index import db_path
     from forja.knowledge.sqlite_index import SQLiteIndex
 
     limit = settings.knowledge.candidates
     with SQLiteIndex(db_path(settings)) as index:
-        collection_id, model, dimensions, _ = index.collection(COLLECTION)
+        collection_id, _, dimensions, _ = index.collection(COLLECTION)
         ids, matrix = index.vectors(collection_id)
         log(f"{len(ids)} chunks: the same vectors into sqlite-vec ...")
         path = tmp / "sqlite-vec.db"
@@ -325,7 +328,6 @@ def _sqlite_vec_side(settings: Settings, tmp: Path, questions: list[str], log: C
                            ((int(i), matrix[n].tobytes()) for n, i in enumerate(ids)))
         insert_seconds = time.perf_counter() - started
         db.close()
-        vectors = embed(questions, model=model, kind="query").numpy().astype(np.float32)
         query = "SELECT rowid FROM chunks WHERE embedding MATCH ? AND k = ? ORDER BY distance"
         db = _open_sqlite_vec(str(path))  # a fresh connection: its first query reads the table
         started = time.perf_counter()
@@ -341,7 +343,7 @@ def _sqlite_vec_side(settings: Settings, tmp: Path, questions: list[str], log: C
             theirs.append((time.perf_counter() - started) * 1000)
             agree.append(len(set(mine) & set(other)) / max(1, len(mine)))
         db.close()
-    return {"sqlite_vec": {
+    return {
         "candidates": limit, "insert_seconds": round(insert_seconds, 2),
         "insert_per_s": round(len(ids) / insert_seconds, 1) if insert_seconds else None,
         "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(path.name)),
@@ -349,7 +351,7 @@ def _sqlite_vec_side(settings: Settings, tmp: Path, questions: list[str], log: C
         "query_ms_p50": round(_pct(theirs, 50), 2), "query_ms_p95": round(_pct(theirs, 95), 2),
         "numpy_ms_p50": round(_pct(ours, 50), 2), "numpy_ms_p95": round(_pct(ours, 95), 2),
         "numpy_matrix_bytes": int(matrix.nbytes), "agreement": round(statistics.mean(agree), 4),
-    }}
+    }
 
 
 @contextmanager
