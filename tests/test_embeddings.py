@@ -14,7 +14,8 @@ import pytest
 
 from forja import embeddings
 from forja.config import load_settings
-from forja.embeddings import EMBEDDING_MODEL, EmbeddingError, count_tokens, embed, embedding_model_dir
+from forja.embeddings import (EMBEDDING_MODEL, MULTILINGUAL_MODEL, EmbeddingError, count_tokens, embed,
+                             embedding_model_dir)
 from forja.serve.app import create_app
 
 KEY = "embeddings-key-0123456789abcdef"
@@ -91,6 +92,30 @@ def test_similar_sentences_are_closer_than_unrelated_ones(client):
     assert far[0] @ far[1] < far[0] @ far[2]
 
 
+def test_the_multilingual_model_bridges_spanish_words_and_languages(server, client):
+    """The bundled Universal Sentence Encoder (train.faq_embedding_model): where MiniLM sees other words, it sees
+    the same question; its alias answers as it; the vectors are the ones embed() gives, 512 wide, unit length."""
+    texts = ["¿Cómo se llama la jefa de la tienda?", "¿Quién es la encargada de la tienda?",
+             "¿Dónde está la tienda?", "perro", "dog", "factura"]
+    reply = client.embeddings.create(model=MULTILINGUAL_MODEL, input=texts, encoding_format="float")
+    assert reply.model == MULTILINGUAL_MODEL
+    v = np.array([d.embedding for d in reply.data], dtype=np.float32)
+    assert v.shape == (6, 512) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(v, embed(texts, model=MULTILINGUAL_MODEL).numpy(), atol=1e-6)
+    assert v[0] @ v[1] > v[0] @ v[2]  # "jefa" finds "encargada" before the shop's address
+    assert v[3] @ v[4] > v[3] @ v[5] + 0.2  # "perro" is near "dog"
+    english = embed(texts[:3]).numpy()
+    assert english[0] @ english[1] < english[0] @ english[2]  # MiniLM: the address first
+    alias = post(server, {"input": texts[0], "model": "use-multilingual"}).json()
+    assert alias["model"] == MULTILINGUAL_MODEL and np.allclose(alias["data"][0]["embedding"], v[0], atol=1e-6)
+    counts = count_tokens(texts, model=MULTILINGUAL_MODEL)
+    assert reply.usage.prompt_tokens == sum(counts) and all(c >= 3 for c in counts)  # its <s> and </s> included
+    over = "palabra " * 2100
+    refused = post(server, {"input": over, "model": MULTILINGUAL_MODEL})
+    assert refused.status_code == 400 and error(refused)["code"] == "context_length_exceeded"
+    assert "at most 2048" in error(refused)["message"]
+
+
 def test_the_window_holds_256_tokens_and_a_longer_text_is_refused_not_cut(server):
     fits, over = "a " * 254, "a " * 255
     assert tokenizer_counts([fits, over]) == [256, 257]
@@ -112,7 +137,8 @@ def test_refusals_name_the_field(server, client):
         ({"input": [15339, 1917]}, 400, "input", "unsupported_parameter", "token ids is not supported"),
         ({"input": [[15339, 1917], [1]]}, 400, "input", "unsupported_parameter", "check_embedding_ctx_length=False"),
         ({"input": "x", "model": "text-embedding-3-small"}, 404, "model", "model_not_found",
-         "'text-embedding-3-small' does not make embeddings; the embedding model is all-MiniLM-L6-v2"),
+         "'text-embedding-3-small' does not make embeddings; the embedding models are "
+         f"{MULTILINGUAL_MODEL}, all-MiniLM-L6-v2"),
         ({"input": "x", "dimensions": 256}, 400, "dimensions", "invalid_value", "dimensions is 256"),
         ({"input": "x", "encoding_format": "hex"}, 422, "encoding_format", "invalid_value", "'float' or 'base64'"),
     ]
@@ -122,7 +148,7 @@ def test_refusals_name_the_field(server, client):
         err = error(response)
         assert (err["param"], err["code"]) == (param, code) and message in err["message"], (body, err)
     assert post(server, {"input": "x", "dimensions": 384, "user": "u-1"}).status_code == 200
-    assert post(server, {"input": "x"}).json()["model"] == EMBEDDING_MODEL  # no model: the only one
+    assert post(server, {"input": "x"}).json()["model"] == EMBEDDING_MODEL  # no model: knowledge.embedding_model
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="text-embedding-ada-002", input="x")
     with pytest.raises(openai.BadRequestError, match="token ids"):
@@ -155,6 +181,8 @@ def test_embeddings_need_the_api_key(server):
 def test_models_list_and_retrieve(server, client, tiny_model_dir):
     cards = {m.id: m for m in client.models.list().data}
     assert cards[EMBEDDING_MODEL].model_extra["kind"] == "embedding"
+    assert cards[MULTILINGUAL_MODEL].model_extra["kind"] == "embedding" and cards[MULTILINGUAL_MODEL].owned_by == "google"
+    assert "512 dimensions" in cards[MULTILINGUAL_MODEL].model_extra["description"]
     embedding = client.models.retrieve(EMBEDDING_MODEL)
     assert (embedding.id, embedding.object, embedding.owned_by) == (EMBEDDING_MODEL, "model", "sentence-transformers")
     assert embedding.created == cards[EMBEDDING_MODEL].created and "384" in embedding.model_extra["description"]

@@ -11,6 +11,7 @@ import pytest
 
 from forja import knowledge
 from forja.config import DEFAULT_NOT_FOUND, load_settings
+from forja.embeddings import EMBEDDING_MODEL, MULTILINGUAL_MODEL
 from forja.feedback import collect_pairs
 from forja.serve.app import create_app
 from forja.store import Store
@@ -392,7 +393,10 @@ def test_a_version_trained_on_a_faq_answers_from_its_rows_and_a_retrain_replaces
             assert reply.choices[0].message.content == answer
             cite = annotations_of(reply)[0]["file_citation"]
             assert cite["filename"] == "knowledge.jsonl" and question in cite["quote"]
-        assert [c.name for c in knowledge.collections(settings)] == ["version.faq-v1"]
+        # found with the multilingual embedder it was trained with (train.faq_embedding_model)
+        assert [(c.name, c.embedding_model) for c in knowledge.collections(settings)] == [
+            ("version.faq-v1", MULTILINGUAL_MODEL)]
+        assert models.read_version(settings.versions_dir / "faq-v1")["config"]["faq_embedding_model"] == MULTILINGUAL_MODEL
         wrong = client.chat.completions.create(model="faq-v1", messages=[{"role": "user", "content": FAQ[1][0]}],
                                                max_tokens=24)
         sent = httpx.post(live.url + "/feedback", json={"id": wrong.id, "rating": "down", "correction": "Tres euros."})
@@ -405,3 +409,27 @@ def test_a_version_trained_on_a_faq_answers_from_its_rows_and_a_retrain_replaces
     rows = [json.loads(line) for line in (settings.versions_dir / "faq-v2" / "knowledge.jsonl").read_text().splitlines()]
     assert {"question": FAQ[1][0], "answer": "Tres euros."} in rows and {"question": FAQ[1][0], "answer": FAQ[1][1]} not in rows
     assert len(rows) == 3
+
+
+def test_a_version_is_served_with_the_faq_embedder_it_was_trained_with(tmp_path):
+    """version.json's train.faq_embedding_model chooses the model of its version.NAME collection; a version from
+    before that setting uses knowledge.embedding_model; a collection of that name with another model is made anew."""
+    from forja.knowledge.grounding import version_plan
+    from forja.models import KNOWLEDGE_FILE, VERSION_FILE
+
+    settings = load_settings(home=tmp_path / "home")
+    version = settings.versions_dir / "tienda"
+    version.mkdir(parents=True)
+    (version / KNOWLEDGE_FILE).write_text(json.dumps({"question": "¿Quién es la encargada de la tienda?",
+                                                      "answer": "La encargada es Remedios."}, ensure_ascii=False) + "\n")
+    (version / VERSION_FILE).write_text(json.dumps({"name": "tienda", "config": {"faq_retrieval": True}}))
+    knowledge.add(settings, "version.tienda", [version / KNOWLEDGE_FILE], model=MULTILINGUAL_MODEL)  # left by another
+    plan = version_plan(settings, "tienda")
+    assert plan is not None and plan.collections == ("version.tienda",)
+    assert knowledge.show(settings, "version.tienda").embedding_model == EMBEDDING_MODEL  # made anew, older version
+    (version / VERSION_FILE).write_text(json.dumps({"name": "tienda", "config": {"faq_embedding_model": "use-multilingual"}}))
+    (version / KNOWLEDGE_FILE).write_text((version / KNOWLEDGE_FILE).read_text() + "\n")  # the file changed: indexed again
+    version_plan(settings, "tienda")
+    assert knowledge.show(settings, "version.tienda").embedding_model == MULTILINGUAL_MODEL
+    hits = knowledge.retrieve(settings, ["version.tienda"], "¿Cómo se llama la jefa de la tienda?", 1, 0.0)
+    assert hits and "Remedios" in hits[0].text

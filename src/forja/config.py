@@ -115,6 +115,12 @@ class TrainSettings(BaseModel):
         "its questions and answers as knowledge: serving, eval and the feedback gate put the row nearest to each "
         "question into the prompt (knowledge.version_retrieval). Measured on the bench FAQ: reworded questions "
         "answered 2/30 without, 8/30 with.")
+    faq_embedding_model: str = Field(
+        "universal-sentence-encoder-multilingual-3", description="The sentence-embedding model that finds the FAQ row "
+        "nearest to a question (faq_retrieval), in training and in serving: the bundled Universal Sentence Encoder "
+        "multilingual v3 (Spanish among its 16 languages, offline), which finds the row of a reworded Spanish "
+        "question far more often than the English MiniLM (21 of the bench FAQ's 30 rewordings against 11), or any "
+        "name knowledge.embedding_model takes. A version is served with the one it was trained with.")
     stop_when_learned: bool = Field(
         True, description="Check (greedy, every epoch once the loss is low) whether the training answers are "
         "reproduced, and stop when all have been for an epoch and 6 steps; rows marked must_learn (corrections) are the "

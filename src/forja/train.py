@@ -723,7 +723,8 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
 
         rows, val_rows, augmented, pref_rows, val_pref_rows = grounded_rows(
             settings, faq, f"run.{run.name}",
-            [rows, val_rows, augmented, [as_dialogue(r) for r in pref_rows], [as_dialogue(r) for r in val_pref_rows]])
+            [rows, val_rows, augmented, [as_dialogue(r) for r in pref_rows], [as_dialogue(r) for r in val_pref_rows]],
+            config.faq_embedding_model)
         pref_rows, val_pref_rows = [from_dialogue(r) for r in pref_rows], [from_dialogue(r) for r in val_pref_rows]
     check_rows = learn_rows(rows, config) if config.stop_when_learned else []
     data_rows = len(rows)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forja.config import Persona, RetrievalSettings, Settings
+from forja.embeddings import canonical
 from forja.guard import Finding
-from forja.knowledge.index import Hit, add, remove, retrieve
+from forja.knowledge.index import Hit, UnknownCollection, add, remove, retrieve, show
 from forja.knowledge.vector_stores import file_id
-from forja.models import KNOWLEDGE_FILE, version_dir
+from forja.models import KNOWLEDGE_FILE, read_version, version_dir
 
 if TYPE_CHECKING:
     from forja.guard import Guard
@@ -111,7 +112,8 @@ def apply_plan(settings: Settings, answers_from: Plan, messages: list[dict[str, 
 
 def version_plan(settings: Settings, model: str) -> Plan | None:
     """A version trained on a small FAQ (train.faq_retrieval) answers from its rows: they are indexed into the
-    collection version.NAME when first needed, and again when the file changes."""
+    collection version.NAME when first needed, and again when the file changes, with the embedding model it
+    was trained with (a collection of that name left by an earlier version with another model is made anew)."""
     directory = version_dir(settings, model)
     path = directory / KNOWLEDGE_FILE if directory is not None else None
     if path is None or not path.is_file():
@@ -120,21 +122,36 @@ def version_plan(settings: Settings, model: str) -> Plan | None:
     stat = path.stat()
     key = (str(settings.knowledge_dir), settings.database, name)
     if _indexed.get(key) != (stat.st_mtime_ns, stat.st_size):
-        add(settings, name, [path])
+        faq_model = canonical(trained_faq_model(settings, directory))
+        try:
+            stale = show(settings, name).embedding_model != faq_model
+        except UnknownCollection:
+            stale = False
+        if stale:
+            remove(settings, name)
+        add(settings, name, [path], model=faq_model)
         _indexed[key] = (stat.st_mtime_ns, stat.st_size)
     return Plan((name,), settings.knowledge.version_retrieval)
 
 
-def grounded_rows(settings: Settings, faq: Path, name: str, tables: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+def trained_faq_model(settings: Settings, directory: Path) -> str:
+    """The embedding model a version's FAQ rows were found with in training (its train.faq_embedding_model); a
+    version trained before that setting existed found them with knowledge.embedding_model."""
+    config = read_version(directory).get("config") or {}
+    return config.get("faq_embedding_model") or settings.knowledge.embedding_model
+
+
+def grounded_rows(settings: Settings, faq: Path, name: str, tables: list[list[dict[str, Any]]],
+                  faq_model: str) -> list[list[dict[str, Any]]]:
     """Training rows prompted as the version will be served (train.faq_retrieval): `faq` is indexed into the
-    collection `name` for the run, and each chat row's conversation, without documents an earlier grounding
+    collection `name` for the run with the embedding model `faq_model` (train.faq_embedding_model), and each chat row's conversation, without documents an earlier grounding
     put in it (a correction's exchange), is grounded as `apply_plan` grounds a served one (the rails on the
     rows included) before its last answer."""
     from forja.guard import Guard, merged_rails
 
     answers_from = Plan((name,), settings.knowledge.version_retrieval)
     guard = Guard(merged_rails(settings))
-    add(settings, name, [faq])
+    add(settings, name, [faq], model=faq_model)
     try:
         grounded = []
         for rows in tables:

@@ -147,10 +147,11 @@ def files_to_index(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def add(settings: Settings, name: str, paths: Iterable[str | Path],
-        progress: Callable[[FileResult], None] | None = None) -> list[FileResult]:
-    """Index files into collection `name` (created if new): a new file is added, a changed one replaces its
-    chunks, an unchanged one (same content hash and chunk sizes) is skipped, and a file indexed from a folder
-    named here that the folder no longer holds is removed."""
+        progress: Callable[[FileResult], None] | None = None, model: str | None = None) -> list[FileResult]:
+    """Index files into collection `name` (created if new, with embedding model `model`, else
+    knowledge.embedding_model): a new file is added, a changed one replaces its chunks, an unchanged one (same
+    content hash and chunk sizes) is skipped, and a file indexed from a folder named here that the folder no
+    longer holds is removed. An existing collection keeps its model."""
     from forja import embeddings
 
     if not COLLECTION_NAME.fullmatch(name):
@@ -161,7 +162,7 @@ def add(settings: Settings, name: str, paths: Iterable[str | Path],
     results = []
     with open_index(settings) as db:
         known = db.collection(name)
-        model = known[1] if known else embeddings.canonical(settings.knowledge.embedding_model)
+        model = known[1] if known else embeddings.canonical(model or settings.knowledge.embedding_model)
         _check_chunk_size(settings, model)  # before a new collection is made: a refused add leaves nothing
         db.create_collection(name, model, embeddings.dimensions(model))
         collection_id, model, _, _ = _collection_row(db, name)

@@ -1,6 +1,7 @@
-"""`POST /v1/embeddings`: OpenAI's embeddings contract over the bundled all-MiniLM-L6-v2 and the configured
-knowledge.embedding_model when it is another (forja.embeddings), the one a request names or, naming none, the
-configured one.
+"""`POST /v1/embeddings`: OpenAI's embeddings contract over the two bundled models (all-MiniLM-L6-v2 and the
+multilingual Universal Sentence Encoder) and the configured knowledge.embedding_model and
+train.faq_embedding_model (forja.embeddings), the one a request names or, naming none,
+knowledge.embedding_model.
 One worker thread embeds, one request after another, off the event loop: the generating routes keep
 streaming while it works, and two embedding requests never split the cores between them."""
 
@@ -42,8 +43,8 @@ def chosen_model(body: EmbeddingRequest, settings: Settings) -> str:
     served = embeddings.served(settings)
     if body.model is None:
         return served[-1]
-    if body.model in served or body.model in embeddings.BUNDLED_NAMES:
-        return EMBEDDING_MODEL if body.model in embeddings.BUNDLED_NAMES else body.model
+    if embeddings.canonical(body.model) in served:  # a bundled model's alias answers as the model
+        return embeddings.canonical(body.model)
     raise ApiError(404, f"the model {body.model!r} does not make embeddings; the embedding "
                    f"model{'s are' if len(served) > 1 else ' is'} {', '.join(served)}", param="model",
                    code="model_not_found")

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from forja.config import Persona
-from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL, served
+from forja.embeddings import EMBEDDING_DIMENSIONS, EMBEDDING_MODEL, MULTILINGUAL_DIMENSIONS, MULTILINGUAL_MODEL, served
 from forja.engine.text import token_piece
 from forja.serve import agent, conversations
 from forja.serve.deps import ApiError, ApiKeyDep, Caller, ChatCallerDep, ServerState, StateDep
@@ -73,11 +73,12 @@ def model_cards(state: ServerState, caller: Caller) -> list[ModelCard]:
         cards += [ModelCard(id=name, created=created, kind="loaded", description="loaded on request")
                   for name in state.engines if name not in (active, state.base, *versions)
                   and not any(name.endswith(tail) for tail in upstreams)]  # a persona's own upstream: listed as it
-    cards.append(ModelCard(id=EMBEDDING_MODEL, created=created, owned_by="sentence-transformers", kind="embedding",
-                           description=f"sentence embeddings, {EMBEDDING_DIMENSIONS} dimensions (POST /v1/embeddings)"))
-    cards += [ModelCard(id=name, created=created, owned_by="sentence-transformers", kind="embedding",
-                        description="sentence embeddings, knowledge.embedding_model (POST /v1/embeddings)")
-              for name in served(state.settings)[1:]]
+    bundled = {EMBEDDING_MODEL: ("sentence-transformers", f"sentence embeddings, {EMBEDDING_DIMENSIONS} dimensions"),
+               MULTILINGUAL_MODEL: ("google", f"multilingual sentence embeddings, {MULTILINGUAL_DIMENSIONS} dimensions")}
+    configured = ("sentence-transformers", "sentence embeddings, knowledge.embedding_model")
+    cards += [ModelCard(id=name, created=created, owned_by=bundled.get(name, configured)[0], kind="embedding",
+                        description=bundled.get(name, configured)[1] + " (POST /v1/embeddings)")
+              for name in served(state.settings)]
     return cards
 
 
