@@ -19,8 +19,8 @@ from forja.cli import app
 from forja.config import KnowledgeSettings, load_settings
 from forja.data import read_pdf_pages
 from forja.embeddings import count_tokens
-from forja.knowledge import UnknownCollection, add, remove, search, show
-from forja.knowledge.chunks import read_document
+from forja.knowledge import UnknownCollection, add, remove, retrieve, search, show
+from forja.knowledge.chunks import Chunk, embedding_text, read_document
 from forja.knowledge.index import db_path
 
 runner = CliRunner()
@@ -168,6 +168,27 @@ def test_docx_headings_and_table_rows_become_sections(tmp_path):
         (("row 2",), "question: When is rye baked?\nanswer: On Tuesdays."),
         (("row 3",), "question: Price of rye?\nanswer: 3 euros.")]
     assert all(read.text[c.start:c.end] == c.text for c in read.chunks)
+    # a row's number is not part of what is embedded and matched; a sheet's name is
+    assert embedding_text(read.chunks[0]) == "question: When is rye baked?\nanswer: On Tuesdays."
+    named = Chunk("price: 3", 0, 8, None, ('sheet "Precios" row 4',), 3)
+    assert embedding_text(named) == 'sheet "Precios"\n\nprice: 3'
+    assert embedding_text(Chunk("x", 0, 1, None, ("Oven", "Rowing 12"), 1)) == "Oven > Rowing 12\n\nx"
+
+
+def test_a_keyword_only_match_ranked_first_does_not_hide_a_relevant_chunk(tmp_path, forja_home):
+    """retrieve keeps the chunks at least min_score similar before it takes the top_k: the row that shares the
+    question's rare word but not its meaning is fused first, and left out."""
+    (tmp_path / "notes.md").write_text("# Opening\n\nThe bakery opens at seven every morning.\n\n"
+                                       "# Misc\n\nZyxquor zyxquor 4471 qwv.\n", encoding="utf-8")
+    settings = load_settings()
+    add(settings, "bakery", [tmp_path / "notes.md"])
+    query = "What time do you open, zyxquor?"
+    fused = search(settings, "bakery", query, top_k=2)
+    assert "Zyxquor" in fused[0].text and fused[0].similarity < fused[1].similarity  # the case itself
+    threshold = (fused[0].similarity + fused[1].similarity) / 2
+    hits = retrieve(settings, ["bakery"], query, 1, threshold)
+    assert [h.text for h in hits] == [fused[1].text] and "opens at seven" in hits[0].text
+    assert retrieve(settings, ["bakery"], query, 1, 0.99) == []
 
 
 def test_search_finds_the_chunk_by_keywords_and_by_paraphrase_with_its_exact_source(docs):

@@ -6,7 +6,7 @@ fact its answer must hold) is trained with `forja train` and its defaults; the s
 asked and reworded, and two control questions. Four corrections go through `POST /feedback`, one
 `forja train --from-feedback` learns them, and the same server (it follows the promoted version) is
 asked again: corrections as sent and reworded, the FAQ, the controls. Last, a deliberately bad retrain
-(learning rate 0.05) must be refused by the gate on the operator's test set (the FAQ).
+(learning rate 0.05, 30 steps) must be refused by the gate on the operator's test set (the FAQ).
 """
 
 from __future__ import annotations
@@ -85,9 +85,11 @@ def learn_benchmark(data_dir: Path = BENCH_DATA, out: Path | None = None, log: A
             httpx.post(url + "/feedback", json={"id": reply["id"], "rating": "down",
                                                 "correction": "Sí, vendemos tornillos de todas las medidas."}, timeout=30)
             bad_env = {**env, "FORJA_FEEDBACK__GATE_TESTSET": str(testset)}
-            log("a deliberately bad retrain (learning rate 0.05) against the FAQ as test set")
+            # 30 steps wreck the model at that rate; stopping once learned never comes, and the run's whole plan
+            # (150 steps) would take about an hour on a 2-core AVX2 CPU in float32 (70 steps in 30 minutes)
+            log("a deliberately bad retrain (learning rate 0.05, 30 steps) against the FAQ as test set")
             report["bad_retrain"] = _forja(bad_env, "train", "--from-feedback", "--name", "faq-bad",
-                                           "--learning-rate", "0.05", "--quiet", check=False)
+                                           "--learning-rate", "0.05", "--max-steps", "30", "--quiet", check=False)
             report["bad_gate"] = _gate(home, "faq-bad")
             report["bad_promoted"] = _health_active(url) == "faq-bad"
         finally:

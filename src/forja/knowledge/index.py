@@ -279,11 +279,13 @@ def index_bytes(settings: Settings) -> int:
 
 
 def search(settings: Settings, collection: str, query: str, top_k: int | None = None, *,
-           timings: dict[str, float] | None = None, vector: np.ndarray | None = None) -> list[Hit]:
+           timings: dict[str, float] | None = None, vector: np.ndarray | None = None,
+           min_similarity: float | None = None) -> list[Hit]:
     """The chunks of `collection` that best answer `query`, best first: vector and keyword rankings fused.
     `timings`, when given, gets the milliseconds spent embedding the query, ranking the vectors (on SQLite,
     reading them first when they are not cached) and ranking the keywords. `vector`: the query's, already
-    embedded."""
+    embedded. `min_similarity`: only candidates whose vector is at least this similar to the query's, left out
+    before the best are taken (a keyword-only match ranked first does not hide a relevant chunk ranked second)."""
     from forja.embeddings import embed
     from forja.knowledge import rerank
 
@@ -311,8 +313,12 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
                 scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (knowledge.rrf_k + rank)
         # With a reranker, it re-scores the best rerank_candidates and the top_k come out of those.
         wanted = max(top_k, knowledge.rerank_candidates) if knowledge.reranker else top_k
-        chosen = sorted(scores, key=lambda c: (-scores[c], c))[:wanted]
+        ordered = sorted(scores, key=lambda c: (-scores[c], c))
         similar = dict(nearest)
+        if min_similarity is not None:
+            similar.update(db.similarities(collection_id, vector, [c for c in ordered if c not in similar]))
+            ordered = [c for c in ordered if similar.get(c, -2.0) >= min_similarity]
+        chosen = ordered[:wanted]
         similar.update(db.similarities(collection_id, vector, [c for c in chosen if c not in similar]))
         found = db.chunk_rows(chosen)
     # A chunk whose file was replaced between the rankings and this read is left out (PostgreSQL reads each in
@@ -329,7 +335,7 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
 
 def retrieve(settings: Settings, names: Iterable[str], query: str, top_k: int, min_score: float) -> list[Hit]:
     """The `top_k` chunks of all of `names` that best answer `query` (fused scores, which share one scale, or
-    the reranker's), leaving out those whose vector is less similar to the query's than `min_score`."""
+    the reranker's) among those whose vector is at least `min_score` similar to the query's."""
     from forja.embeddings import embed
 
     names = list(names)
@@ -337,6 +343,6 @@ def retrieve(settings: Settings, names: Iterable[str], query: str, top_k: int, m
         models = {name: row[1] if (row := db.collection(name)) else None for name in names}
     shared = [m for m in set(models.values()) if m is not None and list(models.values()).count(m) > 1]
     vectors = {m: embed([query], model=m, kind="query").numpy()[0].astype(np.float32) for m in shared}  # once each
-    hits = [hit for name in names for hit in search(settings, name, query, top_k, vector=vectors.get(models[name]))
-            if hit.similarity >= min_score]
+    hits = [hit for name in names for hit in search(settings, name, query, top_k, vector=vectors.get(models[name]),
+                                                    min_similarity=min_score)]
     return sorted(hits, key=lambda h: -(h.score if h.rerank_score is None else h.rerank_score))[:top_k]
