@@ -144,9 +144,9 @@ def trained_faq_model(settings: Settings, directory: Path) -> str:
 def grounded_rows(settings: Settings, faq: Path, name: str, tables: list[list[dict[str, Any]]],
                   faq_model: str) -> list[list[dict[str, Any]]]:
     """Training rows prompted as the version will be served (train.faq_retrieval): `faq` is indexed into the
-    collection `name` for the run with the embedding model `faq_model` (train.faq_embedding_model), and each chat row's conversation, without documents an earlier grounding
-    put in it (a correction's exchange), is grounded as `apply_plan` grounds a served one (the rails on the
-    rows included) before its last answer."""
+    collection `name` for the run with the embedding model `faq_model` (train.faq_embedding_model), and each
+    chat row's conversation, without documents an earlier grounding put in it (a correction's exchange), is
+    grounded as `apply_plan` grounds a served one (the rails on the rows included) before its last answer."""
     from forja.guard import Guard, merged_rails
 
     answers_from = Plan((name,), settings.knowledge.version_retrieval)

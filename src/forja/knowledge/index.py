@@ -313,8 +313,10 @@ def search(settings: Settings, collection: str, query: str, top_k: int | None = 
                 scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (knowledge.rrf_k + rank)
         # With a reranker, it re-scores the best rerank_candidates and the top_k come out of those.
         wanted = max(top_k, knowledge.rerank_candidates) if knowledge.reranker else top_k
-        ordered = sorted(scores, key=lambda c: (-scores[c], c))
+        # fused scores tie often (ranks 1 and 5 against 5 and 1): the chunk nearer the query's meaning goes first
+        # (a chunk found by keywords alone is farther than every vector candidate)
         similar = dict(nearest)
+        ordered = sorted(scores, key=lambda c: (-scores[c], -similar.get(c, -2.0), c))
         if min_similarity is not None:
             similar.update(db.similarities(collection_id, vector, [c for c in ordered if c not in similar]))
             ordered = [c for c in ordered if similar.get(c, -2.0) >= min_similarity]
