@@ -119,7 +119,7 @@ class TrainSettings(BaseModel):
         "universal-sentence-encoder-multilingual-3", description="The sentence-embedding model that finds the FAQ row "
         "nearest to a question (faq_retrieval), in training and in serving: the bundled Universal Sentence Encoder "
         "multilingual v3 (Spanish among its 16 languages, offline), which finds the row of a reworded Spanish "
-        "question far more often than the English MiniLM (20 of the bench FAQ's 30 rewordings first, against 14), or any "
+        "question far more often than the English MiniLM (20 of the bench FAQ's 30 rewordings first, against 15), or any "
         "name knowledge.embedding_model takes. A version is served with the one it was trained with.")
     stop_when_learned: bool = Field(
         True, description="Check (greedy, every epoch once the loss is low) whether the training answers are "
