@@ -427,7 +427,8 @@ def test_a_version_is_served_with_the_faq_embedder_it_was_trained_with(tmp_path)
     plan = version_plan(settings, "tienda")
     assert plan is not None and plan.collections == ("version.tienda",)
     assert knowledge.show(settings, "version.tienda").embedding_model == EMBEDDING_MODEL  # made anew, older version
-    (version / VERSION_FILE).write_text(json.dumps({"name": "tienda", "config": {"faq_embedding_model": "use-multilingual"}}))
+    config = {"faq_embedding_model": "use-multilingual"}
+    (version / VERSION_FILE).write_text(json.dumps({"name": "tienda", "config": config}))
     (version / KNOWLEDGE_FILE).write_text((version / KNOWLEDGE_FILE).read_text() + "\n")  # the file changed: indexed again
     version_plan(settings, "tienda")
     assert knowledge.show(settings, "version.tienda").embedding_model == MULTILINGUAL_MODEL

@@ -64,8 +64,8 @@ def embedding_text(chunk: Chunk) -> str:
     """What the vectors and the keyword index see: the heading path, then the chunk, so a chunk deep in a
     section is still found by its section's name. A table row's number is left out (its sheet's name kept): it
     says nothing of the row's meaning, and it moved a FAQ row's vector away from its question (measured with
-    the multilingual model on the bench FAQ: with "row N", 2 of the 4 corrections' rewordings found their row
-    first, without it 3)."""
+    the multilingual model on the bench FAQ, by vectors alone: with "row N", 2 of the 4 corrections' rewordings
+    found their row first, without it 3)."""
     headings = [h for h in (ROW_NUMBER.sub("", h) for h in chunk.headings) if h]
     return " > ".join(headings) + "\n\n" + chunk.text if headings else chunk.text
 
