@@ -292,10 +292,13 @@ def test_corrections_sent_over_http_are_learned_and_promoted(tiny_model_dir, tmp
         sent = httpx.post(server.url + "/feedback", json={"id": reply["id"], "rating": "down", "correction": right})
         assert sent.status_code == 201
 
+    # the corrections also trained in two rule-based rewordings: whether a random tiny model carries a correction
+    # over to its rewordings by itself depends on the CPU's rounding (it did on AVX-512, not on AVX2), and the
+    # gate's rewordings check wants them closer than before
     for key, value in {"METHOD": "full", "LEARNING_RATE": "3e-3", "LR_SCHEDULER": "constant", "WARMUP_RATIO": "0",
-                       "EVAL_EVERY": "1000", "CHECKPOINT_EVERY": "1000"}.items():
+                       "EVAL_EVERY": "1000", "CHECKPOINT_EVERY": "1000", "AUGMENT_REWORDINGS": "2"}.items():
         monkeypatch.setenv(f"FORJA_TRAIN__{key}", value)
-    result = runner.invoke(app, ["train", "--from-feedback", "--name", "tienda-v2", "--max-steps", "80",
+    result = runner.invoke(app, ["train", "--from-feedback", "--name", "tienda-v2", "--max-steps", "200",
                                  "--batch-size", "4", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "trained from tienda-v1 on 3 feedback pairs + 3 replayed rows" in result.stdout
@@ -380,7 +383,8 @@ def test_thumbs_up_train_only_from_trusted_raters_and_review_decides(tmp_path):
     assert missing.exit_code == 1 and "no feedback with id 999" in missing.output and "Traceback" not in missing.output
 
 
-def trained_version(settings, tiny_model_dir, tmp_path, name: str, pairs: list[tuple[str, str]], val=()) -> str:
+def trained_version(settings, tiny_model_dir, tmp_path, name: str, pairs: list[tuple[str, str]], val=(),
+                    **hyper) -> str:
     from forja.train import new_run, train
 
     data = tmp_path / f"{name}.jsonl"
@@ -388,7 +392,7 @@ def trained_version(settings, tiny_model_dir, tmp_path, name: str, pairs: list[t
     write_training_file(data, rows)
     data.with_suffix(".val.jsonl").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n" for q, a in val))
-    train(settings, new_run(settings, [data], name, str(tiny_model_dir), tiny_hyper()), progress=False)
+    train(settings, new_run(settings, [data], name, str(tiny_model_dir), tiny_hyper(**hyper)), progress=False)
     return name
 
 
@@ -422,7 +426,9 @@ def test_the_gate_refuses_a_regressing_version_on_the_operators_test_set(tiny_mo
     testset = tmp_path / "mine.csv"
     testset.write_text("question,answer\n" + "".join(f"{q},{a}\n" for q, a in KNOWN))
     settings = load_settings(feedback={"gate_testset": str(testset)})
-    good = trained_version(settings, tiny_model_dir, tmp_path, "good", KNOWN)
+    # with two rule-based rewordings of each row, so that the good version answers the rewordings of a fix
+    # closer than the random base on any CPU (the last check below)
+    good = trained_version(settings, tiny_model_dir, tmp_path, "good", KNOWN, augment_rewordings=2)
     bad = str(tiny_model_dir)  # the random base: forgets every answer of the test set
     fix = Pair("x", [{"role": "user", "content": "Where?"}], "Calle Yunque 12.", "correction", [1])
     report = gate(settings, good, bad, [fix], [], progress=False)
