@@ -232,6 +232,7 @@ def test_at_phone_size_the_sixth_answer_is_fully_visible_above_the_input_box(ser
 
 def test_an_anonymous_caller_sees_personas_and_the_active_model_only(server, varied_model_dir):
     assert model_ids(server) == [(str(varied_model_dir), "active"), ("panadero", "persona"), ("pirata", "persona"),
+                                 ("universal-sentence-encoder-multilingual-3", "embedding"),
                                  ("all-MiniLM-L6-v2", "embedding")]
     hidden = httpx.get(server.url + "/v1/models/shop-v1")
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
@@ -242,12 +243,12 @@ def test_an_anonymous_caller_sees_personas_and_the_active_model_only(server, var
 def test_an_admin_key_sees_every_version_and_loaded_engine(locked, tiny_model_dir):
     state = locked.app.state.forja
     customers = [(str(tiny_model_dir), "active"), ("panadero", "persona"), ("pirata", "persona"),
-                 ("all-MiniLM-L6-v2", "embedding")]
+                 ("universal-sentence-encoder-multilingual-3", "embedding"), ("all-MiniLM-L6-v2", "embedding")]
     assert model_ids(locked, CHAT_KEY) == customers  # a key without admin is a customer
     state.engines["other-model"] = state.engines[state.base]  # as if a request had loaded it by name
     try:
         assert model_ids(locked, ADMIN_KEY) == customers[:3] + [("shop-v1", "version"), ("shop-v2", "version"),
-                                                                ("other-model", "loaded"), customers[3]]
+                                                                ("other-model", "loaded"), *customers[3:]]
     finally:
         del state.engines["other-model"]
     admin = httpx.get(locked.url + "/v1/models/shop-v2", headers={"Authorization": f"Bearer {ADMIN_KEY}"})

@@ -53,7 +53,8 @@ def test_health_and_models(server, client, model_name):
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     cards = {m.id: m for m in client.models.list().data}
-    assert set(cards) == {model_name, "panadero", "pirate", "other", "broken", "all-MiniLM-L6-v2"}
+    assert set(cards) == {model_name, "panadero", "pirate", "other", "broken", "all-MiniLM-L6-v2",
+                          "universal-sentence-encoder-multilingual-3"}
     assert cards["panadero"].model_extra["kind"] == "persona"
     assert cards["all-MiniLM-L6-v2"].model_extra["kind"] == "embedding"  # POST /v1/embeddings (test_embeddings.py)
 
