@@ -159,6 +159,10 @@ def test_bench_serve_measures_server_and_bare_steps(tiny_model_dir, tmp_path):
     figures = json.loads(out.read_text())
     concurrent = figures["backends"]["pytorch"]["concurrent"]
     assert concurrent["errors"] == 0 and concurrent["tokens"] > 0
+    assert 0 < concurrent["ttft_p50_first_round_s"] and 0 < concurrent["ttft_p50_later_rounds_s"]
+    unguarded = figures["backends"]["pytorch"]["concurrent_unguarded"]  # the rails' cost at N clients, same server
+    assert unguarded["errors"] == 0 and unguarded["tokens"] > 0 and unguarded["ttft_p50_s"] > 0
+    assert "3 streams, guardrails off: TTFT p50" in result.stdout
     assert figures["bare_step"]["step_ms_1"] > 0 and figures["bare_step"]["step_ms_3"] > 0
     assert "the ceiling of batching here" in result.stdout
     guard = figures["backends"]["pytorch"]["guardrails"]
@@ -198,5 +202,6 @@ os.execv(sys.executable, [sys.executable, "-m", "forja.cli", "serve", "--model",
     assert reference["concurrent"]["errors"] == 0 and reference["concurrent"]["tokens"] > 0
     assert reference["single"]["tokens"] == 6
     assert "llama-server -np 2" in result.stdout and "2 streams: TTFT p50 / p95" in result.stdout
+    assert "2 streams, rails off: TTFT p50" in result.stdout and "2 streams: TTFT p50, round 1 / later" in result.stdout
     missing = CliRunner().invoke(app, ["bench", "serve", "--reference-server", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "is not an executable file" in missing.output
