@@ -212,11 +212,29 @@ def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(engine, alone
     assert first == alone(turn, 24)
     hits = engine.prefix_hits
     assert together(engine, [turn], 24)[0][0] == first
-    assert engine.prefix_hits - hits == len(engine.tokenize(turn)) - 1  # all but the last token, to sample from
+    assert engine.prefix_hits - hits == len(engine.tokenize(turn))  # the whole prompt, and its logits were kept
     follow_up = turn + [{"role": "assistant", "content": first}, {"role": "user", "content": "¿Y el lunes?"}]
     hits = engine.prefix_hits
     assert together(engine, [follow_up], 24)[0][0] == alone(follow_up, 24)
     assert engine.prefix_hits - hits >= len(engine.tokenize(turn))
+    assert idle(engine)
+
+
+def test_the_same_prompt_again_takes_its_first_token_from_the_kept_logits(engine, alone):
+    """A finished request's slot keeps the logits after its prompt: the very same prompt again (a retry,
+    "regenerate") is answered its first token without a llama_decode, and the same answer as alone; a prompt
+    one token shorter or longer, or the kept slot cut back, prefills as before."""
+    turn = chat_messages("¿Hacéis tartas por encargo?", system=SYSTEM)
+    first = together(engine, [turn], 12)[0][0]
+    assert first == alone(turn, 12)
+    calls = record_decodes(engine)
+    assert together(engine, [turn], 1)[0][0] == alone(turn, 1)
+    assert calls == []  # one new token: nothing decoded at all
+    assert together(engine, [turn, turn], 12) and all(text == first for text, _ in together(engine, [turn, turn], 12))
+    calls.clear()
+    other = chat_messages("¿Hacéis tartas por encargo? Gracias.", system=SYSTEM)  # the same start, then more
+    assert together(engine, [other], 4)[0][0] == alone(other, 4)
+    assert calls and calls[0][-1][1] == len(engine.tokenize(other)) - 1  # prefilled up to its own last token
     assert idle(engine)
 
 

@@ -131,6 +131,9 @@ class LlamaCppEngine(Scheduler):
         self.prefix_hits = 0  # prompt tokens not recomputed (cached prefix or a finished request's cells), for tests
         self._reserved = 0  # KV cells promised to admitted requests (prompt + max_new_tokens each)
         self._kept_adapter: dict[int, str | None] = {}  # a kept slot -> the adapter its cells were computed with
+        # a kept slot -> its request's prompt length and the logits after that prompt: the same prompt again
+        # (a retry, "regenerate", n answers sent as several requests) samples its first token from them at once
+        self._kept_logits: dict[int, tuple[int, np.ndarray]] = {}
         self._prefix_adapter: str | None = None  # the adapter the prefix sequence's cells were computed with
         self._adapter_set: str | None = None  # the adapter set on the context now
         self.decodes = 0  # llama_decode calls, for tests
@@ -150,7 +153,7 @@ class LlamaCppEngine(Scheduler):
             if used() <= self.kv_tokens:
                 break
             self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            del self._kept[slot]
+            self._unkeep(slot)
         if used() > self.kv_tokens and not self._active and self._prefix:
             self._drop_prefix()
         return used() <= self.kv_tokens
@@ -200,16 +203,25 @@ class LlamaCppEngine(Scheduler):
         self._prefix_adapter = adapter
         starts = []
         for seq in group:
-            seq.extra["slot"], start = self._take_slot(seq.prompt_ids, adapter)
+            seq.extra["slot"], start, logits = self._take_slot(seq.prompt_ids, adapter)
+            if logits is not None:
+                seq.extra["prompt_logits"] = logits
             seq.extra["cells"] = len(seq.prompt_ids) + seq.params.max_new_tokens
             seq.extra["tokens"] = list(seq.prompt_ids)  # what its cells hold, once prefilled
             self._reserved += seq.extra["cells"]
             self.prefix_hits += start
             starts.append(start)
-        slots = [seq.extra["slot"] for seq in group]
-        rows, paths = prefill_rows(prompts, starts, slots)
-        self._keep_prefix(prompts, starts, slots, rows, paths)
-        self._prefill(group, rows, [path[-1] for path in paths])
+        for seq in [seq for seq in group if "prompt_logits" in seq.extra]:  # nothing to prefill: answered at once,
+            seq.length = len(seq.prompt_ids)  # and running by the prefill of the others, which steps it too
+            self._active.append(seq)
+            self._accept(seq, self._pick_logits(seq, seq.extra["prompt_logits"]))
+        fresh = [i for i, seq in enumerate(group) if "prompt_logits" not in seq.extra]
+        if fresh:
+            prompts, starts = [prompts[i] for i in fresh], [starts[i] for i in fresh]
+            slots = [group[i].extra["slot"] for i in fresh]
+            rows, paths = prefill_rows(prompts, starts, slots)
+            self._keep_prefix(prompts, starts, slots, rows, paths)
+            self._prefill([group[i] for i in fresh], rows, [path[-1] for path in paths])
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
     def _prefill(self, group: list[Sequence], rows: list[Row], last_rows: list[int]) -> None:
@@ -250,8 +262,9 @@ class LlamaCppEngine(Scheduler):
                         continue
                     waiting.remove(seq)
                     seq.length = len(seq.prompt_ids)
+                    seq.extra["prompt_logits"] = self._logits(index).copy()  # kept with its cells when it ends
                     self._active.append(seq)  # joins before its first token, so one that ends at once is dropped normally
-                    self._accept(seq, self._pick_logits(seq, self._logits(index)))
+                    self._accept(seq, self._pick_logits(seq, seq.extra["prompt_logits"]))
 
     def _cancel_waiting(self, waiting: list[Sequence], rows: list[Row]) -> None:
         """A request cancelled between two prefill batches ends now; its rows still to come are dropped."""
@@ -315,6 +328,7 @@ class LlamaCppEngine(Scheduler):
         self._free_slots = list(range(self.max_batch_size))
         self._kept = {}
         self._kept_adapter = {}
+        self._kept_logits = {}
         self._reserved = 0
         self.llama.llama_memory_clear(self._memory, True)
 
@@ -327,32 +341,47 @@ class LlamaCppEngine(Scheduler):
 
     # ---------------------------------------------------------------- the shared prompt prefix
 
-    def _take_slot(self, ids: list[int], adapter: str | None = None) -> tuple[int, int]:
-        """A free slot for a prompt, and how many of its leading tokens that slot already holds: the free slot
-        whose finished request shares the most of them (a conversation's previous turn, the same prompt again),
-        cut back to what it shares, when that beats the cached prefix; else an empty slot (the least recently
-        freed one if none is empty) with the cached prefix copied in. Only cells `adapter` computed are reused."""
-        head = ids[: len(ids) - 1]  # at least one token is left to prefill: its logits give the first token
+    def _take_slot(self, ids: list[int], adapter: str | None = None) -> tuple[int, int, np.ndarray | None]:
+        """A free slot for a prompt, how many of its leading tokens that slot already holds, and the logits after
+        the whole prompt when a finished request had the very same one (nothing is left to prefill then). Else
+        the free slot whose finished request shares the most of them (a conversation's previous turn), cut back
+        to what it shares, when that beats the cached prefix; else an empty slot (the least recently freed one
+        if none is empty) with the cached prefix copied in. Only cells `adapter` computed are reused."""
+        head = ids[: len(ids) - 1]  # without kept logits one token is left to prefill: its logits give the first
 
         def kept(slot: int) -> Any:
             return self._kept.get(slot, ()) if self._kept_adapter.get(slot) == adapter else ()
 
+        same = next((slot for slot in self._free_slots if self._kept_logits.get(slot, (0,))[0] == len(ids)
+                     and kept(slot)[: len(ids)] == ids), None)
+        if same is not None:
+            logits = self._kept_logits[same][1]
+            self._free_slots.remove(same)
+            self._unkeep(same)
+            self.llama.llama_memory_seq_rm(self._memory, same, len(ids), -1)
+            return same, len(ids), logits
         best = max(self._free_slots, key=lambda slot: common_prefix(head, kept(slot)))
         reused = common_prefix(head, kept(best))
         shared = self._shared_prefix(ids)
         if reused >= max(shared, MIN_SHARED_PREFIX):
             self._free_slots.remove(best)
-            del self._kept[best]
-            self._kept_adapter.pop(best, None)
+            self._unkeep(best)
             self.llama.llama_memory_seq_rm(self._memory, best, reused, -1)
-            return best, reused
+            return best, reused, None
         slot = next((slot for slot in self._free_slots if slot not in self._kept), self._free_slots[0])
         self._free_slots.remove(slot)
-        if self._kept.pop(slot, None) is not None:
+        if slot in self._kept:
+            self._unkeep(slot)
             self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
         if shared:
             self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, slot, 0, shared)
-        return slot, shared
+        return slot, shared, None
+
+    def _unkeep(self, slot: int) -> None:
+        """A kept slot's cells are no longer a finished request's (taken, cut back or cleared)."""
+        del self._kept[slot]
+        self._kept_adapter.pop(slot, None)
+        self._kept_logits.pop(slot, None)
 
     def _shared_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` the prefix sequence holds (at least one token is left to prefill)."""
@@ -396,11 +425,14 @@ class LlamaCppEngine(Scheduler):
     def _forget(self, seq: Sequence, keep_cells: bool = False) -> None:
         """Free a request's slot; a finished one's cells stay there (`_kept`) for a prompt that starts the same."""
         slot = seq.extra.pop("slot", None)
+        logits = seq.extra.pop("prompt_logits", None)
         if slot is not None:
             tokens = seq.extra.pop("tokens")[: seq.length]
             if keep_cells and len(tokens) >= MIN_SHARED_PREFIX:
                 self._kept[slot] = tokens
                 self._kept_adapter[slot] = seq.adapter
+                if logits is not None and len(tokens) >= len(seq.prompt_ids):
+                    self._kept_logits[slot] = (len(seq.prompt_ids), logits)
             else:
                 self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
