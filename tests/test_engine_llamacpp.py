@@ -223,7 +223,7 @@ def test_the_next_turn_of_a_conversation_prefills_only_what_is_new(engine, alone
 def test_the_same_prompt_again_takes_its_first_token_from_the_kept_logits(engine, alone):
     """A finished request's slot keeps the logits after its prompt: the very same prompt again (a retry,
     "regenerate") is answered its first token without a llama_decode, and the same answer as alone; a prompt
-    one token shorter or longer, or the kept slot cut back, prefills as before."""
+    that goes on past it prefills up to its own last token, as before."""
     turn = chat_messages("¿Hacéis tartas por encargo?", system=SYSTEM)
     first = together(engine, [turn], 12)[0][0]
     assert first == alone(turn, 12)
