@@ -230,7 +230,7 @@ def test_the_same_prompt_again_takes_its_first_token_from_the_kept_logits(engine
     calls = record_decodes(engine)
     assert together(engine, [turn], 1)[0][0] == alone(turn, 1)
     assert calls == []  # one new token: nothing decoded at all
-    assert together(engine, [turn, turn], 12) and all(text == first for text, _ in together(engine, [turn, turn], 12))
+    assert [text for text, _ in together(engine, [turn, turn], 12)] == [first, first]  # one finds the logits, one not
     calls.clear()
     other = chat_messages("¿Hacéis tartas por encargo? Gracias.", system=SYSTEM)  # the same start, then more
     assert together(engine, [other], 4)[0][0] == alone(other, 4)
