@@ -249,7 +249,7 @@ def test_finished_requests_cells_give_way_when_the_cache_is_full(gguf_file, toke
             # without room made, the request would wait for cells forever
             assert asyncio.run(asyncio.wait_for(ask(engine, conversation, 100), 60))[0] == alone(conversation, 100)
             assert idle(engine)
-            assert sum(map(len, engine._kept.values())) + len(engine._prefix) <= engine_cells
+            assert sum(len(kept.tokens) for kept in engine._kept.values()) + len(engine._prefix) <= engine_cells
     finally:
         engine.close()
 

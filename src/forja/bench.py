@@ -25,6 +25,11 @@ SERVE_TOPICS = ["a bakery in Madrid", "the history of bread", "a trip to Paris",
                 "a cat who learns to code", "the first day at a new school", "a lighthouse keeper", "making coffee"]
 
 
+def story_prompts(clients: int, verb: str = "Write") -> list[str]:
+    """One prompt per client, each on a topic of SERVE_TOPICS in turn; another verb makes others as long."""
+    return [f"{verb} a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+
+
 def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8, max_tokens: int = 64,
                     compare_alone: bool = True, backends: list[str] | None = None,
                     reference_server: Path | None = None, log: Any = print) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def serve_benchmark(settings: Any, model: str | None = None, *, clients: int = 8
 
     model = model or settings.model
     backends = backends or (["llamacpp", "pytorch"] if llamacpp.available() else ["pytorch"])
-    prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+    prompts = story_prompts(clients)
     results: dict[str, Any] = {"model": model, "clients": clients, "max_tokens": max_tokens, "backends": {}}
     for backend in backends:
         if backend == "pytorch":
@@ -81,7 +86,7 @@ def _serve_figures(settings: Any, model: str, backend: str, prompts: list[str], 
         # the same rounds on the unguarded persona, with prompts of their own so that its first round also
         # meets prompts no slot holds yet: what the output rails' held word costs the time to first token
         log(f"{backend}: {len(prompts)} concurrent streams with the guardrails off, {ROUNDS} rounds ...")
-        unguarded = [prompt.replace("Write", "Tell", 1) for prompt in prompts]
+        unguarded = story_prompts(len(prompts), verb="Tell")
         figures["concurrent_unguarded"] = _concurrent_figures(_concurrent_rounds(url, UNGUARDED, unguarded, max_tokens))
         figures["ratio_aggregate_to_single"] = round(figures["concurrent"]["aggregate_tokens_per_s"]
                                                      / max(figures["single"]["tokens_per_s"], 1e-9), 2)
@@ -181,7 +186,7 @@ def _adapter_figures(home: Path, names: list[str], backend: str, clients: int, m
                      log: Any) -> dict[str, Any]:
     """Three servers on one backend: one assistant merged; every assistant shared on one base; every assistant
     merged. RSS once each assistant has answered; throughput of streams mixed over the assistants vs to one."""
-    prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+    prompts = story_prompts(clients)
     mixed = [names[i % len(names)] for i in range(clients)]
     figures: dict[str, Any] = {}
     for label, share, served in (("one_merged", False, names[:1]), ("all_shared", True, names),
@@ -291,7 +296,7 @@ def upstream_benchmark(upstream_url: str, *, model: str = "upstream", clients: i
     log(f"starting forja serve --backend openai on {url} in front of {base} ...")
     server = subprocess.Popen([sys.executable, "-m", "forja.cli", "serve", "--model", model, "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    prompts = [f"Write a long story about {SERVE_TOPICS[i % len(SERVE_TOPICS)]}." for i in range(clients)]
+    prompts = story_prompts(clients)
     single: dict[str, list[dict[str, Any]]] = {"direct": [], "forja": []}
     together: dict[str, list[float]] = {"direct": [], "forja": []}
     try:

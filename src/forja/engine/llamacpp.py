@@ -125,15 +125,11 @@ class LlamaCppEngine(Scheduler):
         eos = {int(t) for t in eos if t is not None and 0 <= int(t) < self.n_vocab}
         context = min(llama_cpp.llama_model_n_ctx_train(self._model), self.kv_tokens)
         self._free_slots = list(range(max_batch_size))  # the least recently freed first
-        self._kept: dict[int, list[int]] = {}  # a free slot -> the tokens its cells still hold (a finished request's)
+        self._kept: dict[int, Kept] = {}  # a free slot -> what its cells still hold (a finished request's)
         self._prefix_slot = max_batch_size
         self._prefix: list[int] = []  # the tokens whose KV the prefix sequence holds
         self.prefix_hits = 0  # prompt tokens not recomputed (cached prefix or a finished request's cells), for tests
         self._reserved = 0  # KV cells promised to admitted requests (prompt + max_new_tokens each)
-        self._kept_adapter: dict[int, str | None] = {}  # a kept slot -> the adapter its cells were computed with
-        # a kept slot -> its request's prompt length and the logits after that prompt: the same prompt again
-        # (a retry, "regenerate", n answers sent as several requests) samples its first token from them at once
-        self._kept_logits: dict[int, tuple[int, np.ndarray]] = {}
         self._prefix_adapter: str | None = None  # the adapter the prefix sequence's cells were computed with
         self._adapter_set: str | None = None  # the adapter set on the context now
         self.decodes = 0  # llama_decode calls, for tests
@@ -147,13 +143,13 @@ class LlamaCppEngine(Scheduler):
         need = sum(len(s.prompt_ids) + s.params.max_new_tokens for s in [*admitted, seq])
 
         def used() -> int:
-            return self._reserved + need + len(self._prefix) + sum(map(len, self._kept.values()))
+            return self._reserved + need + len(self._prefix) + sum(len(kept.tokens) for kept in self._kept.values())
 
         for slot in [s for s in self._free_slots if s in self._kept]:
             if used() <= self.kv_tokens:
                 break
             self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            self._unkeep(slot)
+            del self._kept[slot]
         if used() > self.kv_tokens and not self._active and self._prefix:
             self._drop_prefix()
         return used() <= self.kv_tokens
@@ -196,32 +192,32 @@ class LlamaCppEngine(Scheduler):
         group = [seq for seq in group if not seq.done]
         if not group:
             return
-        prompts = [seq.prompt_ids for seq in group]
         adapter = group[0].adapter  # one adapter per group (_prefill_groups)
         if self._prefix and self._prefix_adapter != adapter:
             self._drop_prefix()  # another adapter's keys and values: of no use to these prompts
         self._prefix_adapter = adapter
-        starts = []
+        starts, fresh, same = [], [], []
         for seq in group:
             seq.extra["slot"], start, logits = self._take_slot(seq.prompt_ids, adapter)
-            if logits is not None:
+            if logits is None:
+                fresh.append(seq)
+                starts.append(start)
+            else:  # the very same prompt as a finished request's: nothing to prefill, its first token at once
                 seq.extra["prompt_logits"] = logits
+                same.append(seq)
             seq.extra["cells"] = len(seq.prompt_ids) + seq.params.max_new_tokens
             seq.extra["tokens"] = list(seq.prompt_ids)  # what its cells hold, once prefilled
             self._reserved += seq.extra["cells"]
             self.prefix_hits += start
-            starts.append(start)
-        for seq in [seq for seq in group if "prompt_logits" in seq.extra]:  # nothing to prefill: answered at once,
-            seq.length = len(seq.prompt_ids)  # and running by the prefill of the others, which steps it too
+        for seq in same:  # running from now on: the prefill of the others steps it too
+            seq.length = len(seq.prompt_ids)
             self._active.append(seq)
             self._accept(seq, self._pick_logits(seq, seq.extra["prompt_logits"]))
-        fresh = [i for i, seq in enumerate(group) if "prompt_logits" not in seq.extra]
         if fresh:
-            prompts, starts = [prompts[i] for i in fresh], [starts[i] for i in fresh]
-            slots = [group[i].extra["slot"] for i in fresh]
+            prompts, slots = [seq.prompt_ids for seq in fresh], [seq.extra["slot"] for seq in fresh]
             rows, paths = prefill_rows(prompts, starts, slots)
             self._keep_prefix(prompts, starts, slots, rows, paths)
-            self._prefill([group[i] for i in fresh], rows, [path[-1] for path in paths])
+            self._prefill(fresh, rows, [path[-1] for path in paths])
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
 
     def _prefill(self, group: list[Sequence], rows: list[Row], last_rows: list[int]) -> None:
@@ -327,8 +323,6 @@ class LlamaCppEngine(Scheduler):
         self._prefix = []
         self._free_slots = list(range(self.max_batch_size))
         self._kept = {}
-        self._kept_adapter = {}
-        self._kept_logits = {}
         self._reserved = 0
         self.llama.llama_memory_clear(self._memory, True)
 
@@ -349,15 +343,15 @@ class LlamaCppEngine(Scheduler):
         if none is empty) with the cached prefix copied in. Only cells `adapter` computed are reused."""
         head = ids[: len(ids) - 1]  # without kept logits one token is left to prefill: its logits give the first
 
-        def kept(slot: int) -> Any:
-            return self._kept.get(slot, ()) if self._kept_adapter.get(slot) == adapter else ()
+        def kept(slot: int) -> list[int]:
+            entry = self._kept.get(slot)
+            return entry.tokens if entry is not None and entry.adapter == adapter else []
 
-        same = next((slot for slot in self._free_slots if self._kept_logits.get(slot, (0,))[0] == len(ids)
+        same = next((slot for slot in self._free_slots if slot in self._kept and self._kept[slot].prompt_length == len(ids)
                      and kept(slot)[: len(ids)] == ids), None)
         if same is not None:
-            logits = self._kept_logits[same][1]
+            logits = self._kept.pop(same).prompt_logits
             self._free_slots.remove(same)
-            self._unkeep(same)
             self.llama.llama_memory_seq_rm(self._memory, same, len(ids), -1)
             return same, len(ids), logits
         best = max(self._free_slots, key=lambda slot: common_prefix(head, kept(slot)))
@@ -365,23 +359,16 @@ class LlamaCppEngine(Scheduler):
         shared = self._shared_prefix(ids)
         if reused >= max(shared, MIN_SHARED_PREFIX):
             self._free_slots.remove(best)
-            self._unkeep(best)
+            del self._kept[best]
             self.llama.llama_memory_seq_rm(self._memory, best, reused, -1)
             return best, reused, None
         slot = next((slot for slot in self._free_slots if slot not in self._kept), self._free_slots[0])
         self._free_slots.remove(slot)
-        if slot in self._kept:
-            self._unkeep(slot)
+        if self._kept.pop(slot, None) is not None:
             self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
         if shared:
             self.llama.llama_memory_seq_cp(self._memory, self._prefix_slot, slot, 0, shared)
         return slot, shared, None
-
-    def _unkeep(self, slot: int) -> None:
-        """A kept slot's cells are no longer a finished request's (taken, cut back or cleared)."""
-        del self._kept[slot]
-        self._kept_adapter.pop(slot, None)
-        self._kept_logits.pop(slot, None)
 
     def _shared_prefix(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` the prefix sequence holds (at least one token is left to prefill)."""
@@ -429,10 +416,9 @@ class LlamaCppEngine(Scheduler):
         if slot is not None:
             tokens = seq.extra.pop("tokens")[: seq.length]
             if keep_cells and len(tokens) >= MIN_SHARED_PREFIX:
-                self._kept[slot] = tokens
-                self._kept_adapter[slot] = seq.adapter
-                if logits is not None and len(tokens) >= len(seq.prompt_ids):
-                    self._kept_logits[slot] = (len(seq.prompt_ids), logits)
+                whole = logits is not None and len(tokens) >= len(seq.prompt_ids)  # the logits' prompt still there
+                self._kept[slot] = Kept(tokens, seq.adapter, len(seq.prompt_ids) if whole else 0,
+                                        logits if whole else None)
             else:
                 self.llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
@@ -466,6 +452,18 @@ class LlamaCppEngine(Scheduler):
         if seq.sampler.plain:
             return int(logits.argmax())
         return self._pick_one(seq, torch.from_numpy(logits.copy()))
+
+
+@dataclass
+class Kept:
+    """What a finished request left in its slot: the tokens its cells hold (prompt and answer), the adapter that
+    computed them, and the logits after its prompt (prompt_length tokens), so that the very same prompt again (a
+    retry, a regenerate button, n answers sent as several requests) samples its first token from them at once."""
+
+    tokens: list[int]
+    adapter: str | None
+    prompt_length: int
+    prompt_logits: np.ndarray | None
 
 
 @dataclass
