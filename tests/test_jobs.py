@@ -249,6 +249,9 @@ def test_a_server_killed_mid_job_resumes_the_job_from_its_checkpoint_after_a_res
         assert sorted(steps) == list(range(1, 201)), "each step reported once, across both attempts"
         log = (home / "jobs" / job.id / "train.log").read_text()
         assert "resuming " + job.forja["name"] + " from step" in log
+        # the process outlived the killed server by one step, and saved it: not a stop mid-step (as a
+        # second SIGINT would be, the kernel sending the parent-death signal again as each thread ends)
+        assert "checkpoint saved, continue with" in log and "stopped during step" not in log, log
         assert json.loads((home / "models" / "versions" / done.fine_tuned_model / "version.json").read_text()
                           )["metrics"]["step"] == 200
     finally:
@@ -281,6 +284,50 @@ def test_one_job_is_claimed_by_one_worker_and_a_dead_workers_job_is_taken_over(t
     assert jobs.take_over(store, stale_seconds=3600) == [job.id]
     with pytest.raises(jobs.UnknownJob):
         jobs.get(store, job.id, jobs.FINE_TUNE, owner="bob", admin=False)
+    store.close()
+
+
+def test_a_jobs_steps_are_reported_once_across_a_rewritten_metrics_file_and_a_failed_database_write(
+        tmp_path, monkeypatch):
+    from forja.jobs.worker import Running, Worker
+
+    settings = load_settings(home=tmp_path / "home")
+    store = Store(f"sqlite:///{tmp_path / 'forja.db'}")
+    job = jobs.create(store, jobs.FINE_TUNE, {"x": 1}, "ana", "queued")
+    worker, running = Worker(settings, store), Running(job)
+    run = settings.runs_dir / "r"
+    run.mkdir(parents=True)
+    metrics = run / "metrics.jsonl"
+
+    def step(n: int, speed: float = 100.0) -> str:
+        return json.dumps({"step": n, "loss": 1.0 / n, "tokens": 10, "tokens_per_second": speed,
+                           "total_steps": 20}) + "\n"
+
+    def reported() -> list[int]:
+        return sorted(e.data["step"] for e in jobs.events(store, job.id, limit=1000, type="metrics")[0])
+
+    checkpoint = json.dumps({"step": 5, "checkpoint": "step-000005"}) + "\n"
+    metrics.write_text("".join(map(step, range(1, 6))) + checkpoint + step(6) + step(7) + step(8)[:10])  # 8 half-written
+    worker._progress(running, run)
+    assert reported() == [1, 2, 3, 4, 5, 6, 7]
+    # the process stopped mid-step 8 (no checkpoint then); the next resumes from step 5 in a new file that grows past the old
+    # one's length before the next poll: read from its start, not from where the old one ended
+    rewritten = tmp_path / "new.jsonl"
+    rewritten.write_text("".join(map(step, range(1, 6))) + checkpoint  # the same lines up to the checkpoint,
+                         + "".join(step(n, 9.5) for n in range(6, 12)))  # then shorter lines
+    os.replace(rewritten, metrics)
+    worker._progress(running, run)
+    assert reported() == list(range(1, 12))
+    add_event = jobs.add_event
+    monkeypatch.setattr(jobs, "add_event", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("database is locked")))
+    with metrics.open("a") as stream:
+        stream.write(step(12) + step(13))
+    with pytest.raises(RuntimeError):
+        worker._progress(running, run)
+    monkeypatch.setattr(jobs, "add_event", add_event)
+    worker._progress(running, run)  # the next poll
+    assert reported() == list(range(1, 14)), "a step whose event was not written is reported at the next poll"
+    assert len(jobs.events(store, job.id, limit=1000, type="checkpoint")[0]) == 1
     store.close()
 
 

@@ -286,6 +286,26 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_model_dir, tmp_path, forja_home):
     assert final_metrics(settings, "interrupted")["step"] == stopped_at + 3
 
 
+def test_sigterm_many_times_over_is_one_stop_at_the_end_of_a_step_with_its_checkpoint(tiny_model_dir, tmp_path,
+                                                                                       forja_home):
+    # a job's process gets SIGTERM when its worker dies, once more for each thread of the worker's process
+    # it passes to as that process ends: a second SIGINT would stop mid-step, with no checkpoint
+    settings = load_settings()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    proc = forja_train_process(forja_home, "--data", str(data), "--base", str(tiny_model_dir), "--max-steps", "100000",
+                               "--checkpoint-every", "1000", "--batch-size", "2", "--name", "terminated")
+    metrics = settings.runs_dir / "terminated" / "metrics.jsonl"
+    wait_for(metrics, proc)
+    for _ in range(5):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "checkpoint saved, continue with: forja train --resume terminated" in stderr, stderr
+    assert "Traceback" not in stderr
+    last_step = max(r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r)
+    assert open_run(settings, "terminated").last_checkpoint().name == f"step-{last_step:06d}"
+
+
 def test_jemalloc_env_adds_the_library_once_unless_told_not_to(monkeypatch):
     if find_library("jemalloc") is None:
         assert jemalloc_env({"PATH": "/bin"}) is None
@@ -628,3 +648,25 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_losses(tiny_model_di
     assert resumed.returncode == 0, resumed.stderr
     versions = home / "models" / "versions"
     assert losses_of(versions / "cut") == pytest.approx(losses_of(versions / "straight"), abs=1e-5)
+
+
+def test_a_two_process_run_takes_sigterm_many_times_over_as_one_stop_with_its_checkpoint(tiny_model_dir, tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "FORJA_HOME": str(home), "FORJA_TRAIN__PRECISION": "float32"}
+    data = write_pairs(tmp_path / "pairs.jsonl", MORE_PAIRS)
+    process = subprocess.Popen([sys.executable, "-m", "forja.cli", "train", "--data", str(data), "--base",
+                                str(tiny_model_dir), "--method", "full", "--batch-size", "2", "--max-steps", "100000",
+                                "--checkpoint-every", "1000", "--name", "cut", "--processes", "2", "--quiet"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = home / "runs" / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(3):  # the launcher passes each on to rank 0, which stops once, at the end of a step
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "checkpoint saved, continue with: forja train --resume cut" in err, err
+    assert "Traceback" not in err
+    last_step = max(r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r)
+    assert sorted(p.name for p in (home / "runs" / "cut" / "checkpoints").iterdir())[-1] == f"step-{last_step:06d}"

@@ -613,9 +613,10 @@ def _free_port() -> int:
 
 def _train_in_processes(settings: Settings, run: Run, progress: bool, processes: int) -> Path:
     """`forja train --processes N`: N processes (torch.multiprocessing, so Windows too) train the run
-    together; a Ctrl-C reaches them all and rank 0 saves the checkpoint. The one-line error of a process
-    that failed is this process's error."""
+    together; a Ctrl-C or SIGTERM is passed on to rank 0, which saves the checkpoint. The one-line error of a
+    process that failed is this process's error."""
     import signal
+    import threading
 
     import torch.multiprocessing as mp
 
@@ -626,16 +627,27 @@ def _train_in_processes(settings: Settings, run: Run, progress: bool, processes:
     context = mp.start_processes(_rank_main, args=(processes, _free_port(), settings, run, progress, threads),
                                  nprocs=processes, join=False, start_method="spawn")
     interrupted = False
-    while True:
-        try:
-            if context.join():
+
+    def stop(number: int) -> None:  # rank 0 saves the checkpoint and stops, which ends the others (join
+        nonlocal interrupted  # stops the rest when one fails)
+        interrupted = True
+        if context.processes[0].is_alive():
+            os.kill(context.processes[0].pid, number)
+
+    main = threading.current_thread() is threading.main_thread()  # (only there a handler can be set)
+    before = signal.signal(signal.SIGTERM, lambda number, _frame: stop(number)) if main else None
+    try:
+        while True:
+            try:
+                if context.join():
+                    break
+            except KeyboardInterrupt:  # Ctrl-C, or the job worker's SIGINT
+                stop(signal.SIGINT)
+            except mp.ProcessExitedException:
                 break
-        except KeyboardInterrupt:  # Ctrl-C, or the job worker's SIGINT: rank 0 saves the checkpoint and stops,
-            interrupted = True  # which ends the others (join stops the rest when one fails)
-            if context.processes[0].is_alive():
-                os.kill(context.processes[0].pid, signal.SIGINT)
-        except mp.ProcessExitedException:
-            break
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
     said = sorted(errors.glob("rank-*.txt"))
     message = said[0].read_text(encoding="utf-8") if said else None
     published = (errors / PUBLISHED).is_file()
@@ -667,8 +679,9 @@ def _rank_main(rank: int, world: int, port: int, settings: Settings, run: Run, p
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if rank:
+    if rank:  # rank 0 takes a stop at the end of a step and saves; the others end when it does
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
     if cuda:
@@ -783,8 +796,10 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
         state = {"epoch_loss": 0.0, "epoch_steps": 0, "learned_since": None, **restore(checkpoint, model, optimizer, scheduler)}
         run.history = read_rows(run.directory / METRICS_FILE)
         run.history = [r for r in run.history if r.get("step", 0) <= state["step"]]
-        if ranks.main:
-            (run.directory / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in run.history))
+        if ranks.main:  # a new file (the job worker reading the old one sees it is another file, not a shorter one)
+            rewritten = run.directory / (METRICS_FILE + ".tmp")
+            rewritten.write_text("".join(json.dumps(r) + "\n" for r in run.history))
+            os.replace(rewritten, run.directory / METRICS_FILE)
             print(f"resuming {run.name} from step {state['step']} of {total_steps}")
     log = run.log if ranks.main else (lambda record: None)
 
@@ -930,20 +945,27 @@ class StopNow(KeyboardInterrupt):
 class StepInterrupts:
     """Ctrl-C (or the job worker's SIGINT) during a step is taken when the step ends (`check`), so the
     checkpoint saved then never holds weights a step ahead of its step count; a second Ctrl-C stops at once.
-    Only in the main thread of the process that saves (elsewhere SIGINT keeps its handler)."""
+    SIGTERM (a service manager's stop, or the signal a job's process gets when its worker dies) asks the
+    same stop at the step's end, and never more than that however often it comes: the kernel sends the
+    parent-death signal again as each thread of a killed worker ends. Only in the main thread of the
+    process that saves (elsewhere the handlers stay as they are)."""
 
     def __init__(self, enabled: bool = True):
         import signal
         import threading
 
-        self.asked, self._before = False, None
-        if (enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):  # ignored stays ignored
-            self._before = signal.signal(signal.SIGINT, self._handle)
+        self.asked, self._before = False, {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for number, handle in ((signal.SIGINT, self._interrupt), (signal.SIGTERM, self._terminate)):
+                if signal.getsignal(number) is not signal.SIG_IGN:  # ignored stays ignored
+                    self._before[number] = signal.signal(number, handle)
 
-    def _handle(self, _signum: int, _frame: Any) -> None:
+    def _interrupt(self, _signum: int, _frame: Any) -> None:
         if self.asked:
             raise StopNow()
+        self.asked = True
+
+    def _terminate(self, _signum: int, _frame: Any) -> None:
         self.asked = True
 
     def check(self) -> None:
@@ -951,11 +973,11 @@ class StepInterrupts:
             raise KeyboardInterrupt()
 
     def restore(self) -> None:
-        if self._before is not None:
-            import signal
+        import signal
 
-            signal.signal(signal.SIGINT, self._before)
-            self._before = None
+        for number, before in self._before.items():  # (None: a handler set outside Python, not kept)
+            signal.signal(number, signal.SIG_DFL if before is None else before)
+        self._before = {}
 
 
 def peak_rss_mb() -> float:

@@ -5,9 +5,10 @@ a crash); its progress is read from the run's metrics.jsonl (steps, evaluations,
 job events. A batch is `forja jobs run-batch ID`, which answers the requests and counts them in the job itself.
 The worker says it is alive every jobs.poll_seconds; a cancelled fine-tune's process gets SIGINT (it saves a
 checkpoint and stops), a cancelled batch stops by itself once its requests in flight are written, and either
-is killed after jobs.cancel_seconds. The process dies with its worker (Linux
-PR_SET_PDEATHSIG: SIGINT, so even a worker killed with -9 leaves a checkpoint behind), and the run's lock
-keeps a new worker from resuming it before the old process is gone.
+is killed after jobs.cancel_seconds. The process stops with its worker (Linux PR_SET_PDEATHSIG: SIGTERM,
+which `forja train` takes as a stop at the end of the step however many times it comes, so even a worker
+killed with -9 leaves a checkpoint behind), and the run's lock keeps a new worker from resuming it before
+the old process is gone.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def _revealed(settings: Settings, values: Any, model: Any = None) -> Any:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGINT when the worker's thread that started it dies (Linux only)."""
+    """In the child before exec: SIGTERM when the worker's thread that started it dies (Linux only). It comes
+    once more for each thread of the worker's process that the child passes to as that process ends: a
+    second SIGINT would stop training mid-step, with no checkpoint."""
     if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGINT)
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -323,62 +326,71 @@ class Worker:
 
     def _progress(self, running: Running, run_dir: Path) -> None:
         """New step records and checkpoints of the run, as job events (OpenAI's metrics events, with
-        tokens/s and the time left)."""
+        tokens/s and the time left). A line counts as read once its event is written, so a database error
+        loses none: the next poll reads it again."""
         seen = running.seen
-        path = run_dir / METRICS_FILE
         try:
-            size = path.stat().st_size
+            stream = (run_dir / METRICS_FILE).open("rb")
         except OSError:
             return
-        if size < seen.get("offset", 0):  # a resumed run rewrote it up to its checkpoint
-            seen["offset"] = 0
-        with path.open("rb") as stream:
-            stream.seek(seen.get("offset", 0))
+        with stream:
+            file = os.fstat(stream.fileno()).st_ino
+            if file != seen.get("file"):  # a resumed run writes a new one, up to its checkpoint
+                seen.update(file=file, offset=0)
+            stream.seek(seen["offset"])
             block = stream.read()
-        complete = block[: block.rfind(b"\n") + 1]
-        seen["offset"] = seen.get("offset", 0) + len(complete)
-        for line in complete.splitlines():
+        for line in block.splitlines(keepends=True):
+            if not line.endswith(b"\n"):  # still being written
+                break
             try:
                 record = json.loads(line)
             except ValueError:
-                continue
-            self._record(running, record, run_dir)
+                record = None
+            if record is not None:
+                self._record(running, record, run_dir)
+            seen["offset"] += len(line)
 
     def _record(self, running: Running, record: dict[str, Any], run_dir: Path) -> None:
         seen, step = running.seen, record.get("step", 0)
         if "checkpoint" in record:  # the trainer notes each checkpoint it saved (it may be rotated out later)
             if step in seen.setdefault("checkpoints", set()):
                 return
-            seen["checkpoints"].add(step)
             metrics = {k: v for k, v in seen.get("last", {}).items() if k in ("train_loss", "valid_loss")}
             path = run_dir / CHECKPOINTS_DIR / record["checkpoint"]
             jobs.add_event(self.store, running.job.id, f"Checkpoint saved at step {step}", type="checkpoint",
                            data={"step": step, "path": str(path.relative_to(self.settings.home)), "metrics": metrics})
+            seen["checkpoints"].add(step)
         elif "loss" in record and step > seen.get("step", 0):
-            seen["step"] = step
-            seen["seconds"] = seen.get("seconds", 0.0) + record["tokens"] / max(record["tokens_per_second"], 1e-9)
-            seen["steps_timed"] = seen.get("steps_timed", 0) + 1
+            seconds = seen.get("seconds", 0.0) + record["tokens"] / max(record["tokens_per_second"], 1e-9)
+            timed = seen.get("steps_timed", 0) + 1
             total = record.get("total_steps")
-            eta = (round((total - step) * seen["seconds"] / seen["steps_timed"], 1)
-                   if total else None)
+            eta = round((total - step) * seconds / timed, 1) if total else None
             data = {"step": step, "total_steps": total, "train_loss": round(record["loss"], 4),
                     "tokens_per_second": round(record["tokens_per_second"], 1), "eta_seconds": eta,
                     "learning_rate": record.get("lr")}
             if "val_loss" in record:
                 data["valid_loss"] = round(record["val_loss"], 4)
-            seen["last"] = data
             jobs.add_event(self.store, running.job.id, f"Step {step}/{total or '?'}: training loss={record['loss']:.4f}",
                            type="metrics", data=data)
-            jobs.heartbeat(self.store, running.job.id, self.id, progress=data)
-        elif step <= seen.get("reported", 0):  # an earlier attempt reported it
-            return
-        elif "val_loss" in record and "loss" not in record:
-            jobs.add_event(self.store, running.job.id, f"Step {step}: validation loss={record['val_loss']:.4f}",
-                           type="metrics", data={"step": step, "valid_loss": round(record["val_loss"], 4)})
-        elif "learned" in record:
-            jobs.add_event(self.store, running.job.id, f"Step {step}: {record['learned']} of {record['checked']} "
-                           "training answers reproduced", data={"step": step, "learned": record["learned"],
-                                                                 "checked": record["checked"]})
+            seen.update(step=step, seconds=seconds, steps_timed=timed, last=data)
+            try:
+                jobs.heartbeat(self.store, running.job.id, self.id, progress=data)
+            except Exception:  # noqa: BLE001 - the job's progress only; the next step's heartbeat carries it
+                log.exception("job %s: progress not saved", running.job.id)
+        elif "loss" not in record and ("val_loss" in record or "learned" in record):  # (the final evaluation,
+            key = ("learned" if "learned" in record else "val_loss", step)  # an answer check)
+            # skipped when an earlier attempt reported it, or this one did from the file the run had before
+            # this attempt's process resumed it
+            if step <= seen.get("reported", 0) or key in seen.setdefault("noted", set()):
+                return
+            if "learned" in record:
+                jobs.add_event(self.store, running.job.id, f"Step {step}: {record['learned']} of {record['checked']} "
+                               "training answers reproduced", data={"step": step, "learned": record["learned"],
+                                                                     "checked": record["checked"]})
+            else:
+                jobs.add_event(self.store, running.job.id, f"Step {step}: validation loss={record['val_loss']:.4f}",
+                               type="metrics", data={"step": step, "valid_loss": round(record["val_loss"], 4)})
+            seen["noted"].add(key)
 
     # ------------------------------------------------------------------ batches
 
