@@ -634,7 +634,8 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_losses(tiny_model_di
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr
     process = subprocess.Popen(base + common + ["--name", "cut", "--max-steps", "12", "--processes", "2"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (as a terminal)
     metrics = home / "runs" / "cut" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:

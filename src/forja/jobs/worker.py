@@ -55,9 +55,11 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
 
 
 try:  # loaded here, not in the child: between fork and exec nothing may take a lock another thread held
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _PRCTL, _SIGNAL = _LIBC.prctl, _LIBC.signal
+    _SIGNAL.argtypes, _SIGNAL.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
 except (OSError, AttributeError):  # not Linux
-    _PRCTL = None
+    _PRCTL = _SIGNAL = None
 PR_SET_PDEATHSIG = 1
 
 
@@ -97,10 +99,13 @@ def _revealed(settings: Settings, values: Any, model: Any = None) -> Any:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the worker's thread that started it dies (Linux only). It comes
-    once more for each thread of the worker's process that the child passes to as that process ends: a
-    second SIGINT would stop training mid-step, with no checkpoint."""
+    """In the child before exec (Linux): SIGINT as by default (a server started in the background, `nohup forja
+    serve &`, ignores it, and a child would inherit that: a cancel would then save no checkpoint), and
+    SIGTERM when the worker's thread that started it dies. That comes once more for each thread
+    of the worker's process that the child passes to as that process ends: a second SIGINT would stop
+    training mid-step, with no checkpoint."""
     if _PRCTL is not None:
+        _SIGNAL(signal.SIGINT, 0)  # SIG_DFL (libc's own call: Python's would touch its handler table)
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
