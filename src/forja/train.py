@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from forja import __version__
 from forja.config import ForjaError, Settings, TrainSettings
 from forja.chat import model_turns, with_answer_turns
-from forja.data import Source, is_preference, meta_path, prepare, read_rows, validation_path
+from forja.data import Source, is_preference, meta_path, prepare, read_rows, validation_path, write_jsonl
 from forja.models import (CHECKPOINTS_DIR, KNOWLEDGE_FILE, METRICS_FILE, RUN_FILE, VERSION_FILE, LoadedModel,
                           ModelError, common_prefix, cpu_has_fast_bf16, hold_run, load, pick_device, resolve, valid_name,
                           with_system)
@@ -797,9 +797,8 @@ def _train(settings: Settings, run: Run, progress: bool, ranks: Ranks = Ranks())
         run.history = read_rows(run.directory / METRICS_FILE)
         run.history = [r for r in run.history if r.get("step", 0) <= state["step"]]
         if ranks.main:  # a new file (the job worker reading the old one sees it is another file, not a shorter one)
-            rewritten = run.directory / (METRICS_FILE + ".tmp")
-            rewritten.write_text("".join(json.dumps(r) + "\n" for r in run.history))
-            os.replace(rewritten, run.directory / METRICS_FILE)
+            write_jsonl(run.directory / (METRICS_FILE + ".tmp"), run.history)
+            os.replace(run.directory / (METRICS_FILE + ".tmp"), run.directory / METRICS_FILE)
             print(f"resuming {run.name} from step {state['step']} of {total_steps}")
     log = run.log if ranks.main else (lambda record: None)
 

@@ -347,7 +347,8 @@ class LlamaCppEngine(Scheduler):
             entry = self._kept.get(slot)
             return entry.tokens if entry is not None and entry.adapter == adapter else []
 
-        same = next((slot for slot in self._free_slots if slot in self._kept and self._kept[slot].prompt_length == len(ids)
+        same = next((slot for slot in self._free_slots  # (prompt_length is 0 when no logits were kept)
+                     if (entry := self._kept.get(slot)) is not None and entry.prompt_length == len(ids)
                      and kept(slot)[: len(ids)] == ids), None)
         if same is not None:
             logits = self._kept.pop(same).prompt_logits

@@ -349,9 +349,9 @@ class Worker:
                 break
             try:
                 record = json.loads(line)
-            except ValueError:
-                record = None
-            if record is not None:
+            except ValueError:  # not a record: passed over
+                pass
+            else:
                 self._record(running, record, run_dir)
             seen["offset"] += len(line)
 
